@@ -1,0 +1,102 @@
+//! `POST /api/publish`: publishing over HTTP, for apps without a Redis client
+//! and for the embedded memory broker.
+//!
+//! Body: `{"channel": "x", "data": <any JSON>}`; `data` is published verbatim,
+//! exactly as `PUBLISH x '<data>'` would. Keys are compared in constant time.
+
+use std::sync::Arc;
+
+use http::{header, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use subtle::ConstantTimeEq;
+
+use crate::app::{App, ConnInfo};
+use crate::http::{json, Body, Refused};
+use crate::policy::validate_channel;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishRequest {
+    channel: String,
+    data: Box<RawValue>,
+}
+
+/// Handles one publish request.
+pub async fn publish(app: Arc<App>, req: Request<Incoming>, info: ConnInfo) -> Response<Body> {
+    match try_publish(&app, req, &info).await {
+        Ok(()) => {
+            app.metrics.api_publications.inc();
+            json(StatusCode::OK, &serde_json::json!({"ok": true}))
+        }
+        Err(refused) => refused.into_response(),
+    }
+}
+
+async fn try_publish(app: &App, req: Request<Incoming>, info: &ConnInfo) -> Result<(), Refused> {
+    authorize(app, &req, info)?;
+    let limit = app.config.publish.max_body_bytes;
+    let body = Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                Refused::TooLarge
+            } else {
+                Refused::BadRequest(format!("cannot read body: {e}"))
+            }
+        })?
+        .to_bytes();
+    let request: PublishRequest = serde_json::from_slice(&body).map_err(|e| {
+        Refused::BadRequest(format!(
+            "expected {{\"channel\": \"name\", \"data\": <json>}}: {e}"
+        ))
+    })?;
+    validate_channel(&request.channel)
+        .map_err(|why| Refused::BadRequest(format!("bad channel name: {why}")))?;
+    app.broker
+        .publish(&request.channel, request.data.get().as_bytes())
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "publish failed");
+            Refused::Unavailable
+        })
+}
+
+/// With keys configured, one must match. Without, only dev mode publishes,
+/// and only for clients on this machine.
+fn authorize<B>(app: &App, req: &Request<B>, info: &ConnInfo) -> Result<(), Refused> {
+    let keys = &app.config.publish.api_keys;
+    if keys.is_empty() {
+        return if app.config.dev && info.peer.ip().is_loopback() {
+            Ok(())
+        } else if app.config.dev {
+            Err(Refused::Forbidden(
+                "dev mode accepts keyless publishing from loopback only",
+            ))
+        } else {
+            Err(Refused::Forbidden(
+                "publish API disabled: configure publish.api_keys",
+            ))
+        };
+    }
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or(Refused::Unauthorized("missing bearer API key"))?
+        .trim()
+        .as_bytes();
+    // Compare against every key, without stopping at the first match.
+    let matched = keys.iter().fold(subtle::Choice::from(0), |acc, key| {
+        acc | key.as_bytes().ct_eq(presented)
+    });
+    if bool::from(matched) {
+        Ok(())
+    } else {
+        Err(Refused::Unauthorized("bad API key"))
+    }
+}

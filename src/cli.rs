@@ -1,0 +1,156 @@
+//! The command line: `crier` (serve), `crier check-config`, `crier publish`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http_body_util::{BodyExt, Full};
+
+use crate::config::{
+    config_path, process_env, Config, ConfigError, LogFormat, LogOverride, Overrides,
+    RedisOverride,
+};
+
+/// crier: Redis pub/sub to browsers over WebSocket and SSE.
+#[derive(Debug, Parser)]
+#[command(name = "crier", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do; without a command, serve.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// TOML configuration file (also `CRIER_CONFIG`).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on (overrides `listen`).
+    #[arg(long, global = true, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Redis URL (overrides `redis.url`).
+    #[arg(long, global = true, value_name = "URL")]
+    pub redis_url: Option<String>,
+    /// Log format (overrides `log.format`).
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Development mode: memory broker, every channel open, demo page at `/`.
+    #[arg(long, global = true)]
+    pub dev: bool,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate the configuration and print it, secrets redacted.
+    CheckConfig,
+    /// Publish one event, to Redis or to a running crier's HTTP API.
+    Publish {
+        /// Channel name.
+        channel: String,
+        /// Payload: JSON is sent as is, anything else as a string.
+        payload: String,
+        /// Base URL of a running crier (e.g. http://127.0.0.1:8080); without
+        /// it, publish straight to Redis.
+        #[arg(long, value_name = "URL")]
+        api: Option<String>,
+        /// API key for `--api` (also `CRIER_API_KEY`).
+        #[arg(long, env = "CRIER_API_KEY", hide_env_values = true)]
+        api_key: Option<String>,
+    },
+}
+
+impl Cli {
+    /// The command-line layer of the configuration.
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            listen: self.listen,
+            dev: self.dev.then_some(true),
+            redis: self
+                .redis_url
+                .clone()
+                .map(|url| RedisOverride { url }),
+            log: self.log_format.map(|format| LogOverride { format }),
+        }
+    }
+
+    /// Loads the configuration from every layer.
+    pub fn load_config(&self) -> Result<Config, ConfigError> {
+        let path = config_path(self.config.clone());
+        Config::load(path.as_deref(), process_env(), &self.overrides())
+    }
+}
+
+/// `crier publish`.
+pub async fn publish(
+    config: &Config,
+    channel: &str,
+    payload: &str,
+    api: Option<&str>,
+    api_key: Option<&str>,
+) -> anyhow::Result<String> {
+    crate::policy::validate_channel(channel)
+        .map_err(|why| anyhow::anyhow!("bad channel name: {why}"))?;
+    if let Some(base) = api {
+        return publish_http(base, api_key, channel, payload).await;
+    }
+    let Some(url) = &config.redis.url else {
+        bail!("no Redis configured: pass --redis-url (or redis.url), or --api URL to publish through a running crier");
+    };
+    let client = redis::Client::open(url.as_str()).context("redis.url")?;
+    let mut conn = tokio::time::timeout(
+        config.redis.connect_timeout,
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .context("connecting to Redis timed out")?
+    .context("cannot connect to Redis")?;
+    let receivers: i64 = redis::cmd("PUBLISH")
+        .arg(format!("{}{channel}", config.redis.channel_prefix))
+        .arg(payload)
+        .query_async(&mut conn)
+        .await
+        .context("PUBLISH failed")?;
+    Ok(format!("published to {receivers} crier instance(s)"))
+}
+
+async fn publish_http(
+    base: &str,
+    api_key: Option<&str>,
+    channel: &str,
+    payload: &str,
+) -> anyhow::Result<String> {
+    let url = url::Url::parse(base)
+        .and_then(|u| u.join("api/publish"))
+        .with_context(|| format!("--api {base}: not a URL"))?;
+    if url.scheme() != "http" {
+        bail!("--api: only http:// is supported by this command (use curl for https)");
+    }
+    let host = url.host_str().context("--api: URL has no host")?;
+    let port = url.port_or_known_default().unwrap_or(80);
+    let data: serde_json::Value = serde_json::from_str(payload)
+        .unwrap_or_else(|_| serde_json::Value::String(payload.to_owned()));
+    let body = serde_json::json!({"channel": channel, "data": data}).to_string();
+
+    let stream = tokio::net::TcpStream::connect((host, port))
+        .await
+        .with_context(|| format!("cannot connect to {host}:{port}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let mut request = http::Request::post(url.path())
+        .header(http::header::HOST, format!("{host}:{port}"))
+        .header(http::header::CONTENT_TYPE, "application/json");
+    if let Some(key) = api_key {
+        request = request.header(http::header::AUTHORIZATION, format!("Bearer {key}"));
+    }
+    let response = sender
+        .send_request(request.body(Full::new(Bytes::from(body)))?)
+        .await?;
+    let status = response.status();
+    let text = response.into_body().collect().await?.to_bytes();
+    let text = String::from_utf8_lossy(&text);
+    if status.is_success() {
+        Ok(format!("published ({status})"))
+    } else {
+        bail!("{status}: {}", text.trim())
+    }
+}

@@ -1,0 +1,595 @@
+//! Typed configuration: defaults < TOML file < `CRIER_*` environment < flags.
+//!
+//! Everything an operator can set lives here, with a `///` on every field: these
+//! comments are the reference that `docs/configuration.md` mirrors. The shape
+//! is a contract: later versions add keys, never rename them. Loading is done
+//! once, before serving; a bad value stops the start with [`EX_CONFIG`] and a
+//! message naming the field.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::policy::ChannelRule;
+
+/// Exit code for a configuration error (`EX_USAGE` in sysexits.h).
+pub const EX_CONFIG: i32 = 64;
+
+/// `CRIER_*` variables that are not configuration keys.
+const NOT_KEYS: [&str; 2] = ["CONFIG", "API_KEY"];
+
+/// The placeholder printed instead of a secret.
+const REDACTED: &str = "<redacted>";
+
+/// The whole configuration of one crier process.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address to listen on for HTTP, WebSocket and SSE. Default
+    /// `0.0.0.0:8080`, or `127.0.0.1:8080` in dev mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// Development mode: memory broker unless a Redis URL is given, every
+    /// channel open to anyone, the publish API open to loopback clients
+    /// without a key, and a demo page at `/`. Never use in production.
+    pub dev: bool,
+    /// Logging.
+    pub log: LogConfig,
+    /// The Redis broker. Without `url`, the embedded memory broker is used.
+    pub redis: RedisConfig,
+    /// Channel rules, first match wins; a channel no rule matches is forbidden.
+    pub channels: Vec<ChannelRule>,
+    /// Resource limits.
+    pub limits: LimitsConfig,
+    /// The HTTP publish API.
+    pub publish: PublishConfig,
+    /// WebSocket transport.
+    pub ws: WsConfig,
+    /// Server-Sent Events transport.
+    pub sse: SseConfig,
+    /// Graceful shutdown on SIGTERM.
+    pub shutdown: ShutdownConfig,
+}
+
+/// How logs are written.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` for people, `json` for log pipelines.
+    pub format: LogFormat,
+    /// A `tracing` filter, e.g. `info` or `crier=debug,info`. `RUST_LOG` wins
+    /// when set.
+    pub level: String,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The Redis pub/sub broker.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]` (or `rediss://` is not
+    /// supported yet). Absent: the embedded memory broker (one process only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Prefix of every Redis channel: Redis channel = prefix + channel.
+    pub channel_prefix: String,
+    /// How long a channel stays subscribed in Redis after its last local
+    /// listener left, so a quick resubscribe costs no round trip.
+    #[serde(with = "humantime_serde")]
+    pub linger: Duration,
+    /// Time allowed for one connection attempt.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Upper bound of the jittered exponential reconnect backoff.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    /// How long a new subscription waits for Redis before the client is told
+    /// `unavailable` (matters only while Redis is down).
+    #[serde(with = "humantime_serde")]
+    pub subscribe_timeout: Duration,
+}
+
+/// Limits that keep one client, or many, from exhausting the process.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Per-connection outbound queue, in messages. A client whose queue is
+    /// full is disconnected (WebSocket close 1013, SSE end of stream).
+    pub queue_size: usize,
+    /// Open WebSocket and SSE connections per process; the next one gets 503.
+    pub max_connections: usize,
+    /// Channels one connection may listen to at once.
+    pub max_subscriptions_per_connection: usize,
+    /// Largest inbound WebSocket message, in bytes; larger closes with 1009.
+    pub max_message_bytes: usize,
+}
+
+/// `POST /api/publish`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PublishConfig {
+    /// Keys accepted as `Authorization: Bearer <key>`. Empty: the API is
+    /// closed (in dev mode: open to loopback clients).
+    pub api_keys: Vec<String>,
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: usize,
+}
+
+/// WebSocket timings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WsConfig {
+    /// Interval of protocol pings sent to the client.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// A client silent (not even a pong) for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Time from TCP accept to a completed request head and upgrade.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// A write to the client that takes longer than this closes it.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+}
+
+/// SSE timings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SseConfig {
+    /// Interval of comment heartbeats that keep proxies from timing out.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// The `retry:` sent when a stream opens (the browser's reconnect delay).
+    #[serde(with = "humantime_serde")]
+    pub retry: Duration,
+}
+
+/// What happens on SIGTERM.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// Still serving, `/readyz` already 503: time for load balancers to stop
+    /// sending new clients.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+    /// Window over which clients are told to reconnect, each at a random
+    /// moment, so the next instances see no reconnect storm.
+    #[serde(with = "humantime_serde")]
+    pub drain: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            dev: false,
+            log: LogConfig::default(),
+            redis: RedisConfig::default(),
+            channels: Vec::new(),
+            limits: LimitsConfig::default(),
+            publish: PublishConfig::default(),
+            ws: WsConfig::default(),
+            sse: SseConfig::default(),
+            shutdown: ShutdownConfig::default(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            channel_prefix: String::new(),
+            linger: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(5),
+            reconnect_max: Duration::from_secs(5),
+            subscribe_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            queue_size: 1024,
+            max_connections: 100_000,
+            max_subscriptions_per_connection: 64,
+            max_message_bytes: 65_536,
+        }
+    }
+}
+
+impl Default for PublishConfig {
+    fn default() -> Self {
+        Self {
+            api_keys: Vec::new(),
+            max_body_bytes: 1 << 20,
+        }
+    }
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        Self {
+            ping_interval: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(60),
+            handshake_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for SseConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_secs(15),
+            retry: Duration::from_secs(3),
+        }
+    }
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            grace: Duration::from_secs(5),
+            drain: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A configuration that cannot be used; the message names the field.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(String);
+
+/// Command-line settings that override every other layer. `None` = not given.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct Overrides {
+    /// `--listen`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<SocketAddr>,
+    /// `--dev` (only `Some(true)` when given)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dev: Option<bool>,
+    /// `--redis-url`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisOverride>,
+    /// `--log-format`
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log: Option<LogOverride>,
+}
+
+/// `--redis-url`, nested like the file.
+#[derive(Debug, Clone, Serialize)]
+pub struct RedisOverride {
+    /// The URL.
+    pub url: String,
+}
+
+/// `--log-format`, nested like the file.
+#[derive(Debug, Clone, Serialize)]
+pub struct LogOverride {
+    /// The format.
+    pub format: LogFormat,
+}
+
+impl Config {
+    /// Loads the layers: defaults, then the TOML `file`, then `CRIER_*`
+    /// variables from `env` (`__` separates nesting levels), then `overrides`.
+    ///
+    /// `env` is passed in rather than read from the process so tests never
+    /// mutate the process environment.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError(format!(
+                    "config file {} does not exist or is not a file",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment = figment.merge(env_provider(env));
+        figment = figment.merge(Serialized::defaults(overrides));
+        let config: Config = figment.extract().map_err(|e| {
+            // One line per problem, each naming its key.
+            ConfigError(
+                e.into_iter()
+                    .map(describe_figment_error)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: values that parse but make no sense.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |field: &str, why: String| Err(ConfigError(format!("{field}: {why}")));
+        if let Some(url) = &self.redis.url {
+            match url::Url::parse(url) {
+                Ok(u) if u.scheme() == "redis" || u.scheme() == "redis+unix" => {
+                    if let Err(e) = redis::Client::open(url.as_str()) {
+                        return bad("redis.url", format!("not a usable Redis URL ({e})"));
+                    }
+                }
+                Ok(u) => {
+                    return bad(
+                        "redis.url",
+                        format!("scheme `{}` not supported (use redis://)", u.scheme()),
+                    )
+                }
+                Err(e) => return bad("redis.url", format!("not a URL ({e})")),
+            }
+        }
+        for (i, rule) in self.channels.iter().enumerate() {
+            if let Err(e) = rule.check() {
+                return bad(&format!("channels[{i}].pattern"), e);
+            }
+        }
+        let positive = [
+            ("limits.queue_size", self.limits.queue_size),
+            ("limits.max_connections", self.limits.max_connections),
+            (
+                "limits.max_subscriptions_per_connection",
+                self.limits.max_subscriptions_per_connection,
+            ),
+            ("limits.max_message_bytes", self.limits.max_message_bytes),
+            ("publish.max_body_bytes", self.publish.max_body_bytes),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return bad(field, "must be greater than 0".into());
+            }
+        }
+        let nonzero = [
+            ("ws.ping_interval", self.ws.ping_interval),
+            ("ws.idle_timeout", self.ws.idle_timeout),
+            ("ws.handshake_timeout", self.ws.handshake_timeout),
+            ("ws.write_timeout", self.ws.write_timeout),
+            ("sse.heartbeat", self.sse.heartbeat),
+            ("redis.connect_timeout", self.redis.connect_timeout),
+            ("redis.reconnect_max", self.redis.reconnect_max),
+            ("redis.subscribe_timeout", self.redis.subscribe_timeout),
+        ];
+        for (field, value) in nonzero {
+            if value.is_zero() {
+                return bad(field, "must be longer than 0s".into());
+            }
+        }
+        if self.ws.idle_timeout <= self.ws.ping_interval {
+            return bad(
+                "ws.idle_timeout",
+                "must be longer than ws.ping_interval, or idle clients that answer pings are closed"
+                    .into(),
+            );
+        }
+        for (i, key) in self.publish.api_keys.iter().enumerate() {
+            if key.len() < 16 {
+                return bad(
+                    &format!("publish.api_keys[{i}]"),
+                    "too short: use at least 16 characters".into(),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The address to bind.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen.unwrap_or_else(|| {
+            if self.dev {
+                SocketAddr::from(([127, 0, 0, 1], 8080))
+            } else {
+                SocketAddr::from(([0, 0, 0, 0], 8080))
+            }
+        })
+    }
+
+    /// The configuration as TOML with every secret replaced by a placeholder,
+    /// for `crier check-config`.
+    pub fn to_redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.listen = Some(self.listen_addr());
+        shown.publish.api_keys = vec![REDACTED.into(); self.publish.api_keys.len()];
+        shown.redis.url = self.redis.url.as_deref().map(redact_url);
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+    }
+}
+
+/// `CRIER_REDIS__URL=x` → `redis.url = x`. `CRIER_CONFIG` (the file) and
+/// `CRIER_API_KEY` (for `crier publish --api`) are not configuration keys.
+fn env_provider(env: impl IntoIterator<Item = (String, String)>) -> impl figment::Provider {
+    let vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let key = k.strip_prefix("CRIER_")?;
+            (!NOT_KEYS.contains(&key) && !key.is_empty()).then(|| (key.to_ascii_lowercase(), v))
+        })
+        .collect();
+    // figment's Env reads the process; feed it our own list instead.
+    let mut dict = figment::value::Dict::new();
+    for (key, value) in vars {
+        let parsed: figment::value::Value = value.parse().unwrap_or_else(|_| value.clone().into());
+        insert_nested(&mut dict, &key.split("__").collect::<Vec<_>>(), parsed);
+    }
+    Serialized::defaults(dict)
+}
+
+fn insert_nested(dict: &mut figment::value::Dict, path: &[&str], value: figment::value::Value) {
+    use figment::value::{Dict, Value};
+    match path {
+        [] => {}
+        [last] => {
+            dict.insert((*last).to_string(), value);
+        }
+        [first, rest @ ..] => {
+            let entry = dict
+                .entry((*first).to_string())
+                .or_insert_with(|| Value::from(Dict::new()));
+            if let Value::Dict(_, inner) = entry {
+                insert_nested(inner, rest, value);
+            }
+        }
+    }
+}
+
+fn describe_figment_error(e: figment::Error) -> String {
+    let key = e.path.join(".");
+    let source = match &e.metadata {
+        Some(m) => match &m.source {
+            Some(figment::Source::File(p)) => format!(" (in {})", p.display()),
+            _ => format!(" (from {})", m.name),
+        },
+        None => String::new(),
+    };
+    if key.is_empty() {
+        format!("{}{source}", e.kind)
+    } else {
+        format!("{key}: {}{source}", e.kind)
+    }
+}
+
+/// `redis://user:secret@host` → `redis://user:<redacted>@host`.
+fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some(REDACTED));
+            u.to_string()
+        }
+        Ok(u) => u.to_string(),
+        Err(_) => REDACTED.into(),
+    }
+}
+
+/// The process's `CRIER_*` variables, for [`Config::load`].
+pub fn process_env() -> Vec<(String, String)> {
+    std::env::vars()
+        .filter(|(k, _)| k.starts_with("CRIER_"))
+        .collect()
+}
+
+/// The config file named by `--config` or `CRIER_CONFIG`.
+pub fn config_path(flag: Option<PathBuf>) -> Option<PathBuf> {
+    flag.or_else(|| std::env::var_os("CRIER_CONFIG").map(PathBuf::from))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("crier.toml");
+        std::fs::write(&path, toml).expect("write config");
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Config::load(Some(&path), env, &Overrides::default())
+    }
+
+    #[test]
+    fn layers_apply_in_order() {
+        let cfg = load_str(
+            "listen = \"127.0.0.1:9000\"\n[redis]\nurl = \"redis://a:6379\"\nchannel_prefix = \"app:\"\n",
+            &[("CRIER_REDIS__URL", "redis://b:6379"), ("CRIER_CONFIG", "ignored")],
+        )
+        .expect("valid");
+        assert_eq!(cfg.redis.url.as_deref(), Some("redis://b:6379"));
+        assert_eq!(cfg.redis.channel_prefix, "app:");
+        assert_eq!(cfg.listen_addr().port(), 9000);
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:9000\"\n").expect("write");
+        let flags = Overrides {
+            listen: Some("127.0.0.1:9001".parse().expect("addr")),
+            ..Overrides::default()
+        };
+        let cfg = Config::load(
+            Some(&path),
+            [("CRIER_LISTEN".to_string(), "127.0.0.1:9002".to_string())],
+            &flags,
+        )
+        .expect("valid");
+        assert_eq!(cfg.listen_addr().port(), 9001, "flags win over env and file");
+    }
+
+    #[test]
+    fn env_values_are_typed() {
+        let cfg = load_str(
+            "",
+            &[
+                ("CRIER_LIMITS__QUEUE_SIZE", "16"),
+                ("CRIER_SHUTDOWN__GRACE", "1s"),
+                ("CRIER_DEV", "true"),
+            ],
+        )
+        .expect("valid");
+        assert_eq!(cfg.limits.queue_size, 16);
+        assert_eq!(cfg.shutdown.grace, Duration::from_secs(1));
+        assert!(cfg.dev);
+        assert_eq!(cfg.listen_addr(), SocketAddr::from(([127, 0, 0, 1], 8080)));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let unknown = load_str("[limits]\nqueue_sise = 3\n", &[]).unwrap_err();
+        assert!(unknown.to_string().contains("queue_sise"), "{unknown}");
+
+        let duration = load_str("[shutdown]\ngrace = \"5 parsecs\"\n", &[]).unwrap_err();
+        assert!(duration.to_string().contains("shutdown.grace"), "{duration}");
+
+        let url = load_str("[redis]\nurl = \"http://x\"\n", &[]).unwrap_err();
+        assert!(url.to_string().contains("redis.url"), "{url}");
+
+        let env = load_str("", &[("CRIER_LIMITS__QUEUE_SIZE", "lots")]).unwrap_err();
+        assert!(env.to_string().contains("limits.queue_size"), "{env}");
+
+        let zero = load_str("[limits]\nqueue_size = 0\n", &[]).unwrap_err();
+        assert!(zero.to_string().contains("limits.queue_size"), "{zero}");
+    }
+
+    #[test]
+    fn redaction_hides_secrets() {
+        let cfg = load_str(
+            "[redis]\nurl = \"redis://app:hunter2hunter2@r:6379\"\n[publish]\napi_keys = [\"0123456789abcdef-secret\"]\n",
+            &[],
+        )
+        .expect("valid");
+        let shown = cfg.to_redacted_toml();
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("0123456789abcdef-secret"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
+        // What is printed loads back.
+        let back: Config = toml::from_str(&shown).expect("printed config parses");
+        assert_eq!(back.limits, cfg.limits);
+    }
+}

@@ -1,0 +1,166 @@
+//! HTTP plumbing shared by every route: the body type, the one place that
+//! turns a refusal into a response, and query parsing.
+
+use std::convert::Infallible;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use serde_json::json;
+
+/// Every response body crier sends.
+pub type Body = BoxBody<Bytes, Infallible>;
+
+/// A complete body.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).boxed()
+}
+
+/// A plain-text response.
+pub fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// A JSON response.
+pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(full(value.to_string()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// Why a request was refused, and how that looks on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// 400: the request itself is wrong.
+    BadRequest(String),
+    /// 401: missing or wrong credentials.
+    Unauthorized(&'static str),
+    /// 403: not allowed. Says nothing about whether the channel exists.
+    Forbidden(&'static str),
+    /// 400 with code `too_many_subscriptions`.
+    TooManySubscriptions,
+    /// 413: body over the limit.
+    TooLarge,
+    /// 426: `/ws` without a WebSocket upgrade.
+    UpgradeRequired,
+    /// 503: at `max_connections`.
+    AtCapacity,
+    /// 503: the broker is down.
+    Unavailable,
+}
+
+impl Refused {
+    /// The error response: a status and `{"error": code, "reason": text}`.
+    pub fn into_response(self) -> Response<Body> {
+        let (status, code, reason) = match self {
+            Refused::BadRequest(r) => (StatusCode::BAD_REQUEST, "bad_request", r),
+            Refused::Unauthorized(r) => (StatusCode::UNAUTHORIZED, "unauthorized", r.into()),
+            Refused::Forbidden(r) => (StatusCode::FORBIDDEN, "forbidden", r.into()),
+            Refused::TooManySubscriptions => (
+                StatusCode::BAD_REQUEST,
+                "too_many_subscriptions",
+                "more channels than limits.max_subscriptions_per_connection".into(),
+            ),
+            Refused::TooLarge => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                "body larger than publish.max_body_bytes".into(),
+            ),
+            Refused::UpgradeRequired => (
+                StatusCode::UPGRADE_REQUIRED,
+                "bad_request",
+                "this endpoint speaks WebSocket".into(),
+            ),
+            Refused::AtCapacity => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "connection limit reached, try another instance".into(),
+            ),
+            Refused::Unavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the broker is unavailable, try again later".into(),
+            ),
+        };
+        let mut r = json(status, &json!({"error": code, "reason": reason}));
+        match status {
+            StatusCode::UNAUTHORIZED => {
+                r.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"crier\""),
+                );
+            }
+            StatusCode::SERVICE_UNAVAILABLE => {
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            StatusCode::UPGRADE_REQUIRED => {
+                r.headers_mut()
+                    .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            }
+            _ => {}
+        }
+        r
+    }
+}
+
+/// The channels and event filter a `/sse` or `/ws` request asks for.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct StreamQuery {
+    /// Every `channel=` parameter, in order, without duplicates.
+    pub channels: Vec<String>,
+    /// `events=a,b`: only these event types.
+    pub events: Option<Vec<String>>,
+}
+
+impl StreamQuery {
+    /// Parses the query string of `uri`.
+    pub fn parse(uri: &http::Uri) -> Self {
+        let mut q = StreamQuery::default();
+        let raw = uri.query().unwrap_or_default();
+        for (key, value) in url::form_urlencoded::parse(raw.as_bytes()) {
+            match &*key {
+                "channel" if !q.channels.iter().any(|c| *c == value) => {
+                    q.channels.push(value.into_owned())
+                }
+                "events" => {
+                    let list = q.events.get_or_insert_with(Vec::new);
+                    list.extend(
+                        value
+                            .split(',')
+                            .map(str::trim)
+                            .filter(|e| !e.is_empty())
+                            .map(str::to_owned),
+                    );
+                }
+                _ => {}
+            }
+        }
+        q
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_collects_channels_and_events() {
+        let uri: http::Uri = "/sse?channel=a&channel=b%3Ac&channel=a&events=x,%20y,&x=1"
+            .parse()
+            .expect("uri");
+        let q = StreamQuery::parse(&uri);
+        assert_eq!(q.channels, vec!["a", "b:c"]);
+        assert_eq!(q.events, Some(vec!["x".to_string(), "y".to_string()]));
+    }
+}

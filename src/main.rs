@@ -1,0 +1,98 @@
+//! The `crier` binary: parse flags, load config, start tracing, serve until
+//! SIGTERM, drain, exit. Everything else lives in the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use crier::cli::{Cli, Command};
+use crier::config::{Config, LogFormat, EX_CONFIG};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match cli.load_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("crier: {e}");
+            return ExitCode::from(EX_CONFIG as u8);
+        }
+    };
+    if matches!(cli.command, Some(Command::CheckConfig)) {
+        print!("{}", config.to_redacted_toml());
+        eprintln!("crier: configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    init_tracing(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("crier: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match &cli.command {
+            Some(Command::Publish {
+                channel,
+                payload,
+                api,
+                api_key,
+            }) => {
+                let said =
+                    crier::cli::publish(&config, channel, payload, api.as_deref(), api_key.as_deref())
+                        .await?;
+                eprintln!("crier: {said}");
+                Ok(())
+            }
+            _ => serve(config).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("crier: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let running = crier::start(config).await?;
+    wait_for_signal().await;
+    running.shutdown();
+    // A second signal means "now": skip the drain.
+    tokio::select! {
+        _ = running.stopped() => {}
+        _ = wait_for_signal() => {
+            tracing::warn!("second signal: exiting without completing the drain");
+        }
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
+    }
+}
+
+fn init_tracing(config: &Config) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

@@ -1,0 +1,181 @@
+//! The one Prometheus registry of the process. Every metric name is declared
+//! here, once; other modules get a cheap clone of [`Metrics`] and touch
+//! pre-resolved handles, never a label lookup on the hot path.
+
+use std::sync::Arc;
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+/// The two client transports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// `GET /ws`
+    Ws,
+    /// `GET /sse`
+    Sse,
+}
+
+impl Transport {
+    /// Label value and log field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Ws => "ws",
+            Transport::Sse => "sse",
+        }
+    }
+}
+
+/// Handles to every metric crier exports.
+#[derive(Clone)]
+pub struct Metrics(Arc<Inner>);
+
+/// The metrics themselves; reach them through `Deref`.
+pub struct Inner {
+    registry: Registry,
+    connections_ws: IntGauge,
+    connections_sse: IntGauge,
+    delivered_ws: IntCounter,
+    delivered_sse: IntCounter,
+    /// Publications received from the broker (once per publication, not per client).
+    pub messages_received: IntCounter,
+    /// Clients disconnected because their queue was full.
+    pub slow_client_disconnects: IntCounter,
+    /// Successful reconnections to Redis after a lost connection.
+    pub redis_reconnects: IntCounter,
+    /// 1 while the broker is connected.
+    pub broker_up: IntGauge,
+    /// Client subscriptions (one per connection and channel).
+    pub subscriptions: IntGauge,
+    /// Distinct channels this instance listens to.
+    pub channels: IntGauge,
+    /// Requests refused before a stream opened, by reason.
+    pub rejected: IntCounterVec,
+    /// Publications accepted by the publish API.
+    pub api_publications: IntCounter,
+}
+
+impl std::ops::Deref for Metrics {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl Metrics {
+    /// Registers every metric in a fresh registry.
+    ///
+    /// # Panics
+    /// Only on a duplicate or malformed metric name, a programming error that
+    /// the first test run shows.
+    #[allow(clippy::expect_used)]
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let connections = IntGaugeVec::new(
+            Opts::new("crier_connections", "Open client connections by transport."),
+            &["transport"],
+        )
+        .expect("metric");
+        let delivered = IntCounterVec::new(
+            Opts::new(
+                "crier_messages_delivered_total",
+                "Messages written to clients, by transport.",
+            ),
+            &["transport"],
+        )
+        .expect("metric");
+        let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("metric");
+        let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("metric");
+        let inner = Inner {
+            connections_ws: connections.with_label_values(&["ws"]),
+            connections_sse: connections.with_label_values(&["sse"]),
+            delivered_ws: delivered.with_label_values(&["ws"]),
+            delivered_sse: delivered.with_label_values(&["sse"]),
+            messages_received: counter(
+                "crier_messages_received_total",
+                "Publications received from the broker.",
+            ),
+            slow_client_disconnects: counter(
+                "crier_slow_client_disconnects_total",
+                "Clients disconnected because they could not keep up.",
+            ),
+            redis_reconnects: counter(
+                "crier_redis_reconnects_total",
+                "Reconnections to Redis after a lost pub/sub connection.",
+            ),
+            broker_up: gauge("crier_broker_up", "1 while the broker is connected."),
+            subscriptions: gauge(
+                "crier_subscriptions",
+                "Client subscriptions (connection x channel).",
+            ),
+            channels: gauge("crier_channels", "Distinct channels with local listeners."),
+            rejected: IntCounterVec::new(
+                Opts::new(
+                    "crier_connections_rejected_total",
+                    "Connections refused before a stream opened, by reason.",
+                ),
+                &["reason"],
+            )
+            .expect("metric"),
+            api_publications: counter(
+                "crier_api_publications_total",
+                "Publications accepted by POST /api/publish.",
+            ),
+            registry,
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(connections),
+            Box::new(delivered),
+            Box::new(inner.messages_received.clone()),
+            Box::new(inner.slow_client_disconnects.clone()),
+            Box::new(inner.redis_reconnects.clone()),
+            Box::new(inner.broker_up.clone()),
+            Box::new(inner.subscriptions.clone()),
+            Box::new(inner.channels.clone()),
+            Box::new(inner.rejected.clone()),
+            Box::new(inner.api_publications.clone()),
+        ];
+        for c in collectors {
+            inner.registry.register(c).expect("register metric");
+        }
+        #[cfg(target_os = "linux")]
+        inner
+            .registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("register process metrics");
+        Metrics(Arc::new(inner))
+    }
+
+    /// Gauge of open connections for `t`.
+    pub fn connections(&self, t: Transport) -> &IntGauge {
+        match t {
+            Transport::Ws => &self.connections_ws,
+            Transport::Sse => &self.connections_sse,
+        }
+    }
+
+    /// Counter of messages delivered over `t`.
+    pub fn delivered(&self, t: Transport) -> &IntCounter {
+        match t {
+            Transport::Ws => &self.delivered_ws,
+            Transport::Sse => &self.delivered_sse,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        let encoder = prometheus::TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut out) {
+            tracing::warn!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,263 @@
+//! The wire protocol: the envelope every client receives, the WebSocket
+//! commands clients send, and the replies crier sends back.
+//!
+//! A publication is encoded here exactly once; the resulting bytes are shared
+//! (reference-counted) by every recipient, whichever the transport.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use hyper_tungstenite::tungstenite::Utf8Bytes;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// One publication, parsed once and pre-encoded for both transports.
+#[derive(Debug)]
+pub struct Publication {
+    /// The channel, without the Redis prefix.
+    pub channel: String,
+    /// The payload's top-level string `type`, when it has one.
+    pub event: Option<String>,
+    /// The envelope JSON: the WebSocket text frame, as is.
+    pub frame: Utf8Bytes,
+    /// The complete SSE event (`event:` and `data:` lines, blank line).
+    pub sse: Bytes,
+}
+
+impl Publication {
+    /// Builds the envelope for `payload` published on `channel`.
+    ///
+    /// The payload is embedded verbatim when it is JSON; anything else is
+    /// carried as a JSON string (invalid UTF-8 replaced), so clients always
+    /// get valid JSON.
+    pub fn new(channel: &str, payload: &[u8]) -> Self {
+        let parsed: Option<Value> = serde_json::from_slice(payload).ok();
+        let event = parsed
+            .as_ref()
+            .and_then(|v| v.get("type"))
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+
+        let mut env = Vec::with_capacity(payload.len() + channel.len() + 64);
+        env.extend_from_slice(br#"{"type":"message","channel":"#);
+        push_json_string(&mut env, channel);
+        if let Some(event) = &event {
+            env.extend_from_slice(br#","event":"#);
+            push_json_string(&mut env, event);
+        }
+        env.extend_from_slice(br#","data":"#);
+        if parsed.is_some() {
+            env.extend_from_slice(trim_ascii(payload));
+        } else {
+            push_json_string(&mut env, &String::from_utf8_lossy(payload));
+        }
+        env.push(b'}');
+
+        let sse = sse_event(event.as_deref(), &env);
+        // The envelope is built from valid UTF-8 pieces only.
+        let frame = match String::from_utf8(env) {
+            Ok(s) => Utf8Bytes::from(s),
+            Err(e) => Utf8Bytes::from(String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        };
+        Publication {
+            channel: channel.to_owned(),
+            event,
+            frame,
+            sse,
+        }
+    }
+}
+
+/// An SSE event block. Multi-line data becomes several `data:` lines, which
+/// the browser joins back with `\n`.
+pub fn sse_event(event: Option<&str>, data: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(data.len() + 32);
+    if let Some(event) = event {
+        // A newline in the name would end the field early: drop them.
+        out.put_slice(b"event: ");
+        out.extend(event.bytes().filter(|b| *b != b'\n' && *b != b'\r'));
+        out.put_u8(b'\n');
+    }
+    for line in data.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        out.put_slice(b"data: ");
+        out.put_slice(line);
+        out.put_u8(b'\n');
+    }
+    out.put_u8(b'\n');
+    out.freeze()
+}
+
+fn push_json_string(out: &mut Vec<u8>, s: &str) {
+    // Serializing a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+fn trim_ascii(b: &[u8]) -> &[u8] {
+    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
+    &b[start..end]
+}
+
+/// A WebSocket command from a client, before its type is checked.
+///
+/// Kept loose on purpose so an `error` reply can echo the `id` of a command
+/// that is otherwise wrong.
+#[derive(Debug, Deserialize)]
+pub struct Command {
+    /// `subscribe`, `unsubscribe`, `ping`.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// Any JSON value, echoed in the reply.
+    #[serde(default)]
+    pub id: Option<Value>,
+    /// For `subscribe` and `unsubscribe`.
+    #[serde(default)]
+    pub channel: Option<String>,
+    /// For `subscribe`: only these event types.
+    #[serde(default)]
+    pub events: Option<Vec<String>>,
+}
+
+/// Error codes sent in `error` replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// Not allowed to hear that channel.
+    Forbidden,
+    /// The command could not be understood.
+    BadRequest,
+    /// `limits.max_subscriptions_per_connection` reached.
+    TooManySubscriptions,
+    /// A frame over `limits.max_message_bytes`.
+    TooLarge,
+    /// The broker is down; try again.
+    Unavailable,
+}
+
+impl ErrorCode {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::TooManySubscriptions => "too_many_subscriptions",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// Server replies, encoded as text frames. These are per-connection and rare,
+/// so building them with `json!` is fine.
+pub mod reply {
+    use super::*;
+
+    fn with_id(mut v: Value, id: &Option<Value>) -> String {
+        if let (Some(id), Some(obj)) = (id, v.as_object_mut()) {
+            obj.insert("id".into(), id.clone());
+        }
+        v.to_string()
+    }
+
+    /// First frame on every connection.
+    pub fn welcome(conn: u64) -> String {
+        json!({"type": "welcome", "conn": conn.to_string(), "version": crate::VERSION}).to_string()
+    }
+
+    /// A subscription is live.
+    pub fn subscribed(channel: &str, id: &Option<Value>) -> String {
+        with_id(json!({"type": "subscribed", "channel": channel}), id)
+    }
+
+    /// A subscription ended at the client's request.
+    pub fn unsubscribed(channel: &str, id: &Option<Value>) -> String {
+        with_id(json!({"type": "unsubscribed", "channel": channel}), id)
+    }
+
+    /// Answer to `ping`.
+    pub fn pong(id: &Option<Value>) -> String {
+        with_id(json!({"type": "pong"}), id)
+    }
+
+    /// A refused or malformed command.
+    pub fn error(code: ErrorCode, reason: &str, id: &Option<Value>) -> String {
+        with_id(
+            json!({"type": "error", "code": code.as_str(), "reason": reason}),
+            id,
+        )
+    }
+
+    /// This instance is draining: reconnect after `after_ms`.
+    pub fn reconnect(after_ms: u64) -> String {
+        json!({"type": "reconnect", "after_ms": after_ms}).to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(p: &Publication) -> Value {
+        serde_json::from_str(p.frame.as_str()).expect("envelope is JSON")
+    }
+
+    #[test]
+    fn json_payload_is_embedded_verbatim_with_its_type() {
+        let p = Publication::new("public:a", br#" {"type":"greet","n":1.50} "#);
+        assert_eq!(p.event.as_deref(), Some("greet"));
+        assert_eq!(
+            p.frame.as_str(),
+            r#"{"type":"message","channel":"public:a","event":"greet","data":{"type":"greet","n":1.50}}"#
+        );
+        assert_eq!(
+            &p.sse[..],
+            &b"event: greet\ndata: {\"type\":\"message\",\"channel\":\"public:a\",\"event\":\"greet\",\"data\":{\"type\":\"greet\",\"n\":1.50}}\n\n"[..]
+        );
+    }
+
+    #[test]
+    fn other_payloads_become_strings_and_have_no_event() {
+        let p = Publication::new("c", b"hello \"world\"");
+        assert_eq!(p.event, None);
+        assert_eq!(envelope(&p)["data"], json!("hello \"world\""));
+        assert!(!p.frame.as_str().contains("event"));
+        assert!(p.sse.starts_with(b"data: "));
+
+        let bad_utf8 = Publication::new("c", &[0xff, b'a']);
+        assert_eq!(envelope(&bad_utf8)["data"], json!("\u{fffd}a"));
+
+        let array = Publication::new("c", b"[1,2]");
+        assert_eq!(envelope(&array)["data"], json!([1, 2]));
+        let non_string_type = Publication::new("c", br#"{"type":3}"#);
+        assert_eq!(non_string_type.event, None);
+    }
+
+    #[test]
+    fn multiline_json_stays_one_sse_event() {
+        let p = Publication::new("c", b"{\n  \"type\": \"x\",\r\n  \"v\": 1\n}");
+        let text = std::str::from_utf8(&p.sse).expect("utf8");
+        assert!(text.ends_with("\n\n"));
+        assert_eq!(text.matches("\n\n").count(), 1, "{text}");
+        let data: String = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let v: Value = serde_json::from_str(&data).expect("rejoined data is JSON");
+        assert_eq!(v["data"]["v"], 1);
+    }
+
+    #[test]
+    fn replies_echo_ids() {
+        let e: Value = serde_json::from_str(&reply::error(
+            ErrorCode::TooLarge,
+            "too big",
+            &Some(json!(7)),
+        ))
+        .expect("json");
+        assert_eq!(e, json!({"type":"error","code":"too_large","reason":"too big","id":7}));
+        let p: Value = serde_json::from_str(&reply::pong(&None)).expect("json");
+        assert_eq!(p, json!({"type":"pong"}));
+    }
+}

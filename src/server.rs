@@ -1,0 +1,254 @@
+//! Assembly and lifecycle of one crier process: build the parts, accept
+//! connections, route requests, and shut down in phases.
+//!
+//! `main` and the tests both go through [`start`] / [`serve`], so what the
+//! tests exercise is what runs in production.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::app::{App, ConnInfo};
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::http::{full, text, Body};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::transport::{sse, ws};
+
+/// The dev console served at `/` in dev mode.
+const DEMO_PAGE: &str = include_str!("demo.html");
+
+/// A running crier.
+pub struct Running {
+    addr: SocketAddr,
+    app: Arc<App>,
+    sigterm: CancellationToken,
+    done: JoinHandle<()>,
+}
+
+impl Running {
+    /// The address actually bound.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Shared state, for tests and embedding.
+    pub fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
+    /// What SIGTERM does: not ready at once, serve for the grace period,
+    /// then drain. Returns immediately; see [`Running::stopped`].
+    pub fn shutdown(&self) {
+        self.sigterm.cancel();
+    }
+
+    /// Resolves when every connection has left and the process may exit.
+    pub async fn stopped(self) {
+        let _ = self.done.await;
+    }
+}
+
+/// Binds `config.listen` and serves.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let addr = config.listen_addr();
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    serve(config, listener)
+}
+
+/// Serves on an already bound listener.
+pub fn serve(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
+    let addr = listener.local_addr()?;
+    let metrics = Metrics::new();
+    // Background parts (broker, sweeper) stop after every client has left.
+    let background = TaskTracker::new();
+    let stop_background = CancellationToken::new();
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let hub = Arc::new(Hub::new(
+        control_tx,
+        config.redis.linger,
+        config.redis.subscribe_timeout,
+        metrics.clone(),
+    ));
+    let broker = Broker::start(
+        &config,
+        Arc::clone(&hub),
+        control_rx,
+        metrics.clone(),
+        &background,
+        stop_background.clone(),
+    )?;
+    background.spawn(Arc::clone(&hub).sweep_until(stop_background.clone()));
+    tracing::info!(%addr, broker = broker.kind(), dev = config.dev, "crier listening");
+    if config.dev {
+        tracing::warn!("dev mode: every channel is open to anyone; do not expose this instance");
+    }
+
+    let app = Arc::new(App::new(config, hub, broker, metrics, TaskTracker::new()));
+    let sigterm = CancellationToken::new();
+    let done = tokio::spawn(run(
+        Arc::clone(&app),
+        listener,
+        sigterm.clone(),
+        background,
+        stop_background,
+    ));
+    Ok(Running {
+        addr,
+        app,
+        sigterm,
+        done,
+    })
+}
+
+async fn run(
+    app: Arc<App>,
+    listener: TcpListener,
+    sigterm: CancellationToken,
+    background: TaskTracker,
+    stop_background: CancellationToken,
+) {
+    let accepting = tokio::spawn(accept_loop(Arc::clone(&app), listener));
+
+    sigterm.cancelled().await;
+    let shutdown = &app.config.shutdown;
+    tracing::info!(grace = ?shutdown.grace, drain = ?shutdown.drain, "shutdown: not ready, still serving");
+    app.lifecycle.begin_shutdown();
+    tokio::time::sleep(shutdown.grace).await;
+
+    tracing::info!("draining: clients are told to reconnect");
+    app.lifecycle.begin_drain();
+    let _ = accepting.await;
+    app.tasks.close();
+    // Every connection leaves by itself within the drain window; the margin
+    // covers the last writes.
+    let deadline = shutdown.drain + Duration::from_secs(1);
+    if tokio::time::timeout(deadline, app.tasks.wait()).await.is_err() {
+        tracing::warn!(
+            left = app.tasks.len(),
+            "connections still open after the drain, closing them"
+        );
+    }
+    stop_background.cancel();
+    background.close();
+    let _ = tokio::time::timeout(Duration::from_secs(1), background.wait()).await;
+    tracing::info!("stopped");
+}
+
+/// Accepts until the drain begins. One bad connection never stops it.
+async fn accept_loop(app: Arc<App>, listener: TcpListener) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(app.config.ws.handshake_timeout);
+    let drain = app.lifecycle.drain_started().clone();
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = drain.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let kill = CancellationToken::new();
+        let info = ConnInfo {
+            peer,
+            kill: kill.clone(),
+        };
+        let conn_app = Arc::clone(&app);
+        let builder = builder.clone();
+        let drain = drain.clone();
+        app.tasks.spawn(async move {
+            let service = service_fn(move |req| {
+                let app = Arc::clone(&conn_app);
+                let info = info.clone();
+                async move { Ok::<_, Infallible>(route(app, req, info).await) }
+            });
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                result = conn.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::debug!(error = %e, client.addr = %peer, "connection ended with an error");
+                    }
+                }
+                _ = kill.cancelled() => {}
+                _ = drain.cancelled() => {
+                    // Idle keep-alive connections close now; open streams
+                    // end at their turn in the drain.
+                    conn.as_mut().graceful_shutdown();
+                    tokio::select! {
+                        _ = conn.as_mut() => {}
+                        _ = kill.cancelled() => {}
+                    }
+                }
+            }
+        });
+    }
+}
+
+async fn route(app: Arc<App>, req: Request<Incoming>, info: ConnInfo) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") => readyz(&app),
+        (&Method::GET, "/metrics") => {
+            let mut r = Response::new(full(app.metrics.render()));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            r
+        }
+        (&Method::GET, "/sse") => sse::handle(app, req, info).await,
+        (&Method::GET, "/ws") => ws::handle(app, req, info),
+        (&Method::POST, "/api/publish") => crate::api::publish(app, req, info).await,
+        (&Method::GET, "/") if app.config.dev => {
+            let mut r = Response::new(full(DEMO_PAGE));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            r
+        }
+        (&Method::GET, "/") => text(
+            StatusCode::OK,
+            "crier event gateway: /sse, /ws, /api/publish, /healthz, /readyz, /metrics\n",
+        ),
+        (_, "/healthz" | "/readyz" | "/metrics" | "/sse" | "/ws" | "/api/publish") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn readyz(app: &App) -> Response<Body> {
+    if app.lifecycle.is_shutting_down() {
+        text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+    } else if !app.broker.health().is_up() {
+        text(StatusCode::SERVICE_UNAVAILABLE, "broker unavailable\n")
+    } else {
+        text(StatusCode::OK, "ready\n")
+    }
+}

@@ -1,0 +1,304 @@
+//! `GET /ws`: the WebSocket transport, JSON text frames both ways.
+//!
+//! One task per connection owns the socket. It reads commands, writes
+//! replies and publications from the connection's queue, pings the client
+//! and closes it when it falls behind (1013), goes silent (1001), sends a
+//! frame over the limit (1009) or when its turn in the drain comes (1012).
+//! Malformed commands get an `error` reply and the connection stays usable.
+//!
+//! The session is generic over `Sink + Stream` of messages, so the protocol
+//! logic does not depend on where the bytes come from.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use hyper_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use hyper_tungstenite::tungstenite::Message;
+use serde_json::Value;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::check_channels;
+use crate::app::{Admitted, App, ConnInfo};
+use crate::http::{Body, Refused, StreamQuery};
+use crate::hub::{self, Inbox, Subscriptions};
+use crate::metrics::Transport;
+use crate::policy::{Principal, Refusal};
+use crate::protocol::{reply, Command, ErrorCode};
+
+/// Publications written per flush: enough to batch syscalls under load,
+/// few enough that a burst does not delay reading the client.
+const WRITE_BATCH: usize = 64;
+
+/// Answers a `/ws` request: an error status, or 101 and a session task.
+pub fn handle<B>(app: Arc<App>, mut req: Request<B>, info: ConnInfo) -> Response<Body>
+where
+    B: Send + 'static,
+{
+    if !hyper_tungstenite::is_upgrade_request(&req) {
+        return Refused::UpgradeRequired.into_response();
+    }
+    let query = StreamQuery::parse(req.uri());
+    if let Err(refused) = check_channels(&app, &query.channels) {
+        return refused.into_response();
+    }
+    let Some(admitted) = app.admit(Transport::Ws) else {
+        return Refused::AtCapacity.into_response();
+    };
+    let max = app.config.limits.max_message_bytes;
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max));
+    let (response, upgrade) = match hyper_tungstenite::upgrade(&mut req, Some(config)) {
+        Ok(pair) => pair,
+        Err(e) => return Refused::BadRequest(format!("bad WebSocket handshake: {e}")).into_response(),
+    };
+    let handshake = app.config.ws.handshake_timeout;
+    let task_app = Arc::clone(&app);
+    app.tasks.spawn(async move {
+        match tokio::time::timeout(handshake, upgrade).await {
+            Ok(Ok(ws)) => session(task_app, ws, query, info.peer, admitted).await,
+            Ok(Err(e)) => tracing::debug!(error = %e, "websocket upgrade failed"),
+            Err(_) => tracing::debug!("websocket upgrade timed out"),
+        }
+    });
+    response.map(|b| b.boxed())
+}
+
+/// Serves one WebSocket connection until it closes.
+pub async fn session<S>(
+    app: Arc<App>,
+    ws: S,
+    query: StreamQuery,
+    peer: SocketAddr,
+    admitted: Admitted,
+) where
+    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+{
+    let (outbox, inbox) = hub::queue(app.config.limits.queue_size, CancellationToken::new());
+    let conn = outbox.id();
+    let span = tracing::info_span!("conn", conn.id = conn, client.addr = %peer, transport = "ws");
+    let session = Session {
+        subs: Subscriptions::new(Arc::clone(&app.hub), outbox),
+        app,
+        ws,
+        principal: Principal::default(),
+        _admitted: admitted,
+    };
+    session.run(conn, inbox, query).instrument(span).await;
+}
+
+/// The connection is gone (or must be treated as gone): stop at once.
+struct Gone;
+
+struct Session<S> {
+    app: Arc<App>,
+    ws: S,
+    subs: Subscriptions,
+    principal: Principal,
+    _admitted: Admitted,
+}
+
+impl<S> Session<S>
+where
+    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
+{
+    async fn run(mut self, conn: u64, mut inbox: Inbox, query: StreamQuery) {
+        tracing::debug!("websocket opened");
+        let ended = self.serve(conn, &mut inbox, query).await;
+        if let Ok((code, reason)) = ended {
+            tracing::debug!(code = u16::from(code), reason, "closing websocket");
+            let frame = CloseFrame {
+                code,
+                reason: reason.into(),
+            };
+            let _ = self.write(Message::Close(Some(frame))).await;
+        }
+        tracing::debug!("websocket closed");
+    }
+
+    /// Returns the close frame to send, or `Gone` when the socket is already
+    /// unusable.
+    async fn serve(
+        &mut self,
+        conn: u64,
+        inbox: &mut Inbox,
+        query: StreamQuery,
+    ) -> Result<(CloseCode, &'static str), Gone> {
+        self.write(Message::text(reply::welcome(conn))).await?;
+        for channel in query.channels {
+            self.subscribe(channel, query.events.clone(), None).await?;
+        }
+
+        let app = Arc::clone(&self.app);
+        let turn = app.lifecycle.my_turn();
+        tokio::pin!(turn);
+        let ws_config = &app.config.ws;
+        let mut ping = tokio::time::interval_at(
+            Instant::now() + ws_config.ping_interval,
+            ws_config.ping_interval,
+        );
+        let mut last_heard = Instant::now();
+        loop {
+            tokio::select! {
+                biased;
+                _ = inbox.slow.cancelled() => {
+                    tracing::info!("client too slow: queue full, closing");
+                    return Ok((CloseCode::Again, "too slow: queue full"));
+                }
+                after_ms = &mut turn => {
+                    self.write(Message::text(reply::reconnect(after_ms))).await?;
+                    return Ok((CloseCode::Restart, "server restarting, reconnect"));
+                }
+                publication = inbox.rx.recv() => {
+                    let Some(first) = publication else { return Err(Gone) };
+                    self.deliver(first, inbox).await?;
+                }
+                frame = self.ws.next() => {
+                    last_heard = Instant::now();
+                    match frame {
+                        Some(Ok(Message::Text(text))) => self.command(text.as_str()).await?,
+                        Some(Ok(Message::Binary(_))) => {
+                            self.error(ErrorCode::BadRequest, "binary frames are not supported", &None).await?;
+                        }
+                        // tungstenite answers pings and close frames itself.
+                        Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
+                        Some(Ok(Message::Close(_))) | None => return Err(Gone),
+                        Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
+                            tracing::info!(size, max_size, "frame too large, closing");
+                            let reason = format!("message of {size} bytes exceeds the limit of {max_size}");
+                            self.error(ErrorCode::TooLarge, &reason, &None).await?;
+                            return Ok((CloseCode::Size, "message too large"));
+                        }
+                        Some(Err(e)) => {
+                            tracing::debug!(error = %e, "websocket read failed");
+                            return Err(Gone);
+                        }
+                    }
+                }
+                _ = ping.tick() => {
+                    if last_heard.elapsed() >= ws_config.idle_timeout {
+                        tracing::info!("client silent for too long, closing");
+                        return Ok((CloseCode::Away, "idle timeout"));
+                    }
+                    self.write(Message::Ping(Default::default())).await?;
+                }
+            }
+        }
+    }
+
+    /// Writes `first` and whatever else is already queued, then flushes once.
+    async fn deliver(
+        &mut self,
+        first: Arc<crate::protocol::Publication>,
+        inbox: &mut Inbox,
+    ) -> Result<(), Gone> {
+        let timeout = self.app.config.ws.write_timeout;
+        let ws = &mut self.ws;
+        let mut written = 0u64;
+        let batch = async {
+            ws.feed(Message::Text(first.frame.clone())).await?;
+            written += 1;
+            while written < WRITE_BATCH as u64 {
+                let Ok(next) = inbox.rx.try_recv() else { break };
+                ws.feed(Message::Text(next.frame.clone())).await?;
+                written += 1;
+            }
+            ws.flush().await
+        };
+        let result = bounded(timeout, batch).await;
+        self.app.metrics.delivered(Transport::Ws).inc_by(written);
+        result
+    }
+
+    async fn command(&mut self, text: &str) -> Result<(), Gone> {
+        let cmd: Command = match serde_json::from_str(text) {
+            Ok(cmd) => cmd,
+            Err(e) => {
+                let reason = format!("not a JSON command: {e}");
+                return self.error(ErrorCode::BadRequest, &reason, &None).await;
+            }
+        };
+        match cmd.kind.as_deref() {
+            Some("subscribe") => match cmd.channel {
+                Some(channel) => self.subscribe(channel, cmd.events, cmd.id).await,
+                None => self.error(ErrorCode::BadRequest, "missing channel", &cmd.id).await,
+            },
+            Some("unsubscribe") => match cmd.channel {
+                Some(channel) => {
+                    self.subs.remove(&channel);
+                    self.write(Message::text(reply::unsubscribed(&channel, &cmd.id))).await
+                }
+                None => self.error(ErrorCode::BadRequest, "missing channel", &cmd.id).await,
+            },
+            Some("ping") => self.write(Message::text(reply::pong(&cmd.id))).await,
+            Some(other) => {
+                let reason = format!("unknown message type `{other}`");
+                self.error(ErrorCode::BadRequest, &reason, &cmd.id).await
+            }
+            None => self.error(ErrorCode::BadRequest, "missing `type`", &cmd.id).await,
+        }
+    }
+
+    async fn subscribe(
+        &mut self,
+        channel: String,
+        events: Option<Vec<String>>,
+        id: Option<Value>,
+    ) -> Result<(), Gone> {
+        match self.app.policy.may_subscribe(&channel, &self.principal) {
+            Ok(()) => {}
+            Err(Refusal::BadName(why)) => {
+                let reason = format!("bad channel name: {why}");
+                return self.error(ErrorCode::BadRequest, &reason, &id).await;
+            }
+            Err(Refusal::Forbidden) => {
+                return self.error(ErrorCode::Forbidden, "forbidden", &id).await;
+            }
+        }
+        let limit = self.app.config.limits.max_subscriptions_per_connection;
+        if !self.subs.contains(&channel) && self.subs.len() >= limit {
+            let reason = format!("at most {limit} channels per connection");
+            return self.error(ErrorCode::TooManySubscriptions, &reason, &id).await;
+        }
+        if self.subs.add(&channel, events).await.is_err() {
+            return self
+                .error(ErrorCode::Unavailable, "the broker is unavailable, try again later", &id)
+                .await;
+        }
+        self.write(Message::text(reply::subscribed(&channel, &id))).await
+    }
+
+    async fn error(&mut self, code: ErrorCode, reason: &str, id: &Option<Value>) -> Result<(), Gone> {
+        self.write(Message::text(reply::error(code, reason, id))).await
+    }
+
+    async fn write(&mut self, message: Message) -> Result<(), Gone> {
+        let timeout = self.app.config.ws.write_timeout;
+        bounded(timeout, self.ws.send(message)).await
+    }
+}
+
+async fn bounded<F>(limit: Duration, write: F) -> Result<(), Gone>
+where
+    F: std::future::Future<Output = Result<(), WsError>>,
+{
+    match tokio::time::timeout(limit, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "websocket write failed");
+            Err(Gone)
+        }
+        Err(_) => {
+            tracing::info!("websocket write timed out, dropping client");
+            Err(Gone)
+        }
+    }
+}

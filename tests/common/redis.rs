@@ -1,0 +1,311 @@
+//! A real `redis-server` child process on a free loopback port, for tests.
+//!
+//! Redis behaviour is tested against Redis: each test starts its own server
+//! (no shared state, no fixed port) and the process is killed when the handle
+//! is dropped, even if the test panics.
+
+use std::fs::OpenOptions;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tokio::time::{sleep, timeout, Instant};
+
+/// How long a freshly spawned server gets to answer PING.
+const STARTUP_DEADLINE: Duration = Duration::from_secs(10);
+/// How many fresh ports `start` tries when another process steals the port
+/// between our probe and Redis binding it.
+const PORT_ATTEMPTS: usize = 5;
+/// How long `restart` keeps retrying while the old port is momentarily taken.
+const RESTART_DEADLINE: Duration = Duration::from_secs(10);
+/// Bound on any single command sent by the helpers, so a wedged server fails
+/// the test instead of hanging it.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A `redis-server` child bound to `127.0.0.1:port`, killed on drop.
+pub struct RedisServer {
+    /// Fixed for the server's lifetime so `restart` comes back where clients
+    /// (and crier's reconnect loop) expect it.
+    port: u16,
+    /// Working directory and log file; kept across `stop`/`restart` so the log
+    /// tells the whole story when a test fails.
+    dir: tempfile::TempDir,
+    /// `None` while stopped.
+    child: Option<Child>,
+}
+
+/// Why one spawn attempt did not produce a serving Redis.
+enum SpawnError {
+    /// The port was taken between probing and binding: worth retrying.
+    AddrInUse,
+    /// Anything else: a test environment problem, reported with the log.
+    Fatal(String),
+}
+
+impl RedisServer {
+    /// Starts a server on a free port and waits until it answers PING.
+    pub async fn start() -> RedisServer {
+        let dir = tempfile::Builder::new()
+            .prefix("crier-redis-")
+            .tempdir()
+            .expect("create a temp dir for redis-server");
+        let mut server = RedisServer {
+            port: 0,
+            dir,
+            child: None,
+        };
+        for attempt in 1..=PORT_ATTEMPTS {
+            server.port = free_port();
+            match server.spawn_and_wait().await {
+                Ok(()) => return server,
+                Err(SpawnError::AddrInUse) if attempt < PORT_ATTEMPTS => continue,
+                Err(SpawnError::AddrInUse) => server.fail(&format!(
+                    "port was taken on each of {PORT_ATTEMPTS} attempts"
+                )),
+                Err(SpawnError::Fatal(why)) => server.fail(&why),
+            }
+        }
+        unreachable!("the last attempt either returns or panics")
+    }
+
+    /// The TCP port the server listens on (stable across `restart`).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Connection URL for the redis crate and for crier's config.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Everything the server has logged so far (all runs), for failure messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Kills the server (SIGKILL, as in a crash) and reaps it; the temp dir and
+    /// the port number are kept for `restart`. A no-op when already stopped.
+    pub async fn stop(&mut self) {
+        if let Some(child) = self.child.take() {
+            kill_and_reap(child);
+        }
+    }
+
+    /// Starts the server again on the same port and waits until it answers
+    /// PING. Stops it first if it is still running. Retries for up to 10 s
+    /// while the port is momentarily unavailable.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let deadline = Instant::now() + RESTART_DEADLINE;
+        loop {
+            match self.spawn_and_wait().await {
+                Ok(()) => return,
+                Err(SpawnError::AddrInUse) if Instant::now() < deadline => {
+                    sleep(Duration::from_millis(100)).await;
+                }
+                Err(SpawnError::AddrInUse) => self.fail(&format!(
+                    "port {} stayed unavailable for {RESTART_DEADLINE:?} on restart",
+                    self.port
+                )),
+                Err(SpawnError::Fatal(why)) => self.fail(&why),
+            }
+        }
+    }
+
+    /// PUBLISH over a fresh connection; returns how many subscribers received it.
+    pub async fn publish(&self, channel: &str, payload: &str) -> i64 {
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(channel).arg(payload);
+        self.query(&cmd, "PUBLISH").await
+    }
+
+    /// Runs the real `redis-cli -h 127.0.0.1 -p PORT args...` and returns its
+    /// stdout, so a test can prove the literal command-line path works.
+    pub async fn cli(&self, args: &[&str]) -> String {
+        let output = timeout(
+            COMMAND_TIMEOUT,
+            tokio::process::Command::new("redis-cli")
+                .arg("-h")
+                .arg("127.0.0.1")
+                .arg("-p")
+                .arg(self.port.to_string())
+                .args(args)
+                .stdin(Stdio::null())
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("redis-cli {args:?} did not finish within {COMMAND_TIMEOUT:?}"))
+        .expect("run redis-cli (is it on PATH?)");
+        assert!(
+            output.status.success(),
+            "redis-cli {args:?} failed with {}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("redis-cli printed non-UTF-8 output")
+    }
+
+    /// PUBSUB NUMSUB: how many connections are subscribed to `channel` right
+    /// now (lets a test see crier's dynamic SUBSCRIBE/UNSUBSCRIBE).
+    pub async fn pubsub_numsub(&self, channel: &str) -> i64 {
+        let mut cmd = redis::cmd("PUBSUB");
+        cmd.arg("NUMSUB").arg(channel);
+        let (name, count): (String, i64) = self.query(&cmd, "PUBSUB NUMSUB").await;
+        assert_eq!(name, channel, "PUBSUB NUMSUB answered for another channel");
+        count
+    }
+
+    /// Runs one command on a fresh connection, panicking with context on error.
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd, what: &str) -> T {
+        let result = timeout(COMMAND_TIMEOUT, async {
+            let client = redis::Client::open(self.url())?;
+            let mut con = client.get_multiplexed_async_connection().await?;
+            cmd.query_async::<T>(&mut con).await
+        })
+        .await;
+        match result {
+            Ok(Ok(value)) => value,
+            Ok(Err(e)) => panic!("{what} on {} failed: {e}", self.url()),
+            Err(_) => panic!(
+                "{what} on {} timed out after {COMMAND_TIMEOUT:?}",
+                self.url()
+            ),
+        }
+    }
+
+    /// Spawns `redis-server` on `self.port` and waits until *this* process
+    /// answers PING. On failure the child is reaped and `self.child` is `None`.
+    async fn spawn_and_wait(&mut self) -> Result<(), SpawnError> {
+        // Only this run's part of the (appended) log explains this run's exit.
+        let log_start = self.log().len();
+        let child = self.spawn()?;
+        let pid = child.id();
+        self.child = Some(child);
+        let deadline = Instant::now() + STARTUP_DEADLINE;
+        loop {
+            // Check the child first: if it died (e.g. port taken), a PING that
+            // succeeds would be answered by someone else's server.
+            if let Some(status) = self.child_exit_status() {
+                self.child = None;
+                let log = self.log();
+                let this_run = log.get(log_start..).unwrap_or(&log);
+                return Err(if this_run.contains("Address already in use") {
+                    SpawnError::AddrInUse
+                } else {
+                    SpawnError::Fatal(format!("redis-server exited early with {status}"))
+                });
+            }
+            if self.answering_pid().await == Some(pid) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                if let Some(child) = self.child.take() {
+                    kill_and_reap(child);
+                }
+                return Err(SpawnError::Fatal(format!(
+                    "redis-server did not answer PING within {STARTUP_DEADLINE:?}"
+                )));
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn spawn(&self) -> Result<Child, SpawnError> {
+        // Append, so the log of a restarted server still shows the first run.
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .map_err(|e| SpawnError::Fatal(format!("open redis log file: {e}")))?;
+        let log_err = log
+            .try_clone()
+            .map_err(|e| SpawnError::Fatal(format!("clone redis log file handle: {e}")))?;
+        Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port"])
+            .arg(self.port.to_string())
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log_err))
+            .spawn()
+            .map_err(|e| SpawnError::Fatal(format!("spawn redis-server (is it on PATH?): {e}")))
+    }
+
+    /// `Some(status)` once the child has exited.
+    fn child_exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        child.try_wait().expect("poll redis-server child status")
+    }
+
+    /// The `process_id` of whatever Redis answers on our port, if any. Comparing
+    /// it with our child's PID guards against a port stolen by another server.
+    async fn answering_pid(&self) -> Option<u32> {
+        let attempt = async {
+            let client = redis::Client::open(self.url()).ok()?;
+            let mut con = client.get_multiplexed_async_connection().await.ok()?;
+            let pong: String = redis::cmd("PING").query_async(&mut con).await.ok()?;
+            if pong != "PONG" {
+                return None;
+            }
+            let info: String = redis::cmd("INFO")
+                .arg("server")
+                .query_async(&mut con)
+                .await
+                .ok()?;
+            info.lines()
+                .find_map(|line| line.strip_prefix("process_id:"))
+                .and_then(|pid| pid.trim().parse().ok())
+        };
+        timeout(Duration::from_secs(1), attempt)
+            .await
+            .ok()
+            .flatten()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("redis.log")
+    }
+
+    /// Panics with the server log attached, after killing any child.
+    fn fail(&mut self, why: &str) -> ! {
+        if let Some(child) = self.child.take() {
+            kill_and_reap(child);
+        }
+        panic!(
+            "redis-server on 127.0.0.1:{}: {why}\n--- {} ---\n{}",
+            self.port,
+            self.log_path().display(),
+            self.log()
+        )
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            kill_and_reap(child);
+        }
+    }
+}
+
+/// SIGKILL our own child by PID and reap it. Waiting right after SIGKILL
+/// returns at once, so this is fine to call from async code and from `Drop`.
+fn kill_and_reap(mut child: Child) {
+    // Errors mean it already exited; `wait` still reaps it.
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A port that was free a moment ago. Another process may grab it before
+/// Redis binds it; callers handle that by retrying.
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to find a free port");
+    listener
+        .local_addr()
+        .expect("local address of the probe listener")
+        .port()
+}
