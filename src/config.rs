@@ -442,7 +442,22 @@ fn env_provider(env: impl IntoIterator<Item = (String, String)>) -> impl figment
         let parsed: figment::value::Value = value.parse().unwrap_or_else(|_| value.clone().into());
         insert_nested(&mut dict, &key.split("__").collect::<Vec<_>>(), parsed);
     }
-    Serialized::defaults(dict)
+    EnvVars(dict)
+}
+
+/// The `CRIER_*` layer, named so errors say where a bad value came from.
+struct EnvVars(figment::value::Dict);
+
+impl figment::Provider for EnvVars {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::named("CRIER_* environment variables")
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        Ok(figment::Profile::Default.collect(self.0.clone()))
+    }
 }
 
 fn insert_nested(dict: &mut figment::value::Dict, path: &[&str], value: figment::value::Value) {

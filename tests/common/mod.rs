@@ -163,3 +163,5 @@ pub(crate) async fn read_whole(
         .unwrap_or_else(|e| panic!("body from {url} (status {status}) is not UTF-8: {e}"));
     (status, text)
 }
+
+pub mod crier;
