@@ -9,8 +9,7 @@ use clap::{Parser, Subcommand};
 use http_body_util::{BodyExt, Full};
 
 use crate::config::{
-    config_path, process_env, Config, ConfigError, LogFormat, LogOverride, Overrides,
-    RedisOverride,
+    config_path, process_env, Config, ConfigError, LogFormat, LogOverride, Overrides, RedisOverride,
 };
 
 /// crier: Redis pub/sub to browsers over WebSocket and SSE.
@@ -64,10 +63,7 @@ impl Cli {
         Overrides {
             listen: self.listen,
             dev: self.dev.then_some(true),
-            redis: self
-                .redis_url
-                .clone()
-                .map(|url| RedisOverride { url }),
+            redis: self.redis_url.clone().map(|url| RedisOverride { url }),
             log: self.log_format.map(|format| LogOverride { format }),
         }
     }

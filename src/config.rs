@@ -26,7 +26,7 @@ const NOT_KEYS: [&str; 2] = ["CONFIG", "API_KEY"];
 const REDACTED: &str = "<redacted>";
 
 /// The whole configuration of one crier process.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Address to listen on for HTTP, WebSocket and SSE. Default
@@ -170,23 +170,6 @@ pub struct ShutdownConfig {
     /// moment, so the next instances see no reconnect storm.
     #[serde(with = "humantime_serde")]
     pub drain: Duration,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            listen: None,
-            dev: false,
-            log: LogConfig::default(),
-            redis: RedisConfig::default(),
-            channels: Vec::new(),
-            limits: LimitsConfig::default(),
-            publish: PublishConfig::default(),
-            ws: WsConfig::default(),
-            sse: SseConfig::default(),
-            shutdown: ShutdownConfig::default(),
-        }
-    }
 }
 
 impl Default for LogConfig {
@@ -554,7 +537,11 @@ mod tests {
             &flags,
         )
         .expect("valid");
-        assert_eq!(cfg.listen_addr().port(), 9001, "flags win over env and file");
+        assert_eq!(
+            cfg.listen_addr().port(),
+            9001,
+            "flags win over env and file"
+        );
     }
 
     #[test]
@@ -580,7 +567,10 @@ mod tests {
         assert!(unknown.to_string().contains("queue_sise"), "{unknown}");
 
         let duration = load_str("[shutdown]\ngrace = \"5 parsecs\"\n", &[]).unwrap_err();
-        assert!(duration.to_string().contains("shutdown.grace"), "{duration}");
+        assert!(
+            duration.to_string().contains("shutdown.grace"),
+            "{duration}"
+        );
 
         let url = load_str("[redis]\nurl = \"http://x\"\n", &[]).unwrap_err();
         assert!(url.to_string().contains("redis.url"), "{url}");

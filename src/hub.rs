@@ -436,14 +436,19 @@ mod tests {
         let mut log = confirm_all(rx);
         let (out, mut inbox) = queue(10, CancellationToken::new());
         let mut subs = Subscriptions::new(hub.clone(), out);
-        subs.add("c", Some(vec!["keep".into()])).await.expect("subscribed");
+        subs.add("c", Some(vec!["keep".into()]))
+            .await
+            .expect("subscribed");
         assert_eq!(log.recv().await.as_deref(), Some("sub c"));
         hub.dispatch(Publication::new("c", br#"{"type":"drop"}"#));
         hub.dispatch(Publication::new("c", br#"{"type":"keep"}"#));
         hub.dispatch(Publication::new("c", b"no type"));
         let p = inbox.rx.recv().await.expect("delivered");
         assert_eq!(p.event.as_deref(), Some("keep"));
-        assert!(inbox.rx.try_recv().is_err(), "filtered events are not queued");
+        assert!(
+            inbox.rx.try_recv().is_err(),
+            "filtered events are not queued"
+        );
 
         drop(subs);
         assert_eq!(hub.listeners("c"), 0);

@@ -23,7 +23,10 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_tracing(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("crier: cannot start the runtime: {e}");
@@ -38,9 +41,14 @@ fn main() -> ExitCode {
                 api,
                 api_key,
             }) => {
-                let said =
-                    crier::cli::publish(&config, channel, payload, api.as_deref(), api_key.as_deref())
-                        .await?;
+                let said = crier::cli::publish(
+                    &config,
+                    channel,
+                    payload,
+                    api.as_deref(),
+                    api_key.as_deref(),
+                )
+                .await?;
                 eprintln!("crier: {said}");
                 Ok(())
             }
@@ -90,7 +98,9 @@ fn init_tracing(config: &Config) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),

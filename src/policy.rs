@@ -147,8 +147,14 @@ mod tests {
             policy.may_subscribe("public:secret", &anon),
             Err(Refusal::Forbidden)
         );
-        assert_eq!(policy.may_subscribe("public:", &anon), Err(Refusal::Forbidden));
-        assert_eq!(policy.may_subscribe("private:a", &anon), Err(Refusal::Forbidden));
+        assert_eq!(
+            policy.may_subscribe("public:", &anon),
+            Err(Refusal::Forbidden)
+        );
+        assert_eq!(
+            policy.may_subscribe("private:a", &anon),
+            Err(Refusal::Forbidden)
+        );
     }
 
     #[test]

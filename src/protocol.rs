@@ -92,7 +92,10 @@ fn push_json_string(out: &mut Vec<u8>, s: &str) {
 }
 
 fn trim_ascii(b: &[u8]) -> &[u8] {
-    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
     let end = b
         .iter()
         .rposition(|c| !c.is_ascii_whitespace())
@@ -256,7 +259,10 @@ mod tests {
             &Some(json!(7)),
         ))
         .expect("json");
-        assert_eq!(e, json!({"type":"error","code":"too_large","reason":"too big","id":7}));
+        assert_eq!(
+            e,
+            json!({"type":"error","code":"too_large","reason":"too big","id":7})
+        );
         let p: Value = serde_json::from_str(&reply::pong(&None)).expect("json");
         assert_eq!(p, json!({"type":"pong"}));
     }

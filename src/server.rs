@@ -138,7 +138,10 @@ async fn run(
     // Every connection leaves by itself within the drain window; the margin
     // covers the last writes.
     let deadline = shutdown.drain + Duration::from_secs(1);
-    if tokio::time::timeout(deadline, app.tasks.wait()).await.is_err() {
+    if tokio::time::timeout(deadline, app.tasks.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(
             left = app.tasks.len(),
             "connections still open after the drain, closing them"

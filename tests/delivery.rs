@@ -6,8 +6,8 @@ mod common;
 use common::crier::{test_config, Instance, WAIT};
 use common::redis::RedisServer;
 use common::sse;
-use common::ws::WsClient;
 use common::unique;
+use common::ws::WsClient;
 use futures_util::future::join_all;
 use http::StatusCode;
 use serde_json::{json, Value};
@@ -45,7 +45,10 @@ impl Setup {
                 redis.publish(channel, payload).await;
             }
             None => {
-                let status = self.crier.publish_api(channel, payload, Some(API_KEY)).await;
+                let status = self
+                    .crier
+                    .publish_api(channel, payload, Some(API_KEY))
+                    .await;
                 assert_eq!(status, StatusCode::OK);
             }
         }
@@ -104,7 +107,10 @@ async fn payloads_without_type_have_no_event_name(kind: Kind) {
     setup.publish(&channel, r#"[1, "two"]"#).await;
     setup.publish(&channel, r#""just a string""#).await;
     let e = events.next_message(WAIT).await.expect("event");
-    assert_eq!(e.event, None, "no `event:` line: browsers see it as `message`");
+    assert_eq!(
+        e.event, None,
+        "no `event:` line: browsers see it as `message`"
+    );
     assert_eq!(e.json(), envelope(&channel, None, json!([1, "two"])));
     let e = events.next_message(WAIT).await.expect("event");
     assert_eq!(e.json()["data"], "just a string");
@@ -226,7 +232,8 @@ async fn channel_without_rule_is_refused_and_nothing_leaks() {
         "the refusal does not echo the channel"
     );
 
-    let refused = common::ws::WsClient::try_connect(&crier.ws(&format!("/ws?channel={private}")), &[]).await;
+    let refused =
+        common::ws::WsClient::try_connect(&crier.ws(&format!("/ws?channel={private}")), &[]).await;
     match refused {
         Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
             assert_eq!(r.status(), StatusCode::FORBIDDEN)
@@ -241,11 +248,18 @@ async fn channel_without_rule_is_refused_and_nothing_leaks() {
     );
     ws.subscribe(&public, 8).await;
 
-    assert_eq!(redis.pubsub_numsub(&private).await, 0, "crier never subscribed it");
+    assert_eq!(
+        redis.pubsub_numsub(&private).await,
+        0,
+        "crier never subscribed it"
+    );
     redis.publish(&private, r#"{"secret":true}"#).await;
     redis.publish(&public, r#"{"after":true}"#).await;
     // Same publisher, same order: had the private one leaked it would come first.
-    assert_eq!(ws.recv_type("message", WAIT).await["channel"], json!(public));
+    assert_eq!(
+        ws.recv_type("message", WAIT).await["channel"],
+        json!(public)
+    );
     assert_eq!(crier.metric("crier_subscriptions").await, 1.0);
 }
 
@@ -259,12 +273,17 @@ async fn two_instances_on_one_redis_both_deliver() {
 
     let mut on_a = WsClient::connect(&a.ws(&format!("/ws?channel={channel}"))).await;
     on_a.recv_type("subscribed", WAIT).await;
-    let mut on_b = sse::connect(&b.sse_url(&[&channel]), &[]).await.into_events();
+    let mut on_b = sse::connect(&b.sse_url(&[&channel]), &[])
+        .await
+        .into_events();
 
     assert_eq!(redis.publish(&channel, r#"{"type":"hello"}"#).await, 2);
     let expected = envelope(&channel, Some("hello"), json!({"type": "hello"}));
     assert_eq!(on_a.recv_type("message", WAIT).await, expected);
-    assert_eq!(on_b.next_message(WAIT).await.expect("event").json(), expected);
+    assert_eq!(
+        on_b.next_message(WAIT).await.expect("event").json(),
+        expected
+    );
 }
 
 /// SSE `events=` filter and WebSocket unsubscribe, on both brokers.
@@ -290,7 +309,10 @@ async fn filters_and_unsubscribe(kind: Kind) {
         json!({"type": "unsubscribed", "channel": channel, "id": 2})
     );
     setup.publish(&channel, r#"{"type":"keep","n":3}"#).await;
-    assert_eq!(filtered.next_message(WAIT).await.expect("event").json()["data"]["n"], 3);
+    assert_eq!(
+        filtered.next_message(WAIT).await.expect("event").json()["data"]["n"],
+        3
+    );
     ws.send_json(json!({"type": "ping", "id": "p"})).await;
     assert_eq!(
         ws.recv_json(WAIT).await,
@@ -322,9 +344,17 @@ async fn redis_subscription_follows_local_listeners() {
         ws.recv_type("subscribed", WAIT).await;
         clients.push(ws);
     }
-    assert_eq!(redis.pubsub_numsub(&channel).await, 1, "one subscription per instance");
+    assert_eq!(
+        redis.pubsub_numsub(&channel).await,
+        1,
+        "one subscription per instance"
+    );
     let clients_line = redis.cli(&["CLIENT", "LIST", "TYPE", "pubsub"]).await;
-    assert_eq!(clients_line.lines().count(), 1, "one pub/sub connection: {clients_line}");
+    assert_eq!(
+        clients_line.lines().count(),
+        1,
+        "one pub/sub connection: {clients_line}"
+    );
     drop(clients);
     common::eventually("redis unsubscribed after the linger", WAIT, || async {
         redis.pubsub_numsub(&channel).await == 0

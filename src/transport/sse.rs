@@ -34,7 +34,11 @@ pub async fn handle<B>(app: Arc<App>, req: Request<B>, info: ConnInfo) -> Respon
     }
 }
 
-async fn open<B>(app: Arc<App>, req: Request<B>, info: ConnInfo) -> Result<Response<Body>, Refused> {
+async fn open<B>(
+    app: Arc<App>,
+    req: Request<B>,
+    info: ConnInfo,
+) -> Result<Response<Body>, Refused> {
     let query = StreamQuery::parse(req.uri());
     if query.channels.is_empty() {
         return Err(Refused::BadRequest(
@@ -52,14 +56,12 @@ async fn open<B>(app: Arc<App>, req: Request<B>, info: ConnInfo) -> Result<Respo
             .await
             .map_err(|_| Refused::Unavailable)?;
     }
-    let span = tracing::info_span!("conn", conn.id = conn, client.addr = %info.peer, transport = "sse");
+    let span =
+        tracing::info_span!("conn", conn.id = conn, client.addr = %info.peer, transport = "sse");
     span.in_scope(|| tracing::debug!(channels = ?query.channels, "sse stream opened"));
 
     let heartbeat = app.config.sse.heartbeat;
-    let retry = Bytes::from(format!(
-        "retry: {}\n\n",
-        app.config.sse.retry.as_millis()
-    ));
+    let retry = Bytes::from(format!("retry: {}\n\n", app.config.sse.retry.as_millis()));
     let state = Live {
         app,
         inbox,

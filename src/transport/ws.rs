@@ -58,7 +58,9 @@ where
         .max_frame_size(Some(max));
     let (response, upgrade) = match hyper_tungstenite::upgrade(&mut req, Some(config)) {
         Ok(pair) => pair,
-        Err(e) => return Refused::BadRequest(format!("bad WebSocket handshake: {e}")).into_response(),
+        Err(e) => {
+            return Refused::BadRequest(format!("bad WebSocket handshake: {e}")).into_response()
+        }
     };
     let handshake = app.config.ws.handshake_timeout;
     let task_app = Arc::clone(&app);
@@ -229,21 +231,31 @@ where
         match cmd.kind.as_deref() {
             Some("subscribe") => match cmd.channel {
                 Some(channel) => self.subscribe(channel, cmd.events, cmd.id).await,
-                None => self.error(ErrorCode::BadRequest, "missing channel", &cmd.id).await,
+                None => {
+                    self.error(ErrorCode::BadRequest, "missing channel", &cmd.id)
+                        .await
+                }
             },
             Some("unsubscribe") => match cmd.channel {
                 Some(channel) => {
                     self.subs.remove(&channel);
-                    self.write(Message::text(reply::unsubscribed(&channel, &cmd.id))).await
+                    self.write(Message::text(reply::unsubscribed(&channel, &cmd.id)))
+                        .await
                 }
-                None => self.error(ErrorCode::BadRequest, "missing channel", &cmd.id).await,
+                None => {
+                    self.error(ErrorCode::BadRequest, "missing channel", &cmd.id)
+                        .await
+                }
             },
             Some("ping") => self.write(Message::text(reply::pong(&cmd.id))).await,
             Some(other) => {
                 let reason = format!("unknown message type `{other}`");
                 self.error(ErrorCode::BadRequest, &reason, &cmd.id).await
             }
-            None => self.error(ErrorCode::BadRequest, "missing `type`", &cmd.id).await,
+            None => {
+                self.error(ErrorCode::BadRequest, "missing `type`", &cmd.id)
+                    .await
+            }
         }
     }
 
@@ -266,18 +278,31 @@ where
         let limit = self.app.config.limits.max_subscriptions_per_connection;
         if !self.subs.contains(&channel) && self.subs.len() >= limit {
             let reason = format!("at most {limit} channels per connection");
-            return self.error(ErrorCode::TooManySubscriptions, &reason, &id).await;
+            return self
+                .error(ErrorCode::TooManySubscriptions, &reason, &id)
+                .await;
         }
         if self.subs.add(&channel, events).await.is_err() {
             return self
-                .error(ErrorCode::Unavailable, "the broker is unavailable, try again later", &id)
+                .error(
+                    ErrorCode::Unavailable,
+                    "the broker is unavailable, try again later",
+                    &id,
+                )
                 .await;
         }
-        self.write(Message::text(reply::subscribed(&channel, &id))).await
+        self.write(Message::text(reply::subscribed(&channel, &id)))
+            .await
     }
 
-    async fn error(&mut self, code: ErrorCode, reason: &str, id: &Option<Value>) -> Result<(), Gone> {
-        self.write(Message::text(reply::error(code, reason, id))).await
+    async fn error(
+        &mut self,
+        code: ErrorCode,
+        reason: &str,
+        id: &Option<Value>,
+    ) -> Result<(), Gone> {
+        self.write(Message::text(reply::error(code, reason, id)))
+            .await
     }
 
     async fn write(&mut self, message: Message) -> Result<(), Gone> {

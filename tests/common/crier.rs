@@ -126,7 +126,10 @@ impl Instance {
         if let Some(auth) = &auth {
             headers.push(("authorization", auth.as_str()));
         }
-        let body = format!(r#"{{"channel":{},"data":{data}}}"#, serde_json::json!(channel));
+        let body = format!(
+            r#"{{"channel":{},"data":{data}}}"#,
+            serde_json::json!(channel)
+        );
         super::http_post(&self.http("/api/publish"), &headers, &body)
             .await
             .0
@@ -213,7 +216,12 @@ impl Process {
         });
         let addr = tokio::time::timeout(WAIT, addr_rx)
             .await
-            .unwrap_or_else(|_| panic!("crier did not log its address: {}", log.lock().expect("lock")))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "crier did not log its address: {}",
+                    log.lock().expect("lock")
+                )
+            })
             .expect("crier exited before listening");
         Process { child, addr, log }
     }

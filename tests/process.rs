@@ -1,0 +1,269 @@
+//! The real `crier` binary: SIGTERM drain, configuration errors and exit
+//! codes, `check-config`, `--dev`, and `crier publish`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::crier::{Process, WAIT};
+use common::redis::RedisServer;
+use common::sse;
+use common::unique;
+use common::ws::WsClient;
+use http::StatusCode;
+use serde_json::json;
+
+const CONFIG: &str = r#"
+[[channels]]
+pattern = "public:*"
+subscribe = "anyone"
+
+[shutdown]
+grace = "1s"
+drain = "2s"
+"#;
+
+fn write_config(dir: &tempfile::TempDir, text: &str) -> String {
+    let path = dir.path().join("crier.toml");
+    std::fs::write(&path, text).expect("write config");
+    path.to_string_lossy().into_owned()
+}
+
+/// Acceptance 7: SIGTERM → not ready at once, still serving during the
+/// grace, then `reconnect` + 1012 for WebSocket and `retry:` + end for SSE,
+/// and exit 0 within grace + drain + 2 s.
+#[tokio::test]
+async fn sigterm_drains_clients_and_exits_zero() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(&dir, CONFIG);
+    let key = "a-publish-key-0123456789";
+    let mut crier = Process::start(
+        &["--config", &config],
+        &[("CRIER_PUBLISH__API_KEYS", &format!("[{key}]"))],
+    )
+    .await;
+    let channel = unique("public:drain");
+    let (status, _) = common::http_get(&crier.http("/readyz")).await;
+    assert_eq!(status, StatusCode::OK);
+
+    let mut ws = WsClient::connect(&format!("ws://{}/ws?channel={channel}", crier.addr)).await;
+    ws.recv_type("subscribed", WAIT).await;
+    let mut events = sse::connect(&crier.http(&format!("/sse?channel={channel}")), &[])
+        .await
+        .into_events();
+
+    crier.sigterm().await;
+    let readyz = crier.http("/readyz");
+    common::eventually("/readyz 503 after SIGTERM", WAIT, || {
+        let readyz = readyz.clone();
+        async move { common::http_get(&readyz).await.0 == StatusCode::SERVICE_UNAVAILABLE }
+    })
+    .await;
+    // Still serving during the grace period: a new HTTP connection is
+    // accepted and existing streams still deliver, though /readyz says 503.
+    let body = format!(r#"{{"channel":"{channel}","data":{{"during":"grace"}}}}"#);
+    let (status, _) = common::http_post(
+        &crier.http("/api/publish"),
+        &[("authorization", &format!("Bearer {key}"))],
+        &body,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        ws.recv_type("message", WAIT).await["data"]["during"],
+        "grace"
+    );
+    let e = events.next_message(WAIT).await.expect("sse still open");
+    assert_eq!(e.json()["data"]["during"], "grace");
+
+    let (code, _, frames) = ws.expect_close(WAIT).await;
+    assert_eq!(code, 1012);
+    let reconnect = frames.last().expect("a frame before the close");
+    assert_eq!(reconnect["type"], "reconnect");
+    assert!(reconnect["after_ms"].as_u64().is_some(), "{reconnect}");
+
+    let tail = events.expect_end(WAIT).await;
+    let last = tail.last().expect("a last event before the end");
+    assert!(last.retry.is_some(), "SSE ends with a retry: {last:?}");
+
+    let status = tokio::time::timeout(Duration::from_secs(1 + 2 + 2), crier.child.wait())
+        .await
+        .expect("exited within grace + drain + 2s")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0), "{}", crier.log.lock().expect("log"));
+}
+
+async fn run_crier(args: &[&str], envs: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_crier"));
+    cmd.args(args).kill_on_drop(true);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = tokio::time::timeout(WAIT, cmd.output())
+        .await
+        .expect("crier exits")
+        .expect("run crier");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Acceptance 8: bad configuration exits 64 naming the field.
+#[tokio::test]
+async fn bad_config_exits_64_naming_the_field() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        ("[limits]\nqueue_sise = 5\n", "queue_sise"),
+        ("[redis]\nurl = \"http://localhost:6379\"\n", "redis.url"),
+        ("[redis]\nurl = \"not a url\"\n", "redis.url"),
+        ("[shutdown]\ngrace = \"soon\"\n", "shutdown.grace"),
+        ("listen = \"everywhere\"\n", "listen"),
+        (
+            "[[channels]]\npattern = \"a*b\"\nsubscribe = \"anyone\"\n",
+            "channels[0]",
+        ),
+        (
+            "[[channels]]\npattern = \"a\"\nsubscribe = \"everyone\"\n",
+            "subscribe",
+        ),
+    ];
+    for (text, field) in cases {
+        let config = write_config(&dir, text);
+        let (code, _, stderr) = run_crier(&["--config", &config], &[]).await;
+        assert_eq!(code, Some(64), "{text}: {stderr}");
+        assert!(stderr.contains(field), "{text}: {stderr}");
+    }
+    let (code, _, stderr) = run_crier(
+        &["check-config"],
+        &[("CRIER_SHUTDOWN__DRAIN", "10 fortnights")],
+    )
+    .await;
+    assert_eq!(code, Some(64));
+    assert!(stderr.contains("shutdown.drain"), "{stderr}");
+    let (code, _, stderr) = run_crier(&["--config", "/nonexistent/crier.toml"], &[]).await;
+    assert_eq!(code, Some(64));
+    assert!(stderr.contains("/nonexistent/crier.toml"), "{stderr}");
+}
+
+/// Acceptance 8: `check-config` prints the effective config, secrets redacted.
+#[tokio::test]
+async fn check_config_prints_effective_config_without_secrets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        &dir,
+        "[redis]\nurl = \"redis://app:s3cret-pass@127.0.0.1:6379\"\n[publish]\napi_keys = [\"key-from-file-0123456789\"]\n",
+    );
+    let (code, stdout, _) = run_crier(
+        &[
+            "check-config",
+            "--config",
+            &config,
+            "--listen",
+            "127.0.0.1:9999",
+        ],
+        &[("CRIER_LIMITS__QUEUE_SIZE", "77")],
+    )
+    .await;
+    assert_eq!(code, Some(0));
+    assert!(!stdout.contains("s3cret-pass"), "{stdout}");
+    assert!(!stdout.contains("key-from-file"), "{stdout}");
+    assert!(stdout.contains("<redacted>"), "{stdout}");
+    let shown: toml::Value = toml::from_str(&stdout).expect("prints TOML");
+    assert_eq!(
+        shown["listen"].as_str(),
+        Some("127.0.0.1:9999"),
+        "flag applied"
+    );
+    assert_eq!(
+        shown["limits"]["queue_size"].as_integer(),
+        Some(77),
+        "env applied"
+    );
+}
+
+/// Acceptance 9: `crier --dev` serves the demo page, and a POSTed event
+/// reaches an SSE client.
+#[tokio::test]
+async fn dev_mode_serves_demo_page_and_publishes_without_key() {
+    let crier = Process::start(&["--dev"], &[]).await;
+    let (status, page) = common::http_get(&crier.http("/")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        page.contains("<html") && page.contains("/api/publish"),
+        "demo page"
+    );
+
+    let channel = unique("anything:goes");
+    let mut events = sse::connect(&crier.http(&format!("/sse?channel={channel}")), &[])
+        .await
+        .into_events();
+    let body = json!({"channel": channel, "data": {"type": "greet", "text": "hi"}}).to_string();
+    let (status, _) = common::http_post(
+        &crier.http("/api/publish"),
+        &[("content-type", "application/json")],
+        &body,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let event = events.next_message(WAIT).await.expect("event");
+    assert_eq!(event.event.as_deref(), Some("greet"));
+    assert_eq!(event.json()["data"]["text"], "hi");
+}
+
+/// `crier publish` to Redis and through a running crier's API.
+#[tokio::test]
+async fn publish_command_reaches_subscribers() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(&dir, CONFIG);
+    let key = "cli-publish-key-0123456789";
+    let crier = Process::start(
+        &["--config", &config, "--redis-url", &redis.url()],
+        &[("CRIER_PUBLISH__API_KEYS", &format!("[{key}]"))],
+    )
+    .await;
+    let channel = unique("public:cli");
+    let mut ws = WsClient::connect(&format!("ws://{}/ws?channel={channel}", crier.addr)).await;
+    ws.recv_type("subscribed", WAIT).await;
+
+    let (code, _, stderr) = run_crier(
+        &[
+            "publish",
+            &channel,
+            r#"{"via":"redis"}"#,
+            "--redis-url",
+            &redis.url(),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(ws.recv_type("message", WAIT).await["data"]["via"], "redis");
+
+    let base = crier.http("");
+    let (code, _, stderr) = run_crier(
+        &["publish", &channel, "plain text", "--api", &base],
+        &[("CRIER_API_KEY", key)],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(ws.recv_type("message", WAIT).await["data"], "plain text");
+
+    let (code, _, stderr) = run_crier(
+        &[
+            "publish",
+            &channel,
+            "x",
+            "--api",
+            &base,
+            "--api-key",
+            "wrong-key-0123456789",
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("401"), "{stderr}");
+}
