@@ -64,6 +64,15 @@ impl App {
         self.broker.health().is_up() && !self.lifecycle.is_shutting_down()
     }
 
+    /// Counts a WebSocket or SSE request refused before its stream opened.
+    pub fn rejected(&self, refused: crate::http::Refused) -> http::Response<crate::http::Body> {
+        self.metrics
+            .rejected
+            .with_label_values(&[refused.label()])
+            .inc();
+        refused.into_response()
+    }
+
     /// Admits one more streaming connection, or `None` at `max_connections`.
     pub fn admit(&self, transport: Transport) -> Option<Admitted> {
         let permit = Arc::clone(&self.connections).try_acquire_owned().ok()?;

@@ -60,6 +60,20 @@ pub enum Refused {
 }
 
 impl Refused {
+    /// A short label for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Refused::BadRequest(_) => "bad_request",
+            Refused::Unauthorized(_) => "unauthorized",
+            Refused::Forbidden(_) => "forbidden",
+            Refused::TooManySubscriptions => "too_many_subscriptions",
+            Refused::TooLarge => "too_large",
+            Refused::UpgradeRequired => "upgrade_required",
+            Refused::AtCapacity => "max_connections",
+            Refused::Unavailable => "unavailable",
+        }
+    }
+
     /// The error response: a status and `{"error": code, "reason": text}`.
     pub fn into_response(self) -> Response<Body> {
         let (status, code, reason) = match self {

@@ -261,6 +261,13 @@ async fn channel_without_rule_is_refused_and_nothing_leaks() {
         json!(public)
     );
     assert_eq!(crier.metric("crier_subscriptions").await, 1.0);
+    assert_eq!(
+        crier
+            .metric("crier_connections_rejected_total{reason=\"forbidden\"}")
+            .await,
+        2.0,
+        "the SSE request and the WebSocket upgrade"
+    );
 }
 
 /// Acceptance 10: two instances on one Redis both deliver one publication.

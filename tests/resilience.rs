@@ -9,7 +9,6 @@ use common::redis::RedisServer;
 use common::sse;
 use common::unique;
 use common::ws::WsClient;
-use futures_util::StreamExt;
 use http::StatusCode;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -326,11 +325,17 @@ async fn connection_limit_answers_503() {
         other => panic!("expected 503, got {:?}", other.map(|_| "a connection")),
     }
 
+    assert_eq!(
+        crier
+            .metric("crier_connections_rejected_total{reason=\"max_connections\"}")
+            .await,
+        2.0
+    );
     drop(first);
     crier
         .wait_metric("crier_connections{transport=\"sse\"}", 0.0)
         .await;
     let again = sse::connect(&crier.sse_url(&[&channel]), &[]).await;
     assert_eq!(again.status, StatusCode::OK);
-    let _ = second.into_inner().next().await;
+    drop(second);
 }

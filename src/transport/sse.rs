@@ -28,9 +28,9 @@ use crate::metrics::Transport;
 
 /// Answers a `/sse` request: an error status, or an endless event stream.
 pub async fn handle<B>(app: Arc<App>, req: Request<B>, info: ConnInfo) -> Response<Body> {
-    match open(app, req, info).await {
+    match open(Arc::clone(&app), req, info).await {
         Ok(r) => r,
-        Err(refused) => refused.into_response(),
+        Err(refused) => app.rejected(refused),
     }
 }
 

@@ -43,14 +43,14 @@ where
     B: Send + 'static,
 {
     if !hyper_tungstenite::is_upgrade_request(&req) {
-        return Refused::UpgradeRequired.into_response();
+        return app.rejected(Refused::UpgradeRequired);
     }
     let query = StreamQuery::parse(req.uri());
     if let Err(refused) = check_channels(&app, &query.channels) {
-        return refused.into_response();
+        return app.rejected(refused);
     }
     let Some(admitted) = app.admit(Transport::Ws) else {
-        return Refused::AtCapacity.into_response();
+        return app.rejected(Refused::AtCapacity);
     };
     let max = app.config.limits.max_message_bytes;
     let config = WebSocketConfig::default()
