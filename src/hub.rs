@@ -184,7 +184,12 @@ impl Hub {
                     ready: rx,
                 }
             });
+            // Subscribing again replaces the listener (and its filter).
+            let before = entry.listeners.len();
             entry.listeners.retain(|l| l.outbox.id != outbox.id);
+            if entry.listeners.len() == before {
+                self.metrics.subscriptions.inc();
+            }
             entry.listeners.push(Listener {
                 outbox: outbox.clone(),
                 events: events.map(Into::into),
@@ -192,7 +197,6 @@ impl Hub {
             entry.idle_since = None;
             entry.ready.clone()
         };
-        self.metrics.subscriptions.inc();
         let confirmed = tokio::time::timeout(self.subscribe_timeout, ready.wait_for(|r| *r)).await;
         match confirmed {
             Ok(Ok(_)) => Ok(()),
@@ -341,11 +345,19 @@ impl Subscriptions {
         channel: &str,
         events: Option<Vec<String>>,
     ) -> Result<(), SubscribeError> {
-        self.hub.subscribe(channel, &self.outbox, events).await?;
-        if !self.contains(channel) {
-            self.channels.push(channel.to_owned());
+        match self.hub.subscribe(channel, &self.outbox, events).await {
+            Ok(()) => {
+                if !self.contains(channel) {
+                    self.channels.push(channel.to_owned());
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // The hub has dropped the listener, even one that existed.
+                self.channels.retain(|c| c != channel);
+                Err(e)
+            }
         }
-        Ok(())
     }
 
     /// Unsubscribes `channel`; returns whether it was subscribed.
@@ -456,6 +468,30 @@ mod tests {
         assert_eq!(log.recv().await.as_deref(), Some("unsub c"));
         assert_eq!(hub.metrics.subscriptions.get(), 0);
         assert_eq!(hub.metrics.channels.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn subscribing_twice_replaces_the_filter_and_counts_once() {
+        let (hub, rx) = hub(Duration::from_secs(60));
+        let _log = confirm_all(rx);
+        let (out, mut inbox) = queue(10, CancellationToken::new());
+        let mut subs = Subscriptions::new(hub.clone(), out);
+        subs.add("c", Some(vec!["a".into()]))
+            .await
+            .expect("subscribed");
+        subs.add("c", Some(vec!["b".into()]))
+            .await
+            .expect("subscribed");
+        assert_eq!(hub.metrics.subscriptions.get(), 1);
+        assert_eq!(hub.listeners("c"), 1);
+        assert_eq!(hub.dispatch(Publication::new("c", br#"{"type":"a"}"#)), 0);
+        assert_eq!(hub.dispatch(Publication::new("c", br#"{"type":"b"}"#)), 1);
+        assert_eq!(
+            inbox.rx.recv().await.expect("b").event.as_deref(),
+            Some("b")
+        );
+        drop(subs);
+        assert_eq!(hub.metrics.subscriptions.get(), 0);
     }
 
     #[tokio::test]
