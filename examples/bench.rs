@@ -1,0 +1,474 @@
+//! crier's load benchmark: the figures in docs/performance.md come from here.
+//!
+//! It starts its own `redis-server` on a free loopback port and the real
+//! release binary (`target/release/crier`, or `$CRIER_BIN`), connects
+//! `--clients` WebSocket or SSE clients spread over `--channels` channels,
+//! measures crier's resident memory before and after (memory per
+//! connection), publishes `--messages` messages per channel at `--rate`
+//! per second per channel with `PUBLISH`, and reports deliveries per second,
+//! end-to-end latency percentiles and crier's CPU time. Everything runs on
+//! loopback, is bounded in count and time, and stops by itself.
+//!
+//! ```sh
+//! cargo build --release && cargo run --release --example bench -- --clients 10000 --transport ws
+//! ```
+//!
+//! The clients run in this process, on the same machine: on 2 cores they
+//! compete with crier for CPU, so throughput figures are a floor.
+
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio::sync::Semaphore;
+
+#[derive(Debug, Clone)]
+struct Args {
+    clients: usize,
+    channels: usize,
+    messages: usize,
+    rate: u64,
+    payload: usize,
+    transport: Transport,
+    memory: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Transport {
+    Ws,
+    Sse,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        clients: 1000,
+        channels: 1,
+        messages: 100,
+        rate: 20,
+        payload: 100,
+        transport: Transport::Ws,
+        memory: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || {
+            it.next()
+                .unwrap_or_else(|| usage(&format!("{flag} needs a value")))
+        };
+        match flag.as_str() {
+            "--clients" => a.clients = value().parse().unwrap_or_else(|_| usage("--clients N")),
+            "--channels" => a.channels = value().parse().unwrap_or_else(|_| usage("--channels N")),
+            "--messages" => a.messages = value().parse().unwrap_or_else(|_| usage("--messages N")),
+            "--rate" => a.rate = value().parse().unwrap_or_else(|_| usage("--rate N")),
+            "--payload" => a.payload = value().parse().unwrap_or_else(|_| usage("--payload BYTES")),
+            "--transport" => {
+                a.transport = match value().as_str() {
+                    "ws" => Transport::Ws,
+                    "sse" => Transport::Sse,
+                    _ => usage("--transport ws|sse"),
+                }
+            }
+            "--memory" => a.memory = true,
+            _ => usage(&format!("unknown flag {flag}")),
+        }
+    }
+    if a.channels == 0 || a.clients == 0 || a.rate == 0 {
+        usage("counts and rate must be > 0");
+    }
+    a
+}
+
+fn usage(why: &str) -> ! {
+    eprintln!(
+        "bench: {why}\nusage: bench [--clients N] [--channels N] [--messages N] [--rate PER_SEC_PER_CHANNEL] \
+         [--payload BYTES] [--transport ws|sse] [--memory]"
+    );
+    std::process::exit(2)
+}
+
+fn now_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or_default()
+}
+
+/// Latencies in microseconds, bucketed by powers of 2^(1/4) to stay small.
+struct Histogram {
+    buckets: Vec<AtomicU64>,
+}
+
+impl Histogram {
+    fn new() -> Self {
+        Self {
+            buckets: (0..160).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+    fn bucket(us: u64) -> usize {
+        (((us.max(1) as f64).log2() * 4.0) as usize).min(159)
+    }
+    fn record(&self, us: u64) {
+        self.buckets[Self::bucket(us)].fetch_add(1, Ordering::Relaxed);
+    }
+    fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+    /// Upper bound of the bucket holding quantile `q`, in milliseconds.
+    fn quantile_ms(&self, q: f64) -> f64 {
+        let total = self.count();
+        let target = ((total as f64) * q).ceil() as u64;
+        let mut seen = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            seen += b.load(Ordering::Relaxed);
+            if seen >= target.max(1) {
+                return 2f64.powf((i + 1) as f64 / 4.0) / 1000.0;
+            }
+        }
+        f64::NAN
+    }
+}
+
+/// Pulls `"t":<micros>` out of a delivered frame without a JSON parse.
+fn sent_at(frame: &[u8]) -> Option<u64> {
+    let pos = frame.windows(4).position(|w| w == b"\"t\":")?;
+    let digits: Vec<u8> = frame[pos + 4..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .copied()
+        .collect();
+    std::str::from_utf8(&digits).ok()?.parse().ok()
+}
+
+struct Redis {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_redis() -> Redis {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let child = Command::new("redis-server")
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-server on PATH");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Redis {
+        child,
+        port,
+        _dir: dir,
+    }
+}
+
+struct Crier {
+    child: Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_crier(redis: Option<u16>, args: &Args) -> Crier {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("crier.toml");
+    let mut text = String::from("[[channels]]\npattern = \"bench:*\"\nsubscribe = \"anyone\"\n");
+    text.push_str("[publish]\napi_keys = [\"bench-key-0123456789\"]\n");
+    text.push_str(&format!(
+        "[limits]\nmax_connections = {}\nqueue_size = 1024\n",
+        args.clients + 100
+    ));
+    if let Some(port) = redis {
+        text.push_str(&format!("[redis]\nurl = \"redis://127.0.0.1:{port}\"\n"));
+    }
+    std::fs::write(&config, text).expect("write config");
+    let bin = std::env::var("CRIER_BIN").unwrap_or_else(|_| "target/release/crier".into());
+    let mut child = Command::new(&bin)
+        .arg("--config")
+        .arg(&config)
+        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        .env("RUST_LOG", "warn,crier::server=info")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {bin} ({e}); build it with cargo build --release"));
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let addr = loop {
+        let line = lines
+            .next_line()
+            .await
+            .expect("read")
+            .expect("crier exited");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if let Some(addr) = v["fields"]["addr"].as_str() {
+            break addr.to_string();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let crier = Crier {
+        child,
+        addr,
+        _dir: dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while crier.get("/readyz").await.0 != 200 {
+        assert!(Instant::now() < deadline, "crier not ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    crier
+}
+
+impl Crier {
+    /// User + system CPU seconds of the crier process, from /proc (the
+    /// Prometheus process collector only reports whole seconds).
+    fn cpu_seconds(&self) -> f64 {
+        let Some(pid) = self.child.id() else {
+            return f64::NAN;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return f64::NAN;
+        };
+        // Fields after the parenthesised command name; utime and stime are
+        // the 14th and 15th fields of the whole line, in clock ticks (100/s).
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = fields[11..13]
+            .iter()
+            .filter_map(|f| f.parse::<f64>().ok())
+            .sum();
+        ticks / 100.0
+    }
+
+    /// A minimal HTTP/1.0 GET: status and body.
+    async fn get(&self, path: &str) -> (u16, String) {
+        let Ok(mut s) = TcpStream::connect(&self.addr).await else {
+            return (0, String::new());
+        };
+        let req = format!("GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", self.addr);
+        if s.write_all(req.as_bytes()).await.is_err() {
+            return (0, String::new());
+        }
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf).await;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    async fn metric(&self, name: &str) -> f64 {
+        let (_, body) = self.get("/metrics").await;
+        body.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(f64::NAN)
+    }
+}
+
+async fn ws_client(addr: String, channel: String, hist: Arc<Histogram>, received: Arc<AtomicU64>) {
+    let url = format!("ws://{addr}/ws?channel={channel}");
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .expect("ws connect");
+    let mut subscribed = false;
+    while let Some(Ok(msg)) = ws.next().await {
+        if let tokio_tungstenite::tungstenite::Message::Text(text) = msg {
+            if !subscribed {
+                if text.as_str().contains("\"subscribed\"") {
+                    subscribed = true;
+                    received.fetch_add(0, Ordering::Relaxed);
+                }
+                continue;
+            }
+            if let Some(t) = sent_at(text.as_bytes()) {
+                hist.record(now_micros().saturating_sub(t));
+                received.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+async fn sse_client(addr: String, channel: String, hist: Arc<Histogram>, received: Arc<AtomicU64>) {
+    let mut s = TcpStream::connect(&addr).await.expect("sse connect");
+    let req = format!(
+        "GET /sse?channel={channel} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.expect("sse request");
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut pending: Vec<u8> = Vec::new();
+    loop {
+        let n = match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&buf[..n]);
+        // Events end with a blank line; chunked framing lines never contain "t":.
+        while let Some(end) = pending.windows(2).position(|w| w == b"\n\n") {
+            if let Some(t) = sent_at(&pending[..end]) {
+                hist.record(now_micros().saturating_sub(t));
+                received.fetch_add(1, Ordering::Relaxed);
+            }
+            pending.drain(..end + 2);
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let args = parse_args();
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let redis = if args.memory {
+        None
+    } else {
+        Some(start_redis().await)
+    };
+    let crier = start_crier(redis.as_ref().map(|r| r.port), &args).await;
+    let rss_idle = crier.metric("process_resident_memory_bytes").await;
+
+    let hist = Arc::new(Histogram::new());
+    let received = Arc::new(AtomicU64::new(0));
+    let connecting = Arc::new(Semaphore::new(256));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(args.clients);
+    for i in 0..args.clients {
+        let permit = Arc::clone(&connecting)
+            .acquire_owned()
+            .await
+            .expect("semaphore");
+        let (addr, hist, received) = (crier.addr.clone(), hist.clone(), received.clone());
+        let channel = format!("bench:{}", i % args.channels);
+        let transport = args.transport;
+        tasks.push(tokio::spawn(async move {
+            drop(permit);
+            match transport {
+                Transport::Ws => ws_client(addr, channel, hist, received).await,
+                Transport::Sse => sse_client(addr, channel, hist, received).await,
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while crier.metric("crier_subscriptions").await < args.clients as f64 {
+        assert!(Instant::now() < deadline, "clients did not all subscribe");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let connect_secs = started.elapsed().as_secs_f64();
+    let rss_connected = crier.metric("process_resident_memory_bytes").await;
+    let cpu_before = crier.cpu_seconds();
+
+    // Publish: every channel gets `messages`, `rate` per second each.
+    let pad = "x".repeat(args.payload.saturating_sub(40));
+    let publish_start = Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
+    let expected = (args.messages * args.clients) as u64;
+    match &redis {
+        Some(r) => {
+            let client = redis::Client::open(format!("redis://127.0.0.1:{}", r.port)).expect("url");
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("redis");
+            let mut tick = tokio::time::interval(interval);
+            for n in 0..args.messages {
+                tick.tick().await;
+                for c in 0..args.channels {
+                    let payload = format!(r#"{{"t":{},"n":{n},"pad":"{pad}"}}"#, now_micros());
+                    let _: i64 = redis::cmd("PUBLISH")
+                        .arg(format!("bench:{c}"))
+                        .arg(payload)
+                        .query_async(&mut conn)
+                        .await
+                        .expect("publish");
+                }
+            }
+        }
+        None => usage("--memory publishing is not implemented; use Redis"),
+    }
+    let publish_secs = publish_start.elapsed().as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while received.load(Ordering::Relaxed) < expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let total_secs = publish_start.elapsed().as_secs_f64();
+    let got = received.load(Ordering::Relaxed);
+    let cpu = crier.cpu_seconds() - cpu_before;
+    let rss_peak = crier.metric("process_resident_memory_bytes").await;
+    let slow = crier.metric("crier_slow_client_disconnects_total").await;
+
+    println!("## crier bench");
+    println!(
+        "transport={:?} clients={} channels={} messages/channel={} rate/channel={}/s payload={}B",
+        args.transport, args.clients, args.channels, args.messages, args.rate, args.payload
+    );
+    println!("| figure | value |");
+    println!("|---|---|");
+    println!("| connect + subscribe all clients | {connect_secs:.2} s |");
+    println!("| crier RSS idle | {:.1} MiB |", rss_idle / 1048576.0);
+    println!(
+        "| crier RSS with all clients | {:.1} MiB |",
+        rss_connected / 1048576.0
+    );
+    println!(
+        "| memory per connection | {:.1} KiB |",
+        (rss_connected - rss_idle) / args.clients as f64 / 1024.0
+    );
+    println!(
+        "| crier RSS after the run | {:.1} MiB |",
+        rss_peak / 1048576.0
+    );
+    println!("| deliveries expected / received | {expected} / {got} |");
+    println!("| slow-client disconnects | {slow} |");
+    println!("| publish phase | {publish_secs:.2} s |");
+    println!(
+        "| deliveries per second (until last) | {:.0} |",
+        got as f64 / total_secs
+    );
+    println!(
+        "| crier CPU during delivery | {cpu:.2} s ({:.0} deliveries per CPU-second) |",
+        got as f64 / cpu
+    );
+    println!(
+        "| latency p50 / p99 / p99.9 (publish → client) | {:.2} / {:.2} / {:.2} ms |",
+        hist.quantile_ms(0.5),
+        hist.quantile_ms(0.99),
+        hist.quantile_ms(0.999)
+    );
+
+    for t in tasks {
+        t.abort();
+    }
+    let mut crier = crier;
+    let _ = crier.child.start_kill();
+    let _ = crier.child.wait().await;
+    if let Some(mut r) = redis {
+        let _ = r.child.start_kill();
+        let _ = r.child.wait().await;
+    }
+    if got != expected {
+        eprintln!("bench: {} deliveries missing", expected - got);
+        std::process::exit(1);
+    }
+}
