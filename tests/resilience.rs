@@ -339,3 +339,104 @@ async fn connection_limit_answers_503() {
     assert_eq!(again.status, StatusCode::OK);
     drop(second);
 }
+
+/// A WebSocket client that stops answering pings is closed with 1001.
+///
+/// Modelled with a raw socket that reads frames but never answers pings:
+/// tungstenite clients always answer them.
+#[tokio::test]
+async fn websocket_client_that_never_pongs_is_closed_as_idle() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut config = test_config(None);
+    config.ws.ping_interval = std::time::Duration::from_millis(100);
+    config.ws.idle_timeout = std::time::Duration::from_millis(300);
+    let crier = Instance::start(config).await;
+    let mut raw = tokio::net::TcpStream::connect(&crier.addr)
+        .await
+        .expect("connect");
+    let handshake = format!(
+        "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        crier.addr
+    );
+    raw.write_all(handshake.as_bytes())
+        .await
+        .expect("handshake");
+    let mut bytes = Vec::new();
+    tokio::time::timeout(WAIT, raw.read_to_end(&mut bytes))
+        .await
+        .expect("the server closes the connection")
+        .expect("read");
+    let head_end = bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("response head")
+        + 4;
+    assert!(bytes.starts_with(b"HTTP/1.1 101"));
+    // Server frames are unmasked; every frame here is shorter than 126 bytes.
+    let mut frames = &bytes[head_end..];
+    let mut opcodes = Vec::new();
+    let mut close = None;
+    while frames.len() >= 2 {
+        let (opcode, len) = (frames[0] & 0x0f, usize::from(frames[1] & 0x7f));
+        let payload = &frames[2..2 + len];
+        opcodes.push(opcode);
+        if opcode == 0x8 {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            close = Some((code, String::from_utf8_lossy(&payload[2..]).into_owned()));
+        }
+        frames = &frames[2 + len..];
+    }
+    assert!(opcodes.contains(&0x9), "pinged first: {opcodes:?}");
+    assert_eq!(
+        close,
+        Some((1001, "idle timeout".to_string())),
+        "{opcodes:?}"
+    );
+    crier
+        .wait_metric("crier_connections{transport=\"ws\"}", 0.0)
+        .await;
+}
+
+/// A connection that never completes its request head is dropped after the
+/// handshake timeout, and does not hold up anyone else.
+#[tokio::test]
+async fn incomplete_request_head_is_dropped_after_the_handshake_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut config = test_config(None);
+    config.ws.handshake_timeout = std::time::Duration::from_millis(300);
+    let crier = Instance::start(config).await;
+    let mut slowloris = tokio::net::TcpStream::connect(&crier.addr)
+        .await
+        .expect("connect");
+    slowloris
+        .write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    let (status, _) = common::http_get(&crier.http("/healthz")).await;
+    assert_eq!(status, StatusCode::OK, "others are served meanwhile");
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(WAIT, slowloris.read_to_end(&mut rest)).await;
+    let text = String::from_utf8_lossy(&rest);
+    assert!(read.is_ok(), "connection closed by the server");
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "closed, at most with a 408: {text}"
+    );
+}
+
+/// SSE streams carry comment heartbeats so proxies keep them open.
+#[tokio::test]
+async fn sse_streams_send_heartbeats() {
+    let mut config = test_config(None);
+    config.sse.heartbeat = std::time::Duration::from_millis(100);
+    let crier = Instance::start(config).await;
+    let mut events = sse::connect(&crier.sse_url(&[&unique("public:quiet")]), &[])
+        .await
+        .into_events();
+    let retry = events.next_event(WAIT).await.expect("retry");
+    assert_eq!(retry.retry, Some(3000));
+    let beat = events.next_event(WAIT).await.expect("heartbeat");
+    assert_eq!(beat.comments, vec!["heartbeat".to_string()]);
+    assert!(!beat.has_data);
+}

@@ -36,6 +36,8 @@ use crate::protocol::{reply, Command, ErrorCode};
 /// Publications written per flush: enough to batch syscalls under load,
 /// few enough that a burst does not delay reading the client.
 const WRITE_BATCH: usize = 64;
+/// How long a closing connection waits for the client's close frame.
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// Per-socket read buffer; grows on demand up to `max_message_bytes`.
 const READ_BUFFER: usize = 4 * 1024;
 /// Bytes buffered before tungstenite writes to the socket mid-batch.
@@ -130,9 +132,26 @@ where
                 code,
                 reason: reason.into(),
             };
-            let _ = self.write(Message::Close(Some(frame))).await;
+            if self.write(Message::Close(Some(frame))).await.is_ok() {
+                self.await_close_reply().await;
+            }
         }
         tracing::debug!("websocket closed");
+    }
+
+    /// Lets the client complete the closing handshake before the socket is
+    /// dropped. Dropping at once can reset the connection while the client
+    /// still writes (a pong, a command), and a reset discards our close frame
+    /// on its side: a browser would then report 1006 instead of our code.
+    async fn await_close_reply(&mut self) {
+        let wait = async {
+            while let Some(Ok(message)) = self.ws.next().await {
+                if matches!(message, Message::Close(_)) {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_LINGER, wait).await;
     }
 
     /// Returns the close frame to send, or `Gone` when the socket is already
