@@ -1,19 +1,23 @@
 //! What every request handler shares: configuration, hub, broker, policy,
 //! metrics, lifecycle, and connection admission.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 
 use prometheus::IntGauge;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::Authenticator;
 use crate::broker::Broker;
 use crate::config::Config;
+use crate::http::Refused;
 use crate::hub::Hub;
 use crate::lifecycle::Lifecycle;
 use crate::metrics::{Metrics, Transport};
+use crate::origin::Origins;
 use crate::policy::Policy;
 
 /// Shared state of one crier process.
@@ -32,7 +36,19 @@ pub struct App {
     pub lifecycle: Lifecycle,
     /// Tasks that must finish before the process exits (WebSocket sessions).
     pub tasks: TaskTracker,
+    /// Credentials.
+    pub auth: Arc<Authenticator>,
+    /// Allowed browser origins.
+    pub origins: Origins,
     connections: Arc<Semaphore>,
+    per_key: Arc<Mutex<HashMap<LimitKey, usize>>>,
+}
+
+/// What per-user and per-IP connection limits count.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum LimitKey {
+    User(String),
+    Ip(IpAddr),
 }
 
 impl App {
@@ -43,11 +59,13 @@ impl App {
         broker: Broker,
         metrics: Metrics,
         tasks: TaskTracker,
-    ) -> Self {
-        let policy = Policy::new(config.channels.clone(), config.dev);
+    ) -> Result<Self, String> {
+        let policy = Policy::new(&config.channels, config.dev);
         let lifecycle = Lifecycle::new(config.shutdown.drain);
         let connections = Arc::new(Semaphore::new(config.limits.max_connections));
-        Self {
+        let auth = Arc::new(Authenticator::new(&config, metrics.clone())?);
+        let origins = Origins::new(&config.allowed_origins, config.dev);
+        Ok(Self {
             config,
             hub,
             broker,
@@ -55,8 +73,11 @@ impl App {
             metrics,
             lifecycle,
             tasks,
+            auth,
+            origins,
             connections,
-        }
+            per_key: Arc::default(),
+        })
     }
 
     /// Ready to take new clients: broker delivering and not shutting down.
@@ -73,27 +94,76 @@ impl App {
         refused.into_response()
     }
 
-    /// Admits one more streaming connection, or `None` at `max_connections`.
-    pub fn admit(&self, transport: Transport) -> Option<Admitted> {
-        let permit = Arc::clone(&self.connections).try_acquire_owned().ok()?;
+    /// Admits one more streaming connection from `ip` (for `user`, when
+    /// authenticated), within the global, per-user and per-IP limits.
+    pub fn admit(
+        &self,
+        transport: Transport,
+        ip: IpAddr,
+        user: Option<&str>,
+    ) -> Result<Admitted, Refused> {
+        let permit = Arc::clone(&self.connections)
+            .try_acquire_owned()
+            .map_err(|_| Refused::AtCapacity)?;
+        let limits = &self.config.limits;
+        let mut keys = Vec::new();
+        if limits.max_connections_per_ip > 0 {
+            keys.push((LimitKey::Ip(ip), limits.max_connections_per_ip, "per_ip"));
+        }
+        if let (Some(user), true) = (user, limits.max_connections_per_user > 0) {
+            keys.push((
+                LimitKey::User(user.to_owned()),
+                limits.max_connections_per_user,
+                "per_user",
+            ));
+        }
+        {
+            let mut counts = self.per_key.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some((_, _, which)) = keys
+                .iter()
+                .find(|(key, max, _)| counts.get(key).copied().unwrap_or(0) >= *max)
+            {
+                return Err(Refused::TooManyConnections(which));
+            }
+            for (key, _, _) in &keys {
+                *counts.entry(key.clone()).or_insert(0) += 1;
+            }
+        }
         let gauge = self.metrics.connections(transport).clone();
         gauge.inc();
-        Some(Admitted {
+        Ok(Admitted {
             _permit: permit,
             gauge,
+            keys: keys.into_iter().map(|(key, _, _)| key).collect(),
+            counts: Arc::clone(&self.per_key),
         })
     }
 }
 
-/// A streaming connection's slot; frees it and updates the gauge on drop.
+/// A streaming connection's slot; frees it, its per-user and per-IP counts
+/// and updates the gauge on drop.
 pub struct Admitted {
     _permit: OwnedSemaphorePermit,
     gauge: IntGauge,
+    keys: Vec<LimitKey>,
+    counts: Arc<Mutex<HashMap<LimitKey, usize>>>,
 }
 
 impl Drop for Admitted {
     fn drop(&mut self) {
         self.gauge.dec();
+        if self.keys.is_empty() {
+            return;
+        }
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        for key in &self.keys {
+            if let Some(n) = counts.get_mut(key) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(key);
+                }
+            }
+        }
     }
 }
 

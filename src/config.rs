@@ -14,6 +14,7 @@ use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::config::AuthConfig;
 use crate::policy::ChannelRule;
 
 /// Exit code for a configuration error (`EX_USAGE` in sysexits.h).
@@ -53,6 +54,12 @@ pub struct Config {
     pub sse: SseConfig,
     /// Graceful shutdown on SIGTERM.
     pub shutdown: ShutdownConfig,
+    /// Browser origins allowed to connect (WebSocket `Origin`, SSE CORS),
+    /// e.g. `https://app.example.com` or `https://*.example.com`. Empty:
+    /// same-origin pages and non-browser clients only.
+    pub allowed_origins: Vec<String>,
+    /// Authentication: bearer tokens and session cookies.
+    pub auth: AuthConfig,
 }
 
 /// How logs are written.
@@ -115,6 +122,17 @@ pub struct LimitsConfig {
     pub max_subscriptions_per_connection: usize,
     /// Largest inbound WebSocket message, in bytes; larger closes with 1009.
     pub max_message_bytes: usize,
+    /// Open connections per authenticated user; the next gets 429. 0: no limit.
+    pub max_connections_per_user: usize,
+    /// Open connections per client IP address (the TCP peer: behind a load
+    /// balancer that is the balancer, so leave 0 = no limit there).
+    pub max_connections_per_ip: usize,
+    /// Sustained WebSocket commands per second per connection; beyond it
+    /// commands get `rate_limited`.
+    pub commands_per_second: u32,
+    /// Commands allowed in a burst above the sustained rate. A client that
+    /// keeps going after being told is closed with 1008.
+    pub command_burst: u32,
 }
 
 /// `POST /api/publish`.
@@ -201,6 +219,10 @@ impl Default for LimitsConfig {
             max_connections: 100_000,
             max_subscriptions_per_connection: 64,
             max_message_bytes: 65_536,
+            max_connections_per_user: 100,
+            max_connections_per_ip: 0,
+            commands_per_second: 20,
+            command_burst: 50,
         }
     }
 }
@@ -376,6 +398,27 @@ impl Config {
                     .into(),
             );
         }
+        if let Some(jwt) = &self.auth.jwt {
+            crate::auth::JwtVerifier::new(jwt).map_err(ConfigError)?;
+        }
+        if let Some(session) = &self.auth.session {
+            crate::auth::SessionStore::check(session, self.redis.url.as_deref())
+                .map_err(ConfigError)?;
+        }
+        if self.auth.query_token && self.auth.jwt.is_none() {
+            return bad("auth.query_token", "needs [auth.jwt]".into());
+        }
+        for (i, origin) in self.allowed_origins.iter().enumerate() {
+            if let Err(e) = crate::origin::OriginPattern::parse(origin) {
+                return bad(&format!("allowed_origins[{i}]"), e);
+            }
+        }
+        if self.limits.commands_per_second == 0 || self.limits.command_burst == 0 {
+            return bad(
+                "limits.commands_per_second",
+                "commands_per_second and command_burst must be greater than 0".into(),
+            );
+        }
         for (i, key) in self.publish.api_keys.iter().enumerate() {
             if key.len() < 16 {
                 return bad(
@@ -405,6 +448,13 @@ impl Config {
         shown.listen = Some(self.listen_addr());
         shown.publish.api_keys = vec![REDACTED.into(); self.publish.api_keys.len()];
         shown.redis.url = self.redis.url.as_deref().map(redact_url);
+        if let Some(jwt) = &mut shown.auth.jwt {
+            jwt.secret = jwt.secret.as_ref().map(|_| REDACTED.into());
+        }
+        if let Some(session) = &mut shown.auth.session {
+            session.secrets = vec![REDACTED.into(); session.secrets.len()];
+            session.redis_url = session.redis_url.as_deref().map(redact_url);
+        }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
     }
 }

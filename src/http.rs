@@ -5,15 +5,15 @@ use std::convert::Infallible;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Response, StatusCode};
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 use serde_json::json;
 
 /// Every response body crier sends.
-pub type Body = BoxBody<Bytes, Infallible>;
+pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 
 /// A complete body.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).boxed()
+    Full::new(bytes.into()).boxed_unsync()
 }
 
 /// A plain-text response.
@@ -55,6 +55,8 @@ pub enum Refused {
     UpgradeRequired,
     /// 503: at `max_connections`.
     AtCapacity,
+    /// 429: at the per-user or per-IP connection limit.
+    TooManyConnections(&'static str),
     /// 503: the broker is down.
     Unavailable,
 }
@@ -70,6 +72,7 @@ impl Refused {
             Refused::TooLarge => "too_large",
             Refused::UpgradeRequired => "upgrade_required",
             Refused::AtCapacity => "max_connections",
+            Refused::TooManyConnections(which) => which,
             Refused::Unavailable => "unavailable",
         }
     }
@@ -95,6 +98,11 @@ impl Refused {
                 "bad_request",
                 "this endpoint speaks WebSocket".into(),
             ),
+            Refused::TooManyConnections(which) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_connections",
+                format!("connection limit reached: {which}"),
+            ),
             Refused::AtCapacity => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -106,13 +114,16 @@ impl Refused {
                 "the broker is unavailable, try again later".into(),
             ),
         };
-        let mut r = json(status, &json!({"error": code, "reason": reason}));
+        let mut r = json(status, &json!({"error": code, "reason": &reason}));
         match status {
             StatusCode::UNAUTHORIZED => {
-                r.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer realm=\"crier\""),
+                // RFC 6750: the reason travels as error_description too.
+                let challenge = format!(
+                    "Bearer realm=\"crier\", error=\"invalid_token\", error_description=\"{reason}\""
                 );
+                if let Ok(value) = HeaderValue::from_str(&challenge) {
+                    r.headers_mut().insert(header::WWW_AUTHENTICATE, value);
+                }
             }
             StatusCode::SERVICE_UNAVAILABLE => {
                 r.headers_mut()

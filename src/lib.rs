@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod http;
 pub mod hub;
 pub mod lifecycle;
 pub mod metrics;
+pub mod origin;
 pub mod policy;
 pub mod protocol;
 pub mod server;

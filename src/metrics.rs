@@ -52,6 +52,8 @@ pub struct Inner {
     pub rejected: IntCounterVec,
     /// Publications accepted by the publish API.
     pub api_publications: IntCounter,
+    /// Refused credentials, by reason.
+    pub auth_failures: IntCounterVec,
 }
 
 impl std::ops::Deref for Metrics {
@@ -120,6 +122,14 @@ impl Metrics {
                 "crier_api_publications_total",
                 "Publications accepted by POST /api/publish.",
             ),
+            auth_failures: IntCounterVec::new(
+                Opts::new(
+                    "crier_auth_failures_total",
+                    "Refused credentials, by reason.",
+                ),
+                &["reason"],
+            )
+            .expect("metric"),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -133,6 +143,7 @@ impl Metrics {
             Box::new(inner.channels.clone()),
             Box::new(inner.rejected.clone()),
             Box::new(inner.api_publications.clone()),
+            Box::new(inner.auth_failures.clone()),
         ];
         for c in collectors {
             inner.registry.register(c).expect("register metric");

@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::auth::Principal;
+
 /// Longest accepted channel name, in bytes.
 pub const MAX_CHANNEL_LEN: usize = 256;
 
@@ -13,7 +15,9 @@ pub const MAX_CHANNEL_LEN: usize = 256;
 #[serde(deny_unknown_fields)]
 pub struct ChannelRule {
     /// Channel name, or a prefix ending in `*` that matches any non-empty
-    /// rest (`public:*` matches `public:a` and `public:a:b`).
+    /// rest (`public:*` matches `public:a` and `public:a:b`). May hold
+    /// `{user}` and `{claim.NAME}`, filled from the authenticated principal:
+    /// `user:{user}` matches only the connected user's own channel.
     pub pattern: String,
     /// Who may subscribe.
     pub subscribe: Subscribe,
@@ -31,44 +35,106 @@ pub enum Subscribe {
     Claim,
 }
 
-impl ChannelRule {
-    /// Checks the pattern is one this version understands.
-    pub fn check(&self) -> Result<(), String> {
-        let p = &self.pattern;
+/// A rule's pattern, parsed once.
+#[derive(Debug, Clone, PartialEq)]
+struct Pattern {
+    pieces: Vec<Piece>,
+    /// Ends in `*`: matches any non-empty rest.
+    prefix: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Piece {
+    Literal(String),
+    User,
+    Claim(String),
+}
+
+impl Pattern {
+    fn parse(p: &str) -> Result<Self, String> {
         if p.is_empty() {
             return Err("must not be empty".into());
         }
-        if let Some(pos) = p.find('*') {
-            if pos != p.len() - 1 {
-                return Err(format!("`{p}`: `*` is only allowed as the last character"));
+        let (body, prefix) = match p.strip_suffix('*') {
+            Some(body) => (body, true),
+            None => (p, false),
+        };
+        if body.contains('*') {
+            return Err(format!("`{p}`: `*` is only allowed as the last character"));
+        }
+        let mut pieces = Vec::new();
+        let mut rest = body;
+        while let Some(open) = rest.find('{') {
+            let close = rest[open..]
+                .find('}')
+                .map(|c| open + c)
+                .ok_or_else(|| format!("`{p}`: unclosed `{{`"))?;
+            if open > 0 {
+                pieces.push(Piece::Literal(rest[..open].to_owned()));
+            }
+            pieces.push(match &rest[open + 1..close] {
+                "user" => Piece::User,
+                name => match name.strip_prefix("claim.") {
+                    Some(claim) if !claim.is_empty() => Piece::Claim(claim.to_owned()),
+                    _ => return Err(format!(
+                        "`{p}`: unknown placeholder `{{{name}}}` (use {{user}} or {{claim.NAME}})"
+                    )),
+                },
+            });
+            rest = &rest[close + 1..];
+        }
+        if !rest.is_empty() {
+            pieces.push(Piece::Literal(rest.to_owned()));
+        }
+        for piece in &pieces {
+            if let Piece::Literal(text) = piece {
+                validate_channel(text).map_err(|e| format!("`{p}`: {e}"))?;
             }
         }
-        let literal = p.trim_end_matches('*');
-        if !literal.is_empty() {
-            validate_channel(literal).map_err(|e| format!("`{p}`: {e}"))?;
-        }
-        Ok(())
+        Ok(Self { pieces, prefix })
     }
 
-    fn matches(&self, channel: &str) -> bool {
-        match self.pattern.strip_suffix('*') {
-            Some(prefix) => channel.len() > prefix.len() && channel.starts_with(prefix),
-            None => channel == self.pattern,
+    /// Whether `channel` matches for `who`. Placeholder values are inserted
+    /// as literal text, never read as wildcards; a placeholder `who` has no
+    /// value for makes the rule not apply.
+    fn matches(&self, channel: &str, who: &Principal) -> bool {
+        let mut rest = channel;
+        for piece in &self.pieces {
+            let value = match piece {
+                Piece::Literal(text) => text.clone(),
+                Piece::User => match &who.user {
+                    Some(user) => user.clone(),
+                    None => return false,
+                },
+                Piece::Claim(name) => match who.claim(name) {
+                    Some(v) => v,
+                    None => return false,
+                },
+            };
+            match rest.strip_prefix(value.as_str()) {
+                Some(r) => rest = r,
+                None => return false,
+            }
+        }
+        if self.prefix {
+            !rest.is_empty()
+        } else {
+            rest.is_empty()
         }
     }
 }
 
-/// Who is asking. Anonymous until authentication exists for the connection.
-#[derive(Debug, Clone, Default)]
-pub struct Principal {
-    /// The user id, when authenticated.
-    pub user: Option<String>,
+impl ChannelRule {
+    /// Checks the pattern is one this version understands.
+    pub fn check(&self) -> Result<(), String> {
+        Pattern::parse(&self.pattern).map(|_| ())
+    }
 }
 
 /// The compiled rule list.
 #[derive(Debug, Clone)]
 pub struct Policy {
-    rules: Vec<ChannelRule>,
+    rules: Vec<(Pattern, Subscribe)>,
     allow_all: bool,
 }
 
@@ -78,14 +144,23 @@ pub enum Refusal {
     /// The name itself is not acceptable.
     #[error("bad channel name: {0}")]
     BadName(&'static str),
+    /// Allowed for authenticated clients only, and this one is anonymous.
+    #[error("authentication required")]
+    NeedsAuth,
     /// Not allowed for this principal (or no rule at all).
     #[error("forbidden")]
     Forbidden,
 }
 
 impl Policy {
-    /// Rules in order; `allow_all` (dev mode) lets anyone hear any channel.
-    pub fn new(rules: Vec<ChannelRule>, allow_all: bool) -> Self {
+    /// Rules in order (already checked by config validation; a rule that
+    /// does not parse is skipped); `allow_all` (dev mode) lets anyone hear
+    /// any channel.
+    pub fn new(rules: &[ChannelRule], allow_all: bool) -> Self {
+        let rules = rules
+            .iter()
+            .filter_map(|r| Pattern::parse(&r.pattern).ok().map(|p| (p, r.subscribe)))
+            .collect();
         Self { rules, allow_all }
     }
 
@@ -95,14 +170,63 @@ impl Policy {
         if self.allow_all {
             return Ok(());
         }
-        let Some(rule) = self.rules.iter().find(|r| r.matches(channel)) else {
+        let mut decided = None;
+        for (pattern, subscribe) in &self.rules {
+            if pattern.matches(channel, who) {
+                decided = Some(*subscribe);
+                break;
+            }
+            // `user:{user}` cannot apply to an anonymous client, but it
+            // would to some signed-in one: credentials are what is missing.
+            if who.user.is_none() && pattern.could_match(channel) {
+                return Err(Refusal::NeedsAuth);
+            }
+        }
+        let Some(subscribe) = decided else {
             return Err(Refusal::Forbidden);
         };
-        match rule.subscribe {
+        match subscribe {
             Subscribe::Anyone => Ok(()),
             Subscribe::User if who.user.is_some() => Ok(()),
+            Subscribe::Claim if who.grants.iter().any(|g| grant_covers(g, channel)) => Ok(()),
+            Subscribe::User | Subscribe::Claim if who.user.is_none() => Err(Refusal::NeedsAuth),
             Subscribe::User | Subscribe::Claim => Err(Refusal::Forbidden),
         }
+    }
+}
+
+impl Pattern {
+    /// Whether some principal could make this placeholder pattern match:
+    /// each placeholder stands for any non-empty text. Literal-only
+    /// patterns answer false (they already matched or not).
+    fn could_match(&self, channel: &str) -> bool {
+        fn rest_matches(pieces: &[Piece], rest: &str, prefix: bool) -> bool {
+            match pieces.split_first() {
+                None => {
+                    if prefix {
+                        !rest.is_empty()
+                    } else {
+                        rest.is_empty()
+                    }
+                }
+                Some((Piece::Literal(text), tail)) => rest
+                    .strip_prefix(text.as_str())
+                    .is_some_and(|r| rest_matches(tail, r, prefix)),
+                Some((_, tail)) => (1..=rest.len())
+                    .filter(|n| rest.is_char_boundary(*n))
+                    .any(|n| rest_matches(tail, &rest[n..], prefix)),
+            }
+        }
+        self.pieces.iter().any(|p| !matches!(p, Piece::Literal(_)))
+            && rest_matches(&self.pieces, channel, self.prefix)
+    }
+}
+
+/// A channels-claim entry: an exact name or a `prefix*`.
+fn grant_covers(grant: &str, channel: &str) -> bool {
+    match grant.strip_suffix('*') {
+        Some(prefix) => channel.len() > prefix.len() && channel.starts_with(prefix),
+        None => grant == channel,
     }
 }
 
@@ -134,7 +258,7 @@ mod tests {
     #[test]
     fn first_match_wins_and_default_is_deny() {
         let policy = Policy::new(
-            vec![
+            &[
                 rule("public:secret", Subscribe::User),
                 rule("public:*", Subscribe::Anyone),
             ],
@@ -145,7 +269,7 @@ mod tests {
         assert_eq!(policy.may_subscribe("public:a:b", &anon), Ok(()));
         assert_eq!(
             policy.may_subscribe("public:secret", &anon),
-            Err(Refusal::Forbidden)
+            Err(Refusal::NeedsAuth)
         );
         assert_eq!(
             policy.may_subscribe("public:", &anon),
@@ -159,7 +283,7 @@ mod tests {
 
     #[test]
     fn names_are_validated_before_rules() {
-        let policy = Policy::new(vec![], true);
+        let policy = Policy::new(&[], true);
         let anon = Principal::default();
         assert!(policy.may_subscribe(&"a".repeat(256), &anon).is_ok());
         for bad in ["", "a b", "a\nb", "a\u{7f}", &"a".repeat(257)] {
@@ -170,11 +294,84 @@ mod tests {
         }
     }
 
+    fn user(id: &str, claims: serde_json::Value, grants: &[&str]) -> Principal {
+        Principal {
+            user: Some(id.into()),
+            claims: claims.as_object().cloned().unwrap_or_default(),
+            grants: grants.iter().map(|g| g.to_string()).collect(),
+            ..Principal::default()
+        }
+    }
+
+    #[test]
+    fn placeholders_and_claims() {
+        let policy = Policy::new(
+            &[
+                rule("user:{user}", Subscribe::User),
+                rule("org:{claim.org}:*", Subscribe::User),
+                rule("ops:*", Subscribe::Claim),
+            ],
+            false,
+        );
+        let u42 = user(
+            "42",
+            serde_json::json!({"org": "acme"}),
+            &["ops:deploys", "ops:db:*"],
+        );
+        assert_eq!(policy.may_subscribe("user:42", &u42), Ok(()));
+        assert_eq!(
+            policy.may_subscribe("user:43", &u42),
+            Err(Refusal::Forbidden)
+        );
+        assert_eq!(
+            policy.may_subscribe("user:42x", &u42),
+            Err(Refusal::Forbidden)
+        );
+        assert_eq!(policy.may_subscribe("org:acme:news", &u42), Ok(()));
+        assert_eq!(
+            policy.may_subscribe("org:evil:news", &u42),
+            Err(Refusal::Forbidden)
+        );
+        assert_eq!(policy.may_subscribe("ops:deploys", &u42), Ok(()));
+        assert_eq!(policy.may_subscribe("ops:db:main", &u42), Ok(()));
+        assert_eq!(
+            policy.may_subscribe("ops:billing", &u42),
+            Err(Refusal::Forbidden)
+        );
+        let anon = Principal::default();
+        assert_eq!(
+            policy.may_subscribe("user:42", &anon),
+            Err(Refusal::NeedsAuth)
+        );
+        assert_eq!(
+            policy.may_subscribe("org:acme:x", &anon),
+            Err(Refusal::NeedsAuth)
+        );
+        assert_eq!(
+            policy.may_subscribe("ops:deploys", &anon),
+            Err(Refusal::NeedsAuth)
+        );
+        assert_eq!(
+            policy.may_subscribe("private:x", &anon),
+            Err(Refusal::Forbidden)
+        );
+        // A user id is text, never a wildcard.
+        let star = user("*", serde_json::json!({}), &[]);
+        assert_eq!(
+            policy.may_subscribe("user:42", &star),
+            Err(Refusal::Forbidden)
+        );
+    }
+
     #[test]
     fn patterns_are_checked() {
         assert!(rule("a:*", Subscribe::Anyone).check().is_ok());
         assert!(rule("a:*:b", Subscribe::Anyone).check().is_err());
         assert!(rule("", Subscribe::Anyone).check().is_err());
         assert!(rule("a b*", Subscribe::Anyone).check().is_err());
+        assert!(rule("u:{user}", Subscribe::User).check().is_ok());
+        assert!(rule("u:{claim.org}:*", Subscribe::User).check().is_ok());
+        assert!(rule("u:{nobody}", Subscribe::User).check().is_err());
+        assert!(rule("u:{user", Subscribe::User).check().is_err());
     }
 }

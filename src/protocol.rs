@@ -121,6 +121,9 @@ pub struct Command {
     /// For `subscribe`: only these event types.
     #[serde(default)]
     pub events: Option<Vec<String>>,
+    /// For `auth`: a bearer token.
+    #[serde(default)]
+    pub token: Option<String>,
 }
 
 /// Error codes sent in `error` replies.
@@ -136,6 +139,10 @@ pub enum ErrorCode {
     TooLarge,
     /// The broker is down; try again.
     Unavailable,
+    /// Credentials missing or refused.
+    Unauthorized,
+    /// Too many commands: slow down.
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -147,6 +154,8 @@ impl ErrorCode {
             ErrorCode::TooManySubscriptions => "too_many_subscriptions",
             ErrorCode::TooLarge => "too_large",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 }
@@ -187,6 +196,23 @@ pub mod reply {
     pub fn error(code: ErrorCode, reason: &str, id: &Option<Value>) -> String {
         with_id(
             json!({"type": "error", "code": code.as_str(), "reason": reason}),
+            id,
+        )
+    }
+
+    /// The credential ends in `in_secs`: send a fresh one with `auth`.
+    pub fn expiring(in_secs: u64) -> String {
+        json!({"type": "expiring", "in_secs": in_secs}).to_string()
+    }
+
+    /// An `auth` command was accepted.
+    pub fn authenticated(
+        user: Option<&str>,
+        expires_in: Option<u64>,
+        id: &Option<Value>,
+    ) -> String {
+        with_id(
+            json!({"type": "authenticated", "user": user, "expires_in": expires_in}),
             id,
         )
     }

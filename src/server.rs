@@ -99,7 +99,11 @@ pub fn serve(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
         tracing::warn!("dev mode: every channel is open to anyone; do not expose this instance");
     }
 
-    let app = Arc::new(App::new(config, hub, broker, metrics, TaskTracker::new()));
+    let app = App::new(config, hub, broker, metrics, TaskTracker::new()).map_err(|e| {
+        stop_background.cancel();
+        anyhow::anyhow!("{e}")
+    })?;
+    let app = Arc::new(app);
     let sigterm = CancellationToken::new();
     let done = tokio::spawn(run(
         Arc::clone(&app),
@@ -225,7 +229,8 @@ async fn route(app: Arc<App>, req: Request<Incoming>, info: ConnInfo) -> Respons
             r
         }
         (&Method::GET, "/sse") => sse::handle(app, req, info).await,
-        (&Method::GET, "/ws") => ws::handle(app, req, info),
+        (&Method::GET, "/ws") => ws::handle(app, req, info).await,
+        (&Method::OPTIONS, "/sse") => sse::preflight(&app, &req),
         (&Method::POST, "/api/publish") => crate::api::publish(app, req, info).await,
         (&Method::GET, "/") if app.config.dev => {
             let mut r = Response::new(full(DEMO_PAGE));

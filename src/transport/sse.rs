@@ -20,11 +20,13 @@ use hyper::body::Frame;
 use tokio::time::{Instant, Interval};
 use tracing::Instrument;
 
-use super::check_channels;
+use super::admit;
 use crate::app::{Admitted, App, ConnInfo};
+use crate::auth::{AuthEvent, Watch};
 use crate::http::{Body, Refused, StreamQuery};
 use crate::hub::{self, Inbox, Subscriptions};
 use crate::metrics::Transport;
+use crate::origin::add_cors;
 
 /// Answers a `/sse` request: an error status, or an endless event stream.
 pub async fn handle<B>(app: Arc<App>, req: Request<B>, info: ConnInfo) -> Response<Body> {
@@ -45,8 +47,15 @@ async fn open<B>(
             "give at least one channel: /sse?channel=NAME".into(),
         ));
     }
-    check_channels(&app, &query.channels)?;
-    let admitted = app.admit(Transport::Sse).ok_or(Refused::AtCapacity)?;
+    let admission = admit(
+        &app,
+        Transport::Sse,
+        req.headers(),
+        req.uri(),
+        info.peer.ip(),
+        &query.channels,
+    )
+    .await?;
 
     let (outbox, inbox) = hub::queue(app.config.limits.queue_size, info.kill.clone());
     let conn = outbox.id();
@@ -62,16 +71,18 @@ async fn open<B>(
 
     let heartbeat = app.config.sse.heartbeat;
     let retry = Bytes::from(format!("retry: {}\n\n", app.config.sse.retry.as_millis()));
+    let watch = Watch::new(Arc::clone(&app.auth), admission.principal);
     let state = Live {
         app,
         inbox,
         _subs: subs,
-        _admitted: admitted,
+        _admitted: admission.admitted,
+        watch,
         heartbeat: tokio::time::interval_at(Instant::now() + heartbeat, heartbeat),
         phase: Phase::Opening(retry),
         span,
     };
-    let body = StreamBody::new(events(state)).boxed();
+    let body = StreamBody::new(events(state)).boxed_unsync();
     let mut response = Response::new(body);
     *response.status_mut() = StatusCode::OK;
     let headers = response.headers_mut();
@@ -81,7 +92,34 @@ async fn open<B>(
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    add_cors(headers, &admission.origin);
     Ok(response)
+}
+
+/// CORS preflight for `/sse` (a plain `EventSource` needs none; a fetch-based
+/// client sending `Authorization` or `Last-Event-ID` does).
+pub fn preflight<B>(app: &App, req: &Request<B>) -> Response<Body> {
+    let verdict = app.origins.check(req.headers());
+    if verdict == crate::origin::Verdict::Refused {
+        return app.rejected(Refused::Forbidden("origin not allowed"));
+    }
+    let mut response = Response::new(crate::http::full(""));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    let headers = response.headers_mut();
+    add_cors(headers, &verdict);
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("authorization, last-event-id, cache-control"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    response
 }
 
 enum Phase {
@@ -99,6 +137,7 @@ struct Live {
     inbox: Inbox,
     _subs: Subscriptions,
     _admitted: Admitted,
+    watch: Watch,
     heartbeat: Interval,
     phase: Phase,
     span: tracing::Span,
@@ -128,6 +167,16 @@ fn events(state: Live) -> impl Stream<Item = Chunk> + Send {
                     st.phase = Phase::Done;
                     Some(Bytes::from(format!("retry: {retry_ms}\n\n")))
                 }
+                event = st.watch.next() => match event {
+                    AuthEvent::Expiring { in_secs } => Some(Bytes::from(format!(
+                        "event: expiring\ndata: {{\"type\":\"expiring\",\"in_secs\":{in_secs}}}\n\n"
+                    ))),
+                    AuthEvent::Expired => {
+                        tracing::info!("credential ended, closing stream");
+                        st.phase = Phase::Done;
+                        Some(Bytes::from_static(b"event: expired\ndata: {\"type\":\"expired\"}\n\n"))
+                    }
+                },
                 publication = st.inbox.rx.recv() => {
                     let publication = publication?;
                     st.app.metrics.delivered(Transport::Sse).inc();

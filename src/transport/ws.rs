@@ -25,12 +25,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::check_channels;
+use super::{admit, Admission};
 use crate::app::{Admitted, App, ConnInfo};
+use crate::auth::{AuthEvent, Failure, Watch};
 use crate::http::{Body, Refused, StreamQuery};
 use crate::hub::{self, Inbox, Subscriptions};
 use crate::metrics::Transport;
-use crate::policy::{Principal, Refusal};
+use crate::policy::Refusal;
 use crate::protocol::{reply, Command, ErrorCode};
 
 /// Publications written per flush: enough to batch syscalls under load,
@@ -44,7 +45,7 @@ const READ_BUFFER: usize = 4 * 1024;
 const WRITE_BUFFER: usize = 16 * 1024;
 
 /// Answers a `/ws` request: an error status, or 101 and a session task.
-pub fn handle<B>(app: Arc<App>, mut req: Request<B>, info: ConnInfo) -> Response<Body>
+pub async fn handle<B>(app: Arc<App>, mut req: Request<B>, info: ConnInfo) -> Response<Body>
 where
     B: Send + 'static,
 {
@@ -52,16 +53,23 @@ where
         return app.rejected(Refused::UpgradeRequired);
     }
     let query = StreamQuery::parse(req.uri());
-    if let Err(refused) = check_channels(&app, &query.channels) {
-        return app.rejected(refused);
-    }
-    let Some(admitted) = app.admit(Transport::Ws) else {
-        return app.rejected(Refused::AtCapacity);
+    let admission = match admit(
+        &app,
+        Transport::Ws,
+        req.headers(),
+        req.uri(),
+        info.peer.ip(),
+        &query.channels,
+    )
+    .await
+    {
+        Ok(a) => a,
+        Err(refused) => return app.rejected(refused),
     };
     let max = app.config.limits.max_message_bytes;
     // tungstenite preallocates `read_buffer_size` per socket (128 KiB by
     // default): with clients sending only small commands, 4 KiB is plenty
-    // and is most of the difference between 140 and 15 KiB per connection.
+    // and is most of the difference between 140 and 10 KiB per connection.
     let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
         .write_buffer_size(WRITE_BUFFER)
@@ -70,40 +78,49 @@ where
     let (response, upgrade) = match hyper_tungstenite::upgrade(&mut req, Some(config)) {
         Ok(pair) => pair,
         Err(e) => {
-            return Refused::BadRequest(format!("bad WebSocket handshake: {e}")).into_response()
+            return app.rejected(Refused::BadRequest(format!("bad WebSocket handshake: {e}")))
         }
     };
     let handshake = app.config.ws.handshake_timeout;
     let task_app = Arc::clone(&app);
     app.tasks.spawn(async move {
         match tokio::time::timeout(handshake, upgrade).await {
-            Ok(Ok(ws)) => session(task_app, ws, query, info.peer, admitted).await,
+            Ok(Ok(ws)) => session(task_app, ws, query, info.peer, admission).await,
             Ok(Err(e)) => tracing::debug!(error = %e, "websocket upgrade failed"),
             Err(_) => tracing::debug!("websocket upgrade timed out"),
         }
     });
-    response.map(|b| b.boxed())
+    response.map(|b| b.boxed_unsync())
 }
 
 /// Serves one WebSocket connection until it closes.
-pub async fn session<S>(
+async fn session<S>(
     app: Arc<App>,
     ws: S,
     query: StreamQuery,
     peer: SocketAddr,
-    admitted: Admitted,
+    admission: Admission,
 ) where
     S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
 {
     let (outbox, inbox) = hub::queue(app.config.limits.queue_size, CancellationToken::new());
     let conn = outbox.id();
-    let span = tracing::info_span!("conn", conn.id = conn, client.addr = %peer, transport = "ws");
+    let span = tracing::info_span!(
+        "conn",
+        conn.id = conn,
+        client.addr = %peer,
+        transport = "ws",
+        user = admission.principal.user.as_deref().unwrap_or("-"),
+    );
+    let limits = &app.config.limits;
     let session = Session {
         subs: Subscriptions::new(Arc::clone(&app.hub), outbox),
+        watch: Watch::new(Arc::clone(&app.auth), admission.principal),
+        commands: TokenBucket::new(limits.commands_per_second, limits.command_burst),
+        strikes: 0,
         app,
         ws,
-        principal: Principal::default(),
-        _admitted: admitted,
+        _admitted: admission.admitted,
     };
     session.run(conn, inbox, query).instrument(span).await;
 }
@@ -115,8 +132,46 @@ struct Session<S> {
     app: Arc<App>,
     ws: S,
     subs: Subscriptions,
-    principal: Principal,
+    watch: Watch,
+    commands: TokenBucket,
+    /// Commands refused in a row for exceeding the rate.
+    strikes: u32,
     _admitted: Admitted,
+}
+
+/// Rate-limited commands in a row after which the connection is closed.
+const MAX_STRIKES: u32 = 10;
+
+/// A per-connection token bucket: `rate` per second, `burst` at once.
+struct TokenBucket {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32, burst: u32) -> Self {
+        Self {
+            tokens: f64::from(burst),
+            rate: f64::from(rate),
+            burst: f64::from(burst),
+            last: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl<S> Session<S>
@@ -183,6 +238,15 @@ where
                     tracing::info!("client too slow: queue full, closing");
                     return Ok((CloseCode::Again, "too slow: queue full"));
                 }
+                event = self.watch.next() => match event {
+                    AuthEvent::Expiring { in_secs } => {
+                        self.write(Message::text(reply::expiring(in_secs))).await?;
+                    }
+                    AuthEvent::Expired => {
+                        tracing::info!("credential ended, closing");
+                        return Ok((CloseCode::Library(4001), "expired"));
+                    }
+                },
                 after_ms = &mut turn => {
                     self.write(Message::text(reply::reconnect(after_ms))).await?;
                     return Ok((CloseCode::Restart, "server restarting, reconnect"));
@@ -194,8 +258,20 @@ where
                 frame = self.ws.next() => {
                     last_heard = Instant::now();
                     match frame {
-                        Some(Ok(Message::Text(text))) => self.command(text.as_str()).await?,
+                        Some(Ok(Message::Text(_) | Message::Binary(_))) if !self.commands.take() => {
+                            self.strikes += 1;
+                            if self.strikes >= MAX_STRIKES {
+                                tracing::info!("command rate exceeded persistently, closing");
+                                return Ok((CloseCode::Policy, "rate limit exceeded"));
+                            }
+                            self.error(ErrorCode::RateLimited, "too many commands, slow down", &None).await?;
+                        }
+                        Some(Ok(Message::Text(text))) => {
+                            self.strikes = 0;
+                            self.command(text.as_str()).await?;
+                        }
                         Some(Ok(Message::Binary(_))) => {
+                            self.strikes = 0;
                             self.error(ErrorCode::BadRequest, "binary frames are not supported", &None).await?;
                         }
                         // tungstenite answers pings and close frames itself.
@@ -276,6 +352,13 @@ where
                 }
             },
             Some("ping") => self.write(Message::text(reply::pong(&cmd.id))).await,
+            Some("auth") => match cmd.token {
+                Some(token) => self.authenticate(&token, &cmd.id).await,
+                None => {
+                    self.error(ErrorCode::BadRequest, "missing token", &cmd.id)
+                        .await
+                }
+            },
             Some(other) => {
                 let reason = format!("unknown message type `{other}`");
                 self.error(ErrorCode::BadRequest, &reason, &cmd.id).await
@@ -287,14 +370,53 @@ where
         }
     }
 
+    /// `auth`: a first credential, or a fresh one before the old expires.
+    /// A connection stays with one user: a token for another is refused.
+    async fn authenticate(&mut self, token: &str, id: &Option<Value>) -> Result<(), Gone> {
+        let verified = self.app.auth.verify_token(token).and_then(|p| {
+            match (&self.watch.principal().user, &p.user) {
+                (Some(current), Some(new)) if current != new => {
+                    self.app.auth.count(Failure::UserMismatch);
+                    Err(Failure::UserMismatch)
+                }
+                _ => Ok(p),
+            }
+        });
+        match verified {
+            Ok(principal) => {
+                let expires_in = principal.expires_at.map(|t| {
+                    t.duration_since(std::time::SystemTime::now())
+                        .map_or(0, |d| d.as_secs())
+                });
+                let user = principal.user.clone();
+                self.watch.replace(principal);
+                let text = reply::authenticated(user.as_deref(), expires_in, id);
+                self.write(Message::text(text)).await
+            }
+            Err(failure) => {
+                self.error(ErrorCode::Unauthorized, failure.reason(), id)
+                    .await
+            }
+        }
+    }
+
     async fn subscribe(
         &mut self,
         channel: String,
         events: Option<Vec<String>>,
         id: Option<Value>,
     ) -> Result<(), Gone> {
-        match self.app.policy.may_subscribe(&channel, &self.principal) {
+        match self
+            .app
+            .policy
+            .may_subscribe(&channel, self.watch.principal())
+        {
             Ok(()) => {}
+            Err(Refusal::NeedsAuth) => {
+                return self
+                    .error(ErrorCode::Unauthorized, "authentication required", &id)
+                    .await;
+            }
             Err(Refusal::BadName(why)) => {
                 let reason = format!("bad channel name: {why}");
                 return self.error(ErrorCode::BadRequest, &reason, &id).await;

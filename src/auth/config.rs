@@ -1,0 +1,140 @@
+//! `[auth]`: how crier recognises a client. Part of the configuration
+//! contract (see `config.rs`); every field documented here is mirrored in
+//! docs/configuration.md and docs/authentication.md.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// `[auth]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Accept `?token=<jwt>` in the URL. Off by default: URLs end up in
+    /// proxy logs and browser history. Never logged by crier.
+    pub query_token: bool,
+    /// How long before a credential expires the client gets `expiring`.
+    #[serde(with = "humantime_serde")]
+    pub expiring_notice: Duration,
+    /// Bearer tokens (JWT). Absent: tokens are not accepted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<JwtConfig>,
+    /// The app's session cookie, read from its Redis session store.
+    /// Absent: cookies are ignored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session: Option<SessionConfig>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            query_token: false,
+            expiring_notice: Duration::from_secs(60),
+            jwt: None,
+            session: None,
+        }
+    }
+}
+
+/// `[auth.jwt]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwtConfig {
+    /// Allowed algorithms; a token whose `alg` is not listed is refused
+    /// (so `none` and HS/RS confusion never get through). HS256, HS384,
+    /// HS512 need `secret` or `secret_file`; RS256/384/512, ES256/384 and
+    /// EdDSA need `public_key_file`.
+    pub algorithms: Vec<String>,
+    /// Shared secret for the HS algorithms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// File holding the shared secret (trailing newline ignored).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
+    /// PEM public key for the RS, ES and EdDSA algorithms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_key_file: Option<PathBuf>,
+    /// Required `iss`, when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// Required `aud` (one of the token's audiences), when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+    /// Claim holding the user id.
+    pub user_claim: String,
+    /// Claim listing extra channels (names or `prefix*` patterns) the token
+    /// grants, for rules with `subscribe = "claim"`.
+    pub channels_claim: String,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        Self {
+            algorithms: vec!["HS256".into()],
+            secret: None,
+            secret_file: None,
+            public_key_file: None,
+            issuer: None,
+            audience: None,
+            leeway: Duration::from_secs(5),
+            user_claim: "sub".into(),
+            channels_claim: "channels".into(),
+        }
+    }
+}
+
+/// How the session cookie is signed.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Signing {
+    /// express-session / cookie-signature: `s:<id>.<HMAC-SHA256, base64,
+    /// no padding>`, URL-encoded.
+    Express,
+    /// The cookie is the bare session id.
+    None,
+}
+
+/// `[auth.session]`
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    /// Cookie name.
+    pub cookie: String,
+    /// Redis key of the session JSON; `{id}` is the session id.
+    pub key: String,
+    /// How the cookie value is signed.
+    pub signing: Signing,
+    /// Signing secrets; the first signs, all verify (rotation).
+    pub secrets: Vec<String>,
+    /// JSON pointer to the user id in the session.
+    pub user_pointer: String,
+    /// JSON pointer to the session's expiry (an ISO 8601 date, or epoch
+    /// milliseconds); empty for none.
+    pub expires_pointer: String,
+    /// Redis holding the sessions, when not the pub/sub one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+    /// How often an open connection checks that its session still exists
+    /// (a logout closes it within this time).
+    #[serde(with = "humantime_serde")]
+    pub recheck: Duration,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            cookie: "connect.sid".into(),
+            key: "sess:{id}".into(),
+            signing: Signing::Express,
+            secrets: Vec::new(),
+            user_pointer: "/passport/user".into(),
+            expires_pointer: "/cookie/expires".into(),
+            redis_url: None,
+            recheck: Duration::from_secs(30),
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! Bearer tokens: JWT verification against an explicit algorithm allow-list.
+//!
+//! The token's `alg` is read and checked against the list *before* any key
+//! is chosen, so `alg: none` and algorithm confusion (an HS256 token "signed"
+//! with the RSA public key) are refused by construction: each algorithm
+//! family has its own key, and a family without a configured key is refused.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use base64::Engine;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
+use serde_json::{Map, Value};
+
+use super::config::JwtConfig;
+use super::{Failure, Principal};
+
+/// A verifier built once from `[auth.jwt]`.
+pub struct JwtVerifier {
+    algorithms: Vec<Algorithm>,
+    hmac: Option<DecodingKey>,
+    public: Option<(AlgorithmFamily, DecodingKey)>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    leeway: Duration,
+    user_claim: String,
+    channels_claim: String,
+}
+
+impl JwtVerifier {
+    /// Loads keys; the error names the offending field.
+    pub fn new(config: &JwtConfig) -> Result<Self, String> {
+        if config.algorithms.is_empty() {
+            return Err("auth.jwt.algorithms: list at least one algorithm".into());
+        }
+        let mut algorithms = Vec::new();
+        for name in &config.algorithms {
+            let alg: Algorithm = name.parse().map_err(|_| {
+                format!("auth.jwt.algorithms: unknown algorithm `{name}` (HS256, RS256, ES256, EdDSA, ...)")
+            })?;
+            algorithms.push(alg);
+        }
+        let needs_hmac = algorithms
+            .iter()
+            .any(|a| a.family() == AlgorithmFamily::Hmac);
+        let public_families: Vec<AlgorithmFamily> = algorithms
+            .iter()
+            .map(|a| a.family())
+            .filter(|f| *f != AlgorithmFamily::Hmac)
+            .collect();
+        if public_families.windows(2).any(|w| w[0] != w[1]) {
+            return Err(
+                "auth.jwt.algorithms: one public key serves one family (RS*, ES* or EdDSA), not several"
+                    .into(),
+            );
+        }
+
+        let secret = match (&config.secret, &config.secret_file) {
+            (Some(_), Some(_)) => {
+                return Err("auth.jwt: set secret or secret_file, not both".into());
+            }
+            (Some(s), None) => Some(s.clone()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| {
+                        format!("auth.jwt.secret_file: cannot read {}: {e}", path.display())
+                    })?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_owned(),
+            ),
+            (None, None) => None,
+        };
+        let hmac = match (needs_hmac, secret) {
+            (true, Some(s)) if s.len() >= 32 => Some(DecodingKey::from_secret(s.as_bytes())),
+            (true, Some(_)) => {
+                return Err("auth.jwt.secret: too short for HMAC: use at least 32 bytes".into())
+            }
+            (true, None) => {
+                return Err(
+                    "auth.jwt.secret: required by the HS algorithms (or secret_file)".into(),
+                )
+            }
+            (false, _) => None,
+        };
+        let public = match (public_families.first(), &config.public_key_file) {
+            (Some(family), Some(path)) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    format!(
+                        "auth.jwt.public_key_file: cannot read {}: {e}",
+                        path.display()
+                    )
+                })?;
+                let key = match family {
+                    AlgorithmFamily::Rsa => DecodingKey::from_rsa_pem(&pem),
+                    AlgorithmFamily::Ec => DecodingKey::from_ec_pem(&pem),
+                    _ => DecodingKey::from_ed_pem(&pem),
+                }
+                .map_err(|e| format!("auth.jwt.public_key_file: not a usable PEM key ({e})"))?;
+                Some((*family, key))
+            }
+            (Some(_), None) => {
+                return Err(
+                    "auth.jwt.public_key_file: required by the RS, ES and EdDSA algorithms".into(),
+                )
+            }
+            (None, _) => None,
+        };
+        Ok(Self {
+            algorithms,
+            hmac,
+            public,
+            issuer: config.issuer.clone(),
+            audience: config.audience.clone(),
+            leeway: config.leeway,
+            user_claim: config.user_claim.clone(),
+            channels_claim: config.channels_claim.clone(),
+        })
+    }
+
+    /// Verifies `token` and turns its claims into a principal.
+    pub fn verify(&self, token: &str) -> Result<Principal, Failure> {
+        let alg = self.allowed_alg(token)?;
+        let key = if alg.family() == AlgorithmFamily::Hmac {
+            self.hmac.as_ref()
+        } else {
+            self.public
+                .as_ref()
+                .filter(|(family, _)| *family == alg.family())
+                .map(|(_, key)| key)
+        }
+        .ok_or(Failure::BadAlgorithm)?;
+
+        let mut validation = Validation::new(alg);
+        validation.leeway = self.leeway.as_secs();
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp"]);
+        if let Some(iss) = &self.issuer {
+            validation.set_issuer(&[iss]);
+        }
+        match &self.audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, key, &validation).map_err(
+            |e| match e.kind() {
+                ErrorKind::ExpiredSignature => Failure::Expired,
+                ErrorKind::ImmatureSignature => Failure::NotYetValid,
+                ErrorKind::InvalidIssuer => Failure::BadIssuer,
+                ErrorKind::InvalidAudience => Failure::BadAudience,
+                ErrorKind::InvalidSignature => Failure::BadSignature,
+                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                    Failure::BadAlgorithm
+                }
+                ErrorKind::MissingRequiredClaim(_) => Failure::MissingClaim,
+                _ => Failure::Malformed,
+            },
+        )?;
+        let claims = data.claims;
+        let user = match claims.get(&self.user_claim) {
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(Value::Number(n)) => n.to_string(),
+            _ => return Err(Failure::MissingClaim),
+        };
+        let expires_at = claims
+            .get("exp")
+            .and_then(Value::as_u64)
+            .map(|secs| UNIX_EPOCH + Duration::from_secs(secs));
+        let grants = match claims.get(&self.channels_claim) {
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect(),
+            _ => Vec::new(),
+        };
+        Ok(Principal {
+            user: Some(user),
+            claims,
+            grants,
+            expires_at,
+            session: None,
+        })
+    }
+
+    /// The token's `alg`, if it is on the allow-list. Read by hand so that
+    /// names jsonwebtoken does not know (`none`) are refused the same way.
+    fn allowed_alg(&self, token: &str) -> Result<Algorithm, Failure> {
+        let header = token.split('.').next().ok_or(Failure::Malformed)?;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(header.trim_end_matches('='))
+            .map_err(|_| Failure::Malformed)?;
+        let header: Value = serde_json::from_slice(&bytes).map_err(|_| Failure::Malformed)?;
+        let name = header
+            .get("alg")
+            .and_then(Value::as_str)
+            .ok_or(Failure::Malformed)?;
+        let alg: Algorithm = name.parse().map_err(|_| Failure::BadAlgorithm)?;
+        if self.algorithms.contains(&alg) {
+            Ok(alg)
+        } else {
+            Err(Failure::BadAlgorithm)
+        }
+    }
+}

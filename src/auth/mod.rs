@@ -1,0 +1,343 @@
+//! Who is connecting: bearer tokens (JWT) and the app's session cookie.
+//!
+//! Credentials are tried in a fixed order: `Authorization: Bearer`, the
+//! session cookie, then `?token=` where enabled (WebSocket clients may also
+//! send an `auth` message). A credential that is presented but wrong is
+//! refused with a reason; its value never reaches a log line. A connection
+//! then carries its [`Principal`] and a [`Watch`] that tells the transport
+//! when the credential is about to end, has ended, or was revoked.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, Uri};
+use serde_json::{Map, Value};
+use tokio::time::{Instant, Interval};
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+
+pub mod config;
+mod jwt;
+pub mod session;
+
+pub use jwt::JwtVerifier;
+pub use session::SessionStore;
+
+/// Who is asking. `Principal::default()` is anonymous.
+#[derive(Debug, Clone, Default)]
+pub struct Principal {
+    /// The user id, when authenticated.
+    pub user: Option<String>,
+    /// Token claims, for `{claim.NAME}` in channel rules.
+    pub claims: Map<String, Value>,
+    /// Channels (names or `prefix*`) the token grants, for `claim` rules.
+    pub grants: Vec<String>,
+    /// When the credential ends.
+    pub expires_at: Option<SystemTime>,
+    /// The session behind a cookie login, re-read periodically.
+    pub session: Option<SessionRef>,
+}
+
+impl Principal {
+    /// The value of `{claim.NAME}`: a string or a number claim.
+    pub fn claim(&self, name: &str) -> Option<String> {
+        match self.claims.get(name)? {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        }
+    }
+}
+
+/// A session id to recheck. Not `Debug`-printable: it is a bearer secret.
+#[derive(Clone)]
+pub struct SessionRef {
+    id: String,
+}
+
+impl std::fmt::Debug for SessionRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SessionRef(<redacted>)")
+    }
+}
+
+/// Why a credential was refused. The reason is what the client sees (in
+/// `WWW-Authenticate` and the JSON body) and what metrics count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No credential, where one is needed.
+    Missing,
+    /// Not a token, not a cookie: cannot be parsed.
+    Malformed,
+    /// Past its `exp` or the session's expiry.
+    Expired,
+    /// Before its `nbf`.
+    NotYetValid,
+    /// Signature does not verify.
+    BadSignature,
+    /// `alg` not on the allow-list (including `none`).
+    BadAlgorithm,
+    /// `iss` is not the configured issuer.
+    BadIssuer,
+    /// `aud` does not include the configured audience.
+    BadAudience,
+    /// `exp` or the user claim is missing.
+    MissingClaim,
+    /// The session id is not in the store (logged out, expired, made up).
+    UnknownSession,
+    /// The session exists but holds no user.
+    NotLoggedIn,
+    /// This kind of credential is not configured.
+    NotAccepted,
+    /// A token for another user on an already authenticated connection.
+    UserMismatch,
+    /// The session store could not be asked (503, not 401).
+    StoreUnavailable,
+}
+
+impl Failure {
+    /// The short reason shown to clients and counted in metrics.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Failure::Missing => "missing",
+            Failure::Malformed => "malformed",
+            Failure::Expired => "expired",
+            Failure::NotYetValid => "not_yet_valid",
+            Failure::BadSignature => "bad_signature",
+            Failure::BadAlgorithm => "bad_algorithm",
+            Failure::BadIssuer => "bad_issuer",
+            Failure::BadAudience => "bad_audience",
+            Failure::MissingClaim => "missing_claim",
+            Failure::UnknownSession => "unknown_session",
+            Failure::NotLoggedIn => "not_logged_in",
+            Failure::NotAccepted => "not_accepted",
+            Failure::UserMismatch => "user_mismatch",
+            Failure::StoreUnavailable => "store_unavailable",
+        }
+    }
+}
+
+/// Verifies credentials; built once from the configuration.
+pub struct Authenticator {
+    jwt: Option<JwtVerifier>,
+    session: Option<SessionStore>,
+    query_token: bool,
+    expiring_notice: Duration,
+    metrics: Metrics,
+}
+
+impl Authenticator {
+    /// Loads keys and connects (lazily) to the session store. The error
+    /// names the offending field.
+    pub fn new(config: &Config, metrics: Metrics) -> Result<Self, String> {
+        let auth = &config.auth;
+        let jwt = auth.jwt.as_ref().map(JwtVerifier::new).transpose()?;
+        let session = auth
+            .session
+            .as_ref()
+            .map(|s| SessionStore::new(s, config.redis.url.as_deref()))
+            .transpose()?;
+        if auth.query_token && jwt.is_none() {
+            return Err("auth.query_token: needs [auth.jwt]".into());
+        }
+        Ok(Self {
+            jwt,
+            session,
+            query_token: auth.query_token,
+            expiring_notice: auth.expiring_notice,
+            metrics,
+        })
+    }
+
+    /// The principal behind a request's credentials: `Ok(None)` when it
+    /// carries none, an error when one is presented and wrong.
+    pub async fn from_request(
+        &self,
+        headers: &HeaderMap,
+        uri: &Uri,
+    ) -> Result<Option<Principal>, Failure> {
+        let result = self.identify(headers, uri).await;
+        if let Err(failure) = &result {
+            self.count(*failure);
+        }
+        result
+    }
+
+    async fn identify(&self, headers: &HeaderMap, uri: &Uri) -> Result<Option<Principal>, Failure> {
+        if let Some(value) = headers.get(http::header::AUTHORIZATION) {
+            let token = value
+                .to_str()
+                .ok()
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .ok_or(Failure::Malformed)?;
+            return self.jwt_verify(token.trim()).map(Some);
+        }
+        if let Some(store) = &self.session {
+            if let Some(id) = store.session_id(headers) {
+                return store.load(&id?).await.map(Some);
+            }
+        }
+        if self.query_token {
+            let query = uri.query().unwrap_or_default();
+            let token = url::form_urlencoded::parse(query.as_bytes())
+                .find(|(k, _)| k == "token")
+                .map(|(_, v)| v.into_owned());
+            if let Some(token) = token {
+                return self.jwt_verify(&token).map(Some);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Verifies a token from a WebSocket `auth` message.
+    pub fn verify_token(&self, token: &str) -> Result<Principal, Failure> {
+        let result = self.jwt_verify(token);
+        if let Err(failure) = &result {
+            self.count(*failure);
+        }
+        result
+    }
+
+    fn jwt_verify(&self, token: &str) -> Result<Principal, Failure> {
+        self.jwt.as_ref().ok_or(Failure::NotAccepted)?.verify(token)
+    }
+
+    /// Counts a refusal by reason.
+    pub fn count(&self, failure: Failure) {
+        self.metrics
+            .auth_failures
+            .with_label_values(&[failure.reason()])
+            .inc();
+    }
+
+    /// Whether any credential kind is configured.
+    pub fn is_enabled(&self) -> bool {
+        self.jwt.is_some() || self.session.is_some()
+    }
+}
+
+/// What a connection must do about its credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthEvent {
+    /// The credential ends in `in_secs` seconds: the client should refresh.
+    Expiring {
+        /// Seconds left.
+        in_secs: u64,
+    },
+    /// The credential has ended (expired or revoked): close.
+    Expired,
+}
+
+/// Follows one connection's credential: its expiry, and for session logins
+/// a periodic re-read of the session (so a logout ends the connection).
+pub struct Watch {
+    auth: Arc<Authenticator>,
+    principal: Principal,
+    notified: bool,
+    recheck: Option<Interval>,
+}
+
+impl Watch {
+    /// Starts watching `principal`.
+    pub fn new(auth: Arc<Authenticator>, principal: Principal) -> Self {
+        let mut watch = Self {
+            auth,
+            principal: Principal::default(),
+            notified: false,
+            recheck: None,
+        };
+        watch.replace(principal);
+        watch
+    }
+
+    /// The current principal.
+    pub fn principal(&self) -> &Principal {
+        &self.principal
+    }
+
+    /// A fresh credential (WebSocket `auth`): the clock starts again.
+    pub fn replace(&mut self, principal: Principal) {
+        self.recheck = match (&principal.session, &self.auth.session) {
+            (Some(_), Some(store)) => {
+                let every = store.recheck();
+                let mut interval = tokio::time::interval_at(Instant::now() + every, every);
+                interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                Some(interval)
+            }
+            _ => None,
+        };
+        self.principal = principal;
+        self.notified = false;
+    }
+
+    /// Resolves at the next thing the connection must act on; pending
+    /// forever for an anonymous or never-expiring credential.
+    pub async fn next(&mut self) -> AuthEvent {
+        if self.principal.expires_at.is_none() && self.recheck.is_none() {
+            return std::future::pending().await;
+        }
+        loop {
+            let deadline = self.principal.expires_at.map(instant_at);
+            let notice = deadline
+                .filter(|_| !self.notified)
+                .map(|d| d.checked_sub(self.auth.expiring_notice).unwrap_or(d));
+            tokio::select! {
+                _ = sleep_until(notice), if notice.is_some() => {
+                    self.notified = true;
+                    let left = deadline.map_or(0, |d| d.saturating_duration_since(Instant::now()).as_secs());
+                    return AuthEvent::Expiring { in_secs: left };
+                }
+                _ = sleep_until(deadline), if deadline.is_some() => return AuthEvent::Expired,
+                _ = tick(&mut self.recheck), if self.recheck.is_some() => {
+                    if let Some(event) = self.recheck_session().await {
+                        return event;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Re-reads the session: gone or logged out ends the connection; a
+    /// store outage does not (the next recheck tries again).
+    async fn recheck_session(&mut self) -> Option<AuthEvent> {
+        let (Some(store), Some(session)) = (&self.auth.session, &self.principal.session) else {
+            return None;
+        };
+        match store.load(&session.id).await {
+            Ok(fresh) if fresh.user == self.principal.user => {
+                if fresh.expires_at != self.principal.expires_at {
+                    self.principal.expires_at = fresh.expires_at;
+                    self.notified = false;
+                }
+                None
+            }
+            Err(Failure::StoreUnavailable) => None,
+            Ok(_) | Err(_) => Some(AuthEvent::Expired),
+        }
+    }
+}
+
+fn instant_at(t: SystemTime) -> Instant {
+    let now = SystemTime::now();
+    match t.duration_since(now) {
+        Ok(ahead) => Instant::now() + ahead,
+        Err(_) => Instant::now(),
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn tick(interval: &mut Option<Interval>) {
+    match interval {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
