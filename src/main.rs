@@ -94,6 +94,10 @@ async fn wait_for_signal() {
     }
 }
 
+/// crier's own `tracing` events only. Dependencies that log through the
+/// `log` crate (tungstenite, redis) are deliberately not bridged: at trace
+/// level they print frame and command contents, which can hold tokens and
+/// session ids, and no secret may reach a log line at any level.
 fn init_tracing(config: &Config) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.log.level))
@@ -101,8 +105,11 @@ fn init_tracing(config: &Config) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    match config.log.format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+    let installed = match config.log.format {
+        LogFormat::Json => tracing::subscriber::set_global_default(builder.json().finish()),
+        LogFormat::Text => tracing::subscriber::set_global_default(builder.finish()),
+    };
+    if let Err(e) = installed {
+        eprintln!("crier: cannot set up logging: {e}");
     }
 }

@@ -76,9 +76,11 @@ impl Pattern {
                 "user" => Piece::User,
                 name => match name.strip_prefix("claim.") {
                     Some(claim) if !claim.is_empty() => Piece::Claim(claim.to_owned()),
-                    _ => return Err(format!(
+                    _ => {
+                        return Err(format!(
                         "`{p}`: unknown placeholder `{{{name}}}` (use {{user}} or {{claim.NAME}})"
-                    )),
+                    ))
+                    }
                 },
             });
             rest = &rest[close + 1..];

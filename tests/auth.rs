@@ -1,0 +1,649 @@
+//! Who may listen: bearer tokens, session cookies, channel rules, expiry,
+//! origins and limits — against real Redis and real clients.
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use common::crier::{test_config, Instance, WAIT};
+use common::redis::RedisServer;
+use common::sse;
+use common::unique;
+use common::ws::WsClient;
+use crier::auth::config::{JwtConfig, SessionConfig};
+use crier::config::Config;
+use crier::policy::{ChannelRule, Subscribe};
+use hmac::{Hmac, Mac};
+use http::StatusCode;
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use sha2::Sha256;
+use tokio_tungstenite::tungstenite;
+
+const HS_SECRET: &str = "an-hs256-test-secret-of-32-bytes!!";
+const ISSUER: &str = "https://auth.example.com";
+const AUDIENCE: &str = "crier";
+
+fn fixture(name: &str) -> Vec<u8> {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn fixture_path(name: &str) -> std::path::PathBuf {
+    format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR")).into()
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+}
+
+fn rules() -> Vec<ChannelRule> {
+    let rule = |pattern: &str, subscribe| ChannelRule {
+        pattern: pattern.into(),
+        subscribe,
+    };
+    vec![
+        rule("public:*", Subscribe::Anyone),
+        rule("user:{user}", Subscribe::User),
+        rule("org:{claim.org}:*", Subscribe::User),
+        rule("ops:*", Subscribe::Claim),
+    ]
+}
+
+fn jwt_config(algorithms: &[&str], public_key: Option<&str>) -> Config {
+    let mut config = test_config(None);
+    config.channels = rules();
+    config.auth.jwt = Some(JwtConfig {
+        algorithms: algorithms.iter().map(|a| a.to_string()).collect(),
+        secret: algorithms
+            .iter()
+            .any(|a| a.starts_with("HS"))
+            .then(|| HS_SECRET.into()),
+        public_key_file: public_key.map(fixture_path),
+        issuer: Some(ISSUER.into()),
+        audience: Some(AUDIENCE.into()),
+        ..JwtConfig::default()
+    });
+    config
+}
+
+fn claims(user: &str, exp: u64) -> Value {
+    json!({"sub": user, "exp": exp, "iss": ISSUER, "aud": AUDIENCE})
+}
+
+fn sign(alg: Algorithm, claims: &Value) -> String {
+    let key = match alg {
+        Algorithm::HS256 => EncodingKey::from_secret(HS_SECRET.as_bytes()),
+        Algorithm::RS256 => EncodingKey::from_rsa_pem(&fixture("rsa_private.pem")).expect("rsa"),
+        Algorithm::ES256 => EncodingKey::from_ec_pem(&fixture("ec_private.pem")).expect("ec"),
+        other => panic!("no test key for {other:?}"),
+    };
+    encode(&Header::new(alg), claims, &key).expect("sign")
+}
+
+fn sign_hs_with(secret: &[u8], claims: &Value) -> String {
+    encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .expect("sign")
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// An SSE request with `token`; returns the status and the refusal reason.
+async fn sse_with_token(
+    crier: &Instance,
+    channel: &str,
+    token: &str,
+) -> (StatusCode, Option<String>) {
+    let auth = format!("Bearer {token}");
+    let response = sse::connect(&crier.sse_url(&[channel]), &[("authorization", &auth)]).await;
+    let status = response.status;
+    if status == StatusCode::OK {
+        return (status, None);
+    }
+    let challenge = response
+        .headers
+        .get("www-authenticate")
+        .map(|v| v.to_str().expect("ascii").to_string());
+    let body: Value = serde_json::from_str(&response.body_text().await).expect("json body");
+    if status == StatusCode::UNAUTHORIZED {
+        let reason = body["reason"].as_str().expect("reason").to_string();
+        let challenge = challenge.expect("401 carries WWW-Authenticate");
+        assert!(
+            challenge.starts_with("Bearer") && challenge.contains(&reason),
+            "{challenge}"
+        );
+        return (status, Some(reason));
+    }
+    (status, body["error"].as_str().map(str::to_owned))
+}
+
+/// Acceptance 1: HS256, RS256 and ES256 tokens; every way a token can be
+/// wrong is refused with its reason, and nothing is subscribed.
+#[tokio::test]
+async fn tokens_are_verified_and_refusals_carry_the_reason() {
+    let crier = Instance::start(jwt_config(&["HS256", "RS256"], Some("rsa_public.pem"))).await;
+    let exp = now() + 600;
+    let ch = "user:42";
+    for alg in [Algorithm::HS256, Algorithm::RS256] {
+        let (status, _) = sse_with_token(&crier, ch, &sign(alg, &claims("42", exp))).await;
+        assert_eq!(status, StatusCode::OK, "{alg:?}");
+    }
+
+    let mut expired = claims("42", now() - 120);
+    let refused = [
+        (sign(Algorithm::HS256, &expired), "expired"),
+        (
+            sign(Algorithm::HS256, &{
+                let mut c = claims("42", exp);
+                c["nbf"] = json!(now() + 120);
+                c
+            }),
+            "not_yet_valid",
+        ),
+        (
+            sign(Algorithm::RS256, &{
+                let mut c = claims("42", exp);
+                c["iss"] = json!("https://evil.example.com");
+                c
+            }),
+            "bad_issuer",
+        ),
+        (
+            sign(Algorithm::HS256, &{
+                let mut c = claims("42", exp);
+                c["aud"] = json!("someone-else");
+                c
+            }),
+            "bad_audience",
+        ),
+        (
+            sign_hs_with(b"another-secret-of-at-least-32-bytes", &claims("42", exp)),
+            "bad_signature",
+        ),
+        (
+            format!(
+                "{}.{}.",
+                b64(br#"{"alg":"none","typ":"JWT"}"#),
+                b64(claims("42", exp).to_string().as_bytes())
+            ),
+            "bad_algorithm",
+        ),
+        (
+            sign(
+                Algorithm::HS256,
+                &json!({"sub": "42", "iss": ISSUER, "aud": AUDIENCE}),
+            ),
+            "missing_claim",
+        ),
+        ("not-a-jwt".to_string(), "malformed"),
+    ];
+    for (token, reason) in &refused {
+        assert_eq!(
+            sse_with_token(&crier, ch, token).await,
+            (StatusCode::UNAUTHORIZED, Some(reason.to_string())),
+            "{reason}"
+        );
+    }
+    // The WebSocket upgrade is refused the same way, before upgrading.
+    expired["sub"] = json!("42");
+    let auth = format!("Bearer {}", sign(Algorithm::HS256, &expired));
+    match WsClient::try_connect(&crier.ws("/ws"), &[("authorization", &auth)]).await {
+        Err(tungstenite::Error::Http(r)) => assert_eq!(r.status(), StatusCode::UNAUTHORIZED),
+        other => panic!("expected 401, got {:?}", other.map(|_| "a connection")),
+    }
+    assert_eq!(
+        crier.metric("crier_subscriptions").await,
+        0.0,
+        "nothing subscribed"
+    );
+    assert_eq!(
+        crier
+            .metric("crier_auth_failures_total{reason=\"expired\"}")
+            .await,
+        2.0
+    );
+    assert_eq!(
+        crier
+            .metric("crier_auth_failures_total{reason=\"bad_algorithm\"}")
+            .await,
+        1.0
+    );
+
+    // ES256 only: RS256 tokens, and HS256 "signed" with the public key
+    // (algorithm confusion), are refused as bad algorithms.
+    let es = Instance::start(jwt_config(&["ES256"], Some("ec_public.pem"))).await;
+    let (status, _) = sse_with_token(&es, ch, &sign(Algorithm::ES256, &claims("42", exp))).await;
+    assert_eq!(status, StatusCode::OK);
+    let confused = sign_hs_with(&fixture("ec_public.pem"), &claims("42", exp));
+    assert_eq!(
+        sse_with_token(&es, ch, &confused).await,
+        (StatusCode::UNAUTHORIZED, Some("bad_algorithm".into()))
+    );
+    let rs = sign(Algorithm::RS256, &claims("42", exp));
+    assert_eq!(
+        sse_with_token(&es, ch, &rs).await,
+        (StatusCode::UNAUTHORIZED, Some("bad_algorithm".into()))
+    );
+
+    // With the RSA public key as an HMAC secret, on an instance that does
+    // accept HS256: the signature is simply wrong.
+    let confused = sign_hs_with(&fixture("rsa_public.pem"), &claims("42", exp));
+    assert_eq!(
+        sse_with_token(&crier, ch, &confused).await,
+        (StatusCode::UNAUTHORIZED, Some("bad_signature".into()))
+    );
+}
+
+/// `encodeURIComponent`'s unreserved set.
+const URI_COMPONENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'!')
+    .remove(b'~')
+    .remove(b'*')
+    .remove(b'\'')
+    .remove(b'(')
+    .remove(b')');
+
+/// The `Cookie` header express-session sets: `connect.sid=` +
+/// `encodeURIComponent('s:' + id + '.' + hmacSha256Base64NoPad(id, secret))`.
+fn express_cookie(id: &str, secret: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("hmac");
+    mac.update(id.as_bytes());
+    let sig = base64::engine::general_purpose::STANDARD
+        .encode(mac.finalize().into_bytes())
+        .trim_end_matches('=')
+        .to_string();
+    let value = format!("s:{id}.{sig}");
+    format!(
+        "connect.sid={}",
+        percent_encoding::utf8_percent_encode(&value, URI_COMPONENT)
+    )
+}
+
+/// What connect-redis stores for a logged-in passport session.
+fn session_json(user: u64, expires_in: i64) -> String {
+    let expires = SystemTime::now() + Duration::from_secs(expires_in.unsigned_abs());
+    let expires = if expires_in < 0 {
+        SystemTime::now() - Duration::from_secs(expires_in.unsigned_abs())
+    } else {
+        expires
+    };
+    json!({
+        "cookie": {
+            "originalMaxAge": 86_400_000,
+            "expires": humantime::format_rfc3339_millis(expires).to_string(),
+            "secure": false, "httpOnly": true, "path": "/"
+        },
+        "passport": {"user": user}
+    })
+    .to_string()
+}
+
+fn session_config(redis: &RedisServer) -> Config {
+    let mut config = test_config(Some(redis.url()));
+    config.channels = rules();
+    config.auth.session = Some(SessionConfig {
+        secrets: vec!["keyboard cat".into(), "old keyboard cat".into()],
+        ..SessionConfig::default()
+    });
+    config
+}
+
+async fn keyspace_lookups(redis: &RedisServer) -> u64 {
+    let info = redis.cli(&["INFO", "stats"]).await;
+    ["keyspace_hits:", "keyspace_misses:"]
+        .iter()
+        .map(|field| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(field))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .expect("INFO stats field")
+        })
+        .sum()
+}
+
+/// Acceptance 2: express-session cookies against the app's Redis store.
+#[tokio::test]
+async fn express_session_cookie_identifies_the_user() {
+    let redis = RedisServer::start().await;
+    let crier = Instance::start(session_config(&redis)).await;
+    let id = "hUcIEaZcwMJmB3Mt1pmIy0DO-Jn0aExy";
+    redis
+        .cli(&["SET", &format!("sess:{id}"), &session_json(42, 3600)])
+        .await;
+
+    let cookie = express_cookie(id, "keyboard cat");
+    let mut events = sse::connect(&crier.sse_url(&["user:42"]), &[("cookie", &cookie)])
+        .await
+        .into_events();
+    redis
+        .publish("user:42", r#"{"type":"note","for":42}"#)
+        .await;
+    assert_eq!(
+        events.next_message(WAIT).await.expect("event").json()["data"]["for"],
+        42
+    );
+    let other = sse::connect(&crier.sse_url(&["user:43"]), &[("cookie", &cookie)]).await;
+    assert_eq!(
+        other.status,
+        StatusCode::FORBIDDEN,
+        "user 42 cannot hear user 43"
+    );
+
+    let rotated = express_cookie(id, "old keyboard cat");
+    let ok = sse::connect(&crier.sse_url(&["user:42"]), &[("cookie", &rotated)]).await;
+    assert_eq!(ok.status, StatusCode::OK, "second secret still accepted");
+
+    let reason = |response: sse::SseResponse| async move {
+        assert_eq!(response.status, StatusCode::UNAUTHORIZED);
+        let body: Value = serde_json::from_str(&response.body_text().await).expect("json");
+        body["reason"].as_str().expect("reason").to_string()
+    };
+
+    let lookups = keyspace_lookups(&redis).await;
+    let tampered = express_cookie(id, "guessed secret");
+    let r = sse::connect(&crier.sse_url(&["user:42"]), &[("cookie", &tampered)]).await;
+    assert_eq!(reason(r).await, "bad_signature");
+    let unsigned = format!("connect.sid={id}");
+    let r = sse::connect(&crier.sse_url(&["user:42"]), &[("cookie", &unsigned)]).await;
+    assert_eq!(reason(r).await, "bad_signature");
+    assert_eq!(
+        keyspace_lookups(&redis).await,
+        lookups,
+        "forged cookies are refused without asking Redis"
+    );
+
+    let unknown = express_cookie("no-such-session", "keyboard cat");
+    let r = sse::connect(&crier.sse_url(&["user:42"]), &[("cookie", &unknown)]).await;
+    assert_eq!(reason(r).await, "unknown_session");
+
+    let old = "expired-session-id";
+    redis
+        .cli(&["SET", &format!("sess:{old}"), &session_json(42, -60)])
+        .await;
+    let r = sse::connect(
+        &crier.sse_url(&["user:42"]),
+        &[("cookie", &express_cookie(old, "keyboard cat"))],
+    )
+    .await;
+    assert_eq!(reason(r).await, "expired");
+}
+
+/// Acceptance 3: `{user}`, `{claim.org}` and `claim` rules; no rule means
+/// forbidden; anonymous clients are asked to authenticate.
+#[tokio::test]
+async fn channel_rules_follow_the_principal() {
+    let crier = Instance::start(jwt_config(&["HS256"], None)).await;
+    let mut c = claims("42", now() + 600);
+    c["org"] = json!("acme");
+    c["channels"] = json!(["ops:deploys", "ops:db:*"]);
+    let auth = format!("Bearer {}", sign(Algorithm::HS256, &c));
+    let mut ws = WsClient::try_connect(&crier.ws("/ws"), &[("authorization", &auth)])
+        .await
+        .expect("authenticated upgrade");
+    let cases = [
+        ("user:42", "subscribed"),
+        ("user:43", "forbidden"),
+        ("org:acme:news", "subscribed"),
+        ("org:globex:news", "forbidden"),
+        ("ops:deploys", "subscribed"),
+        ("ops:db:primary", "subscribed"),
+        ("ops:billing", "forbidden"),
+        ("private:x", "forbidden"),
+        ("public:lobby", "subscribed"),
+    ];
+    for (i, (channel, expected)) in cases.iter().enumerate() {
+        let reply = ws.subscribe(channel, i as u64).await;
+        let got = reply["code"]
+            .as_str()
+            .unwrap_or(reply["type"].as_str().unwrap_or_default());
+        assert_eq!(got, *expected, "{channel}: {reply}");
+        if *expected == "forbidden" {
+            assert_eq!(reply["reason"], "forbidden", "says nothing more");
+        }
+    }
+
+    let mut anonymous = WsClient::connect(&crier.ws("/ws")).await;
+    assert_eq!(
+        anonymous.subscribe("user:42", 1).await["code"],
+        "unauthorized"
+    );
+    assert_eq!(
+        anonymous.subscribe("private:x", 2).await["code"],
+        "forbidden"
+    );
+    assert_eq!(
+        anonymous.subscribe("public:lobby", 3).await["type"],
+        "subscribed"
+    );
+    let r = sse::connect(&crier.sse_url(&["user:42"]), &[]).await;
+    assert_eq!(
+        r.status,
+        StatusCode::UNAUTHORIZED,
+        "SSE asks for credentials"
+    );
+}
+
+/// Acceptance 4 (tokens): `expiring`, then close 4001 / `expired`; an
+/// `auth` with a fresh token keeps a WebSocket open.
+#[tokio::test]
+async fn expiring_tokens_warn_then_close_unless_refreshed() {
+    let mut config = jwt_config(&["HS256"], None);
+    config.auth.expiring_notice = Duration::from_secs(2);
+    let crier = Instance::start(config).await;
+    let soon = sign(Algorithm::HS256, &claims("42", now() + 3));
+    let auth = format!("Bearer {soon}");
+
+    let mut stale = WsClient::try_connect(
+        &crier.ws("/ws?channel=user:42"),
+        &[("authorization", &auth)],
+    )
+    .await
+    .expect("upgrade");
+    let mut refreshed = WsClient::try_connect(
+        &crier.ws("/ws?channel=user:42"),
+        &[("authorization", &auth)],
+    )
+    .await
+    .expect("upgrade");
+    let mut events = sse::connect(&crier.sse_url(&["user:42"]), &[("authorization", &auth)])
+        .await
+        .into_events();
+
+    let warning = refreshed.recv_type("expiring", WAIT).await;
+    assert!(
+        warning["in_secs"].as_u64().expect("in_secs") <= 2,
+        "{warning}"
+    );
+    let fresh = sign(Algorithm::HS256, &claims("42", now() + 600));
+    refreshed
+        .send_json(json!({"type": "auth", "token": fresh, "id": 9}))
+        .await;
+    let ok = refreshed.recv_type("authenticated", WAIT).await;
+    assert_eq!(
+        (ok["user"].clone(), ok["id"].clone()),
+        (json!("42"), json!(9))
+    );
+
+    assert_eq!(stale.recv_type("expiring", WAIT).await["type"], "expiring");
+    let (code, reason, _) = stale.expect_close(WAIT).await;
+    assert_eq!((code, reason.as_str()), (4001, "expired"));
+
+    let mut names = Vec::new();
+    while let Some(e) = events.next_event(WAIT).await {
+        names.extend(e.event);
+    }
+    assert_eq!(names, vec!["expiring", "expired"], "SSE warns, then ends");
+
+    // Past the first token's expiry, the refreshed socket still works.
+    refreshed.send_json(json!({"type": "ping", "id": 10})).await;
+    assert_eq!(refreshed.recv_type("pong", WAIT).await["id"], 10);
+    // A token for somebody else is not a refresh.
+    let other = sign(Algorithm::HS256, &claims("43", now() + 600));
+    refreshed
+        .send_json(json!({"type": "auth", "token": other, "id": 11}))
+        .await;
+    let refusal = refreshed.recv_type("error", WAIT).await;
+    assert_eq!(
+        (refusal["code"].clone(), refusal["reason"].clone()),
+        (json!("unauthorized"), json!("user_mismatch"))
+    );
+}
+
+/// Acceptance 4 (sessions): deleting the session (logout) closes its
+/// connections within the recheck interval.
+#[tokio::test]
+async fn logout_closes_session_connections() {
+    let redis = RedisServer::start().await;
+    let mut config = session_config(&redis);
+    if let Some(session) = &mut config.auth.session {
+        session.recheck = Duration::from_millis(200);
+    }
+    let crier = Instance::start(config).await;
+    let id = unique("sid").replace(':', "-");
+    redis
+        .cli(&["SET", &format!("sess:{id}"), &session_json(7, 3600)])
+        .await;
+    let cookie = express_cookie(&id, "keyboard cat");
+    let mut events = sse::connect(&crier.sse_url(&["user:7"]), &[("cookie", &cookie)])
+        .await
+        .into_events();
+    let mut ws = WsClient::try_connect(&crier.ws("/ws?channel=user:7"), &[("cookie", &cookie)])
+        .await
+        .expect("upgrade");
+    ws.recv_type("subscribed", WAIT).await;
+
+    redis.cli(&["DEL", &format!("sess:{id}")]).await;
+    let (code, _, _) = ws.expect_close(WAIT).await;
+    assert_eq!(code, 4001);
+    let tail = events.expect_end(WAIT).await;
+    assert_eq!(
+        tail.last().and_then(|e| e.event.clone()).as_deref(),
+        Some("expired")
+    );
+}
+
+/// Acceptance 5: allowed origins connect, others get 403; SSE CORS carries
+/// credentials only for allowed origins.
+#[tokio::test]
+async fn origins_are_checked_and_drive_cors() {
+    let mut config = test_config(None);
+    config.allowed_origins = vec![
+        "https://app.example.com".into(),
+        "https://*.example.net".into(),
+    ];
+    let crier = Instance::start(config).await;
+    let channel = unique("public:cors");
+
+    let ok =
+        WsClient::try_connect(&crier.ws("/ws"), &[("origin", "https://app.example.com")]).await;
+    assert!(ok.is_ok(), "allowed origin connects");
+    match WsClient::try_connect(&crier.ws("/ws"), &[("origin", "https://evil.example.org")]).await {
+        Err(tungstenite::Error::Http(r)) => assert_eq!(r.status(), StatusCode::FORBIDDEN),
+        other => panic!("expected 403, got {:?}", other.map(|_| "a connection")),
+    }
+
+    let allowed = sse::connect(
+        &crier.sse_url(&[&channel]),
+        &[("origin", "https://eu.example.net")],
+    )
+    .await;
+    assert_eq!(allowed.status, StatusCode::OK);
+    assert_eq!(
+        allowed.headers["access-control-allow-origin"],
+        "https://eu.example.net"
+    );
+    assert_eq!(allowed.headers["access-control-allow-credentials"], "true");
+    let foreign = sse::connect(
+        &crier.sse_url(&[&channel]),
+        &[("origin", "https://evil.example.org")],
+    )
+    .await;
+    assert_eq!(foreign.status, StatusCode::FORBIDDEN);
+    assert!(foreign.headers.get("access-control-allow-origin").is_none());
+    let plain = sse::connect(&crier.sse_url(&[&channel]), &[]).await;
+    assert_eq!(
+        plain.status,
+        StatusCode::OK,
+        "non-browser clients are not refused"
+    );
+    assert!(plain
+        .headers
+        .get("access-control-allow-credentials")
+        .is_none());
+}
+
+/// Acceptance 6: per-user and per-IP limits answer 429 and free up again;
+/// a command flood gets `rate_limited`, then close 1008.
+#[tokio::test]
+async fn per_user_and_per_ip_limits_and_command_rate() {
+    let mut config = jwt_config(&["HS256"], None);
+    config.limits.max_connections_per_user = 2;
+    config.limits.commands_per_second = 1;
+    config.limits.command_burst = 3;
+    let crier = Instance::start(config).await;
+    let auth = format!(
+        "Bearer {}",
+        sign(Algorithm::HS256, &claims("42", now() + 600))
+    );
+    let url = crier.sse_url(&["user:42"]);
+    let first = sse::connect(&url, &[("authorization", &auth)]).await;
+    let second = sse::connect(&url, &[("authorization", &auth)]).await;
+    assert_eq!(
+        (first.status, second.status),
+        (StatusCode::OK, StatusCode::OK)
+    );
+    let third = sse::connect(&url, &[("authorization", &auth)]).await;
+    assert_eq!(third.status, StatusCode::TOO_MANY_REQUESTS);
+    let body: Value = serde_json::from_str(&third.body_text().await).expect("json");
+    assert_eq!(body["error"], "too_many_connections");
+    drop(first);
+    crier
+        .wait_metric("crier_connections{transport=\"sse\"}", 1.0)
+        .await;
+    let again = sse::connect(&url, &[("authorization", &auth)]).await;
+    assert_eq!(again.status, StatusCode::OK, "a freed slot is usable");
+
+    let mut ws = WsClient::connect(&crier.ws("/ws")).await;
+    ws.recv_type("welcome", WAIT).await;
+    for i in 0..3 {
+        ws.send_json(json!({"type": "ping", "id": i})).await;
+    }
+    ws.send_json(json!({"type": "ping", "id": 3})).await;
+    for i in 0..3 {
+        assert_eq!(ws.recv_json(WAIT).await, json!({"type": "pong", "id": i}));
+    }
+    assert_eq!(ws.recv_json(WAIT).await["code"], "rate_limited");
+    for i in 0..20 {
+        ws.send_json(json!({"type": "ping", "id": 100 + i})).await;
+    }
+    let (code, _, _) = ws.expect_close(WAIT).await;
+    assert_eq!(code, 1008);
+
+    let mut per_ip = test_config(None);
+    per_ip.limits.max_connections_per_ip = 1;
+    let crier = Instance::start(per_ip).await;
+    let channel = unique("public:ip");
+    let one = sse::connect(&crier.sse_url(&[&channel]), &[]).await;
+    assert_eq!(one.status, StatusCode::OK);
+    let two = sse::connect(&crier.sse_url(&[&channel]), &[]).await;
+    assert_eq!(two.status, StatusCode::TOO_MANY_REQUESTS);
+    drop(one);
+    crier
+        .wait_metric("crier_connections{transport=\"sse\"}", 0.0)
+        .await;
+    let three = sse::connect(&crier.sse_url(&[&channel]), &[]).await;
+    assert_eq!(three.status, StatusCode::OK);
+}
