@@ -236,7 +236,14 @@ pub struct Watch {
     principal: Principal,
     notified: bool,
     recheck: Option<Interval>,
+    /// A session re-read in flight. Kept here, not in the future returned
+    /// by [`Watch::next`]: transports poll `next` inside `select!`, and on a
+    /// busy channel a delivery would otherwise cancel every re-read.
+    reading: Option<SessionRead>,
 }
+
+type SessionRead =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Principal, Failure>> + Send>>;
 
 impl Watch {
     /// Starts watching `principal`.
@@ -246,6 +253,7 @@ impl Watch {
             principal: Principal::default(),
             notified: false,
             recheck: None,
+            reading: None,
         };
         watch.replace(principal);
         watch
@@ -269,6 +277,7 @@ impl Watch {
         };
         self.principal = principal;
         self.notified = false;
+        self.reading = None;
     }
 
     /// Resolves at the next thing the connection must act on; pending
@@ -289,8 +298,12 @@ impl Watch {
                     return AuthEvent::Expiring { in_secs: left };
                 }
                 _ = sleep_until(deadline), if deadline.is_some() => return AuthEvent::Expired,
-                _ = tick(&mut self.recheck), if self.recheck.is_some() => {
-                    if let Some(event) = self.recheck_session().await {
+                _ = tick(&mut self.recheck), if self.recheck.is_some() && self.reading.is_none() => {
+                    self.reading = self.start_read();
+                }
+                read = poll_read(&mut self.reading), if self.reading.is_some() => {
+                    self.reading = None;
+                    if let Some(event) = self.judge(read) {
                         return event;
                     }
                 }
@@ -298,13 +311,22 @@ impl Watch {
         }
     }
 
-    /// Re-reads the session: gone or logged out ends the connection; a
-    /// store outage does not (the next recheck tries again).
-    async fn recheck_session(&mut self) -> Option<AuthEvent> {
-        let (Some(store), Some(session)) = (&self.auth.session, &self.principal.session) else {
-            return None;
-        };
-        match store.load(&session.id).await {
+    fn start_read(&self) -> Option<SessionRead> {
+        let session = self.principal.session.as_ref()?;
+        let auth = Arc::clone(&self.auth);
+        let id = session.id.clone();
+        Some(Box::pin(async move {
+            match &auth.session {
+                Some(store) => store.load(&id).await,
+                None => Err(Failure::NotAccepted),
+            }
+        }))
+    }
+
+    /// A re-read session: gone or logged out ends the connection; a store
+    /// outage does not (the next recheck tries again).
+    fn judge(&mut self, read: Result<Principal, Failure>) -> Option<AuthEvent> {
+        match read {
             Ok(fresh) if fresh.user == self.principal.user => {
                 if fresh.expires_at != self.principal.expires_at {
                     self.principal.expires_at = fresh.expires_at;
@@ -315,6 +337,13 @@ impl Watch {
             Err(Failure::StoreUnavailable) => None,
             Ok(_) | Err(_) => Some(AuthEvent::Expired),
         }
+    }
+}
+
+async fn poll_read(reading: &mut Option<SessionRead>) -> Result<Principal, Failure> {
+    match reading {
+        Some(read) => read.as_mut().await,
+        None => std::future::pending().await,
     }
 }
 
