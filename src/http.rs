@@ -59,6 +59,8 @@ pub enum Refused {
     TooManyConnections(&'static str),
     /// 503: the broker is down.
     Unavailable,
+    /// 503: the session store is down.
+    SessionStoreUnavailable,
 }
 
 impl Refused {
@@ -74,6 +76,7 @@ impl Refused {
             Refused::AtCapacity => "max_connections",
             Refused::TooManyConnections(which) => which,
             Refused::Unavailable => "unavailable",
+            Refused::SessionStoreUnavailable => "session_store_unavailable",
         }
     }
 
@@ -112,6 +115,11 @@ impl Refused {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
                 "the broker is unavailable, try again later".into(),
+            ),
+            Refused::SessionStoreUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the session store is unavailable, try again later".into(),
             ),
         };
         let mut r = json(status, &json!({"error": code, "reason": &reason}));

@@ -173,19 +173,23 @@ impl Policy {
             return Ok(());
         }
         let mut decided = None;
+        let mut needs_auth = false;
         for (pattern, subscribe) in &self.rules {
             if pattern.matches(channel, who) {
                 decided = Some(*subscribe);
                 break;
             }
             // `user:{user}` cannot apply to an anonymous client, but it
-            // would to some signed-in one: credentials are what is missing.
-            if who.user.is_none() && pattern.could_match(channel) {
-                return Err(Refusal::NeedsAuth);
-            }
+            // would to some signed-in one: if no later rule lets this
+            // client in, credentials are what is missing.
+            needs_auth |= who.user.is_none() && pattern.could_match(channel);
         }
         let Some(subscribe) = decided else {
-            return Err(Refusal::Forbidden);
+            return Err(if needs_auth {
+                Refusal::NeedsAuth
+            } else {
+                Refusal::Forbidden
+            });
         };
         match subscribe {
             Subscribe::Anyone => Ok(()),
@@ -357,6 +361,16 @@ mod tests {
             policy.may_subscribe("private:x", &anon),
             Err(Refusal::Forbidden)
         );
+        // A later `anyone` rule still lets anonymous clients in.
+        let layered = Policy::new(
+            &[
+                rule("chat:{user}", Subscribe::User),
+                rule("chat:*", Subscribe::Anyone),
+            ],
+            false,
+        );
+        assert_eq!(layered.may_subscribe("chat:lobby", &anon), Ok(()));
+        assert_eq!(layered.may_subscribe("chat:lobby", &u42), Ok(()));
         // A user id is text, never a wildcard.
         let star = user("*", serde_json::json!({}), &[]);
         assert_eq!(

@@ -186,6 +186,21 @@ async fn tokens_are_verified_and_refusals_carry_the_reason() {
             "missing_claim",
         ),
         ("not-a-jwt".to_string(), "malformed"),
+        // A configured issuer and audience must be present, not just match.
+        (
+            sign(
+                Algorithm::HS256,
+                &json!({"sub": "42", "exp": exp, "aud": AUDIENCE}),
+            ),
+            "missing_claim",
+        ),
+        (
+            sign(
+                Algorithm::HS256,
+                &json!({"sub": "42", "exp": exp, "iss": ISSUER}),
+            ),
+            "missing_claim",
+        ),
     ];
     for (token, reason) in &refused {
         assert_eq!(
@@ -416,9 +431,10 @@ async fn channel_rules_follow_the_principal() {
     }
 
     let mut anonymous = WsClient::connect(&crier.ws("/ws")).await;
+    let refusal = anonymous.subscribe("user:42", 1).await;
     assert_eq!(
-        anonymous.subscribe("user:42", 1).await["code"],
-        "unauthorized"
+        (refusal["code"].clone(), refusal["reason"].clone()),
+        (json!("unauthorized"), json!("missing"))
     );
     assert_eq!(
         anonymous.subscribe("private:x", 2).await["code"],

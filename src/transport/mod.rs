@@ -37,7 +37,7 @@ async fn admit(
     }
     let principal = match app.auth.from_request(headers, uri).await {
         Ok(found) => found.unwrap_or_default(),
-        Err(Failure::StoreUnavailable) => return Err(Refused::Unavailable),
+        Err(Failure::StoreUnavailable) => return Err(Refused::SessionStoreUnavailable),
         Err(failure) => return Err(Refused::Unauthorized(failure.reason())),
     };
     check_channels(app, channels, &principal)?;

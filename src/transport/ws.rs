@@ -413,9 +413,9 @@ where
         {
             Ok(()) => {}
             Err(Refusal::NeedsAuth) => {
-                return self
-                    .error(ErrorCode::Unauthorized, "authentication required", &id)
-                    .await;
+                self.app.auth.count(Failure::Missing);
+                let reason = Failure::Missing.reason();
+                return self.error(ErrorCode::Unauthorized, reason, &id).await;
             }
             Err(Refusal::BadName(why)) => {
                 let reason = format!("bad channel name: {why}");
