@@ -27,15 +27,23 @@ struct PublishRequest {
 /// Handles one publish request.
 pub async fn publish(app: Arc<App>, req: Request<Incoming>, info: ConnInfo) -> Response<Body> {
     match try_publish(&app, req, &info).await {
-        Ok(()) => {
+        Ok(id) => {
             app.metrics.api_publications.inc();
-            json(StatusCode::OK, &serde_json::json!({"ok": true}))
+            let mut body = serde_json::json!({"ok": true});
+            if let Some(id) = id {
+                body["id"] = serde_json::json!(id.to_string());
+            }
+            json(StatusCode::OK, &body)
         }
         Err(refused) => refused.into_response(),
     }
 }
 
-async fn try_publish(app: &App, req: Request<Incoming>, info: &ConnInfo) -> Result<(), Refused> {
+async fn try_publish(
+    app: &App,
+    req: Request<Incoming>,
+    info: &ConnInfo,
+) -> Result<Option<crate::history::StreamId>, Refused> {
     authorize(app, &req, info)?;
     let limit = app.config.publish.max_body_bytes;
     let body = Limited::new(req.into_body(), limit)

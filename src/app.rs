@@ -29,7 +29,7 @@ pub struct App {
     /// Where publications come from and go to.
     pub broker: Broker,
     /// Channel rules.
-    pub policy: Policy,
+    pub policy: Arc<Policy>,
     /// The metrics registry.
     pub metrics: Metrics,
     /// Serving, shutting down, draining.
@@ -57,10 +57,10 @@ impl App {
         config: Config,
         hub: Arc<Hub>,
         broker: Broker,
+        policy: Arc<Policy>,
         metrics: Metrics,
         tasks: TaskTracker,
     ) -> Result<Self, String> {
-        let policy = Policy::new(&config.channels, config.dev);
         let lifecycle = Lifecycle::new(config.shutdown.drain);
         let connections = Arc::new(Semaphore::new(config.limits.max_connections));
         let auth = Arc::new(Authenticator::new(&config, metrics.clone())?);

@@ -107,6 +107,10 @@ pub struct RedisConfig {
     /// `unavailable` (matters only while Redis is down).
     #[serde(with = "humantime_serde")]
     pub subscribe_timeout: Duration,
+    /// A canary is published through Redis and must come back within this
+    /// time, or the instance turns not ready (connected but not receiving).
+    #[serde(with = "humantime_serde")]
+    pub canary_interval: Duration,
 }
 
 /// Limits that keep one client, or many, from exhausting the process.
@@ -208,6 +212,7 @@ impl Default for RedisConfig {
             connect_timeout: Duration::from_secs(5),
             reconnect_max: Duration::from_secs(5),
             subscribe_timeout: Duration::from_secs(5),
+            canary_interval: Duration::from_secs(1),
         }
     }
 }
@@ -385,6 +390,7 @@ impl Config {
             ("redis.connect_timeout", self.redis.connect_timeout),
             ("redis.reconnect_max", self.redis.reconnect_max),
             ("redis.subscribe_timeout", self.redis.subscribe_timeout),
+            ("redis.canary_interval", self.redis.canary_interval),
         ];
         for (field, value) in nonzero {
             if value.is_zero() {

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod history;
 pub mod http;
 pub mod hub;
 pub mod lifecycle;

@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 /// The two client transports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +56,12 @@ pub struct Inner {
     pub api_publications: IntCounter,
     /// Refused credentials, by reason.
     pub auth_failures: IntCounterVec,
+    /// Round trip of the last canary through Redis pub/sub.
+    pub pubsub_lag: Gauge,
+    /// Messages delivered from history after an outage or on resume.
+    pub recovered_messages: IntCounter,
+    /// `gap` notices sent (history could not cover a disconnect).
+    pub gaps: IntCounter,
 }
 
 impl std::ops::Deref for Metrics {
@@ -122,6 +130,19 @@ impl Metrics {
                 "crier_api_publications_total",
                 "Publications accepted by POST /api/publish.",
             ),
+            pubsub_lag: Gauge::new(
+                "crier_pubsub_lag_seconds",
+                "Round trip of the last canary published through Redis and received back.",
+            )
+            .expect("metric"),
+            recovered_messages: counter(
+                "crier_recovered_messages_total",
+                "Messages delivered from history after an outage or on resume.",
+            ),
+            gaps: counter(
+                "crier_gaps_total",
+                "Gap notices sent: history could not cover a disconnect.",
+            ),
             auth_failures: IntCounterVec::new(
                 Opts::new(
                     "crier_auth_failures_total",
@@ -144,6 +165,9 @@ impl Metrics {
             Box::new(inner.rejected.clone()),
             Box::new(inner.api_publications.clone()),
             Box::new(inner.auth_failures.clone()),
+            Box::new(inner.pubsub_lag.clone()),
+            Box::new(inner.recovered_messages.clone()),
+            Box::new(inner.gaps.clone()),
         ];
         for c in collectors {
             inner.registry.register(c).expect("register metric");

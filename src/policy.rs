@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 pub use crate::auth::Principal;
+use crate::history::HistoryRule;
 
 /// Longest accepted channel name, in bytes.
 pub const MAX_CHANNEL_LEN: usize = 256;
@@ -21,6 +22,10 @@ pub struct ChannelRule {
     pub pattern: String,
     /// Who may subscribe.
     pub subscribe: Subscribe,
+    /// Keep history for the matching channels (`crier_publish` appends to
+    /// it); absent: no history, no resume, `gap` after a disconnect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<crate::history::HistoryRule>,
 }
 
 /// Who may subscribe to the channels a rule matches.
@@ -137,6 +142,7 @@ impl ChannelRule {
 #[derive(Debug, Clone)]
 pub struct Policy {
     rules: Vec<(Pattern, Subscribe)>,
+    history: Vec<(Pattern, Option<HistoryRule>)>,
     allow_all: bool,
 }
 
@@ -159,11 +165,36 @@ impl Policy {
     /// does not parse is skipped); `allow_all` (dev mode) lets anyone hear
     /// any channel.
     pub fn new(rules: &[ChannelRule], allow_all: bool) -> Self {
-        let rules = rules
+        let parsed: Vec<_> = rules
             .iter()
-            .filter_map(|r| Pattern::parse(&r.pattern).ok().map(|p| (p, r.subscribe)))
+            .filter_map(|r| Pattern::parse(&r.pattern).ok().map(|p| (p, r)))
             .collect();
-        Self { rules, allow_all }
+        Self {
+            rules: parsed
+                .iter()
+                .map(|(p, r)| (p.clone(), r.subscribe))
+                .collect(),
+            history: parsed.iter().map(|(p, r)| (p.clone(), r.history)).collect(),
+            allow_all,
+        }
+    }
+
+    /// The history kept for `channel`: the first rule whose pattern fits
+    /// it, reading placeholders as any text (as the Redis function does,
+    /// which knows nothing of principals).
+    pub fn history_of(&self, channel: &str) -> Option<HistoryRule> {
+        self.history
+            .iter()
+            .find(|(p, _)| p.matches(channel, &Principal::default()) || p.could_match(channel))
+            .and_then(|(_, h)| *h)
+    }
+
+    /// `(pattern, history)` of every rule, for the Redis function library.
+    pub fn history_rules(rules: &[ChannelRule]) -> Vec<(String, Option<HistoryRule>)> {
+        rules
+            .iter()
+            .map(|r| (r.pattern.clone(), r.history))
+            .collect()
     }
 
     /// May `who` subscribe to `channel`?
@@ -258,6 +289,7 @@ mod tests {
         ChannelRule {
             pattern: pattern.into(),
             subscribe,
+            history: None,
         }
     }
 

@@ -9,6 +9,8 @@ use hyper_tungstenite::tungstenite::Utf8Bytes;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::history::StreamId;
+
 /// One publication, parsed once and pre-encoded for both transports.
 #[derive(Debug)]
 pub struct Publication {
@@ -16,10 +18,26 @@ pub struct Publication {
     pub channel: String,
     /// The payload's top-level string `type`, when it has one.
     pub event: Option<String>,
+    /// Its position in the channel's history, when the channel keeps one.
+    pub id: Option<StreamId>,
+    /// A message, or the notice that messages were lost.
+    pub kind: Kind,
     /// The envelope JSON: the WebSocket text frame, as is.
     pub frame: Utf8Bytes,
     /// The complete SSE event (`event:` and `data:` lines, blank line).
+    /// With an id, the writer sends all but the last byte, then its own
+    /// `id: <cursor>` line and the blank line.
     pub sse: Bytes,
+}
+
+/// What a publication tells the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A published message.
+    Message,
+    /// Messages of this channel were lost (history could not cover an
+    /// outage or a resume): the app must refetch its state.
+    Gap,
 }
 
 impl Publication {
@@ -29,6 +47,11 @@ impl Publication {
     /// carried as a JSON string (invalid UTF-8 replaced), so clients always
     /// get valid JSON.
     pub fn new(channel: &str, payload: &[u8]) -> Self {
+        Self::message(channel, None, payload)
+    }
+
+    /// A message with its history id.
+    pub fn message(channel: &str, id: Option<StreamId>, payload: &[u8]) -> Self {
         let parsed: Option<Value> = serde_json::from_slice(payload).ok();
         let event = parsed
             .as_ref()
@@ -36,12 +59,17 @@ impl Publication {
             .and_then(Value::as_str)
             .map(str::to_owned);
 
-        let mut env = Vec::with_capacity(payload.len() + channel.len() + 64);
+        let mut env = Vec::with_capacity(payload.len() + channel.len() + 96);
         env.extend_from_slice(br#"{"type":"message","channel":"#);
         push_json_string(&mut env, channel);
         if let Some(event) = &event {
             env.extend_from_slice(br#","event":"#);
             push_json_string(&mut env, event);
+        }
+        if let Some(id) = id {
+            env.extend_from_slice(br#","id":""#);
+            env.extend_from_slice(id.to_string().as_bytes());
+            env.push(b'"');
         }
         env.extend_from_slice(br#","data":"#);
         if parsed.is_some() {
@@ -50,7 +78,25 @@ impl Publication {
             push_json_string(&mut env, &String::from_utf8_lossy(payload));
         }
         env.push(b'}');
+        Self::encoded(channel, event, id, Kind::Message, env)
+    }
 
+    /// The notice that messages of `channel` were lost.
+    pub fn gap(channel: &str) -> Self {
+        let mut env = Vec::with_capacity(channel.len() + 32);
+        env.extend_from_slice(br#"{"type":"gap","channel":"#);
+        push_json_string(&mut env, channel);
+        env.push(b'}');
+        Self::encoded(channel, Some("gap".into()), None, Kind::Gap, env)
+    }
+
+    fn encoded(
+        channel: &str,
+        event: Option<String>,
+        id: Option<StreamId>,
+        kind: Kind,
+        env: Vec<u8>,
+    ) -> Self {
         let sse = sse_event(event.as_deref(), &env);
         // The envelope is built from valid UTF-8 pieces only.
         let frame = match String::from_utf8(env) {
@@ -60,9 +106,17 @@ impl Publication {
         Publication {
             channel: channel.to_owned(),
             event,
+            id,
+            kind,
             frame,
             sse,
         }
+    }
+
+    /// The SSE event without its final blank line, for writers that append
+    /// an `id:` line (a zero-copy slice).
+    pub fn sse_open(&self) -> Bytes {
+        self.sse.slice(..self.sse.len().saturating_sub(1))
     }
 }
 
@@ -124,6 +178,9 @@ pub struct Command {
     /// For `auth`: a bearer token.
     #[serde(default)]
     pub token: Option<String>,
+    /// For `subscribe`: resume after this message id of the channel.
+    #[serde(default)]
+    pub since: Option<String>,
 }
 
 /// Error codes sent in `error` replies.
@@ -177,9 +234,23 @@ pub mod reply {
         json!({"type": "welcome", "conn": conn.to_string(), "version": crate::VERSION}).to_string()
     }
 
-    /// A subscription is live.
-    pub fn subscribed(channel: &str, id: &Option<Value>) -> String {
-        with_id(json!({"type": "subscribed", "channel": channel}), id)
+    /// A subscription is live. `recovered` answers a `since`: whether
+    /// everything after it was delivered (false: a `gap` follows).
+    /// `position` is where a later `since` may resume from.
+    pub fn subscribed(
+        channel: &str,
+        recovered: Option<bool>,
+        position: Option<StreamId>,
+        id: &Option<Value>,
+    ) -> String {
+        let mut v = json!({"type": "subscribed", "channel": channel});
+        if let Some(recovered) = recovered {
+            v["recovered"] = json!(recovered);
+        }
+        if let Some(position) = position {
+            v["position"] = json!(position.to_string());
+        }
+        with_id(v, id)
     }
 
     /// A subscription ended at the client's request.
@@ -275,6 +346,21 @@ mod tests {
             .join("\n");
         let v: Value = serde_json::from_str(&data).expect("rejoined data is JSON");
         assert_eq!(v["data"]["v"], 1);
+    }
+
+    #[test]
+    fn history_ids_and_gaps() {
+        let id: StreamId = "17-3".parse().expect("id");
+        let p = Publication::message("c", Some(id), br#"{"type":"t"}"#);
+        assert_eq!(
+            p.frame.as_str(),
+            r#"{"type":"message","channel":"c","event":"t","id":"17-3","data":{"type":"t"}}"#
+        );
+        assert!(p.sse_open().ends_with(b"}\n") && !p.sse_open().ends_with(b"\n\n"));
+        let g = Publication::gap("c");
+        assert_eq!(g.kind, Kind::Gap);
+        assert_eq!(g.frame.as_str(), r#"{"type":"gap","channel":"c"}"#);
+        assert!(g.sse.starts_with(b"event: gap\ndata: "));
     }
 
     #[test]

@@ -26,6 +26,7 @@ use crate::config::Config;
 use crate::http::{full, text, Body};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::policy::Policy;
 use crate::transport::{sse, ws};
 
 /// The dev console served at `/` in dev mode.
@@ -85,9 +86,11 @@ pub fn serve(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
         config.redis.subscribe_timeout,
         metrics.clone(),
     ));
+    let policy = Arc::new(Policy::new(&config.channels, config.dev));
     let broker = Broker::start(
         &config,
         Arc::clone(&hub),
+        Arc::clone(&policy),
         control_rx,
         metrics.clone(),
         &background,
@@ -99,7 +102,7 @@ pub fn serve(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
         tracing::warn!("dev mode: every channel is open to anyone; do not expose this instance");
     }
 
-    let app = App::new(config, hub, broker, metrics, TaskTracker::new()).map_err(|e| {
+    let app = App::new(config, hub, broker, policy, metrics, TaskTracker::new()).map_err(|e| {
         stop_background.cancel();
         anyhow::anyhow!("{e}")
     })?;

@@ -45,6 +45,7 @@ fn rules() -> Vec<ChannelRule> {
     let rule = |pattern: &str, subscribe| ChannelRule {
         pattern: pattern.into(),
         subscribe,
+        history: None,
     };
     vec![
         rule("public:*", Subscribe::Anyone),

@@ -36,6 +36,10 @@ async fn redis_restart_is_survived_without_client_reconnects() {
     assert_eq!(redis.pubsub_numsub(&channel).await, 1, "resubscribed");
 
     redis.publish(&channel, r#"{"after":"restart"}"#).await;
+    // What was published during the outage is gone (no history on this
+    // channel): both clients are told so, then live messages resume.
+    let gap = json!({"type": "gap", "channel": channel});
+    assert_eq!(ws.recv_json(WAIT).await, gap);
     assert_eq!(
         ws.recv_type("message", WAIT).await["data"]["after"],
         "restart"
@@ -44,7 +48,13 @@ async fn redis_restart_is_survived_without_client_reconnects() {
         .next_message(WAIT)
         .await
         .expect("same stream, still open");
+    assert_eq!((e.event.as_deref(), e.json()), (Some("gap"), gap));
+    let e = events
+        .next_message(WAIT)
+        .await
+        .expect("same stream, still open");
     assert_eq!(e.json()["data"]["after"], "restart");
+    assert_eq!(crier.metric("crier_gaps_total").await, 1.0);
     assert_eq!(
         crier.metric("crier_connections{transport=\"ws\"}").await,
         1.0

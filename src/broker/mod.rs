@@ -14,8 +14,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::history::{Recovery, StreamId};
 use crate::hub::{Control, Hub};
 use crate::metrics::Metrics;
+use crate::policy::Policy;
 
 mod memory;
 mod redis;
@@ -29,6 +31,9 @@ pub enum PublishError {
     /// Redis refused or could not be reached.
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
+    /// Redis answered something crier did not expect.
+    #[error("unexpected answer from redis: {0}")]
+    Protocol(String),
 }
 
 /// Whether the broker currently delivers publications; backs `/readyz`.
@@ -47,6 +52,15 @@ impl BrokerHealth {
     }
 }
 
+/// What a broker is connected to.
+pub(crate) struct Wiring {
+    hub: Arc<Hub>,
+    policy: Arc<Policy>,
+    control: mpsc::UnboundedReceiver<Control>,
+    health: BrokerHealth,
+    metrics: Metrics,
+}
+
 /// The configured broker.
 pub enum Broker {
     /// In-process, one instance.
@@ -61,36 +75,60 @@ impl Broker {
     pub fn start(
         config: &Config,
         hub: Arc<Hub>,
+        policy: Arc<Policy>,
         control: mpsc::UnboundedReceiver<Control>,
         metrics: Metrics,
         tasks: &TaskTracker,
         stop: CancellationToken,
     ) -> Result<Self, PublishError> {
         let health = BrokerHealth::default();
+        let wiring = Wiring {
+            hub,
+            policy,
+            control,
+            health,
+            metrics,
+        };
         Ok(match &config.redis.url {
-            None => Broker::Memory(MemoryBroker::start(
-                hub, control, health, metrics, tasks, stop,
-            )),
-            Some(_) => Broker::Redis(RedisBroker::start(
-                &config.redis,
-                hub,
-                control,
-                health,
-                metrics,
-                tasks,
-                stop,
-            )?),
+            None => Broker::Memory(MemoryBroker::start(wiring, tasks, stop)),
+            Some(_) => Broker::Redis(RedisBroker::start(config, wiring, tasks, stop)?),
         })
     }
 
-    /// Publishes `payload` on `channel` (no prefix: the broker adds it).
-    pub async fn publish(&self, channel: &str, payload: &[u8]) -> Result<(), PublishError> {
+    /// Publishes `payload` on `channel` (no prefix: the broker adds it),
+    /// appending it to the channel's history when its rule keeps one.
+    /// Returns the history id.
+    pub async fn publish(
+        &self,
+        channel: &str,
+        payload: &[u8],
+    ) -> Result<Option<StreamId>, PublishError> {
         match self {
-            Broker::Memory(b) => {
-                b.publish(channel, payload);
-                Ok(())
-            }
+            Broker::Memory(b) => Ok(b.publish(channel, payload)),
             Broker::Redis(b) => b.publish(channel, payload).await,
+        }
+    }
+
+    /// Where a new listener of a history channel starts: the newest id, or
+    /// just before now when the channel has no history yet.
+    pub async fn position(&self, channel: &str) -> Result<StreamId, PublishError> {
+        match self {
+            Broker::Memory(b) => Ok(b.position(channel)),
+            Broker::Redis(b) => b.position(channel).await,
+        }
+    }
+
+    /// What `channel`'s history holds after `since` (at most `limit`
+    /// messages), and whether messages after `since` were lost.
+    pub async fn recover(
+        &self,
+        channel: &str,
+        since: StreamId,
+        limit: usize,
+    ) -> Result<Recovery, PublishError> {
+        match self {
+            Broker::Memory(b) => Ok(b.recover(channel, since, limit)),
+            Broker::Redis(b) => b.recover(channel, since, limit).await,
         }
     }
 

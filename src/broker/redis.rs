@@ -4,11 +4,16 @@
 //! A supervisor task owns that connection. It applies the hub's subscribe and
 //! unsubscribe requests in order, hands every message to the hub, and when the
 //! connection is lost it marks the broker (and every channel) not ready,
-//! reconnects with capped, jittered exponential backoff and resubscribes every
-//! live channel. redis-rs buffers pub/sub messages unboundedly between its
-//! driver and this task, so this task must never wait on anything but Redis.
+//! reconnects with capped, jittered exponential backoff, resubscribes every
+//! live channel and recovers what was published meanwhile: from the history
+//! stream for channels that keep one, a `gap` notice for the others. A
+//! canary published through Redis and received back backs readiness, so an
+//! instance that is connected but not receiving is not ready either.
+//! redis-rs buffers pub/sub messages unboundedly between its driver and this
+//! task, so this task must never wait on anything but Redis.
 //!
-//! Publishing uses a separate multiplexed connection that reconnects by itself.
+//! Publishing, history reads and the canary use a separate multiplexed
+//! connection that reconnects by itself.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,54 +23,84 @@ use futures_util::StreamExt;
 use rand::Rng;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink, PubSubStream};
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{BrokerHealth, PublishError};
-use crate::config::RedisConfig;
+use super::{BrokerHealth, PublishError, Wiring};
+use crate::config::Config;
+use crate::history::{self, Recovery, StreamId};
 use crate::hub::{Control, Hub};
 use crate::metrics::Metrics;
+use crate::policy::Policy;
 use crate::protocol::Publication;
 
 /// Channels subscribed per SUBSCRIBE command when resubscribing in bulk.
 const RESUBSCRIBE_BATCH: usize = 512;
 /// First reconnect delay; doubles per failed attempt up to `reconnect_max`.
 const BACKOFF_START: Duration = Duration::from_millis(100);
+/// Most messages recovered per channel after an outage.
+const RECOVERY_LIMIT: usize = 10_000;
 
 /// See the module documentation.
 pub struct RedisBroker {
-    publisher: ConnectionManager,
-    prefix: String,
+    redis: Redis,
     pub(super) health: BrokerHealth,
+}
+
+/// Commands over the multiplexed connection, shared by the broker and its
+/// supervisor.
+#[derive(Clone)]
+struct Redis {
+    conn: ConnectionManager,
+    library: Arc<str>,
+    timeout: Duration,
 }
 
 impl RedisBroker {
     pub(super) fn start(
-        config: &RedisConfig,
-        hub: Arc<Hub>,
-        control: mpsc::UnboundedReceiver<Control>,
-        health: BrokerHealth,
-        metrics: Metrics,
+        config: &Config,
+        wiring: Wiring,
         tasks: &TaskTracker,
         stop: CancellationToken,
     ) -> Result<Self, PublishError> {
-        let url = config.url.as_deref().unwrap_or_default();
+        let Wiring {
+            hub,
+            policy,
+            control,
+            health,
+            metrics,
+        } = wiring;
+        let redis_config = &config.redis;
+        let url = redis_config.url.as_deref().unwrap_or_default();
         let client = redis::Client::open(url)?;
-        let publisher = ConnectionManager::new_lazy_with_config(
+        let conn = ConnectionManager::new_lazy_with_config(
             client.clone(),
             ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(config.connect_timeout))
-                .set_response_timeout(Some(config.connect_timeout))
+                .set_connection_timeout(Some(redis_config.connect_timeout))
+                .set_response_timeout(Some(redis_config.connect_timeout))
                 .set_number_of_retries(2)
-                .set_max_delay(config.reconnect_max),
+                .set_max_delay(redis_config.reconnect_max),
         )?;
+        let prefix = redis_config.channel_prefix.clone();
+        let library = history::function_library(&prefix, &Policy::history_rules(&config.channels));
+        let redis = Redis {
+            conn,
+            library: library.into(),
+            timeout: redis_config.connect_timeout,
+        };
         health.set(false, &metrics);
+        let canary = format!("{prefix}crier:canary:{:016x}", rand::rng().random::<u64>());
         let supervisor = Supervisor {
             client,
-            prefix: config.channel_prefix.clone(),
-            connect_timeout: config.connect_timeout,
-            reconnect_max: config.reconnect_max,
+            redis: redis.clone(),
+            prefix,
+            canary,
+            canary_interval: redis_config.canary_interval,
+            connect_timeout: redis_config.connect_timeout,
+            reconnect_max: redis_config.reconnect_max,
             hub,
+            policy,
             control,
             channels: HashMap::new(),
             health: health.clone(),
@@ -73,24 +108,124 @@ impl RedisBroker {
             stop,
         };
         tasks.spawn(supervisor.run());
-        Ok(RedisBroker {
-            publisher,
-            prefix: config.channel_prefix.clone(),
-            health,
-        })
+        Ok(RedisBroker { redis, health })
     }
 
-    /// `PUBLISH <prefix><channel> <payload>`.
-    pub async fn publish(&self, channel: &str, payload: &[u8]) -> Result<(), PublishError> {
-        let mut conn = self.publisher.clone();
-        redis::cmd("PUBLISH")
-            .arg(format!("{}{channel}", self.prefix))
-            .arg(payload)
-            .query_async::<i64>(&mut conn)
+    /// `FCALL crier_publish 1 <channel> <payload>`: appended to the history
+    /// when the channel keeps one, and published, in one atomic step.
+    pub async fn publish(
+        &self,
+        channel: &str,
+        payload: &[u8],
+    ) -> Result<Option<StreamId>, PublishError> {
+        let id: Option<String> = self
+            .redis
+            .fcall("crier_publish", channel, &[payload])
             .await?;
-        Ok(())
+        Ok(id.and_then(|id| id.parse().ok()))
+    }
+
+    /// See [`super::Broker::position`].
+    pub async fn position(&self, channel: &str) -> Result<StreamId, PublishError> {
+        self.redis.position(channel).await
+    }
+
+    /// See [`super::Broker::recover`].
+    pub async fn recover(
+        &self,
+        channel: &str,
+        since: StreamId,
+        limit: usize,
+    ) -> Result<Recovery, PublishError> {
+        self.redis.recover(channel, since, limit).await
     }
 }
+
+impl Redis {
+    /// `FCALL name 1 channel args...`, loading the library once if Redis
+    /// lost it (a restart without persistence).
+    async fn fcall<T: redis::FromRedisValue>(
+        &self,
+        name: &str,
+        channel: &str,
+        args: &[&[u8]],
+    ) -> Result<T, PublishError> {
+        let call = || {
+            let mut cmd = redis::cmd("FCALL");
+            cmd.arg(name).arg(1).arg(channel);
+            for a in args {
+                cmd.arg(*a);
+            }
+            cmd
+        };
+        match self.query(call()).await {
+            Err(PublishError::Redis(e)) if e.to_string().contains("Function not found") => {
+                self.load_library().await?;
+                self.query(call()).await
+            }
+            other => other,
+        }
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, PublishError> {
+        let mut conn = self.conn.clone();
+        match tokio::time::timeout(self.timeout, cmd.query_async(&mut conn)).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(PublishError::Protocol(
+                "redis did not answer in time".into(),
+            )),
+        }
+    }
+
+    async fn load_library(&self) -> Result<(), PublishError> {
+        let mut cmd = redis::cmd("FUNCTION");
+        cmd.arg("LOAD").arg("REPLACE").arg(self.library.as_bytes());
+        self.query::<String>(cmd).await.map(|_| ())
+    }
+
+    async fn position(&self, channel: &str) -> Result<StreamId, PublishError> {
+        let id: String = self.fcall("crier_position", channel, &[]).await?;
+        id.parse()
+            .map_err(|_| PublishError::Protocol(format!("bad stream id {id:?}")))
+    }
+
+    async fn recover(
+        &self,
+        channel: &str,
+        since: StreamId,
+        limit: usize,
+    ) -> Result<Recovery, PublishError> {
+        let since = since.to_string();
+        let limit = limit.to_string();
+        let (gap, entries): SinceReply = self
+            .fcall(
+                "crier_since",
+                channel,
+                &[since.as_bytes(), limit.as_bytes()],
+            )
+            .await?;
+        let mut recovery = Recovery {
+            gap: gap != 0,
+            entries: Vec::with_capacity(entries.len()),
+        };
+        for (id, mut fields) in entries {
+            let id = id
+                .parse()
+                .map_err(|_| PublishError::Protocol(format!("bad stream id {id:?}")))?;
+            // Fields are ["d", payload].
+            let payload = if fields.len() >= 2 {
+                fields.swap_remove(1)
+            } else {
+                Vec::new()
+            };
+            recovery.entries.push((id, payload));
+        }
+        Ok(recovery)
+    }
+}
+
+/// `crier_since` answers `{gap, {{id, {"d", payload}}, ...}}`.
+type SinceReply = (i64, Vec<(String, Vec<Vec<u8>>)>);
 
 /// Why the serving loop ended.
 enum Ended {
@@ -98,15 +233,29 @@ enum Ended {
     Lost(String),
 }
 
+/// What the supervisor knows of one channel.
+struct Channel {
+    /// Readiness signal shared with the hub's waiters.
+    ready: watch::Sender<bool>,
+    /// For history channels: the newest id dispatched (or the position at
+    /// subscription), where recovery resumes after an outage.
+    last: Option<StreamId>,
+    history: bool,
+}
+
 struct Supervisor {
     client: redis::Client,
+    redis: Redis,
     prefix: String,
+    canary: String,
+    canary_interval: Duration,
     connect_timeout: Duration,
     reconnect_max: Duration,
     hub: Arc<Hub>,
+    policy: Arc<Policy>,
     control: mpsc::UnboundedReceiver<Control>,
-    /// Every channel the hub wants, with its readiness signal.
-    channels: HashMap<String, watch::Sender<bool>>,
+    /// Every channel the hub wants.
+    channels: HashMap<String, Channel>,
     health: BrokerHealth,
     metrics: Metrics,
     stop: CancellationToken,
@@ -120,9 +269,16 @@ impl Supervisor {
             match self.connect().await {
                 Ok((mut sink, stream)) => match self.resubscribe_all(&mut sink).await {
                     Ok(()) => {
+                        if let Err(e) = self.redis.load_library().await {
+                            tracing::error!(error = %e, "cannot load the crier function library (Redis >= 7 needed): no history");
+                        }
                         if connected_before {
                             self.metrics.redis_reconnects.inc();
-                            tracing::info!(channels = self.channels.len(), "redis reconnected");
+                            tracing::info!(
+                                channels = self.channels.len(),
+                                "redis reconnected, recovering"
+                            );
+                            self.recover_all().await;
                         } else {
                             tracing::info!("redis pub/sub connected");
                         }
@@ -170,16 +326,73 @@ impl Supervisor {
     }
 
     async fn resubscribe_all(&mut self, sink: &mut PubSubSink) -> Result<(), String> {
-        let names: Vec<String> = self.channels.keys().map(|c| self.key(c)).collect();
+        let mut names: Vec<String> = self.channels.keys().map(|c| self.key(c)).collect();
+        names.push(self.canary.clone());
         for batch in names.chunks(RESUBSCRIBE_BATCH) {
             self.bounded(sink.subscribe(batch)).await?;
         }
         Ok(())
     }
 
-    /// Relays messages and applies control requests until the connection is
-    /// lost or the process stops.
+    /// After an outage: what each channel missed, from its history, or a
+    /// `gap` where there is none. Connections drop what they already have.
+    async fn recover_all(&mut self) {
+        let names: Vec<String> = self.channels.keys().cloned().collect();
+        for name in names {
+            let Some(channel) = self.channels.get(&name) else {
+                continue;
+            };
+            let since = match (channel.history, channel.last) {
+                (true, Some(since)) => since,
+                _ => {
+                    self.gap(&name);
+                    continue;
+                }
+            };
+            match self.redis.recover(&name, since, RECOVERY_LIMIT).await {
+                Ok(recovery) => {
+                    if recovery.gap {
+                        self.gap(&name);
+                    }
+                    let count = recovery.entries.len();
+                    for (id, payload) in recovery.entries {
+                        self.dispatch(&name, Some(id), &payload);
+                    }
+                    self.metrics.recovered_messages.inc_by(count as u64);
+                    if count > 0 {
+                        tracing::info!(channel = %name, count, "recovered from history");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(channel = %name, error = %e, "history recovery failed");
+                    self.gap(&name);
+                }
+            }
+        }
+    }
+
+    fn gap(&self, channel: &str) {
+        self.metrics.gaps.inc();
+        self.hub.dispatch(Publication::gap(channel));
+    }
+
+    fn dispatch(&mut self, channel: &str, id: Option<StreamId>, payload: &[u8]) {
+        if let (Some(id), Some(state)) = (id, self.channels.get_mut(channel)) {
+            if state.last.is_some_and(|last| last >= id) {
+                return;
+            }
+            state.last = Some(id);
+        }
+        self.hub
+            .dispatch(Publication::message(channel, id, payload));
+    }
+
+    /// Relays messages, applies control requests and runs the canary until
+    /// the connection is lost or the process stops.
     async fn serve(&mut self, mut sink: PubSubSink, mut stream: PubSubStream) -> Ended {
+        let mut canary = Canary::new(self.canary_interval);
+        let mut tick = tokio::time::interval(self.canary_interval / 2);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = self.stop.cancelled() => return Ended::Stopped,
@@ -187,21 +400,38 @@ impl Supervisor {
                     let Some(msg) = msg else {
                         return Ended::Lost("connection closed".into());
                     };
+                    if msg.get_channel_name() == self.canary {
+                        if canary.answered(msg.get_payload_bytes(), &self.metrics) {
+                            self.health.set(true, &self.metrics);
+                        }
+                        continue;
+                    }
                     let Some(channel) = msg.get_channel_name().strip_prefix(self.prefix.as_str()) else {
                         continue;
                     };
-                    self.hub.dispatch(Publication::new(channel, msg.get_payload_bytes()));
+                    let channel = channel.to_owned();
+                    let (id, payload) = history::split_marked(msg.get_payload_bytes());
+                    self.dispatch(&channel, id, payload);
+                }
+                _ = tick.tick() => {
+                    if canary.overdue() && self.health.is_up() {
+                        tracing::warn!("canary not received back: connected but not receiving, not ready");
+                        self.health.set(false, &self.metrics);
+                    }
+                    if let Some(seq) = canary.next() {
+                        let redis = self.redis.clone();
+                        let mut cmd = redis::cmd("PUBLISH");
+                        cmd.arg(&self.canary).arg(seq.to_string());
+                        // Never wait on it here: a stalled Redis must not
+                        // stall the relay.
+                        tokio::spawn(async move { redis.query::<i64>(cmd).await });
+                    }
                 }
                 request = self.control.recv() => {
                     let Some(request) = request else { return Ended::Stopped };
                     let result = match request {
                         Control::Subscribe { channel, ready } => {
-                            let key = self.key(&channel);
-                            let done = self.bounded(sink.subscribe(&key)).await;
-                            if done.is_ok() {
-                                ready.send_replace(true);
-                            }
-                            self.channels.insert(channel, ready);
+                            let done = self.subscribe(&mut sink, &channel, ready).await;
                             done
                         }
                         Control::Unsubscribe { channel } => {
@@ -218,6 +448,35 @@ impl Supervisor {
         }
     }
 
+    async fn subscribe(
+        &mut self,
+        sink: &mut PubSubSink,
+        channel: &str,
+        ready: watch::Sender<bool>,
+    ) -> Result<(), String> {
+        let history = self.policy.history_of(channel).is_some();
+        // Where outage recovery of this channel would start.
+        let last = if history {
+            self.redis.position(channel).await.ok()
+        } else {
+            None
+        };
+        let key = self.key(channel);
+        let done = self.bounded(sink.subscribe(&key)).await;
+        if done.is_ok() {
+            ready.send_replace(true);
+        }
+        self.channels.insert(
+            channel.to_owned(),
+            Channel {
+                ready,
+                last,
+                history,
+            },
+        );
+        done
+    }
+
     /// Sleeps `delay` while keeping track of what the hub wants.
     /// Returns false when the process stops.
     async fn wait_offline(&mut self, delay: Duration) -> bool {
@@ -229,7 +488,9 @@ impl Supervisor {
                 _ = &mut sleep => return true,
                 request = self.control.recv() => match request {
                     Some(Control::Subscribe { channel, ready }) => {
-                        self.channels.insert(channel, ready);
+                        let history = self.policy.history_of(&channel).is_some();
+                        // No position can be read now: recovery will send a gap.
+                        self.channels.insert(channel, Channel { ready, last: None, history });
                     }
                     Some(Control::Unsubscribe { channel }) => {
                         self.channels.remove(&channel);
@@ -253,13 +514,63 @@ impl Supervisor {
 
     fn set_ready(&self, up: bool) {
         self.health.set(up, &self.metrics);
-        for ready in self.channels.values() {
-            ready.send_replace(up);
+        for channel in self.channels.values() {
+            channel.ready.send_replace(up);
         }
     }
 
     fn key(&self, channel: &str) -> String {
         format!("{}{channel}", self.prefix)
+    }
+}
+
+/// Publish → receive through Redis, every half interval; unanswered for
+/// longer than the interval means "connected but not receiving".
+struct Canary {
+    interval: Duration,
+    seq: u64,
+    /// The oldest canary not yet received back.
+    waiting: Option<(u64, Instant)>,
+}
+
+impl Canary {
+    fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            seq: 0,
+            waiting: None,
+        }
+    }
+
+    /// The next canary to send, unless one is still on its way.
+    fn next(&mut self) -> Option<u64> {
+        if self.waiting.is_some() && !self.overdue() {
+            return None;
+        }
+        self.seq += 1;
+        if self.waiting.is_none() {
+            self.waiting = Some((self.seq, Instant::now()));
+        }
+        Some(self.seq)
+    }
+
+    fn overdue(&self) -> bool {
+        self.waiting
+            .is_some_and(|(_, sent)| sent.elapsed() > self.interval)
+    }
+
+    /// A canary came back; returns true (healthy again).
+    fn answered(&mut self, payload: &[u8], metrics: &Metrics) -> bool {
+        let seq: Option<u64> = std::str::from_utf8(payload)
+            .ok()
+            .and_then(|s| s.parse().ok());
+        if let (Some(seq), Some((waiting, sent))) = (seq, self.waiting) {
+            if seq >= waiting {
+                metrics.pubsub_lag.set(sent.elapsed().as_secs_f64());
+                self.waiting = None;
+            }
+        }
+        true
     }
 }
 

@@ -11,6 +11,7 @@ use crate::metrics::Transport;
 use crate::origin::Verdict;
 use crate::policy::Refusal;
 
+pub mod resume;
 pub mod sse;
 pub mod ws;
 

@@ -21,12 +21,16 @@ use tokio::time::{Instant, Interval};
 use tracing::Instrument;
 
 use super::admit;
+use super::resume::{self, Tracker};
 use crate::app::{Admitted, App, ConnInfo};
 use crate::auth::{AuthEvent, Watch};
+use crate::history::Cursor;
 use crate::http::{Body, Refused, StreamQuery};
 use crate::hub::{self, Inbox, Subscriptions};
 use crate::metrics::Transport;
 use crate::origin::add_cors;
+use crate::protocol::{Kind, Publication};
+use std::collections::VecDeque;
 
 /// Answers a `/sse` request: an error status, or an endless event stream.
 pub async fn handle<B>(app: Arc<App>, req: Request<B>, info: ConnInfo) -> Response<Body> {
@@ -57,31 +61,61 @@ async fn open<B>(
     )
     .await?;
 
+    let cursor = match last_event_id(&req) {
+        None => None,
+        Some(text) => Some(Cursor::decode(&text).map_err(|_| {
+            Refused::BadRequest("bad Last-Event-ID: not a cursor crier issued".into())
+        })?),
+    };
+
     let (outbox, inbox) = hub::queue(app.config.limits.queue_size, info.kill.clone());
     let conn = outbox.id();
     let mut subs = Subscriptions::new(Arc::clone(&app.hub), outbox);
+    let mut tracker = Tracker::default();
+    let mut replay = Vec::new();
     for channel in &query.channels {
-        subs.add(channel, query.events.clone())
-            .await
-            .map_err(|_| Refused::Unavailable)?;
+        let since = cursor.as_ref().and_then(|c| c.0.get(channel).copied());
+        let opened = resume::open(
+            &app,
+            &mut subs,
+            &mut tracker,
+            channel,
+            query.events.clone(),
+            since,
+            cursor.is_some(),
+        )
+        .await
+        .map_err(|_| Refused::Unavailable)?;
+        replay.extend(opened.replay);
     }
     let span =
         tracing::info_span!("conn", conn.id = conn, client.addr = %info.peer, transport = "sse");
-    span.in_scope(|| tracing::debug!(channels = ?query.channels, "sse stream opened"));
+    span.in_scope(|| tracing::debug!(channels = ?query.channels, resumed = cursor.is_some(), "sse stream opened"));
 
     let heartbeat = app.config.sse.heartbeat;
-    let retry = Bytes::from(format!("retry: {}\n\n", app.config.sse.retry.as_millis()));
+    // The first block: the reconnect delay and, for history channels, the
+    // starting cursor, so even a client that sees no message resumes right.
+    let mut opening = format!("retry: {}\n", app.config.sse.retry.as_millis());
+    if tracker.has_history() {
+        opening.push_str(&format!("id: {}\n", tracker.cursor().encode()));
+    }
+    opening.push('\n');
     let watch = Watch::new(Arc::clone(&app.auth), admission.principal);
-    let state = Live {
+    let mut state = Live {
         app,
         inbox,
         _subs: subs,
         _admitted: admission.admitted,
         watch,
+        tracker,
+        pending: VecDeque::from([Bytes::from(opening)]),
         heartbeat: tokio::time::interval_at(Instant::now() + heartbeat, heartbeat),
-        phase: Phase::Opening(retry),
+        done: false,
         span,
     };
+    for p in &replay {
+        state.emit(p);
+    }
     let body = StreamBody::new(events(state)).boxed_unsync();
     let mut response = Response::new(body);
     *response.status_mut() = StatusCode::OK;
@@ -122,14 +156,6 @@ pub fn preflight<B>(app: &App, req: &Request<B>) -> Response<Body> {
     response
 }
 
-enum Phase {
-    /// The first chunk (`retry:`) is still to be sent.
-    Opening(Bytes),
-    Live,
-    /// The drain reached this stream: it has sent its last `retry:`.
-    Done,
-}
-
 /// What a live stream owns; dropping it (client gone, stream ended)
 /// unsubscribes and frees the connection slot.
 struct Live {
@@ -138,9 +164,35 @@ struct Live {
     _subs: Subscriptions,
     _admitted: Admitted,
     watch: Watch,
+    tracker: Tracker,
+    /// Chunks ready to send, in order.
+    pending: VecDeque<Bytes>,
     heartbeat: Interval,
-    phase: Phase,
+    /// No more events: end once `pending` is sent.
+    done: bool,
     span: tracing::Span,
+}
+
+impl Live {
+    /// Queues a publication unless this stream already delivered it. A
+    /// history message goes out as its shared event bytes plus this
+    /// stream's own `id:` cursor line.
+    fn emit(&mut self, p: &Publication) {
+        if !self.tracker.accept(p) {
+            return;
+        }
+        if p.id.is_some() {
+            self.pending.push_back(p.sse_open());
+            let cursor = self.tracker.cursor().encode();
+            self.pending
+                .push_back(Bytes::from(format!("id: {cursor}\n\n")));
+        } else {
+            self.pending.push_back(p.sse.clone());
+        }
+        if p.kind == Kind::Message {
+            self.app.metrics.delivered(Transport::Sse).inc();
+        }
+    }
 }
 
 type Chunk = Result<Frame<Bytes>, Infallible>;
@@ -151,42 +203,58 @@ fn events(state: Live) -> impl Stream<Item = Chunk> + Send {
     stream::unfold((state, turn), |(mut st, mut turn)| async move {
         let span = st.span.clone();
         let chunk = async {
-            match std::mem::replace(&mut st.phase, Phase::Live) {
-                Phase::Opening(retry) => return Some(retry),
-                Phase::Done => return None,
-                Phase::Live => {}
-            }
-            tokio::select! {
-                biased;
-                _ = st.inbox.slow.cancelled() => {
-                    tracing::info!("client too slow: queue full, ending stream");
-                    None
+            loop {
+                if let Some(chunk) = st.pending.pop_front() {
+                    return Some(chunk);
                 }
-                retry_ms = &mut turn => {
-                    tracing::debug!(retry_ms, "draining: client told to reconnect");
-                    st.phase = Phase::Done;
-                    Some(Bytes::from(format!("retry: {retry_ms}\n\n")))
+                if st.done {
+                    return None;
                 }
-                event = st.watch.next() => match event {
-                    AuthEvent::Expiring { in_secs } => Some(Bytes::from(format!(
-                        "event: expiring\ndata: {{\"type\":\"expiring\",\"in_secs\":{in_secs}}}\n\n"
-                    ))),
-                    AuthEvent::Expired => {
-                        tracing::info!("credential ended, closing stream");
-                        st.phase = Phase::Done;
-                        Some(Bytes::from_static(b"event: expired\ndata: {\"type\":\"expired\"}\n\n"))
+                tokio::select! {
+                    biased;
+                    _ = st.inbox.slow.cancelled() => {
+                        tracing::info!("client too slow: queue full, ending stream");
+                        return None;
                     }
-                },
-                publication = st.inbox.rx.recv() => {
-                    let publication = publication?;
-                    st.app.metrics.delivered(Transport::Sse).inc();
-                    Some(publication.sse.clone())
+                    retry_ms = &mut turn => {
+                        tracing::debug!(retry_ms, "draining: client told to reconnect");
+                        st.done = true;
+                        st.pending.push_back(Bytes::from(format!("retry: {retry_ms}\n\n")));
+                    }
+                    event = st.watch.next() => match event {
+                        AuthEvent::Expiring { in_secs } => st.pending.push_back(Bytes::from(format!(
+                            "event: expiring\ndata: {{\"type\":\"expiring\",\"in_secs\":{in_secs}}}\n\n"
+                        ))),
+                        AuthEvent::Expired => {
+                            tracing::info!("credential ended, closing stream");
+                            st.done = true;
+                            st.pending.push_back(Bytes::from_static(
+                                b"event: expired\ndata: {\"type\":\"expired\"}\n\n",
+                            ));
+                        }
+                    },
+                    publication = st.inbox.rx.recv() => {
+                        let publication = publication?;
+                        st.emit(&publication);
+                    }
+                    _ = st.heartbeat.tick() => st.pending.push_back(Bytes::from_static(b": heartbeat\n\n")),
                 }
-                _ = st.heartbeat.tick() => Some(Bytes::from_static(b": heartbeat\n\n")),
             }
         }
         .instrument(span)
         .await?;
         Some((Ok(Frame::data(chunk)), (st, turn)))
     })
+}
+
+/// The cursor a reconnecting browser sends back: `Last-Event-ID`, or
+/// `?last_event_id=` for clients that cannot set headers.
+fn last_event_id<B>(req: &Request<B>) -> Option<String> {
+    if let Some(value) = req.headers().get("last-event-id") {
+        return Some(String::from_utf8_lossy(value.as_bytes()).into_owned());
+    }
+    let query = req.uri().query()?;
+    url::form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "last_event_id")
+        .map(|(_, v)| v.into_owned())
 }

@@ -25,9 +25,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::resume::{self, Tracker};
 use super::{admit, Admission};
 use crate::app::{Admitted, App, ConnInfo};
 use crate::auth::{AuthEvent, Failure, Watch};
+use crate::history::StreamId;
 use crate::http::{Body, Refused, StreamQuery};
 use crate::hub::{self, Inbox, Subscriptions};
 use crate::metrics::Transport;
@@ -116,6 +118,7 @@ async fn session<S>(
     let session = Session {
         subs: Subscriptions::new(Arc::clone(&app.hub), outbox),
         watch: Watch::new(Arc::clone(&app.auth), admission.principal),
+        tracker: Tracker::default(),
         commands: TokenBucket::new(limits.commands_per_second, limits.command_burst),
         strikes: 0,
         app,
@@ -133,6 +136,8 @@ struct Session<S> {
     ws: S,
     subs: Subscriptions,
     watch: Watch,
+    /// Per-channel position, for dedupe across resume and live.
+    tracker: Tracker,
     commands: TokenBucket,
     /// Commands refused in a row for exceeding the rate.
     strikes: u32,
@@ -219,7 +224,8 @@ where
     ) -> Result<(CloseCode, &'static str), Gone> {
         self.write(Message::text(reply::welcome(conn))).await?;
         for channel in query.channels {
-            self.subscribe(channel, query.events.clone(), None).await?;
+            self.subscribe(channel, query.events.clone(), None, None)
+                .await?;
         }
 
         let app = Arc::clone(&self.app);
@@ -309,13 +315,19 @@ where
         let timeout = self.app.config.ws.write_timeout;
         let ws = &mut self.ws;
         let mut written = 0u64;
+        let tracker = &mut self.tracker;
         let batch = async {
-            ws.feed(Message::Text(first.frame.clone())).await?;
-            written += 1;
-            while written < WRITE_BATCH as u64 {
-                let Ok(next) = inbox.rx.try_recv() else { break };
-                ws.feed(Message::Text(next.frame.clone())).await?;
-                written += 1;
+            let mut next = Some(first);
+            let mut taken = 0;
+            while let Some(p) = next.take() {
+                taken += 1;
+                if tracker.accept(&p) {
+                    ws.feed(Message::Text(p.frame.clone())).await?;
+                    written += 1;
+                }
+                if taken < WRITE_BATCH {
+                    next = inbox.rx.try_recv().ok();
+                }
             }
             ws.flush().await
         };
@@ -334,7 +346,7 @@ where
         };
         match cmd.kind.as_deref() {
             Some("subscribe") => match cmd.channel {
-                Some(channel) => self.subscribe(channel, cmd.events, cmd.id).await,
+                Some(channel) => self.subscribe(channel, cmd.events, cmd.since, cmd.id).await,
                 None => {
                     self.error(ErrorCode::BadRequest, "missing channel", &cmd.id)
                         .await
@@ -343,6 +355,7 @@ where
             Some("unsubscribe") => match cmd.channel {
                 Some(channel) => {
                     self.subs.remove(&channel);
+                    self.tracker.forget(&channel);
                     self.write(Message::text(reply::unsubscribed(&channel, &cmd.id)))
                         .await
                 }
@@ -404,8 +417,17 @@ where
         &mut self,
         channel: String,
         events: Option<Vec<String>>,
+        since: Option<String>,
         id: Option<Value>,
     ) -> Result<(), Gone> {
+        let since = match since.as_deref().map(str::parse::<StreamId>) {
+            None => None,
+            Some(Ok(since)) => Some(since),
+            Some(Err(())) => {
+                let reason = "bad `since`: expected a message id like 1700000000000-0";
+                return self.error(ErrorCode::BadRequest, reason, &id).await;
+            }
+        };
         match self
             .app
             .policy
@@ -432,17 +454,28 @@ where
                 .error(ErrorCode::TooManySubscriptions, &reason, &id)
                 .await;
         }
-        if self.subs.add(&channel, events).await.is_err() {
-            return self
-                .error(
-                    ErrorCode::Unavailable,
-                    "the broker is unavailable, try again later",
-                    &id,
-                )
-                .await;
+        let opened = resume::open(
+            &self.app,
+            &mut self.subs,
+            &mut self.tracker,
+            &channel,
+            events,
+            since,
+            false,
+        )
+        .await;
+        let Ok(opened) = opened else {
+            let reason = "the broker is unavailable, try again later";
+            return self.error(ErrorCode::Unavailable, reason, &id).await;
+        };
+        let reply = reply::subscribed(&channel, opened.recovered, opened.position, &id);
+        self.write(Message::text(reply)).await?;
+        for p in opened.replay {
+            if self.tracker.accept(&p) {
+                self.write(Message::Text(p.frame.clone())).await?;
+            }
         }
-        self.write(Message::text(reply::subscribed(&channel, &id)))
-            .await
+        Ok(())
     }
 
     async fn error(

@@ -27,6 +27,7 @@ pub fn test_config(redis_url: Option<String>) -> Config {
     config.channels = vec![ChannelRule {
         pattern: "public:*".into(),
         subscribe: Subscribe::Anyone,
+        history: None,
     }];
     config.shutdown.grace = Duration::from_millis(300);
     config.shutdown.drain = Duration::from_millis(700);
