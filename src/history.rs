@@ -225,13 +225,27 @@ local function crier_since(keys, args)
     if ms ~= nil and ttl > 0 and ms + ttl < now then return {{1, {{}}}} end
     return {{0, {{}}}}
   end
+  -- Something after `since` may be gone when an entry newer than it was
+  -- deleted (XDEL), or when trimming removed entries and the oldest one
+  -- left is newer than `since` (trimming removes the oldest first).
   local info = redis.call('XINFO', 'STREAM', key)
-  local deleted = '0-0'
+  local deleted, first, last = '0-0', nil, '0-0'
+  local length, added = 0, 0
   for i = 1, #info, 2 do
-    if info[i] == 'max-deleted-entry-id' then deleted = info[i + 1] end
+    local field, value = info[i], info[i + 1]
+    if field == 'max-deleted-entry-id' then deleted = value
+    elseif field == 'first-entry' and type(value) == 'table' then first = value[1]
+    elseif field == 'last-generated-id' then last = value
+    elseif field == 'length' then length = value
+    elseif field == 'entries-added' then added = value
+    end
   end
   local gap = 0
   if after(deleted, since) then gap = 1 end
+  if added > length then
+    if first == nil then first = last end
+    if after(first, since) then gap = 1 end
+  end
   local entries = redis.call('XRANGE', key, '(' .. since, '+', 'COUNT', limit)
   return {{gap, entries}}
 end

@@ -113,6 +113,32 @@ impl RedisServer {
         }
     }
 
+    /// The server's process id (ours: we started it), for SIGSTOP/SIGCONT.
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .map(Child::id)
+            .expect("redis-server running")
+    }
+
+    /// `FCALL crier_publish 1 <channel> <payload>`: what an app calls to
+    /// publish with history. Returns the message id (None: no history).
+    pub async fn fcall_publish(&self, channel: &str, payload: &str) -> Option<String> {
+        let client = ::redis::Client::open(self.url()).expect("redis url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to redis");
+        ::redis::cmd("FCALL")
+            .arg("crier_publish")
+            .arg(1)
+            .arg(channel)
+            .arg(payload)
+            .query_async(&mut conn)
+            .await
+            .expect("FCALL crier_publish")
+    }
+
     /// PUBLISH over a fresh connection; returns how many subscribers received it.
     pub async fn publish(&self, channel: &str, payload: &str) -> i64 {
         let mut cmd = redis::cmd("PUBLISH");

@@ -1,0 +1,394 @@
+//! No message lost: history, cursors and resume across instances, gaps,
+//! Redis outages and the canary — against real redis-server processes.
+
+mod common;
+
+use std::time::Duration;
+
+use common::crier::{test_config, Instance, WAIT};
+use common::redis::RedisServer;
+use common::sse::{self, SseStream};
+use common::unique;
+use common::ws::WsClient;
+use crier::config::Config;
+use crier::history::HistoryRule;
+use crier::policy::{ChannelRule, Subscribe};
+use http::StatusCode;
+use serde_json::{json, Value};
+
+/// `hist:*` keeps history, `trim:*` keeps only a little, `plain:*` none.
+fn history_config(redis: Option<&RedisServer>) -> Config {
+    let mut config = test_config(redis.map(RedisServer::url));
+    let rule = |pattern: &str, size: Option<u64>| ChannelRule {
+        pattern: pattern.into(),
+        subscribe: Subscribe::Anyone,
+        history: size.map(|size| HistoryRule {
+            size,
+            ttl: Duration::from_secs(3600),
+        }),
+    };
+    config.channels = vec![
+        rule("hist:*", Some(1000)),
+        rule("trim:*", Some(5)),
+        rule("plain:*", None),
+    ];
+    config.publish.api_keys = vec![API_KEY.into()];
+    config
+}
+
+const API_KEY: &str = "history-test-key-0123456789";
+
+/// The next message event's payload `n` and its SSE id.
+async fn next_n(events: &mut SseStream) -> (String, u64, Option<String>) {
+    let e = events.next_message(WAIT).await.expect("stream open");
+    let v = e.json();
+    assert_eq!(v["type"], "message", "{v}");
+    (
+        v["channel"].as_str().expect("channel").to_string(),
+        v["data"]["n"].as_u64().expect("n"),
+        e.id,
+    )
+}
+
+/// Acceptance 1: read 1–3 on instance A, disconnect, 4–8 are published,
+/// reconnect to instance B with `Last-Event-ID`: exactly 4–8, then live 9+.
+#[tokio::test]
+async fn sse_resumes_on_another_instance_with_last_event_id() {
+    let redis = RedisServer::start().await;
+    let a = Instance::start(history_config(Some(&redis))).await;
+    let b = Instance::start(history_config(Some(&redis))).await;
+    let ch = unique("hist:orders");
+
+    let mut on_a = sse::connect(&a.sse_url(&[&ch]), &[]).await.into_events();
+    let opening = on_a.next_event(WAIT).await.expect("opening block");
+    assert!(opening.id.is_some(), "the stream starts with a cursor");
+    for n in 1..=3 {
+        let id = redis.fcall_publish(&ch, &format!(r#"{{"n":{n}}}"#)).await;
+        assert!(id.is_some(), "history channel: FCALL returns the id");
+    }
+    let mut last_id = None;
+    for n in 1..=3 {
+        let (_, got, id) = next_n(&mut on_a).await;
+        assert_eq!(got, n);
+        last_id = id;
+    }
+    drop(on_a);
+    for n in 4..=8 {
+        redis.fcall_publish(&ch, &format!(r#"{{"n":{n}}}"#)).await;
+    }
+
+    let last_id = last_id.expect("every history event carries an id");
+    let mut on_b = sse::connect(&b.sse_url(&[&ch]), &[("last-event-id", &last_id)])
+        .await
+        .into_events();
+    let mut seen = Vec::new();
+    for _ in 4..=8 {
+        seen.push(next_n(&mut on_b).await.1);
+    }
+    for n in 9..=10 {
+        redis.fcall_publish(&ch, &format!(r#"{{"n":{n}}}"#)).await;
+    }
+    for _ in 9..=10 {
+        seen.push(next_n(&mut on_b).await.1);
+    }
+    assert_eq!(
+        seen,
+        (4..=10).collect::<Vec<_>>(),
+        "exactly the missed ones, then live"
+    );
+    assert!(b.metric("crier_recovered_messages_total").await >= 5.0);
+}
+
+/// Acceptance 2: two channels on one stream, interleaved publications.
+#[tokio::test]
+async fn sse_resumes_two_channels_on_one_stream() {
+    let redis = RedisServer::start().await;
+    let a = Instance::start(history_config(Some(&redis))).await;
+    let b = Instance::start(history_config(Some(&redis))).await;
+    let (x, y) = (unique("hist:x"), unique("hist:y"));
+    let publish = |ch: &str, n: u64| {
+        let (redis, ch) = (&redis, ch.to_string());
+        async move {
+            redis.fcall_publish(&ch, &format!(r#"{{"n":{n}}}"#)).await;
+        }
+    };
+
+    let mut on_a = sse::connect(&a.sse_url(&[&x, &y]), &[]).await.into_events();
+    publish(&x, 1).await;
+    publish(&y, 1).await;
+    publish(&x, 2).await;
+    let mut last_id = None;
+    for _ in 0..3 {
+        last_id = next_n(&mut on_a).await.2;
+    }
+    drop(on_a);
+    publish(&y, 2).await;
+    publish(&x, 3).await;
+    publish(&y, 3).await;
+    publish(&x, 4).await;
+
+    let last_id = last_id.expect("id");
+    let mut on_b = sse::connect(&b.sse_url(&[&x, &y]), &[("last-event-id", &last_id)])
+        .await
+        .into_events();
+    let mut per_channel: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    for _ in 0..4 {
+        let (ch, n, _) = next_n(&mut on_b).await;
+        per_channel.entry(ch).or_default().push(n);
+    }
+    publish(&y, 4).await;
+    publish(&x, 5).await;
+    for _ in 0..2 {
+        let (ch, n, _) = next_n(&mut on_b).await;
+        per_channel.entry(ch).or_default().push(n);
+    }
+    assert_eq!(per_channel[&x], vec![3, 4, 5]);
+    assert_eq!(per_channel[&y], vec![2, 3, 4]);
+}
+
+/// Acceptance 3: WebSocket `subscribe` with `since` recovers, on any instance.
+#[tokio::test]
+async fn websocket_subscribe_with_since_recovers() {
+    let redis = RedisServer::start().await;
+    let a = Instance::start(history_config(Some(&redis))).await;
+    let b = Instance::start(history_config(Some(&redis))).await;
+    let ch = unique("hist:ws");
+
+    let mut on_a = WsClient::connect(&a.ws("/ws")).await;
+    let reply = on_a.subscribe(&ch, 1).await;
+    assert_eq!(reply["type"], "subscribed");
+    assert!(reply["position"].as_str().is_some(), "{reply}");
+    let mut last = Value::Null;
+    for n in 1..=3 {
+        redis.fcall_publish(&ch, &format!(r#"{{"n":{n}}}"#)).await;
+        last = on_a.recv_type("message", WAIT).await;
+        assert_eq!(last["data"]["n"], n);
+    }
+    drop(on_a);
+    for n in 4..=8 {
+        redis.fcall_publish(&ch, &format!(r#"{{"n":{n}}}"#)).await;
+    }
+
+    let mut on_b = WsClient::connect(&b.ws("/ws")).await;
+    on_b.recv_type("welcome", WAIT).await;
+    on_b.send_json(json!({"type": "subscribe", "channel": ch, "since": last["id"], "id": 2}))
+        .await;
+    let reply = on_b.recv_json(WAIT).await;
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+    assert_eq!(reply["recovered"], true);
+    let mut seen = Vec::new();
+    for _ in 4..=8 {
+        seen.push(on_b.recv_json(WAIT).await["data"]["n"].as_u64());
+    }
+    redis.fcall_publish(&ch, r#"{"n":9}"#).await;
+    seen.push(on_b.recv_json(WAIT).await["data"]["n"].as_u64());
+    assert_eq!(seen, (4..=9).map(Some).collect::<Vec<_>>());
+}
+
+/// The memory broker keeps the same history semantics in-process.
+#[tokio::test]
+async fn memory_broker_resumes_too() {
+    let crier = Instance::start(history_config(None)).await;
+    let ch = unique("hist:mem");
+    let mut first = WsClient::connect(&crier.ws(&format!("/ws?channel={ch}"))).await;
+    first.recv_type("subscribed", WAIT).await;
+    let mut last = Value::Null;
+    for n in 1..=3 {
+        crier
+            .publish_api(&ch, &format!(r#"{{"n":{n}}}"#), Some(API_KEY))
+            .await;
+        last = first.recv_type("message", WAIT).await;
+    }
+    drop(first);
+    for n in 4..=5 {
+        crier
+            .publish_api(&ch, &format!(r#"{{"n":{n}}}"#), Some(API_KEY))
+            .await;
+    }
+    let mut again = WsClient::connect(&crier.ws("/ws")).await;
+    again.recv_type("welcome", WAIT).await;
+    again
+        .send_json(json!({"type": "subscribe", "channel": ch, "since": last["id"]}))
+        .await;
+    assert_eq!(again.recv_json(WAIT).await["recovered"], true);
+    assert_eq!(again.recv_json(WAIT).await["data"]["n"], 4);
+    assert_eq!(again.recv_json(WAIT).await["data"]["n"], 5);
+}
+
+/// Acceptance 4: a cursor older than the history, a channel without
+/// history, and a garbage cursor.
+#[tokio::test]
+async fn gaps_and_bad_cursors() {
+    let redis = RedisServer::start().await;
+    let crier = Instance::start(history_config(Some(&redis))).await;
+
+    // Trimmed: the client's position fell out of the history.
+    let ch = unique("trim:t");
+    let first = redis.fcall_publish(&ch, r#"{"n":1}"#).await.expect("id");
+    for n in 2..=10 {
+        redis.fcall_publish(&ch, &format!(r#"{{"n":{n}}}"#)).await;
+    }
+    redis
+        .cli(&["XTRIM", &format!("crier:h:{ch}"), "MAXLEN", "2"])
+        .await;
+    let mut ws = WsClient::connect(&crier.ws("/ws")).await;
+    ws.recv_type("welcome", WAIT).await;
+    ws.send_json(json!({"type": "subscribe", "channel": ch, "since": first, "id": 1}))
+        .await;
+    let reply = ws.recv_json(WAIT).await;
+    assert_eq!(
+        (reply["type"].clone(), reply["recovered"].clone()),
+        (json!("subscribed"), json!(false))
+    );
+    assert_eq!(
+        ws.recv_json(WAIT).await,
+        json!({"type": "gap", "channel": ch})
+    );
+    redis.fcall_publish(&ch, r#"{"n":11}"#).await;
+    assert_eq!(ws.recv_json(WAIT).await["data"]["n"], 11, "then live");
+
+    // No history rule: nothing can be recovered.
+    let plain = unique("plain:p");
+    ws.send_json(json!({"type": "subscribe", "channel": plain, "since": first, "id": 2}))
+        .await;
+    assert_eq!(ws.recv_json(WAIT).await["recovered"], false);
+    assert_eq!(ws.recv_json(WAIT).await["type"], "gap");
+    let mut events = sse::connect(&crier.sse_url(&[&plain]), &[("last-event-id", "c1.e30")])
+        .await
+        .into_events();
+    let gap = events.next_message(WAIT).await.expect("gap");
+    assert_eq!(gap.event.as_deref(), Some("gap"));
+    assert_eq!(gap.json(), json!({"type": "gap", "channel": plain}));
+
+    // Garbage: refused, not a crash.
+    let bad = sse::connect(&crier.sse_url(&[&ch]), &[("last-event-id", "garbage")]).await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    let body: Value = serde_json::from_str(&bad.body_text().await).expect("json");
+    assert_eq!(body["error"], "bad_request");
+    let bad = sse::connect(
+        &format!("{}&last_event_id=c1.AAAA", crier.sse_url(&[&ch])),
+        &[],
+    )
+    .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    ws.send_json(json!({"type": "subscribe", "channel": ch, "since": "yesterday", "id": 3}))
+        .await;
+    let reply = ws.recv_type("error", WAIT).await;
+    assert_eq!(
+        (reply["code"].clone(), reply["id"].clone()),
+        (json!("bad_request"), json!(3))
+    );
+    ws.send_json(json!({"type": "ping", "id": 4})).await;
+    assert_eq!(ws.recv_type("pong", WAIT).await["id"], 4, "still serving");
+}
+
+/// Acceptance 5: the pub/sub connection is killed while a publisher keeps
+/// calling `crier_publish` at 200/s: every client gets every message once.
+#[tokio::test]
+async fn pubsub_connection_killed_mid_stream_loses_nothing() {
+    let redis = RedisServer::start().await;
+    let crier = Instance::start(history_config(Some(&redis))).await;
+    let ch = unique("hist:kill");
+    const TOTAL: u64 = 400;
+
+    let mut ws = WsClient::connect(&crier.ws(&format!("/ws?channel={ch}"))).await;
+    ws.recv_type("subscribed", WAIT).await;
+    let mut events = sse::connect(&crier.sse_url(&[&ch]), &[])
+        .await
+        .into_events();
+    let ws_reader = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while seen.len() < TOTAL as usize {
+            seen.push(
+                ws.recv_type("message", WAIT).await["data"]["n"]
+                    .as_u64()
+                    .expect("n"),
+            );
+        }
+        seen
+    });
+    let sse_reader = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while seen.len() < TOTAL as usize {
+            seen.push(next_n(&mut events).await.1);
+        }
+        seen
+    });
+
+    let url = redis.url();
+    let publisher = tokio::spawn(async move {
+        let client = redis::Client::open(url).expect("url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        let mut tick = tokio::time::interval(Duration::from_millis(5));
+        for n in 0..TOTAL {
+            tick.tick().await;
+            let _: Option<String> = redis::cmd("FCALL")
+                .arg("crier_publish")
+                .arg(1)
+                .arg(&ch)
+                .arg(format!(r#"{{"n":{n}}}"#))
+                .query_async(&mut conn)
+                .await
+                .expect("FCALL");
+        }
+    });
+    for round in 1..=2 {
+        // Kill mid-stream, once the relay has resumed since the last kill.
+        common::eventually("messages flowing", WAIT, || async {
+            crier.metric("crier_messages_received_total").await >= (round * 100) as f64
+        })
+        .await;
+        let killed = redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]).await;
+        assert_eq!(killed.trim(), "1", "crier's one pub/sub connection");
+        crier
+            .wait_metric("crier_redis_reconnects_total", round as f64)
+            .await;
+    }
+    publisher.await.expect("publisher");
+    let expected: Vec<u64> = (0..TOTAL).collect();
+    assert_eq!(
+        ws_reader.await.expect("ws"),
+        expected,
+        "WebSocket: each once, in order"
+    );
+    assert_eq!(
+        sse_reader.await.expect("sse"),
+        expected,
+        "SSE: each once, in order"
+    );
+}
+
+/// Acceptance 6: Redis paused → not ready within the canary interval, and
+/// ready again after.
+#[tokio::test]
+async fn paused_redis_turns_readiness_off_and_back() {
+    let redis = RedisServer::start().await;
+    let mut config = history_config(Some(&redis));
+    config.redis.canary_interval = Duration::from_millis(200);
+    let crier = Instance::start(config).await;
+    common::eventually("a canary came back", WAIT, || async {
+        crier.metric("crier_pubsub_lag_seconds").await > 0.0
+    })
+    .await;
+
+    let pid = redis.pid().to_string();
+    let signal = |sig: &'static str| {
+        let pid = pid.clone();
+        async move {
+            let status = tokio::process::Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .await
+                .expect("kill");
+            assert!(status.success());
+        }
+    };
+    signal("-STOP").await;
+    crier.wait_readyz(StatusCode::SERVICE_UNAVAILABLE).await;
+    assert_eq!(crier.metric("crier_broker_up").await, 0.0);
+    signal("-CONT").await;
+    crier.wait_ready().await;
+}
