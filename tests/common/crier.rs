@@ -180,12 +180,15 @@ pub struct Process {
 }
 
 impl Process {
-    /// Runs `crier ARGS --listen 127.0.0.1:0` with `envs` and waits for its
-    /// "listening" line.
+    /// Runs `crier ARGS` (on `--listen 127.0.0.1:0` unless ARGS name an
+    /// address) with `envs` and waits for its "listening" line.
     pub async fn start(args: &[&str], envs: &[(&str, &str)]) -> Process {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_crier"));
-        cmd.args(args)
-            .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
+        cmd.args(args);
+        if !args.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        cmd.args(["--log-format", "json"])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

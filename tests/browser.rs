@@ -1,0 +1,349 @@
+//! The real-world proof of "no message lost": a real headless Chromium with
+//! a plain `EventSource` on two channels, two crier processes behind HAProxy
+//! (round robin, no stickiness), a publisher calling `crier_publish`, and the
+//! instance holding the browser's stream killed mid-sequence and restarted.
+//! Every number must arrive exactly once, in order per channel.
+//!
+//! Needs `chromium` and `haproxy` (`.ci/run` installs them); without them
+//! the test says so loudly and passes.
+
+mod common;
+
+use std::convert::Infallible;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::crier::{Process, WAIT};
+use common::redis::RedisServer;
+use common::unique;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+const MESSAGES: u64 = 120;
+
+fn installed(program: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// The page: a plain EventSource, reporting what it has seen to /results.
+fn page(a: &str, b: &str) -> String {
+    format!(
+        r#"<!doctype html><html><body><script>
+const seen = {{ "{a}": [], "{b}": [] }};
+const state = {{ seen, gaps: [], errors: 0, opens: 0 }};
+const es = new EventSource("/sse?channel={a}&channel={b}");
+es.onopen = () => state.opens++;
+es.onerror = () => state.errors++;
+es.onmessage = (e) => {{
+  const m = JSON.parse(e.data);
+  if (m.type === "message") seen[m.channel].push(m.data.n);
+}};
+es.addEventListener("gap", (e) => state.gaps.push(JSON.parse(e.data).channel));
+setInterval(() => fetch("/results", {{ method: "POST", body: JSON.stringify(state) }}), 100);
+</script></body></html>"#
+    )
+}
+
+/// Serves the page and collects the page's reports.
+async fn test_server(page: String) -> (u16, watch::Receiver<Value>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (tx, rx) = watch::channel(Value::Null);
+    let tx = Arc::new(tx);
+    let page = Arc::new(page);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let (tx, page) = (tx.clone(), page.clone());
+            tokio::spawn(async move {
+                let service = service_fn(move |req: Request<Incoming>| {
+                    let (tx, page) = (tx.clone(), page.clone());
+                    async move {
+                        let path = req.uri().path().to_string();
+                        let body = if path == "/results" {
+                            let bytes = req.into_body().collect().await.map(|b| b.to_bytes());
+                            if let Ok(v) =
+                                serde_json::from_slice::<Value>(&bytes.unwrap_or_default())
+                            {
+                                tx.send_replace(v);
+                            }
+                            String::new()
+                        } else {
+                            page.to_string()
+                        };
+                        let mut r = Response::new(Full::new(Bytes::from(body)));
+                        if path != "/results" {
+                            r.headers_mut()
+                                .insert("content-type", "text/html".parse().expect("ct"));
+                        }
+                        Ok::<_, Infallible>(r)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (port, rx)
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.start_kill();
+    }
+}
+
+async fn start_crier(config: &str, redis: &str, listen: Option<&str>) -> Process {
+    let mut args = vec!["--config", config, "--redis-url", redis];
+    if let Some(listen) = listen {
+        args.extend(["--listen", listen]);
+    }
+    Process::start(&args, &[]).await
+}
+
+#[tokio::test]
+async fn chromium_behind_haproxy_loses_nothing_when_an_instance_dies() {
+    for program in ["chromium", "haproxy"] {
+        if !installed(program) {
+            eprintln!(
+                "\n*** SKIPPED chromium_behind_haproxy_loses_nothing_when_an_instance_dies: \
+                 `{program}` is not installed (bash .ci/run installs it) ***\n"
+            );
+            return;
+        }
+    }
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("crier.toml");
+    std::fs::write(
+        &config,
+        r#"
+[[channels]]
+pattern = "e2e:*"
+subscribe = "anyone"
+history = { size = 10000, ttl = "1h" }
+
+[sse]
+retry = "300ms"
+
+[shutdown]
+grace = "0s"
+drain = "1s"
+"#,
+    )
+    .expect("config");
+    let config = config.to_string_lossy().into_owned();
+    let a = start_crier(&config, &redis.url(), None).await;
+    let b = start_crier(&config, &redis.url(), None).await;
+
+    let (x, y) = (unique("e2e:a"), unique("e2e:b"));
+    let (page_port, mut results) = test_server(page(&x, &y)).await;
+
+    let lb_port = free_port();
+    let haproxy_cfg = dir.path().join("haproxy.cfg");
+    std::fs::write(
+        &haproxy_cfg,
+        format!(
+            r#"
+global
+  maxconn 1000
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 60s
+  timeout server 60s
+  timeout tunnel 1h
+  option redispatch
+  retries 3
+frontend fe
+  bind 127.0.0.1:{lb_port}
+  acl page path_beg /page /results
+  use_backend page if page
+  default_backend crier
+backend crier
+  balance roundrobin
+  option httpchk GET /readyz
+  server a {a} check inter 200ms fall 1 rise 1
+  server b {b} check inter 200ms fall 1 rise 1
+backend page
+  server p 127.0.0.1:{page_port}
+"#,
+            a = a.addr,
+            b = b.addr
+        ),
+    )
+    .expect("haproxy config");
+    let haproxy = Killed(
+        Command::new("haproxy")
+            .arg("-db")
+            .arg("-f")
+            .arg(&haproxy_cfg)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("haproxy"),
+    );
+    common::eventually("haproxy serving", WAIT, || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", lb_port))
+            .await
+            .is_ok()
+            && common::http_get(&format!("http://127.0.0.1:{lb_port}/readyz"))
+                .await
+                .0
+                == StatusCode::OK
+    })
+    .await;
+
+    let profile = tempfile::tempdir().expect("profile");
+    let chromium = Killed(
+        Command::new("chromium")
+            .args([
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--disable-quic",
+                "--remote-debugging-port=0",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(format!("http://127.0.0.1:{lb_port}/page"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("chromium"),
+    );
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        results.wait_for(|v| v["opens"].as_u64() >= Some(1)),
+    )
+    .await
+    .expect("the page opened its EventSource")
+    .expect("results");
+
+    // Which instance holds the browser's stream?
+    let sse_connections = |p: &Process| {
+        let url = p.http("/metrics");
+        async move {
+            let (_, body) = common::http_get(&url).await;
+            common::crier::metric_value(&body, "crier_connections{transport=\"sse\"}")
+        }
+    };
+    let (mut holder, other) = if sse_connections(&a).await >= 1.0 {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    assert_eq!(
+        sse_connections(&holder).await,
+        1.0,
+        "the stream is on one instance"
+    );
+
+    let publisher = {
+        let url = redis.url();
+        let (x, y) = (x.clone(), y.clone());
+        tokio::spawn(async move {
+            let client = redis::Client::open(url).expect("url");
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("redis");
+            let mut tick = tokio::time::interval(Duration::from_millis(25));
+            for n in 0..MESSAGES {
+                tick.tick().await;
+                let channel = if n % 2 == 0 { &x } else { &y };
+                let _: Option<String> = redis::cmd("FCALL")
+                    .arg("crier_publish")
+                    .arg(1)
+                    .arg(channel)
+                    .arg(format!(r#"{{"n":{n}}}"#))
+                    .query_async(&mut conn)
+                    .await
+                    .expect("FCALL");
+            }
+        })
+    };
+
+    // Mid-sequence: kill the instance the browser is on, restart it.
+    tokio::time::timeout(
+        WAIT,
+        results.wait_for(|v| v["seen"][&x].as_array().is_some_and(|s| s.len() >= 20)),
+    )
+    .await
+    .expect("messages arriving")
+    .expect("results");
+    let holder_addr = holder.addr.clone();
+    holder.child.kill().await.expect("kill crier");
+    let restarted = start_crier(&config, &redis.url(), Some(&holder_addr)).await;
+    publisher.await.expect("publisher");
+
+    let expect_x: Vec<u64> = (0..MESSAGES).filter(|n| n % 2 == 0).collect();
+    let expect_y: Vec<u64> = (0..MESSAGES).filter(|n| n % 2 == 1).collect();
+    let complete = |v: &Value| {
+        let len = |c: &str| v["seen"][c].as_array().map_or(0, Vec::len);
+        len(&x) >= expect_x.len() && len(&y) >= expect_y.len()
+    };
+    let outcome = tokio::time::timeout(Duration::from_secs(30), results.wait_for(complete))
+        .await
+        .is_ok();
+    let report = results.borrow().clone();
+    assert!(outcome, "the page did not receive everything: {report}");
+    let seen = |c: &str| -> Vec<u64> {
+        report["seen"][c]
+            .as_array()
+            .expect("list")
+            .iter()
+            .filter_map(Value::as_u64)
+            .collect()
+    };
+    assert_eq!(
+        seen(&x),
+        expect_x,
+        "channel {x}: every number once, in order"
+    );
+    assert_eq!(
+        seen(&y),
+        expect_y,
+        "channel {y}: every number once, in order"
+    );
+    assert_eq!(
+        report["gaps"],
+        serde_json::json!([]),
+        "no gap: history covered the failover"
+    );
+    assert!(
+        report["opens"].as_u64() >= Some(2),
+        "the browser did reconnect: {report}"
+    );
+    drop((chromium, haproxy, restarted, other));
+}
