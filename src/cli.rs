@@ -88,24 +88,16 @@ pub async fn publish(
     if let Some(base) = api {
         return publish_http(base, api_key, channel, payload).await;
     }
-    let Some(url) = &config.redis.url else {
+    if config.redis.url.is_none() {
         bail!("no Redis configured: pass --redis-url (or redis.url), or --api URL to publish through a running crier");
-    };
-    let client = redis::Client::open(url.as_str()).context("redis.url")?;
-    let mut conn = tokio::time::timeout(
-        config.redis.connect_timeout,
-        client.get_multiplexed_async_connection(),
-    )
-    .await
-    .context("connecting to Redis timed out")?
-    .context("cannot connect to Redis")?;
-    let receivers: i64 = redis::cmd("PUBLISH")
-        .arg(format!("{}{channel}", config.redis.channel_prefix))
-        .arg(payload)
-        .query_async(&mut conn)
+    }
+    let id = crate::broker::publish_once(config, channel, payload.as_bytes())
         .await
-        .context("PUBLISH failed")?;
-    Ok(format!("published to {receivers} crier instance(s)"))
+        .context("publishing to Redis")?;
+    Ok(match id {
+        Some(id) => format!("published with history, id {id}"),
+        None => "published (the channel keeps no history)".to_string(),
+    })
 }
 
 async fn publish_http(
@@ -145,7 +137,13 @@ async fn publish_http(
     let text = response.into_body().collect().await?.to_bytes();
     let text = String::from_utf8_lossy(&text);
     if status.is_success() {
-        Ok(format!("published ({status})"))
+        let id = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["id"].as_str().map(str::to_owned));
+        Ok(match id {
+            Some(id) => format!("published with history, id {id}"),
+            None => format!("published ({status})"),
+        })
     } else {
         bail!("{status}: {}", text.trim())
     }

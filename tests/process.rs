@@ -18,6 +18,11 @@ const CONFIG: &str = r#"
 pattern = "public:*"
 subscribe = "anyone"
 
+[[channels]]
+pattern = "hist:*"
+subscribe = "anyone"
+history = { size = 100, ttl = "10m" }
+
 [shutdown]
 grace = "1s"
 drain = "2s"
@@ -250,6 +255,26 @@ async fn publish_command_reaches_subscribers() {
     .await;
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(ws.recv_type("message", WAIT).await["data"], "plain text");
+
+    // A history channel: the CLI goes through crier_publish too.
+    let hist = unique("hist:cli");
+    let mut hist_ws = WsClient::connect(&format!("ws://{}/ws?channel={hist}", crier.addr)).await;
+    hist_ws.recv_type("subscribed", WAIT).await;
+    let redis_url = redis.url();
+    let args = [
+        "publish",
+        &hist,
+        r#"{"n":1}"#,
+        "--config",
+        &config,
+        "--redis-url",
+        &redis_url,
+    ];
+    let (code, _, stderr) = run_crier(&args, &[]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let message = hist_ws.recv_type("message", WAIT).await;
+    let id = message["id"].as_str().expect("history id in the envelope");
+    assert!(stderr.contains(id), "the CLI prints the id: {stderr}");
 
     let (code, _, stderr) = run_crier(
         &[

@@ -22,7 +22,7 @@ use crate::policy::Policy;
 mod memory;
 mod redis;
 
-pub use self::redis::RedisBroker;
+pub use self::redis::{publish_once, RedisBroker};
 pub use memory::MemoryBroker;
 
 /// A publication could not be handed to the broker.

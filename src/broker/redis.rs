@@ -72,23 +72,8 @@ impl RedisBroker {
             metrics,
         } = wiring;
         let redis_config = &config.redis;
-        let url = redis_config.url.as_deref().unwrap_or_default();
-        let client = redis::Client::open(url)?;
-        let conn = ConnectionManager::new_lazy_with_config(
-            client.clone(),
-            ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(redis_config.connect_timeout))
-                .set_response_timeout(Some(redis_config.connect_timeout))
-                .set_number_of_retries(2)
-                .set_max_delay(redis_config.reconnect_max),
-        )?;
+        let (client, redis) = Redis::new(config)?;
         let prefix = redis_config.channel_prefix.clone();
-        let library = history::function_library(&prefix, &Policy::history_rules(&config.channels));
-        let redis = Redis {
-            conn,
-            library: library.into(),
-            timeout: redis_config.connect_timeout,
-        };
         health.set(false, &metrics);
         let canary = format!("{prefix}crier:canary:{:016x}", rand::rng().random::<u64>());
         let supervisor = Supervisor {
@@ -141,7 +126,45 @@ impl RedisBroker {
     }
 }
 
+/// One publication from outside a running crier (`crier publish`): the same
+/// function, so the same history, as apps and the HTTP API get.
+pub async fn publish_once(
+    config: &Config,
+    channel: &str,
+    payload: &[u8],
+) -> Result<Option<StreamId>, PublishError> {
+    let (_, redis) = Redis::new(config)?;
+    let id: Option<String> = redis.fcall("crier_publish", channel, &[payload]).await?;
+    Ok(id.and_then(|id| id.parse().ok()))
+}
+
 impl Redis {
+    /// A lazily connecting multiplexed connection and this configuration's
+    /// function library.
+    fn new(config: &Config) -> Result<(redis::Client, Self), PublishError> {
+        let redis_config = &config.redis;
+        let url = redis_config.url.as_deref().unwrap_or_default();
+        let client = redis::Client::open(url)?;
+        let conn = ConnectionManager::new_lazy_with_config(
+            client.clone(),
+            ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(redis_config.connect_timeout))
+                .set_response_timeout(Some(redis_config.connect_timeout))
+                .set_number_of_retries(2)
+                .set_max_delay(redis_config.reconnect_max),
+        )?;
+        let library = history::function_library(
+            &redis_config.channel_prefix,
+            &Policy::history_rules(&config.channels),
+        );
+        let redis = Redis {
+            conn,
+            library: library.into(),
+            timeout: redis_config.connect_timeout,
+        };
+        Ok((client, redis))
+    }
+
     /// `FCALL name 1 channel args...`, loading the library once if Redis
     /// lost it (a restart without persistence).
     async fn fcall<T: redis::FromRedisValue>(
