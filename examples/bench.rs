@@ -36,6 +36,7 @@ struct Args {
     payload: usize,
     transport: Transport,
     memory: bool,
+    history: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -53,6 +54,7 @@ fn parse_args() -> Args {
         payload: 100,
         transport: Transport::Ws,
         memory: false,
+        history: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -74,6 +76,7 @@ fn parse_args() -> Args {
                 }
             }
             "--memory" => a.memory = true,
+            "--history" => a.history = true,
             _ => usage(&format!("unknown flag {flag}")),
         }
     }
@@ -86,7 +89,7 @@ fn parse_args() -> Args {
 fn usage(why: &str) -> ! {
     eprintln!(
         "bench: {why}\nusage: bench [--clients N] [--channels N] [--messages N] [--rate PER_SEC_PER_CHANNEL] \
-         [--payload BYTES] [--transport ws|sse] [--memory]"
+         [--payload BYTES] [--transport ws|sse] [--history] [--memory]"
     );
     std::process::exit(2)
 }
@@ -195,6 +198,9 @@ async fn start_crier(redis: Option<u16>, args: &Args) -> Crier {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("crier.toml");
     let mut text = String::from("[[channels]]\npattern = \"bench:*\"\nsubscribe = \"anyone\"\n");
+    if args.history {
+        text.push_str("history = { size = 1000, ttl = \"1h\" }\n");
+    }
     text.push_str("[publish]\napi_keys = [\"bench-key-0123456789\"]\n");
     text.push_str(&format!(
         "[limits]\nmax_connections = {}\nqueue_size = 1024\n",
@@ -396,7 +402,15 @@ async fn main() {
                 tick.tick().await;
                 for c in 0..args.channels {
                     let payload = format!(r#"{{"t":{},"n":{n},"pad":"{pad}"}}"#, now_micros());
-                    let _: i64 = redis::cmd("PUBLISH")
+                    // With history: what apps call; without: a plain PUBLISH.
+                    let mut cmd = if args.history {
+                        let mut cmd = redis::cmd("FCALL");
+                        cmd.arg("crier_publish").arg(1);
+                        cmd
+                    } else {
+                        redis::cmd("PUBLISH")
+                    };
+                    let _: redis::Value = cmd
                         .arg(format!("bench:{c}"))
                         .arg(payload)
                         .query_async(&mut conn)

@@ -365,6 +365,15 @@ impl Config {
             if let Err(e) = rule.check() {
                 return bad(&format!("channels[{i}].pattern"), e);
             }
+            if rule
+                .history
+                .is_some_and(|h| h.size == 0 || h.size > 1_000_000)
+            {
+                return bad(
+                    &format!("channels[{i}].history.size"),
+                    "must be between 1 and 1000000".into(),
+                );
+            }
         }
         let positive = [
             ("limits.queue_size", self.limits.queue_size),

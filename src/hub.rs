@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::protocol::Publication;
+use crate::protocol::{Kind, Publication};
 
 /// Unique id of a client connection within this process.
 pub type ConnId = u64;
@@ -233,8 +233,10 @@ impl Hub {
             return 0;
         };
         let mut queued = 0;
+        // A gap notice concerns the whole channel: filters do not apply.
+        let filtered = publication.kind == Kind::Message;
         for listener in &entry.listeners {
-            if let Some(filter) = &listener.events {
+            if let (Some(filter), true) = (&listener.events, filtered) {
                 let wanted = publication
                     .event
                     .as_deref()
@@ -457,6 +459,13 @@ mod tests {
         hub.dispatch(Publication::new("c", b"no type"));
         let p = inbox.rx.recv().await.expect("delivered");
         assert_eq!(p.event.as_deref(), Some("keep"));
+        hub.dispatch(Publication::gap("c"));
+        let p = inbox
+            .rx
+            .recv()
+            .await
+            .expect("gap delivered despite the filter");
+        assert_eq!(p.kind, Kind::Gap);
         assert!(
             inbox.rx.try_recv().is_err(),
             "filtered events are not queued"

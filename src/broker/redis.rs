@@ -54,6 +54,7 @@ pub struct RedisBroker {
 struct Redis {
     conn: ConnectionManager,
     library: Arc<str>,
+    prefix: String,
     timeout: Duration,
 }
 
@@ -103,11 +104,7 @@ impl RedisBroker {
         channel: &str,
         payload: &[u8],
     ) -> Result<Option<StreamId>, PublishError> {
-        let id: Option<String> = self
-            .redis
-            .fcall("crier_publish", channel, &[payload])
-            .await?;
-        Ok(id.and_then(|id| id.parse().ok()))
+        self.redis.publish(channel, payload).await
     }
 
     /// See [`super::Broker::position`].
@@ -134,8 +131,7 @@ pub async fn publish_once(
     payload: &[u8],
 ) -> Result<Option<StreamId>, PublishError> {
     let (_, redis) = Redis::new(config)?;
-    let id: Option<String> = redis.fcall("crier_publish", channel, &[payload]).await?;
-    Ok(id.and_then(|id| id.parse().ok()))
+    redis.publish(channel, payload).await
 }
 
 impl Redis {
@@ -160,9 +156,31 @@ impl Redis {
         let redis = Redis {
             conn,
             library: library.into(),
+            prefix: redis_config.channel_prefix.clone(),
             timeout: redis_config.connect_timeout,
         };
         Ok((client, redis))
+    }
+
+    /// Through `crier_publish`; on a Redis without functions (< 7), a
+    /// plain `PUBLISH` so live delivery still works (without history).
+    async fn publish(
+        &self,
+        channel: &str,
+        payload: &[u8],
+    ) -> Result<Option<StreamId>, PublishError> {
+        match self
+            .fcall::<Option<String>>("crier_publish", channel, &[payload])
+            .await
+        {
+            Ok(id) => Ok(id.and_then(|id| id.parse().ok())),
+            Err(PublishError::Redis(e)) if e.to_string().contains("unknown command") => {
+                let mut cmd = redis::cmd("PUBLISH");
+                cmd.arg(format!("{}{channel}", self.prefix)).arg(payload);
+                self.query::<i64>(cmd).await.map(|_| None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// `FCALL name 1 channel args...`, loading the library once if Redis
@@ -441,6 +459,12 @@ impl Supervisor {
                         tracing::warn!("canary not received back: connected but not receiving, not ready");
                         self.health.set(false, &self.metrics);
                     }
+                    // Still nothing after a few intervals: this connection is
+                    // broken in a way Redis did not report. Start over; the
+                    // reconnect recovers what was missed from history.
+                    if canary.lost() {
+                        return Ended::Lost("canary lost: connection not delivering".into());
+                    }
                     if let Some(seq) = canary.next() {
                         let redis = self.redis.clone();
                         let mut cmd = redis::cmd("PUBLISH");
@@ -575,6 +599,11 @@ impl Canary {
             self.waiting = Some((self.seq, Instant::now()));
         }
         Some(self.seq)
+    }
+
+    fn lost(&self) -> bool {
+        self.waiting
+            .is_some_and(|(_, sent)| sent.elapsed() > self.interval * 3)
     }
 
     fn overdue(&self) -> bool {

@@ -51,11 +51,6 @@ impl Tracker {
         Cursor(self.last.iter().map(|(c, id)| (c.clone(), *id)).collect())
     }
 
-    /// Whether any channel of this connection keeps history.
-    pub fn has_history(&self) -> bool {
-        !self.last.is_empty()
-    }
-
     /// Forgets a channel (unsubscribed).
     pub fn forget(&mut self, channel: &str) {
         self.last.remove(channel);
@@ -120,8 +115,10 @@ pub async fn open(
         })?;
     tracker.last.insert(channel.to_owned(), start);
 
+    // A full page means more may be missing than one replay carries.
+    let truncated = recovery.entries.len() >= REPLAY_LIMIT;
     let mut replay = Vec::new();
-    if recovery.gap {
+    if recovery.gap || truncated {
         app.metrics.gaps.inc();
         replay.push(Arc::new(Publication::gap(channel)));
         // The client resyncs: only what comes after the newest retained
@@ -145,7 +142,7 @@ pub async fn open(
     }
     Ok(Opened {
         replay,
-        recovered: since.map(|_| !recovery.gap),
+        recovered: since.map(|_| !(recovery.gap || truncated)),
         position: tracker.last.get(channel).copied(),
     })
 }

@@ -93,13 +93,14 @@ async fn open<B>(
     span.in_scope(|| tracing::debug!(channels = ?query.channels, resumed = cursor.is_some(), "sse stream opened"));
 
     let heartbeat = app.config.sse.heartbeat;
-    // The first block: the reconnect delay and, for history channels, the
-    // starting cursor, so even a client that sees no message resumes right.
-    let mut opening = format!("retry: {}\n", app.config.sse.retry.as_millis());
-    if tracker.has_history() {
-        opening.push_str(&format!("id: {}\n", tracker.cursor().encode()));
-    }
-    opening.push('\n');
+    // The first block: the reconnect delay and the starting cursor, so even
+    // a client that sees no message resumes right (and one whose channels
+    // keep no history learns, on its return, that it missed something).
+    let opening = format!(
+        "retry: {}\nid: {}\n\n",
+        app.config.sse.retry.as_millis(),
+        tracker.cursor().encode()
+    );
     let watch = Watch::new(Arc::clone(&app.auth), admission.principal);
     let mut state = Live {
         app,
