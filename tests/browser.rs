@@ -269,30 +269,11 @@ backend page
         "the stream is on one instance"
     );
 
-    let publisher = {
-        let url = redis.url();
-        let (x, y) = (x.clone(), y.clone());
-        tokio::spawn(async move {
-            let client = redis::Client::open(url).expect("url");
-            let mut conn = client
-                .get_multiplexed_async_connection()
-                .await
-                .expect("redis");
-            let mut tick = tokio::time::interval(Duration::from_millis(25));
-            for n in 0..MESSAGES {
-                tick.tick().await;
-                let channel = if n % 2 == 0 { &x } else { &y };
-                let _: Option<String> = redis::cmd("FCALL")
-                    .arg("crier_publish")
-                    .arg(1)
-                    .arg(channel)
-                    .arg(format!(r#"{{"n":{n}}}"#))
-                    .query_async(&mut conn)
-                    .await
-                    .expect("FCALL");
-            }
-        })
-    };
+    let publisher = redis.paced_publisher(
+        vec![x.clone(), y.clone()],
+        MESSAGES,
+        Duration::from_millis(25),
+    );
 
     // Mid-sequence: kill the instance the browser is on, restart it.
     tokio::time::timeout(

@@ -327,26 +327,7 @@ async fn pubsub_connection_killed_mid_stream_loses_nothing() {
         seen
     });
 
-    let url = redis.url();
-    let publisher = tokio::spawn(async move {
-        let client = redis::Client::open(url).expect("url");
-        let mut conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("redis");
-        let mut tick = tokio::time::interval(Duration::from_millis(5));
-        for n in 0..TOTAL {
-            tick.tick().await;
-            let _: Option<String> = redis::cmd("FCALL")
-                .arg("crier_publish")
-                .arg(1)
-                .arg(&ch)
-                .arg(format!(r#"{{"n":{n}}}"#))
-                .query_async(&mut conn)
-                .await
-                .expect("FCALL");
-        }
-    });
+    let publisher = redis.paced_publisher(vec![ch], TOTAL, Duration::from_millis(5));
     for round in 1..=2 {
         // Kill mid-stream, once the relay has resumed since the last kill.
         common::eventually("messages flowing", WAIT, || async {

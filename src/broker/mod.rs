@@ -114,7 +114,7 @@ impl Broker {
     pub async fn position(&self, channel: &str) -> Result<StreamId, PublishError> {
         match self {
             Broker::Memory(b) => Ok(b.position(channel)),
-            Broker::Redis(b) => b.position(channel).await,
+            Broker::Redis(b) => b.redis.position(channel).await,
         }
     }
 
@@ -128,7 +128,7 @@ impl Broker {
     ) -> Result<Recovery, PublishError> {
         match self {
             Broker::Memory(b) => Ok(b.recover(channel, since, limit)),
-            Broker::Redis(b) => b.recover(channel, since, limit).await,
+            Broker::Redis(b) => b.redis.recover(channel, since, limit).await,
         }
     }
 

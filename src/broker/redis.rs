@@ -44,14 +44,14 @@ const RECOVERY_LIMIT: usize = 10_000;
 
 /// See the module documentation.
 pub struct RedisBroker {
-    redis: Redis,
+    pub(super) redis: Redis,
     pub(super) health: BrokerHealth,
 }
 
 /// Commands over the multiplexed connection, shared by the broker and its
 /// supervisor.
 #[derive(Clone)]
-struct Redis {
+pub(super) struct Redis {
     conn: ConnectionManager,
     library: Arc<str>,
     prefix: String,
@@ -105,21 +105,6 @@ impl RedisBroker {
         payload: &[u8],
     ) -> Result<Option<StreamId>, PublishError> {
         self.redis.publish(channel, payload).await
-    }
-
-    /// See [`super::Broker::position`].
-    pub async fn position(&self, channel: &str) -> Result<StreamId, PublishError> {
-        self.redis.position(channel).await
-    }
-
-    /// See [`super::Broker::recover`].
-    pub async fn recover(
-        &self,
-        channel: &str,
-        since: StreamId,
-        limit: usize,
-    ) -> Result<Recovery, PublishError> {
-        self.redis.recover(channel, since, limit).await
     }
 }
 
@@ -224,13 +209,13 @@ impl Redis {
         self.query::<String>(cmd).await.map(|_| ())
     }
 
-    async fn position(&self, channel: &str) -> Result<StreamId, PublishError> {
+    pub(super) async fn position(&self, channel: &str) -> Result<StreamId, PublishError> {
         let id: String = self.fcall("crier_position", channel, &[]).await?;
         id.parse()
             .map_err(|_| PublishError::Protocol(format!("bad stream id {id:?}")))
     }
 
-    async fn recover(
+    pub(super) async fn recover(
         &self,
         channel: &str,
         since: StreamId,

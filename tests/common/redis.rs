@@ -139,6 +139,37 @@ impl RedisServer {
             .expect("FCALL crier_publish")
     }
 
+    /// A publisher calling `crier_publish` every `every` with `{"n":N}` for
+    /// N in 0..total, round-robin over `channels`, as an app would.
+    pub fn paced_publisher(
+        &self,
+        channels: Vec<String>,
+        total: u64,
+        every: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let url = self.url();
+        tokio::spawn(async move {
+            let client = ::redis::Client::open(url).expect("redis url");
+            let mut conn = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connect to redis");
+            let mut tick = tokio::time::interval(every);
+            for n in 0..total {
+                tick.tick().await;
+                let channel = &channels[(n % channels.len() as u64) as usize];
+                let _: Option<String> = ::redis::cmd("FCALL")
+                    .arg("crier_publish")
+                    .arg(1)
+                    .arg(channel)
+                    .arg(format!(r#"{{"n":{n}}}"#))
+                    .query_async(&mut conn)
+                    .await
+                    .expect("FCALL crier_publish");
+            }
+        })
+    }
+
     /// PUBLISH over a fresh connection; returns how many subscribers received it.
     pub async fn publish(&self, channel: &str, payload: &str) -> i64 {
         let mut cmd = redis::cmd("PUBLISH");
