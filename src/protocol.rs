@@ -28,6 +28,9 @@ pub struct Publication {
     /// With an id, the writer sends all but the last byte, then its own
     /// `id: <cursor>` line and the blank line.
     pub sse: Bytes,
+    /// `id: <cursor>` + blank line for a stream whose only history channel
+    /// is this one: encoded once, on first use, and shared.
+    single_cursor: std::sync::OnceLock<Bytes>,
 }
 
 /// What a publication tells the client.
@@ -110,7 +113,22 @@ impl Publication {
             kind,
             frame,
             sse,
+            single_cursor: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The `id:` line (and blank line) of a stream whose cursor holds only
+    /// this channel, at this message.
+    pub fn single_cursor_line(&self) -> Bytes {
+        self.single_cursor
+            .get_or_init(|| {
+                let mut cursor = crate::history::Cursor::default();
+                if let Some(id) = self.id {
+                    cursor.0.insert(self.channel.clone(), id);
+                }
+                Bytes::from(format!("id: {}\n\n", cursor.encode()))
+            })
+            .clone()
     }
 
     /// The SSE event without its final blank line, for writers that append

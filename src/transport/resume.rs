@@ -51,6 +51,12 @@ impl Tracker {
         Cursor(self.last.iter().map(|(c, id)| (c.clone(), *id)).collect())
     }
 
+    /// Whether `channel` is the only history channel of this connection
+    /// (its cursor is then the publication's own).
+    pub fn is_only(&self, channel: &str) -> bool {
+        self.last.len() == 1 && self.last.contains_key(channel)
+    }
+
     /// Forgets a channel (unsubscribed).
     pub fn forget(&mut self, channel: &str) {
         self.last.remove(channel);

@@ -184,9 +184,12 @@ impl Live {
         }
         if p.id.is_some() {
             self.pending.push_back(p.sse_open());
-            let cursor = self.tracker.cursor().encode();
-            self.pending
-                .push_back(Bytes::from(format!("id: {cursor}\n\n")));
+            let line = if self.tracker.is_only(&p.channel) {
+                p.single_cursor_line()
+            } else {
+                Bytes::from(format!("id: {}\n\n", self.tracker.cursor().encode()))
+            };
+            self.pending.push_back(line);
         } else {
             self.pending.push_back(p.sse.clone());
         }
