@@ -1,14 +1,19 @@
 {{/* Chart name. */}}
 {{- define "crier.name" -}}
-{{- .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
 {{/* Fully qualified app name: the release name, prefixed unless it already contains the chart name. */}}
 {{- define "crier.fullname" -}}
-{{- if contains .Chart.Name .Release.Name }}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
 {{- .Release.Name | trunc 63 | trimSuffix "-" }}
 {{- else }}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -22,50 +27,191 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "crier.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{ include "crier.selectorLabels" . }}
-app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/version: {{ (.Values.image.tag | default .Chart.AppVersion) | trunc 63 | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
+{{/* The ServiceAccount the pods run as. */}}
+{{- define "crier.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "crier.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
 {{/*
-.Values.config as TOML. Values are written with toJson, whose strings,
-numbers (whole numbers without a decimal point), booleans and arrays of
-those are valid TOML. Top-level values come first, then [tables], then
-[[arrays of tables]].
+The crier configuration as a dict: .Values.config, plus the redis.url
+convenience value when config.redis.url is not set (config wins).
+*/}}
+{{- define "crier.config" -}}
+{{- $config := deepCopy (.Values.config | default dict) }}
+{{- $url := (.Values.redis | default dict).url }}
+{{- if $url }}
+{{- $redis := deepCopy (get $config "redis" | default dict) }}
+{{- if not (get $redis "url") }}
+{{- $_ := set $redis "url" $url }}
+{{- end }}
+{{- $_ := set $config "redis" $redis }}
+{{- end }}
+{{- toJson $config }}
+{{- end }}
+
+{{/*
+The configuration as TOML (crier.toml).
+
+- scalars: strings, booleans and numbers are written with toJson, whose
+  output is valid TOML; numbers without a fractional part come out as
+  integers (1000, not 1000.0 or 1e+03), whatever YAML or JSON gave Helm;
+- lists of scalars: [a, b];
+- maps: [table] / [table.sub] sections, nested as deep as needed;
+- lists of maps: [[array.of.tables]], and a map inside one of their
+  elements (channels[].history) as an inline table { size = 1000, ttl = "1h" };
+- null values are left out (crier's default applies).
 */}}
 {{- define "crier.toml" -}}
-{{- $config := .Values.config }}
-{{- range $key, $value := $config }}
-{{- if not (or (kindIs "map" $value) (include "crier.isTableArray" $value)) }}
-{{ $key }} = {{ toJson $value }}
+# crier.toml, rendered by the Helm chart from .Values.config (and redis.url).
+# Every key: docs/configuration.md. CRIER_* environment variables win over it.
+{{- include "crier.tomlTable" (dict "path" (list) "table" (include "crier.config" . | fromJson)) }}
+{{- end }}
+
+{{/* One table: its key = value lines, then its sub-tables; takes (dict "path" list "table" map). */}}
+{{- define "crier.tomlTable" -}}
+{{- $path := .path }}
+{{- $table := .table }}
+{{- range $key := keys $table | sortAlpha }}
+{{- $value := get $table $key }}
+{{- if not (or (kindIs "invalid" $value) (kindIs "map" $value) (include "crier.isTableArray" $value)) }}
+{{ include "crier.tomlKey" $key }} = {{ include "crier.tomlValue" $value }}
 {{- end }}
 {{- end }}
-{{- range $key, $value := $config }}
+{{- range $key := keys $table | sortAlpha }}
+{{- $value := get $table $key }}
+{{- $sub := append $path (include "crier.tomlKey" $key) }}
 {{- if kindIs "map" $value }}
+{{- if or (eq (len $value) 0) (include "crier.hasPairs" $value) }}
 
-[{{ $key }}]
-{{- include "crier.tomlPairs" (list $key $value) }}
+[{{ join "." $sub }}]
+{{- end }}
+{{- include "crier.tomlTable" (dict "path" $sub "table" $value) }}
 {{- else if include "crier.isTableArray" $value }}
-{{- range $value }}
+{{- range $element := $value }}
 
-[[{{ $key }}]]
-{{- include "crier.tomlPairs" (list $key .) }}
+[[{{ join "." $sub }}]]
+{{- range $k := keys $element | sortAlpha }}
+{{- $v := get $element $k }}
+{{- if not (or (kindIs "invalid" $v) (kindIs "map" $v)) }}
+{{ include "crier.tomlKey" $k }} = {{ include "crier.tomlValue" $v }}
+{{- end }}
+{{- end }}
+{{- range $k := keys $element | sortAlpha }}
+{{- $v := get $element $k }}
+{{- if kindIs "map" $v }}
+{{ include "crier.tomlKey" $k }} = {{ include "crier.tomlValue" $v }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
 
-{{/* "true" when the value is a non-empty list of maps. */}}
+{{/* "true" when a map holds at least one key = value line (not only sub-tables). */}}
+{{- define "crier.hasPairs" -}}
+{{- range $k, $v := . }}
+{{- if not (or (kindIs "invalid" $v) (kindIs "map" $v) (include "crier.isTableArray" $v)) }}true{{ end }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the value is a non-empty list whose items are all maps. */}}
 {{- define "crier.isTableArray" -}}
-{{- if and (kindIs "slice" .) (gt (len .) 0) (kindIs "map" (first .)) }}true{{ end }}
+{{- if and (kindIs "slice" .) (gt (len .) 0) }}
+{{- $all := true }}
+{{- range . }}{{ if not (kindIs "map" .) }}{{ $all = false }}{{ end }}{{ end }}
+{{- if $all }}true{{ end }}
+{{- end }}
 {{- end }}
 
-{{/* The key = value lines of one table; takes (list tableName map). */}}
-{{- define "crier.tomlPairs" -}}
-{{- $table := index . 0 }}
-{{- range $key, $value := index . 1 }}
-{{- if or (kindIs "map" $value) (include "crier.isTableArray" $value) }}
-{{- fail (printf "config.%s.%s: crier's configuration is at most two levels deep" $table $key) }}
+{{/* A key: bare when it can be, else a quoted string. */}}
+{{- define "crier.tomlKey" -}}
+{{- if regexMatch "^[A-Za-z0-9_-]+$" . }}{{ . }}{{ else }}{{ include "crier.tomlString" . }}{{ end }}
 {{- end }}
-{{ $key }} = {{ toJson $value }}
+
+{{/* A TOML basic string (JSON string escapes are TOML's; DEL must be escaped too). */}}
+{{- define "crier.tomlString" -}}
+{{- toJson . | replace "\u007f" "\\u007F" }}
 {{- end }}
+
+{{/* Any value inline: scalar, [list], { inline = "table" }. */}}
+{{- define "crier.tomlValue" -}}
+{{- if kindIs "map" . -}}
+{ {{- range $i, $k := keys . | sortAlpha }}{{ if $i }},{{ end }} {{ include "crier.tomlKey" $k }} = {{ include "crier.tomlValue" (get $ $k) }}{{ end }} }
+{{- else if kindIs "slice" . -}}
+[{{ range $i, $v := . }}{{ if $i }}, {{ end }}{{ include "crier.tomlValue" $v }}{{ end }}]
+{{- else if kindIs "string" . -}}
+{{ include "crier.tomlString" . }}
+{{- else if kindIs "invalid" . -}}
+{{ fail "config: null inside a list or inline table cannot be written as TOML" }}
+{{- else if kindIs "float64" . -}}
+{{- if eq . (floor .) }}{{ int64 . }}{{ else }}{{ toJson . }}{{ end }}
+{{- else -}}
+{{ toJson . }}
+{{- end }}
+{{- end }}
+
+{{/*
+A crier duration ("500ms", "5s", "2m", "1h 30m", humantime units) in whole
+milliseconds; takes (list "key.name" value).
+*/}}
+{{- define "crier.durationMs" -}}
+{{- $name := index . 0 }}
+{{- $text := index . 1 }}
+{{- if not (kindIs "string" $text) }}
+{{- fail (printf "config.%s: a duration is a string such as \"5s\" (got %v)" $name $text) }}
+{{- end }}
+{{- $units := dict "ns" 0.000001 "nsec" 0.000001 "us" 0.001 "usec" 0.001 "ms" 1 "msec" 1 "s" 1000 "sec" 1000 "second" 1000 "seconds" 1000 "m" 60000 "min" 60000 "minute" 60000 "minutes" 60000 "h" 3600000 "hr" 3600000 "hour" 3600000 "hours" 3600000 "d" 86400000 "day" 86400000 "days" 86400000 }}
+{{- $clean := regexReplaceAll "\\s+" $text "" }}
+{{- if not (regexMatch "^([0-9]+[a-z]+)+$" $clean) }}
+{{- fail (printf "config.%s: cannot read %q as a duration (\"5s\", \"2m\", \"1h 30m\")" $name $text) }}
+{{- end }}
+{{- $total := 0.0 }}
+{{- range $part := regexFindAll "[0-9]+[a-z]+" $clean -1 }}
+{{- $number := regexFind "^[0-9]+" $part }}
+{{- $unit := trimPrefix $number $part }}
+{{- if not (hasKey $units $unit) }}
+{{- fail (printf "config.%s: unknown duration unit %q in %q" $name $unit $text) }}
+{{- end }}
+{{- $total = addf $total (mulf (float64 $number) (get $units $unit)) }}
+{{- end }}
+{{- ceil $total | int64 }}
+{{- end }}
+
+{{/* shutdown.grace + shutdown.drain, in whole seconds (rounded up), from the rendered configuration. */}}
+{{- define "crier.shutdownSeconds" -}}
+{{- $config := include "crier.config" . | fromJson }}
+{{- $shutdown := get $config "shutdown" | default dict }}
+{{- $grace := include "crier.durationMs" (list "shutdown.grace" (get $shutdown "grace" | default "5s")) }}
+{{- $drain := include "crier.durationMs" (list "shutdown.drain" (get $shutdown "drain" | default "10s")) }}
+{{- ceil (divf (add (int64 $grace) (int64 $drain)) 1000) | int64 }}
+{{- end }}
+
+{{/*
+terminationGracePeriodSeconds: the value when set (it must exceed grace +
+drain), else grace + drain + terminationGracePeriodMarginSeconds.
+*/}}
+{{- define "crier.terminationGracePeriodSeconds" -}}
+{{- $needed := include "crier.shutdownSeconds" . | int64 }}
+{{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
+{{- add $needed .Values.terminationGracePeriodMarginSeconds }}
+{{- else if le (int64 .Values.terminationGracePeriodSeconds) $needed }}
+{{- fail (printf "terminationGracePeriodSeconds (%v) must exceed config.shutdown.grace + config.shutdown.drain (%d s), or the pods are killed mid-drain; leave it null to compute it" .Values.terminationGracePeriodSeconds $needed) }}
+{{- else }}
+{{- int64 .Values.terminationGracePeriodSeconds }}
+{{- end }}
+{{- end }}
+
+{{/* The port crier listens on, from config.listen ("0.0.0.0:8080", "[::]:8080"). */}}
+{{- define "crier.containerPort" -}}
+{{- $config := include "crier.config" . | fromJson }}
+{{- $listen := get $config "listen" | default "0.0.0.0:8080" }}
+{{- splitList ":" $listen | last | int }}
 {{- end }}

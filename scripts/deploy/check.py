@@ -1,0 +1,588 @@
+#!/usr/bin/env python3
+"""Checks behind scripts/check-deploy (run it, not this file, from the repo root).
+
+Each subcommand prints what it checks and exits non-zero on any failure.
+Needs: PyYAML, jsonschema, helm-python-sdk, kubernetes-validate (its CLI on
+PATH), Python >= 3.11 (tomllib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+CHART = Path("helm/crier")
+CI_VALUES = ["default-values.yaml", "full-values.yaml", "sidecar-like-values.yaml"]
+RELEASE = "crier"
+NAMESPACE = "crier"
+
+# crier's metrics (src/metrics.rs) and the process collector's.
+CRIER_METRICS = {
+    "crier_connections", "crier_messages_received_total", "crier_messages_delivered_total",
+    "crier_slow_client_disconnects_total", "crier_redis_reconnects_total", "crier_broker_up",
+    "crier_subscriptions", "crier_channels", "crier_connections_rejected_total",
+    "crier_api_publications_total", "crier_auth_failures_total", "crier_pubsub_lag_seconds",
+    "crier_recovered_messages_total", "crier_gaps_total",
+}
+PROCESS_METRICS = {
+    "process_cpu_seconds_total", "process_open_fds", "process_max_fds", "process_virtual_memory_bytes",
+    "process_resident_memory_bytes", "process_start_time_seconds", "process_threads",
+}
+
+failures: list[str] = []
+
+
+def ok(msg: str) -> None:
+    print(f"  ok   {msg}")
+
+
+def fail(msg: str) -> None:
+    print(f"  FAIL {msg}")
+    failures.append(msg)
+
+
+def check(cond: bool, msg: str) -> bool:
+    (ok if cond else fail)(msg)
+    return cond
+
+
+def finish() -> None:
+    if failures:
+        print(f"  {len(failures)} failure(s)")
+        sys.exit(1)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def load_docs(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def duration_seconds(text: str) -> float:
+    """A humantime duration ("5s", "1h 30m", "500ms") in seconds."""
+    units = {
+        "ns": 1e-9, "nsec": 1e-9, "us": 1e-6, "usec": 1e-6, "ms": 1e-3, "msec": 1e-3,
+        "s": 1, "sec": 1, "second": 1, "seconds": 1, "m": 60, "min": 60, "minute": 60, "minutes": 60,
+        "h": 3600, "hr": 3600, "hour": 3600, "hours": 3600, "d": 86400, "day": 86400, "days": 86400,
+    }
+    clean = re.sub(r"\s+", "", text)
+    parts = re.findall(r"([0-9]+)([a-z]+)", clean)
+    if not parts or "".join(n + u for n, u in parts) != clean:
+        raise ValueError(f"not a duration: {text!r}")
+    return sum(int(n) * units[u] for n, u in parts)
+
+
+def render(values: dict, name: str = RELEASE, namespace: str = NAMESPACE) -> dict[str, str]:
+    import helm_python
+
+    with helm_python.Chart.load(str(CHART)) as chart:
+        return chart.render(values, name=name, namespace=namespace)
+
+
+def manifests_of(rendered: dict[str, str]) -> list[dict]:
+    docs: list[dict] = []
+    for path in sorted(rendered):
+        if path.endswith(".yaml") or path.endswith(".yml"):
+            docs.extend(load_docs(rendered[path]))
+    return docs
+
+
+def read_values(path: Path) -> dict:
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def crier_container(deployment: dict, name: str) -> dict:
+    for c in deployment["spec"]["template"]["spec"]["containers"]:
+        if c["name"] == name:
+            return c
+    raise KeyError(f"no container {name!r} in deployment/{deployment['metadata']['name']}")
+
+
+def config_toml(docs: list[dict], deployment: dict, container: dict) -> str:
+    """The crier.toml the container reads: CRIER_CONFIG's directory, mounted from a ConfigMap."""
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    path = env.get("CRIER_CONFIG")
+    if not path:
+        raise KeyError("CRIER_CONFIG not set in the container")
+    mount = next(m for m in container.get("volumeMounts", []) if path.startswith(m["mountPath"].rstrip("/") + "/"))
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+    cm_name = volume["configMap"]["name"]
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == cm_name)
+    key = os.path.relpath(path, mount["mountPath"])
+    return cm["data"][key]
+
+
+# ---------------------------------------------------------------- (c)/(d) kubernetes-validate
+
+
+def cmd_k8s_validate(args: argparse.Namespace) -> None:
+    """kubernetes-validate --strict -k V for every version; CRDs against bundled schemas."""
+    import jsonschema
+
+    crd_schemas = {
+        ("monitoring.coreos.com/v1", "ServiceMonitor"): json.loads((HERE / "servicemonitor.schema.json").read_text()),
+    }
+    files = args.files
+    objects = []
+    for f in files:
+        for d in load_docs(Path(f).read_text()):
+            objects.append((f, d))
+    kinds = sorted({f"{d['kind']} ({d['apiVersion']})" for _, d in objects})
+    print(f"  {len(objects)} objects in {len(files)} file(s): {', '.join(kinds)}")
+    crds = [(f, d) for f, d in objects if (d["apiVersion"], d["kind"]) in crd_schemas]
+    for version in args.versions.split(","):
+        proc = subprocess.run(
+            ["kubernetes-validate", "--strict", "-k", version, *files],
+            capture_output=True, text=True,
+        )
+        lines = (proc.stdout + proc.stderr).splitlines()
+        passed = [l for l in lines if l.startswith("INFO") and " passed " in l]
+        bad = []
+        skipped = 0
+        for line in lines:
+            if line.startswith("INFO"):
+                continue
+            m = re.search(r"Couldn't find schema for kind (\S+) with api version (\S+)", line)
+            if line.startswith("WARN") and m and (m.group(2), m.group(1)) in crd_schemas:
+                skipped += 1
+                continue
+            if line.strip():
+                bad.append(line)
+        expected = len(objects) - len(crds)
+        good = proc.returncode == 0 and not bad and len(passed) == expected and skipped == len(crds)
+        msg = (f"kubernetes-validate --strict -k {version}: {len(passed)}/{expected} objects passed"
+               + (f", {skipped} CRD object(s) not in its schemas (checked below)" if crds else ""))
+        if not check(good, msg):
+            for line in bad or lines:
+                print(f"       {line}")
+    for f, d in crds:
+        schema = crd_schemas[(d["apiVersion"], d["kind"])]
+        errors = sorted(jsonschema.Draft202012Validator(schema).iter_errors(d), key=lambda e: list(e.path))
+        check(not errors, f"{d['kind']}/{d['metadata']['name']} ({Path(f).name}) against the bundled minimal CRD schema "
+              f"scripts/deploy/servicemonitor.schema.json"
+              + "".join(f"\n       {'.'.join(map(str, e.path))}: {e.message}" for e in errors))
+    finish()
+
+
+# ---------------------------------------------------------------- (d) render the chart
+
+
+def cmd_render(args: argparse.Namespace) -> None:
+    """Renders the chart with each CI values file (schema-validated), lints it, writes the manifests."""
+    import helm_python
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in CI_VALUES:
+        path = CHART / "ci" / name
+        values = read_values(path)
+        stem = name.removesuffix(".yaml")
+        try:
+            rendered = render(values)
+        except helm_python.HelmError as e:
+            fail(f"render {path}: {e}")
+            continue
+        docs = manifests_of(rendered)
+        (out / f"{stem}.yaml").write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        (out / f"{stem}.NOTES.txt").write_text(rendered.get("crier/templates/NOTES.txt", ""))
+        kinds = ", ".join(sorted(d["kind"] for d in docs))
+        ok(f"render {path} -> {out / (stem + '.yaml')}: {kinds}")
+        notes = rendered.get("crier/templates/NOTES.txt", "")
+        check(all(s in notes for s in ("port-forward", "/sse", "/ws", "PUBLISH", "FCALL crier_publish")),
+              f"NOTES.txt for {name} tells port-forward, /sse, /ws, redis-cli PUBLISH and FCALL crier_publish")
+        report = helm_python.lint(str(CHART), values, strict=True, namespace=NAMESPACE)
+        problems = [m for m in report.get("messages", []) if m.get("severity", 0) >= 2]
+        check(not report.get("errors") and not problems,
+              f"helm lint --strict with {name}" + "".join(f"\n       {m}" for m in problems + report.get("errors", [])))
+    finish()
+
+
+# ---------------------------------------------------------------- (e) schema
+
+
+def cmd_schema(args: argparse.Namespace) -> None:
+    """A values file with a typo must fail to render; so must a bad config key."""
+    import helm_python
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    check(schema.get("additionalProperties") is False, "values.schema.json: additionalProperties false at the top level")
+    nested = ["image", "serviceAccount", "service", "autoscaling", "podDisruptionBudget", "serviceMonitor",
+              "networkPolicy", "ingress", "redis", "config"]
+    check(all(schema["properties"][k].get("additionalProperties") is False for k in nested),
+          f"... and for {', '.join(nested)}")
+    cases = {
+        "replicaCont: 3\n": "top-level typo (replicaCont)",
+        "image:\n  tagg: latest\n": "nested typo (image.tagg)",
+        "ingress:\n  enabled: true\n  hosst: x\n": "nested typo (ingress.hosst)",
+        "config:\n  limits:\n    queue_sise: 10\n": "crier config typo (config.limits.queue_sise)",
+        "config:\n  channels:\n    - pattern: 'a:*'\n      subscribe: everyone\n": "bad enum (channels[].subscribe)",
+        "config:\n  channels:\n    - pattern: 'a:*'\n      subscribe: anyone\n      history: {size: 10}\n": "history without ttl",
+        "config:\n  shutdown:\n    grace: 5\n": "duration as a number (shutdown.grace)",
+        "terminationGracePeriodSeconds: 10\n": "terminationGracePeriodSeconds below grace + drain (template fail)",
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for text, what in cases.items():
+            path = Path(tmp) / "typo-values.yaml"
+            path.write_text(text)
+            try:
+                render(read_values(path))
+            except helm_python.HelmError as e:
+                first = str(e).strip().splitlines()[-1].strip()
+                ok(f"render fails as it must: {what}: {first}")
+            else:
+                fail(f"render SUCCEEDED with {what}: the schema does not catch it")
+    finish()
+
+
+# ---------------------------------------------------------------- (f) Deployment assertions
+
+
+def assert_deployment(docs: list[dict], label: str, *, container_name: str = "crier", deployment_name: str | None = None,
+                      min_replicas: int = 1, checksum: bool = False, generated_configmap: bool = False,
+                      quiet: bool = False) -> list[str]:
+    """Returns the problems found (empty: all good); prints them unless quiet."""
+    problems: list[str] = []
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            problems.append(msg)
+        elif not quiet:
+            ok(f"{label}: {msg}")
+
+    deployments = [d for d in docs if d["kind"] == "Deployment" and (deployment_name is None or d["metadata"]["name"] == deployment_name)]
+    if len(deployments) != 1:
+        return [f"{label}: expected one Deployment, found {len(deployments)}"]
+    dep = deployments[0]
+    pod = dep["spec"]["template"]["spec"]
+    c = crier_container(dep, container_name)
+    psc = pod.get("securityContext", {}) or {}
+    csc = c.get("securityContext", {}) or {}
+    eff = lambda key: csc.get(key, psc.get(key))  # noqa: E731
+    need(eff("runAsNonRoot") is True, "runAsNonRoot true")
+    need(csc.get("readOnlyRootFilesystem") is True, "readOnlyRootFilesystem true")
+    need(csc.get("allowPrivilegeEscalation") is False, "allowPrivilegeEscalation false")
+    need("ALL" in ((csc.get("capabilities") or {}).get("drop") or []), "capabilities drop ALL")
+    need((eff("seccompProfile") or {}).get("type") == "RuntimeDefault", "seccompProfile RuntimeDefault")
+    need(((c.get("livenessProbe") or {}).get("httpGet") or {}).get("path") == "/healthz", "livenessProbe path /healthz")
+    need(((c.get("readinessProbe") or {}).get("httpGet") or {}).get("path") == "/readyz", "readinessProbe path /readyz")
+    need("preStop" not in (c.get("lifecycle") or {}), "no preStop hook (crier drains by itself)")
+    toml_text = config_toml(docs, dep, c)
+    cfg = tomllib.loads(toml_text)
+    env = {e["name"]: e.get("value") for e in c.get("env", [])}
+    shutdown = cfg.get("shutdown", {})
+    grace = duration_seconds(env.get("CRIER_SHUTDOWN__GRACE") or shutdown.get("grace", "5s"))
+    drain = duration_seconds(env.get("CRIER_SHUTDOWN__DRAIN") or shutdown.get("drain", "10s"))
+    tgps = pod.get("terminationGracePeriodSeconds", 30)
+    need(isinstance(tgps, int) and tgps > grace + drain,
+         f"terminationGracePeriodSeconds {tgps} > shutdown.grace {grace:g}s + shutdown.drain {drain:g}s from its crier.toml")
+    listen_port = int(str(cfg.get("listen", "0.0.0.0:8080")).rsplit(":", 1)[1])
+    ports = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+    for probe in ("livenessProbe", "readinessProbe"):
+        port = ((c.get(probe) or {}).get("httpGet") or {}).get("port")
+        need(ports.get(port, port) == listen_port, f"{probe} port {port!r} is crier's listen port {listen_port}")
+    strategy = dep["spec"].get("strategy") or {}
+    if container_name == "crier" or min_replicas > 1:
+        ru = strategy.get("rollingUpdate") or {}
+        need(strategy.get("type") == "RollingUpdate" and ru.get("maxUnavailable") in (0, "0", "0%") and ru.get("maxSurge") in (1, "1"),
+             "rolling update maxUnavailable 0 / maxSurge 1")
+    hpa = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    replicas = dep["spec"].get("replicas", 1)
+    if hpa:
+        need("replicas" not in dep["spec"] and hpa[0]["spec"]["minReplicas"] >= min_replicas,
+             f"replicas left to the HPA (minReplicas {hpa[0]['spec']['minReplicas']} >= {min_replicas})")
+    else:
+        need(replicas >= min_replicas, f"replicas {replicas} >= {min_replicas}")
+    annotations = dep["spec"]["template"]["metadata"].get("annotations") or {}
+    if checksum:
+        need(re.fullmatch(r"[0-9a-f]{64}", str(annotations.get("checksum/config", ""))) is not None,
+             "pod annotation checksum/config present (sha256)")
+    if generated_configmap:
+        vol_cms = [v["configMap"]["name"] for v in pod.get("volumes", []) if "configMap" in v]
+        need(any(re.fullmatch(r".+-[a-z0-9]{10}", n) for n in vol_cms),
+             f"config from a configMapGenerator (content-hash name {vol_cms}): a config change rolls the pods")
+    if not quiet:
+        for p in problems:
+            fail(f"{label}: {p}")
+    return problems
+
+
+def checksum_of(values: dict) -> str:
+    docs = manifests_of(render(values))
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    return dep["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+
+
+def cmd_deployments(args: argparse.Namespace) -> None:
+    """Security, probes, shutdown and rollout settings of every crier Deployment."""
+    import helm_python
+
+    rendered_dir = Path(args.rendered)
+    for name, min_replicas in (("default-values", 2), ("full-values", 2), ("sidecar-like-values", 1)):
+        docs = load_docs((rendered_dir / f"{name}.yaml").read_text())
+        assert_deployment(docs, f"chart/{name}", min_replicas=min_replicas, checksum=True)
+    for path, kw in ((args.kustomize_base, dict(min_replicas=2, generated_configmap=True)),
+                     (args.kustomize_sidecar, dict(container_name="crier", deployment_name="myapp", generated_configmap=True))):
+        docs = load_docs(Path(path).read_text())
+        assert_deployment(docs, Path(path).stem, **kw)
+
+    # The checksum follows the configuration, and only it.
+    base = checksum_of({})
+    check(base == checksum_of({}), "checksum/config is stable: same values, same checksum")
+    for values, what in (({"config": {"limits": {"queue_size": 512}}}, "config.limits.queue_size"),
+                         ({"config": {"channels": [{"pattern": "x:*", "subscribe": "anyone", "history": {"size": 10, "ttl": "1m"}}]}},
+                          "config.channels"),
+                         ({"redis": {"url": "redis://other:6379"}}, "redis.url")):
+        check(checksum_of(values) != base, f"checksum/config changes when {what} changes (pods roll)")
+    check(checksum_of({"replicaCount": 5}) == base, "checksum/config does not change with replicaCount")
+
+    # terminationGracePeriodSeconds follows shutdown.grace + drain.
+    docs = manifests_of(render({"config": {"shutdown": {"grace": "20s", "drain": "1m"}}}))
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    check(dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 95,
+          "terminationGracePeriodSeconds computed from config: grace 20s + drain 1m + margin 15s = 95")
+
+    # The assertions catch what they are for: mutants must be rejected.
+    mutants = {
+        "livenessProbe on /readyz": {"livenessProbe": {"httpGet": {"path": "/readyz", "port": "http"}}},
+        "readinessProbe on /ready": {"readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}}},
+        "readOnlyRootFilesystem false": {"securityContext": {"readOnlyRootFilesystem": False}},
+        "runAsNonRoot false": {"podSecurityContext": {"runAsNonRoot": False}, "securityContext": {"runAsNonRoot": False}},
+        "terminationGracePeriodSeconds 16 with a 1m drain": {"terminationGracePeriodSeconds": 16,
+                                                              "config": {"shutdown": {"drain": "1m"}}},
+    }
+    for what, values in mutants.items():
+        try:
+            docs = manifests_of(render(values))
+        except helm_python.HelmError as e:
+            ok(f"mutant rejected at render ({what}): {str(e).strip().splitlines()[-1].strip()}")
+            continue
+        problems = assert_deployment(docs, "mutant", min_replicas=2, checksum=True, quiet=True)
+        check(bool(problems), f"mutant caught ({what}): " + ("; ".join(f"not {p}" for p in problems) or "NOT CAUGHT"))
+    finish()
+
+
+# ---------------------------------------------------------------- (g) crier.toml
+
+
+INT_KEYS = {
+    ("limits", k) for k in ("queue_size", "max_connections", "max_subscriptions_per_connection", "max_message_bytes",
+                            "max_connections_per_user", "max_connections_per_ip", "commands_per_second", "command_burst")
+} | {("publish", "max_body_bytes")}
+
+
+def cmd_toml(args: argparse.Namespace) -> None:
+    """Every crier.toml parses with tomllib, integers are integers, and crier check-config accepts it."""
+    rendered_dir = Path(args.rendered)
+    tomls: list[tuple[str, str]] = []
+    for name in CI_VALUES:
+        stem = name.removesuffix(".yaml")
+        docs = load_docs((rendered_dir / f"{stem}.yaml").read_text())
+        dep = next(d for d in docs if d["kind"] == "Deployment")
+        tomls.append((f"chart/{stem}", config_toml(docs, dep, crier_container(dep, "crier"))))
+    for path, dep_name, container in ((args.kustomize_base, None, "crier"), (args.kustomize_sidecar, "myapp", "crier")):
+        docs = load_docs(Path(path).read_text())
+        dep = next(d for d in docs if d["kind"] == "Deployment" and (dep_name is None or d["metadata"]["name"] == dep_name))
+        tomls.append((f"{Path(path).stem}", config_toml(docs, dep, crier_container(dep, container))))
+    # The renderer with every kind of value, including ones no CI file has.
+    odd = {"config": {"allowed_origins": ["https://a.example.com"], "dev": False,
+                      "log": {"level": 'crier=debug,"quoted"\\back'},
+                      "channels": [{"pattern": "h:*", "subscribe": "anyone", "history": {"size": 10000, "ttl": "0s"}}],
+                      "limits": {"max_connections": 1000000, "queue_size": 1}}}
+    docs = manifests_of(render(odd))
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    tomls.append(("chart/odd-values", config_toml(docs, dep, crier_container(dep, "crier"))))
+
+    # The most recently built of the release and debug binaries.
+    built = [p for p in (Path("target/release/crier"), Path("target/debug/crier")) if p.is_file() and os.access(p, os.X_OK)]
+    crier = max(built, key=lambda p: p.stat().st_mtime, default=None)
+    if crier is None:
+        print("  SKIP crier check-config: no target/release/crier or target/debug/crier built (cargo build to enable)")
+    else:
+        print(f"  using {crier} for crier check-config")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for label, text in tomls:
+        try:
+            cfg = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            fail(f"{label}: crier.toml does not parse: {e}")
+            continue
+        bad_ints = [f"{t}.{k}={cfg[t][k]!r}" for t, k in INT_KEYS if t in cfg and k in cfg[t] and type(cfg[t][k]) is not int]
+        for i, ch in enumerate(cfg.get("channels", [])):
+            if "history" in ch and type(ch["history"].get("size")) is not int:
+                bad_ints.append(f"channels[{i}].history.size={ch['history'].get('size')!r}")
+        n_hist = sum(1 for ch in cfg.get("channels", []) if "history" in ch)
+        check(not bad_ints, f"{label}: crier.toml parses (tomllib), {len(cfg.get('channels', []))} channel rule(s), "
+              f"{n_hist} with history, integers are integers" + (f": {bad_ints}" if bad_ints else ""))
+        if label == "chart/odd-values":
+            check(cfg["log"]["level"] == 'crier=debug,"quoted"\\back' and cfg["limits"]["max_connections"] == 1000000,
+                  f"{label}: quotes, backslashes and large integers survive the TOML renderer")
+        if crier is None:
+            continue
+        file = out / (label.replace("/", "-") + ".toml")
+        file.write_text(text)
+        # A clean environment: only the secrets the Secret would provide, as
+        # placeholders, when the file enables a feature that needs them.
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp")}
+        jwt = cfg.get("auth", {}).get("jwt")
+        if jwt is not None and not any(k in jwt for k in ("secret", "secret_file", "public_key_file")):
+            env["CRIER_AUTH__JWT__SECRET"] = "placeholder-jwt-secret-of-32-bytes-or-more"
+        session = cfg.get("auth", {}).get("session")
+        if session is not None and session.get("signing", "express") == "express" and not session.get("secrets"):
+            env["CRIER_AUTH__SESSION__SECRETS"] = '["placeholder-session-secret"]'
+        proc = subprocess.run([str(crier), "check-config", "--config", str(file)], env=env, capture_output=True, text=True)
+        given = sorted(k for k in env if k.startswith("CRIER_"))
+        check(proc.returncode == 0,
+              f"{label}: crier check-config exit {proc.returncode}"
+              + (f" (with placeholder {', '.join(given)}, as from the Secret)" if given else "")
+              + ("" if proc.returncode == 0 else f": {proc.stderr.strip()}"))
+    finish()
+
+
+# ---------------------------------------------------------------- (i) dashboard
+
+PROMQL_WORDS = {
+    # aggregations and keywords
+    "sum", "min", "max", "avg", "count", "stddev", "stdvar", "topk", "bottomk", "quantile", "count_values", "group",
+    "by", "without", "on", "ignoring", "group_left", "group_right", "bool", "and", "or", "unless", "offset",
+    # functions used or likely
+    "rate", "irate", "increase", "delta", "idelta", "deriv", "vector", "scalar", "abs", "ceil", "floor", "round",
+    "clamp_min", "clamp_max", "clamp", "histogram_quantile", "label_replace", "label_join", "time", "timestamp",
+    "avg_over_time", "max_over_time", "min_over_time", "sum_over_time", "count_over_time", "last_over_time",
+    "absent", "absent_over_time", "changes", "resets", "sort", "sort_desc",
+    # Grafana template functions
+    "label_values", "query_result", "label_names", "metrics",
+}
+
+
+def exprs_of(dashboard: dict) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+
+    def walk(panels: list[dict]) -> None:
+        for p in panels:
+            for t in p.get("targets", []) or []:
+                if "expr" in t:
+                    found.append((p.get("title", "?"), t["expr"]))
+            walk(p.get("panels", []) or [])
+
+    walk(dashboard.get("panels", []))
+    for v in dashboard.get("templating", {}).get("list", []):
+        q = v.get("query")
+        if v.get("type") == "query":
+            found.append((f"variable {v['name']}", q["query"] if isinstance(q, dict) else q))
+    return found
+
+
+def metric_names(expr: str) -> tuple[set[str], set[str]]:
+    """(metric names, unknown identifiers) of a PromQL expression."""
+    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)          # strings
+    e = re.sub(r"\{[^}]*\}", "", e)                         # label matchers
+    e = re.sub(r"\[[^\]]*\]", "", e)                        # ranges
+    e = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", r"\1", e)  # label lists
+    e = re.sub(r"\$\w+", "", e)                             # Grafana variables
+    e = re.sub(r"label_values\(([^,()]+),\s*\w+\)", r"label_values(\1)", e)
+    idents = set(re.findall(r"[A-Za-z_:][A-Za-z0-9_:]*", e))
+    idents = {i for i in idents if not re.fullmatch(r"[0-9.]+[eE]?", i)}
+    words = {i for i in idents if i in PROMQL_WORDS}
+    names = idents - words
+    return names, {n for n in names if n not in CRIER_METRICS | PROCESS_METRICS}
+
+
+def cmd_dashboard(args: argparse.Namespace) -> None:
+    try:
+        dashboard = json.loads(Path(args.file).read_text())
+    except json.JSONDecodeError as e:
+        fail(f"{args.file}: not valid JSON: {e}")
+        finish()
+        return
+    ok(f"{args.file}: valid JSON")
+    inputs = [i for i in dashboard.get("__inputs", []) if i.get("name") == "DS_PROMETHEUS" and i.get("pluginId") == "prometheus"]
+    check(bool(inputs), "has a DS_PROMETHEUS datasource input (prometheus)")
+    text = json.dumps(dashboard)
+    uids = set(re.findall(r'"uid": "([^"]*)"', text)) - {"crier-overview", "-- Grafana --"}
+    check(uids == {"${DS_PROMETHEUS}"}, f"every panel and target uses datasource ${{DS_PROMETHEUS}} (found {sorted(uids)})")
+    used: set[str] = set()
+    for where, expr in exprs_of(dashboard):
+        names, unknown = metric_names(expr)
+        used |= names
+        if unknown or not names:
+            fail(f"panel {where!r}: {expr!r}: " + (f"unknown metric(s) {sorted(unknown)}" if unknown else "queries no metric"))
+    check(not [f for f in failures if f.startswith("panel ")],
+          f"{len(exprs_of(dashboard))} queries, every metric one of crier's: {len(used)} used")
+    wanted = {"crier_connections", "crier_messages_delivered_total", "crier_messages_received_total",
+              "crier_slow_client_disconnects_total", "crier_auth_failures_total", "crier_redis_reconnects_total",
+              "crier_broker_up", "crier_pubsub_lag_seconds", "crier_recovered_messages_total", "crier_gaps_total",
+              "crier_subscriptions", "crier_channels", "process_resident_memory_bytes", "process_cpu_seconds_total"}
+    check(wanted <= used, "covers connections, deliveries, received, drops, auth failures, Redis, lag, history, "
+          "subscriptions/channels, memory/CPU" + (f" (missing {sorted(wanted - used)})" if wanted - used else ""))
+    finish()
+
+
+# ---------------------------------------------------------------- compose
+
+
+def cmd_compose(args: argparse.Namespace) -> None:
+    try:
+        compose = yaml.safe_load(Path(args.file).read_text())
+    except yaml.YAMLError as e:
+        fail(f"{args.file}: not YAML: {e}")
+        finish()
+        return
+    ok(f"{args.file}: parses as YAML")
+    services = compose.get("services", {})
+    check({"crier", "redis"} <= set(services), "services crier and redis")
+    crier = services.get("crier", {})
+    check(crier.get("build", {}).get("dockerfile") == "Dockerfile", "crier is built from the repository's Dockerfile")
+    check("CRIER_REDIS__URL" in (crier.get("environment") or {}), "crier points at the compose Redis (CRIER_REDIS__URL)")
+    grace = duration_seconds(str(crier.get("stop_grace_period", "10s")))
+    check(grace > 15, f"stop_grace_period {grace:g}s > shutdown.grace + shutdown.drain (15s)")
+    check(crier.get("read_only") is True and str(crier.get("user", "")).split(":")[0] not in ("", "0", "root"),
+          "crier runs read-only and non-root")
+    for mount in crier.get("volumes", []):
+        src = mount.split(":")[0]
+        check((Path(args.file).parent / src).exists(), f"mounted file {src} exists")
+    finish()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("k8s-validate")
+    p.add_argument("--versions", required=True, help="comma-separated, e.g. 1.28.0,1.29.0")
+    p.add_argument("files", nargs="+")
+    p.set_defaults(func=cmd_k8s_validate)
+    p = sub.add_parser("render")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_render)
+    p = sub.add_parser("schema")
+    p.set_defaults(func=cmd_schema)
+    for name, func in (("deployments", cmd_deployments), ("toml", cmd_toml)):
+        p = sub.add_parser(name)
+        p.add_argument("--rendered", required=True)
+        p.add_argument("--kustomize-base", required=True)
+        p.add_argument("--kustomize-sidecar", required=True)
+        p.add_argument("--out", default=tempfile.gettempdir())
+        p.set_defaults(func=func)
+    p = sub.add_parser("dashboard")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_dashboard)
+    p = sub.add_parser("compose")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_compose)
+    args = parser.parse_args()
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
