@@ -152,11 +152,14 @@ fn the_guide_configurations_pass_check_config() {
     for (n, toml) in configs.iter().enumerate() {
         let path = dir.path().join(format!("crier-{n}.toml"));
         std::fs::write(&path, toml).expect("write config");
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_crier"))
+        let mut check = std::process::Command::new(env!("CARGO_BIN_EXE_crier"));
+        for key in common::crier::inherited_crier_vars() {
+            check.env_remove(key);
+        }
+        let output = check
             .arg("check-config")
             .arg("--config")
             .arg(&path)
-            .env_remove("CRIER_CONFIG")
             .output()
             .expect("run crier check-config");
         assert!(
@@ -285,6 +288,9 @@ struct Shell {
 impl Shell {
     fn spawn(code: &str, env: &[(&str, String)]) -> Shell {
         let mut cmd = Command::new("sh");
+        for key in common::crier::inherited_crier_vars() {
+            cmd.env_remove(key);
+        }
         cmd.arg("-c")
             .arg(code)
             .current_dir(repo("."))
@@ -364,7 +370,11 @@ async fn the_guide_curl_commands_publish_consume_and_resume() {
         ),
     ];
     let publish = || async {
-        let output = Command::new("sh")
+        let mut sh = Command::new("sh");
+        for key in common::crier::inherited_crier_vars() {
+            sh.env_remove(key);
+        }
+        let output = sh
             .arg("-c")
             .arg(guide_block("run: publish-http"))
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))

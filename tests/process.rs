@@ -99,7 +99,7 @@ async fn sigterm_drains_clients_and_exits_zero() {
 }
 
 async fn run_crier(args: &[&str], envs: &[(&str, &str)]) -> (Option<i32>, String, String) {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_crier"));
+    let mut cmd = common::crier::crier_command();
     cmd.args(args).kill_on_drop(true);
     for (k, v) in envs {
         cmd.env(k, v);

@@ -153,7 +153,7 @@ drain = "1s"
     assert!(status.success());
     let log = crier.log.lock().expect("log").clone();
 
-    let check = tokio::process::Command::new(env!("CARGO_BIN_EXE_crier"))
+    let check = common::crier::crier_command()
         .args(["check-config"])
         .args(args)
         .env("RUST_LOG", "trace")

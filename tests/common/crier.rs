@@ -169,6 +169,26 @@ fn urlencode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
+/// The real `crier` binary, with none of the caller's `CRIER_*` variables:
+/// they are configuration to crier, and tests must not depend on the shell
+/// they run in.
+pub fn crier_command() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_crier"));
+    for key in inherited_crier_vars() {
+        cmd.env_remove(key);
+    }
+    cmd
+}
+
+/// The caller's `CRIER_*` variables, for commands that end up running crier
+/// (a shell line in the docs): remove them so the test is hermetic.
+pub fn inherited_crier_vars() -> Vec<std::ffi::OsString> {
+    std::env::vars_os()
+        .map(|(key, _)| key)
+        .filter(|key| key.to_string_lossy().starts_with("CRIER_"))
+        .collect()
+}
+
 /// The real `crier` binary as a child process.
 pub struct Process {
     /// The child; killed on drop if still running.
@@ -183,7 +203,7 @@ impl Process {
     /// Runs `crier ARGS` (on `--listen 127.0.0.1:0` unless ARGS name an
     /// address) with `envs` and waits for its "listening" line.
     pub async fn start(args: &[&str], envs: &[(&str, &str)]) -> Process {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_crier"));
+        let mut cmd = crier_command();
         cmd.args(args);
         if !args.contains(&"--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
