@@ -434,8 +434,8 @@ async fn main() {
 
     println!("## crier bench");
     println!(
-        "transport={:?} clients={} channels={} messages/channel={} rate/channel={}/s payload={}B",
-        args.transport, args.clients, args.channels, args.messages, args.rate, args.payload
+        "transport={:?} clients={} channels={} messages/channel={} rate/channel={}/s payload={}B history={}",
+        args.transport, args.clients, args.channels, args.messages, args.rate, args.payload, args.history
     );
     println!("| figure | value |");
     println!("|---|---|");
