@@ -140,6 +140,26 @@ impl App {
     }
 }
 
+impl App {
+    /// Counts a connection that signed in after it was admitted (WebSocket
+    /// `auth`) against that user's limit, as if it had come in signed in.
+    pub fn admit_user(&self, admitted: &mut Admitted, user: &str) -> Result<(), Refused> {
+        let max = self.config.limits.max_connections_per_user;
+        let key = LimitKey::User(user.to_owned());
+        if max == 0 || admitted.keys.contains(&key) {
+            return Ok(());
+        }
+        let mut counts = self.per_key.lock().unwrap_or_else(|e| e.into_inner());
+        let count = counts.entry(key.clone()).or_insert(0);
+        if *count >= max {
+            return Err(Refused::TooManyConnections("per_user"));
+        }
+        *count += 1;
+        admitted.keys.push(key);
+        Ok(())
+    }
+}
+
 /// A streaming connection's slot; frees it, its per-user and per-IP counts
 /// and updates the gauge on drop.
 pub struct Admitted {

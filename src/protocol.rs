@@ -218,6 +218,8 @@ pub enum ErrorCode {
     Unauthorized,
     /// Too many commands: slow down.
     RateLimited,
+    /// The user already has `limits.max_connections_per_user` connections.
+    TooManyConnections,
 }
 
 impl ErrorCode {
@@ -231,6 +233,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::TooManyConnections => "too_many_connections",
         }
     }
 }

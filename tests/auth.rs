@@ -652,6 +652,20 @@ async fn per_user_and_per_ip_limits_and_command_rate() {
     assert_eq!(third.status, StatusCode::TOO_MANY_REQUESTS);
     let body: Value = serde_json::from_str(&third.body_text().await).expect("json");
     assert_eq!(body["error"], "too_many_connections");
+    // Signing in later, over an anonymous WebSocket, counts the same.
+    let mut late = WsClient::connect(&crier.ws("/ws")).await;
+    late.recv_type("welcome", WAIT).await;
+    let token = sign(Algorithm::HS256, &claims("42", now() + 600));
+    late.send_json(json!({"type": "auth", "token": token, "id": 1}))
+        .await;
+    let refusal = late.recv_type("error", WAIT).await;
+    assert_eq!(refusal["code"], "too_many_connections", "{refusal}");
+    assert_eq!(
+        late.subscribe("user:42", 2).await["code"],
+        "unauthorized",
+        "still anonymous"
+    );
+    drop(late);
     drop(first);
     crier
         .wait_metric("crier_connections{transport=\"sse\"}", 1.0)

@@ -123,7 +123,7 @@ async fn session<S>(
         strikes: 0,
         app,
         ws,
-        _admitted: admission.admitted,
+        admitted: admission.admitted,
     };
     session.run(conn, inbox, query).instrument(span).await;
 }
@@ -141,7 +141,7 @@ struct Session<S> {
     commands: TokenBucket,
     /// Commands refused in a row for exceeding the rate.
     strikes: u32,
-    _admitted: Admitted,
+    admitted: Admitted,
 }
 
 /// Rate-limited commands in a row after which the connection is closed.
@@ -397,6 +397,13 @@ where
         });
         match verified {
             Ok(principal) => {
+                if let Some(user) = &principal.user {
+                    if self.app.admit_user(&mut self.admitted, user).is_err() {
+                        let limit = self.app.config.limits.max_connections_per_user;
+                        let reason = format!("at most {limit} connections per user");
+                        return self.error(ErrorCode::TooManyConnections, &reason, id).await;
+                    }
+                }
                 let expires_in = principal.expires_at.map(|t| {
                     t.duration_since(std::time::SystemTime::now())
                         .map_or(0, |d| d.as_secs())
