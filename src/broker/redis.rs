@@ -427,9 +427,9 @@ impl Supervisor {
                         return Ended::Lost("connection closed".into());
                     };
                     if msg.get_channel_name() == self.canary {
-                        if canary.answered(msg.get_payload_bytes(), &self.metrics) {
-                            self.health.set(true, &self.metrics);
-                        }
+                        // A canary came back: this connection delivers.
+                        canary.answered(msg.get_payload_bytes(), &self.metrics);
+                        self.health.set(true, &self.metrics);
                         continue;
                     }
                     let Some(channel) = msg.get_channel_name().strip_prefix(self.prefix.as_str()) else {
@@ -463,8 +463,7 @@ impl Supervisor {
                     let Some(request) = request else { return Ended::Stopped };
                     let result = match request {
                         Control::Subscribe { channel, ready } => {
-                            let done = self.subscribe(&mut sink, &channel, ready).await;
-                            done
+                            self.subscribe(&mut sink, &channel, ready).await
                         }
                         Control::Unsubscribe { channel } => {
                             self.channels.remove(&channel);
@@ -596,8 +595,8 @@ impl Canary {
             .is_some_and(|(_, sent)| sent.elapsed() > self.interval)
     }
 
-    /// A canary came back; returns true (healthy again).
-    fn answered(&mut self, payload: &[u8], metrics: &Metrics) -> bool {
+    /// A canary came back: record the lag of the one awaited.
+    fn answered(&mut self, payload: &[u8], metrics: &Metrics) {
         let seq: Option<u64> = std::str::from_utf8(payload)
             .ok()
             .and_then(|s| s.parse().ok());
@@ -607,7 +606,6 @@ impl Canary {
                 self.waiting = None;
             }
         }
-        true
     }
 }
 
