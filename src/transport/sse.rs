@@ -6,9 +6,13 @@
 //! open stream means nothing published from then on is missed.
 //!
 //! The body watches the connection's own signals (queue overflow, its turn
-//! in the drain) rather than relying on hyper's graceful shutdown, which
-//! would otherwise wait for an endless stream.
+//! in the drain, the credential's end) rather than relying on hyper's
+//! graceful shutdown, which would otherwise wait for an endless stream.
+//! Every stream starts with a cursor (`id:`) and every history event
+//! carries one, so a reconnecting `EventSource` resumes where it was, on
+//! any instance.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -30,7 +34,6 @@ use crate::hub::{self, Inbox, Subscriptions};
 use crate::metrics::Transport;
 use crate::origin::add_cors;
 use crate::protocol::{Kind, Publication};
-use std::collections::VecDeque;
 
 /// Answers a `/sse` request: an error status, or an endless event stream.
 pub async fn handle<B>(app: Arc<App>, req: Request<B>, info: ConnInfo) -> Response<Body> {

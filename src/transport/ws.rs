@@ -3,8 +3,9 @@
 //! One task per connection owns the socket. It reads commands, writes
 //! replies and publications from the connection's queue, pings the client
 //! and closes it when it falls behind (1013), goes silent (1001), sends a
-//! frame over the limit (1009) or when its turn in the drain comes (1012).
-//! Malformed commands get an `error` reply and the connection stays usable.
+//! frame over the limit (1009), floods commands (1008), when its credential
+//! ends (4001) or when its turn in the drain comes (1012). Malformed
+//! commands get an `error` reply and the connection stays usable.
 //!
 //! The session is generic over `Sink + Stream` of messages, so the protocol
 //! logic does not depend on where the bytes come from.
