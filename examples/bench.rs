@@ -1,7 +1,7 @@
 //! crier's load benchmark: the figures in docs/performance.md come from here.
 //!
 //! It starts its own `redis-server` on a free loopback port and the real
-//! release binary (`target/release/crier`, or `$CRIER_BIN`), connects
+//! release binary (`target/release/crier`, or `$BENCH_CRIER_BIN`), connects
 //! `--clients` WebSocket or SSE clients spread over `--channels` channels,
 //! measures crier's resident memory before and after (memory per
 //! connection), publishes `--messages` messages per channel at `--rate`
@@ -210,8 +210,15 @@ async fn start_crier(redis: Option<u16>, args: &Args) -> Crier {
         text.push_str(&format!("[redis]\nurl = \"redis://127.0.0.1:{port}\"\n"));
     }
     std::fs::write(&config, text).expect("write config");
-    let bin = std::env::var("CRIER_BIN").unwrap_or_else(|_| "target/release/crier".into());
-    let mut child = Command::new(&bin)
+    let bin = std::env::var("BENCH_CRIER_BIN").unwrap_or_else(|_| "target/release/crier".into());
+    let mut command = Command::new(&bin);
+    // CRIER_* variables are configuration to crier: keep the bench's own.
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("CRIER_") {
+            command.env_remove(key);
+        }
+    }
+    let mut child = command
         .arg("--config")
         .arg(&config)
         .args(["--listen", "127.0.0.1:0", "--log-format", "json"])

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -162,9 +162,11 @@ async fn run(
 
 /// Accepts until the drain begins. One bad connection never stops it.
 async fn accept_loop(app: Arc<App>, listener: TcpListener) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // HTTP/1.1 only: what browsers speak to crier (TLS, and with it HTTP/2,
+    // ends at the ingress), and the upgrade WebSocket needs. Leaving out
+    // hyper-util's HTTP/2 detection saves memory on every connection.
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(app.config.ws.handshake_timeout);
     let drain = app.lifecycle.drain_started().clone();
@@ -196,7 +198,9 @@ async fn accept_loop(app: Arc<App>, listener: TcpListener) {
                 let info = info.clone();
                 async move { Ok::<_, Infallible>(route(app, req, info).await) }
             });
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            let conn = builder
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
             tokio::pin!(conn);
             tokio::select! {
                 result = conn.as_mut() => {
