@@ -14,11 +14,9 @@ use common::ws::WsClient;
 use crier::auth::config::{JwtConfig, SessionConfig};
 use crier::config::Config;
 use crier::policy::{ChannelRule, Subscribe};
-use hmac::{Hmac, Mac};
 use http::StatusCode;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
-use sha2::Sha256;
 use tokio_tungstenite::tungstenite;
 
 const HS_SECRET: &str = "an-hs256-test-secret-of-32-bytes!!";
@@ -260,31 +258,11 @@ async fn tokens_are_verified_and_refusals_carry_the_reason() {
     );
 }
 
-/// `encodeURIComponent`'s unreserved set.
-const URI_COMPONENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.')
-    .remove(b'!')
-    .remove(b'~')
-    .remove(b'*')
-    .remove(b'\'')
-    .remove(b'(')
-    .remove(b')');
-
-/// The `Cookie` header express-session sets: `connect.sid=` +
-/// `encodeURIComponent('s:' + id + '.' + hmacSha256Base64NoPad(id, secret))`.
+/// The `Cookie` header express-session sets.
 fn express_cookie(id: &str, secret: &str) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("hmac");
-    mac.update(id.as_bytes());
-    let sig = base64::engine::general_purpose::STANDARD
-        .encode(mac.finalize().into_bytes())
-        .trim_end_matches('=')
-        .to_string();
-    let value = format!("s:{id}.{sig}");
     format!(
         "connect.sid={}",
-        percent_encoding::utf8_percent_encode(&value, URI_COMPONENT)
+        common::browser::express_cookie_value(id, secret)
     )
 }
 

@@ -25,7 +25,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::TcpListener;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio::sync::watch;
 
 const MESSAGES: u64 = 120;
@@ -110,14 +110,6 @@ async fn test_server(page: String) -> (u16, watch::Receiver<Value>) {
     (port, rx)
 }
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.start_kill();
-    }
-}
-
 async fn start_crier(config: &str, redis: &str, listen: Option<&str>) -> Process {
     let mut args = vec!["--config", config, "--redis-url", redis];
     if let Some(listen) = listen {
@@ -198,7 +190,7 @@ backend page
         ),
     )
     .expect("haproxy config");
-    let haproxy = Killed(
+    let haproxy = common::browser::Killed(
         Command::new("haproxy")
             .arg("-db")
             .arg("-f")
@@ -221,27 +213,8 @@ backend page
     .await;
 
     let profile = tempfile::tempdir().expect("profile");
-    let chromium = Killed(
-        Command::new("chromium")
-            .args([
-                "--headless=new",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-                "--disable-quic",
-                "--remote-debugging-port=0",
-            ])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            .arg(format!("http://127.0.0.1:{lb_port}/page"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("chromium"),
-    );
+    let chromium =
+        common::browser::chromium(&format!("http://127.0.0.1:{lb_port}/page"), profile.path());
     tokio::time::timeout(
         Duration::from_secs(30),
         results.wait_for(|v| v["opens"].as_u64() >= Some(1)),

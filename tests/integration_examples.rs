@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::Engine;
 use bytes::Bytes;
 use common::crier::{test_config, Instance, WAIT};
 use common::redis::RedisServer;
@@ -29,14 +28,12 @@ use crier::auth::config::{JwtConfig, SessionConfig};
 use crier::config::Config;
 use crier::history::HistoryRule;
 use crier::policy::{ChannelRule, Subscribe};
-use hmac::{Hmac, Mac};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
-use sha2::Sha256;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
@@ -470,24 +467,9 @@ fn now() -> u64 {
         .as_secs()
 }
 
-/// `encodeURIComponent`'s unreserved set.
-const URI_COMPONENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.')
-    .remove(b'!')
-    .remove(b'~')
-    .remove(b'*')
-    .remove(b'\'')
-    .remove(b'(')
-    .remove(b')');
-
 /// The cookie value express-session sets for session `id`.
 fn express_cookie_value(id: &str) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(SESSION_SECRET.as_bytes()).expect("hmac");
-    mac.update(id.as_bytes());
-    let sig = base64::engine::general_purpose::STANDARD_NO_PAD.encode(mac.finalize().into_bytes());
-    percent_encoding::utf8_percent_encode(&format!("s:{id}.{sig}"), URI_COMPONENT).to_string()
+    common::browser::express_cookie_value(id, SESSION_SECRET)
 }
 
 /// What connect-redis stores for a passport login; ends in 30 minutes, which
@@ -709,14 +691,6 @@ async fn page_server(
     (rx, tokens)
 }
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.start_kill();
-    }
-}
-
 /// Waits until the page's report satisfies `done`; panics with the report.
 async fn until(results: &mut watch::Receiver<Value>, what: &str, done: impl Fn(&Value) -> bool) {
     let reached = tokio::time::timeout(Duration::from_secs(30), results.wait_for(|v| done(v)))
@@ -805,27 +779,8 @@ async fn browser_snippets_resume_refetch_and_refresh_in_chromium() {
     .await;
 
     let profile = tempfile::tempdir().expect("profile");
-    let chromium = Killed(
-        Command::new("chromium")
-            .args([
-                "--headless=new",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-                "--disable-quic",
-                "--remote-debugging-port=0",
-            ])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            .arg(format!("http://127.0.0.1:{page_port}/"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start chromium"),
-    );
+    let chromium =
+        common::browser::chromium(&format!("http://127.0.0.1:{page_port}/"), profile.path());
 
     // Publishes n on the three channels: history ones through crier_publish,
     // the public one with a plain PUBLISH and no "type" (a plain `message`).

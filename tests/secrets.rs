@@ -5,16 +5,13 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::Engine;
 use common::crier::{Process, WAIT};
 use common::redis::RedisServer;
 use common::sse;
 use common::ws::WsClient;
-use hmac::{Hmac, Mac};
 use http::StatusCode;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::json;
-use sha2::Sha256;
 
 const JWT_SECRET: &str = "jwt-secret-SECRET-0123456789abcdef0123";
 const SESSION_SECRET: &str = "session-secret-SECRET-1";
@@ -33,10 +30,7 @@ fn token(user: &str, exp: u64, secret: &str) -> String {
 }
 
 fn cookie_value(id: &str, secret: &str) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("hmac");
-    mac.update(id.as_bytes());
-    let sig = base64::engine::general_purpose::STANDARD_NO_PAD.encode(mac.finalize().into_bytes());
-    format!("s:{id}.{sig}")
+    common::browser::express_signed(id, secret)
 }
 
 fn encoded(value: &str) -> String {

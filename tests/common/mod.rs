@@ -164,4 +164,5 @@ pub(crate) async fn read_whole(
     (status, text)
 }
 
+pub mod browser;
 pub mod crier;
