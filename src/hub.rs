@@ -301,7 +301,8 @@ impl Hub {
     }
 
     /// Number of listeners of `channel` on this instance.
-    pub fn listeners(&self, channel: &str) -> usize {
+    #[cfg(test)]
+    fn listeners(&self, channel: &str) -> usize {
         read(self.shard(channel))
             .get(channel)
             .map_or(0, |c| c.listeners.len())

@@ -62,6 +62,18 @@ def finish() -> None:
         sys.exit(1)
 
 
+def load_or_stop(path: str, parse, error: type, kind: str):
+    """The parsed file; a file that does not parse fails the step and ends it."""
+    try:
+        data = parse(Path(path).read_text())
+    except error as e:
+        fail(f"{path}: does not parse as {kind}: {e}")
+        finish()
+        sys.exit(1)
+    ok(f"{path}: parses as {kind}")
+    return data
+
+
 # ---------------------------------------------------------------- helpers
 
 
@@ -500,13 +512,7 @@ def metric_names(expr: str) -> tuple[set[str], set[str]]:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
-    try:
-        dashboard = json.loads(Path(args.file).read_text())
-    except json.JSONDecodeError as e:
-        fail(f"{args.file}: not valid JSON: {e}")
-        finish()
-        return
-    ok(f"{args.file}: valid JSON")
+    dashboard = load_or_stop(args.file, json.loads, json.JSONDecodeError, "JSON")
     inputs = [i for i in dashboard.get("__inputs", []) if i.get("name") == "DS_PROMETHEUS" and i.get("pluginId") == "prometheus"]
     check(bool(inputs), "has a DS_PROMETHEUS datasource input (prometheus)")
     text = json.dumps(dashboard)
@@ -533,13 +539,7 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
 
 
 def cmd_compose(args: argparse.Namespace) -> None:
-    try:
-        compose = yaml.safe_load(Path(args.file).read_text())
-    except yaml.YAMLError as e:
-        fail(f"{args.file}: not YAML: {e}")
-        finish()
-        return
-    ok(f"{args.file}: parses as YAML")
+    compose = load_or_stop(args.file, yaml.safe_load, yaml.YAMLError, "YAML")
     services = compose.get("services", {})
     check({"crier", "redis"} <= set(services), "services crier and redis")
     crier = services.get("crier", {})

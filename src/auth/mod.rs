@@ -210,11 +210,6 @@ impl Authenticator {
             .with_label_values(&[failure.reason()])
             .inc();
     }
-
-    /// Whether any credential kind is configured.
-    pub fn is_enabled(&self) -> bool {
-        self.jwt.is_some() || self.session.is_some()
-    }
 }
 
 /// What a connection must do about its credential.

@@ -435,9 +435,8 @@ impl Supervisor {
                     let Some(channel) = msg.get_channel_name().strip_prefix(self.prefix.as_str()) else {
                         continue;
                     };
-                    let channel = channel.to_owned();
                     let (id, payload) = history::split_marked(msg.get_payload_bytes());
-                    self.dispatch(&channel, id, payload);
+                    self.dispatch(channel, id, payload);
                 }
                 _ = tick.tick() => {
                     if canary.overdue() && self.health.is_up() {
