@@ -332,6 +332,11 @@ impl Subscriptions {
         self.channels.iter().any(|c| c == channel)
     }
 
+    /// The subscribed channels.
+    pub fn channels(&self) -> &[String] {
+        &self.channels
+    }
+
     /// How many channels are subscribed.
     pub fn len(&self) -> usize {
         self.channels.len()

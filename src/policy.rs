@@ -46,6 +46,36 @@ struct Pattern {
     pieces: Vec<Piece>,
     /// Ends in `*`: matches any non-empty rest.
     prefix: bool,
+    /// The pattern as written, for log lines.
+    source: String,
+}
+
+/// The characters that end a placeholder in some rule (`:` in
+/// `home:{user}:*`). A placeholder value holding one of them could be read
+/// as several segments, so that user `a` would hear `home:a:b:inbox`, the
+/// channel of user `a:b`. Such a value never fills a placeholder: the rule
+/// does not apply to that client.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Separators(Vec<char>);
+
+impl Separators {
+    fn of<'a>(patterns: impl Iterator<Item = &'a Pattern>) -> Self {
+        let mut chars: Vec<char> = patterns
+            .flat_map(|p| p.pieces.windows(2))
+            .filter_map(|w| match w {
+                [Piece::User | Piece::Claim(_), Piece::Literal(next)] => next.chars().next(),
+                _ => None,
+            })
+            .collect();
+        chars.sort_unstable();
+        chars.dedup();
+        Self(chars)
+    }
+
+    /// A value that may fill a placeholder: non-empty, no separator.
+    fn admits(&self, value: &str) -> bool {
+        !value.is_empty() && !value.contains(self.0.as_slice())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -93,32 +123,65 @@ impl Pattern {
         if !rest.is_empty() {
             pieces.push(Piece::Literal(rest.to_owned()));
         }
-        for piece in &pieces {
-            if let Piece::Literal(text) = piece {
-                validate_channel(text).map_err(|e| format!("`{p}`: {e}"))?;
+        for (i, piece) in pieces.iter().enumerate() {
+            match (piece, pieces.get(i + 1)) {
+                (Piece::Literal(text), _) => {
+                    validate_channel(text).map_err(|e| format!("`{p}`: {e}"))?;
+                }
+                // A placeholder is one segment: it ends at a separator, or
+                // at the exact end of the name. `{user}*` or `{user}{claim.x}`
+                // would let one user's value run into another's channels.
+                (_, Some(Piece::Literal(next)))
+                    if next.starts_with(|c: char| !c.is_alphanumeric()) => {}
+                (_, None) if !prefix => {}
+                _ => {
+                    return Err(format!(
+                        "`{p}`: a placeholder must be followed by a separator such as `:` \
+                         (not a letter, a digit, another placeholder or `*`), or end the pattern"
+                    ))
+                }
             }
         }
-        Ok(Self { pieces, prefix })
+        Ok(Self {
+            pieces,
+            prefix,
+            source: p.to_owned(),
+        })
     }
 
     /// Whether `channel` matches for `who`. Placeholder values are inserted
-    /// as literal text, never read as wildcards; a placeholder `who` has no
-    /// value for makes the rule not apply.
-    fn matches(&self, channel: &str, who: &Principal) -> bool {
+    /// as literal text, never read as wildcards, and only a value that is
+    /// one whole segment (see [`Separators`]) fills a placeholder; a
+    /// placeholder `who` has no such value for makes the rule not apply.
+    fn matches(&self, channel: &str, who: &Principal, separators: &Separators) -> bool {
         let mut rest = channel;
         for piece in &self.pieces {
-            let value = match piece {
-                Piece::Literal(text) => text.clone(),
+            let claim;
+            let (value, name) = match piece {
+                Piece::Literal(text) => (text.as_str(), ""),
                 Piece::User => match &who.user {
-                    Some(user) => user.clone(),
+                    Some(user) => (user.as_str(), "user"),
                     None => return false,
                 },
                 Piece::Claim(name) => match who.claim(name) {
-                    Some(v) => v,
+                    Some(v) => {
+                        claim = v;
+                        (claim.as_str(), name.as_str())
+                    }
                     None => return false,
                 },
             };
-            match rest.strip_prefix(value.as_str()) {
+            if !name.is_empty() && !separators.admits(value) {
+                tracing::warn!(
+                    rule = %self.source,
+                    placeholder = name,
+                    separators = %separators.0.iter().collect::<String>(),
+                    "the client's value for this placeholder is empty or holds a separator \
+                     of the channel rules: the rule does not apply to it"
+                );
+                return false;
+            }
+            match rest.strip_prefix(value) {
                 Some(r) => rest = r,
                 None => return false,
             }
@@ -143,6 +206,7 @@ impl ChannelRule {
 pub struct Policy {
     rules: Vec<(Pattern, Subscribe)>,
     history: Vec<(Pattern, Option<HistoryRule>)>,
+    separators: Separators,
     allow_all: bool,
 }
 
@@ -175,6 +239,7 @@ impl Policy {
                 .map(|(p, r)| (p.clone(), r.subscribe))
                 .collect(),
             history: parsed.iter().map(|(p, r)| (p.clone(), r.history)).collect(),
+            separators: Separators::of(parsed.iter().map(|(p, _)| p)),
             allow_all,
         }
     }
@@ -185,7 +250,10 @@ impl Policy {
     pub fn history_of(&self, channel: &str) -> Option<HistoryRule> {
         self.history
             .iter()
-            .find(|(p, _)| p.matches(channel, &Principal::default()) || p.could_match(channel))
+            .find(|(p, _)| {
+                p.matches(channel, &Principal::default(), &self.separators)
+                    || p.could_match(channel)
+            })
             .and_then(|(_, h)| *h)
     }
 
@@ -206,7 +274,7 @@ impl Policy {
         let mut decided = None;
         let mut needs_auth = false;
         for (pattern, subscribe) in &self.rules {
-            if pattern.matches(channel, who) {
+            if pattern.matches(channel, who, &self.separators) {
                 decided = Some(*subscribe);
                 break;
             }
@@ -421,5 +489,153 @@ mod tests {
         assert!(rule("u:{claim.org}:*", Subscribe::User).check().is_ok());
         assert!(rule("u:{nobody}", Subscribe::User).check().is_err());
         assert!(rule("u:{user", Subscribe::User).check().is_err());
+        // A placeholder is one whole segment.
+        assert!(rule("u:{user}*", Subscribe::User).check().is_err());
+        assert!(rule("u:{user}{claim.org}", Subscribe::User)
+            .check()
+            .is_err());
+        assert!(rule("u:{user}x:*", Subscribe::User).check().is_err());
+        assert!(rule("u:{user}-x", Subscribe::User).check().is_ok());
+        assert!(rule("{user}/feed", Subscribe::User).check().is_ok());
+    }
+
+    #[test]
+    fn a_value_holding_a_separator_never_widens_a_rule() {
+        let policy = Policy::new(
+            &[
+                rule("home:{user}:*", Subscribe::User),
+                rule("user:{user}", Subscribe::User),
+                rule("org:{claim.org}:*", Subscribe::User),
+            ],
+            false,
+        );
+        let a = user("a", serde_json::json!({"org": "acme"}), &[]);
+        let ab = user("a:b", serde_json::json!({"org": "acme:evil"}), &[]);
+        // The report: user `a` heard `home:a:b:inbox`, which the same rule
+        // also gave to user `a:b` (and org `acme` heard org `acme:evil`).
+        // Each channel now has exactly one owner: `home:a:b:inbox` is under
+        // `home:a:*`, so it is `a`'s...
+        assert_eq!(policy.may_subscribe("home:a:b:inbox", &a), Ok(()));
+        assert_eq!(policy.may_subscribe("org:acme:evil:news", &a), Ok(()));
+        // ...and a value holding a separator fills no placeholder (`:` ends
+        // a placeholder in `home:{user}:*`, so it counts for `user:{user}`
+        // too): `a:b` and `acme:evil` can no longer claim anyone's channel.
+        assert_eq!(
+            policy.may_subscribe("home:a:b:inbox", &ab),
+            Err(Refusal::Forbidden)
+        );
+        assert_eq!(
+            policy.may_subscribe("user:a:b", &ab),
+            Err(Refusal::Forbidden)
+        );
+        assert_eq!(
+            policy.may_subscribe("org:acme:evil:x", &ab),
+            Err(Refusal::Forbidden)
+        );
+        let empty = user("", serde_json::json!({"org": ""}), &[]);
+        assert_eq!(
+            policy.may_subscribe("org::x", &empty),
+            Err(Refusal::Forbidden)
+        );
+    }
+
+    mod property {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Rules with placeholders in every position a separator allows.
+        const PATTERNS: [&str; 7] = [
+            "home:{user}:*",
+            "home:{user}",
+            "org:{claim.org}:*",
+            "u.{user}.x.*",
+            "{user}/feed",
+            "t:{claim.org}:{user}:*",
+            "d-{user}-{claim.org}",
+        ];
+
+        /// Text from an alphabet rich in the rules' separators, so that
+        /// values and channel names collide often.
+        fn text() -> impl Strategy<Value = String> {
+            proptest::string::string_regex("[ab:./\\-*]{0,5}").expect("regex")
+        }
+
+        fn principal(id: String, org: String) -> Principal {
+            Principal {
+                user: Some(id),
+                claims: serde_json::json!({ "org": org })
+                    .as_object()
+                    .cloned()
+                    .unwrap_or_default(),
+                ..Principal::default()
+            }
+        }
+
+        /// A channel shaped like `pattern`, its placeholders filled with
+        /// `fill` (so that it matches some principal often).
+        fn channel(pattern: &str, fill: &[String], tail: &str) -> String {
+            let mut out = pattern.replace('*', tail);
+            for (i, name) in ["{user}", "{claim.org}"].iter().enumerate() {
+                out = out.replace(name, &fill[i % fill.len()]);
+            }
+            out
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(10_000))]
+
+            /// Issue 8, point 1: a channel admitted for A under a
+            /// placeholder rule is never admitted for a B whose values for
+            /// that rule's placeholders differ.
+            #[test]
+            fn no_two_principals_share_a_channel_through_one_rule(
+                rule_index in 0..PATTERNS.len(),
+                (a_user, a_org, b_user, b_org) in (text(), text(), text(), text()),
+                fill in proptest::collection::vec(text(), 1..3),
+                tail in text(),
+            ) {
+                let pattern = PATTERNS[rule_index];
+                let policy = Policy::new(
+                    &PATTERNS.map(|p| rule(p, Subscribe::User)),
+                    false,
+                );
+                let single = Policy::new(&[rule(pattern, Subscribe::User)], false);
+                let a = principal(a_user.clone(), a_org.clone());
+                let b = principal(b_user.clone(), b_org.clone());
+                let uses_user = pattern.contains("{user}");
+                let uses_org = pattern.contains("{claim.org}");
+                let same = (!uses_user || a_user == b_user) && (!uses_org || a_org == b_org);
+                let candidates = [
+                    channel(pattern, &fill, &tail),
+                    channel(pattern, &[a_user.clone(), a_org.clone()], &tail),
+                    channel(pattern, &[b_user.clone(), b_org.clone()], &tail),
+                ];
+                for c in &candidates {
+                    let both = single.may_subscribe(c, &a).is_ok()
+                        && single.may_subscribe(c, &b).is_ok();
+                    prop_assert!(same || !both, "{pattern}: {c:?} admitted for {a:?} and {b:?}");
+                }
+                // Across the whole rule list (user-only rules), a channel
+                // belongs to one user id.
+                let user_rules: Vec<_> = PATTERNS
+                    .iter()
+                    .filter(|p| !p.contains("claim"))
+                    .map(|p| rule(p, Subscribe::User))
+                    .collect();
+                let users = Policy::new(&user_rules, false);
+                for c in &candidates {
+                    let both = users.may_subscribe(c, &a).is_ok()
+                        && users.may_subscribe(c, &b).is_ok();
+                    prop_assert!(a_user == b_user || !both, "{c:?} admitted for {a_user:?} and {b_user:?}");
+                }
+                // A principal always hears its own channel when its values
+                // are whole segments (the rule is not simply switched off).
+                let own = channel(pattern, &[a_user.clone(), a_org.clone()], "x");
+                let clean = |v: &str| !v.is_empty() && !v.contains(['.', ':', '/', '-']);
+                if clean(&a_user) && clean(&a_org) && validate_channel(&own).is_ok() {
+                    prop_assert_eq!(policy.may_subscribe(&own, &a), Ok(()), "{}", own);
+                }
+            }
+        }
     }
 }

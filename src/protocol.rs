@@ -139,23 +139,49 @@ impl Publication {
 }
 
 /// An SSE event block. Multi-line data becomes several `data:` lines, which
-/// the browser joins back with `\n`.
+/// the browser joins back with `\n`. Lines end where an `EventSource` ends
+/// them — at CRLF, LF *or a bare CR* — so no byte of the data can end a
+/// field early. (The data is JSON, where a CR or LF can only be whitespace
+/// between tokens: rejoining with `\n` keeps its meaning.)
 pub fn sse_event(event: Option<&str>, data: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(data.len() + 32);
     if let Some(event) = event {
-        // A newline in the name would end the field early: drop them.
+        // A line break in the name would end the field early: drop them.
         out.put_slice(b"event: ");
         out.extend(event.bytes().filter(|b| *b != b'\n' && *b != b'\r'));
         out.put_u8(b'\n');
     }
-    for line in data.split(|b| *b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
+    for line in sse_lines(data) {
         out.put_slice(b"data: ");
         out.put_slice(line);
         out.put_u8(b'\n');
     }
     out.put_u8(b'\n');
     out.freeze()
+}
+
+/// Splits `data` into lines as the EventSource parser does: CRLF, LF and
+/// CR each end one line.
+fn sse_lines(data: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = Some(data);
+    std::iter::from_fn(move || {
+        let text = rest?;
+        match text.iter().position(|b| *b == b'\n' || *b == b'\r') {
+            None => {
+                rest = None;
+                Some(text)
+            }
+            Some(end) => {
+                let skip = if text[end..].starts_with(b"\r\n") {
+                    2
+                } else {
+                    1
+                };
+                rest = Some(&text[end + skip..]);
+                Some(&text[..end])
+            }
+        }
+    })
 }
 
 fn push_json_string(out: &mut Vec<u8>, s: &str) {
@@ -279,6 +305,12 @@ pub mod reply {
         with_id(json!({"type": "unsubscribed", "channel": channel}), id)
     }
 
+    /// A subscription ended by crier: the connection's credential no
+    /// longer grants the channel.
+    pub fn revoked(channel: &str, reason: &str) -> String {
+        json!({"type": "unsubscribed", "channel": channel, "reason": reason}).to_string()
+    }
+
     /// Answer to `ping`.
     pub fn pong(id: &Option<Value>) -> String {
         with_id(json!({"type": "pong"}), id)
@@ -367,6 +399,30 @@ mod tests {
             .join("\n");
         let v: Value = serde_json::from_str(&data).expect("rejoined data is JSON");
         assert_eq!(v["data"]["v"], 1);
+    }
+
+    /// What an `EventSource` makes of one event block: its data lines,
+    /// split at CRLF, LF or CR, joined with `\n` (WHATWG HTML, 9.2.6).
+    fn browser_data(block: &[u8]) -> String {
+        let text = std::str::from_utf8(block).expect("utf8");
+        let normalized = text.replace("\r\n", "\n").replace('\r', "\n");
+        normalized
+            .split('\n')
+            .filter_map(|l| l.strip_prefix("data: ").or(l.strip_prefix("data:")))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn bare_carriage_returns_cannot_cut_a_data_line() {
+        let payload = b"{\"type\":\"x\",\r\"a\":1,\r\n\"b\":2,\n\r\"c\":3}";
+        let p = Publication::new("c", payload);
+        let data: Value = serde_json::from_str(&browser_data(&p.sse)).expect("data is JSON");
+        assert_eq!(data["data"], json!({"type": "x", "a": 1, "b": 2, "c": 3}));
+        assert_eq!(
+            sse_lines(b"a\rb\r\nc\n\rd").collect::<Vec<_>>(),
+            vec![&b"a"[..], b"b", b"c", b"", b"d"]
+        );
     }
 
     #[test]

@@ -682,3 +682,115 @@ async fn per_user_and_per_ip_limits_and_command_rate() {
     let three = sse::connect(&crier.sse_url(&[&channel]), &[]).await;
     assert_eq!(three.status, StatusCode::OK);
 }
+
+/// Issue 8, point 2: a correctly signed token whose `exp` is past what a
+/// clock can hold is refused as a bad credential (401 / WS `error`), never
+/// a panic that drops the connection.
+#[tokio::test]
+async fn out_of_range_token_times_are_refused_not_panicked_on() {
+    let crier = Instance::start(jwt_config(&["HS256"], None)).await;
+    for exp in [
+        json!(9_223_372_036_854_775_808u64),
+        json!(u64::MAX),
+        json!(1e300),
+    ] {
+        let mut c = claims("42", 0);
+        c["exp"] = exp.clone();
+        let token = sign(Algorithm::HS256, &c);
+        let (status, reason) = sse_with_token(&crier, "user:42", &token).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "exp {exp}");
+        assert!(
+            // jsonwebtoken itself reads an `exp` it cannot parse as absent.
+            matches!(reason.as_deref(), Some("invalid_claim" | "missing_claim")),
+            "exp {exp}: {reason:?}"
+        );
+
+        let mut ws = WsClient::connect(&crier.ws("/ws")).await;
+        ws.send_json(json!({"type": "auth", "token": token, "id": 1}))
+            .await;
+        let refusal = ws.recv_type("error", WAIT).await;
+        assert_eq!(refusal["code"], "unauthorized", "exp {exp}: {refusal}");
+        // The socket is still usable: nothing panicked under it.
+        ws.send_json(json!({"type": "ping", "id": 2})).await;
+        assert_eq!(ws.recv_type("pong", WAIT).await["id"], 2);
+    }
+    let mut c = claims("42", now() + 600);
+    c["nbf"] = json!(u64::MAX);
+    let (status, _) = sse_with_token(&crier, "user:42", &sign(Algorithm::HS256, &c)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "nbf out of range");
+}
+
+/// Issue 8, point 3: `exp` as a float (RFC 7519 NumericDate) is honoured by
+/// the expiry watch: `expiring`, then the end, over SSE and WebSocket.
+#[tokio::test]
+async fn float_expiry_is_watched_like_an_integer_one() {
+    let mut config = jwt_config(&["HS256"], None);
+    config.auth.expiring_notice = Duration::from_secs(2);
+    let crier = Instance::start(config).await;
+    let mut c = claims("42", 0);
+    c["exp"] = json!(now() as f64 + 3.5);
+    let auth = format!("Bearer {}", sign(Algorithm::HS256, &c));
+
+    let mut ws = WsClient::try_connect(
+        &crier.ws("/ws?channel=user:42"),
+        &[("authorization", &auth)],
+    )
+    .await
+    .expect("upgrade");
+    let mut events = sse::connect(&crier.sse_url(&["user:42"]), &[("authorization", &auth)])
+        .await
+        .into_events();
+    assert_eq!(ws.recv_type("expiring", WAIT).await["type"], "expiring");
+    let (code, reason, _) = ws.expect_close(WAIT).await;
+    assert_eq!((code, reason.as_str()), (4001, "expired"));
+    let names: Vec<String> = events
+        .expect_end(WAIT)
+        .await
+        .into_iter()
+        .filter_map(|e| e.event)
+        .collect();
+    assert_eq!(names, vec!["expiring", "expired"], "SSE warns, then ends");
+}
+
+/// Issue 8, point 12: refreshing to a token that grants fewer channels
+/// ends the subscriptions it no longer grants, and nothing more is heard
+/// on them.
+#[tokio::test]
+async fn a_refresh_with_fewer_grants_ends_those_subscriptions() {
+    const KEY: &str = "a-publish-api-key-for-this-test-0123";
+    let mut config = jwt_config(&["HS256"], None);
+    config.publish.api_keys = vec![KEY.into()];
+    let crier = Instance::start(config).await;
+    let (kept, dropped) = (unique("ops:kept"), unique("ops:dropped"));
+    let mut wide = claims("42", now() + 600);
+    wide["channels"] = json!([kept, dropped]);
+    let mut ws = WsClient::connect(&crier.ws("/ws")).await;
+    ws.send_json(json!({"type": "auth", "token": sign(Algorithm::HS256, &wide), "id": 1}))
+        .await;
+    ws.recv_type("authenticated", WAIT).await;
+    assert_eq!(ws.subscribe(&kept, 2).await["type"], "subscribed");
+    assert_eq!(ws.subscribe(&dropped, 3).await["type"], "subscribed");
+
+    let mut narrow = wide.clone();
+    narrow["channels"] = json!([kept]);
+    ws.send_json(json!({"type": "auth", "token": sign(Algorithm::HS256, &narrow), "id": 4}))
+        .await;
+    ws.recv_type("authenticated", WAIT).await;
+    let ended = ws.recv_type("unsubscribed", WAIT).await;
+    assert_eq!(
+        ended,
+        json!({"type": "unsubscribed", "channel": dropped, "reason": "forbidden"})
+    );
+    for (channel, n) in [(&dropped, 1), (&kept, 2)] {
+        let status = crier
+            .publish_api(channel, &format!(r#"{{"n":{n}}}"#), Some(KEY))
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let message = ws.recv_type("message", WAIT).await;
+    assert_eq!(
+        (message["channel"].clone(), message["data"]["n"].clone()),
+        (json!(kept), json!(2)),
+        "only the still granted channel is heard"
+    );
+}

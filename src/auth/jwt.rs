@@ -5,7 +5,7 @@
 //! with the RSA public key) are refused by construction: each algorithm
 //! family has its own key, and a family without a configured key is refused.
 
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use base64::Engine;
 use jsonwebtoken::errors::ErrorKind;
@@ -13,7 +13,7 @@ use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
 use super::config::JwtConfig;
-use super::{Failure, Principal};
+use super::{time, Failure, Principal};
 
 /// A verifier built once from `[auth.jwt]`.
 pub struct JwtVerifier {
@@ -168,10 +168,21 @@ impl JwtVerifier {
             Some(Value::Number(n)) => n.to_string(),
             _ => return Err(Failure::MissingClaim),
         };
-        let expires_at = claims
-            .get("exp")
-            .and_then(Value::as_u64)
-            .map(|secs| UNIX_EPOCH + Duration::from_secs(secs));
+        // jsonwebtoken has checked `exp` and `nbf` against the clock; crier
+        // keeps `exp` for the expiry watch, so every time claim must also be
+        // one it can compute with (no overflow, no float read as "never").
+        let expires_at = claims.get("exp").and_then(time::from_secs);
+        if expires_at.is_none() {
+            return Err(Failure::InvalidClaim);
+        }
+        for name in ["nbf", "iat"] {
+            if claims
+                .get(name)
+                .is_some_and(|v| time::from_secs(v).is_none())
+            {
+                return Err(Failure::InvalidClaim);
+            }
+        }
         let grants = match claims.get(&self.channels_claim) {
             Some(Value::Array(items)) => items
                 .iter()

@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 pub mod config;
 mod jwt;
 pub mod session;
+mod time;
 
 pub use jwt::JwtVerifier;
 pub use session::SessionStore;
@@ -84,6 +85,9 @@ pub enum Failure {
     BadAudience,
     /// `exp` or the user claim is missing.
     MissingClaim,
+    /// A time (`exp`, `nbf`, `iat`, a session's expiry) that is not a
+    /// number of seconds between 1970 and 9999.
+    InvalidClaim,
     /// The session id is not in the store (logged out, expired, made up).
     UnknownSession,
     /// The session exists but holds no user.
@@ -109,6 +113,7 @@ impl Failure {
             Failure::BadIssuer => "bad_issuer",
             Failure::BadAudience => "bad_audience",
             Failure::MissingClaim => "missing_claim",
+            Failure::InvalidClaim => "invalid_claim",
             Failure::UnknownSession => "unknown_session",
             Failure::NotLoggedIn => "not_logged_in",
             Failure::NotAccepted => "not_accepted",
@@ -342,11 +347,16 @@ async fn poll_read(reading: &mut Option<SessionRead>) -> Result<Principal, Failu
     }
 }
 
+/// The monotonic deadline of wall-clock time `t`. Credential times are
+/// capped at the year 9999 when parsed, so this does not overflow; if it
+/// ever would, the deadline is simply as far as the clock goes.
 fn instant_at(t: SystemTime) -> Instant {
-    let now = SystemTime::now();
-    match t.duration_since(now) {
-        Ok(ahead) => Instant::now() + ahead,
-        Err(_) => Instant::now(),
+    let now = Instant::now();
+    match t.duration_since(SystemTime::now()) {
+        Ok(ahead) => now
+            .checked_add(ahead)
+            .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30)),
+        Err(_) => now,
     }
 }
 

@@ -7,7 +7,7 @@
 //! *before* Redis is asked, so guessing session ids costs an attacker
 //! nothing but costs crier nothing either.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use base64::Engine;
 use hmac::{Hmac, Mac};
@@ -18,7 +18,7 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
 use super::config::{SessionConfig, Signing};
-use super::{Failure, Principal, SessionRef};
+use super::{time, Failure, Principal, SessionRef};
 
 /// The app's session store.
 pub struct SessionStore {
@@ -139,12 +139,12 @@ impl SessionStore {
             Some(Value::Number(n)) => n.to_string(),
             _ => return Err(Failure::NotLoggedIn),
         };
-        let expires_at = if self.config.expires_pointer.is_empty() {
-            None
-        } else {
-            session
-                .pointer(&self.config.expires_pointer)
-                .and_then(parse_time)
+        // An expiry that is there but not a usable time refuses the
+        // session, rather than letting it live forever.
+        let expires_at = match session.pointer(&self.config.expires_pointer) {
+            None | Some(Value::Null) => None,
+            Some(_) if self.config.expires_pointer.is_empty() => None,
+            Some(v) => Some(parse_time(v).ok_or(Failure::InvalidClaim)?),
         };
         if expires_at.is_some_and(|t| t <= SystemTime::now()) {
             return Err(Failure::Expired);
@@ -183,14 +183,14 @@ fn find_cookie(headers: &HeaderMap, name: &str) -> Option<String> {
 fn parse_time(v: &Value) -> Option<SystemTime> {
     match v {
         Value::String(s) => humantime::parse_rfc3339_weak(s).ok(),
-        Value::Number(n) => n.as_u64().map(|ms| UNIX_EPOCH + Duration::from_millis(ms)),
-        _ => None,
+        _ => time::from_millis(v),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     fn store(secrets: &[&str]) -> SessionStore {
         let config = SessionConfig {

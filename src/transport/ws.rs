@@ -281,9 +281,17 @@ where
                             self.strikes = 0;
                             self.error(ErrorCode::BadRequest, "binary frames are not supported", &None).await?;
                         }
-                        // tungstenite answers pings and close frames itself.
+                        // tungstenite answers pings itself.
                         Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                        Some(Ok(Message::Close(_))) | None => return Err(Gone),
+                        Some(Ok(Message::Close(_))) => {
+                            // tungstenite queued the echo of the client's
+                            // close frame (RFC 6455 5.5.1): send it before
+                            // the socket goes, or the client sees 1006.
+                            let timeout = self.app.config.ws.write_timeout;
+                            let _ = bounded(timeout, self.ws.flush()).await;
+                            return Err(Gone);
+                        }
+                        None => return Err(Gone),
                         Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
                             tracing::info!(size, max_size, "frame too large, closing");
                             let reason = format!("message of {size} bytes exceeds the limit of {max_size}");
@@ -412,13 +420,36 @@ where
                 let user = principal.user.clone();
                 self.watch.replace(principal);
                 let text = reply::authenticated(user.as_deref(), expires_in, id);
-                self.write(Message::text(text)).await
+                self.write(Message::text(text)).await?;
+                self.recheck_subscriptions().await
             }
             Err(failure) => {
                 self.error(ErrorCode::Unauthorized, failure.reason(), id)
                     .await
             }
         }
+    }
+
+    /// After a credential change, ends every subscription the new
+    /// credential no longer grants (a refresh with fewer channels in its
+    /// claim must not keep the old ones).
+    async fn recheck_subscriptions(&mut self) -> Result<(), Gone> {
+        let who = self.watch.principal();
+        let revoked: Vec<String> = self
+            .subs
+            .channels()
+            .iter()
+            .filter(|c| self.app.policy.may_subscribe(c, who).is_err())
+            .cloned()
+            .collect();
+        for channel in revoked {
+            tracing::debug!(%channel, "subscription no longer granted, ended");
+            self.subs.remove(&channel);
+            self.tracker.forget(&channel);
+            self.write(Message::text(reply::revoked(&channel, "forbidden")))
+                .await?;
+        }
+        Ok(())
     }
 
     async fn subscribe(
