@@ -40,6 +40,9 @@ pub struct App {
     pub auth: Arc<Authenticator>,
     /// Allowed browser origins.
     pub origins: Origins,
+    /// Bytes of resume replay held for clients, process-wide
+    /// (`limits.max_replay_bytes_total`).
+    pub replay_bytes: Arc<Semaphore>,
     connections: Arc<Semaphore>,
     per_key: Arc<Mutex<HashMap<LimitKey, usize>>>,
 }
@@ -62,9 +65,17 @@ impl App {
         tasks: TaskTracker,
     ) -> Result<Self, String> {
         let lifecycle = Lifecycle::new(config.shutdown.drain);
-        let connections = Arc::new(Semaphore::new(config.limits.max_connections));
+        let connections = Arc::new(Semaphore::new(
+            config.limits.max_connections.min(Semaphore::MAX_PERMITS),
+        ));
         let auth = Arc::new(Authenticator::new(&config, metrics.clone())?);
         let origins = Origins::new(&config.allowed_origins, config.dev);
+        let replay_bytes = Arc::new(Semaphore::new(
+            config
+                .limits
+                .max_replay_bytes_total
+                .min(Semaphore::MAX_PERMITS),
+        ));
         Ok(Self {
             config,
             hub,
@@ -75,6 +86,7 @@ impl App {
             tasks,
             auth,
             origins,
+            replay_bytes,
             connections,
             per_key: Arc::default(),
         })
@@ -195,4 +207,6 @@ pub struct ConnInfo {
     /// Cancelling it drops the TCP connection, even if hyper is stuck
     /// writing to a client that stopped reading.
     pub kill: CancellationToken,
+    /// How long a write to this client may make no progress.
+    pub stall: crate::stall::StallTimeout,
 }

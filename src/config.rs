@@ -126,6 +126,16 @@ pub struct LimitsConfig {
     pub max_subscriptions_per_connection: usize,
     /// Largest inbound WebSocket message, in bytes; larger closes with 1009.
     pub max_message_bytes: usize,
+    /// Most history messages one connection is sent on resume before it
+    /// goes live (an SSE request, or one WebSocket `subscribe`). A channel
+    /// whose missed messages do not fit gets a `gap` instead.
+    pub max_replay_messages: usize,
+    /// The same in bytes (payloads plus envelopes and SSE cursors).
+    pub max_replay_bytes: usize,
+    /// Bytes of replay this process holds for all its connections at once
+    /// (waiting to be written to clients); a resume that does not fit gets a
+    /// `gap` instead of its replay.
+    pub max_replay_bytes_total: usize,
     /// Open connections per authenticated user; the next gets 429. 0: no limit.
     pub max_connections_per_user: usize,
     /// Open connections per client IP address (the TCP peer: behind a load
@@ -178,6 +188,12 @@ pub struct SseConfig {
     /// The `retry:` sent when a stream opens (the browser's reconnect delay).
     #[serde(with = "humantime_serde")]
     pub retry: Duration,
+    /// A write to the client that makes no progress for this long closes the
+    /// connection: a client that stopped reading is cut even on a quiet
+    /// channel, and frees its slot and queue. (Also bounds any plain HTTP
+    /// response; WebSocket connections use `ws.write_timeout`.)
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
 }
 
 /// What happens on SIGTERM.
@@ -224,6 +240,9 @@ impl Default for LimitsConfig {
             max_connections: 100_000,
             max_subscriptions_per_connection: 64,
             max_message_bytes: 65_536,
+            max_replay_messages: 10_000,
+            max_replay_bytes: 4 << 20,
+            max_replay_bytes_total: 256 << 20,
             max_connections_per_user: 100,
             max_connections_per_ip: 0,
             commands_per_second: 20,
@@ -257,6 +276,7 @@ impl Default for SseConfig {
         Self {
             heartbeat: Duration::from_secs(15),
             retry: Duration::from_secs(3),
+            write_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -383,6 +403,15 @@ impl Config {
                 self.limits.max_subscriptions_per_connection,
             ),
             ("limits.max_message_bytes", self.limits.max_message_bytes),
+            (
+                "limits.max_replay_messages",
+                self.limits.max_replay_messages,
+            ),
+            ("limits.max_replay_bytes", self.limits.max_replay_bytes),
+            (
+                "limits.max_replay_bytes_total",
+                self.limits.max_replay_bytes_total,
+            ),
             ("publish.max_body_bytes", self.publish.max_body_bytes),
         ];
         for (field, value) in positive {
@@ -396,6 +425,7 @@ impl Config {
             ("ws.handshake_timeout", self.ws.handshake_timeout),
             ("ws.write_timeout", self.ws.write_timeout),
             ("sse.heartbeat", self.sse.heartbeat),
+            ("sse.write_timeout", self.sse.write_timeout),
             ("redis.connect_timeout", self.redis.connect_timeout),
             ("redis.reconnect_max", self.redis.reconnect_max),
             ("redis.subscribe_timeout", self.redis.subscribe_timeout),

@@ -8,6 +8,8 @@ use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 use serde_json::json;
 
+use crate::protocol::{event_filter, Filter, MAX_EVENT_TYPES};
+
 /// Every response body crier sends.
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
 
@@ -147,27 +149,41 @@ impl Refused {
     }
 }
 
+/// Longest query string accepted on `/sse` and `/ws`, in bytes: room for
+/// 64 channels of 256 bytes. (The whole request head is capped at
+/// [`MAX_HEAD_BYTES`].) A WebSocket client with more to say subscribes
+/// with messages.
+pub const MAX_QUERY_BYTES: usize = 16 * 1024;
+
+/// Largest request head (request line and headers) crier reads: cookies and
+/// a bearer token fit; anything larger is answered 431 by hyper.
+pub const MAX_HEAD_BYTES: usize = 32 * 1024;
+
 /// The channels and event filter a `/sse` or `/ws` request asks for.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct StreamQuery {
     /// Every `channel=` parameter, in order, without duplicates.
     pub channels: Vec<String>,
     /// `events=a,b`: only these event types.
-    pub events: Option<Vec<String>>,
+    pub events: Option<Filter>,
 }
 
 impl StreamQuery {
-    /// Parses the query string of `uri`.
-    pub fn parse(uri: &http::Uri) -> Self {
-        let mut q = StreamQuery::default();
+    /// Parses the query string of `uri`, in one pass; the error is the
+    /// reason a client is told (400).
+    pub fn parse(uri: &http::Uri) -> Result<Self, String> {
         let raw = uri.query().unwrap_or_default();
+        if raw.len() > MAX_QUERY_BYTES {
+            return Err(format!("query string longer than {MAX_QUERY_BYTES} bytes"));
+        }
+        let mut channels = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut events: Option<Vec<String>> = None;
         for (key, value) in url::form_urlencoded::parse(raw.as_bytes()) {
             match &*key {
-                "channel" if !q.channels.iter().any(|c| *c == value) => {
-                    q.channels.push(value.into_owned())
-                }
+                "channel" if seen.insert(value.clone()) => channels.push(value.into_owned()),
                 "events" => {
-                    let list = q.events.get_or_insert_with(Vec::new);
+                    let list = events.get_or_insert_with(Vec::new);
                     list.extend(
                         value
                             .split(',')
@@ -175,11 +191,17 @@ impl StreamQuery {
                             .filter(|e| !e.is_empty())
                             .map(str::to_owned),
                     );
+                    if list.len() > MAX_EVENT_TYPES {
+                        break;
+                    }
                 }
                 _ => {}
             }
         }
-        q
+        Ok(StreamQuery {
+            channels,
+            events: events.map(event_filter).transpose()?,
+        })
     }
 }
 
@@ -192,8 +214,40 @@ mod tests {
         let uri: http::Uri = "/sse?channel=a&channel=b%3Ac&channel=a&events=x,%20y,&x=1"
             .parse()
             .expect("uri");
-        let q = StreamQuery::parse(&uri);
+        let q = StreamQuery::parse(&uri).expect("valid");
         assert_eq!(q.channels, vec!["a", "b:c"]);
-        assert_eq!(q.events, Some(vec!["x".to_string(), "y".to_string()]));
+        assert_eq!(
+            q.events.as_deref(),
+            Some(&["x".to_string(), "y".to_string()][..])
+        );
+    }
+
+    fn parse(query: &str) -> Result<StreamQuery, String> {
+        StreamQuery::parse(&format!("/sse?{query}").parse().expect("uri"))
+    }
+
+    #[test]
+    fn limits_are_enforced_at_cap_plus_one() {
+        let names = |n: usize, len: usize| {
+            (0..n)
+                .map(|i| format!("{i:0len$}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        assert!(parse(&format!("channel=a&events={}", names(32, 128))).is_ok());
+        let too_many = parse(&format!("channel=a&events={}", names(33, 3))).unwrap_err();
+        assert!(too_many.contains("at most 32"), "{too_many}");
+        let too_long = parse(&format!("channel=a&events={}", names(1, 129))).unwrap_err();
+        assert!(too_long.contains("128 bytes"), "{too_long}");
+        let fits = format!("channel={}", "a".repeat(MAX_QUERY_BYTES - 8));
+        assert!(parse(&fits).is_ok());
+        let over = format!("channel={}", "a".repeat(MAX_QUERY_BYTES - 7));
+        assert!(parse(&over).unwrap_err().contains("16384 bytes"));
+    }
+
+    #[test]
+    fn many_duplicate_channels_are_kept_once() {
+        let q = parse(&"channel=a&channel=b&".repeat(700)).expect("valid");
+        assert_eq!(q.channels, vec!["a", "b"]);
     }
 }

@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::protocol::{Kind, Publication};
+use crate::protocol::{Filter, Kind, Publication};
 
 /// Unique id of a client connection within this process.
 pub type ConnId = u64;
@@ -86,7 +86,7 @@ impl Outbox {
 #[derive(Clone)]
 struct Listener {
     outbox: Outbox,
-    events: Option<Arc<[String]>>,
+    events: Option<Filter>,
 }
 
 /// Requests from the hub to the broker, handled in order.
@@ -165,9 +165,9 @@ impl Hub {
         &self,
         channel: &str,
         outbox: &Outbox,
-        events: Option<Vec<String>>,
+        events: Option<Filter>,
     ) -> Result<(), SubscribeError> {
-        let mut ready = {
+        let ready = {
             let mut shard = write(self.shard(channel));
             let entry = shard.entry(channel.to_owned()).or_insert_with(|| {
                 let (tx, rx) = watch::channel(false);
@@ -185,24 +185,54 @@ impl Hub {
                 }
             });
             // Subscribing again replaces the listener (and its filter).
-            let before = entry.listeners.len();
-            entry.listeners.retain(|l| l.outbox.id != outbox.id);
-            if entry.listeners.len() == before {
-                self.metrics.subscriptions.inc();
-            }
-            entry.listeners.push(Listener {
+            let listener = Listener {
                 outbox: outbox.clone(),
-                events: events.map(Into::into),
-            });
+                events,
+            };
+            let previous = match entry
+                .listeners
+                .iter()
+                .position(|l| l.outbox.id == outbox.id)
+            {
+                Some(i) => Some(std::mem::replace(&mut entry.listeners[i], listener)),
+                None => {
+                    self.metrics.subscriptions.inc();
+                    entry.listeners.push(listener);
+                    None
+                }
+            };
             entry.idle_since = None;
-            entry.ready.clone()
+            (entry.ready.clone(), previous)
         };
-        let confirmed = tokio::time::timeout(self.subscribe_timeout, ready.wait_for(|r| *r)).await;
-        match confirmed {
-            Ok(Ok(_)) => Ok(()),
-            _ => {
+        let (mut ready, previous) = ready;
+        let confirmed = tokio::time::timeout(self.subscribe_timeout, ready.wait_for(|r| *r))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        match (confirmed, previous) {
+            (true, _) => Ok(()),
+            // A subscription the connection already had stays as it was: the
+            // broker recovers it (or sends a `gap`) when it is back.
+            (_, Some(previous)) => {
+                self.restore(channel, previous);
+                Err(SubscribeError::Unavailable)
+            }
+            (_, None) => {
                 self.unsubscribe(channel, outbox.id);
                 Err(SubscribeError::Unavailable)
+            }
+        }
+    }
+
+    /// Puts back the listener a failed re-subscribe replaced.
+    fn restore(&self, channel: &str, previous: Listener) {
+        let mut shard = write(self.shard(channel));
+        if let Some(entry) = shard.get_mut(channel) {
+            if let Some(l) = entry
+                .listeners
+                .iter_mut()
+                .find(|l| l.outbox.id == previous.outbox.id)
+            {
+                *l = previous;
             }
         }
     }
@@ -347,25 +377,18 @@ impl Subscriptions {
         self.channels.is_empty()
     }
 
-    /// Subscribes `channel` (see [`Hub::subscribe`]).
+    /// Subscribes `channel` (see [`Hub::subscribe`]). On error a channel
+    /// this connection already had stays subscribed.
     pub async fn add(
         &mut self,
         channel: &str,
-        events: Option<Vec<String>>,
+        events: Option<Filter>,
     ) -> Result<(), SubscribeError> {
-        match self.hub.subscribe(channel, &self.outbox, events).await {
-            Ok(()) => {
-                if !self.contains(channel) {
-                    self.channels.push(channel.to_owned());
-                }
-                Ok(())
-            }
-            Err(e) => {
-                // The hub has dropped the listener, even one that existed.
-                self.channels.retain(|c| c != channel);
-                Err(e)
-            }
+        self.hub.subscribe(channel, &self.outbox, events).await?;
+        if !self.contains(channel) {
+            self.channels.push(channel.to_owned());
         }
+        Ok(())
     }
 
     /// Unsubscribes `channel`; returns whether it was subscribed.
@@ -456,7 +479,7 @@ mod tests {
         let mut log = confirm_all(rx);
         let (out, mut inbox) = queue(10, CancellationToken::new());
         let mut subs = Subscriptions::new(hub.clone(), out);
-        subs.add("c", Some(vec!["keep".into()]))
+        subs.add("c", Some(vec!["keep".into()].into()))
             .await
             .expect("subscribed");
         assert_eq!(log.recv().await.as_deref(), Some("sub c"));
@@ -491,10 +514,10 @@ mod tests {
         let _log = confirm_all(rx);
         let (out, mut inbox) = queue(10, CancellationToken::new());
         let mut subs = Subscriptions::new(hub.clone(), out);
-        subs.add("c", Some(vec!["a".into()]))
+        subs.add("c", Some(vec!["a".into()].into()))
             .await
             .expect("subscribed");
-        subs.add("c", Some(vec!["b".into()]))
+        subs.add("c", Some(vec!["b".into()].into()))
             .await
             .expect("subscribed");
         assert_eq!(hub.metrics.subscriptions.get(), 1);

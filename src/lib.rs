@@ -21,6 +21,7 @@ pub mod origin;
 pub mod policy;
 pub mod protocol;
 pub mod server;
+pub mod stall;
 pub mod transport;
 
 pub use config::Config;

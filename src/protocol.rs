@@ -201,6 +201,31 @@ fn trim_ascii(b: &[u8]) -> &[u8] {
     &b[start..end]
 }
 
+/// Most event types in one `events` filter.
+pub const MAX_EVENT_TYPES: usize = 32;
+/// Longest event type in an `events` filter, in bytes.
+pub const MAX_EVENT_TYPE_LEN: usize = 128;
+
+/// The event types a client asked for (`events=a,b` or a subscribe's
+/// `events`), shared by every channel of a request rather than copied into
+/// each, and bounded so no request can make crier hold much for it.
+pub type Filter = std::sync::Arc<[String]>;
+
+/// Builds a [`Filter`]; the error is the reason a client is told.
+pub fn event_filter(names: Vec<String>) -> Result<Filter, String> {
+    if names.len() > MAX_EVENT_TYPES {
+        return Err(format!(
+            "too many event types in `events`: at most {MAX_EVENT_TYPES}"
+        ));
+    }
+    if names.iter().any(|n| n.len() > MAX_EVENT_TYPE_LEN) {
+        return Err(format!(
+            "an event type in `events` is longer than {MAX_EVENT_TYPE_LEN} bytes"
+        ));
+    }
+    Ok(names.into())
+}
+
 /// A WebSocket command from a client, before its type is checked.
 ///
 /// Kept loose on purpose so an `error` reply can echo the `id` of a command

@@ -27,6 +27,7 @@ use crate::http::{full, text, Body};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
+use crate::stall::{StallGuard, StallTimeout};
 use crate::transport::{sse, ws};
 
 /// The dev console served at `/` in dev mode.
@@ -168,7 +169,8 @@ async fn accept_loop(app: Arc<App>, listener: TcpListener) {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(app.config.ws.handshake_timeout);
+        .header_read_timeout(app.config.ws.handshake_timeout)
+        .max_buf_size(crate::http::MAX_HEAD_BYTES);
     let drain = app.lifecycle.drain_started().clone();
     loop {
         let (stream, peer) = tokio::select! {
@@ -185,29 +187,37 @@ async fn accept_loop(app: Arc<App>, listener: TcpListener) {
         };
         let _ = stream.set_nodelay(true);
         let kill = CancellationToken::new();
+        let stall = StallTimeout::new(app.config.sse.write_timeout);
         let info = ConnInfo {
             peer,
             kill: kill.clone(),
+            stall: stall.clone(),
         };
         let conn_app = Arc::clone(&app);
+        let service_app = Arc::clone(&app);
         let builder = builder.clone();
         let drain = drain.clone();
         app.tasks.spawn(async move {
             let service = service_fn(move |req| {
-                let app = Arc::clone(&conn_app);
+                let app = Arc::clone(&service_app);
                 let info = info.clone();
                 async move { Ok::<_, Infallible>(route(app, req, info).await) }
             });
             let conn = builder
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection(TokioIo::new(StallGuard::new(stream, stall)), service)
                 .with_upgrades();
             tokio::pin!(conn);
             tokio::select! {
-                result = conn.as_mut() => {
-                    if let Err(e) = result {
+                result = conn.as_mut() => match result {
+                    Err(e) if crate::stall::is_stall(&e) => {
+                        conn_app.metrics.slow_client_disconnects.inc();
+                        tracing::info!(client.addr = %peer, "client stopped reading: connection closed");
+                    }
+                    Err(e) => {
                         tracing::debug!(error = %e, client.addr = %peer, "connection ended with an error");
                     }
-                }
+                    Ok(()) => {}
+                },
                 _ = kill.cancelled() => {}
                 _ = drain.cancelled() => {
                     // Idle keep-alive connections close now; open streams

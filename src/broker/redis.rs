@@ -16,6 +16,7 @@
 //! connection that reconnects by itself.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -90,6 +91,7 @@ impl RedisBroker {
             control,
             channels: HashMap::new(),
             health: health.clone(),
+            library_ok: Arc::new(AtomicBool::new(true)),
             metrics,
             stop,
         };
@@ -187,6 +189,10 @@ impl Redis {
         match self.query(call()).await {
             Err(PublishError::Redis(e)) if e.to_string().contains("Function not found") => {
                 self.load_library().await?;
+                tracing::warn!(
+                    "the crier function library was missing from Redis \
+                     (FUNCTION FLUSH, or a restart without persistence): loaded it again"
+                );
                 self.query(call()).await
             }
             other => other,
@@ -207,6 +213,19 @@ impl Redis {
         let mut cmd = redis::cmd("FUNCTION");
         cmd.arg("LOAD").arg("REPLACE").arg(self.library.as_bytes());
         self.query::<String>(cmd).await.map(|_| ())
+    }
+
+    /// Whether apps can `FCALL crier_publish`: the library is there, or was
+    /// loaded again now. A Redis without functions at all (< 7) counts as
+    /// fine: crier then runs without history, as it said at start.
+    async fn ensure_library(&self) -> Result<(), PublishError> {
+        match self
+            .fcall::<String>("crier_position", "crier:check", &[])
+            .await
+        {
+            Err(PublishError::Redis(e)) if e.to_string().contains("unknown command") => Ok(()),
+            other => other.map(|_| ()),
+        }
     }
 
     pub(super) async fn position(&self, channel: &str) -> Result<StreamId, PublishError> {
@@ -283,6 +302,9 @@ struct Supervisor {
     /// Every channel the hub wants.
     channels: HashMap<String, Channel>,
     health: BrokerHealth,
+    /// The function library is in Redis (checked with every canary): an
+    /// instance whose apps' `FCALL crier_publish` would fail is not ready.
+    library_ok: Arc<AtomicBool>,
     metrics: Metrics,
     stop: CancellationToken,
 }
@@ -427,9 +449,10 @@ impl Supervisor {
                         return Ended::Lost("connection closed".into());
                     };
                     if msg.get_channel_name() == self.canary {
-                        // A canary came back: this connection delivers.
+                        // A canary came back: this connection delivers (and
+                        // the library was checked just before it was sent).
                         canary.answered(msg.get_payload_bytes(), &self.metrics);
-                        self.health.set(true, &self.metrics);
+                        self.health.set(self.library_ok.load(Ordering::Acquire), &self.metrics);
                         continue;
                     }
                     let Some(channel) = msg.get_channel_name().strip_prefix(self.prefix.as_str()) else {
@@ -443,6 +466,9 @@ impl Supervisor {
                         tracing::warn!("canary not received back: connected but not receiving, not ready");
                         self.health.set(false, &self.metrics);
                     }
+                    if !self.library_ok.load(Ordering::Acquire) && self.health.is_up() {
+                        self.health.set(false, &self.metrics);
+                    }
                     // Still nothing after a few intervals: this connection is
                     // broken in a way Redis did not report. Start over; the
                     // reconnect recovers what was missed from history.
@@ -451,11 +477,28 @@ impl Supervisor {
                     }
                     if let Some(seq) = canary.next() {
                         let redis = self.redis.clone();
+                        let library_ok = Arc::clone(&self.library_ok);
                         let mut cmd = redis::cmd("PUBLISH");
                         cmd.arg(&self.canary).arg(seq.to_string());
                         // Never wait on it here: a stalled Redis must not
                         // stall the relay.
-                        tokio::spawn(async move { redis.query::<i64>(cmd).await });
+                        tokio::spawn(async move {
+                            // Redis can lose the library (FUNCTION FLUSH) with
+                            // nothing crier does failing: only apps' FCALLs
+                            // would. Check (and reload) with every canary.
+                            let checked = redis.ensure_library().await;
+                            let was_ok = library_ok.swap(checked.is_ok(), Ordering::AcqRel);
+                            match (&checked, was_ok) {
+                                (Err(e), true) => tracing::error!(
+                                    error = %e,
+                                    "the crier function library is missing from Redis and cannot be \
+                                     loaded: apps' FCALL crier_publish fails; not ready"
+                                ),
+                                (Ok(()), false) => tracing::info!("the crier function library is back"),
+                                _ => {}
+                            }
+                            redis.query::<i64>(cmd).await
+                        });
                     }
                 }
                 request = self.control.recv() => {
@@ -542,8 +585,12 @@ impl Supervisor {
         }
     }
 
+    /// Channels are ready once (re)subscribed; the instance as a whole only
+    /// once a canary has come back (see `serve`).
     fn set_ready(&self, up: bool) {
-        self.health.set(up, &self.metrics);
+        if !up {
+            self.health.set(false, &self.metrics);
+        }
         for channel in self.channels.values() {
             channel.ready.send_replace(up);
         }

@@ -12,13 +12,12 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
 use crate::app::App;
 use crate::history::{Cursor, StreamId};
 use crate::hub::{SubscribeError, Subscriptions};
-use crate::protocol::{Kind, Publication};
-
-/// Most messages replayed per channel on resume.
-const REPLAY_LIMIT: usize = 10_000;
+use crate::protocol::{Filter, Kind, Publication};
 
 /// What this connection has delivered, per history channel.
 #[derive(Debug, Default)]
@@ -63,6 +62,65 @@ impl Tracker {
     }
 }
 
+/// What one connection may still replay before it goes live: a count and
+/// a size, plus this process's share of replay memory. Replay is the one
+/// place where a small request (an old cursor on many channels) makes crier
+/// hold a lot, so every replayed message is paid for here first.
+pub struct Budget {
+    messages: usize,
+    bytes: usize,
+    /// Bytes each replayed message costs on top of its payload (envelope,
+    /// and for SSE the cursor line).
+    per_message: usize,
+    instance: Arc<Semaphore>,
+    held: Option<OwnedSemaphorePermit>,
+}
+
+impl Budget {
+    /// The per-connection limits of `app`; `per_message` is the transport's
+    /// own overhead per replayed message.
+    pub fn new(app: &App, per_message: usize) -> Self {
+        let limits = &app.config.limits;
+        Self {
+            messages: limits.max_replay_messages,
+            bytes: limits.max_replay_bytes,
+            per_message,
+            instance: Arc::clone(&app.replay_bytes),
+            held: None,
+        }
+    }
+
+    /// Takes `replay` out of the budget, or returns false (and takes
+    /// nothing) when it does not fit.
+    fn take(&mut self, replay: &[Arc<Publication>]) -> bool {
+        let bytes = replay.iter().fold(0usize, |sum, p| {
+            sum.saturating_add(p.frame.len() + p.sse.len() + self.per_message)
+        });
+        if replay.len() > self.messages || bytes > self.bytes {
+            return false;
+        }
+        let permit = u32::try_from(bytes)
+            .ok()
+            .and_then(|n| Arc::clone(&self.instance).try_acquire_many_owned(n).ok());
+        let Some(permit) = permit else {
+            return false;
+        };
+        match &mut self.held {
+            Some(held) => held.merge(permit),
+            None => self.held = Some(permit),
+        }
+        self.messages -= replay.len();
+        self.bytes -= bytes;
+        true
+    }
+
+    /// The instance-wide share this connection holds until its replay has
+    /// been written: drop it then.
+    pub fn release(&mut self) -> Option<OwnedSemaphorePermit> {
+        self.held.take()
+    }
+}
+
 /// A channel just subscribed, and what to send before its live messages.
 pub struct Opened {
     /// Missed messages (oldest first), or a gap notice. Send each through
@@ -74,15 +132,19 @@ pub struct Opened {
     pub position: Option<StreamId>,
 }
 
-/// Subscribes `channel`, resuming after `since` when given. `resuming`
-/// says the client is coming back (SSE `Last-Event-ID`), so a channel
-/// without history gets a gap notice: what it missed is gone.
+/// Subscribes `channel`, resuming after `since` when given, within
+/// `budget`. `resuming` says the client is coming back (SSE
+/// `Last-Event-ID`), so a channel without history gets a gap notice: what
+/// it missed is gone. A subscribe that fails leaves a subscription the
+/// connection already had as it was.
+#[allow(clippy::too_many_arguments)]
 pub async fn open(
     app: &App,
     subs: &mut Subscriptions,
     tracker: &mut Tracker,
+    budget: &mut Budget,
     channel: &str,
-    events: Option<Vec<String>>,
+    events: Option<Filter>,
     since: Option<StreamId>,
     resuming: bool,
 ) -> Result<Opened, SubscribeError> {
@@ -102,53 +164,81 @@ pub async fn open(
             position: None,
         });
     };
-    let start = match since {
-        Some(since) => since,
-        None => app
-            .broker
-            .position(channel)
-            .await
-            .map_err(|_| SubscribeError::Unavailable)?,
-    };
-    subs.add(channel, events.clone()).await?;
-    let recovery = app
+    // The channel's newest id: where a new listener starts, and the bound a
+    // client's cursor must be within.
+    let newest = app
         .broker
-        .recover(channel, start, REPLAY_LIMIT)
+        .position(channel)
         .await
-        .map_err(|_| {
-            subs.remove(channel);
-            SubscribeError::Unavailable
-        })?;
+        .map_err(|_| SubscribeError::Unavailable)?;
+    let existed = subs.contains(channel);
+    subs.add(channel, events.clone()).await?;
+    let start = match since {
+        // A cursor this channel never issued (another Redis, a restored
+        // backup, a forged id): everything until now is unknown to the
+        // client, and waiting for ids to catch up with it would drop every
+        // live message meanwhile. Resync from now.
+        Some(since) if since > newest => {
+            tracing::debug!(%channel, %since, %newest, "cursor from the future: gap");
+            return Ok(gap_at(app, tracker, channel, newest));
+        }
+        Some(since) => since,
+        None => newest,
+    };
+    // One more than the budget allows, to tell "all of it" from "more".
+    let fetch = budget.messages.saturating_add(1);
+    let recovery = match app.broker.recover(channel, start, fetch).await {
+        Ok(recovery) => recovery,
+        Err(_) => {
+            if !existed {
+                subs.remove(channel);
+            }
+            return Err(SubscribeError::Unavailable);
+        }
+    };
     tracker.last.insert(channel.to_owned(), start);
 
-    // A full page means more may be missing than one replay carries.
-    let truncated = recovery.entries.len() >= REPLAY_LIMIT;
-    let mut replay = Vec::new();
-    if recovery.gap || truncated {
-        app.metrics.gaps.inc();
-        replay.push(Arc::new(Publication::gap(channel)));
-        // The client resyncs: only what comes after the newest retained
-        // message is still to be delivered.
-        if let Some((newest, _)) = recovery.entries.last() {
-            tracker.last.insert(channel.to_owned(), *newest);
-        }
-    } else {
-        // Delivered through the connection's tracker like live messages,
-        // so the position advances as each one is actually sent.
-        for (id, payload) in &recovery.entries {
-            let p = Publication::message(channel, Some(*id), payload);
-            let wanted = events
+    // Delivered through the connection's tracker like live messages, so
+    // the position advances as each one is actually sent.
+    let replay: Vec<_> = recovery
+        .entries
+        .iter()
+        .map(|(id, payload)| Publication::message(channel, Some(*id), payload))
+        .filter(|p| {
+            events
                 .as_ref()
-                .is_none_or(|filter| p.event.as_ref().is_some_and(|e| filter.contains(e)));
-            if wanted {
-                replay.push(Arc::new(p));
-            }
-        }
-        app.metrics.recovered_messages.inc_by(replay.len() as u64);
+                .is_none_or(|filter| p.event.as_ref().is_some_and(|e| filter.contains(e)))
+        })
+        .map(Arc::new)
+        .collect();
+    let fits = recovery.entries.len() < fetch && budget.take(&replay);
+    if recovery.gap || !fits {
+        // The client resyncs: only what comes after the channel's newest
+        // message is still to be delivered.
+        let newest = recovery
+            .entries
+            .last()
+            .map_or(newest, |(id, _)| (*id).max(newest));
+        return Ok(Opened {
+            recovered: since.map(|_| false),
+            ..gap_at(app, tracker, channel, newest)
+        });
     }
+    app.metrics.recovered_messages.inc_by(replay.len() as u64);
     Ok(Opened {
         replay,
-        recovered: since.map(|_| !(recovery.gap || truncated)),
-        position: tracker.last.get(channel).copied(),
+        recovered: since.map(|_| true),
+        position: Some(start),
     })
+}
+
+/// A `gap` for `channel`, this connection resuming after `newest`.
+fn gap_at(app: &App, tracker: &mut Tracker, channel: &str, newest: StreamId) -> Opened {
+    app.metrics.gaps.inc();
+    tracker.last.insert(channel.to_owned(), newest);
+    Opened {
+        replay: vec![Arc::new(Publication::gap(channel))],
+        recovered: Some(false),
+        position: Some(newest),
+    }
 }

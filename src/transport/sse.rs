@@ -25,7 +25,7 @@ use tokio::time::{Instant, Interval};
 use tracing::Instrument;
 
 use super::admit;
-use super::resume::{self, Tracker};
+use super::resume::{self, Budget, Tracker};
 use crate::app::{Admitted, App, ConnInfo};
 use crate::auth::{AuthEvent, Watch};
 use crate::history::Cursor;
@@ -48,7 +48,7 @@ async fn open<B>(
     req: Request<B>,
     info: ConnInfo,
 ) -> Result<Response<Body>, Refused> {
-    let query = StreamQuery::parse(req.uri());
+    let query = StreamQuery::parse(req.uri()).map_err(Refused::BadRequest)?;
     if query.channels.is_empty() {
         return Err(Refused::BadRequest(
             "give at least one channel: /sse?channel=NAME".into(),
@@ -75,6 +75,17 @@ async fn open<B>(
     let conn = outbox.id();
     let mut subs = Subscriptions::new(Arc::clone(&app.hub), outbox);
     let mut tracker = Tracker::default();
+    // Each replayed event carries this stream's cursor: at most every
+    // channel's name and id, base64-encoded.
+    let cursor_bytes = query
+        .channels
+        .iter()
+        .map(|c| c.len() + 32)
+        .sum::<usize>()
+        .saturating_mul(4)
+        / 3
+        + 8;
+    let mut budget = Budget::new(&app, cursor_bytes);
     let mut replay = Vec::new();
     for channel in &query.channels {
         let since = cursor.as_ref().and_then(|c| c.0.get(channel).copied());
@@ -82,6 +93,7 @@ async fn open<B>(
             &app,
             &mut subs,
             &mut tracker,
+            &mut budget,
             channel,
             query.events.clone(),
             since,
@@ -113,6 +125,7 @@ async fn open<B>(
         watch,
         tracker,
         pending: VecDeque::from([Bytes::from(opening)]),
+        replay_held: budget.release(),
         heartbeat: tokio::time::interval_at(Instant::now() + heartbeat, heartbeat),
         done: false,
         span,
@@ -171,6 +184,9 @@ struct Live {
     tracker: Tracker,
     /// Chunks ready to send, in order.
     pending: VecDeque<Bytes>,
+    /// This stream's share of the process's replay memory, given back once
+    /// the replay has been handed to the connection.
+    replay_held: Option<tokio::sync::OwnedSemaphorePermit>,
     heartbeat: Interval,
     /// No more events: end once `pending` is sent.
     done: bool,
@@ -214,6 +230,7 @@ fn events(state: Live) -> impl Stream<Item = Chunk> + Send {
                 if let Some(chunk) = st.pending.pop_front() {
                     return Some(chunk);
                 }
+                st.replay_held = None;
                 if st.done {
                     return None;
                 }

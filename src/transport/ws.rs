@@ -26,7 +26,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::resume::{self, Tracker};
+use super::resume::{self, Budget, Tracker};
 use super::{admit, Admission};
 use crate::app::{Admitted, App, ConnInfo};
 use crate::auth::{AuthEvent, Failure, Watch};
@@ -35,7 +35,7 @@ use crate::http::{Body, Refused, StreamQuery};
 use crate::hub::{self, Inbox, Subscriptions};
 use crate::metrics::Transport;
 use crate::policy::Refusal;
-use crate::protocol::{reply, Command, ErrorCode};
+use crate::protocol::{event_filter, reply, Command, ErrorCode, Filter};
 
 /// Publications written per flush: enough to batch syscalls under load,
 /// few enough that a burst does not delay reading the client.
@@ -55,7 +55,10 @@ where
     if !hyper_tungstenite::is_upgrade_request(&req) {
         return app.rejected(Refused::UpgradeRequired);
     }
-    let query = StreamQuery::parse(req.uri());
+    let query = match StreamQuery::parse(req.uri()) {
+        Ok(query) => query,
+        Err(reason) => return app.rejected(Refused::BadRequest(reason)),
+    };
     let admission = match admit(
         &app,
         Transport::Ws,
@@ -84,6 +87,8 @@ where
             return app.rejected(Refused::BadRequest(format!("bad WebSocket handshake: {e}")))
         }
     };
+    // The connection's write-stall bound is WebSocket's from now on.
+    info.stall.set(app.config.ws.write_timeout);
     let handshake = app.config.ws.handshake_timeout;
     let task_app = Arc::clone(&app);
     app.tasks.spawn(async move {
@@ -355,7 +360,10 @@ where
         };
         match cmd.kind.as_deref() {
             Some("subscribe") => match cmd.channel {
-                Some(channel) => self.subscribe(channel, cmd.events, cmd.since, cmd.id).await,
+                Some(channel) => match cmd.events.map(event_filter).transpose() {
+                    Ok(events) => self.subscribe(channel, events, cmd.since, cmd.id).await,
+                    Err(reason) => self.error(ErrorCode::BadRequest, &reason, &cmd.id).await,
+                },
                 None => {
                     self.error(ErrorCode::BadRequest, "missing channel", &cmd.id)
                         .await
@@ -455,7 +463,7 @@ where
     async fn subscribe(
         &mut self,
         channel: String,
-        events: Option<Vec<String>>,
+        events: Option<Filter>,
         since: Option<String>,
         id: Option<Value>,
     ) -> Result<(), Gone> {
@@ -493,10 +501,14 @@ where
                 .error(ErrorCode::TooManySubscriptions, &reason, &id)
                 .await;
         }
+        // One subscribe's replay is written before the next command is
+        // read: that bounds what a connection holds.
+        let mut budget = Budget::new(&self.app, 0);
         let opened = resume::open(
             &self.app,
             &mut self.subs,
             &mut self.tracker,
+            &mut budget,
             &channel,
             events,
             since,

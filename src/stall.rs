@@ -1,0 +1,186 @@
+//! A write-stall timeout on a client's TCP connection.
+//!
+//! A client that stops reading fills its socket buffers, and the writer —
+//! hyper for an SSE stream — then waits forever: the stream's own timers
+//! are not even polled. On a busy channel the queue overflows and the slow
+//! client is cut; on a quiet one it would keep its connection slot, its
+//! queue and its kernel buffers indefinitely. Wrapped in a [`StallGuard`],
+//! a write that makes no progress for the connection's timeout fails with
+//! `TimedOut`, which ends the connection.
+//!
+//! The guard costs nothing while writes go through: its timer exists only
+//! while a write is blocked.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+
+/// The timeout of one connection; the WebSocket handler changes it to
+/// `ws.write_timeout` when the connection is upgraded.
+#[derive(Clone, Debug)]
+pub struct StallTimeout(Arc<AtomicU64>);
+
+impl StallTimeout {
+    /// A timeout of `limit`.
+    pub fn new(limit: Duration) -> Self {
+        Self(Arc::new(AtomicU64::new(millis(limit))))
+    }
+
+    /// From now on, writes may stall for `limit`.
+    pub fn set(&self, limit: Duration) {
+        self.0.store(millis(limit), Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Duration {
+        Duration::from_millis(self.0.load(Ordering::Relaxed))
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// See the module documentation.
+pub struct StallGuard<S> {
+    inner: S,
+    timeout: StallTimeout,
+    /// Armed when a write returned `Pending`, disarmed by any progress.
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl<S> StallGuard<S> {
+    /// Guards `inner` with `timeout`.
+    pub fn new(inner: S, timeout: StallTimeout) -> Self {
+        Self {
+            inner,
+            timeout,
+            stalled: None,
+        }
+    }
+
+    /// After the inner write answered `written`: disarm on progress; on
+    /// `Pending`, arm the timer (its waker is this task's, so the task is
+    /// woken to fail the write when it fires).
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        written: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if written.is_ready() {
+            self.stalled = None;
+            return written;
+        }
+        let limit = self.timeout.get();
+        let timer = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        ready!(timer.as_mut().poll(cx));
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("client stopped reading: no write progress for {limit:?}"),
+        )))
+    }
+}
+
+/// Whether a connection error is this guard's doing.
+pub fn is_stall(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        if e.downcast_ref::<io::Error>()
+            .is_some_and(|io| io.kind() == io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for StallGuard<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for StallGuard<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, written)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(cx, written)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let flushed = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(cx, flushed)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    #[tokio::test]
+    async fn a_write_that_makes_no_progress_fails() {
+        // A pipe whose reader never reads: 64 bytes of buffer.
+        let (client, _reader) = tokio::io::duplex(64);
+        let mut guarded = StallGuard::new(client, StallTimeout::new(Duration::from_millis(100)));
+        guarded.write_all(&[1; 64]).await.expect("fits the buffer");
+        let error = guarded.write_all(&[2; 64]).await.expect_err("stalls");
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert!(is_stall(&error));
+    }
+
+    #[tokio::test]
+    async fn progress_disarms_the_timer() {
+        use tokio::io::AsyncReadExt;
+        let (client, mut reader) = tokio::io::duplex(64);
+        let mut guarded = StallGuard::new(client, StallTimeout::new(Duration::from_millis(500)));
+        let drain = tokio::spawn(async move {
+            let mut total = 0;
+            let mut buf = [0; 64];
+            while total < 640 {
+                // A slow reader: one read every 50 ms.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                total += reader.read(&mut buf).await.expect("read");
+            }
+        });
+        // Each 64-byte step waits for the reader, never for 500 ms.
+        guarded
+            .write_all(&[0; 640])
+            .await
+            .expect("a slow reader is fine");
+        drain.await.expect("reader");
+    }
+}
