@@ -16,6 +16,9 @@
 //! The clients run in this process, on the same machine: on 2 cores they
 //! compete with crier for CPU, so throughput figures are a floor.
 
+// A benchmark tool stops at the first thing it cannot do.
+#![allow(clippy::expect_used, clippy::panic)]
+
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

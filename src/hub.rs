@@ -547,6 +547,41 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_failed_resubscribe_keeps_the_existing_listener() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let hub = Arc::new(Hub::new(
+            tx,
+            Duration::ZERO,
+            Duration::from_millis(50),
+            Metrics::new(),
+        ));
+        let (out, mut inbox) = queue(10, CancellationToken::new());
+        let mut subs = Subscriptions::new(hub.clone(), out);
+        let confirm = async {
+            match rx.recv().await {
+                Some(Control::Subscribe { ready, .. }) => {
+                    ready.send_replace(true);
+                    ready
+                }
+                other => panic!("expected a subscribe, got {other:?}"),
+            }
+        };
+        let (added, ready) = tokio::join!(subs.add("c", None), confirm);
+        added.expect("subscribed");
+        // The broker goes away: a re-subscribe (new filter) cannot be
+        // confirmed and fails, but the subscription stays, filter and all.
+        ready.send_replace(false);
+        let again = subs.add("c", Some(vec!["only".into()].into())).await;
+        assert_eq!(again, Err(SubscribeError::Unavailable));
+        assert_eq!(subs.channels(), ["c"]);
+        assert_eq!(hub.listeners("c"), 1);
+        assert_eq!(hub.metrics.subscriptions.get(), 1);
+        hub.dispatch(Publication::new("c", br#"{"type":"other"}"#));
+        let got = inbox.rx.try_recv().expect("still listening, unfiltered");
+        assert_eq!(got.event.as_deref(), Some("other"));
+    }
+
+    #[tokio::test]
     async fn unconfirmed_subscription_times_out_and_leaves_nothing() {
         let (tx, _rx) = mpsc::unbounded_channel();
         let hub = Arc::new(Hub::new(

@@ -170,7 +170,7 @@ async fn accept_loop(app: Arc<App>, listener: TcpListener) {
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(app.config.ws.handshake_timeout)
-        .max_buf_size(crate::http::MAX_HEAD_BYTES);
+        .max_header_size(crate::http::MAX_HEAD_BYTES);
     let drain = app.lifecycle.drain_started().clone();
     loop {
         let (stream, peer) = tokio::select! {

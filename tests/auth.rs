@@ -1,6 +1,9 @@
 //! Who may listen: bearer tokens, session cookies, channel rules, expiry,
 //! origins and limits — against real Redis and real clients.
 
+// Tests and their helpers fail by panicking; the no-panic lints are for crier.
+#![allow(clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -793,4 +796,35 @@ async fn a_refresh_with_fewer_grants_ends_those_subscriptions() {
         (json!(kept), json!(2)),
         "only the still granted channel is heard"
     );
+}
+
+/// Issue 8, point 1, over real SSE: with `home:{user}:*`, a user id that
+/// holds the rule's separator cannot claim another user's channels, and
+/// each user still hears their own.
+#[tokio::test]
+async fn placeholder_values_cannot_reach_into_another_users_channels() {
+    let mut config = jwt_config(&["HS256"], None);
+    config.channels = vec![ChannelRule {
+        pattern: "home:{user}:*".into(),
+        subscribe: Subscribe::User,
+        history: None,
+    }];
+    let crier = Instance::start(config).await;
+    let exp = now() + 600;
+    let a = sign(Algorithm::HS256, &claims("a", exp));
+    let ab = sign(Algorithm::HS256, &claims("a:b", exp));
+    // `home:a:b:inbox` is under `home:a:*`: user `a`'s.
+    assert_eq!(
+        sse_with_token(&crier, "home:a:b:inbox", &a).await.0,
+        StatusCode::OK
+    );
+    // User `a:b` would have matched it too (and `home:a:*` as a whole).
+    for channel in ["home:a:b:inbox", "home:a:inbox"] {
+        let (status, reason) = sse_with_token(&crier, channel, &ab).await;
+        assert_eq!(
+            (status, reason.as_deref()),
+            (StatusCode::FORBIDDEN, Some("forbidden")),
+            "{channel}"
+        );
+    }
 }

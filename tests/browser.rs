@@ -7,6 +7,9 @@
 //! Needs `chromium` and `haproxy` (`.ci/run` installs them); without them
 //! the test says so loudly and passes.
 
+// Tests and their helpers fail by panicking; the no-panic lints are for crier.
+#![allow(clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::convert::Infallible;
@@ -66,7 +69,12 @@ setInterval(() => fetch("/results", {{ method: "POST", body: JSON.stringify(stat
 
 /// Serves the page and collects the page's reports.
 async fn test_server(page: String) -> (u16, watch::Receiver<Value>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    test_server_on(page, 0).await
+}
+
+/// [`test_server`] on `port` (0: any free one).
+async fn test_server_on(page: String, port: u16) -> (u16, watch::Receiver<Value>) {
+    let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let (tx, rx) = watch::channel(Value::Null);
     let tx = Arc::new(tx);
@@ -300,4 +308,52 @@ backend page
         "the browser did reconnect: {report}"
     );
     drop((chromium, haproxy, restarted, other));
+}
+
+/// Issue 8, point 6: a page closes its WebSocket with 1000; crier answers
+/// the close handshake, so the browser reports a clean close with that
+/// code (`wasClean === true`), not 1006.
+#[tokio::test]
+async fn chromium_sees_a_clean_close_when_the_page_closes_its_websocket() {
+    if !installed("chromium") {
+        eprintln!(
+            "\n*** SKIPPED chromium_sees_a_clean_close_when_the_page_closes_its_websocket: \
+             `chromium` is not installed (bash .ci/run installs it) ***\n"
+        );
+        return;
+    }
+    let page_port = free_port();
+    let mut config = common::crier::test_config(None);
+    config.allowed_origins = vec![format!("http://127.0.0.1:{page_port}")];
+    let crier = common::crier::Instance::start(config).await;
+    let page = format!(
+        r#"<!doctype html><html><body><script>
+const state = {{ closed: null, welcomed: false }};
+const ws = new WebSocket("ws://{crier}/ws");
+ws.onmessage = (e) => {{
+  if (JSON.parse(e.data).type === "welcome") {{ state.welcomed = true; ws.close(1000, "bye"); }}
+}};
+ws.onclose = (e) => {{ state.closed = {{ code: e.code, wasClean: e.wasClean }}; }};
+setInterval(() => fetch("/results", {{ method: "POST", body: JSON.stringify(state) }}), 100);
+</script></body></html>"#,
+        crier = crier.addr
+    );
+    let (port, mut results) = test_server_on(page, page_port).await;
+    let profile = tempfile::tempdir().expect("profile");
+    let _chromium =
+        common::browser::chromium(&format!("http://127.0.0.1:{port}/page"), profile.path());
+    let report = tokio::time::timeout(
+        Duration::from_secs(30),
+        results.wait_for(|v| !v["closed"].is_null()),
+    )
+    .await
+    .expect("the page saw its WebSocket close")
+    .expect("results")
+    .clone();
+    assert_eq!(report["welcomed"], true, "{report}");
+    assert_eq!(
+        report["closed"],
+        serde_json::json!({"code": 1000, "wasClean": true}),
+        "{report}"
+    );
 }

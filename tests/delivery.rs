@@ -1,6 +1,9 @@
 //! Publications reach subscribers, as the envelope, over both transports and
 //! both brokers; refused channels leak nothing; instances share one Redis.
 
+// Tests and their helpers fail by panicking; the no-panic lints are for crier.
+#![allow(clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use common::crier::{test_config, Instance, WAIT};

@@ -1,6 +1,9 @@
 //! No message lost: history, cursors and resume across instances, gaps,
 //! Redis outages and the canary — against real redis-server processes.
 
+// Tests and their helpers fail by panicking; the no-panic lints are for crier.
+#![allow(clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::time::Duration;

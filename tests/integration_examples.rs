@@ -10,6 +10,9 @@
 //! node with `npm ci --prefix examples/integration` done, and `chromium`.
 //! Without them these tests fail and say what to install.
 
+// Tests and their helpers fail by panicking; the no-panic lints are for crier.
+#![allow(clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use std::convert::Infallible;

@@ -2,6 +2,9 @@
 //! and clients that send garbage. Each is answered as specified and the
 //! process keeps serving everyone else.
 
+// Tests and their helpers fail by panicking; the no-panic lints are for crier.
+#![allow(clippy::expect_used, clippy::panic)]
+
 mod common;
 
 use common::crier::{test_config, Instance, WAIT};

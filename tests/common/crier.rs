@@ -40,6 +40,8 @@ pub struct Instance {
     running: Option<Running>,
     /// `127.0.0.1:PORT`
     pub addr: String,
+    /// Panics recorded before this instance started (see `panics`).
+    panics_before: usize,
 }
 
 impl Instance {
@@ -53,12 +55,15 @@ impl Instance {
 
     /// Starts without waiting for readiness.
     pub async fn start_unready(config: Config) -> Instance {
+        super::panics::watch();
+        let panics_before = super::panics::count();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let running = crier::serve(config, listener).expect("crier starts");
         let addr = running.addr().to_string();
         Instance {
             running: Some(running),
             addr,
+            panics_before,
         }
     }
 
@@ -150,6 +155,7 @@ impl Drop for Instance {
         if let Some(running) = &self.running {
             running.shutdown();
         }
+        super::panics::assert_none_since(self.panics_before);
     }
 }
 
@@ -255,6 +261,11 @@ impl Process {
         format!("http://{}{path}", self.addr)
     }
 
+    /// Everything the process logged so far.
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Sends SIGTERM with the real `kill` command, to this child only.
     pub async fn sigterm(&self) {
         let pid = self.child.id().expect("running");
@@ -264,5 +275,11 @@ impl Process {
             .await
             .expect("run kill");
         assert!(status.success());
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        super::panics::assert_log_clean(&self.log_text());
     }
 }

@@ -3,6 +3,7 @@
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
+pub mod panics;
 pub mod redis;
 pub mod sse;
 pub mod ws;
