@@ -557,3 +557,70 @@ async fn hostile_requests_get_answers_and_crier_keeps_serving() {
     ws.send_json(json!({"type": "ping", "id": 1})).await;
     assert_eq!(ws.recv_type("pong", WAIT).await["id"], 1);
 }
+
+/// Point 7: a replay held for a client that does not read counts against
+/// the process's replay budget (others get a `gap`) and is given back when
+/// that client goes (the next resume gets everything).
+#[tokio::test]
+async fn replay_memory_held_by_a_stalled_client_is_released_when_it_goes() {
+    let redis = RedisServer::start().await;
+    let mut cfg = config(Some(&redis));
+    cfg.limits.max_replay_bytes = 64 << 20;
+    cfg.limits.max_replay_bytes_total = 30 << 20;
+    let crier = Instance::start(cfg).await;
+    let channel = unique("hist:held");
+    let first = redis
+        .fcall_publish(&channel, r#"{"n":0}"#)
+        .await
+        .expect("id");
+    let pad = "p".repeat(100_000);
+    for n in 1..=100 {
+        redis
+            .fcall_publish(&channel, &format!(r#"{{"n":{n},"pad":"{pad}"}}"#))
+            .await;
+    }
+    let since = cursor(&channel, &first);
+
+    // A: resumes (about 20 MB of replay), reads the head, then stops.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let mut stalled = socket
+        .connect(crier.addr.parse().expect("addr"))
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET /sse?channel={channel} HTTP/1.1\r\nHost: {}\r\nLast-Event-ID: {since}\r\n\r\n",
+        crier.addr
+    );
+    stalled
+        .write_all(request.as_bytes())
+        .await
+        .expect("request");
+    let mut head = [0u8; 256];
+    let n = stalled.read(&mut head).await.expect("response head");
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
+
+    // B: the same resume does not fit beside A's.
+    let first_event = |since: String| {
+        let url = crier.sse_url(&[&channel]);
+        async move {
+            let mut events = sse::connect(&url, &[("last-event-id", &since)])
+                .await
+                .into_events();
+            let e = events.next_message(WAIT).await.expect("stream open");
+            e.json()
+        }
+    };
+    assert_eq!(first_event(since.clone()).await["type"], "gap");
+
+    // A goes: its share comes back, and C gets the whole replay.
+    drop(stalled);
+    crier
+        .wait_metric("crier_connections{transport=\"sse\"}", 0.0)
+        .await;
+    let v = first_event(since.clone()).await;
+    assert_eq!(
+        (v["type"].clone(), v["data"]["n"].clone()),
+        (json!("message"), json!(1))
+    );
+}
