@@ -67,6 +67,37 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
+/// A WebSocket subscribed to `channel`, resuming after `since`, and the
+/// `subscribed` reply.
+async fn ws_resume(crier: &Instance, channel: &str, since: &str) -> (WsClient, Value) {
+    let mut ws = WsClient::connect(&crier.ws("/ws")).await;
+    ws.recv_type("welcome", WAIT).await;
+    ws.send_json(json!({"type": "subscribe", "channel": channel, "since": since, "id": 1}))
+        .await;
+    let reply = ws.recv_type("subscribed", WAIT).await;
+    (ws, reply)
+}
+
+/// An SSE request from a client with a tiny receive window that reads the
+/// `200` response head and then nothing more. `extra` are header lines.
+async fn stalled_sse(crier: &Instance, channel: &str, extra: &str) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("rcvbuf");
+    let mut stream = socket
+        .connect(crier.addr.parse().expect("addr"))
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET /sse?channel={channel} HTTP/1.1\r\nHost: {}\r\n{extra}\r\n",
+        crier.addr
+    );
+    stream.write_all(request.as_bytes()).await.expect("request");
+    let mut head = [0u8; 256];
+    let n = stream.read(&mut head).await.expect("response head");
+    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
+    stream
+}
+
 /// Point 6: the client closes with 1000; crier answers with a close frame
 /// echoing the code (RFC 6455 5.5.1) before it drops the connection.
 #[tokio::test]
@@ -206,11 +237,7 @@ async fn a_cursor_from_the_future_is_a_gap_not_silence() {
     let gap = events.next_message(WAIT).await.expect("stream open");
     assert_eq!(gap.event.as_deref(), Some("gap"));
 
-    let mut ws = WsClient::connect(&crier.ws("/ws")).await;
-    ws.recv_type("welcome", WAIT).await;
-    ws.send_json(json!({"type": "subscribe", "channel": channel, "since": future, "id": 1}))
-        .await;
-    let reply = ws.recv_type("subscribed", WAIT).await;
+    let (mut ws, reply) = ws_resume(&crier, &channel, &future).await;
     assert_eq!(reply["recovered"], false, "{reply}");
     assert_eq!(
         ws.recv_json(WAIT).await,
@@ -300,23 +327,13 @@ async fn replay_is_capped_per_connection_and_per_process() {
         .expect("id");
     let big = |n: u32| format!(r#"{{"n":{n},"pad":"{}"}}"#, "p".repeat(10_000));
     redis.fcall_publish(&channel, &big(1)).await;
-    let mut ws = WsClient::connect(&crier.ws("/ws")).await;
-    ws.recv_type("welcome", WAIT).await;
-    ws.send_json(json!({"type": "subscribe", "channel": channel, "since": first, "id": 1}))
-        .await;
-    assert_eq!(ws.recv_type("subscribed", WAIT).await["recovered"], true);
+    let (mut ws, reply) = ws_resume(&crier, &channel, &first).await;
+    assert_eq!(reply["recovered"], true);
     assert_eq!(ws.recv_type("message", WAIT).await["data"]["n"], 1);
     redis.fcall_publish(&channel, &big(2)).await;
     ws.recv_type("message", WAIT).await;
-    let mut again = WsClient::connect(&crier.ws("/ws")).await;
-    again.recv_type("welcome", WAIT).await;
-    again
-        .send_json(json!({"type": "subscribe", "channel": channel, "since": first, "id": 1}))
-        .await;
-    assert_eq!(
-        again.recv_type("subscribed", WAIT).await["recovered"],
-        false
-    );
+    let (mut again, reply) = ws_resume(&crier, &channel, &first).await;
+    assert_eq!(reply["recovered"], false);
     assert_eq!(again.recv_json(WAIT).await["type"], "gap");
     drop(crier);
 
@@ -331,11 +348,8 @@ async fn replay_is_capped_per_connection_and_per_process() {
         .await
         .expect("id");
     redis.fcall_publish(&channel, &big(1)).await;
-    let mut ws = WsClient::connect(&crier.ws("/ws")).await;
-    ws.recv_type("welcome", WAIT).await;
-    ws.send_json(json!({"type": "subscribe", "channel": channel, "since": first, "id": 1}))
-        .await;
-    assert_eq!(ws.recv_type("subscribed", WAIT).await["recovered"], false);
+    let (mut ws, reply) = ws_resume(&crier, &channel, &first).await;
+    assert_eq!(reply["recovered"], false);
     assert_eq!(ws.recv_json(WAIT).await["type"], "gap");
 }
 
@@ -463,22 +477,7 @@ async fn an_sse_client_that_stops_reading_is_cut_on_a_quiet_channel() {
     let crier = Instance::start(cfg).await;
     let channel = unique("public:stall");
 
-    // A client with a tiny receive window that reads the response head,
-    // then nothing more.
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("rcvbuf");
-    let mut stream = socket
-        .connect(crier.addr.parse().expect("addr"))
-        .await
-        .expect("connect");
-    let request = format!(
-        "GET /sse?channel={channel} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
-        crier.addr
-    );
-    stream.write_all(request.as_bytes()).await.expect("request");
-    let mut head = [0u8; 512];
-    let n = stream.read(&mut head).await.expect("response head");
-    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
+    let stream = stalled_sse(&crier, &channel, "Accept: text/event-stream\r\n").await;
     crier
         .wait_metric("crier_connections{transport=\"sse\"}", 1.0)
         .await;
@@ -582,23 +581,7 @@ async fn replay_memory_held_by_a_stalled_client_is_released_when_it_goes() {
     let since = cursor(&channel, &first);
 
     // A: resumes (about 20 MB of replay), reads the head, then stops.
-    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
-    socket.set_recv_buffer_size(4096).expect("rcvbuf");
-    let mut stalled = socket
-        .connect(crier.addr.parse().expect("addr"))
-        .await
-        .expect("connect");
-    let request = format!(
-        "GET /sse?channel={channel} HTTP/1.1\r\nHost: {}\r\nLast-Event-ID: {since}\r\n\r\n",
-        crier.addr
-    );
-    stalled
-        .write_all(request.as_bytes())
-        .await
-        .expect("request");
-    let mut head = [0u8; 256];
-    let n = stalled.read(&mut head).await.expect("response head");
-    assert!(String::from_utf8_lossy(&head[..n]).starts_with("HTTP/1.1 200"));
+    let stalled = stalled_sse(&crier, &channel, &format!("Last-Event-ID: {since}\r\n")).await;
 
     // B: the same resume does not fit beside A's.
     let first_event = |since: String| {
