@@ -445,6 +445,21 @@ impl Config {
         Ok(())
     }
 
+    /// Settings that load but are almost certainly not what the operator
+    /// meant. Logged at start and printed by `crier check-config`; they do
+    /// not stop the start (a deliberately closed instance is legitimate).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.channels.is_empty() && !self.dev {
+            warnings.push(
+                "no [[channels]] rules: every subscription will be refused (deny by default); \
+                 add a rule such as pattern = \"public:*\", subscribe = \"anyone\""
+                    .to_owned(),
+            );
+        }
+        warnings
+    }
+
     /// The address to bind.
     pub fn listen_addr(&self) -> SocketAddr {
         self.listen.unwrap_or_else(|| {
@@ -645,6 +660,25 @@ mod tests {
 
         let zero = load_str("[limits]\nqueue_size = 0\n", &[]).unwrap_err();
         assert!(zero.to_string().contains("limits.queue_size"), "{zero}");
+    }
+
+    #[test]
+    fn no_channel_rules_is_a_warning_outside_dev() {
+        let none = load_str("", &[]).expect("valid");
+        let warnings = none.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("every subscription will be refused"),
+            "{warnings:?}"
+        );
+        let dev = load_str("dev = true\n", &[]).expect("valid");
+        assert_eq!(dev.warnings(), Vec::<String>::new());
+        let ruled = load_str(
+            "[[channels]]\npattern = \"public:*\"\nsubscribe = \"anyone\"\n",
+            &[],
+        )
+        .expect("valid");
+        assert_eq!(ruled.warnings(), Vec::<String>::new());
     }
 
     #[test]

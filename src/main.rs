@@ -19,6 +19,9 @@ fn main() -> ExitCode {
     };
     if matches!(cli.command, Some(Command::CheckConfig)) {
         print!("{}", config.to_redacted_toml());
+        for warning in config.warnings() {
+            eprintln!("crier: warning: {warning}");
+        }
         eprintln!("crier: configuration is valid");
         return ExitCode::SUCCESS;
     }

@@ -101,6 +101,9 @@ pub fn serve(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
     if config.dev {
         tracing::warn!("dev mode: every channel is open to anyone; do not expose this instance");
     }
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
 
     let app = App::new(config, hub, broker, policy, metrics, TaskTracker::new()).map_err(|e| {
         stop_background.cancel();

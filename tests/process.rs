@@ -188,6 +188,45 @@ async fn check_config_prints_effective_config_without_secrets() {
     );
 }
 
+/// Issue 9.3: without any `[[channels]]` rule every subscription is
+/// refused; crier says so at start and `check-config` prints it too.
+#[tokio::test]
+async fn no_channel_rules_warns_at_start_and_in_check_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let empty = write_config(&dir, "[shutdown]\ngrace = \"1s\"\n");
+    let warning = "every subscription will be refused";
+
+    let (code, stdout, stderr) = run_crier(&["check-config", "--config", &empty], &[]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains(&format!("crier: warning: no [[channels]] rules: {warning}")),
+        "{stderr}"
+    );
+    assert!(!stdout.contains(warning), "stdout stays TOML: {stdout}");
+
+    let crier = Process::start(&["--config", &empty], &[]).await;
+    let log = crier.log.clone();
+    common::eventually("the start-up warning", WAIT, || {
+        let log = log.clone();
+        async move {
+            log.lock().expect("log").lines().any(|line| {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+                v["level"] == "WARN"
+                    && v["fields"]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains(warning))
+            })
+        }
+    })
+    .await;
+
+    // With a rule, neither says anything.
+    let ruled = write_config(&dir, CONFIG);
+    let (code, _, stderr) = run_crier(&["check-config", "--config", &ruled], &[]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+}
+
 /// Acceptance 9: `crier --dev` serves the demo page, and a POSTed event
 /// reaches an SSE client.
 #[tokio::test]
