@@ -295,9 +295,7 @@ impl Supervisor {
             match self.connect().await {
                 Ok((mut sink, stream)) => match self.resubscribe_all(&mut sink).await {
                     Ok(()) => {
-                        if let Err(e) = self.redis.load_library().await {
-                            tracing::error!(error = %e, "cannot load the crier function library (Redis >= 7 needed): no history");
-                        }
+                        self.load_library().await;
                         if connected_before {
                             self.metrics.redis_reconnects.inc();
                             tracing::info!(
@@ -335,6 +333,54 @@ impl Supervisor {
             failures = failures.saturating_add(1);
             if !self.wait_offline(delay).await {
                 return;
+            }
+        }
+    }
+
+    /// Loads the function library on the multiplexed connection. Right
+    /// after an outage that connection may not have noticed it yet (its
+    /// first command fails with a broken pipe and starts its reconnect), or
+    /// Redis may still be loading its data: those are retried for up to
+    /// `connect_timeout`. Only Redis answering that it has no `FUNCTION`
+    /// command blames its version. Whatever fails here, `FCALL` loads the
+    /// library again when Redis says a function is missing.
+    async fn load_library(&self) {
+        let deadline = Instant::now() + self.connect_timeout;
+        let mut attempt = 0;
+        loop {
+            let e = match self.redis.load_library().await {
+                Ok(()) => return,
+                Err(e) => e,
+            };
+            let transient = match &e {
+                PublishError::Redis(e) => {
+                    if e.to_string().contains("unknown command") {
+                        tracing::error!(error = %e, "cannot load the crier function library (Redis >= 7 needed): no history");
+                        return;
+                    }
+                    e.is_io_error()
+                        || e.is_connection_dropped()
+                        || e.is_timeout()
+                        || matches!(
+                            e.kind(),
+                            redis::ErrorKind::Server(
+                                redis::ServerErrorKind::BusyLoading
+                                    | redis::ServerErrorKind::TryAgain
+                            )
+                        )
+                }
+                // No answer in time.
+                PublishError::Protocol(_) => true,
+            };
+            if !transient || Instant::now() >= deadline {
+                tracing::error!(error = %e, "cannot load the crier function library: no history until it is loaded");
+                return;
+            }
+            let pause = backoff(attempt, self.connect_timeout / 4);
+            attempt += 1;
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
             }
         }
     }
