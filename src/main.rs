@@ -107,6 +107,7 @@ fn init_tracing(config: &Config) {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let installed = match config.log.format {
         LogFormat::Json => tracing::subscriber::set_global_default(builder.json().finish()),
@@ -115,4 +116,11 @@ fn init_tracing(config: &Config) {
     if let Err(e) = installed {
         eprintln!("crier: cannot set up logging: {e}");
     }
+}
+
+/// Colours only for a person at a terminal: never into files, pipes or a
+/// container runtime's log (`docker logs` would show the escapes), and never
+/// when `NO_COLOR` is set to anything (<https://no-color.org>).
+fn colour(stream: &impl std::io::IsTerminal) -> bool {
+    stream.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }

@@ -63,6 +63,16 @@ impl Running {
     }
 }
 
+/// The credentials this instance accepts, for the start-up line.
+fn auth_modes(config: &Config) -> &'static str {
+    match (config.auth.jwt.is_some(), config.auth.session.is_some()) {
+        (true, true) => "jwt,session",
+        (true, false) => "jwt",
+        (false, true) => "session",
+        (false, false) => "none",
+    }
+}
+
 /// Binds `config.listen` and serves.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let addr = config.listen_addr();
@@ -97,7 +107,28 @@ pub fn serve(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
         stop_background.clone(),
     )?;
     background.spawn(Arc::clone(&hub).sweep_until(stop_background.clone()));
-    tracing::info!(%addr, broker = broker.kind(), dev = config.dev, "crier listening");
+    let redis = config.redis.url.as_deref().map(crate::config::redact_url);
+    // Where a browser on this machine finds the demo page.
+    let demo = config.dev.then(|| {
+        let mut local = addr;
+        if local.ip().is_unspecified() {
+            local.set_ip(match local.ip() {
+                std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        format!("http://{local}/")
+    });
+    tracing::info!(
+        %addr,
+        broker = broker.kind(),
+        redis,
+        channel_rules = config.channels.len(),
+        auth = auth_modes(&config),
+        dev = config.dev,
+        demo,
+        "crier listening"
+    );
     if config.dev {
         tracing::warn!("dev mode: every channel is open to anyone; do not expose this instance");
     }

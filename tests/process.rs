@@ -331,3 +331,153 @@ async fn publish_command_reaches_subscribers() {
     assert_eq!(code, Some(1));
     assert!(stderr.contains("401"), "{stderr}");
 }
+
+/// The log lines of `crier` matching `pred`, parsed (JSON format).
+fn log_lines(
+    log: &std::sync::Mutex<String>,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> Vec<serde_json::Value> {
+    log.lock()
+        .expect("log")
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| pred(v))
+        .collect()
+}
+
+fn message_is(v: &serde_json::Value, text: &str) -> bool {
+    v["fields"]["message"] == text
+}
+
+/// Issue 9.9 (b, c): the start-up line names the Redis address (password
+/// redacted), the number of channel rules and the auth modes; a Redis that
+/// cannot be reached is named too.
+#[tokio::test]
+async fn startup_line_names_redis_rules_and_auth() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        &dir,
+        &format!(
+            "{CONFIG}\n[auth.jwt]\nalgorithms = [\"HS256\"]\nsecret = \"a-jwt-secret-of-at-least-32-bytes!!\"\n"
+        ),
+    );
+    // Nothing listens there: crier starts, then cannot connect.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let url = format!("redis://app:pass-SECRET-42@127.0.0.1:{port}");
+    let crier = Process::start(&["--config", &config, "--redis-url", &url], &[]).await;
+    let log = crier.log.clone();
+    common::eventually("a `cannot connect to redis` line", WAIT, || {
+        let log = log.clone();
+        async move { !log_lines(&log, |v| message_is(v, "cannot connect to redis")).is_empty() }
+    })
+    .await;
+    let redacted = format!("redis://app:<redacted>@127.0.0.1:{port}");
+    let start = log_lines(&log, |v| message_is(v, "crier listening"));
+    let fields = &start.first().expect("a start-up line")["fields"];
+    assert_eq!(fields["redis"], redacted.as_str(), "{fields}");
+    assert_eq!(fields["channel_rules"], 2, "{fields}");
+    assert_eq!(fields["auth"], "jwt", "{fields}");
+    assert_eq!(fields["broker"], "redis", "{fields}");
+    assert!(
+        fields.get("demo").is_none(),
+        "no demo outside dev: {fields}"
+    );
+    let refused = log_lines(&log, |v| message_is(v, "cannot connect to redis"));
+    assert_eq!(
+        refused[0]["fields"]["redis"],
+        redacted.as_str(),
+        "{refused:?}"
+    );
+    let all = log.lock().expect("log").clone();
+    assert!(!all.contains("pass-SECRET-42"), "{all}");
+}
+
+/// Issue 9.9 (a, b): text logs written to a pipe carry no ANSI colour
+/// codes; in dev mode the start-up line says where the demo page is.
+#[tokio::test]
+async fn text_logs_to_a_pipe_have_no_colour_and_name_the_demo_page() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = common::crier::crier_command()
+        .args(["--dev", "--listen", "127.0.0.1:0", "--log-format", "text"])
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn crier");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let mut seen = String::new();
+    let line = tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await.expect("read log") {
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.contains("crier listening") {
+                return line;
+            }
+        }
+        panic!("crier exited before listening:\n{seen}")
+    })
+    .await
+    .expect("a start-up line");
+    assert!(!seen.contains('\u{1b}'), "ANSI escapes in a pipe: {seen:?}");
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+        .expect("addr= on the start-up line");
+    assert!(
+        line.contains(&format!("demo=\"http://{addr}/\"")),
+        "demo URL: {line}"
+    );
+    assert!(
+        line.contains("auth=\"none\"") || line.contains("auth=none"),
+        "{line}"
+    );
+    // Prove the page is really there.
+    let (status, page) = common::http_get(&format!("http://{addr}/")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("<html"));
+}
+
+/// Issue 9.9 (d): a WebSocket that signs in with an `auth` message logs
+/// its user.
+#[tokio::test]
+async fn websocket_signed_in_with_auth_logs_its_user() {
+    let secret = "a-jwt-secret-of-at-least-32-bytes!!";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        &dir,
+        &format!("{CONFIG}\n[auth.jwt]\nalgorithms = [\"HS256\"]\nsecret = \"{secret}\"\n"),
+    );
+    let crier = Process::start(&["--config", &config], &[("RUST_LOG", "crier=debug")]).await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 600;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": "u-4242", "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("sign");
+    let mut ws = WsClient::connect(&format!("ws://{}/ws", crier.addr)).await;
+    ws.send_json(json!({"type": "auth", "token": token, "id": 1}))
+        .await;
+    assert_eq!(ws.recv_type("authenticated", WAIT).await["user"], "u-4242");
+    ws.close().await;
+    let log = crier.log.clone();
+    common::eventually("`websocket closed` with the user", WAIT, || {
+        let log = log.clone();
+        async move {
+            log_lines(&log, |v| message_is(v, "websocket closed"))
+                .iter()
+                .any(|v| v["span"]["user"] == "u-4242")
+        }
+    })
+    .await;
+}

@@ -79,6 +79,7 @@ impl RedisBroker {
         let canary = format!("{prefix}crier:canary:{:016x}", rand::rng().random::<u64>());
         let supervisor = Supervisor {
             client,
+            address: crate::config::redact_url(redis_config.url.as_deref().unwrap_or_default()),
             redis: redis.clone(),
             prefix,
             canary,
@@ -271,6 +272,8 @@ struct Channel {
 
 struct Supervisor {
     client: redis::Client,
+    /// `redis.url` with its password redacted, for logs.
+    address: String,
     redis: Redis,
     prefix: String,
     canary: String,
@@ -322,7 +325,7 @@ impl Supervisor {
                 },
                 Err(e) => {
                     if failures == 0 || failures % 20 == 0 {
-                        tracing::warn!(error = %e, attempt = failures + 1, "cannot connect to redis");
+                        tracing::warn!(error = %e, redis = %self.address, attempt = failures + 1, "cannot connect to redis");
                     }
                 }
             }
