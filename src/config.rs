@@ -450,6 +450,21 @@ impl Config {
     /// not stop the start (a deliberately closed instance is legitimate).
     pub fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
+        if self.auth.jwt.is_none() {
+            for (i, rule) in self.channels.iter().enumerate() {
+                if rule.subscribe == crate::policy::Subscribe::Claim {
+                    warnings.push(format!(
+                        "channels[{i}]: subscribe = \"claim\" needs [auth.jwt] (the grant is a \
+                         bearer token's channels claim): this rule can never match"
+                    ));
+                } else if rule.pattern.contains("{claim.") {
+                    warnings.push(format!(
+                        "channels[{i}]: `{{claim.…}}` in the pattern needs [auth.jwt] (claims come \
+                         from bearer tokens): this rule can never match"
+                    ));
+                }
+            }
+        }
         if self.channels.is_empty() && !self.dev {
             warnings.push(
                 "no [[channels]] rules: every subscription will be refused (deny by default); \
@@ -542,7 +557,7 @@ fn insert_nested(dict: &mut figment::value::Dict, path: &[&str], value: figment:
 }
 
 fn describe_figment_error(e: figment::Error) -> String {
-    let key = e.path.join(".");
+    let key = key_path(&e.path);
     let source = match &e.metadata {
         Some(m) => match &m.source {
             Some(figment::Source::File(p)) => format!(" (in {})", p.display()),
@@ -550,11 +565,106 @@ fn describe_figment_error(e: figment::Error) -> String {
         },
         None => String::new(),
     };
+    let what = describe_kind(&key, &e.kind);
     if key.is_empty() {
-        format!("{}{source}", e.kind)
+        format!("{what}{source}")
     } else {
-        format!("{key}: {}{source}", e.kind)
+        format!("{key}: {what}{source}")
     }
+}
+
+/// A key path written as in `validate()` and the docs: `channels[0].pattern`,
+/// not figment's `channels.0.pattern`.
+fn key_path(path: &[String]) -> String {
+    let mut out = String::new();
+    for part in path {
+        if !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
+            out.push_str(&format!("[{part}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(part);
+        }
+    }
+    out
+}
+
+/// figment's message for one problem, reworded where it nests quotes or
+/// leaves the fix unsaid.
+fn describe_kind(key: &str, kind: &figment::error::Kind) -> String {
+    use figment::error::{Actual, Kind};
+    let one_of = |expected: &[&str]| {
+        expected
+            .iter()
+            .map(|e| format!("`{e}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let guess = |found: &str, expected: &[&str]| match closest(found, expected) {
+        Some(near) => format!("; did you mean `{near}`?"),
+        None => String::new(),
+    };
+    match kind {
+        Kind::UnknownField(found, expected) => format!(
+            "unknown field `{found}`{} (expected one of {})",
+            guess(found, expected),
+            one_of(expected)
+        ),
+        Kind::UnknownVariant(found, expected) => format!(
+            "unknown value `{found}`{} (expected one of {})",
+            guess(found, expected),
+            one_of(expected)
+        ),
+        Kind::InvalidType(actual @ (Actual::Unsigned(_) | Actual::Signed(_)), expected)
+            if expected == "a duration" =>
+        {
+            let n = match actual {
+                Actual::Unsigned(n) => n.to_string(),
+                Actual::Signed(n) => n.to_string(),
+                _ => String::new(),
+            };
+            format!(
+                "found the number {n}, expected a duration: a string with a unit, \
+                 e.g. `\"{n}s\"` or `\"{n}ms\"`"
+            )
+        }
+        _ if key == "listen" => format!(
+            "{kind}: write an IP address and a port, e.g. `127.0.0.1:8080` (this machine only) \
+             or `0.0.0.0:8080` (every interface); host names such as `localhost` are not resolved"
+        ),
+        _ => kind.to_string(),
+    }
+}
+
+/// The expected name nearest to a misspelt `found`, when near enough to be
+/// a typo.
+fn closest<'a>(found: &str, expected: &[&'a str]) -> Option<&'a str> {
+    let limit = (found.chars().count() / 3).max(2);
+    expected
+        .iter()
+        .map(|e| (edit_distance(found, e), *e))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, e)| e)
+}
+
+/// Levenshtein distance, by characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 /// `redis://user:secret@host` → `redis://user:<redacted>@host`, for logs
@@ -663,6 +773,105 @@ mod tests {
 
         let zero = load_str("[limits]\nqueue_size = 0\n", &[]).unwrap_err();
         assert!(zero.to_string().contains("limits.queue_size"), "{zero}");
+    }
+
+    #[test]
+    fn unknown_fields_suggest_the_nearest_without_nested_quotes() {
+        let e = load_str("[limits]\nqueue_sise = 3\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("limits.queue_sise: unknown field `queue_sise`; did you mean `queue_size`?"),
+            "{e}"
+        );
+        assert!(!e.contains("`one of"), "no nested backticks: {e}");
+        assert!(e.contains("(expected one of `queue_size`, "), "{e}");
+        // Too far from anything: no guess.
+        let e = load_str("[limits]\nzzzzzz = 3\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("did you mean"), "{e}");
+        let e = load_str(
+            "[[channels]]\npattern = \"a\"\nsubscribe = \"anyone\"\n[[channels]]\npattern = \"b\"\nsubscrbe = \"anyone\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("channels[1].subscrbe: unknown field `subscrbe`; did you mean `subscribe`?"),
+            "{e}"
+        );
+        let e = load_str(
+            "[[channels]]\npattern = \"a\"\nsubscribe = \"anyon\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("channels[0].subscribe: unknown value `anyon`; did you mean `anyone`?"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn paths_are_written_one_way() {
+        let path = |p: &[&str]| key_path(&p.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            path(&["channels", "0", "subscribe"]),
+            "channels[0].subscribe"
+        );
+        assert_eq!(path(&["allowed_origins", "2"]), "allowed_origins[2]");
+        assert_eq!(path(&["limits", "queue_size"]), "limits.queue_size");
+        assert_eq!(edit_distance("subscrbe", "subscribe"), 1);
+        assert_eq!(edit_distance("", "abc"), 3);
+    }
+
+    #[test]
+    fn a_host_name_in_listen_gets_a_hint() {
+        let e = load_str("listen = \"localhost:8080\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listen: "), "{e}");
+        assert!(
+            e.contains("`127.0.0.1:8080`") && e.contains("`0.0.0.0:8080`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_bare_number_for_a_duration_gets_a_hint() {
+        let e = load_str("[sse]\nheartbeat = 15\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sse.heartbeat: "), "{e}");
+        assert!(e.contains("`\"15s\"`"), "{e}");
+        let e = load_str("", &[("CRIER_SHUTDOWN__GRACE", "5")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("shutdown.grace: ") && e.contains("`\"5s\"`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn claim_rules_without_jwt_are_a_warning() {
+        let rules = "[[channels]]\npattern = \"ops:*\"\nsubscribe = \"claim\"\n\
+                     [[channels]]\npattern = \"org:{claim.org}:*\"\nsubscribe = \"user\"\n";
+        let cfg = load_str(rules, &[]).expect("valid");
+        let warnings = cfg.warnings();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("channels[0]: subscribe = \"claim\" needs [auth.jwt]")
+                && warnings[0].contains("can never match"),
+            "{warnings:?}"
+        );
+        assert!(warnings[1].starts_with("channels[1]: "), "{warnings:?}");
+        let with_jwt = format!(
+            "{rules}[auth.jwt]\nalgorithms = [\"HS256\"]\nsecret = \"a-jwt-secret-of-at-least-32-bytes!!\"\n"
+        );
+        let cfg = load_str(&with_jwt, &[]).expect("valid");
+        assert_eq!(cfg.warnings(), Vec::<String>::new());
     }
 
     #[test]
