@@ -22,17 +22,27 @@ pub struct Cli {
     /// TOML configuration file (also `CRIER_CONFIG`).
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Address to listen on (overrides `listen`).
-    #[arg(long, global = true, value_name = "ADDR")]
-    pub listen: Option<SocketAddr>,
     /// Redis URL (overrides `redis.url`).
     #[arg(long, global = true, value_name = "URL")]
     pub redis_url: Option<String>,
+    /// Serving flags: given before any command, they apply to serving.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Flags that only mean something to a serving crier (and to
+/// `check-config`, which shows what it would serve with). Not global, so
+/// `crier publish --help` does not offer them.
+#[derive(Debug, Default, Clone, PartialEq, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on (overrides `listen`).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
     /// Log format (overrides `log.format`).
-    #[arg(long, global = true, value_enum)]
+    #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
     /// Development mode: memory broker, every channel open, demo page at `/`.
-    #[arg(long, global = true)]
+    #[arg(long)]
     pub dev: bool,
 }
 
@@ -40,15 +50,20 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Validate the configuration and print it, secrets redacted.
-    CheckConfig,
+    CheckConfig {
+        /// The serving flags to apply, as `crier` would.
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
     /// Publish one event, to Redis or to a running crier's HTTP API.
     Publish {
         /// Channel name.
         channel: String,
         /// Payload: JSON is sent as is, anything else as a string.
         payload: String,
-        /// Base URL of a running crier (e.g. http://127.0.0.1:8080); without
-        /// it, publish straight to Redis.
+        /// Base URL of a running crier (e.g. http://127.0.0.1:8080 or
+        /// https://events.example.com); without it, publish straight to
+        /// Redis.
         #[arg(long, value_name = "URL")]
         api: Option<String>,
         /// API key for `--api` (also `CRIER_API_KEY`).
@@ -60,12 +75,33 @@ pub enum Command {
 impl Cli {
     /// The command-line layer of the configuration.
     pub fn overrides(&self) -> Overrides {
+        let serve = match &self.command {
+            Some(Command::CheckConfig { serve }) => serve,
+            _ => &self.serve,
+        };
         Overrides {
-            listen: self.listen,
-            dev: self.dev.then_some(true),
+            listen: serve.listen,
+            dev: serve.dev.then_some(true),
             redis: self.redis_url.clone().map(|url| RedisOverride { url }),
-            log: self.log_format.map(|format| LogOverride { format }),
+            log: serve.log_format.map(|format| LogOverride { format }),
         }
+    }
+
+    /// Parses the command line; exits with a usage error (as clap does)
+    /// when serving flags come before a command they mean nothing to.
+    pub fn parse_args() -> Self {
+        let cli = Self::parse();
+        if cli.command.is_some() && cli.serve != ServeArgs::default() {
+            use clap::CommandFactory;
+            Self::command()
+                .error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    "--listen, --log-format and --dev are for serving: give them without a \
+                     command (or after `check-config`)",
+                )
+                .exit();
+        }
+        cli
     }
 
     /// Loads the configuration from every layer.
@@ -144,6 +180,15 @@ async fn publish_http(
             Some(id) => format!("published with history, id {id}"),
             None => format!("published ({status})"),
         })
+    } else if status == http::StatusCode::UNAUTHORIZED {
+        let how = if api_key.is_some() {
+            "the key given with --api-key or CRIER_API_KEY is not one of the server's \
+             publish.api_keys"
+        } else {
+            "give one of the server's publish.api_keys with --api-key KEY or the \
+             CRIER_API_KEY variable"
+        };
+        bail!("{status}: {}: {how}", text.trim())
     } else {
         bail!("{status}: {}", text.trim())
     }

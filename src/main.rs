@@ -3,13 +3,12 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use crier::cli::{Cli, Command};
 use crier::config::{Config, LogFormat, EX_CONFIG};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_args();
     let config = match cli.load_config() {
         Ok(c) => c,
         Err(e) => {
@@ -17,7 +16,7 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_CONFIG as u8);
         }
     };
-    if matches!(cli.command, Some(Command::CheckConfig)) {
+    if matches!(cli.command, Some(Command::CheckConfig { .. })) {
         print!("{}", config.to_redacted_toml());
         for warning in config.warnings() {
             eprintln!("crier: warning: {warning}");

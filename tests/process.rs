@@ -481,3 +481,110 @@ async fn websocket_signed_in_with_auth_logs_its_user() {
     })
     .await;
 }
+
+/// Issue 9.11: `crier publish --help` offers only what publishing uses;
+/// serving flags before a command are refused; `crier --dev` still serves
+/// (see `dev_mode_serves_demo_page_and_publishes_without_key`).
+#[tokio::test]
+async fn publish_help_offers_only_publishing_flags() {
+    let (code, help, _) = run_crier(&["publish", "--help"], &[]).await;
+    assert_eq!(code, Some(0));
+    for flag in ["--api", "--api-key", "--config", "--redis-url"] {
+        assert!(help.contains(flag), "{flag} missing: {help}");
+    }
+    for flag in ["--listen", "--dev", "--log-format"] {
+        assert!(!help.contains(flag), "{flag} offered: {help}");
+    }
+    let (code, _, stderr) = run_crier(&["--dev", "publish", "c", "x"], &[]).await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("are for serving"), "{stderr}");
+    // check-config still shows what serving flags would do.
+    let (code, stdout, stderr) = run_crier(
+        &["check-config", "--dev", "--listen", "127.0.0.1:9998"],
+        &[],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let shown: toml::Value = toml::from_str(&stdout).expect("TOML");
+    assert_eq!(shown["dev"].as_bool(), Some(true));
+    assert_eq!(shown["listen"].as_str(), Some("127.0.0.1:9998"));
+}
+
+/// Issue 9.11: a missing or wrong API key says how to give one.
+#[tokio::test]
+async fn publish_without_a_key_says_how_to_give_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(&dir, CONFIG);
+    let key = "cli-publish-key-0123456789";
+    let crier = Process::start(
+        &["--config", &config],
+        &[("CRIER_PUBLISH__API_KEYS", &format!("[{key}]"))],
+    )
+    .await;
+    let base = crier.http("");
+    let (code, _, stderr) = run_crier(&["publish", "public:k", "x", "--api", &base], &[]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("401"), "{stderr}");
+    assert!(
+        stderr.contains("--api-key KEY") && stderr.contains("CRIER_API_KEY"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run_crier(
+        &["publish", "public:k", "x", "--api", &base],
+        &[("CRIER_API_KEY", "not-the-key-0123456789")],
+    )
+    .await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is not one of the server's publish.api_keys"),
+        "{stderr}"
+    );
+}
+
+/// Issue 9.11: `crier publish` without `--config` never replaces the
+/// function library with one built from no rules; it says how to get one.
+#[tokio::test]
+async fn publish_without_config_never_loads_an_empty_library() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(&dir, CONFIG);
+    let url = redis.url();
+    let channel = unique("hist:lib");
+
+    // A fresh Redis, no crier yet: no library, and none is loaded.
+    let (code, _, stderr) = run_crier(&["publish", &channel, "{}", "--redis-url", &url], &[]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("start crier") && stderr.contains("--config"),
+        "{stderr}"
+    );
+    let libraries = redis
+        .cli(&["FUNCTION", "LIST", "LIBRARYNAME", "crier"])
+        .await;
+    assert_eq!(libraries.trim(), "", "nothing loaded: {libraries}");
+
+    // With the service's configuration it loads the service's library...
+    let (code, _, stderr) = run_crier(
+        &[
+            "publish",
+            &channel,
+            r#"{"n":1}"#,
+            "--config",
+            &config,
+            "--redis-url",
+            &url,
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("published with history"), "{stderr}");
+    // ...which a later publish without configuration uses as it is.
+    let (code, _, stderr) = run_crier(
+        &["publish", &channel, r#"{"n":2}"#, "--redis-url", &url],
+        &[],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("published with history"), "{stderr}");
+}

@@ -56,6 +56,8 @@ pub(super) struct Redis {
     library: Arc<str>,
     prefix: String,
     timeout: Duration,
+    /// Load `library` when an `FCALL` finds the function missing.
+    load_when_missing: bool,
 }
 
 impl RedisBroker {
@@ -111,12 +113,17 @@ impl RedisBroker {
 
 /// One publication from outside a running crier (`crier publish`): the same
 /// function, so the same history, as apps and the HTTP API get.
+///
+/// Without channel rules it never loads the library: one built from no
+/// rules would replace the service's and drop every history rule. It then
+/// only calls the function, and says so when Redis lacks it.
 pub async fn publish_once(
     config: &Config,
     channel: &str,
     payload: &[u8],
 ) -> Result<Option<StreamId>, PublishError> {
-    let (_, redis) = Redis::new(config)?;
+    let (_, mut redis) = Redis::new(config)?;
+    redis.load_when_missing = !config.channels.is_empty();
     redis.publish(channel, payload).await
 }
 
@@ -144,6 +151,7 @@ impl Redis {
             library: library.into(),
             prefix: redis_config.channel_prefix.clone(),
             timeout: redis_config.connect_timeout,
+            load_when_missing: true,
         };
         Ok((client, redis))
     }
@@ -187,6 +195,9 @@ impl Redis {
         };
         match self.query(call()).await {
             Err(PublishError::Redis(e)) if e.to_string().contains("Function not found") => {
+                if !self.load_when_missing {
+                    return Err(PublishError::NoLibrary);
+                }
                 self.load_library().await?;
                 self.query(call()).await
             }
@@ -374,6 +385,7 @@ impl Supervisor {
                 }
                 // No answer in time.
                 PublishError::Protocol(_) => true,
+                PublishError::NoLibrary => false,
             };
             if !transient || Instant::now() >= deadline {
                 tracing::error!(error = %e, "cannot load the crier function library: no history until it is loaded");
