@@ -27,7 +27,7 @@ const NOT_KEYS: [&str; 2] = ["CONFIG", "API_KEY"];
 const REDACTED: &str = "<redacted>";
 
 /// The whole configuration of one crier process.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Address to listen on for HTTP, WebSocket and SSE. Default
@@ -60,6 +60,11 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Authentication: bearer tokens and session cookies.
     pub auth: AuthConfig,
+    /// JSON pointer to the string in a payload that names its event type
+    /// (the SSE `event:` name, what `events=` filters on): `/type` by
+    /// default, `/event_type`, `/event` (Laravel), `/meta/kind`. A
+    /// `[[channels]]` rule may set its own.
+    pub event_field: String,
 }
 
 /// How logs are written.
@@ -192,6 +197,26 @@ pub struct ShutdownConfig {
     /// moment, so the next instances see no reconnect storm.
     #[serde(with = "humantime_serde")]
     pub drain: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            dev: false,
+            log: LogConfig::default(),
+            redis: RedisConfig::default(),
+            channels: Vec::new(),
+            limits: LimitsConfig::default(),
+            publish: PublishConfig::default(),
+            ws: WsConfig::default(),
+            sse: SseConfig::default(),
+            shutdown: ShutdownConfig::default(),
+            allowed_origins: Vec::new(),
+            auth: AuthConfig::default(),
+            event_field: crate::protocol::DEFAULT_EVENT_FIELD.into(),
+        }
+    }
 }
 
 impl Default for LogConfig {
@@ -361,9 +386,15 @@ impl Config {
                 Err(e) => return bad("redis.url", format!("not a URL ({e})")),
             }
         }
+        if let Err(e) = check_pointer(&self.event_field) {
+            return bad("event_field", e);
+        }
         for (i, rule) in self.channels.iter().enumerate() {
             if let Err(e) = rule.check() {
                 return bad(&format!("channels[{i}].pattern"), e);
+            }
+            if let Some(Err(e)) = rule.event_field.as_deref().map(check_pointer) {
+                return bad(&format!("channels[{i}].event_field"), e);
             }
             if rule
                 .history
@@ -501,6 +532,18 @@ impl Config {
             session.redis_url = session.redis_url.as_deref().map(redact_url);
         }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+    }
+}
+
+/// An `event_field` is a JSON pointer into the payload (RFC 6901).
+fn check_pointer(pointer: &str) -> Result<(), String> {
+    if pointer.starts_with('/') {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{pointer}` is not a JSON pointer: start it with `/`, e.g. `/{}`",
+            pointer.trim_start_matches('/')
+        ))
     }
 }
 
@@ -872,6 +915,41 @@ mod tests {
         );
         let cfg = load_str(&with_jwt, &[]).expect("valid");
         assert_eq!(cfg.warnings(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn event_fields_are_pointers_and_a_rule_wins() {
+        let cfg = load_str(
+            "event_field = \"/event_type\"\n\
+             [[channels]]\npattern = \"laravel:*\"\nsubscribe = \"anyone\"\nevent_field = \"/event\"\n\
+             [[channels]]\npattern = \"user:{user}\"\nsubscribe = \"user\"\nevent_field = \"/meta/kind\"\n\
+             [[channels]]\npattern = \"*\"\nsubscribe = \"anyone\"\n",
+            &[],
+        )
+        .expect("valid");
+        let policy =
+            crate::policy::Policy::new(&cfg.channels, false).with_event_field(&cfg.event_field);
+        assert_eq!(policy.event_field_of("laravel:orders"), "/event");
+        assert_eq!(
+            policy.event_field_of("user:42"),
+            "/meta/kind",
+            "placeholders as any text"
+        );
+        assert_eq!(policy.event_field_of("ops:1"), "/event_type", "the default");
+        assert_eq!(Config::default().event_field, "/type");
+
+        let e = load_str("event_field = \"event_type\"\n", &[]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("event_field: `event_type` is not a JSON pointer"),
+            "{e}"
+        );
+        let e = load_str(
+            "[[channels]]\npattern = \"a\"\nsubscribe = \"anyone\"\nevent_field = \"event\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("channels[0].event_field"), "{e}");
     }
 
     #[test]

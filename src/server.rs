@@ -96,7 +96,8 @@ pub fn serve(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
         config.redis.subscribe_timeout,
         metrics.clone(),
     ));
-    let policy = Arc::new(Policy::new(&config.channels, config.dev));
+    let policy =
+        Arc::new(Policy::new(&config.channels, config.dev).with_event_field(&config.event_field));
     let broker = Broker::start(
         &config,
         Arc::clone(&hub),

@@ -44,6 +44,7 @@ fn rules() -> Vec<ChannelRule> {
         pattern: pattern.into(),
         subscribe,
         history: None,
+        event_field: None,
     };
     vec![
         rule("public:*", Subscribe::Anyone),

@@ -26,6 +26,7 @@ fn history_config(redis: Option<&RedisServer>) -> Config {
             size,
             ttl: Duration::from_secs(3600),
         }),
+        event_field: None,
     };
     config.channels = vec![
         rule("hist:*", Some(1000)),

@@ -450,6 +450,7 @@ fn rule(pattern: &str, subscribe: Subscribe, history: bool) -> ChannelRule {
             size: 1000,
             ttl: Duration::from_secs(3600),
         }),
+        event_field: None,
     }
 }
 

@@ -470,8 +470,9 @@ impl Supervisor {
             }
             state.last = Some(id);
         }
+        let event_field = self.policy.event_field_of(channel);
         self.hub
-            .dispatch(Publication::message(channel, id, payload));
+            .dispatch(Publication::message(channel, id, payload, event_field));
     }
 
     /// Relays messages, applies control requests and runs the canary until

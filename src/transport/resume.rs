@@ -135,8 +135,9 @@ pub async fn open(
     } else {
         // Delivered through the connection's tracker like live messages,
         // so the position advances as each one is actually sent.
+        let event_field = app.policy.event_field_of(channel);
         for (id, payload) in &recovery.entries {
-            let p = Publication::message(channel, Some(*id), payload);
+            let p = Publication::message(channel, Some(*id), payload, event_field);
             let wanted = events
                 .as_ref()
                 .is_none_or(|filter| p.event.as_ref().is_some_and(|e| filter.contains(e)));
