@@ -55,6 +55,13 @@ pub enum Command {
         #[command(flatten)]
         serve: ServeArgs,
     },
+    /// Print a shell completion script, e.g. `crier completions bash >
+    /// /etc/bash_completion.d/crier`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Publish one event, to Redis or to a running crier's HTTP API.
     Publish {
         /// Channel name.
@@ -102,6 +109,12 @@ impl Cli {
                 .exit();
         }
         cli
+    }
+
+    /// Writes the completion script for `shell` to `out`.
+    pub fn completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+        use clap::CommandFactory;
+        clap_complete::generate(shell, &mut Self::command(), "crier", out);
     }
 
     /// Loads the configuration from every layer.

@@ -9,6 +9,11 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse_args();
+    if let Some(Command::Completions { shell }) = cli.command {
+        // Needs no configuration: it must work anywhere.
+        Cli::completions(shell, &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
     let config = match cli.load_config() {
         Ok(c) => c,
         Err(e) => {
@@ -67,9 +72,13 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    let dev = config.dev;
     let running = crier::start(config).await?;
     wait_for_signal().await;
     running.shutdown();
+    if dev {
+        tracing::info!("draining; press Ctrl-C again to exit now");
+    }
     // A second signal means "now": skip the drain.
     tokio::select! {
         _ = running.stopped() => {}

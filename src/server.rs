@@ -273,6 +273,7 @@ async fn route(app: Arc<App>, req: Request<Incoming>, info: ConnInfo) -> Respons
         (&Method::GET, "/sse") => sse::handle(app, req, info).await,
         (&Method::GET, "/ws") => ws::handle(app, req, info).await,
         (&Method::OPTIONS, "/sse") => sse::preflight(&app, &req),
+        (&Method::OPTIONS, "/api/publish") => crate::api::preflight(&app, &req),
         (&Method::POST, "/api/publish") => crate::api::publish(app, req, info).await,
         (&Method::GET, "/") if app.config.dev => {
             let mut r = Response::new(full(DEMO_PAGE));

@@ -469,3 +469,14 @@ subscribe = "anyone"
         (Some("OrderShipped"), sent)
     );
 }
+
+/// Issue 9.13: `crier_build_info{version}` is 1, with this build's version.
+#[tokio::test]
+async fn metrics_carry_build_info() {
+    let crier = Instance::start(test_config(None)).await;
+    let series = format!(
+        "crier_build_info{{version=\"{}\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(crier.metric(&series).await, 1.0);
+}

@@ -588,3 +588,68 @@ async fn publish_without_config_never_loads_an_empty_library() {
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.contains("published with history"), "{stderr}");
 }
+
+/// Issue 9.13: `crier completions <shell>` prints a completion script
+/// that knows the commands and flags, with no configuration needed.
+#[tokio::test]
+async fn completions_are_printed_for_each_shell() {
+    for (shell, marker) in [
+        ("bash", "complete -F _crier"),
+        ("zsh", "#compdef crier"),
+        ("fish", "complete -c crier"),
+    ] {
+        // A configuration error must not get in the way.
+        let (code, script, stderr) = run_crier(
+            &["completions", shell],
+            &[("CRIER_LIMITS__QUEUE_SIZE", "lots")],
+        )
+        .await;
+        assert_eq!(code, Some(0), "{shell}: {stderr}");
+        assert!(script.contains(marker), "{shell}: {script}");
+        for word in ["publish", "check-config", "redis-url"] {
+            assert!(script.contains(word), "{shell} lacks {word}");
+        }
+    }
+    let (code, _, stderr) = run_crier(&["completions", "cmd.exe"], &[]).await;
+    assert_eq!(code, Some(2), "{stderr}");
+}
+
+/// Issue 9.13: in dev mode the first Ctrl-C says a second one exits now,
+/// and the second does.
+#[tokio::test]
+async fn dev_mode_second_ctrl_c_exits_at_once() {
+    let mut crier = Process::start(&["--dev"], &[]).await;
+    let pid = crier.child.id().expect("running").to_string();
+    let interrupt = || async {
+        let status = tokio::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .await
+            .expect("run kill");
+        assert!(status.success());
+    };
+    interrupt().await;
+    let log = crier.log.clone();
+    common::eventually("the Ctrl-C hint", WAIT, || {
+        let log = log.clone();
+        async move {
+            log.lock()
+                .expect("log")
+                .contains("press Ctrl-C again to exit now")
+        }
+    })
+    .await;
+    let started = std::time::Instant::now();
+    interrupt().await;
+    let status = tokio::time::timeout(WAIT, crier.child.wait())
+        .await
+        .expect("exits")
+        .expect("wait");
+    // The default grace alone is 5 s: exiting well before it is "at once".
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(status.success(), "{status:?}");
+}

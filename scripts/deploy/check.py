@@ -32,7 +32,7 @@ CRIER_METRICS = {
     "crier_slow_client_disconnects_total", "crier_redis_reconnects_total", "crier_broker_up",
     "crier_subscriptions", "crier_channels", "crier_connections_rejected_total",
     "crier_api_publications_total", "crier_auth_failures_total", "crier_pubsub_lag_seconds",
-    "crier_recovered_messages_total", "crier_gaps_total",
+    "crier_recovered_messages_total", "crier_gaps_total", "crier_build_info",
 }
 PROCESS_METRICS = {
     "process_cpu_seconds_total", "process_open_fds", "process_max_fds", "process_virtual_memory_bytes",
