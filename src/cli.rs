@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
@@ -76,6 +77,10 @@ pub enum Command {
         /// API key for `--api` (also `CRIER_API_KEY`).
         #[arg(long, env = "CRIER_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
+        /// PEM file of CA certificates to trust for an https `--api`, besides
+        /// the system's (`SSL_CERT_FILE` replaces the system's).
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
     },
 }
 
@@ -124,18 +129,28 @@ impl Cli {
     }
 }
 
+/// How `crier publish` reaches a running crier (`--api`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Api<'a> {
+    /// Base URL, `http://` or `https://`.
+    pub base: Option<&'a str>,
+    /// Bearer key.
+    pub key: Option<&'a str>,
+    /// Extra CA certificates (PEM) for https.
+    pub ca_file: Option<&'a std::path::Path>,
+}
+
 /// `crier publish`.
 pub async fn publish(
     config: &Config,
     channel: &str,
     payload: &str,
-    api: Option<&str>,
-    api_key: Option<&str>,
+    api: Api<'_>,
 ) -> anyhow::Result<String> {
     crate::policy::validate_channel(channel)
         .map_err(|why| anyhow::anyhow!("bad channel name: {why}"))?;
-    if let Some(base) = api {
-        return publish_http(base, api_key, channel, payload).await;
+    if let Some(base) = api.base {
+        return publish_http(base, api, channel, payload).await;
     }
     if config.redis.url.is_none() {
         bail!("no Redis configured: pass --redis-url (or redis.url), or --api URL to publish through a running crier");
@@ -151,37 +166,58 @@ pub async fn publish(
 
 async fn publish_http(
     base: &str,
-    api_key: Option<&str>,
+    api: Api<'_>,
     channel: &str,
     payload: &str,
 ) -> anyhow::Result<String> {
+    let api_key = api.key;
     let url = url::Url::parse(base)
         .and_then(|u| u.join("api/publish"))
         .with_context(|| format!("--api {base}: not a URL"))?;
-    if url.scheme() != "http" {
-        bail!("--api: only http:// is supported by this command (use curl for https)");
-    }
-    let host = url.host_str().context("--api: URL has no host")?;
-    let port = url.port_or_known_default().unwrap_or(80);
+    let tls = match url.scheme() {
+        "http" => false,
+        "https" => true,
+        other => bail!("--api {base}: use an http:// or https:// URL, not {other}://"),
+    };
+    // The name to connect to and to check the certificate against.
+    let host = match url.host().context("--api: URL has no host")? {
+        url::Host::Domain(name) => name.to_owned(),
+        url::Host::Ipv4(ip) => ip.to_string(),
+        url::Host::Ipv6(ip) => ip.to_string(),
+    };
+    let port = url
+        .port_or_known_default()
+        .unwrap_or(if tls { 443 } else { 80 });
+    let authority = match url.port() {
+        Some(port) => format!("{}:{port}", url.host_str().unwrap_or(&host)),
+        None => url.host_str().unwrap_or(&host).to_owned(),
+    };
     let data: serde_json::Value = serde_json::from_str(payload)
         .unwrap_or_else(|_| serde_json::Value::String(payload.to_owned()));
     let body = serde_json::json!({"channel": channel, "data": data}).to_string();
-
-    let stream = tokio::net::TcpStream::connect((host, port))
-        .await
-        .with_context(|| format!("cannot connect to {host}:{port}"))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
     let mut request = http::Request::post(url.path())
-        .header(http::header::HOST, format!("{host}:{port}"))
+        .header(http::header::HOST, authority)
         .header(http::header::CONTENT_TYPE, "application/json");
     if let Some(key) = api_key {
         request = request.header(http::header::AUTHORIZATION, format!("Bearer {key}"));
     }
-    let response = sender
-        .send_request(request.body(Full::new(Bytes::from(body)))?)
-        .await?;
+    let request = request.body(Full::new(Bytes::from(body)))?;
+
+    let stream = tokio::net::TcpStream::connect((host.as_str(), port))
+        .await
+        .with_context(|| format!("cannot connect to {host}:{port}"))?;
+    let response = if tls {
+        let connector = tls_connector(api.ca_file)?;
+        let name = rustls::pki_types::ServerName::try_from(host.clone())
+            .with_context(|| format!("--api: `{host}` is not a valid TLS server name"))?;
+        let stream = connector
+            .connect(name, stream)
+            .await
+            .with_context(|| format!("TLS with {host}:{port} failed"))?;
+        exchange(stream, request).await?
+    } else {
+        exchange(stream, request).await?
+    };
     let status = response.status();
     let text = response.into_body().collect().await?.to_bytes();
     let text = String::from_utf8_lossy(&text);
@@ -205,4 +241,55 @@ async fn publish_http(
     } else {
         bail!("{status}: {}", text.trim())
     }
+}
+
+/// One HTTP/1.1 request on `stream`.
+async fn exchange<S>(
+    stream: S,
+    request: http::Request<Full<Bytes>>,
+) -> anyhow::Result<http::Response<hyper::body::Incoming>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender.send_request(request).await?)
+}
+
+/// TLS for `--api https://…`: rustls with the ring provider, trusting the
+/// system's roots (or `SSL_CERT_FILE`'s) and the certificates in `ca_file`.
+fn tls_connector(ca_file: Option<&std::path::Path>) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    // Unreadable system certificates are skipped; an empty store is
+    // reported below.
+    let system = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(system.certs);
+    if let Some(path) = ca_file {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .with_context(|| {
+                format!("--ca-file {}: cannot read PEM certificates", path.display())
+            })?;
+        if certs.is_empty() {
+            bail!("--ca-file {}: no certificate in it", path.display());
+        }
+        for cert in certs {
+            roots.add(cert).with_context(|| {
+                format!("--ca-file {}: not a usable CA certificate", path.display())
+            })?;
+        }
+    }
+    if roots.is_empty() {
+        bail!("no trusted CA certificates: none found on this system; pass --ca-file or set SSL_CERT_FILE");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS set-up")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }

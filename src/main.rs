@@ -47,15 +47,14 @@ fn main() -> ExitCode {
                 payload,
                 api,
                 api_key,
+                ca_file,
             }) => {
-                let said = crier::cli::publish(
-                    &config,
-                    channel,
-                    payload,
-                    api.as_deref(),
-                    api_key.as_deref(),
-                )
-                .await?;
+                let api = crier::cli::Api {
+                    base: api.as_deref(),
+                    key: api_key.as_deref(),
+                    ca_file: ca_file.as_deref(),
+                };
+                let said = crier::cli::publish(&config, channel, payload, api).await?;
                 eprintln!("crier: {said}");
                 Ok(())
             }

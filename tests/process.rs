@@ -653,3 +653,130 @@ async fn dev_mode_second_ctrl_c_exits_at_once() {
     );
     assert!(status.success(), "{status:?}");
 }
+
+/// A TLS endpoint in front of `backend` (`127.0.0.1:PORT`), with a
+/// certificate for `localhost` signed by a CA made here: returns its port
+/// and the CA's PEM.
+async fn tls_endpoint(backend: String) -> (u16, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "crier test CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("CA key"))
+        .expect("CA certificate");
+    let key = KeyPair::generate().expect("server key");
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .expect("server params")
+        .signed_by(&key, &ca)
+        .expect("server certificate");
+
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocols")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, backend) = (acceptor.clone(), backend.clone());
+            tokio::spawn(async move {
+                // A client that refuses the certificate ends here.
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut upstream = tokio::net::TcpStream::connect(&backend)
+                    .await
+                    .expect("crier");
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
+            });
+        }
+    });
+    (port, ca.pem())
+}
+
+/// Issue 9.4: `crier publish --api https://…` trusts a CA given with
+/// `--ca-file` or `SSL_CERT_FILE`, and refuses an unknown one.
+#[tokio::test]
+async fn publish_over_https_with_a_ca_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(&dir, CONFIG);
+    let key = "https-publish-key-0123456789";
+    let crier = Process::start(
+        &["--config", &config],
+        &[("CRIER_PUBLISH__API_KEYS", &format!("[{key}]"))],
+    )
+    .await;
+    let (port, ca) = tls_endpoint(crier.addr.clone()).await;
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca).expect("write CA");
+    let ca_file = ca_file.to_string_lossy().into_owned();
+    let api = format!("https://localhost:{port}");
+    let channel = unique("public:https");
+    let mut ws = WsClient::connect(&format!("ws://{}/ws?channel={channel}", crier.addr)).await;
+    ws.recv_type("subscribed", WAIT).await;
+    let env = [("CRIER_API_KEY", key), ("SSL_CERT_FILE", "/nonexistent")];
+
+    let (code, _, stderr) = run_crier(
+        &[
+            "publish",
+            &channel,
+            r#"{"via":"ca-file"}"#,
+            "--api",
+            &api,
+            "--ca-file",
+            &ca_file,
+        ],
+        &env,
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(
+        ws.recv_type("message", WAIT).await["data"]["via"],
+        "ca-file"
+    );
+
+    let (code, _, stderr) = run_crier(
+        &[
+            "publish",
+            &channel,
+            r#"{"via":"ssl-cert-file"}"#,
+            "--api",
+            &api,
+        ],
+        &[("CRIER_API_KEY", key), ("SSL_CERT_FILE", &ca_file)],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(
+        ws.recv_type("message", WAIT).await["data"]["via"],
+        "ssl-cert-file"
+    );
+
+    // Trusting only the system's roots: the test CA is unknown.
+    let (code, _, stderr) = run_crier(
+        &["publish", &channel, r#"{"via":"nothing"}"#, "--api", &api],
+        &[("CRIER_API_KEY", key)],
+    )
+    .await;
+    assert_eq!(code, Some(1), "{stderr}");
+    // (or, on a machine with no CA certificates at all, that there are none)
+    assert!(
+        stderr.contains("TLS with localhost") || stderr.contains("no trusted CA certificates"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.to_lowercase().contains("certificate"),
+        "says why: {stderr}"
+    );
+}
