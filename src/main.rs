@@ -72,8 +72,11 @@ fn main() -> ExitCode {
 
 async fn serve(config: Config) -> anyhow::Result<()> {
     let dev = config.dev;
+    // Listen for signals before serving: one that arrives right after the
+    // start-up line must drain, not kill the process (the default action).
+    let mut signals = Signals::install()?;
     let running = crier::start(config).await?;
-    wait_for_signal().await;
+    signals.next().await;
     running.shutdown();
     if dev {
         tracing::info!("draining; press Ctrl-C again to exit now");
@@ -81,26 +84,35 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     // A second signal means "now": skip the drain.
     tokio::select! {
         _ = running.stopped() => {}
-        _ = wait_for_signal() => {
+        _ = signals.next() => {
             tracing::warn!("second signal: exiting without completing the drain");
         }
     }
     Ok(())
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// SIGTERM and SIGINT (Ctrl-C), caught from the moment they are installed.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let listen =
+            |kind, name| signal(kind).map_err(|e| anyhow::anyhow!("cannot listen for {name}: {e}"));
+        Ok(Self {
+            term: listen(SignalKind::terminate(), "SIGTERM")?,
+            interrupt: listen(SignalKind::interrupt(), "SIGINT")?,
+        })
+    }
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM received"),
+            _ = self.interrupt.recv() => tracing::info!("interrupt received"),
         }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
     }
 }
 
