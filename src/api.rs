@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use http::{header, Request, Response, StatusCode};
+use http::{header, HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
@@ -15,6 +15,7 @@ use subtle::ConstantTimeEq;
 
 use crate::app::{App, ConnInfo};
 use crate::http::{json, Body, Refused};
+use crate::origin::{add_cors, Verdict};
 use crate::policy::validate_channel;
 
 #[derive(Deserialize)]
@@ -24,9 +25,11 @@ struct PublishRequest {
     data: Box<RawValue>,
 }
 
-/// Handles one publish request.
+/// Handles one publish request. A page on an allowed origin may read the
+/// answer (CORS), whatever it is.
 pub async fn publish(app: Arc<App>, req: Request<Incoming>, info: ConnInfo) -> Response<Body> {
-    match try_publish(&app, req, &info).await {
+    let origin = app.origins.check(req.headers());
+    let mut response = match try_publish(&app, req, &info).await {
         Ok(id) => {
             app.metrics.api_publications.inc();
             let mut body = serde_json::json!({"ok": true});
@@ -36,7 +39,35 @@ pub async fn publish(app: Arc<App>, req: Request<Incoming>, info: ConnInfo) -> R
             json(StatusCode::OK, &body)
         }
         Err(refused) => refused.into_response(),
+    };
+    add_cors(response.headers_mut(), &origin);
+    response
+}
+
+/// CORS preflight for `POST /api/publish`: a page on an `allowed_origins`
+/// origin may send its JSON body with an `Authorization` header.
+pub fn preflight<B>(app: &App, req: &Request<B>) -> Response<Body> {
+    let verdict = app.origins.check(req.headers());
+    if verdict == Verdict::Refused {
+        return Refused::Forbidden("origin not allowed").into_response();
     }
+    let mut response = Response::new(crate::http::full(""));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    let headers = response.headers_mut();
+    add_cors(headers, &verdict);
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("POST"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("authorization, content-type"),
+    );
+    headers.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    response
 }
 
 async fn try_publish(

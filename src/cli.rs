@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
@@ -22,17 +23,27 @@ pub struct Cli {
     /// TOML configuration file (also `CRIER_CONFIG`).
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Address to listen on (overrides `listen`).
-    #[arg(long, global = true, value_name = "ADDR")]
-    pub listen: Option<SocketAddr>,
     /// Redis URL (overrides `redis.url`).
     #[arg(long, global = true, value_name = "URL")]
     pub redis_url: Option<String>,
+    /// Serving flags: given before any command, they apply to serving.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// Flags that only mean something to a serving crier (and to
+/// `check-config`, which shows what it would serve with). Not global, so
+/// `crier publish --help` does not offer them.
+#[derive(Debug, Default, Clone, PartialEq, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on (overrides `listen`).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
     /// Log format (overrides `log.format`).
-    #[arg(long, global = true, value_enum)]
+    #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
     /// Development mode: memory broker, every channel open, demo page at `/`.
-    #[arg(long, global = true)]
+    #[arg(long)]
     pub dev: bool,
 }
 
@@ -40,32 +51,75 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Validate the configuration and print it, secrets redacted.
-    CheckConfig,
+    CheckConfig {
+        /// The serving flags to apply, as `crier` would.
+        #[command(flatten)]
+        serve: ServeArgs,
+    },
+    /// Print a shell completion script, e.g. `crier completions bash >
+    /// /etc/bash_completion.d/crier`.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Publish one event, to Redis or to a running crier's HTTP API.
     Publish {
         /// Channel name.
         channel: String,
         /// Payload: JSON is sent as is, anything else as a string.
         payload: String,
-        /// Base URL of a running crier (e.g. http://127.0.0.1:8080); without
-        /// it, publish straight to Redis.
+        /// Base URL of a running crier (e.g. http://127.0.0.1:8080 or
+        /// https://events.example.com); without it, publish straight to
+        /// Redis.
         #[arg(long, value_name = "URL")]
         api: Option<String>,
         /// API key for `--api` (also `CRIER_API_KEY`).
         #[arg(long, env = "CRIER_API_KEY", hide_env_values = true)]
         api_key: Option<String>,
+        /// PEM file of CA certificates to trust for an https `--api`, besides
+        /// the system's (`SSL_CERT_FILE` replaces the system's).
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
     },
 }
 
 impl Cli {
     /// The command-line layer of the configuration.
     pub fn overrides(&self) -> Overrides {
+        let serve = match &self.command {
+            Some(Command::CheckConfig { serve }) => serve,
+            _ => &self.serve,
+        };
         Overrides {
-            listen: self.listen,
-            dev: self.dev.then_some(true),
+            listen: serve.listen,
+            dev: serve.dev.then_some(true),
             redis: self.redis_url.clone().map(|url| RedisOverride { url }),
-            log: self.log_format.map(|format| LogOverride { format }),
+            log: serve.log_format.map(|format| LogOverride { format }),
         }
+    }
+
+    /// Parses the command line; exits with a usage error (as clap does)
+    /// when serving flags come before a command they mean nothing to.
+    pub fn parse_args() -> Self {
+        let cli = Self::parse();
+        if cli.command.is_some() && cli.serve != ServeArgs::default() {
+            use clap::CommandFactory;
+            Self::command()
+                .error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    "--listen, --log-format and --dev are for serving: give them without a \
+                     command (or after `check-config`)",
+                )
+                .exit();
+        }
+        cli
+    }
+
+    /// Writes the completion script for `shell` to `out`.
+    pub fn completions(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+        use clap::CommandFactory;
+        clap_complete::generate(shell, &mut Self::command(), "crier", out);
     }
 
     /// Loads the configuration from every layer.
@@ -75,18 +129,28 @@ impl Cli {
     }
 }
 
+/// How `crier publish` reaches a running crier (`--api`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Api<'a> {
+    /// Base URL, `http://` or `https://`.
+    pub base: Option<&'a str>,
+    /// Bearer key.
+    pub key: Option<&'a str>,
+    /// Extra CA certificates (PEM) for https.
+    pub ca_file: Option<&'a std::path::Path>,
+}
+
 /// `crier publish`.
 pub async fn publish(
     config: &Config,
     channel: &str,
     payload: &str,
-    api: Option<&str>,
-    api_key: Option<&str>,
+    api: Api<'_>,
 ) -> anyhow::Result<String> {
     crate::policy::validate_channel(channel)
         .map_err(|why| anyhow::anyhow!("bad channel name: {why}"))?;
-    if let Some(base) = api {
-        return publish_http(base, api_key, channel, payload).await;
+    if let Some(base) = api.base {
+        return publish_http(base, api, channel, payload).await;
     }
     if config.redis.url.is_none() {
         bail!("no Redis configured: pass --redis-url (or redis.url), or --api URL to publish through a running crier");
@@ -102,37 +166,58 @@ pub async fn publish(
 
 async fn publish_http(
     base: &str,
-    api_key: Option<&str>,
+    api: Api<'_>,
     channel: &str,
     payload: &str,
 ) -> anyhow::Result<String> {
+    let api_key = api.key;
     let url = url::Url::parse(base)
         .and_then(|u| u.join("api/publish"))
         .with_context(|| format!("--api {base}: not a URL"))?;
-    if url.scheme() != "http" {
-        bail!("--api: only http:// is supported by this command (use curl for https)");
-    }
-    let host = url.host_str().context("--api: URL has no host")?;
-    let port = url.port_or_known_default().unwrap_or(80);
+    let tls = match url.scheme() {
+        "http" => false,
+        "https" => true,
+        other => bail!("--api {base}: use an http:// or https:// URL, not {other}://"),
+    };
+    // The name to connect to and to check the certificate against.
+    let host = match url.host().context("--api: URL has no host")? {
+        url::Host::Domain(name) => name.to_owned(),
+        url::Host::Ipv4(ip) => ip.to_string(),
+        url::Host::Ipv6(ip) => ip.to_string(),
+    };
+    let port = url
+        .port_or_known_default()
+        .unwrap_or(if tls { 443 } else { 80 });
+    let authority = match url.port() {
+        Some(port) => format!("{}:{port}", url.host_str().unwrap_or(&host)),
+        None => url.host_str().unwrap_or(&host).to_owned(),
+    };
     let data: serde_json::Value = serde_json::from_str(payload)
         .unwrap_or_else(|_| serde_json::Value::String(payload.to_owned()));
     let body = serde_json::json!({"channel": channel, "data": data}).to_string();
-
-    let stream = tokio::net::TcpStream::connect((host, port))
-        .await
-        .with_context(|| format!("cannot connect to {host}:{port}"))?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
     let mut request = http::Request::post(url.path())
-        .header(http::header::HOST, format!("{host}:{port}"))
+        .header(http::header::HOST, authority)
         .header(http::header::CONTENT_TYPE, "application/json");
     if let Some(key) = api_key {
         request = request.header(http::header::AUTHORIZATION, format!("Bearer {key}"));
     }
-    let response = sender
-        .send_request(request.body(Full::new(Bytes::from(body)))?)
-        .await?;
+    let request = request.body(Full::new(Bytes::from(body)))?;
+
+    let stream = tokio::net::TcpStream::connect((host.as_str(), port))
+        .await
+        .with_context(|| format!("cannot connect to {host}:{port}"))?;
+    let response = if tls {
+        let connector = tls_connector(api.ca_file)?;
+        let name = rustls::pki_types::ServerName::try_from(host.clone())
+            .with_context(|| format!("--api: `{host}` is not a valid TLS server name"))?;
+        let stream = connector
+            .connect(name, stream)
+            .await
+            .with_context(|| format!("TLS with {host}:{port} failed"))?;
+        exchange(stream, request).await?
+    } else {
+        exchange(stream, request).await?
+    };
     let status = response.status();
     let text = response.into_body().collect().await?.to_bytes();
     let text = String::from_utf8_lossy(&text);
@@ -144,7 +229,67 @@ async fn publish_http(
             Some(id) => format!("published with history, id {id}"),
             None => format!("published ({status})"),
         })
+    } else if status == http::StatusCode::UNAUTHORIZED {
+        let how = if api_key.is_some() {
+            "the key given with --api-key or CRIER_API_KEY is not one of the server's \
+             publish.api_keys"
+        } else {
+            "give one of the server's publish.api_keys with --api-key KEY or the \
+             CRIER_API_KEY variable"
+        };
+        bail!("{status}: {}: {how}", text.trim())
     } else {
         bail!("{status}: {}", text.trim())
     }
+}
+
+/// One HTTP/1.1 request on `stream`.
+async fn exchange<S>(
+    stream: S,
+    request: http::Request<Full<Bytes>>,
+) -> anyhow::Result<http::Response<hyper::body::Incoming>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender.send_request(request).await?)
+}
+
+/// TLS for `--api https://…`: rustls with the ring provider, trusting the
+/// system's roots (or `SSL_CERT_FILE`'s) and the certificates in `ca_file`.
+fn tls_connector(ca_file: Option<&std::path::Path>) -> anyhow::Result<tokio_rustls::TlsConnector> {
+    use rustls::pki_types::{pem::PemObject, CertificateDer};
+    let mut roots = rustls::RootCertStore::empty();
+    // Unreadable system certificates are skipped; an empty store is
+    // reported below.
+    let system = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(system.certs);
+    if let Some(path) = ca_file {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .with_context(|| {
+                format!("--ca-file {}: cannot read PEM certificates", path.display())
+            })?;
+        if certs.is_empty() {
+            bail!("--ca-file {}: no certificate in it", path.display());
+        }
+        for cert in certs {
+            roots.add(cert).with_context(|| {
+                format!("--ca-file {}: not a usable CA certificate", path.display())
+            })?;
+        }
+    }
+    if roots.is_empty() {
+        bail!("no trusted CA certificates: none found on this system; pass --ca-file or set SSL_CERT_FILE");
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS set-up")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }

@@ -27,7 +27,7 @@ const NOT_KEYS: [&str; 2] = ["CONFIG", "API_KEY"];
 const REDACTED: &str = "<redacted>";
 
 /// The whole configuration of one crier process.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Address to listen on for HTTP, WebSocket and SSE. Default
@@ -60,6 +60,11 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Authentication: bearer tokens and session cookies.
     pub auth: AuthConfig,
+    /// JSON pointer to the string in a payload that names its event type
+    /// (the SSE `event:` name, what `events=` filters on): `/type` by
+    /// default, `/event_type`, `/event` (Laravel), `/meta/kind`. A
+    /// `[[channels]]` rule may set its own.
+    pub event_field: String,
 }
 
 /// How logs are written.
@@ -208,6 +213,26 @@ pub struct ShutdownConfig {
     /// moment, so the next instances see no reconnect storm.
     #[serde(with = "humantime_serde")]
     pub drain: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            dev: false,
+            log: LogConfig::default(),
+            redis: RedisConfig::default(),
+            channels: Vec::new(),
+            limits: LimitsConfig::default(),
+            publish: PublishConfig::default(),
+            ws: WsConfig::default(),
+            sse: SseConfig::default(),
+            shutdown: ShutdownConfig::default(),
+            allowed_origins: Vec::new(),
+            auth: AuthConfig::default(),
+            event_field: crate::protocol::DEFAULT_EVENT_FIELD.into(),
+        }
+    }
 }
 
 impl Default for LogConfig {
@@ -381,9 +406,15 @@ impl Config {
                 Err(e) => return bad("redis.url", format!("not a URL ({e})")),
             }
         }
+        if let Err(e) = check_pointer(&self.event_field) {
+            return bad("event_field", e);
+        }
         for (i, rule) in self.channels.iter().enumerate() {
             if let Err(e) = rule.check() {
                 return bad(&format!("channels[{i}].pattern"), e);
+            }
+            if let Some(Err(e)) = rule.event_field.as_deref().map(check_pointer) {
+                return bad(&format!("channels[{i}].event_field"), e);
             }
             if rule
                 .history
@@ -475,6 +506,36 @@ impl Config {
         Ok(())
     }
 
+    /// Settings that load but are almost certainly not what the operator
+    /// meant. Logged at start and printed by `crier check-config`; they do
+    /// not stop the start (a deliberately closed instance is legitimate).
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.auth.jwt.is_none() {
+            for (i, rule) in self.channels.iter().enumerate() {
+                if rule.subscribe == crate::policy::Subscribe::Claim {
+                    warnings.push(format!(
+                        "channels[{i}]: subscribe = \"claim\" needs [auth.jwt] (the grant is a \
+                         bearer token's channels claim): this rule can never match"
+                    ));
+                } else if rule.pattern.contains("{claim.") {
+                    warnings.push(format!(
+                        "channels[{i}]: `{{claim.…}}` in the pattern needs [auth.jwt] (claims come \
+                         from bearer tokens): this rule can never match"
+                    ));
+                }
+            }
+        }
+        if self.channels.is_empty() && !self.dev {
+            warnings.push(
+                "no [[channels]] rules: every subscription will be refused (deny by default); \
+                 add a rule such as pattern = \"public:*\", subscribe = \"anyone\""
+                    .to_owned(),
+            );
+        }
+        warnings
+    }
+
     /// The address to bind.
     pub fn listen_addr(&self) -> SocketAddr {
         self.listen.unwrap_or_else(|| {
@@ -501,6 +562,18 @@ impl Config {
             session.redis_url = session.redis_url.as_deref().map(redact_url);
         }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+    }
+}
+
+/// An `event_field` is a JSON pointer into the payload (RFC 6901).
+fn check_pointer(pointer: &str) -> Result<(), String> {
+    if pointer.starts_with('/') {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{pointer}` is not a JSON pointer: start it with `/`, e.g. `/{}`",
+            pointer.trim_start_matches('/')
+        ))
     }
 }
 
@@ -557,7 +630,7 @@ fn insert_nested(dict: &mut figment::value::Dict, path: &[&str], value: figment:
 }
 
 fn describe_figment_error(e: figment::Error) -> String {
-    let key = e.path.join(".");
+    let key = key_path(&e.path);
     let source = match &e.metadata {
         Some(m) => match &m.source {
             Some(figment::Source::File(p)) => format!(" (in {})", p.display()),
@@ -565,19 +638,117 @@ fn describe_figment_error(e: figment::Error) -> String {
         },
         None => String::new(),
     };
+    let what = describe_kind(&key, &e.kind);
     if key.is_empty() {
-        format!("{}{source}", e.kind)
+        format!("{what}{source}")
     } else {
-        format!("{key}: {}{source}", e.kind)
+        format!("{key}: {what}{source}")
     }
 }
 
-/// `redis://user:secret@host` → `redis://user:<redacted>@host`.
-fn redact_url(raw: &str) -> String {
+/// A key path written as in `validate()` and the docs: `channels[0].pattern`,
+/// not figment's `channels.0.pattern`.
+fn key_path(path: &[String]) -> String {
+    let mut out = String::new();
+    for part in path {
+        if !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
+            out.push_str(&format!("[{part}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(part);
+        }
+    }
+    out
+}
+
+/// figment's message for one problem, reworded where it nests quotes or
+/// leaves the fix unsaid.
+fn describe_kind(key: &str, kind: &figment::error::Kind) -> String {
+    use figment::error::{Actual, Kind};
+    let one_of = |expected: &[&str]| {
+        expected
+            .iter()
+            .map(|e| format!("`{e}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let guess = |found: &str, expected: &[&str]| match closest(found, expected) {
+        Some(near) => format!("; did you mean `{near}`?"),
+        None => String::new(),
+    };
+    match kind {
+        Kind::UnknownField(found, expected) => format!(
+            "unknown field `{found}`{} (expected one of {})",
+            guess(found, expected),
+            one_of(expected)
+        ),
+        Kind::UnknownVariant(found, expected) => format!(
+            "unknown value `{found}`{} (expected one of {})",
+            guess(found, expected),
+            one_of(expected)
+        ),
+        Kind::InvalidType(actual @ (Actual::Unsigned(_) | Actual::Signed(_)), expected)
+            if expected == "a duration" =>
+        {
+            let n = match actual {
+                Actual::Unsigned(n) => n.to_string(),
+                Actual::Signed(n) => n.to_string(),
+                _ => String::new(),
+            };
+            format!(
+                "found the number {n}, expected a duration: a string with a unit, \
+                 e.g. `\"{n}s\"` or `\"{n}ms\"`"
+            )
+        }
+        _ if key == "listen" => format!(
+            "{kind}: write an IP address and a port, e.g. `127.0.0.1:8080` (this machine only) \
+             or `0.0.0.0:8080` (every interface); host names such as `localhost` are not resolved"
+        ),
+        _ => kind.to_string(),
+    }
+}
+
+/// The expected name nearest to a misspelt `found`, when near enough to be
+/// a typo.
+fn closest<'a>(found: &str, expected: &[&'a str]) -> Option<&'a str> {
+    let limit = (found.chars().count() / 3).max(2);
+    expected
+        .iter()
+        .map(|e| (edit_distance(found, e), *e))
+        .filter(|(d, _)| *d <= limit)
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, e)| e)
+}
+
+/// Levenshtein distance, by characters.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = (above + 1)
+                .min(row[j] + 1)
+                .min(diagonal + usize::from(ca != *cb));
+            diagonal = above;
+        }
+    }
+    row[b.len()]
+}
+
+/// `redis://user:secret@host` → `redis://user:<redacted>@host`, for logs
+/// and `check-config`.
+pub fn redact_url(raw: &str) -> String {
     match url::Url::parse(raw) {
         Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some(REDACTED));
-            u.to_string()
+            // Set as is, the placeholder would come out percent-encoded.
+            const MARK: &str = "crier-redacted-password";
+            let _ = u.set_password(Some(MARK));
+            u.to_string().replacen(MARK, REDACTED, 1)
         }
         Ok(u) => u.to_string(),
         Err(_) => REDACTED.into(),
@@ -678,6 +849,159 @@ mod tests {
     }
 
     #[test]
+    fn unknown_fields_suggest_the_nearest_without_nested_quotes() {
+        let e = load_str("[limits]\nqueue_sise = 3\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("limits.queue_sise: unknown field `queue_sise`; did you mean `queue_size`?"),
+            "{e}"
+        );
+        assert!(!e.contains("`one of"), "no nested backticks: {e}");
+        assert!(e.contains("(expected one of `queue_size`, "), "{e}");
+        // Too far from anything: no guess.
+        let e = load_str("[limits]\nzzzzzz = 3\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("did you mean"), "{e}");
+        let e = load_str(
+            "[[channels]]\npattern = \"a\"\nsubscribe = \"anyone\"\n[[channels]]\npattern = \"b\"\nsubscrbe = \"anyone\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("channels[1].subscrbe: unknown field `subscrbe`; did you mean `subscribe`?"),
+            "{e}"
+        );
+        let e = load_str(
+            "[[channels]]\npattern = \"a\"\nsubscribe = \"anyon\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("channels[0].subscribe: unknown value `anyon`; did you mean `anyone`?"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn paths_are_written_one_way() {
+        let path = |p: &[&str]| key_path(&p.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            path(&["channels", "0", "subscribe"]),
+            "channels[0].subscribe"
+        );
+        assert_eq!(path(&["allowed_origins", "2"]), "allowed_origins[2]");
+        assert_eq!(path(&["limits", "queue_size"]), "limits.queue_size");
+        assert_eq!(edit_distance("subscrbe", "subscribe"), 1);
+        assert_eq!(edit_distance("", "abc"), 3);
+    }
+
+    #[test]
+    fn a_host_name_in_listen_gets_a_hint() {
+        let e = load_str("listen = \"localhost:8080\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listen: "), "{e}");
+        assert!(
+            e.contains("`127.0.0.1:8080`") && e.contains("`0.0.0.0:8080`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_bare_number_for_a_duration_gets_a_hint() {
+        let e = load_str("[sse]\nheartbeat = 15\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sse.heartbeat: "), "{e}");
+        assert!(e.contains("`\"15s\"`"), "{e}");
+        let e = load_str("", &[("CRIER_SHUTDOWN__GRACE", "5")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("shutdown.grace: ") && e.contains("`\"5s\"`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn claim_rules_without_jwt_are_a_warning() {
+        let rules = "[[channels]]\npattern = \"ops:*\"\nsubscribe = \"claim\"\n\
+                     [[channels]]\npattern = \"org:{claim.org}:*\"\nsubscribe = \"user\"\n";
+        let cfg = load_str(rules, &[]).expect("valid");
+        let warnings = cfg.warnings();
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("channels[0]: subscribe = \"claim\" needs [auth.jwt]")
+                && warnings[0].contains("can never match"),
+            "{warnings:?}"
+        );
+        assert!(warnings[1].starts_with("channels[1]: "), "{warnings:?}");
+        let with_jwt = format!(
+            "{rules}[auth.jwt]\nalgorithms = [\"HS256\"]\nsecret = \"a-jwt-secret-of-at-least-32-bytes!!\"\n"
+        );
+        let cfg = load_str(&with_jwt, &[]).expect("valid");
+        assert_eq!(cfg.warnings(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn event_fields_are_pointers_and_a_rule_wins() {
+        let cfg = load_str(
+            "event_field = \"/event_type\"\n\
+             [[channels]]\npattern = \"laravel:*\"\nsubscribe = \"anyone\"\nevent_field = \"/event\"\n\
+             [[channels]]\npattern = \"user:{user}\"\nsubscribe = \"user\"\nevent_field = \"/meta/kind\"\n\
+             [[channels]]\npattern = \"*\"\nsubscribe = \"anyone\"\n",
+            &[],
+        )
+        .expect("valid");
+        let policy =
+            crate::policy::Policy::new(&cfg.channels, false).with_event_field(&cfg.event_field);
+        assert_eq!(policy.event_field_of("laravel:orders"), "/event");
+        assert_eq!(
+            policy.event_field_of("user:42"),
+            "/meta/kind",
+            "placeholders as any text"
+        );
+        assert_eq!(policy.event_field_of("ops:1"), "/event_type", "the default");
+        assert_eq!(Config::default().event_field, "/type");
+
+        let e = load_str("event_field = \"event_type\"\n", &[]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("event_field: `event_type` is not a JSON pointer"),
+            "{e}"
+        );
+        let e = load_str(
+            "[[channels]]\npattern = \"a\"\nsubscribe = \"anyone\"\nevent_field = \"event\"\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("channels[0].event_field"), "{e}");
+    }
+
+    #[test]
+    fn no_channel_rules_is_a_warning_outside_dev() {
+        let none = load_str("", &[]).expect("valid");
+        let warnings = none.warnings();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].contains("every subscription will be refused"),
+            "{warnings:?}"
+        );
+        let dev = load_str("dev = true\n", &[]).expect("valid");
+        assert_eq!(dev.warnings(), Vec::<String>::new());
+        let ruled = load_str(
+            "[[channels]]\npattern = \"public:*\"\nsubscribe = \"anyone\"\n",
+            &[],
+        )
+        .expect("valid");
+        assert_eq!(ruled.warnings(), Vec::<String>::new());
+    }
+
+    #[test]
     fn redaction_hides_secrets() {
         let cfg = load_str(
             "[redis]\nurl = \"redis://app:hunter2hunter2@r:6379\"\n[publish]\napi_keys = [\"0123456789abcdef-secret\"]\n",
@@ -687,7 +1011,7 @@ mod tests {
         let shown = cfg.to_redacted_toml();
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(!shown.contains("0123456789abcdef-secret"), "{shown}");
-        assert!(shown.contains("<redacted>"), "{shown}");
+        assert!(shown.contains("redis://app:<redacted>@r:6379"), "{shown}");
         // What is printed loads back.
         let back: Config = toml::from_str(&shown).expect("printed config parses");
         assert_eq!(back.limits, cfg.limits);

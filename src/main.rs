@@ -3,13 +3,17 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use crier::cli::{Cli, Command};
 use crier::config::{Config, LogFormat, EX_CONFIG};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_args();
+    if let Some(Command::Completions { shell }) = cli.command {
+        // Needs no configuration: it must work anywhere.
+        Cli::completions(shell, &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
     let config = match cli.load_config() {
         Ok(c) => c,
         Err(e) => {
@@ -17,8 +21,11 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_CONFIG as u8);
         }
     };
-    if matches!(cli.command, Some(Command::CheckConfig)) {
+    if matches!(cli.command, Some(Command::CheckConfig { .. })) {
         print!("{}", config.to_redacted_toml());
+        for warning in config.warnings() {
+            eprintln!("crier: warning: {warning}");
+        }
         eprintln!("crier: configuration is valid");
         return ExitCode::SUCCESS;
     }
@@ -40,15 +47,14 @@ fn main() -> ExitCode {
                 payload,
                 api,
                 api_key,
+                ca_file,
             }) => {
-                let said = crier::cli::publish(
-                    &config,
-                    channel,
-                    payload,
-                    api.as_deref(),
-                    api_key.as_deref(),
-                )
-                .await?;
+                let api = crier::cli::Api {
+                    base: api.as_deref(),
+                    key: api_key.as_deref(),
+                    ca_file: ca_file.as_deref(),
+                };
+                let said = crier::cli::publish(&config, channel, payload, api).await?;
                 eprintln!("crier: {said}");
                 Ok(())
             }
@@ -65,32 +71,48 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
+    let dev = config.dev;
+    // Listen for signals before serving: one that arrives right after the
+    // start-up line must drain, not kill the process (the default action).
+    let mut signals = Signals::install()?;
     let running = crier::start(config).await?;
-    wait_for_signal().await;
+    signals.next().await;
     running.shutdown();
+    if dev {
+        tracing::info!("draining; press Ctrl-C again to exit now");
+    }
     // A second signal means "now": skip the drain.
     tokio::select! {
         _ = running.stopped() => {}
-        _ = wait_for_signal() => {
+        _ = signals.next() => {
             tracing::warn!("second signal: exiting without completing the drain");
         }
     }
     Ok(())
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen for SIGTERM");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// SIGTERM and SIGINT (Ctrl-C), caught from the moment they are installed.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let listen =
+            |kind, name| signal(kind).map_err(|e| anyhow::anyhow!("cannot listen for {name}: {e}"));
+        Ok(Self {
+            term: listen(SignalKind::terminate(), "SIGTERM")?,
+            interrupt: listen(SignalKind::interrupt(), "SIGINT")?,
+        })
+    }
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => tracing::info!("SIGTERM received"),
+            _ = self.interrupt.recv() => tracing::info!("interrupt received"),
         }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
     }
 }
 
@@ -104,6 +126,7 @@ fn init_tracing(config: &Config) {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let installed = match config.log.format {
         LogFormat::Json => tracing::subscriber::set_global_default(builder.json().finish()),
@@ -112,4 +135,11 @@ fn init_tracing(config: &Config) {
     if let Err(e) = installed {
         eprintln!("crier: cannot set up logging: {e}");
     }
+}
+
+/// Colours only for a person at a terminal: never into files, pipes or a
+/// container runtime's log (`docker logs` would show the escapes), and never
+/// when `NO_COLOR` is set to anything (<https://no-color.org>).
+fn colour(stream: &impl std::io::IsTerminal) -> bool {
+    stream.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }

@@ -93,6 +93,14 @@ impl Metrics {
             &["transport"],
         )
         .expect("metric");
+        // Always 1; the labels say which build is running (join on it, or
+        // count versions during a rollout).
+        let build_info = IntGaugeVec::new(
+            Opts::new("crier_build_info", "The running crier's version; always 1."),
+            &["version"],
+        )
+        .expect("metric");
+        build_info.with_label_values(&[crate::VERSION]).set(1);
         let counter = |name: &str, help: &str| IntCounter::new(name, help).expect("metric");
         let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("metric");
         let inner = Inner {
@@ -154,6 +162,7 @@ impl Metrics {
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(build_info),
             Box::new(connections),
             Box::new(delivered),
             Box::new(inner.messages_received.clone()),

@@ -26,6 +26,10 @@ pub struct ChannelRule {
     /// it); absent: no history, no resume, `gap` after a disconnect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history: Option<crate::history::HistoryRule>,
+    /// JSON pointer to the payload's event type for the matching channels
+    /// (e.g. `/event`); absent: the top-level `event_field`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_field: Option<String>,
 }
 
 /// Who may subscribe to the channels a rule matches.
@@ -208,6 +212,9 @@ pub struct Policy {
     history: Vec<(Pattern, Option<HistoryRule>)>,
     separators: Separators,
     allow_all: bool,
+    /// Rules that name their own event field, and the default.
+    event_fields: Vec<(Pattern, Option<String>)>,
+    event_field: String,
 }
 
 /// Why a channel was refused.
@@ -241,7 +248,35 @@ impl Policy {
             history: parsed.iter().map(|(p, r)| (p.clone(), r.history)).collect(),
             separators: Separators::of(parsed.iter().map(|(p, _)| p)),
             allow_all,
+            event_fields: parsed
+                .iter()
+                .map(|(p, r)| (p.clone(), r.event_field.clone()))
+                .collect(),
+            event_field: crate::protocol::DEFAULT_EVENT_FIELD.into(),
         }
+    }
+
+    /// Sets the top-level `event_field` (default `/type`).
+    pub fn with_event_field(mut self, pointer: &str) -> Self {
+        self.event_field = pointer.to_owned();
+        if self.event_fields.iter().all(|(_, f)| f.is_none()) {
+            // No rule has its own: skip matching on every publication.
+            self.event_fields.clear();
+        }
+        self
+    }
+
+    /// The JSON pointer naming the event type of `channel`'s payloads: the
+    /// first rule fitting the channel decides, as for history
+    /// (placeholders read as any text); without its own, the default.
+    pub fn event_field_of(&self, channel: &str) -> &str {
+        self.event_fields
+            .iter()
+            .find(|(p, _)| {
+                p.matches(channel, &Principal::default(), &self.separators) || p.could_match(channel)
+            })
+            .and_then(|(_, f)| f.as_deref())
+            .unwrap_or(&self.event_field)
     }
 
     /// The history kept for `channel`: the first rule whose pattern fits
@@ -358,6 +393,7 @@ mod tests {
             pattern: pattern.into(),
             subscribe,
             history: None,
+            event_field: None,
         }
     }
 

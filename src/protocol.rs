@@ -11,12 +11,17 @@ use serde_json::{json, Value};
 
 use crate::history::StreamId;
 
+/// Where a payload names its event type unless configured otherwise
+/// (`event_field`): its top-level `type`.
+pub const DEFAULT_EVENT_FIELD: &str = "/type";
+
 /// One publication, parsed once and pre-encoded for both transports.
 #[derive(Debug)]
 pub struct Publication {
     /// The channel, without the Redis prefix.
     pub channel: String,
-    /// The payload's top-level string `type`, when it has one.
+    /// The string at the payload's event field (`/type` unless
+    /// configured), when it has one.
     pub event: Option<String>,
     /// Its position in the channel's history, when the channel keeps one.
     pub id: Option<StreamId>,
@@ -49,16 +54,19 @@ impl Publication {
     /// The payload is embedded verbatim when it is JSON; anything else is
     /// carried as a JSON string (invalid UTF-8 replaced), so clients always
     /// get valid JSON.
+    /// Its event type is the payload's top-level `type`.
     pub fn new(channel: &str, payload: &[u8]) -> Self {
-        Self::message(channel, None, payload)
+        Self::message(channel, None, payload, DEFAULT_EVENT_FIELD)
     }
 
-    /// A message with its history id.
-    pub fn message(channel: &str, id: Option<StreamId>, payload: &[u8]) -> Self {
+    /// A message with its history id. Its event type is the string at
+    /// `event_field`, a JSON pointer into the payload (`/type`,
+    /// `/event_type`, `/meta/kind`), when there is one.
+    pub fn message(channel: &str, id: Option<StreamId>, payload: &[u8], event_field: &str) -> Self {
         let parsed: Option<Value> = serde_json::from_slice(payload).ok();
         let event = parsed
             .as_ref()
-            .and_then(|v| v.get("type"))
+            .and_then(|v| v.pointer(event_field))
             .and_then(Value::as_str)
             .map(str::to_owned);
 
@@ -453,7 +461,7 @@ mod tests {
     #[test]
     fn history_ids_and_gaps() {
         let id: StreamId = "17-3".parse().expect("id");
-        let p = Publication::message("c", Some(id), br#"{"type":"t"}"#);
+        let p = Publication::message("c", Some(id), br#"{"type":"t"}"#, DEFAULT_EVENT_FIELD);
         assert_eq!(
             p.frame.as_str(),
             r#"{"type":"message","channel":"c","event":"t","id":"17-3","data":{"type":"t"}}"#
@@ -463,6 +471,26 @@ mod tests {
         assert_eq!(g.kind, Kind::Gap);
         assert_eq!(g.frame.as_str(), r#"{"type":"gap","channel":"c"}"#);
         assert!(g.sse.starts_with(b"event: gap\ndata: "));
+    }
+
+    #[test]
+    fn the_event_field_is_a_json_pointer() {
+        let hub = br#"{"event_type":"progress","operation_id":7,"data":{"pct":40},"type":"x"}"#;
+        let p = Publication::message("ops", None, hub, "/event_type");
+        assert_eq!(p.event.as_deref(), Some("progress"));
+        assert!(p.sse.starts_with(b"event: progress\n"));
+        assert_eq!(envelope(&p)["event"], "progress");
+        let laravel = br#"{"event":"OrderShipped","data":{"id":1},"socket":null}"#;
+        let p = Publication::message("orders", None, laravel, "/event");
+        assert_eq!(p.event.as_deref(), Some("OrderShipped"));
+        let nested = br#"{"meta":{"kind":"deep"}}"#;
+        let p = Publication::message("c", None, nested, "/meta/kind");
+        assert_eq!(p.event.as_deref(), Some("deep"));
+        // Missing or not a string: no event type.
+        let p = Publication::message("c", None, laravel, "/type");
+        assert_eq!(p.event, None);
+        let p = Publication::message("c", None, br#"{"event":3}"#, "/event");
+        assert_eq!(p.event, None);
     }
 
     #[test]

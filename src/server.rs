@@ -64,6 +64,16 @@ impl Running {
     }
 }
 
+/// The credentials this instance accepts, for the start-up line.
+fn auth_modes(config: &Config) -> &'static str {
+    match (config.auth.jwt.is_some(), config.auth.session.is_some()) {
+        (true, true) => "jwt,session",
+        (true, false) => "jwt",
+        (false, true) => "session",
+        (false, false) => "none",
+    }
+}
+
 /// Binds `config.listen` and serves.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let addr = config.listen_addr();
@@ -87,7 +97,8 @@ pub fn serve(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
         config.redis.subscribe_timeout,
         metrics.clone(),
     ));
-    let policy = Arc::new(Policy::new(&config.channels, config.dev));
+    let policy =
+        Arc::new(Policy::new(&config.channels, config.dev).with_event_field(&config.event_field));
     let broker = Broker::start(
         &config,
         Arc::clone(&hub),
@@ -98,9 +109,33 @@ pub fn serve(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
         stop_background.clone(),
     )?;
     background.spawn(Arc::clone(&hub).sweep_until(stop_background.clone()));
-    tracing::info!(%addr, broker = broker.kind(), dev = config.dev, "crier listening");
+    let redis = config.redis.url.as_deref().map(crate::config::redact_url);
+    // Where a browser on this machine finds the demo page.
+    let demo = config.dev.then(|| {
+        let mut local = addr;
+        if local.ip().is_unspecified() {
+            local.set_ip(match local.ip() {
+                std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        format!("http://{local}/")
+    });
+    tracing::info!(
+        %addr,
+        broker = broker.kind(),
+        redis,
+        channel_rules = config.channels.len(),
+        auth = auth_modes(&config),
+        dev = config.dev,
+        demo,
+        "crier listening"
+    );
     if config.dev {
         tracing::warn!("dev mode: every channel is open to anyone; do not expose this instance");
+    }
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
     }
 
     let app = App::new(config, hub, broker, policy, metrics, TaskTracker::new()).map_err(|e| {
@@ -248,6 +283,7 @@ async fn route(app: Arc<App>, req: Request<Incoming>, info: ConnInfo) -> Respons
         (&Method::GET, "/sse") => sse::handle(app, req, info).await,
         (&Method::GET, "/ws") => ws::handle(app, req, info).await,
         (&Method::OPTIONS, "/sse") => sse::preflight(&app, &req),
+        (&Method::OPTIONS, "/api/publish") => crate::api::preflight(&app, &req),
         (&Method::POST, "/api/publish") => crate::api::publish(app, req, info).await,
         (&Method::GET, "/") if app.config.dev => {
             let mut r = Response::new(full(DEMO_PAGE));

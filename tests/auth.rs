@@ -47,6 +47,7 @@ fn rules() -> Vec<ChannelRule> {
         pattern: pattern.into(),
         subscribe,
         history: None,
+        event_field: None,
     };
     vec![
         rule("public:*", Subscribe::Anyone),
@@ -609,6 +610,76 @@ async fn origins_are_checked_and_drive_cors() {
         .is_none());
 }
 
+/// Issue 9.13: a page on an allowed origin may publish from the browser:
+/// `OPTIONS /api/publish` answers the preflight, and the answer to the
+/// POST carries the CORS headers; other origins are refused.
+#[tokio::test]
+async fn publish_api_answers_cors_preflight_for_allowed_origins() {
+    let key = "cors-publish-key-0123456789";
+    let mut config = test_config(None);
+    config.allowed_origins = vec!["https://app.example.com".into()];
+    config.publish.api_keys = vec![key.into()];
+    let crier = Instance::start(config).await;
+    let url = crier.http("/api/publish");
+    let preflight = |origin: &'static str| {
+        let url = url.clone();
+        async move {
+            let headers = [
+                ("origin", origin),
+                ("access-control-request-method", "POST"),
+                (
+                    "access-control-request-headers",
+                    "authorization, content-type",
+                ),
+            ];
+            common::send_request(http::Method::OPTIONS, &url, &headers, bytes::Bytes::new())
+                .await
+                .0
+        }
+    };
+
+    let ok = preflight("https://app.example.com").await;
+    assert_eq!(ok.status(), StatusCode::NO_CONTENT);
+    let h = ok.headers();
+    assert_eq!(h["access-control-allow-origin"], "https://app.example.com");
+    assert_eq!(h["access-control-allow-methods"], "POST");
+    let allowed_headers = h["access-control-allow-headers"].to_str().expect("ascii");
+    for name in ["authorization", "content-type"] {
+        assert!(allowed_headers.contains(name), "{allowed_headers}");
+    }
+    let refused = preflight("https://evil.example.org").await;
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    assert!(refused
+        .headers()
+        .get("access-control-allow-origin")
+        .is_none());
+
+    // The request itself: its answer is readable by the allowed page.
+    let channel = unique("public:cors-publish");
+    let mut events = sse::connect(&crier.sse_url(&[&channel]), &[])
+        .await
+        .into_events();
+    let body = json!({"channel": channel, "data": {"type": "from.page"}}).to_string();
+    let (response, _conn) = common::send_request(
+        http::Method::POST,
+        &url,
+        &[
+            ("origin", "https://app.example.com"),
+            ("content-type", "application/json"),
+            ("authorization", &format!("Bearer {key}")),
+        ],
+        bytes::Bytes::from(body),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()["access-control-allow-origin"],
+        "https://app.example.com"
+    );
+    let e = events.next_message(WAIT).await.expect("open");
+    assert_eq!(e.event.as_deref(), Some("from.page"));
+}
+
 /// Acceptance 6: per-user and per-IP limits answer 429 and free up again;
 /// a command flood gets `rate_limited`, then close 1008.
 #[tokio::test]
@@ -808,6 +879,7 @@ async fn placeholder_values_cannot_reach_into_another_users_channels() {
         pattern: "home:{user}:*".into(),
         subscribe: Subscribe::User,
         history: None,
+        event_field: None,
     }];
     let crier = Instance::start(config).await;
     let exp = now() + 600;

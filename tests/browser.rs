@@ -4,8 +4,11 @@
 //! instance holding the browser's stream killed mid-sequence and restarted.
 //! Every number must arrive exactly once, in order per channel.
 //!
+//! Also: the dev console (`--dev`, `/`) in a real Chromium shows events of
+//! any type in SSE mode.
+//!
 //! Needs `chromium` and `haproxy` (`.ci/run` installs them); without them
-//! the test says so loudly and passes.
+//! the tests say so loudly and pass.
 
 // Tests and their helpers fail by panicking; the no-panic lints are for crier.
 #![allow(clippy::expect_used, clippy::panic)]
@@ -356,4 +359,85 @@ setInterval(() => fetch("/results", {{ method: "POST", body: JSON.stringify(stat
         serde_json::json!({"code": 1000, "wasClean": true}),
         "{report}"
     );
+}
+
+/// Issue 9.2: the dev console in SSE mode shows an event of a type it has
+/// never heard of, once, and says which mode it is in.
+#[tokio::test]
+async fn demo_page_in_sse_mode_shows_events_of_any_type() {
+    if !installed("chromium") {
+        eprintln!(
+            "\n*** SKIPPED demo_page_in_sse_mode_shows_events_of_any_type: `chromium` is not \
+             installed (bash .ci/run installs it) ***\n"
+        );
+        return;
+    }
+    let crier = Process::start(&["--dev"], &[]).await;
+    let channel = unique("public:demo");
+    let profile = tempfile::tempdir().expect("profile");
+    let _chromium = common::browser::chromium(
+        &crier.http(&format!("/?transport=sse&channel={channel}")),
+        profile.path(),
+    );
+    let mut page = common::browser::DevTools::attach(profile.path()).await;
+    page.wait_for(
+        "the page in SSE mode",
+        "document.getElementById('mode').textContent.startsWith('Mode: SSE (EventSource)')",
+    )
+    .await;
+    // Both of the page's streams are subscribed: its EventSource and the
+    // WebSocket that learns event names.
+    let metrics = crier.http("/metrics");
+    common::eventually("the page's two subscriptions", WAIT, || {
+        let metrics = metrics.clone();
+        async move {
+            let body = common::http_get(&metrics).await.1;
+            let sse = common::crier::metric_value(&body, "crier_connections{transport=\"sse\"}");
+            sse == 1.0 && common::crier::metric_value(&body, "crier_subscriptions") == 2.0
+        }
+    })
+    .await;
+
+    let publish = |n: u64| {
+        let url = crier.http("/api/publish");
+        let body = serde_json::json!({
+            "channel": channel,
+            "data": {"type": "order.created", "id": n},
+        })
+        .to_string();
+        async move {
+            let (status, answer) =
+                common::http_post(&url, &[("content-type", "application/json")], &body).await;
+            assert_eq!(status, StatusCode::OK, "{answer}");
+        }
+    };
+    let entries = "[...document.querySelectorAll('#log .entry.event')]";
+    publish(4242).await;
+    page.wait_for(
+        "the order.created event on the page",
+        &format!("{entries}.some(e => e.textContent.includes('order.created') && e.textContent.includes('4242'))"),
+    )
+    .await;
+    // The next one comes through the EventSource listener it now has: shown
+    // once, like the first.
+    publish(4343).await;
+    page.wait_for(
+        "the second event on the page",
+        &format!("{entries}.some(e => e.textContent.includes('4343'))"),
+    )
+    .await;
+    let shown = page
+        .eval(&format!(
+            "{entries}.map(e => e.querySelector('pre').textContent)"
+        ))
+        .await;
+    let shown: Vec<Value> = shown
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|text| serde_json::from_str(text.as_str().expect("text")).expect("JSON"))
+        .collect();
+    let mut ids: Vec<u64> = shown.iter().filter_map(|d| d["id"].as_u64()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, vec![4242, 4343], "each event once: {shown:?}");
 }

@@ -372,3 +372,114 @@ async fn redis_subscription_follows_local_listeners() {
     .await;
     crier.wait_metric("crier_channels", 0.0).await;
 }
+
+/// Issue 9.12: the field naming the event type is configurable — the
+/// operation-hub shape `{"event_type":…}` through the top-level
+/// `event_field`, Laravel's `{"event":…,"data":…,"socket":null}` through a
+/// rule's own — for the SSE `event:` name, the `events=` filter, and
+/// replay from history.
+#[tokio::test]
+async fn event_field_names_the_sse_event_and_drives_the_filter() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("crier.toml");
+    std::fs::write(
+        &config,
+        r#"
+event_field = "/event_type"
+
+[[channels]]
+pattern = "laravel:*"
+subscribe = "anyone"
+event_field = "/event"
+history = { size = 100, ttl = "10m" }
+
+[[channels]]
+pattern = "ops:*"
+subscribe = "anyone"
+"#,
+    )
+    .expect("write config");
+    let config = config.to_string_lossy().into_owned();
+    let crier =
+        common::crier::Process::start(&["--config", &config, "--redis-url", &redis.url()], &[])
+            .await;
+    let sse_url = |channel: &str, events: Option<&str>| {
+        let filter = events.map_or(String::new(), |e| format!("&events={e}"));
+        crier.http(&format!("/sse?channel={channel}{filter}"))
+    };
+
+    // An operation hub.
+    let ops = unique("ops:job");
+    let mut all = sse::connect(&sse_url(&ops, None), &[]).await.into_events();
+    let mut progress = sse::connect(&sse_url(&ops, Some("progress")), &[])
+        .await
+        .into_events();
+    let started = json!({"event_type": "started", "operation_id": 7, "data": {}, "type": "noise"});
+    let step = json!({"event_type": "progress", "operation_id": 7, "data": {"pct": 40}});
+    redis.publish(&ops, &started.to_string()).await;
+    redis.publish(&ops, &step.to_string()).await;
+    let e = all.next_message(WAIT).await.expect("open");
+    assert_eq!(
+        (e.event.as_deref(), e.json()["data"].clone()),
+        (Some("started"), started)
+    );
+    assert_eq!(e.json()["event"], "started", "the envelope agrees");
+    let e = all.next_message(WAIT).await.expect("open");
+    assert_eq!(e.event.as_deref(), Some("progress"));
+    let e = progress.next_message(WAIT).await.expect("open");
+    assert_eq!(
+        (e.event.as_deref(), e.json()["data"].clone()),
+        (Some("progress"), step),
+        "the filter let only `progress` through"
+    );
+
+    // Laravel's Redis broadcaster, on a history channel: its rule's field.
+    let orders = unique("laravel:orders");
+    let mut shipped = sse::connect(&sse_url(&orders, Some("OrderShipped")), &[])
+        .await
+        .into_events();
+    let mut every = sse::connect(&sse_url(&orders, None), &[])
+        .await
+        .into_events();
+    let created =
+        json!({"event": "OrderCreated", "data": {"id": 1}, "socket": null, "type": "OrderShipped"});
+    let sent = json!({"event": "OrderShipped", "data": {"id": 1}, "socket": null});
+    redis
+        .fcall_publish(&orders, &created.to_string())
+        .await
+        .expect("history id");
+    redis
+        .fcall_publish(&orders, &sent.to_string())
+        .await
+        .expect("history id");
+    let e = shipped.next_message(WAIT).await.expect("open");
+    assert_eq!(
+        (e.event.as_deref(), e.json()["data"].clone()),
+        (Some("OrderShipped"), sent.clone())
+    );
+    let first = every.next_message(WAIT).await.expect("open");
+    assert_eq!(first.event.as_deref(), Some("OrderCreated"));
+    let cursor = first.id.expect("a history event carries its cursor");
+
+    // Resumed after the first: the replay names the event the same way.
+    let mut resumed = sse::connect(&sse_url(&orders, None), &[("last-event-id", &cursor)])
+        .await
+        .into_events();
+    let e = resumed.next_message(WAIT).await.expect("open");
+    assert_eq!(
+        (e.event.as_deref(), e.json()["data"].clone()),
+        (Some("OrderShipped"), sent)
+    );
+}
+
+/// Issue 9.13: `crier_build_info{version}` is 1, with this build's version.
+#[tokio::test]
+async fn metrics_carry_build_info() {
+    let crier = Instance::start(test_config(None)).await;
+    let series = format!(
+        "crier_build_info{{version=\"{}\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(crier.metric(&series).await, 1.0);
+}

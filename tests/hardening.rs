@@ -40,11 +40,13 @@ fn config(redis: Option<&RedisServer>) -> Config {
                 size: 1000,
                 ttl: Duration::from_secs(3600),
             }),
+            event_field: None,
         },
         ChannelRule {
             pattern: "public:*".into(),
             subscribe: Subscribe::Anyone,
             history: None,
+            event_field: None,
         },
     ];
     config.publish.api_keys = vec![API_KEY.into()];

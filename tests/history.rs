@@ -29,6 +29,7 @@ fn history_config(redis: Option<&RedisServer>) -> Config {
             size,
             ttl: Duration::from_secs(3600),
         }),
+        event_field: None,
     };
     config.channels = vec![
         rule("hist:*", Some(1000)),
@@ -387,4 +388,71 @@ async fn paused_redis_turns_readiness_off_and_back() {
     assert_eq!(crier.metric("crier_broker_up").await, 0.0);
     signal("-CONT").await;
     crier.wait_ready().await;
+}
+
+/// Issue 9.5: after a Redis restart (no persistence: the function library
+/// is gone) crier loads it again on a connection that is still
+/// reconnecting, without blaming the Redis version in its log, and
+/// history works: an app's `FCALL crier_publish` reaches a subscriber with
+/// its id.
+#[tokio::test]
+async fn redis_restart_reloads_the_library_without_a_false_alarm() {
+    let mut redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("crier.toml");
+    std::fs::write(
+        &config,
+        "[[channels]]\npattern = \"hist:*\"\nsubscribe = \"anyone\"\nhistory = { size = 100, ttl = \"10m\" }\n[redis]\nreconnect_max = \"300ms\"\n",
+    )
+    .expect("write config");
+    let config = config.to_string_lossy().into_owned();
+    let crier =
+        common::crier::Process::start(&["--config", &config, "--redis-url", &redis.url()], &[])
+            .await;
+    let metrics = crier.http("/metrics");
+    let reconnects = |n: f64| {
+        let metrics = metrics.clone();
+        async move {
+            common::crier::metric_value(
+                &common::http_get(&metrics).await.1,
+                "crier_redis_reconnects_total",
+            ) == n
+                && common::http_get(&metrics.replace("/metrics", "/readyz"))
+                    .await
+                    .0
+                    == StatusCode::OK
+        }
+    };
+    common::eventually("crier ready", WAIT, || reconnects(0.0)).await;
+    let ch = unique("hist:restart");
+    let mut ws = WsClient::connect(&format!("ws://{}/ws?channel={ch}", crier.addr)).await;
+    ws.recv_type("subscribed", WAIT).await;
+
+    for round in 1..=3 {
+        redis.restart().await;
+        common::eventually("reconnected and ready", WAIT, || {
+            reconnects(f64::from(round))
+        })
+        .await;
+        // The app publishes straight to Redis: the library must be there.
+        let id = redis
+            .fcall_publish(&ch, &format!(r#"{{"round":{round}}}"#))
+            .await
+            .expect("a history id: the channel keeps history");
+        let message = loop {
+            let m = ws.recv_json(WAIT).await;
+            if m["type"] == "message" {
+                break m;
+            }
+        };
+        assert_eq!(
+            (message["data"]["round"].clone(), message["id"].clone()),
+            (json!(round), json!(id))
+        );
+    }
+    let log = crier.log.lock().expect("log").clone();
+    assert!(
+        !log.contains("cannot load the crier function library"),
+        "false alarm after a Redis restart:\n{log}"
+    );
 }

@@ -453,7 +453,114 @@ fn rule(pattern: &str, subscribe: Subscribe, history: bool) -> ChannelRule {
             size: 1000,
             ttl: Duration::from_secs(3600),
         }),
+        event_field: None,
     }
+}
+
+// ---------------------------------------------------------------------------
+// The express-session recipe (docs/authentication.md) with today's packages.
+
+/// The recipe's code block in docs/authentication.md is the runnable
+/// example, line for line (the example adds a login route and `listen`).
+#[test]
+fn the_session_recipe_is_the_runnable_example() {
+    let guide = read("docs/authentication.md");
+    let start = guide
+        .find("The Node side (")
+        .expect("the express-session recipe in docs/authentication.md");
+    let block = guide[start..]
+        .split("```js\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n```").next())
+        .expect("its js block");
+    let example = read("examples/integration/session-app.mjs");
+    let mut rest = example.as_str();
+    for line in block.lines().filter(|l| !l.trim().is_empty()) {
+        let at = rest.find(line).unwrap_or_else(|| {
+            panic!("docs/authentication.md's recipe line {line:?} is not in examples/integration/session-app.mjs (in that order)")
+        });
+        rest = &rest[at + line.len()..];
+    }
+}
+
+/// The recipe runs with the pinned connect-redis, node-redis, express and
+/// passport: a user it logs in is recognised by crier from the cookie.
+#[tokio::test]
+async fn express_session_recipe_logs_in_a_user_crier_recognises() {
+    check_runs(
+        "node",
+        &["--version"],
+        "node is needed to run examples/integration/session-app.mjs",
+    );
+    assert!(
+        repo("examples/integration/node_modules/connect-redis/package.json").exists(),
+        "connect-redis is not installed for the examples: npm ci --prefix examples/integration"
+    );
+    let redis = RedisServer::start().await;
+    let mut config = test_config(Some(redis.url()));
+    config.channels = vec![rule("user:{user}", Subscribe::User, false)];
+    config.auth.session = Some(SessionConfig {
+        secrets: vec![SESSION_SECRET.into()],
+        ..SessionConfig::default()
+    });
+    let crier = Instance::start(config).await;
+
+    let mut app = Command::new("node")
+        .arg("examples/integration/session-app.mjs")
+        .current_dir(repo("."))
+        .env("REDIS_URL", redis.url())
+        .env("PORT", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run node");
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
+        app.stdout.take().expect("stdout"),
+    ));
+    let port = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.expect("read the app's output") {
+            if let Some(port) = line.strip_prefix("listening on ") {
+                return port.trim().to_string();
+            }
+        }
+        panic!("the app exited before listening")
+    })
+    .await
+    .expect("the app listens within 30 s");
+
+    // The login, as it reaches the app through its TLS-ending proxy.
+    let (response, _conn) = common::send_request(
+        Method::GET,
+        &format!("http://127.0.0.1:{port}/login"),
+        &[("x-forwarded-proto", "https")],
+        Bytes::new(),
+    )
+    .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let set_cookie = response.headers()["set-cookie"]
+        .to_str()
+        .expect("ascii")
+        .to_string();
+    let cookie = set_cookie
+        .split(';')
+        .next()
+        .filter(|c| c.starts_with("connect.sid="))
+        .unwrap_or_else(|| panic!("no session cookie: {set_cookie}"));
+
+    let user = crier.sse_url(&["user:42"]);
+    let refused = common::sse::connect(&user, &[]).await;
+    assert_eq!(refused.status, StatusCode::UNAUTHORIZED);
+    let mut events = common::sse::connect(&user, &[("cookie", cookie)])
+        .await
+        .into_events();
+    redis
+        .publish("user:42", r#"{"type":"hello","to":42}"#)
+        .await;
+    let e = events.next_message(WAIT).await.expect("open");
+    assert_eq!(e.json()["data"]["to"], 42);
+    drop(app);
 }
 
 // ---------------------------------------------------------------------------

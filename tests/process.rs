@@ -191,6 +191,45 @@ async fn check_config_prints_effective_config_without_secrets() {
     );
 }
 
+/// Issue 9.3: without any `[[channels]]` rule every subscription is
+/// refused; crier says so at start and `check-config` prints it too.
+#[tokio::test]
+async fn no_channel_rules_warns_at_start_and_in_check_config() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let empty = write_config(&dir, "[shutdown]\ngrace = \"1s\"\n");
+    let warning = "every subscription will be refused";
+
+    let (code, stdout, stderr) = run_crier(&["check-config", "--config", &empty], &[]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains(&format!("crier: warning: no [[channels]] rules: {warning}")),
+        "{stderr}"
+    );
+    assert!(!stdout.contains(warning), "stdout stays TOML: {stdout}");
+
+    let crier = Process::start(&["--config", &empty], &[]).await;
+    let log = crier.log.clone();
+    common::eventually("the start-up warning", WAIT, || {
+        let log = log.clone();
+        async move {
+            log.lock().expect("log").lines().any(|line| {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+                v["level"] == "WARN"
+                    && v["fields"]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains(warning))
+            })
+        }
+    })
+    .await;
+
+    // With a rule, neither says anything.
+    let ruled = write_config(&dir, CONFIG);
+    let (code, _, stderr) = run_crier(&["check-config", "--config", &ruled], &[]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!stderr.contains("warning"), "{stderr}");
+}
+
 /// Acceptance 9: `crier --dev` serves the demo page, and a POSTed event
 /// reaches an SSE client.
 #[tokio::test]
@@ -294,4 +333,453 @@ async fn publish_command_reaches_subscribers() {
     .await;
     assert_eq!(code, Some(1));
     assert!(stderr.contains("401"), "{stderr}");
+}
+
+/// The log lines of `crier` matching `pred`, parsed (JSON format).
+fn log_lines(
+    log: &std::sync::Mutex<String>,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> Vec<serde_json::Value> {
+    log.lock()
+        .expect("log")
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| pred(v))
+        .collect()
+}
+
+fn message_is(v: &serde_json::Value, text: &str) -> bool {
+    v["fields"]["message"] == text
+}
+
+/// Issue 9.9 (b, c): the start-up line names the Redis address (password
+/// redacted), the number of channel rules and the auth modes; a Redis that
+/// cannot be reached is named too.
+#[tokio::test]
+async fn startup_line_names_redis_rules_and_auth() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        &dir,
+        &format!(
+            "{CONFIG}\n[auth.jwt]\nalgorithms = [\"HS256\"]\nsecret = \"a-jwt-secret-of-at-least-32-bytes!!\"\n"
+        ),
+    );
+    // Nothing listens there: crier starts, then cannot connect.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let url = format!("redis://app:pass-SECRET-42@127.0.0.1:{port}");
+    let crier = Process::start(&["--config", &config, "--redis-url", &url], &[]).await;
+    let log = crier.log.clone();
+    common::eventually("a `cannot connect to redis` line", WAIT, || {
+        let log = log.clone();
+        async move { !log_lines(&log, |v| message_is(v, "cannot connect to redis")).is_empty() }
+    })
+    .await;
+    let redacted = format!("redis://app:<redacted>@127.0.0.1:{port}");
+    let start = log_lines(&log, |v| message_is(v, "crier listening"));
+    let fields = &start.first().expect("a start-up line")["fields"];
+    assert_eq!(fields["redis"], redacted.as_str(), "{fields}");
+    assert_eq!(fields["channel_rules"], 2, "{fields}");
+    assert_eq!(fields["auth"], "jwt", "{fields}");
+    assert_eq!(fields["broker"], "redis", "{fields}");
+    assert!(
+        fields.get("demo").is_none(),
+        "no demo outside dev: {fields}"
+    );
+    let refused = log_lines(&log, |v| message_is(v, "cannot connect to redis"));
+    assert_eq!(
+        refused[0]["fields"]["redis"],
+        redacted.as_str(),
+        "{refused:?}"
+    );
+    let all = log.lock().expect("log").clone();
+    assert!(!all.contains("pass-SECRET-42"), "{all}");
+}
+
+/// Issue 9.9 (a, b): text logs written to a pipe carry no ANSI colour
+/// codes; in dev mode the start-up line says where the demo page is.
+#[tokio::test]
+async fn text_logs_to_a_pipe_have_no_colour_and_name_the_demo_page() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = common::crier::crier_command()
+        .args(["--dev", "--listen", "127.0.0.1:0", "--log-format", "text"])
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn crier");
+    let mut lines = BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let mut seen = String::new();
+    let line = tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await.expect("read log") {
+            seen.push_str(&line);
+            seen.push('\n');
+            if line.contains("crier listening") {
+                return line;
+            }
+        }
+        panic!("crier exited before listening:\n{seen}")
+    })
+    .await
+    .expect("a start-up line");
+    assert!(!seen.contains('\u{1b}'), "ANSI escapes in a pipe: {seen:?}");
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+        .expect("addr= on the start-up line");
+    assert!(
+        line.contains(&format!("demo=\"http://{addr}/\"")),
+        "demo URL: {line}"
+    );
+    assert!(
+        line.contains("auth=\"none\"") || line.contains("auth=none"),
+        "{line}"
+    );
+    // Prove the page is really there.
+    let (status, page) = common::http_get(&format!("http://{addr}/")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(page.contains("<html"));
+}
+
+/// Issue 9.9 (d): a WebSocket that signs in with an `auth` message logs
+/// its user.
+#[tokio::test]
+async fn websocket_signed_in_with_auth_logs_its_user() {
+    let secret = "a-jwt-secret-of-at-least-32-bytes!!";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        &dir,
+        &format!("{CONFIG}\n[auth.jwt]\nalgorithms = [\"HS256\"]\nsecret = \"{secret}\"\n"),
+    );
+    let crier = Process::start(&["--config", &config], &[("RUST_LOG", "crier=debug")]).await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 600;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": "u-4242", "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("sign");
+    let mut ws = WsClient::connect(&format!("ws://{}/ws", crier.addr)).await;
+    ws.send_json(json!({"type": "auth", "token": token, "id": 1}))
+        .await;
+    assert_eq!(ws.recv_type("authenticated", WAIT).await["user"], "u-4242");
+    ws.close().await;
+    let log = crier.log.clone();
+    common::eventually("`websocket closed` with the user", WAIT, || {
+        let log = log.clone();
+        async move {
+            log_lines(&log, |v| message_is(v, "websocket closed"))
+                .iter()
+                .any(|v| v["span"]["user"] == "u-4242")
+        }
+    })
+    .await;
+}
+
+/// Issue 9.11: `crier publish --help` offers only what publishing uses;
+/// serving flags before a command are refused; `crier --dev` still serves
+/// (see `dev_mode_serves_demo_page_and_publishes_without_key`).
+#[tokio::test]
+async fn publish_help_offers_only_publishing_flags() {
+    let (code, help, _) = run_crier(&["publish", "--help"], &[]).await;
+    assert_eq!(code, Some(0));
+    for flag in ["--api", "--api-key", "--config", "--redis-url"] {
+        assert!(help.contains(flag), "{flag} missing: {help}");
+    }
+    for flag in ["--listen", "--dev", "--log-format"] {
+        assert!(!help.contains(flag), "{flag} offered: {help}");
+    }
+    let (code, _, stderr) = run_crier(&["--dev", "publish", "c", "x"], &[]).await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("are for serving"), "{stderr}");
+    // check-config still shows what serving flags would do.
+    let (code, stdout, stderr) = run_crier(
+        &["check-config", "--dev", "--listen", "127.0.0.1:9998"],
+        &[],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    let shown: toml::Value = toml::from_str(&stdout).expect("TOML");
+    assert_eq!(shown["dev"].as_bool(), Some(true));
+    assert_eq!(shown["listen"].as_str(), Some("127.0.0.1:9998"));
+}
+
+/// Issue 9.11: a missing or wrong API key says how to give one.
+#[tokio::test]
+async fn publish_without_a_key_says_how_to_give_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(&dir, CONFIG);
+    let key = "cli-publish-key-0123456789";
+    let crier = Process::start(
+        &["--config", &config],
+        &[("CRIER_PUBLISH__API_KEYS", &format!("[{key}]"))],
+    )
+    .await;
+    let base = crier.http("");
+    let (code, _, stderr) = run_crier(&["publish", "public:k", "x", "--api", &base], &[]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("401"), "{stderr}");
+    assert!(
+        stderr.contains("--api-key KEY") && stderr.contains("CRIER_API_KEY"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run_crier(
+        &["publish", "public:k", "x", "--api", &base],
+        &[("CRIER_API_KEY", "not-the-key-0123456789")],
+    )
+    .await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is not one of the server's publish.api_keys"),
+        "{stderr}"
+    );
+}
+
+/// Issue 9.11: `crier publish` without `--config` never replaces the
+/// function library with one built from no rules; it says how to get one.
+#[tokio::test]
+async fn publish_without_config_never_loads_an_empty_library() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(&dir, CONFIG);
+    let url = redis.url();
+    let channel = unique("hist:lib");
+
+    // A fresh Redis, no crier yet: no library, and none is loaded.
+    let (code, _, stderr) = run_crier(&["publish", &channel, "{}", "--redis-url", &url], &[]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("start crier") && stderr.contains("--config"),
+        "{stderr}"
+    );
+    let libraries = redis
+        .cli(&["FUNCTION", "LIST", "LIBRARYNAME", "crier"])
+        .await;
+    assert_eq!(libraries.trim(), "", "nothing loaded: {libraries}");
+
+    // With the service's configuration it loads the service's library...
+    let (code, _, stderr) = run_crier(
+        &[
+            "publish",
+            &channel,
+            r#"{"n":1}"#,
+            "--config",
+            &config,
+            "--redis-url",
+            &url,
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("published with history"), "{stderr}");
+    // ...which a later publish without configuration uses as it is.
+    let (code, _, stderr) = run_crier(
+        &["publish", &channel, r#"{"n":2}"#, "--redis-url", &url],
+        &[],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("published with history"), "{stderr}");
+}
+
+/// Issue 9.13: `crier completions <shell>` prints a completion script
+/// that knows the commands and flags, with no configuration needed.
+#[tokio::test]
+async fn completions_are_printed_for_each_shell() {
+    for (shell, marker) in [
+        ("bash", "complete -F _crier"),
+        ("zsh", "#compdef crier"),
+        ("fish", "complete -c crier"),
+    ] {
+        // A configuration error must not get in the way.
+        let (code, script, stderr) = run_crier(
+            &["completions", shell],
+            &[("CRIER_LIMITS__QUEUE_SIZE", "lots")],
+        )
+        .await;
+        assert_eq!(code, Some(0), "{shell}: {stderr}");
+        assert!(script.contains(marker), "{shell}: {script}");
+        for word in ["publish", "check-config", "redis-url"] {
+            assert!(script.contains(word), "{shell} lacks {word}");
+        }
+    }
+    let (code, _, stderr) = run_crier(&["completions", "cmd.exe"], &[]).await;
+    assert_eq!(code, Some(2), "{stderr}");
+}
+
+/// Issue 9.13: in dev mode the first Ctrl-C says a second one exits now,
+/// and the second does.
+#[tokio::test]
+async fn dev_mode_second_ctrl_c_exits_at_once() {
+    let mut crier = Process::start(&["--dev"], &[]).await;
+    let pid = crier.child.id().expect("running").to_string();
+    let interrupt = || async {
+        let status = tokio::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .await
+            .expect("run kill");
+        assert!(status.success());
+    };
+    interrupt().await;
+    let log = crier.log.clone();
+    common::eventually("the Ctrl-C hint", WAIT, || {
+        let log = log.clone();
+        async move {
+            log.lock()
+                .expect("log")
+                .contains("press Ctrl-C again to exit now")
+        }
+    })
+    .await;
+    let started = std::time::Instant::now();
+    interrupt().await;
+    let status = tokio::time::timeout(WAIT, crier.child.wait())
+        .await
+        .expect("exits")
+        .expect("wait");
+    // The default grace alone is 5 s: exiting well before it is "at once".
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(status.success(), "{status:?}");
+}
+
+/// A TLS endpoint in front of `backend` (`127.0.0.1:PORT`), with a
+/// certificate for `localhost` signed by a CA made here: returns its port
+/// and the CA's PEM.
+async fn tls_endpoint(backend: String) -> (u16, String) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "crier test CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("CA key"))
+        .expect("CA certificate");
+    let key = KeyPair::generate().expect("server key");
+    let cert = CertificateParams::new(vec!["localhost".to_string()])
+        .expect("server params")
+        .signed_by(&key, &ca)
+        .expect("server certificate");
+
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("protocols")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, backend) = (acceptor.clone(), backend.clone());
+            tokio::spawn(async move {
+                // A client that refuses the certificate ends here.
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let mut upstream = tokio::net::TcpStream::connect(&backend)
+                    .await
+                    .expect("crier");
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
+            });
+        }
+    });
+    (port, ca.pem())
+}
+
+/// Issue 9.4: `crier publish --api https://…` trusts a CA given with
+/// `--ca-file` or `SSL_CERT_FILE`, and refuses an unknown one.
+#[tokio::test]
+async fn publish_over_https_with_a_ca_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(&dir, CONFIG);
+    let key = "https-publish-key-0123456789";
+    let crier = Process::start(
+        &["--config", &config],
+        &[("CRIER_PUBLISH__API_KEYS", &format!("[{key}]"))],
+    )
+    .await;
+    let (port, ca) = tls_endpoint(crier.addr.clone()).await;
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca).expect("write CA");
+    let ca_file = ca_file.to_string_lossy().into_owned();
+    let api = format!("https://localhost:{port}");
+    let channel = unique("public:https");
+    let mut ws = WsClient::connect(&format!("ws://{}/ws?channel={channel}", crier.addr)).await;
+    ws.recv_type("subscribed", WAIT).await;
+    let env = [("CRIER_API_KEY", key), ("SSL_CERT_FILE", "/nonexistent")];
+
+    let (code, _, stderr) = run_crier(
+        &[
+            "publish",
+            &channel,
+            r#"{"via":"ca-file"}"#,
+            "--api",
+            &api,
+            "--ca-file",
+            &ca_file,
+        ],
+        &env,
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(
+        ws.recv_type("message", WAIT).await["data"]["via"],
+        "ca-file"
+    );
+
+    let (code, _, stderr) = run_crier(
+        &[
+            "publish",
+            &channel,
+            r#"{"via":"ssl-cert-file"}"#,
+            "--api",
+            &api,
+        ],
+        &[("CRIER_API_KEY", key), ("SSL_CERT_FILE", &ca_file)],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(
+        ws.recv_type("message", WAIT).await["data"]["via"],
+        "ssl-cert-file"
+    );
+
+    // Trusting only the system's roots: the test CA is unknown.
+    let (code, _, stderr) = run_crier(
+        &["publish", &channel, r#"{"via":"nothing"}"#, "--api", &api],
+        &[("CRIER_API_KEY", key)],
+    )
+    .await;
+    assert_eq!(code, Some(1), "{stderr}");
+    // (or, on a machine with no CA certificates at all, that there are none)
+    assert!(
+        stderr.contains("TLS with localhost") || stderr.contains("no trusted CA certificates"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.to_lowercase().contains("certificate"),
+        "says why: {stderr}"
+    );
 }

@@ -32,7 +32,7 @@ CRIER_METRICS = {
     "crier_slow_client_disconnects_total", "crier_redis_reconnects_total", "crier_broker_up",
     "crier_subscriptions", "crier_channels", "crier_connections_rejected_total",
     "crier_api_publications_total", "crier_auth_failures_total", "crier_pubsub_lag_seconds",
-    "crier_recovered_messages_total", "crier_gaps_total",
+    "crier_recovered_messages_total", "crier_gaps_total", "crier_build_info",
 }
 PROCESS_METRICS = {
     "process_cpu_seconds_total", "process_open_fds", "process_max_fds", "process_virtual_memory_bytes",
@@ -387,6 +387,41 @@ def cmd_deployments(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- (g) crier.toml
 
 
+# Memory per connection and for the process itself (docs/performance.md:
+# 17.3 KiB per SSE connection with history, 11.5-12 KiB per WebSocket; about
+# 8 MiB idle, the rest of the margin is for messages in flight).
+KIB_PER_CONNECTION = 17
+PROCESS_MIB = 32
+DEFAULT_MAX_CONNECTIONS = 100_000  # src/config.rs
+
+
+def quantity_bytes(text: str) -> int:
+    """A Kubernetes memory quantity (512Mi, 1Gi, 500M, 1048576) in bytes."""
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    text = str(text)
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(float(text))
+
+
+def check_memory(label: str, cfg: dict, container: dict) -> None:
+    """limits.max_connections fits the container's memory limit: past it crier answers 503 rather than being
+    OOM-killed with every client on board."""
+    limit = container.get("resources", {}).get("limits", {}).get("memory")
+    if limit is None:
+        print(f"  SKIP {label}: no memory limit, nothing to fit max_connections to")
+        return
+    env = {e["name"]: e.get("value") for e in container.get("env", [])}
+    conns = cfg.get("limits", {}).get("max_connections", DEFAULT_MAX_CONNECTIONS)
+    if env.get("CRIER_LIMITS__MAX_CONNECTIONS") is not None:
+        conns = int(env["CRIER_LIMITS__MAX_CONNECTIONS"])
+    need = conns * KIB_PER_CONNECTION * 1024 + PROCESS_MIB * (1 << 20)
+    check(need <= quantity_bytes(limit),
+          f"{label}: max_connections {conns} x {KIB_PER_CONNECTION} KiB + {PROCESS_MIB} MiB = {need >> 20} MiB "
+          f"fits the memory limit {limit}")
+
+
 INT_KEYS = {
     ("limits", k) for k in ("queue_size", "max_connections", "max_subscriptions_per_connection", "max_message_bytes",
                             "max_connections_per_user", "max_connections_per_ip", "commands_per_second", "command_burst")
@@ -397,15 +432,18 @@ def cmd_toml(args: argparse.Namespace) -> None:
     """Every crier.toml parses with tomllib, integers are integers, and crier check-config accepts it."""
     rendered_dir = Path(args.rendered)
     tomls: list[tuple[str, str]] = []
+    containers: dict[str, dict] = {}
     for name in CI_VALUES:
         stem = name.removesuffix(".yaml")
         docs = load_docs((rendered_dir / f"{stem}.yaml").read_text())
         dep = next(d for d in docs if d["kind"] == "Deployment")
-        tomls.append((f"chart/{stem}", config_toml(docs, dep, crier_container(dep, "crier"))))
+        containers[f"chart/{stem}"] = crier_container(dep, "crier")
+        tomls.append((f"chart/{stem}", config_toml(docs, dep, containers[f"chart/{stem}"])))
     for path, dep_name, container in ((args.kustomize_base, None, "crier"), (args.kustomize_sidecar, "myapp", "crier")):
         docs = load_docs(Path(path).read_text())
         dep = next(d for d in docs if d["kind"] == "Deployment" and (dep_name is None or d["metadata"]["name"] == dep_name))
-        tomls.append((f"{Path(path).stem}", config_toml(docs, dep, crier_container(dep, container))))
+        containers[Path(path).stem] = crier_container(dep, container)
+        tomls.append((f"{Path(path).stem}", config_toml(docs, dep, containers[Path(path).stem])))
     # The renderer with every kind of value, including ones no CI file has.
     odd = {"config": {"allowed_origins": ["https://a.example.com"], "dev": False,
                       "log": {"level": 'crier=debug,"quoted"\\back'},
@@ -437,6 +475,8 @@ def cmd_toml(args: argparse.Namespace) -> None:
         n_hist = sum(1 for ch in cfg.get("channels", []) if "history" in ch)
         check(not bad_ints, f"{label}: crier.toml parses (tomllib), {len(cfg.get('channels', []))} channel rule(s), "
               f"{n_hist} with history, integers are integers" + (f": {bad_ints}" if bad_ints else ""))
+        if label in containers:
+            check_memory(label, cfg, containers[label])
         if label == "chart/odd-values":
             check(cfg["log"]["level"] == 'crier=debug,"quoted"\\back' and cfg["limits"]["max_connections"] == 1000000,
                   f"{label}: quotes, backslashes and large integers survive the TOML renderer")

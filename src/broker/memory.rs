@@ -70,8 +70,10 @@ impl MemoryBroker {
     /// Appends to the channel's history (when it keeps one) and delivers to
     /// local listeners, under one lock so ids and delivery order agree.
     pub fn publish(&self, channel: &str, payload: &[u8]) -> Option<StreamId> {
+        let event_field = self.policy.event_field_of(channel);
         let Some(rule) = self.policy.history_of(channel) else {
-            self.hub.dispatch(Publication::new(channel, payload));
+            self.hub
+                .dispatch(Publication::message(channel, None, payload, event_field));
             return None;
         };
         let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
@@ -104,8 +106,12 @@ impl MemoryBroker {
         }
         log.last = id;
         log.touched = Instant::now();
-        self.hub
-            .dispatch(Publication::message(channel, Some(id), payload));
+        self.hub.dispatch(Publication::message(
+            channel,
+            Some(id),
+            payload,
+            event_field,
+        ));
         Some(id)
     }
 

@@ -34,6 +34,14 @@ pub enum PublishError {
     /// Redis answered something crier did not expect.
     #[error("unexpected answer from redis: {0}")]
     Protocol(String),
+    /// `crier publish` without channel rules found no `crier` function
+    /// library in Redis, and will not load one built from no rules (it
+    /// would replace the running service's history rules).
+    #[error(
+        "the crier function library is not loaded in this Redis: start crier (it loads the \
+         library when it connects), or pass --config with the service's configuration"
+    )]
+    NoLibrary,
 }
 
 /// Whether the broker currently delivers publications; backs `/readyz`.

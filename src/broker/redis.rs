@@ -57,6 +57,8 @@ pub(super) struct Redis {
     library: Arc<str>,
     prefix: String,
     timeout: Duration,
+    /// Load `library` when an `FCALL` finds the function missing.
+    load_when_missing: bool,
 }
 
 impl RedisBroker {
@@ -80,6 +82,7 @@ impl RedisBroker {
         let canary = format!("{prefix}crier:canary:{:016x}", rand::rng().random::<u64>());
         let supervisor = Supervisor {
             client,
+            address: crate::config::redact_url(redis_config.url.as_deref().unwrap_or_default()),
             redis: redis.clone(),
             prefix,
             canary,
@@ -112,12 +115,17 @@ impl RedisBroker {
 
 /// One publication from outside a running crier (`crier publish`): the same
 /// function, so the same history, as apps and the HTTP API get.
+///
+/// Without channel rules it never loads the library: one built from no
+/// rules would replace the service's and drop every history rule. It then
+/// only calls the function, and says so when Redis lacks it.
 pub async fn publish_once(
     config: &Config,
     channel: &str,
     payload: &[u8],
 ) -> Result<Option<StreamId>, PublishError> {
-    let (_, redis) = Redis::new(config)?;
+    let (_, mut redis) = Redis::new(config)?;
+    redis.load_when_missing = !config.channels.is_empty();
     redis.publish(channel, payload).await
 }
 
@@ -145,6 +153,7 @@ impl Redis {
             library: library.into(),
             prefix: redis_config.channel_prefix.clone(),
             timeout: redis_config.connect_timeout,
+            load_when_missing: true,
         };
         Ok((client, redis))
     }
@@ -188,6 +197,9 @@ impl Redis {
         };
         match self.query(call()).await {
             Err(PublishError::Redis(e)) if e.to_string().contains("Function not found") => {
+                if !self.load_when_missing {
+                    return Err(PublishError::NoLibrary);
+                }
                 self.load_library().await?;
                 tracing::warn!(
                     "the crier function library was missing from Redis \
@@ -290,6 +302,8 @@ struct Channel {
 
 struct Supervisor {
     client: redis::Client,
+    /// `redis.url` with its password redacted, for logs.
+    address: String,
     redis: Redis,
     prefix: String,
     canary: String,
@@ -317,9 +331,7 @@ impl Supervisor {
             match self.connect().await {
                 Ok((mut sink, stream)) => match self.resubscribe_all(&mut sink).await {
                     Ok(()) => {
-                        if let Err(e) = self.redis.load_library().await {
-                            tracing::error!(error = %e, "cannot load the crier function library (Redis >= 7 needed): no history");
-                        }
+                        self.load_library().await;
                         if connected_before {
                             self.metrics.redis_reconnects.inc();
                             tracing::info!(
@@ -346,7 +358,7 @@ impl Supervisor {
                 },
                 Err(e) => {
                     if failures == 0 || failures % 20 == 0 {
-                        tracing::warn!(error = %e, attempt = failures + 1, "cannot connect to redis");
+                        tracing::warn!(error = %e, redis = %self.address, attempt = failures + 1, "cannot connect to redis");
                     }
                 }
             }
@@ -357,6 +369,55 @@ impl Supervisor {
             failures = failures.saturating_add(1);
             if !self.wait_offline(delay).await {
                 return;
+            }
+        }
+    }
+
+    /// Loads the function library on the multiplexed connection. Right
+    /// after an outage that connection may not have noticed it yet (its
+    /// first command fails with a broken pipe and starts its reconnect), or
+    /// Redis may still be loading its data: those are retried for up to
+    /// `connect_timeout`. Only Redis answering that it has no `FUNCTION`
+    /// command blames its version. Whatever fails here, `FCALL` loads the
+    /// library again when Redis says a function is missing.
+    async fn load_library(&self) {
+        let deadline = Instant::now() + self.connect_timeout;
+        let mut attempt = 0;
+        loop {
+            let e = match self.redis.load_library().await {
+                Ok(()) => return,
+                Err(e) => e,
+            };
+            let transient = match &e {
+                PublishError::Redis(e) => {
+                    if e.to_string().contains("unknown command") {
+                        tracing::error!(error = %e, "cannot load the crier function library (Redis >= 7 needed): no history");
+                        return;
+                    }
+                    e.is_io_error()
+                        || e.is_connection_dropped()
+                        || e.is_timeout()
+                        || matches!(
+                            e.kind(),
+                            redis::ErrorKind::Server(
+                                redis::ServerErrorKind::BusyLoading
+                                    | redis::ServerErrorKind::TryAgain
+                            )
+                        )
+                }
+                // No answer in time.
+                PublishError::Protocol(_) => true,
+                PublishError::NoLibrary => false,
+            };
+            if !transient || Instant::now() >= deadline {
+                tracing::error!(error = %e, "cannot load the crier function library: no history until it is loaded");
+                return;
+            }
+            let pause = backoff(attempt, self.connect_timeout / 4);
+            attempt += 1;
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
             }
         }
     }
@@ -431,8 +492,9 @@ impl Supervisor {
             }
             state.last = Some(id);
         }
+        let event_field = self.policy.event_field_of(channel);
         self.hub
-            .dispatch(Publication::message(channel, id, payload));
+            .dispatch(Publication::message(channel, id, payload, event_field));
     }
 
     /// Relays messages, applies control requests and runs the canary until

@@ -200,10 +200,11 @@ pub async fn open(
 
     // Delivered through the connection's tracker like live messages, so
     // the position advances as each one is actually sent.
+    let event_field = app.policy.event_field_of(channel);
     let replay: Vec<_> = recovery
         .entries
         .iter()
-        .map(|(id, payload)| Publication::message(channel, Some(*id), payload))
+        .map(|(id, payload)| Publication::message(channel, Some(*id), payload, event_field))
         .filter(|p| {
             events
                 .as_ref()

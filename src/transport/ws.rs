@@ -118,8 +118,12 @@ async fn session<S>(
         conn.id = conn,
         client.addr = %peer,
         transport = "ws",
-        user = admission.principal.user.as_deref().unwrap_or("-"),
+        // Recorded once known: now, or after an `auth` message.
+        user = tracing::field::Empty,
     );
+    if let Some(user) = &admission.principal.user {
+        span.record("user", user.as_str());
+    }
     let limits = &app.config.limits;
     let session = Session {
         subs: Subscriptions::new(Arc::clone(&app.hub), outbox),
@@ -426,6 +430,9 @@ where
                         .map_or(0, |d| d.as_secs())
                 });
                 let user = principal.user.clone();
+                if let Some(user) = &user {
+                    tracing::Span::current().record("user", user.as_str());
+                }
                 self.watch.replace(principal);
                 let text = reply::authenticated(user.as_deref(), expires_in, id);
                 self.write(Message::text(text)).await?;
