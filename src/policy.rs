@@ -273,7 +273,8 @@ impl Policy {
         self.event_fields
             .iter()
             .find(|(p, _)| {
-                p.matches(channel, &Principal::default(), &self.separators) || p.could_match(channel)
+                p.matches(channel, &Principal::default(), &self.separators)
+                    || p.could_match(channel)
             })
             .and_then(|(_, f)| f.as_deref())
             .unwrap_or(&self.event_field)
