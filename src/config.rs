@@ -92,10 +92,20 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]` (or `rediss://` is not
-    /// supported yet). Absent: the embedded memory broker (one process only).
+    /// `redis://[user:password@]host:port[/db]`, or `rediss://…` for TLS
+    /// (see `tls`). Absent: the embedded memory broker (one process only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// ACL user name for Redis, when the URL does not carry one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Password (of `username`, or of the `default` user), when the URL
+    /// does not carry one. Redacted by `check-config`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// TLS settings for every `rediss://` connection crier makes (the
+    /// broker, `crier publish`, and the session store).
+    pub tls: RedisTlsConfig,
     /// Prefix of every Redis channel: Redis channel = prefix + channel.
     pub channel_prefix: String,
     /// How long a channel stays subscribed in Redis after its last local
@@ -116,6 +126,23 @@ pub struct RedisConfig {
     /// time, or the instance turns not ready (connected but not receiving).
     #[serde(with = "humantime_serde")]
     pub canary_interval: Duration,
+}
+
+/// `[redis.tls]`: how crier checks Redis's certificate, and presents its own.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisTlsConfig {
+    /// PEM file of the CA(s) that sign the Redis server's certificate.
+    /// Absent: the system's trusted roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, for Redis servers that require one
+    /// (`tls-auth-clients yes`); needs `key_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
 }
 
 /// Limits that keep one client, or many, from exhausting the process.
@@ -248,6 +275,9 @@ impl Default for RedisConfig {
     fn default() -> Self {
         Self {
             url: None,
+            username: None,
+            password: None,
+            tls: RedisTlsConfig::default(),
             channel_prefix: String::new(),
             linger: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(5),
@@ -391,20 +421,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field: &str, why: String| Err(ConfigError(format!("{field}: {why}")));
         if let Some(url) = &self.redis.url {
-            match url::Url::parse(url) {
-                Ok(u) if u.scheme() == "redis" || u.scheme() == "redis+unix" => {
-                    if let Err(e) = redis::Client::open(url.as_str()) {
-                        return bad("redis.url", format!("not a usable Redis URL ({e})"));
-                    }
-                }
-                Ok(u) => {
-                    return bad(
-                        "redis.url",
-                        format!("scheme `{}` not supported (use redis://)", u.scheme()),
-                    )
-                }
-                Err(e) => return bad("redis.url", format!("not a URL ({e})")),
-            }
+            crate::broker::client::open("redis.url", url, &self.redis).map_err(ConfigError)?;
         }
         if let Err(e) = check_pointer(&self.event_field) {
             return bad("event_field", e);
@@ -478,8 +495,7 @@ impl Config {
             crate::auth::JwtVerifier::new(jwt).map_err(ConfigError)?;
         }
         if let Some(session) = &self.auth.session {
-            crate::auth::SessionStore::check(session, self.redis.url.as_deref())
-                .map_err(ConfigError)?;
+            crate::auth::SessionStore::check(session, &self.redis).map_err(ConfigError)?;
         }
         if self.auth.query_token && self.auth.jwt.is_none() {
             return bad("auth.query_token", "needs [auth.jwt]".into());
@@ -554,6 +570,7 @@ impl Config {
         shown.listen = Some(self.listen_addr());
         shown.publish.api_keys = vec![REDACTED.into(); self.publish.api_keys.len()];
         shown.redis.url = self.redis.url.as_deref().map(redact_url);
+        shown.redis.password = self.redis.password.as_ref().map(|_| REDACTED.into());
         if let Some(jwt) = &mut shown.auth.jwt {
             jwt.secret = jwt.secret.as_ref().map(|_| REDACTED.into());
         }

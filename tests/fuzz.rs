@@ -217,7 +217,10 @@ fn session_cookies_accept_only_genuine_signatures() {
             secrets: vec!["fuzz secret".into()],
             ..SessionConfig::default()
         },
-        Some("redis://127.0.0.1:1"),
+        &crier::config::RedisConfig {
+            url: Some("redis://127.0.0.1:1".into()),
+            ..Default::default()
+        },
     )
     .expect("store");
     let headers = |cookie: &str| -> Option<HeaderMap> {

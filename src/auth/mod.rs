@@ -141,7 +141,7 @@ impl Authenticator {
         let session = auth
             .session
             .as_ref()
-            .map(|s| SessionStore::new(s, config.redis.url.as_deref()))
+            .map(|s| SessionStore::new(s, &config.redis))
             .transpose()?;
         if auth.query_token && jwt.is_none() {
             return Err("auth.query_token: needs [auth.jwt]".into());

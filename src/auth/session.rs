@@ -19,6 +19,8 @@ use subtle::ConstantTimeEq;
 
 use super::config::{SessionConfig, Signing};
 use super::{time, Failure, Principal, SessionRef};
+use crate::broker::client;
+use crate::config::RedisConfig;
 
 /// The app's session store.
 pub struct SessionStore {
@@ -27,11 +29,10 @@ pub struct SessionStore {
 }
 
 impl SessionStore {
-    /// Connects lazily to `auth.session.redis_url`, else `fallback_url`.
-    pub fn new(config: &SessionConfig, fallback_url: Option<&str>) -> Result<Self, String> {
-        let url = Self::check(config, fallback_url)?;
-        let client = redis::Client::open(url)
-            .map_err(|e| format!("auth.session.redis_url: not a usable Redis URL ({e})"))?;
+    /// Connects lazily to `auth.session.redis_url`, else to the broker's
+    /// Redis (`redis`, whose TLS settings apply to both).
+    pub fn new(config: &SessionConfig, redis: &RedisConfig) -> Result<Self, String> {
+        let client = Self::check(config, redis)?;
         let redis = ConnectionManager::new_lazy_with_config(
             client,
             ConnectionManagerConfig::new()
@@ -46,17 +47,25 @@ impl SessionStore {
         })
     }
 
-    /// Validates `[auth.session]` without connecting; returns the store's URL.
-    pub fn check<'a>(
-        config: &'a SessionConfig,
-        fallback_url: Option<&'a str>,
-    ) -> Result<&'a str, String> {
-        let url =
-            config.redis_url.as_deref().or(fallback_url).ok_or(
-                "auth.session.redis_url: the session store needs a Redis (or set redis.url)",
-            )?;
-        redis::Client::open(url)
-            .map_err(|e| format!("auth.session.redis_url: not a usable Redis URL ({e})"))?;
+    /// Validates `[auth.session]` without connecting; returns the store's
+    /// client. A store of its own (`redis_url`) carries its credentials in
+    /// its URL; the broker's Redis comes with `[redis]`'s.
+    pub fn check(config: &SessionConfig, redis: &RedisConfig) -> Result<redis::Client, String> {
+        let client =
+            match (&config.redis_url, &redis.url) {
+                (Some(own), _) => {
+                    let tls_only = RedisConfig {
+                        tls: redis.tls.clone(),
+                        ..RedisConfig::default()
+                    };
+                    client::open("auth.session.redis_url", own, &tls_only)?
+                }
+                (None, Some(shared)) => client::open("redis.url", shared, redis)?,
+                (None, None) => return Err(
+                    "auth.session.redis_url: the session store needs a Redis (or set redis.url)"
+                        .into(),
+                ),
+            };
         if config.cookie.is_empty() {
             return Err("auth.session.cookie: must not be empty".into());
         }
@@ -77,7 +86,7 @@ impl SessionStore {
         if config.recheck.is_zero() {
             return Err("auth.session.recheck: must be longer than 0s".into());
         }
-        Ok(url)
+        Ok(client)
     }
 
     /// How often open connections re-read their session.
@@ -197,7 +206,11 @@ mod tests {
             secrets: secrets.iter().map(|s| s.to_string()).collect(),
             ..SessionConfig::default()
         };
-        SessionStore::new(&config, Some("redis://127.0.0.1:1")).expect("store")
+        let redis = RedisConfig {
+            url: Some("redis://127.0.0.1:1".into()),
+            ..RedisConfig::default()
+        };
+        SessionStore::new(&config, &redis).expect("store")
     }
 
     fn headers(cookie: &str) -> HeaderMap {

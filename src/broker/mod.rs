@@ -19,6 +19,7 @@ use crate::hub::{Control, Hub};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 
+pub mod client;
 mod memory;
 mod redis;
 

@@ -135,7 +135,8 @@ impl Redis {
     fn new(config: &Config) -> Result<(redis::Client, Self), PublishError> {
         let redis_config = &config.redis;
         let url = redis_config.url.as_deref().unwrap_or_default();
-        let client = redis::Client::open(url)?;
+        let client =
+            super::client::open("redis.url", url, redis_config).map_err(PublishError::Protocol)?;
         let conn = ConnectionManager::new_lazy_with_config(
             client.clone(),
             ConnectionManagerConfig::new()

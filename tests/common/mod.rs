@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod panics;
+pub mod pki;
 pub mod redis;
 pub mod sse;
 pub mod ws;

@@ -33,6 +33,19 @@ pub struct RedisServer {
     dir: tempfile::TempDir,
     /// `None` while stopped.
     child: Option<Child>,
+    /// A TLS port beside the plain one, when started with [`RedisServer::start_tls`].
+    tls: Option<(u16, Tls)>,
+}
+
+/// What a TLS-enabled server presents and asks for (PEM file paths).
+#[derive(Clone)]
+pub struct Tls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// The CA that client certificates must chain to.
+    pub ca_file: PathBuf,
+    /// `tls-auth-clients yes`: clients must present a certificate.
+    pub auth_clients: bool,
 }
 
 /// Why one spawn attempt did not produce a serving Redis.
@@ -46,6 +59,16 @@ enum SpawnError {
 impl RedisServer {
     /// Starts a server on a free port and waits until it answers PING.
     pub async fn start() -> RedisServer {
+        Self::start_with(None).await
+    }
+
+    /// A server that also listens with TLS (on [`RedisServer::tls_url`]);
+    /// the plain port stays for the tests' own commands.
+    pub async fn start_tls(tls: Tls) -> RedisServer {
+        Self::start_with(Some(tls)).await
+    }
+
+    async fn start_with(tls: Option<Tls>) -> RedisServer {
         let dir = tempfile::Builder::new()
             .prefix("crier-redis-")
             .tempdir()
@@ -54,9 +77,11 @@ impl RedisServer {
             port: 0,
             dir,
             child: None,
+            tls: None,
         };
         for attempt in 1..=PORT_ATTEMPTS {
             server.port = free_port();
+            server.tls = tls.clone().map(|t| (free_port(), t));
             match server.spawn_and_wait().await {
                 Ok(()) => return server,
                 Err(SpawnError::AddrInUse) if attempt < PORT_ATTEMPTS => continue,
@@ -77,6 +102,12 @@ impl RedisServer {
     /// Connection URL for the redis crate and for crier's config.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `rediss://127.0.0.1:TLS_PORT` of a server started with TLS.
+    pub fn tls_url(&self) -> String {
+        let (port, _) = self.tls.as_ref().expect("started with start_tls");
+        format!("rediss://127.0.0.1:{port}")
     }
 
     /// Everything the server has logged so far (all runs), for failure messages.
@@ -279,12 +310,29 @@ impl RedisServer {
         let log_err = log
             .try_clone()
             .map_err(|e| SpawnError::Fatal(format!("clone redis log file handle: {e}")))?;
-        Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        command
             .args(["--bind", "127.0.0.1", "--port"])
             .arg(self.port.to_string())
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")
-            .arg(self.dir.path())
+            .arg(self.dir.path());
+        if let Some((port, tls)) = &self.tls {
+            command
+                .arg("--tls-port")
+                .arg(port.to_string())
+                .arg("--tls-cert-file")
+                .arg(&tls.cert_file)
+                .arg("--tls-key-file")
+                .arg(&tls.key_file)
+                .arg("--tls-ca-cert-file")
+                .arg(&tls.ca_file)
+                .args([
+                    "--tls-auth-clients",
+                    if tls.auth_clients { "yes" } else { "no" },
+                ]);
+        }
+        command
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err))
@@ -359,7 +407,7 @@ fn kill_and_reap(mut child: Child) {
 
 /// A port that was free a moment ago. Another process may grab it before
 /// Redis binds it; callers handle that by retrying.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0 to find a free port");
     listener
         .local_addr()

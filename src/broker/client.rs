@@ -1,0 +1,70 @@
+//! Opening a Redis client from crier's configuration: the one place that
+//! knows about `rediss://` (TLS, with `[redis.tls]`) and the `[redis]`
+//! credentials, so the broker, `crier publish` and the session store all
+//! connect the same way.
+
+use redis::{ConnectionAddr, IntoConnectionInfo, TlsCertificates};
+
+use crate::config::RedisConfig;
+
+/// A client for `url` (named `field` in errors), with `config`'s
+/// credentials where the URL has none and its TLS files for `rediss://`.
+/// Reads the TLS files now, so a missing one is a configuration error.
+pub fn open(field: &str, url: &str, config: &RedisConfig) -> Result<redis::Client, String> {
+    let parsed = url::Url::parse(url).map_err(|e| format!("{field}: not a URL ({e})"))?;
+    let tls = match parsed.scheme() {
+        "redis" | "redis+unix" | "unix" => false,
+        "rediss" => true,
+        other => {
+            return Err(format!(
+                "{field}: scheme `{other}` not supported (use redis:// or rediss:// for TLS)"
+            ))
+        }
+    };
+    let mut info = url
+        .into_connection_info()
+        .map_err(|e| format!("{field}: not a usable Redis URL ({e})"))?;
+    let mut settings = info.redis_settings().clone();
+    if settings.username().is_none() {
+        if let Some(user) = &config.username {
+            settings = settings.set_username(user);
+        }
+    }
+    if settings.password().is_none() {
+        if let Some(password) = &config.password {
+            settings = settings.set_password(password);
+        }
+    }
+    info = info.set_redis_settings(settings);
+    if !tls {
+        return redis::Client::open(info).map_err(|e| format!("{field}: {e}"));
+    }
+    debug_assert!(matches!(info.addr(), ConnectionAddr::TcpTls { .. }));
+    let files = &config.tls;
+    let read = |name: &str, path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| format!("redis.tls.{name}: cannot read {}: {e}", path.display()))
+    };
+    let root_cert = files
+        .ca_file
+        .as_deref()
+        .map(|p| read("ca_file", p))
+        .transpose()?;
+    let client_tls = match (&files.cert_file, &files.key_file) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read("cert_file", cert)?,
+            client_key: read("key_file", key)?,
+        }),
+        (Some(_), None) => return Err("redis.tls.key_file: needed with cert_file".into()),
+        (None, Some(_)) => return Err("redis.tls.cert_file: needed with key_file".into()),
+        (None, None) => None,
+    };
+    redis::Client::build_with_tls(
+        info,
+        TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )
+    .map_err(|e| format!("{field}: cannot set up TLS ({e})"))
+}
