@@ -1021,12 +1021,13 @@ mod tests {
     #[test]
     fn redaction_hides_secrets() {
         let cfg = load_str(
-            "[redis]\nurl = \"redis://app:hunter2hunter2@r:6379\"\n[publish]\napi_keys = [\"0123456789abcdef-secret\"]\n",
+            "[redis]\nurl = \"redis://app:hunter2hunter2@r:6379\"\npassword = \"second-hunter2\"\n[publish]\napi_keys = [\"0123456789abcdef-secret\"]\n",
             &[],
         )
         .expect("valid");
         let shown = cfg.to_redacted_toml();
         assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(!shown.contains("second-hunter2"), "{shown}");
         assert!(!shown.contains("0123456789abcdef-secret"), "{shown}");
         assert!(shown.contains("redis://app:<redacted>@r:6379"), "{shown}");
         // What is printed loads back.

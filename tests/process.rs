@@ -661,28 +661,16 @@ async fn dev_mode_second_ctrl_c_exits_at_once() {
 /// certificate for `localhost` signed by a CA made here: returns its port
 /// and the CA's PEM.
 async fn tls_endpoint(backend: String) -> (u16, String) {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "crier test CA");
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("CA key"))
-        .expect("CA certificate");
-    let key = KeyPair::generate().expect("server key");
-    let cert = CertificateParams::new(vec!["localhost".to_string()])
-        .expect("server params")
-        .signed_by(&key, &ca)
-        .expect("server certificate");
-
+    let ca = common::pki::Ca::new("crier test CA");
+    let leaf = ca.leaf(&["localhost"]);
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("protocols")
         .with_no_client_auth()
         .with_single_cert(
-            vec![cert.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            vec![leaf.cert_der.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf.key.serialize_der().into()),
         )
         .expect("server config");
     let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
