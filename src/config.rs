@@ -423,6 +423,12 @@ impl Config {
         if let Some(url) = &self.redis.url {
             crate::broker::client::open("redis.url", url, &self.redis).map_err(ConfigError)?;
         }
+        if self.redis.channel_prefix.contains(['{', '}']) {
+            return bad(
+                "redis.channel_prefix",
+                "must not contain `{` or `}` (Redis hash tags belong to channel names)".into(),
+            );
+        }
         if let Err(e) = check_pointer(&self.event_field) {
             return bad("event_field", e);
         }

@@ -382,6 +382,15 @@ pub fn validate_channel(channel: &str) -> Result<(), &'static str> {
     if channel.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err("contains whitespace or a control character");
     }
+    if channel.starts_with("crier:") {
+        return Err("`crier:` is reserved for crier's own keys and channels");
+    }
+    // A brace is allowed as part of a Redis Cluster hash tag (`{tag}`),
+    // which decides the channel's shard; any other brace would put its
+    // history on another shard than the channel.
+    if channel.contains(['{', '}']) && !crate::history::has_hash_tag(channel) {
+        return Err("`{` and `}` may only form a Redis hash tag such as `orders:{42}`");
+    }
     Ok(())
 }
 
@@ -429,7 +438,18 @@ mod tests {
         let policy = Policy::new(&[], true);
         let anon = Principal::default();
         assert!(policy.may_subscribe(&"a".repeat(256), &anon).is_ok());
-        for bad in ["", "a b", "a\nb", "a\u{7f}", &"a".repeat(257)] {
+        assert!(policy.may_subscribe("orders:{42}:x", &anon).is_ok());
+        for bad in [
+            "",
+            "a b",
+            "a\nb",
+            "a\u{7f}",
+            &"a".repeat(257),
+            "crier:x",
+            "a}b",
+            "a{}b",
+            "a{b",
+        ] {
             assert!(
                 matches!(policy.may_subscribe(bad, &anon), Err(Refusal::BadName(_))),
                 "{bad:?}"

@@ -233,7 +233,7 @@ async fn gaps_and_bad_cursors() {
         redis.fcall_publish(&ch, &format!(r#"{{"n":{n}}}"#)).await;
     }
     redis
-        .cli(&["XTRIM", &format!("crier:h:{ch}"), "MAXLEN", "2"])
+        .cli(&["XTRIM", &crier::history::stream_key("", &ch), "MAXLEN", "2"])
         .await;
     let mut ws = WsClient::connect(&crier.ws("/ws")).await;
     ws.recv_type("welcome", WAIT).await;
@@ -455,4 +455,39 @@ async fn redis_restart_reloads_the_library_without_a_false_alarm() {
         !log.contains("cannot load the crier function library"),
         "false alarm after a Redis restart:\n{log}"
     );
+}
+
+/// Upgrading from crier < 0.2, which kept history at `crier:h:<channel>`:
+/// a client resuming across the upgrade still gets the messages stored
+/// there, then the ones stored since, in order and once.
+#[tokio::test]
+async fn history_written_before_the_key_change_is_still_replayed() {
+    let redis = RedisServer::start().await;
+    let channel = unique("hist:upgrade");
+    let legacy = crier::history::legacy_stream_key("", &channel);
+    // What crier < 0.2's crier_publish stored.
+    let old_id = |n: u32| format!("{}-0", 1_000 + n);
+    for n in 1..=3 {
+        redis
+            .cli(&["XADD", &legacy, &old_id(n), "d", &format!(r#"{{"n":{n}}}"#)])
+            .await;
+    }
+    let crier = Instance::start(history_config(Some(&redis))).await;
+    redis
+        .fcall_publish(&channel, r#"{"n":4}"#)
+        .await
+        .expect("id");
+    let cursor = {
+        let mut c = crier::history::Cursor::default();
+        c.0.insert(channel.clone(), old_id(1).parse().expect("id"));
+        c.encode()
+    };
+    let mut events = sse::connect(&crier.sse_url(&[&channel]), &[("last-event-id", &cursor)])
+        .await
+        .into_events();
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        seen.push(next_n(&mut events).await.1);
+    }
+    assert_eq!(seen, [2, 3, 4]);
 }

@@ -167,7 +167,7 @@ impl Redis {
         payload: &[u8],
     ) -> Result<Option<StreamId>, PublishError> {
         match self
-            .fcall::<Option<String>>("crier_publish", channel, &[payload])
+            .fcall::<Option<String>>("crier_publish", &[self.stream_key(channel)], &[payload])
             .await
         {
             Ok(id) => Ok(id.and_then(|id| id.parse().ok())),
@@ -185,12 +185,12 @@ impl Redis {
     async fn fcall<T: redis::FromRedisValue>(
         &self,
         name: &str,
-        channel: &str,
+        keys: &[String],
         args: &[&[u8]],
     ) -> Result<T, PublishError> {
         let call = || {
             let mut cmd = redis::cmd("FCALL");
-            cmd.arg(name).arg(1).arg(channel);
+            cmd.arg(name).arg(keys.len()).arg(keys);
             for a in args {
                 cmd.arg(*a);
             }
@@ -233,7 +233,7 @@ impl Redis {
     /// fine: crier then runs without history, as it said at start.
     async fn ensure_library(&self) -> Result<(), PublishError> {
         match self
-            .fcall::<String>("crier_position", "crier:check", &[])
+            .fcall::<String>("crier_position", &[self.stream_key("crier:check")], &[])
             .await
         {
             Err(PublishError::Redis(e)) if e.to_string().contains("unknown command") => Ok(()),
@@ -241,8 +241,24 @@ impl Redis {
         }
     }
 
+    /// `channel`'s history stream, declared as the function's key.
+    fn stream_key(&self, channel: &str) -> String {
+        history::stream_key(&self.prefix, channel)
+    }
+
+    /// The keys a history read declares: the stream, and where crier
+    /// before 0.2 kept it (read so an upgrade loses nothing).
+    fn history_keys(&self, channel: &str) -> [String; 2] {
+        [
+            self.stream_key(channel),
+            history::legacy_stream_key(&self.prefix, channel),
+        ]
+    }
+
     pub(super) async fn position(&self, channel: &str) -> Result<StreamId, PublishError> {
-        let id: String = self.fcall("crier_position", channel, &[]).await?;
+        let id: String = self
+            .fcall("crier_position", &self.history_keys(channel), &[])
+            .await?;
         id.parse()
             .map_err(|_| PublishError::Protocol(format!("bad stream id {id:?}")))
     }
@@ -258,7 +274,7 @@ impl Redis {
         let (gap, entries): SinceReply = self
             .fcall(
                 "crier_since",
-                channel,
+                &self.history_keys(channel),
                 &[since.as_bytes(), limit.as_bytes()],
             )
             .await?;
