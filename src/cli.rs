@@ -152,8 +152,8 @@ pub async fn publish(
     if let Some(base) = api.base {
         return publish_http(base, api, channel, payload).await;
     }
-    if config.redis.url.is_none() {
-        bail!("no Redis configured: pass --redis-url (or redis.url), or --api URL to publish through a running crier");
+    if !config.redis.is_configured() {
+        bail!("no Redis configured: pass --redis-url (or redis.url, or [redis.sentinel]), or --api URL to publish through a running crier");
     }
     let id = crate::broker::publish_once(config, channel, payload.as_bytes())
         .await

@@ -106,6 +106,10 @@ pub struct RedisConfig {
     /// TLS settings for every `rediss://` connection crier makes (the
     /// broker, `crier publish`, and the session store).
     pub tls: RedisTlsConfig,
+    /// A primary found through Redis Sentinel, instead of `url`: crier asks
+    /// the sentinels where the primary is and follows failovers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sentinel: Option<SentinelConfig>,
     /// Prefix of every Redis channel: Redis channel = prefix + channel.
     pub channel_prefix: String,
     /// How long a channel stays subscribed in Redis after its last local
@@ -126,6 +130,23 @@ pub struct RedisConfig {
     /// time, or the instance turns not ready (connected but not receiving).
     #[serde(with = "humantime_serde")]
     pub canary_interval: Duration,
+}
+
+/// `[redis.sentinel]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SentinelConfig {
+    /// The name the sentinels monitor the primary under (`sentinel monitor
+    /// <master> …`).
+    pub master: String,
+    /// Sentinel addresses, `redis://host:26379` (`rediss://` for TLS: the
+    /// data nodes are then reached over TLS too).
+    pub nodes: Vec<String>,
+    /// The sentinels' own password (`requirepass` in sentinel.conf), when
+    /// they have one. Redacted by `check-config`. The data nodes use
+    /// `redis.username` / `redis.password`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
 }
 
 /// `[redis.tls]`: how crier checks Redis's certificate, and presents its own.
@@ -271,6 +292,13 @@ impl Default for LogConfig {
     }
 }
 
+impl RedisConfig {
+    /// Whether a Redis is configured at all (else: the memory broker).
+    pub fn is_configured(&self) -> bool {
+        self.url.is_some() || self.sentinel.is_some()
+    }
+}
+
 impl Default for RedisConfig {
     fn default() -> Self {
         Self {
@@ -278,6 +306,7 @@ impl Default for RedisConfig {
             username: None,
             password: None,
             tls: RedisTlsConfig::default(),
+            sentinel: None,
             channel_prefix: String::new(),
             linger: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(5),
@@ -422,6 +451,31 @@ impl Config {
         let bad = |field: &str, why: String| Err(ConfigError(format!("{field}: {why}")));
         if let Some(url) = &self.redis.url {
             crate::broker::client::open("redis.url", url, &self.redis).map_err(ConfigError)?;
+        }
+        if let Some(sentinel) = &self.redis.sentinel {
+            if self.redis.url.is_some() {
+                return bad(
+                    "redis.sentinel",
+                    "set redis.url or [redis.sentinel], not both".into(),
+                );
+            }
+            if sentinel.master.is_empty() {
+                return bad(
+                    "redis.sentinel.master",
+                    "must name the monitored primary".into(),
+                );
+            }
+            if sentinel.nodes.is_empty() {
+                return bad("redis.sentinel.nodes", "list at least one sentinel".into());
+            }
+            for (i, node) in sentinel.nodes.iter().enumerate() {
+                crate::broker::client::open(
+                    &format!("redis.sentinel.nodes[{i}]"),
+                    node,
+                    &self.redis,
+                )
+                .map_err(ConfigError)?;
+            }
         }
         if self.redis.channel_prefix.contains(['{', '}']) {
             return bad(
@@ -577,6 +631,12 @@ impl Config {
         shown.publish.api_keys = vec![REDACTED.into(); self.publish.api_keys.len()];
         shown.redis.url = self.redis.url.as_deref().map(redact_url);
         shown.redis.password = self.redis.password.as_ref().map(|_| REDACTED.into());
+        if let Some(sentinel) = &mut shown.redis.sentinel {
+            sentinel.password = sentinel.password.as_ref().map(|_| REDACTED.into());
+            for node in &mut sentinel.nodes {
+                *node = redact_url(node);
+            }
+        }
         if let Some(jwt) = &mut shown.auth.jwt {
             jwt.secret = jwt.secret.as_ref().map(|_| REDACTED.into());
         }

@@ -109,7 +109,7 @@ pub fn serve(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
         stop_background.clone(),
     )?;
     background.spawn(Arc::clone(&hub).sweep_until(stop_background.clone()));
-    let redis = config.redis.url.as_deref().map(crate::config::redact_url);
+    let redis = crate::broker::describe(&config.redis);
     // Where a browser on this machine finds the demo page.
     let demo = config.dev.then(|| {
         let mut local = addr;

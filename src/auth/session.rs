@@ -62,7 +62,8 @@ impl SessionStore {
                 }
                 (None, Some(shared)) => client::open("redis.url", shared, redis)?,
                 (None, None) => return Err(
-                    "auth.session.redis_url: the session store needs a Redis (or set redis.url)"
+                    "auth.session.redis_url: the session store needs a Redis URL: redis.url, or \
+                     its own auth.session.redis_url (needed with [redis.sentinel])"
                         .into(),
                 ),
             };

@@ -22,9 +22,16 @@ use crate::policy::Policy;
 pub mod client;
 mod memory;
 mod redis;
+mod target;
 
 pub use self::redis::{publish_once, RedisBroker};
 pub use memory::MemoryBroker;
+
+/// Where the configured Redis is, for logs (no password): the URL, or the
+/// sentinels and the primary's name.
+pub fn describe(config: &crate::config::RedisConfig) -> Option<String> {
+    target::Target::of(config).map(|t| t.to_string())
+}
 
 /// A publication could not be handed to the broker.
 #[derive(Debug, thiserror::Error)]
@@ -98,9 +105,10 @@ impl Broker {
             health,
             metrics,
         };
-        Ok(match &config.redis.url {
-            None => Broker::Memory(MemoryBroker::start(wiring, tasks, stop)),
-            Some(_) => Broker::Redis(RedisBroker::start(config, wiring, tasks, stop)?),
+        Ok(if config.redis.is_configured() {
+            Broker::Redis(RedisBroker::start(config, wiring, tasks, stop)?)
+        } else {
+            Broker::Memory(MemoryBroker::start(wiring, tasks, stop))
         })
     }
 

@@ -14,6 +14,13 @@
 //!
 //! Publishing, history reads and the canary use a separate multiplexed
 //! connection that reconnects by itself.
+//!
+//! Both go to the primary that [`Target`] finds (the configured node, or the
+//! one the sentinels name), checked with `ROLE` at every connection. A
+//! primary that stops being one — a `READONLY` answer, or `ROLE` saying
+//! `slave` at a canary — ends the pub/sub connection: the supervisor then
+//! finds the primary again, reconnects both connections to it, resubscribes
+//! and recovers, exactly as after any other outage.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +35,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::target::Target;
 use super::{BrokerHealth, PublishError, Wiring};
 use crate::config::Config;
 use crate::history::{self, Recovery, StreamId};
@@ -53,7 +61,12 @@ pub struct RedisBroker {
 /// supervisor.
 #[derive(Clone)]
 pub(super) struct Redis {
-    conn: ConnectionManager,
+    /// To the current primary; replaced when the supervisor finds another.
+    /// `None` until the first one is found (Sentinel).
+    conn: Arc<arc_swap::ArcSwapOption<ConnectionManager>>,
+    /// Told when Redis answers as a replica would: the primary moved.
+    demoted: Arc<tokio::sync::Notify>,
+    settings: ConnectionManagerConfig,
     library: Arc<str>,
     prefix: String,
     timeout: Duration,
@@ -76,13 +89,16 @@ impl RedisBroker {
             metrics,
         } = wiring;
         let redis_config = &config.redis;
-        let (client, redis) = Redis::new(config)?;
+        let target = Target::of(redis_config)
+            .ok_or_else(|| PublishError::Protocol("no Redis configured".into()))?;
+        let redis = Redis::new(config);
         let prefix = redis_config.channel_prefix.clone();
         health.set(false, &metrics);
         let canary = format!("{prefix}crier:canary:{:016x}", rand::rng().random::<u64>());
         let supervisor = Supervisor {
-            client,
-            address: crate::config::redact_url(redis_config.url.as_deref().unwrap_or_default()),
+            target,
+            config: redis_config.clone(),
+            address: None,
             redis: redis.clone(),
             prefix,
             canary,
@@ -124,7 +140,14 @@ pub async fn publish_once(
     channel: &str,
     payload: &[u8],
 ) -> Result<Option<StreamId>, PublishError> {
-    let (_, mut redis) = Redis::new(config)?;
+    let target = Target::of(&config.redis)
+        .ok_or_else(|| PublishError::Protocol("no Redis configured".into()))?;
+    let primary = target
+        .primary(&config.redis, config.redis.connect_timeout)
+        .await
+        .map_err(PublishError::Protocol)?;
+    let mut redis = Redis::new(config);
+    redis.connect_to(primary.client)?;
     redis.load_when_missing = !config.channels.is_empty();
     redis.publish(channel, payload).await
 }
@@ -132,31 +155,32 @@ pub async fn publish_once(
 impl Redis {
     /// A lazily connecting multiplexed connection and this configuration's
     /// function library.
-    fn new(config: &Config) -> Result<(redis::Client, Self), PublishError> {
+    fn new(config: &Config) -> Self {
         let redis_config = &config.redis;
-        let url = redis_config.url.as_deref().unwrap_or_default();
-        let client =
-            super::client::open("redis.url", url, redis_config).map_err(PublishError::Protocol)?;
-        let conn = ConnectionManager::new_lazy_with_config(
-            client.clone(),
-            ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(redis_config.connect_timeout))
-                .set_response_timeout(Some(redis_config.connect_timeout))
-                .set_number_of_retries(2)
-                .set_max_delay(redis_config.reconnect_max),
-        )?;
         let library = history::function_library(
             &redis_config.channel_prefix,
             &Policy::history_rules(&config.channels),
         );
-        let redis = Redis {
-            conn,
+        Redis {
+            conn: Arc::default(),
+            demoted: Arc::default(),
+            settings: ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(redis_config.connect_timeout))
+                .set_response_timeout(Some(redis_config.connect_timeout))
+                .set_number_of_retries(2)
+                .set_max_delay(redis_config.reconnect_max),
             library: library.into(),
             prefix: redis_config.channel_prefix.clone(),
             timeout: redis_config.connect_timeout,
             load_when_missing: true,
-        };
-        Ok((client, redis))
+        }
+    }
+
+    /// From now on, commands go to `client`'s server (connecting lazily).
+    fn connect_to(&self, client: redis::Client) -> Result<(), PublishError> {
+        let conn = ConnectionManager::new_lazy_with_config(client, self.settings.clone())?;
+        self.conn.store(Some(Arc::new(conn)));
+        Ok(())
     }
 
     /// Through `crier_publish`; on a Redis without functions (< 7), a
@@ -213,12 +237,35 @@ impl Redis {
     }
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, PublishError> {
-        let mut conn = self.conn.clone();
+        let Some(conn) = self.conn.load_full() else {
+            return Err(PublishError::Protocol("no Redis primary found yet".into()));
+        };
+        let mut conn = ConnectionManager::clone(&conn);
         match tokio::time::timeout(self.timeout, cmd.query_async(&mut conn)).await {
+            Ok(Err(e))
+                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+                    || e.to_string().contains("READONLY") =>
+            {
+                self.demoted.notify_one();
+                Err(e.into())
+            }
             Ok(result) => Ok(result?),
             Err(_) => Err(PublishError::Protocol(
                 "redis did not answer in time".into(),
             )),
+        }
+    }
+
+    /// Whether the server still is the primary (`ROLE`); tells the
+    /// supervisor when it is not.
+    async fn check_role(&self) {
+        let reply: Result<Vec<redis::Value>, _> = self.query(redis::cmd("ROLE")).await;
+        if let Ok(reply) = reply {
+            let master =
+                matches!(reply.first(), Some(redis::Value::BulkString(b)) if b == b"master");
+            if !master {
+                self.demoted.notify_one();
+            }
         }
     }
 
@@ -318,9 +365,10 @@ struct Channel {
 }
 
 struct Supervisor {
-    client: redis::Client,
-    /// `redis.url` with its password redacted, for logs.
-    address: String,
+    target: Target,
+    config: crate::config::RedisConfig,
+    /// The primary's address (password redacted), once found.
+    address: Option<String>,
     redis: Redis,
     prefix: String,
     canary: String,
@@ -375,7 +423,7 @@ impl Supervisor {
                 },
                 Err(e) => {
                     if failures == 0 || failures % 20 == 0 {
-                        tracing::warn!(error = %e, redis = %self.address, attempt = failures + 1, "cannot connect to redis");
+                        tracing::warn!(error = %e, redis = %self.target, attempt = failures + 1, "cannot connect to redis");
                     }
                 }
             }
@@ -439,16 +487,43 @@ impl Supervisor {
         }
     }
 
-    async fn connect(&self) -> Result<(PubSubSink, PubSubStream), String> {
-        let attempt = tokio::time::timeout(self.connect_timeout, self.client.get_async_pubsub());
-        tokio::select! {
-            _ = self.stop.cancelled() => Err("stopping".into()),
-            r = attempt => match r {
-                Ok(Ok(pubsub)) => Ok(pubsub.split()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!("timed out after {:?}", self.connect_timeout)),
-            },
+    /// Finds the primary (asking the sentinels again, if any), points the
+    /// command connection at it when it moved, and opens the pub/sub
+    /// connection to it.
+    async fn connect(&mut self) -> Result<(PubSubSink, PubSubStream), String> {
+        let attempt = async {
+            let primary = self
+                .target
+                .primary(&self.config, self.connect_timeout)
+                .await?;
+            let pubsub =
+                tokio::time::timeout(self.connect_timeout, primary.client.get_async_pubsub())
+                    .await
+                    .map_err(|_| {
+                        format!(
+                            "{}: timed out after {:?}",
+                            primary.address, self.connect_timeout
+                        )
+                    })?
+                    .map_err(|e| format!("{}: {e}", primary.address))?;
+            Ok::<_, String>((primary, pubsub))
+        };
+        let (primary, pubsub) = tokio::select! {
+            _ = self.stop.cancelled() => return Err("stopping".into()),
+            r = attempt => r?,
+        };
+        if self.address.as_deref() != Some(primary.address.as_str()) {
+            if let Some(old) = &self.address {
+                tracing::info!(from = %old, to = %primary.address, "the redis primary moved");
+            }
+            self.redis
+                .connect_to(primary.client)
+                .map_err(|e| e.to_string())?;
+            self.address = Some(primary.address);
         }
+        // A demotion seen before this connection concerns the old primary.
+        let _ = futures_util::FutureExt::now_or_never(self.redis.demoted.notified());
+        Ok(pubsub.split())
     }
 
     async fn resubscribe_all(&mut self, sink: &mut PubSubSink) -> Result<(), String> {
@@ -523,6 +598,9 @@ impl Supervisor {
         loop {
             tokio::select! {
                 _ = self.stop.cancelled() => return Ended::Stopped,
+                _ = self.redis.demoted.notified() => {
+                    return Ended::Lost("the server is no longer the primary (READONLY, or ROLE says so): finding the primary again".into());
+                }
                 msg = stream.next() => {
                     let Some(msg) = msg else {
                         return Ended::Lost("connection closed".into());
@@ -565,6 +643,7 @@ impl Supervisor {
                             // Redis can lose the library (FUNCTION FLUSH) with
                             // nothing crier does failing: only apps' FCALLs
                             // would. Check (and reload) with every canary.
+                            redis.check_role().await;
                             let checked = redis.ensure_library().await;
                             let was_ok = library_ok.swap(checked.is_ok(), Ordering::AcqRel);
                             match (&checked, was_ok) {
