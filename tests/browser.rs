@@ -72,12 +72,12 @@ setInterval(() => fetch("/results", {{ method: "POST", body: JSON.stringify(stat
 
 /// Serves the page and collects the page's reports.
 async fn test_server(page: String) -> (u16, watch::Receiver<Value>) {
-    test_server_on(page, 0).await
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    test_server_on(page, listener).await
 }
 
-/// [`test_server`] on `port` (0: any free one).
-async fn test_server_on(page: String, port: u16) -> (u16, watch::Receiver<Value>) {
-    let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
+/// [`test_server`] on a listener the caller bound (to know its origin first).
+async fn test_server_on(page: String, listener: TcpListener) -> (u16, watch::Receiver<Value>) {
     let port = listener.local_addr().expect("addr").port();
     let (tx, rx) = watch::channel(Value::Null);
     let tx = Arc::new(tx);
@@ -325,7 +325,9 @@ async fn chromium_sees_a_clean_close_when_the_page_closes_its_websocket() {
         );
         return;
     }
-    let page_port = free_port();
+    // Bound first and kept, so nothing else can take the page's port.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let page_port = listener.local_addr().expect("addr").port();
     let mut config = common::crier::test_config(None);
     config.allowed_origins = vec![format!("http://127.0.0.1:{page_port}")];
     let crier = common::crier::Instance::start(config).await;
@@ -341,7 +343,7 @@ setInterval(() => fetch("/results", {{ method: "POST", body: JSON.stringify(stat
 </script></body></html>"#,
         crier = crier.addr
     );
-    let (port, mut results) = test_server_on(page, page_port).await;
+    let (port, mut results) = test_server_on(page, listener).await;
     let profile = tempfile::tempdir().expect("profile");
     let _chromium =
         common::browser::chromium(&format!("http://127.0.0.1:{port}/page"), profile.path());
