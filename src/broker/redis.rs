@@ -635,6 +635,9 @@ impl Supervisor {
                     if let Some(seq) = canary.next() {
                         let redis = self.redis.clone();
                         let library_ok = Arc::clone(&self.library_ok);
+                        let (target, config) = (self.target.clone(), self.config.clone());
+                        let current = self.address.clone();
+                        let timeout = self.connect_timeout;
                         let mut cmd = redis::cmd("PUBLISH");
                         cmd.arg(&self.canary).arg(seq.to_string());
                         // Never wait on it here: a stalled Redis must not
@@ -644,6 +647,13 @@ impl Supervisor {
                             // nothing crier does failing: only apps' FCALLs
                             // would. Check (and reload) with every canary.
                             redis.check_role().await;
+                            // The sentinels moved the primary (`+switch-master`)
+                            // while the old one still answers as a primary.
+                            if let Some(now) = target.sentinels_say(&config, timeout).await {
+                                if Some(&now) != current.as_ref() {
+                                    redis.demoted.notify_one();
+                                }
+                            }
                             let checked = redis.ensure_library().await;
                             let was_ok = library_ok.swap(checked.is_ok(), Ordering::AcqRel);
                             match (&checked, was_ok) {

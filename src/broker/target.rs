@@ -88,6 +88,21 @@ impl Target {
     }
 }
 
+impl Target {
+    /// For Sentinel: where the sentinels say the primary is now (its URL,
+    /// password redacted). A `+switch-master` shows here within a canary
+    /// interval, even while the old primary still answers as one.
+    pub async fn sentinels_say(&self, config: &RedisConfig, timeout: Duration) -> Option<String> {
+        match self {
+            Target::Node(_) => None,
+            Target::Sentinel(sentinel) => ask_sentinels(sentinel, config, timeout)
+                .await
+                .ok()
+                .map(|(address, _)| address),
+        }
+    }
+}
+
 /// The first sentinel that knows the primary's address wins.
 async fn ask_sentinels(
     sentinel: &SentinelConfig,

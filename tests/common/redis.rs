@@ -35,6 +35,8 @@ pub struct RedisServer {
     child: Option<Child>,
     /// A TLS port beside the plain one, when started with [`RedisServer::start_tls`].
     tls: Option<(u16, Tls)>,
+    /// More `redis-server` arguments (`--replicaof …`).
+    extra: Vec<String>,
 }
 
 /// What a TLS-enabled server presents and asks for (PEM file paths).
@@ -59,16 +61,38 @@ enum SpawnError {
 impl RedisServer {
     /// Starts a server on a free port and waits until it answers PING.
     pub async fn start() -> RedisServer {
-        Self::start_with(None).await
+        Self::start_with(None, Vec::new()).await
+    }
+
+    /// A replica of `primary`, once its replication link is up.
+    pub async fn start_replica(primary: &RedisServer) -> RedisServer {
+        let args = vec![
+            "--replicaof".into(),
+            "127.0.0.1".into(),
+            primary.port.to_string(),
+        ];
+        let replica = Self::start_with(None, args).await;
+        super::eventually(
+            "the replica's link to its primary",
+            Duration::from_secs(10),
+            || async {
+                replica
+                    .cli(&["INFO", "replication"])
+                    .await
+                    .contains("master_link_status:up")
+            },
+        )
+        .await;
+        replica
     }
 
     /// A server that also listens with TLS (on [`RedisServer::tls_url`]);
     /// the plain port stays for the tests' own commands.
     pub async fn start_tls(tls: Tls) -> RedisServer {
-        Self::start_with(Some(tls)).await
+        Self::start_with(Some(tls), Vec::new()).await
     }
 
-    async fn start_with(tls: Option<Tls>) -> RedisServer {
+    async fn start_with(tls: Option<Tls>, extra: Vec<String>) -> RedisServer {
         let dir = tempfile::Builder::new()
             .prefix("crier-redis-")
             .tempdir()
@@ -78,6 +102,7 @@ impl RedisServer {
             dir,
             child: None,
             tls: None,
+            extra,
         };
         for attempt in 1..=PORT_ATTEMPTS {
             server.port = free_port();
@@ -317,6 +342,7 @@ impl RedisServer {
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")
             .arg(self.dir.path());
+        command.args(&self.extra);
         if let Some((port, tls)) = &self.tls {
             command
                 .arg("--tls-port")
@@ -413,4 +439,124 @@ pub fn free_port() -> u16 {
         .local_addr()
         .expect("local address of the probe listener")
         .port()
+}
+
+/// A `redis-server --sentinel` child on a free loopback port, watching one
+/// primary as `mymaster` (quorum 2, down after 1 s), killed on drop.
+pub struct Sentinel {
+    pub port: u16,
+    _dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+/// The name the sentinels monitor the primary under.
+pub const MASTER_NAME: &str = "mymaster";
+
+impl Sentinel {
+    /// Starts a sentinel monitoring `primary` and waits until it answers
+    /// (a fresh port per attempt, in case another process takes one).
+    pub async fn start(primary: &RedisServer) -> Sentinel {
+        for _ in 0..PORT_ATTEMPTS {
+            let dir = tempfile::Builder::new()
+                .prefix("crier-sentinel-")
+                .tempdir()
+                .expect("temp dir");
+            let port = free_port();
+            let conf = dir.path().join("sentinel.conf");
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                     sentinel monitor {MASTER_NAME} 127.0.0.1 {primary} 2\n\
+                     sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
+                     sentinel failover-timeout {MASTER_NAME} 5000\n\
+                     sentinel parallel-syncs {MASTER_NAME} 1\n",
+                    dir = dir.path().display(),
+                    primary = primary.port,
+                ),
+            )
+            .expect("sentinel.conf");
+            let log = std::fs::File::create(dir.path().join("sentinel.log")).expect("log");
+            let child = Command::new("redis-server")
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(log.try_clone().expect("log")))
+                .stderr(Stdio::from(log))
+                .spawn()
+                .expect("spawn redis-server --sentinel");
+            let mut sentinel = Sentinel {
+                port,
+                _dir: dir,
+                child: Some(child),
+            };
+            let deadline = Instant::now() + STARTUP_DEADLINE;
+            while Instant::now() < deadline {
+                let exited = sentinel
+                    .child
+                    .as_mut()
+                    .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+                if exited {
+                    break;
+                }
+                if sentinel.ping().await {
+                    return sentinel;
+                }
+                sleep(Duration::from_millis(20)).await;
+            }
+        }
+        panic!("no sentinel could be started in {PORT_ATTEMPTS} attempts");
+    }
+
+    /// `redis://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn ping(&self) -> bool {
+        let attempt = async {
+            let client = redis::Client::open(self.url()).ok()?;
+            let mut con = client.get_multiplexed_async_connection().await.ok()?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut con)
+                .await
+                .ok()
+        };
+        timeout(Duration::from_secs(1), attempt)
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    }
+
+    /// A `SENTINEL …` command's answer.
+    pub async fn ask<T: redis::FromRedisValue>(&self, args: &[&str]) -> redis::RedisResult<T> {
+        let client = redis::Client::open(self.url())?;
+        let mut con = client.get_multiplexed_async_connection().await?;
+        let mut cmd = redis::cmd("SENTINEL");
+        for a in args {
+            cmd.arg(*a);
+        }
+        timeout(COMMAND_TIMEOUT, cmd.query_async(&mut con))
+            .await
+            .unwrap_or_else(|_| panic!("SENTINEL {args:?} timed out"))
+    }
+
+    /// The primary's port, as this sentinel sees it.
+    pub async fn primary_port(&self) -> Option<u16> {
+        let addr: Option<(String, u16)> = self
+            .ask(&["get-master-addr-by-name", MASTER_NAME])
+            .await
+            .ok()
+            .flatten();
+        addr.map(|(_, port)| port)
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.take() {
+            kill_and_reap(child);
+        }
+    }
 }
