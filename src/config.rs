@@ -911,6 +911,38 @@ mod tests {
     }
 
     #[test]
+    fn redis_modes_are_exclusive_and_sentinel_secrets_redacted() {
+        let both = load_str(
+            "[redis]\nurl = \"redis://a:6379\"\n[redis.sentinel]\nmaster = \"m\"\nnodes = [\"redis://s:26379\"]\n",
+            &[],
+        )
+        .unwrap_err();
+        assert!(both.to_string().contains("redis.sentinel"), "{both}");
+        let nameless =
+            load_str("[redis.sentinel]\nnodes = [\"redis://s:26379\"]\n", &[]).unwrap_err();
+        assert!(
+            nameless.to_string().contains("redis.sentinel.master"),
+            "{nameless}"
+        );
+        let empty = load_str("[redis.sentinel]\nmaster = \"m\"\n", &[]).unwrap_err();
+        assert!(
+            empty.to_string().contains("redis.sentinel.nodes"),
+            "{empty}"
+        );
+        let cfg = load_str(
+            "[redis.sentinel]\nmaster = \"m\"\nnodes = [\"redis://:node-secret@s:26379\"]\npassword = \"sentinel-secret\"\n",
+            &[("CRIER_REDIS__SENTINEL__NODES", "[\"redis://:node-secret@s:26379\"]")],
+        )
+        .expect("valid");
+        assert!(cfg.redis.is_configured());
+        let shown = cfg.to_redacted_toml();
+        assert!(
+            !shown.contains("sentinel-secret") && !shown.contains("node-secret"),
+            "{shown}"
+        );
+    }
+
+    #[test]
     fn errors_name_the_field() {
         let unknown = load_str("[limits]\nqueue_sise = 3\n", &[]).unwrap_err();
         assert!(unknown.to_string().contains("queue_sise"), "{unknown}");
