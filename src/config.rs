@@ -110,6 +110,10 @@ pub struct RedisConfig {
     /// the sentinels where the primary is and follows failovers.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub sentinel: Option<SentinelConfig>,
+    /// A Redis Cluster, instead of `url`: channels are relayed with sharded
+    /// pub/sub on the shard that owns them, history lives on that shard.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
     /// Prefix of every Redis channel: Redis channel = prefix + channel.
     pub channel_prefix: String,
     /// How long a channel stays subscribed in Redis after its last local
@@ -147,6 +151,15 @@ pub struct SentinelConfig {
     /// `redis.username` / `redis.password`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub password: Option<String>,
+}
+
+/// `[redis.cluster]`
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Seed nodes, `redis://host:6379`; the rest of the cluster is
+    /// discovered from them.
+    pub nodes: Vec<String>,
 }
 
 /// `[redis.tls]`: how crier checks Redis's certificate, and presents its own.
@@ -295,7 +308,7 @@ impl Default for LogConfig {
 impl RedisConfig {
     /// Whether a Redis is configured at all (else: the memory broker).
     pub fn is_configured(&self) -> bool {
-        self.url.is_some() || self.sentinel.is_some()
+        self.url.is_some() || self.sentinel.is_some() || self.cluster.is_some()
     }
 }
 
@@ -307,6 +320,7 @@ impl Default for RedisConfig {
             password: None,
             tls: RedisTlsConfig::default(),
             sentinel: None,
+            cluster: None,
             channel_prefix: String::new(),
             linger: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(5),
@@ -451,6 +465,25 @@ impl Config {
         let bad = |field: &str, why: String| Err(ConfigError(format!("{field}: {why}")));
         if let Some(url) = &self.redis.url {
             crate::broker::client::open("redis.url", url, &self.redis).map_err(ConfigError)?;
+        }
+        if let Some(cluster) = &self.redis.cluster {
+            if self.redis.url.is_some() || self.redis.sentinel.is_some() {
+                return bad(
+                    "redis.cluster",
+                    "set one of redis.url, [redis.sentinel] or [redis.cluster]".into(),
+                );
+            }
+            if cluster.nodes.is_empty() {
+                return bad("redis.cluster.nodes", "list at least one node".into());
+            }
+            for (i, node) in cluster.nodes.iter().enumerate() {
+                crate::broker::client::open(
+                    &format!("redis.cluster.nodes[{i}]"),
+                    node,
+                    &self.redis,
+                )
+                .map_err(ConfigError)?;
+            }
         }
         if let Some(sentinel) = &self.redis.sentinel {
             if self.redis.url.is_some() {
@@ -631,6 +664,11 @@ impl Config {
         shown.publish.api_keys = vec![REDACTED.into(); self.publish.api_keys.len()];
         shown.redis.url = self.redis.url.as_deref().map(redact_url);
         shown.redis.password = self.redis.password.as_ref().map(|_| REDACTED.into());
+        if let Some(cluster) = &mut shown.redis.cluster {
+            for node in &mut cluster.nodes {
+                *node = redact_url(node);
+            }
+        }
         if let Some(sentinel) = &mut shown.redis.sentinel {
             sentinel.password = sentinel.password.as_ref().map(|_| REDACTED.into());
             for node in &mut sentinel.nodes {

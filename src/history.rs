@@ -139,6 +139,30 @@ pub fn has_hash_tag(name: &str) -> bool {
         .is_some_and(|len| len > 0)
 }
 
+/// Redis Cluster's slot of a key or channel name: CRC16/XMODEM of its hash
+/// tag, or of the whole name without one, modulo 16384.
+pub fn slot(key: &str) -> u16 {
+    let hashed = key
+        .find('{')
+        .and_then(|open| {
+            let len = key[open + 1..].find('}')?;
+            (len > 0).then(|| &key[open + 1..open + 1 + len])
+        })
+        .unwrap_or(key);
+    let mut crc: u16 = 0;
+    for byte in hashed.bytes() {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
+
 /// The Redis key of a channel's history stream. It is declared in every
 /// `FCALL` crier makes (ACLs check declared keys; Cluster routes by them)
 /// and hashes to the same Cluster slot as the channel's Redis name
@@ -168,7 +192,14 @@ pub fn legacy_stream_key(prefix: &str, channel: &str) -> String {
 /// Apps call `FCALL crier_publish 1 <channel> <payload>`; crier itself
 /// (and apps restricted by ACLs) pass the channel's [`stream_key`] instead
 /// of the channel, and then every key the function touches is declared.
-pub fn function_library(prefix: &str, rules: &[(String, Option<HistoryRule>)]) -> String {
+///
+/// On Redis Cluster (`sharded`) it publishes with `SPUBLISH` on the
+/// channel's own shard, where crier `SSUBSCRIBE`s.
+pub fn function_library(
+    prefix: &str,
+    rules: &[(String, Option<HistoryRule>)],
+    sharded: bool,
+) -> String {
     let mut table = String::new();
     for (pattern, history) in rules {
         let (size, ttl) = history.map_or((0, 0), |h| (h.size, h.ttl.as_millis() as u64));
@@ -181,6 +212,7 @@ pub fn function_library(prefix: &str, rules: &[(String, Option<HistoryRule>)]) -
         .replace("@VERSION@", crate::VERSION)
         .replace("@PREFIX@", &lua_string(prefix))
         .replace("@RULES@", &table)
+        .replace("@PUBLISH@", if sharded { "SPUBLISH" } else { "PUBLISH" })
 }
 
 /// A crier channel pattern as an anchored Lua pattern: literal text escaped,
@@ -277,30 +309,6 @@ mod tests {
         );
         assert_eq!(split_marked(b"plain"), (None, &b"plain"[..]));
         assert_eq!(split_marked(b"\x00no-end"), (None, &b"\x00no-end"[..]));
-    }
-
-    /// Redis Cluster's slot of a key (CRC16/XMODEM of the key or of its
-    /// hash tag, modulo 16384).
-    fn slot(key: &str) -> u16 {
-        let hashed = key
-            .find('{')
-            .and_then(|open| {
-                let len = key[open + 1..].find('}')?;
-                (len > 0).then(|| &key[open + 1..open + 1 + len])
-            })
-            .unwrap_or(key);
-        let mut crc: u16 = 0;
-        for byte in hashed.bytes() {
-            crc ^= u16::from(byte) << 8;
-            for _ in 0..8 {
-                crc = if crc & 0x8000 != 0 {
-                    (crc << 1) ^ 0x1021
-                } else {
-                    crc << 1
-                };
-            }
-        }
-        crc % 16384
     }
 
     #[test]

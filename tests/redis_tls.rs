@@ -194,10 +194,16 @@ async fn bad_tls_settings_are_configuration_errors() {
             "redis.tls.ca_file",
         ),
         ("[redis]\nurl = \"http://127.0.0.1:1\"\n", "redis.url"),
+        (
+            "[redis]\nurl = \"rediss://127.0.0.1:1\"\n[redis.tls]\nca_file = \"@GARBAGE@\"\n",
+            "holds no PEM certificate",
+        ),
     ];
+    let garbage = write(dir.path(), "garbage.pem", "not a certificate\n");
     for (toml, field) in cases {
         let path = dir.path().join("bad.toml");
-        std::fs::write(&path, toml).expect("config");
+        std::fs::write(&path, toml.replace("@GARBAGE@", &garbage.to_string_lossy()))
+            .expect("config");
         let output = common::crier::crier_command()
             .args(["check-config", "--config", &path.to_string_lossy()])
             .output()

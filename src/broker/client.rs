@@ -5,7 +5,7 @@
 
 use redis::{ConnectionAddr, IntoConnectionInfo, TlsCertificates};
 
-use crate::config::RedisConfig;
+use crate::config::{RedisConfig, RedisTlsConfig};
 
 /// A client for `url` (named `field` in errors), with `config`'s
 /// credentials where the URL has none and its TLS files for `rediss://`.
@@ -42,7 +42,14 @@ pub fn open(field: &str, url: &str, config: &RedisConfig) -> Result<redis::Clien
         return redis::Client::open(info).map_err(|e| format!("{field}: {e}"));
     }
     debug_assert!(matches!(info.addr(), ConnectionAddr::TcpTls { .. }));
-    let files = &config.tls;
+    redis::Client::build_with_tls(info, certificates(&config.tls)?)
+        .map_err(|e| format!("{field}: cannot set up TLS ({e})"))
+}
+
+/// `[redis.tls]`'s files, read and checked: a CA file must hold at least
+/// one PEM certificate, or every server would be refused for a reason the
+/// log could not name.
+pub fn certificates(files: &RedisTlsConfig) -> Result<TlsCertificates, String> {
     let read = |name: &str, path: &std::path::Path| {
         std::fs::read(path)
             .map_err(|e| format!("redis.tls.{name}: cannot read {}: {e}", path.display()))
@@ -52,6 +59,14 @@ pub fn open(field: &str, url: &str, config: &RedisConfig) -> Result<redis::Clien
         .as_deref()
         .map(|p| read("ca_file", p))
         .transpose()?;
+    if let (Some(pem), Some(path)) = (&root_cert, &files.ca_file) {
+        if !String::from_utf8_lossy(pem).contains("-----BEGIN CERTIFICATE-----") {
+            return Err(format!(
+                "redis.tls.ca_file: {} holds no PEM certificate",
+                path.display()
+            ));
+        }
+    }
     let client_tls = match (&files.cert_file, &files.key_file) {
         (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
             client_cert: read("cert_file", cert)?,
@@ -61,12 +76,8 @@ pub fn open(field: &str, url: &str, config: &RedisConfig) -> Result<redis::Clien
         (None, Some(_)) => return Err("redis.tls.cert_file: needed with key_file".into()),
         (None, None) => None,
     };
-    redis::Client::build_with_tls(
-        info,
-        TlsCertificates {
-            client_tls,
-            root_cert,
-        },
-    )
-    .map_err(|e| format!("{field}: cannot set up TLS ({e})"))
+    Ok(TlsCertificates {
+        client_tls,
+        root_cert,
+    })
 }

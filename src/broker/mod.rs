@@ -20,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::policy::Policy;
 
 pub mod client;
+mod cluster;
 mod memory;
 mod redis;
 mod target;

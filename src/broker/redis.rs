@@ -57,13 +57,31 @@ pub struct RedisBroker {
     pub(super) health: BrokerHealth,
 }
 
+/// The connection commands go over: to one primary (reconnecting by
+/// itself), or to a Redis Cluster (routing each command by its key).
+pub(super) enum Conn {
+    Node(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Conn {
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        match self {
+            Conn::Node(c) => cmd.query_async(&mut c.clone()).await,
+            Conn::Cluster(c) => cmd.query_async(&mut c.clone()).await,
+        }
+    }
+}
+
 /// Commands over the multiplexed connection, shared by the broker and its
 /// supervisor.
 #[derive(Clone)]
 pub(super) struct Redis {
     /// To the current primary; replaced when the supervisor finds another.
     /// `None` until the first one is found (Sentinel).
-    conn: Arc<arc_swap::ArcSwapOption<ConnectionManager>>,
+    conn: Arc<arc_swap::ArcSwapOption<Conn>>,
+    /// Redis Cluster: no legacy keys to read (crier never ran there before).
+    cluster: bool,
     /// Told when Redis answers as a replica would: the primary moved.
     demoted: Arc<tokio::sync::Notify>,
     settings: ConnectionManagerConfig,
@@ -81,6 +99,12 @@ impl RedisBroker {
         tasks: &TaskTracker,
         stop: CancellationToken,
     ) -> Result<Self, PublishError> {
+        if config.redis.cluster.is_some() {
+            let redis = Redis::new(config);
+            let health = wiring.health.clone();
+            super::cluster::spawn(config, wiring, redis.clone(), tasks, stop)?;
+            return Ok(RedisBroker { redis, health });
+        }
         let Wiring {
             hub,
             policy,
@@ -89,9 +113,9 @@ impl RedisBroker {
             metrics,
         } = wiring;
         let redis_config = &config.redis;
+        let redis = Redis::new(config);
         let target = Target::of(redis_config)
             .ok_or_else(|| PublishError::Protocol("no Redis configured".into()))?;
-        let redis = Redis::new(config);
         let prefix = redis_config.channel_prefix.clone();
         health.set(false, &metrics);
         let canary = format!("{prefix}crier:canary:{:016x}", rand::rng().random::<u64>());
@@ -140,6 +164,19 @@ pub async fn publish_once(
     channel: &str,
     payload: &[u8],
 ) -> Result<Option<StreamId>, PublishError> {
+    if config.redis.cluster.is_some() {
+        let client = super::cluster::client(&config.redis, None)?;
+        let conn =
+            tokio::time::timeout(config.redis.connect_timeout, client.get_async_connection())
+                .await
+                .map_err(|_| {
+                    PublishError::Protocol("the redis cluster did not answer in time".into())
+                })??;
+        let mut redis = Redis::new(config);
+        redis.use_cluster(conn);
+        redis.load_when_missing = !config.channels.is_empty();
+        return redis.publish(channel, payload).await;
+    }
     let target = Target::of(&config.redis)
         .ok_or_else(|| PublishError::Protocol("no Redis configured".into()))?;
     let primary = target
@@ -155,14 +192,17 @@ pub async fn publish_once(
 impl Redis {
     /// A lazily connecting multiplexed connection and this configuration's
     /// function library.
-    fn new(config: &Config) -> Self {
+    pub(super) fn new(config: &Config) -> Self {
         let redis_config = &config.redis;
+        let cluster = redis_config.cluster.is_some();
         let library = history::function_library(
             &redis_config.channel_prefix,
             &Policy::history_rules(&config.channels),
+            cluster,
         );
         Redis {
             conn: Arc::default(),
+            cluster,
             demoted: Arc::default(),
             settings: ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(redis_config.connect_timeout))
@@ -179,8 +219,13 @@ impl Redis {
     /// From now on, commands go to `client`'s server (connecting lazily).
     fn connect_to(&self, client: redis::Client) -> Result<(), PublishError> {
         let conn = ConnectionManager::new_lazy_with_config(client, self.settings.clone())?;
-        self.conn.store(Some(Arc::new(conn)));
+        self.conn.store(Some(Arc::new(Conn::Node(conn))));
         Ok(())
+    }
+
+    /// From now on, commands go through this cluster connection.
+    pub(super) fn use_cluster(&self, conn: redis::cluster_async::ClusterConnection) {
+        self.conn.store(Some(Arc::new(Conn::Cluster(conn))));
     }
 
     /// Through `crier_publish`; on a Redis without functions (< 7), a
@@ -236,12 +281,14 @@ impl Redis {
         }
     }
 
-    async fn query<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, PublishError> {
+    pub(super) async fn query<T: redis::FromRedisValue>(
+        &self,
+        cmd: redis::Cmd,
+    ) -> Result<T, PublishError> {
         let Some(conn) = self.conn.load_full() else {
             return Err(PublishError::Protocol("no Redis primary found yet".into()));
         };
-        let mut conn = ConnectionManager::clone(&conn);
-        match tokio::time::timeout(self.timeout, cmd.query_async(&mut conn)).await {
+        match tokio::time::timeout(self.timeout, conn.query(&cmd)).await {
             Ok(Err(e))
                 if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
                     || e.to_string().contains("READONLY") =>
@@ -269,7 +316,7 @@ impl Redis {
         }
     }
 
-    async fn load_library(&self) -> Result<(), PublishError> {
+    pub(super) async fn load_library(&self) -> Result<(), PublishError> {
         let mut cmd = redis::cmd("FUNCTION");
         cmd.arg("LOAD").arg("REPLACE").arg(self.library.as_bytes());
         self.query::<String>(cmd).await.map(|_| ())
@@ -278,7 +325,7 @@ impl Redis {
     /// Whether apps can `FCALL crier_publish`: the library is there, or was
     /// loaded again now. A Redis without functions at all (< 7) counts as
     /// fine: crier then runs without history, as it said at start.
-    async fn ensure_library(&self) -> Result<(), PublishError> {
+    pub(super) async fn ensure_library(&self) -> Result<(), PublishError> {
         match self
             .fcall::<String>("crier_position", &[self.stream_key("crier:check")], &[])
             .await
@@ -295,11 +342,12 @@ impl Redis {
 
     /// The keys a history read declares: the stream, and where crier
     /// before 0.2 kept it (read so an upgrade loses nothing).
-    fn history_keys(&self, channel: &str) -> [String; 2] {
-        [
-            self.stream_key(channel),
-            history::legacy_stream_key(&self.prefix, channel),
-        ]
+    fn history_keys(&self, channel: &str) -> Vec<String> {
+        let mut keys = vec![self.stream_key(channel)];
+        if !self.cluster {
+            keys.push(history::legacy_stream_key(&self.prefix, channel));
+        }
+        keys
     }
 
     pub(super) async fn position(&self, channel: &str) -> Result<StreamId, PublishError> {
@@ -771,7 +819,7 @@ impl Supervisor {
 
 /// Publish → receive through Redis, every half interval; unanswered for
 /// longer than the interval means "connected but not receiving".
-struct Canary {
+pub(super) struct Canary {
     interval: Duration,
     seq: u64,
     /// The oldest canary not yet received back.
@@ -779,7 +827,7 @@ struct Canary {
 }
 
 impl Canary {
-    fn new(interval: Duration) -> Self {
+    pub(super) fn new(interval: Duration) -> Self {
         Self {
             interval,
             seq: 0,
@@ -788,7 +836,7 @@ impl Canary {
     }
 
     /// The next canary to send, unless one is still on its way.
-    fn next(&mut self) -> Option<u64> {
+    pub(super) fn next(&mut self) -> Option<u64> {
         if self.waiting.is_some() && !self.overdue() {
             return None;
         }
@@ -799,18 +847,18 @@ impl Canary {
         Some(self.seq)
     }
 
-    fn lost(&self) -> bool {
+    pub(super) fn lost(&self) -> bool {
         self.waiting
             .is_some_and(|(_, sent)| sent.elapsed() > self.interval * 3)
     }
 
-    fn overdue(&self) -> bool {
+    pub(super) fn overdue(&self) -> bool {
         self.waiting
             .is_some_and(|(_, sent)| sent.elapsed() > self.interval)
     }
 
     /// A canary came back: record the lag of the one awaited.
-    fn answered(&mut self, payload: &[u8], metrics: &Metrics) {
+    pub(super) fn answered(&mut self, payload: &[u8], metrics: &Metrics) {
         let seq: Option<u64> = std::str::from_utf8(payload)
             .ok()
             .and_then(|s| s.parse().ok());
@@ -826,7 +874,7 @@ impl Canary {
 /// Full-jitter-ish exponential backoff: a random delay in `[d/2, d]` where
 /// `d = min(BACKOFF_START * 2^failures, max)`, so instances that lost Redis
 /// together do not reconnect in lockstep.
-fn backoff(failures: u32, max: Duration) -> Duration {
+pub(super) fn backoff(failures: u32, max: Duration) -> Duration {
     let exp = BACKOFF_START.saturating_mul(1u32 << failures.min(16));
     let ceiling = exp.min(max).max(Duration::from_millis(1));
     let floor = ceiling / 2;

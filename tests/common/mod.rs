@@ -167,4 +167,5 @@ pub(crate) async fn read_whole(
 }
 
 pub mod browser;
+pub mod cluster;
 pub mod crier;

@@ -1,0 +1,525 @@
+//! The Redis Cluster side of the Redis broker: sharded pub/sub.
+//!
+//! One cluster connection (RESP3, one multiplexed connection per node,
+//! opened by redis-rs as it learns the topology) carries commands and every
+//! subscription: each channel is `SSUBSCRIBE`d on the shard that owns its
+//! slot (what `crier_publish` and apps' `SPUBLISH` reach) and `SUBSCRIBE`d
+//! for apps' plain `PUBLISH`, which the cluster broadcasts. Messages arrive
+//! as pushes, which this task relays to the hub without waiting on anyone.
+//!
+//! When a slot changes owner (a failover, a crash, a reshard) the old owner
+//! drops its sharded subscriptions, and what is published meanwhile is gone
+//! from pub/sub. crier reads the slot map (`CLUSTER SLOTS`) with every
+//! canary; a channel whose slot moved is subscribed again on its new owner
+//! and, once that is confirmed, recovered — from history since the last
+//! message relayed, or with a `gap`. Recovering before the resubscription
+//! would lose what comes in between.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use redis::cluster::ClusterClientBuilder;
+use redis::{ProtocolVersion, PushInfo, PushKind, Value};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::redis::{backoff, Canary, Redis};
+use super::{BrokerHealth, PublishError, Wiring};
+use crate::config::{Config, RedisConfig};
+use crate::history::{self, StreamId};
+use crate::hub::{Control, Hub};
+use crate::metrics::Metrics;
+use crate::policy::Policy;
+use crate::protocol::Publication;
+
+/// Most messages recovered per channel after a node was lost.
+const RECOVERY_LIMIT: usize = 10_000;
+
+/// Which primary serves each slot range: `(first, last, address)`, from
+/// `CLUSTER SLOTS`.
+type SlotMap = Vec<(u16, u16, String)>;
+
+fn owner(map: &SlotMap, slot: u16) -> Option<&str> {
+    map.iter()
+        .find(|(first, last, _)| (*first..=*last).contains(&slot))
+        .map(|(_, _, address)| address.as_str())
+}
+
+async fn slot_map(redis: &Redis) -> Option<SlotMap> {
+    let mut cmd = redis::cmd("CLUSTER");
+    cmd.arg("SLOTS");
+    let reply: Vec<Value> = redis.query(cmd).await.ok()?;
+    let mut map = SlotMap::new();
+    for range in reply {
+        let Value::Array(fields) = range else {
+            continue;
+        };
+        let (Some(Value::Int(first)), Some(Value::Int(last)), Some(Value::Array(primary))) =
+            (fields.first(), fields.get(1), fields.get(2))
+        else {
+            continue;
+        };
+        let host = primary.first().and_then(bytes).map(String::from_utf8_lossy);
+        let port = match primary.get(1) {
+            Some(Value::Int(port)) => Some(*port),
+            _ => None,
+        };
+        if let (Some(host), Some(port), Ok(first), Ok(last)) =
+            (host, port, u16::try_from(*first), u16::try_from(*last))
+        {
+            map.push((first, last, format!("{host}:{port}")));
+        }
+    }
+    map.sort();
+    Some(map)
+}
+
+/// What the supervisor knows of one channel.
+struct Channel {
+    /// Kept: the hub waits on it for the subscription to be confirmed.
+    _ready: watch::Sender<bool>,
+    /// For history channels: the newest id relayed, where recovery resumes.
+    last: Option<StreamId>,
+    history: bool,
+    /// A node was lost since this channel last recovered.
+    pending: bool,
+}
+
+/// A cluster client for `[redis.cluster]`, with `[redis]`'s credentials
+/// and, for `rediss://` seeds, its TLS files; with `pushes`, RESP3 and the
+/// sender that subscriptions deliver to.
+pub(super) fn client(
+    config: &RedisConfig,
+    pushes: Option<mpsc::UnboundedSender<PushInfo>>,
+) -> Result<redis::cluster::ClusterClient, PublishError> {
+    let nodes = config
+        .cluster
+        .as_ref()
+        .map(|c| c.nodes.clone())
+        .unwrap_or_default();
+    let tls = nodes.iter().any(|n| n.starts_with("rediss:"));
+    let mut builder = ClusterClientBuilder::new(nodes)
+        .connection_timeout(config.connect_timeout)
+        .response_timeout(config.connect_timeout);
+    if let Some(pushes) = pushes {
+        builder = builder
+            .use_protocol(ProtocolVersion::RESP3)
+            .push_sender(pushes);
+    }
+    if let Some(user) = &config.username {
+        builder = builder.username(user);
+    }
+    if let Some(password) = &config.password {
+        builder = builder.password(password);
+    }
+    if tls {
+        let certs = super::client::certificates(&config.tls).map_err(PublishError::Protocol)?;
+        builder = builder.certs(certs);
+    }
+    Ok(builder.build()?)
+}
+
+/// Starts the cluster supervisor for `redis`.
+pub(super) fn spawn(
+    config: &Config,
+    wiring: Wiring,
+    redis: Redis,
+    tasks: &TaskTracker,
+    stop: CancellationToken,
+) -> Result<(), PublishError> {
+    let redis_config = &config.redis;
+    let (push_tx, pushes) = mpsc::unbounded_channel::<PushInfo>();
+    let (maps_tx, maps) = mpsc::unbounded_channel::<SlotMap>();
+    let client = client(redis_config, Some(push_tx))?;
+    let prefix = redis_config.channel_prefix.clone();
+    // A hash tag of its own: the canary lives on one shard, like a channel.
+    let canary = format!(
+        "{prefix}crier:canary:{{{:016x}}}",
+        rand::rng().random::<u64>()
+    );
+    let Wiring {
+        hub,
+        policy,
+        control,
+        health,
+        metrics,
+    } = wiring;
+    health.set(false, &metrics);
+    let supervisor = Supervisor {
+        client,
+        redis,
+        pushes,
+        maps_tx,
+        maps,
+        topology: None,
+        prefix,
+        canary,
+        canary_interval: redis_config.canary_interval,
+        connect_timeout: redis_config.connect_timeout,
+        reconnect_max: redis_config.reconnect_max,
+        hub,
+        policy,
+        control,
+        channels: HashMap::new(),
+        health,
+        metrics,
+        stop,
+    };
+    tasks.spawn(supervisor.run());
+    Ok(())
+}
+
+struct Supervisor {
+    client: redis::cluster::ClusterClient,
+    redis: Redis,
+    pushes: mpsc::UnboundedReceiver<PushInfo>,
+    /// Slot maps read with the canaries, for this task to compare.
+    maps_tx: mpsc::UnboundedSender<SlotMap>,
+    maps: mpsc::UnboundedReceiver<SlotMap>,
+    topology: Option<SlotMap>,
+    prefix: String,
+    canary: String,
+    canary_interval: Duration,
+    connect_timeout: Duration,
+    reconnect_max: Duration,
+    hub: Arc<Hub>,
+    policy: Arc<Policy>,
+    control: mpsc::UnboundedReceiver<Control>,
+    channels: HashMap<String, Channel>,
+    health: BrokerHealth,
+    metrics: Metrics,
+    stop: CancellationToken,
+}
+
+impl Supervisor {
+    async fn run(mut self) {
+        let mut failures = 0u32;
+        let conn = loop {
+            let attempt =
+                tokio::time::timeout(self.connect_timeout, self.client.get_async_connection());
+            let result = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                r = attempt => r,
+            };
+            match result {
+                Ok(Ok(conn)) => break conn,
+                Ok(Err(e)) if failures % 20 == 0 => {
+                    tracing::warn!(error = %e, attempt = failures + 1, "cannot connect to the redis cluster")
+                }
+                Err(_) if failures % 20 == 0 => {
+                    tracing::warn!(
+                        attempt = failures + 1,
+                        "cannot connect to the redis cluster: timed out"
+                    )
+                }
+                _ => {}
+            }
+            let delay = backoff(failures, self.reconnect_max);
+            failures = failures.saturating_add(1);
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        };
+        self.redis.use_cluster(conn.clone());
+        // FUNCTION LOAD goes to every primary.
+        if let Err(e) = self.redis.load_library().await {
+            tracing::error!(error = %e, "cannot load the crier function library on the cluster: no history until it is loaded");
+        }
+        let mut conn = conn;
+        if let Err(e) = conn.ssubscribe(&self.canary).await {
+            tracing::warn!(error = %e, "cannot subscribe the canary");
+        }
+        tracing::info!("redis cluster connected");
+        self.serve(conn).await;
+        self.health.set(false, &self.metrics);
+    }
+
+    async fn serve(&mut self, mut conn: redis::cluster_async::ClusterConnection) {
+        let mut canary = Canary::new(self.canary_interval);
+        let mut tick = tokio::time::interval(self.canary_interval / 2);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                map = self.maps.recv() => {
+                    if let Some(map) = map {
+                        self.on_slot_map(map, &mut conn).await;
+                    }
+                }
+                push = self.pushes.recv() => {
+                    let Some(push) = push else { return };
+                    self.on_push(push, &mut canary, &mut conn).await;
+                }
+                request = self.control.recv() => {
+                    let Some(request) = request else { return };
+                    match request {
+                        Control::Subscribe { channel, ready } => {
+                            self.subscribe(&mut conn, channel, ready).await;
+                        }
+                        Control::Unsubscribe { channel } => {
+                            self.channels.remove(&channel);
+                            let key = self.key(&channel);
+                            let _ = conn.sunsubscribe(&key).await;
+                            let _ = conn.unsubscribe(&key).await;
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    if canary.overdue() && self.health.is_up() {
+                        tracing::warn!("canary not received back: the cluster is not delivering, not ready");
+                        self.health.set(false, &self.metrics);
+                    }
+                    if let Some(seq) = canary.next() {
+                        let redis = self.redis.clone();
+                        let maps = self.maps_tx.clone();
+                        let mut cmd = redis::cmd("SPUBLISH");
+                        cmd.arg(&self.canary).arg(seq.to_string());
+                        tokio::spawn(async move {
+                            if let Some(map) = slot_map(&redis).await {
+                                let _ = maps.send(map);
+                            }
+                            // Also repairs a library lost on the canary's shard.
+                            let _ = redis.ensure_library().await;
+                            redis.query::<i64>(cmd).await
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    async fn subscribe(
+        &mut self,
+        conn: &mut redis::cluster_async::ClusterConnection,
+        channel: String,
+        ready: watch::Sender<bool>,
+    ) {
+        let history = self.policy.history_of(&channel).is_some();
+        let last = if history {
+            self.redis.position(&channel).await.ok()
+        } else {
+            None
+        };
+        let key = self.key(&channel);
+        let sharded = conn.ssubscribe(&key).await;
+        let plain = conn.subscribe(&key).await;
+        match (sharded, plain) {
+            (Ok(()), Ok(())) => {
+                ready.send_replace(true);
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(%channel, error = %e, "cluster subscribe failed");
+            }
+        }
+        self.channels.insert(
+            channel,
+            Channel {
+                _ready: ready,
+                last,
+                history,
+                pending: false,
+            },
+        );
+    }
+
+    async fn on_push(
+        &mut self,
+        push: PushInfo,
+        canary: &mut Canary,
+        conn: &mut redis::cluster_async::ClusterConnection,
+    ) {
+        let name = push
+            .data
+            .first()
+            .and_then(bytes)
+            .map(|b| String::from_utf8_lossy(b).into_owned());
+        match (push.kind, name) {
+            (PushKind::Message | PushKind::SMessage, Some(name)) => {
+                let payload = push.data.get(1).and_then(bytes).unwrap_or_default();
+                if name == self.canary {
+                    canary.answered(payload, &self.metrics);
+                    self.health.set(true, &self.metrics);
+                    return;
+                }
+                let Some(channel) = name.strip_prefix(self.prefix.as_str()) else {
+                    return;
+                };
+                let (id, payload) = history::split_marked(payload);
+                let channel = channel.to_owned();
+                self.dispatch(&channel, id, payload);
+            }
+            (PushKind::Disconnection, _) => {
+                tracing::warn!("a redis cluster node connection was lost: recovering each channel once it is resubscribed");
+                for channel in self.channels.values_mut() {
+                    channel.pending = true;
+                }
+            }
+            // A (re)subscription confirmed: recover what the lost node's
+            // subscription missed. History channels wait for the sharded
+            // one, where crier_publish publishes.
+            // The shard gave the channel's slot away (a failover, a
+            // reshard) and dropped the subscription: subscribe again, on
+            // the new owner, and recover once it is confirmed.
+            (PushKind::SUnsubscribe, Some(name)) if self.wants(&name) || name == self.canary => {
+                tracing::info!(channel = %name, "sharded subscription moved: subscribing on the new owner");
+                if let Some(channel) = self.channel_mut(&name) {
+                    channel.pending = true;
+                }
+                if let Err(e) = self.resubscribe(conn, &name).await {
+                    tracing::warn!(channel = %name, error = %e, "cannot subscribe on the new owner");
+                }
+            }
+            (PushKind::SSubscribe, Some(name)) => self.recover(&name, true).await,
+            (PushKind::Subscribe, Some(name)) => self.recover(&name, false).await,
+            _ => {}
+        }
+    }
+
+    async fn recover(&mut self, key: &str, sharded: bool) {
+        let Some(name) = key.strip_prefix(self.prefix.as_str()) else {
+            return;
+        };
+        let Some(channel) = self.channels.get_mut(name) else {
+            return;
+        };
+        if !channel.pending || (channel.history && !sharded) {
+            return;
+        }
+        channel.pending = false;
+        let name = name.to_owned();
+        let since = match (channel.history, channel.last) {
+            (true, Some(since)) => since,
+            _ => {
+                self.gap(&name);
+                return;
+            }
+        };
+        match self.redis.recover(&name, since, RECOVERY_LIMIT).await {
+            Ok(recovery) => {
+                if recovery.gap {
+                    self.gap(&name);
+                }
+                let count = recovery.entries.len();
+                for (id, payload) in recovery.entries {
+                    self.dispatch(&name, Some(id), &payload);
+                }
+                self.metrics.recovered_messages.inc_by(count as u64);
+            }
+            Err(e) => {
+                tracing::warn!(channel = %name, error = %e, "history recovery failed");
+                self.gap(&name);
+            }
+        }
+    }
+
+    /// A slot map read with a canary: every channel (and the canary) whose
+    /// slot changed owner is subscribed on the new owner, then recovered.
+    async fn on_slot_map(
+        &mut self,
+        map: SlotMap,
+        conn: &mut redis::cluster_async::ClusterConnection,
+    ) {
+        let Some(old) = self.topology.replace(map) else {
+            return;
+        };
+        let Some(new) = &self.topology else { return };
+        if &old == new {
+            return;
+        }
+        let moved = |key: &str| {
+            let slot = history::slot(key);
+            owner(&old, slot) != owner(new, slot)
+        };
+        let mut keys: Vec<String> = self
+            .channels
+            .keys()
+            .map(|name| self.key(name))
+            .filter(|key| moved(key))
+            .collect();
+        if moved(&self.canary) {
+            keys.push(self.canary.clone());
+        }
+        if keys.is_empty() {
+            return;
+        }
+        tracing::info!(
+            channels = keys.len(),
+            "cluster slots moved: subscribing on the new owners and recovering"
+        );
+        for key in keys {
+            if let Some(channel) = self.channel_mut(&key) {
+                channel.pending = true;
+            }
+            match self.resubscribe(conn, &key).await {
+                Ok(()) => self.recover(&key, true).await,
+                Err(e) => {
+                    tracing::warn!(channel = %key, error = %e, "cannot subscribe on the new owner")
+                }
+            }
+        }
+    }
+
+    /// Whether `key` (a Redis channel name) is one the hub still wants.
+    fn wants(&self, key: &str) -> bool {
+        key.strip_prefix(self.prefix.as_str())
+            .is_some_and(|name| self.channels.contains_key(name))
+    }
+
+    fn channel_mut(&mut self, key: &str) -> Option<&mut Channel> {
+        let name = key.strip_prefix(self.prefix.as_str())?;
+        self.channels.get_mut(name)
+    }
+
+    /// `SSUBSCRIBE` again, retrying while the cluster settles (the slot map
+    /// may still name the old owner for a moment).
+    async fn resubscribe(
+        &self,
+        conn: &mut redis::cluster_async::ClusterConnection,
+        key: &str,
+    ) -> redis::RedisResult<()> {
+        let mut attempt = 0u32;
+        loop {
+            match conn.ssubscribe(key).await {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt >= 20 => return Err(e),
+                Err(_) => {
+                    attempt += 1;
+                    tokio::time::sleep(backoff(attempt.min(4), self.reconnect_max)).await;
+                }
+            }
+        }
+    }
+
+    fn gap(&self, channel: &str) {
+        self.metrics.gaps.inc();
+        self.hub.dispatch(Publication::gap(channel));
+    }
+
+    fn dispatch(&mut self, channel: &str, id: Option<StreamId>, payload: &[u8]) {
+        if let (Some(id), Some(state)) = (id, self.channels.get_mut(channel)) {
+            if state.last.is_some_and(|last| last >= id) {
+                return;
+            }
+            state.last = Some(id);
+        }
+        let event_field = self.policy.event_field_of(channel);
+        self.hub
+            .dispatch(Publication::message(channel, id, payload, event_field));
+    }
+
+    fn key(&self, channel: &str) -> String {
+        format!("{}{channel}", self.prefix)
+    }
+}
+
+fn bytes(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
