@@ -620,7 +620,14 @@ def cmd_toml(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tls_files = None
-    if crier is not None and any("tls" in tomllib.loads(text).get("redis", {}) for _, text in tomls):
+
+    def has_tls(text: str) -> bool:
+        try:
+            return "tls" in tomllib.loads(text).get("redis", {})
+        except tomllib.TOMLDecodeError:
+            return False  # reported below
+
+    if crier is not None and any(has_tls(text) for _, text in tomls):
         (out / "tls").mkdir(exist_ok=True)
         tls_files = throwaway_tls_files(out / "tls")
         if tls_files:
