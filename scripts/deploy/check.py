@@ -22,7 +22,7 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 CHART = Path("helm/crier")
-CI_VALUES = ["default-values.yaml", "full-values.yaml", "sidecar-like-values.yaml"]
+CI_VALUES = ["default-values.yaml", "full-values.yaml", "sidecar-like-values.yaml", "sentinel-tls-values.yaml"]
 RELEASE = "crier"
 NAMESPACE = "crier"
 
@@ -233,6 +233,11 @@ def cmd_schema(args: argparse.Namespace) -> None:
               "networkPolicy", "ingress", "redis", "config"]
     check(all(schema["properties"][k].get("additionalProperties") is False for k in nested),
           f"... and for {', '.join(nested)}")
+    deeper = {"redis.tls": schema["properties"]["redis"]["properties"]["tls"]}
+    config_redis = schema["properties"]["config"]["properties"]["redis"]
+    for k in ("tls", "sentinel"):
+        deeper[f"config.redis.{k}"] = config_redis["properties"][k]
+    check(all(s.get("additionalProperties") is False for s in deeper.values()), f"... and for {', '.join(deeper)}")
     cases = {
         "replicaCont: 3\n": "top-level typo (replicaCont)",
         "image:\n  tagg: latest\n": "nested typo (image.tagg)",
@@ -242,6 +247,17 @@ def cmd_schema(args: argparse.Namespace) -> None:
         "config:\n  channels:\n    - pattern: 'a:*'\n      subscribe: anyone\n      history: {size: 10}\n": "history without ttl",
         "config:\n  shutdown:\n    grace: 5\n": "duration as a number (shutdown.grace)",
         "terminationGracePeriodSeconds: 10\n": "terminationGracePeriodSeconds below grace + drain (template fail)",
+        "redis:\n  tls:\n    secretname: x\n": "nested typo (redis.tls.secretname)",
+        "config:\n  redis:\n    tls:\n      ca_flie: /x\n": "crier config typo (config.redis.tls.ca_flie)",
+        "config:\n  redis:\n    url: 'http://r:6379'\n": "config.redis.url neither redis:// nor rediss://",
+        "config:\n  redis:\n    url: 'redis://r:6379'\n    sentinel: {master: m, nodes: ['redis://s:26379']}\n":
+            "config.redis.url AND config.redis.sentinel (crier: exit 64)",
+        "config:\n  redis:\n    sentinel: {nodes: ['redis://s:26379']}\n": "sentinel without master",
+        "config:\n  redis:\n    sentinel: {master: m, nodes: []}\n": "sentinel without nodes",
+        "config:\n  redis:\n    sentinel: {master: m, nodes: ['s:26379']}\n": "sentinel node that is no redis:// URL",
+        "config:\n  redis:\n    tls: {cert_file: /c.pem}\n": "redis.tls.cert_file without key_file",
+        "config:\n  redis:\n    sentinel: {master: m, nodes: ['redis://s:26379']}\n  auth:\n    session: {cookie: sid}\n":
+            "sentinel + auth.session without its own redis_url",
     }
     with tempfile.TemporaryDirectory() as tmp:
         for text, what in cases.items():
@@ -254,6 +270,25 @@ def cmd_schema(args: argparse.Namespace) -> None:
                 ok(f"render fails as it must: {what}: {first}")
             else:
                 fail(f"render SUCCEEDED with {what}: the schema does not catch it")
+    # ... and what is right must render.
+    good = {
+        "redis:\n  url: ''\n": "redis.url empty (no Redis)",
+        "redis:\n  url: 'rediss://r.example.com:6380/0'\n": "redis.url rediss://",
+        "config:\n  redis:\n    url: 'rediss://crier@r:6380'\n    username: crier\n    tls: {ca_file: /ca.pem}\n":
+            "config.redis.url rediss:// with username and tls.ca_file",
+        "config:\n  redis:\n    sentinel: {master: m, nodes: ['redis://s:26379']}\n  auth:\n    session: {cookie: sid, redis_url: 'rediss://s:6380'}\n":
+            "sentinel + auth.session with a rediss:// redis_url",
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for text, what in good.items():
+            path = Path(tmp) / "good-values.yaml"
+            path.write_text(text)
+            try:
+                render(read_values(path))
+            except helm_python.HelmError as e:
+                fail(f"render FAILED with {what}: {str(e).strip().splitlines()[-1].strip()}")
+            else:
+                ok(f"renders as it must: {what}")
     finish()
 
 
@@ -329,6 +364,65 @@ def assert_deployment(docs: list[dict], label: str, *, container_name: str = "cr
     return problems
 
 
+REDIS_TLS_DIR = "/etc/crier/redis-tls"
+
+
+def assert_redis_tls(docs: list[dict], label: str, *, secret: str, client_cert: bool, container_name: str = "crier",
+                     deployment_name: str | None = None, quiet: bool = False) -> list[str]:
+    """The Secret `secret` is mounted read-only at /etc/crier/redis-tls, and crier.toml's [redis.tls] files are
+    keys of that volume (ca.crt, plus tls.crt / tls.key with a client certificate). Returns the problems found."""
+    problems: list[str] = []
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            problems.append(msg)
+        elif not quiet:
+            ok(f"{label}: {msg}")
+
+    dep = next(d for d in docs if d["kind"] == "Deployment" and (deployment_name is None or d["metadata"]["name"] == deployment_name))
+    pod = dep["spec"]["template"]["spec"]
+    c = crier_container(dep, container_name)
+    volumes = [v for v in pod.get("volumes", []) if (v.get("secret") or {}).get("secretName") == secret]
+    mounts = [m for m in c.get("volumeMounts", []) if volumes and m["name"] == volumes[0]["name"]]
+    need(len(volumes) == 1 and len(mounts) == 1, f"Secret {secret} is a volume of the pod, mounted once in {container_name}")
+    if len(volumes) != 1 or len(mounts) != 1:
+        if not quiet:
+            for p in problems:
+                fail(f"{label}: {p}")
+        return problems
+    mount, volume = mounts[0], volumes[0]
+    need(mount["mountPath"].rstrip("/") == REDIS_TLS_DIR and mount.get("readOnly") is True and "subPath" not in mount,
+         f"mounted read-only at {REDIS_TLS_DIR} (no subPath: renewed certificates reach the pod)")
+    items = {i["path"]: i["key"] for i in volume["secret"].get("items", [])}
+    want = {"ca.crt"} | ({"tls.crt", "tls.key"} if client_cert else set())
+    need(not items or set(items.values()) == want and all(k == p for p, k in items.items()),
+         f"the volume holds the keys {sorted(want)}" + (f" (items {sorted(items)})" if items else " (every key)"))
+    cfg = tomllib.loads(config_toml(docs, dep, c))
+    files = cfg.get("redis", {}).get("tls", {})
+    wanted_files = {"ca_file": "ca.crt"} | ({"cert_file": "tls.crt", "key_file": "tls.key"} if client_cert else {})
+    need({k: files.get(k) for k in wanted_files} == {k: f"{REDIS_TLS_DIR}/{v}" for k, v in wanted_files.items()},
+         f"crier.toml [redis.tls] {', '.join(f'{k} = {REDIS_TLS_DIR}/{v}' for k, v in wanted_files.items())}")
+    need(client_cert or not ({"cert_file", "key_file"} & set(files)), "no client certificate without one in the Secret")
+    if not quiet:
+        for p in problems:
+            fail(f"{label}: {p}")
+    return problems
+
+
+def assert_sentinel(docs: list[dict], label: str, *, deployment_name: str | None = None) -> None:
+    """With [redis.sentinel] crier.toml has no redis.url (crier refuses both), and every node is a Redis URL."""
+    dep = next(d for d in docs if d["kind"] == "Deployment" and (deployment_name is None or d["metadata"]["name"] == deployment_name))
+    cfg = tomllib.loads(config_toml(docs, dep, crier_container(dep, "crier")))
+    redis = cfg.get("redis", {})
+    sentinel = redis.get("sentinel", {})
+    check(bool(sentinel.get("master")) and bool(sentinel.get("nodes"))
+          and all(re.match(r"rediss?://", n) for n in sentinel["nodes"]) and "url" not in redis,
+          f"{label}: crier.toml has [redis.sentinel] (master {sentinel.get('master')!r}, "
+          f"{len(sentinel.get('nodes', []))} node(s)) and no redis.url")
+    check("password" not in redis and "password" not in sentinel,
+          f"{label}: no password in crier.toml (a ConfigMap): they come from the Secret")
+
+
 def checksum_of(values: dict) -> str:
     docs = manifests_of(render(values))
     dep = next(d for d in docs if d["kind"] == "Deployment")
@@ -340,13 +434,54 @@ def cmd_deployments(args: argparse.Namespace) -> None:
     import helm_python
 
     rendered_dir = Path(args.rendered)
-    for name, min_replicas in (("default-values", 2), ("full-values", 2), ("sidecar-like-values", 1)):
+    for name, min_replicas in (("default-values", 2), ("full-values", 2), ("sidecar-like-values", 1),
+                               ("sentinel-tls-values", 2)):
         docs = load_docs((rendered_dir / f"{name}.yaml").read_text())
         assert_deployment(docs, f"chart/{name}", min_replicas=min_replicas, checksum=True)
     for path, kw in ((args.kustomize_base, dict(min_replicas=2, generated_configmap=True)),
-                     (args.kustomize_sidecar, dict(container_name="crier", deployment_name="myapp", generated_configmap=True))):
+                     (args.kustomize_sidecar, dict(container_name="crier", deployment_name="myapp", generated_configmap=True)),
+                     (args.kustomize_redis_tls, dict(min_replicas=2, generated_configmap=True))):
         docs = load_docs(Path(path).read_text())
         assert_deployment(docs, Path(path).stem, **kw)
+
+    # Redis over TLS and Sentinel: the CA Secret mounted read-only where crier.toml says.
+    docs = load_docs((rendered_dir / "sentinel-tls-values.yaml").read_text())
+    assert_redis_tls(docs, "chart/sentinel-tls-values", secret="crier-redis-tls", client_cert=True)
+    assert_sentinel(docs, "chart/sentinel-tls-values")
+    docs = load_docs(Path(args.kustomize_redis_tls).read_text())
+    stem = Path(args.kustomize_redis_tls).stem
+    assert_redis_tls(docs, stem, secret="crier-redis-tls", client_cert=False)
+    assert_sentinel(docs, stem)
+    docs = manifests_of(render({"redis": {"tls": {"secretName": "redis-ca"}}}))
+    assert_redis_tls(docs, "chart/redis.tls.secretName only", secret="redis-ca", client_cert=False)
+    docs = manifests_of(render({}))
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    cfg = tomllib.loads(config_toml(docs, dep, crier_container(dep, "crier")))
+    check(not any("secret" in v for v in dep["spec"]["template"]["spec"]["volumes"]) and "tls" not in cfg.get("redis", {}),
+          "chart defaults: no Secret volume, no [redis.tls]")
+    docs = manifests_of(render({"redis": {"tls": {"secretName": "redis-ca", "clientCertificate": True}},
+                                "config": {"redis": {"tls": {"ca_file": "/etc/ssl/certs/ca-certificates.crt"}}}}))
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    files = tomllib.loads(config_toml(docs, dep, crier_container(dep, "crier")))["redis"]["tls"]
+    check(files == {"ca_file": "/etc/ssl/certs/ca-certificates.crt", "cert_file": f"{REDIS_TLS_DIR}/tls.crt",
+                    "key_file": f"{REDIS_TLS_DIR}/tls.key"},
+          f"config.redis.tls.ca_file wins over redis.tls.secretName's; cert_file/key_file still from the Secret: {files}")
+    docs = manifests_of(render({"redis": {"url": "redis://r:6379"}, "config": {"redis": {"url": "rediss://s:6380"}}}))
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    url = tomllib.loads(config_toml(docs, dep, crier_container(dep, "crier")))["redis"].get("url")
+    check(url == "rediss://s:6380", f"config.redis.url wins over redis.url ({url})")
+    # The assertions catch what they are for: mutants of the rendered Deployment.
+    for what, mutate in (
+        ("mount not read-only", lambda c, pod: c["volumeMounts"][-1].pop("readOnly")),
+        ("mounted elsewhere", lambda c, pod: c["volumeMounts"][-1].update(mountPath="/etc/redis-tls")),
+        ("no tls.key in the volume", lambda c, pod: pod["volumes"][-1]["secret"]["items"].pop()),
+        ("Secret not mounted", lambda c, pod: c["volumeMounts"].pop()),
+    ):
+        docs = load_docs((rendered_dir / "sentinel-tls-values.yaml").read_text())
+        dep = next(d for d in docs if d["kind"] == "Deployment")
+        mutate(crier_container(dep, "crier"), dep["spec"]["template"]["spec"])
+        problems = assert_redis_tls(docs, "mutant", secret="crier-redis-tls", client_cert=True, quiet=True)
+        check(bool(problems), f"mutant caught ({what}): " + ("; ".join(f"not {p}" for p in problems) or "NOT CAUGHT"))
 
     # The checksum follows the configuration, and only it.
     base = checksum_of({})
@@ -354,7 +489,8 @@ def cmd_deployments(args: argparse.Namespace) -> None:
     for values, what in (({"config": {"limits": {"queue_size": 512}}}, "config.limits.queue_size"),
                          ({"config": {"channels": [{"pattern": "x:*", "subscribe": "anyone", "history": {"size": 10, "ttl": "1m"}}]}},
                           "config.channels"),
-                         ({"redis": {"url": "redis://other:6379"}}, "redis.url")):
+                         ({"redis": {"url": "redis://other:6379"}}, "redis.url"),
+                         ({"redis": {"tls": {"secretName": "redis-ca"}}}, "redis.tls.secretName")):
         check(checksum_of(values) != base, f"checksum/config changes when {what} changes (pods roll)")
     check(checksum_of({"replicaCount": 5}) == base, "checksum/config does not change with replicaCount")
 
@@ -428,6 +564,26 @@ INT_KEYS = {
 } | {("publish", "max_body_bytes")}
 
 
+def throwaway_tls_files(directory: Path) -> dict[str, Path] | None:
+    """A CA and a leaf certificate signed by it, with its key, as PEM files (openssl), for check-config to read."""
+    run = lambda *cmd: subprocess.run(["openssl", *cmd], cwd=directory, capture_output=True, text=True)  # noqa: E731
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    steps = (["req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=check-deploy throwaway CA", "-days", "2"],
+             ["req", *ec, "-keyout", "tls.key", "-out", "tls.csr", "-subj", "/CN=crier"],
+             ["x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-set_serial", "1", "-days", "2",
+              "-out", "tls.crt"])
+    for cmd in steps:
+        try:
+            proc = run(*cmd)
+        except FileNotFoundError:
+            fail("openssl is needed to make throwaway TLS files for crier check-config")
+            return None
+        if proc.returncode != 0:
+            fail(f"openssl {' '.join(cmd)}: {proc.stderr.strip()}")
+            return None
+    return {"ca_file": directory / "ca.crt", "cert_file": directory / "tls.crt", "key_file": directory / "tls.key"}
+
+
 def cmd_toml(args: argparse.Namespace) -> None:
     """Every crier.toml parses with tomllib, integers are integers, and crier check-config accepts it."""
     rendered_dir = Path(args.rendered)
@@ -439,7 +595,8 @@ def cmd_toml(args: argparse.Namespace) -> None:
         dep = next(d for d in docs if d["kind"] == "Deployment")
         containers[f"chart/{stem}"] = crier_container(dep, "crier")
         tomls.append((f"chart/{stem}", config_toml(docs, dep, containers[f"chart/{stem}"])))
-    for path, dep_name, container in ((args.kustomize_base, None, "crier"), (args.kustomize_sidecar, "myapp", "crier")):
+    for path, dep_name, container in ((args.kustomize_base, None, "crier"), (args.kustomize_sidecar, "myapp", "crier"),
+                                      (args.kustomize_redis_tls, None, "crier")):
         docs = load_docs(Path(path).read_text())
         dep = next(d for d in docs if d["kind"] == "Deployment" and (dep_name is None or d["metadata"]["name"] == dep_name))
         containers[Path(path).stem] = crier_container(dep, container)
@@ -462,6 +619,19 @@ def cmd_toml(args: argparse.Namespace) -> None:
         print(f"  using {crier} for crier check-config")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    tls_files = None
+
+    def has_tls(text: str) -> bool:
+        try:
+            return "tls" in tomllib.loads(text).get("redis", {})
+        except tomllib.TOMLDecodeError:
+            return False  # reported below
+
+    if crier is not None and any(has_tls(text) for _, text in tomls):
+        (out / "tls").mkdir(exist_ok=True)
+        tls_files = throwaway_tls_files(out / "tls")
+        if tls_files:
+            print(f"  made a throwaway CA and client certificate with openssl in {out / 'tls'} for [redis.tls]")
     for label, text in tomls:
         try:
             cfg = tomllib.loads(text)
@@ -493,12 +663,45 @@ def cmd_toml(args: argparse.Namespace) -> None:
         session = cfg.get("auth", {}).get("session")
         if session is not None and session.get("signing", "express") == "express" and not session.get("secrets"):
             env["CRIER_AUTH__SESSION__SECRETS"] = '["placeholder-session-secret"]'
+        # Passwords of an ACL user and of the sentinels come from the Secret
+        # too; giving them checks that crier takes those variable names.
+        redis = cfg.get("redis", {})
+        passwords = {}
+        if redis.get("username") and "password" not in redis:
+            passwords["CRIER_REDIS__PASSWORD"] = "placeholder-redis-password"
+        if "sentinel" in redis and "password" not in redis["sentinel"]:
+            passwords["CRIER_REDIS__SENTINEL__PASSWORD"] = "placeholder-sentinel-password"
+        env |= passwords
+        # crier check-config reads the [redis.tls] files, which exist only in
+        # the pod (the Secret's mount). The simplest robust way: a throwaway
+        # CA and client certificate made with openssl, given as
+        # CRIER_REDIS__TLS__* variables, which win over the file like any
+        # CRIER_* variable; the rendered paths themselves are checked against
+        # the Deployment's mount in step f.
+        tls = redis.get("tls", {})
+        if tls and tls_files is None:
+            fail(f"{label}: no throwaway TLS files for [redis.tls]: crier check-config not run")
+            continue
+        for key in tls:
+            if key in ("ca_file", "cert_file", "key_file"):
+                env[f"CRIER_REDIS__TLS__{key.upper()}"] = str(tls_files[key])
         proc = subprocess.run([str(crier), "check-config", "--config", str(file)], env=env, capture_output=True, text=True)
         given = sorted(k for k in env if k.startswith("CRIER_"))
         check(proc.returncode == 0,
               f"{label}: crier check-config exit {proc.returncode}"
-              + (f" (with placeholder {', '.join(given)}, as from the Secret)" if given else "")
+              + (f" (with placeholder {', '.join(given)}, as from the Secret or the mounted files)" if given else "")
               + ("" if proc.returncode == 0 else f": {proc.stderr.strip()}"))
+        if proc.returncode == 0 and passwords:
+            check(not any(v in proc.stdout for v in passwords.values()) and proc.stdout.count('"<redacted>"') >= len(passwords),
+                  f"{label}: check-config prints {', '.join(sorted(passwords))} as <redacted>")
+        if proc.returncode == 0 and "sentinel" in redis:
+            # The Secret must not also hold CRIER_REDIS__URL: crier takes a url
+            # or [redis.sentinel], never both, and refuses to start.
+            both = subprocess.run([str(crier), "check-config", "--config", str(file)],
+                                  env=env | {"CRIER_REDIS__URL": "redis://redis:6379"}, capture_output=True, text=True)
+            check(both.returncode == 64 and "redis.sentinel" in both.stderr,
+                  f"{label}: with CRIER_REDIS__URL also set (a Secret left over from a url setup), crier check-config "
+                  f"exit {both.returncode} (must be 64): {both.stderr.strip().splitlines()[0] if both.stderr.strip() else ''}")
     finish()
 
 
@@ -612,6 +815,7 @@ def main() -> None:
         p.add_argument("--rendered", required=True)
         p.add_argument("--kustomize-base", required=True)
         p.add_argument("--kustomize-sidecar", required=True)
+        p.add_argument("--kustomize-redis-tls", required=True)
         p.add_argument("--out", default=tempfile.gettempdir())
         p.set_defaults(func=func)
     p = sub.add_parser("dashboard")

@@ -41,20 +41,52 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/*
-The crier configuration as a dict: .Values.config, plus the redis.url
-convenience value when config.redis.url is not set (config wins).
+The crier configuration as a dict: .Values.config, plus the convenience
+values where config does not set the same thing (config wins):
+- redis.url, unless config.redis.url or config.redis.sentinel is set (crier
+  takes one or the other, never both);
+- with redis.tls.secretName, [redis.tls] ca_file (and cert_file / key_file
+  with redis.tls.clientCertificate) in the Secret's mount, each unless
+  config.redis.tls sets it.
 */}}
 {{- define "crier.config" -}}
 {{- $config := deepCopy (.Values.config | default dict) }}
-{{- $url := (.Values.redis | default dict).url }}
-{{- if $url }}
+{{- $values := .Values.redis | default dict }}
 {{- $redis := deepCopy (get $config "redis" | default dict) }}
-{{- if not (get $redis "url") }}
-{{- $_ := set $redis "url" $url }}
+{{- if and $values.url (not (get $redis "url")) (not (get $redis "sentinel")) }}
+{{- $_ := set $redis "url" $values.url }}
 {{- end }}
+{{- $tls := $values.tls | default dict }}
+{{- if $tls.secretName }}
+{{- $dir := include "crier.redisTlsDir" . }}
+{{- $files := deepCopy (get $redis "tls" | default dict) }}
+{{- if not (get $files "ca_file") }}
+{{- $_ := set $files "ca_file" (printf "%s/ca.crt" $dir) }}
+{{- end }}
+{{- if $tls.clientCertificate }}
+{{- if not (get $files "cert_file") }}
+{{- $_ := set $files "cert_file" (printf "%s/tls.crt" $dir) }}
+{{- end }}
+{{- if not (get $files "key_file") }}
+{{- $_ := set $files "key_file" (printf "%s/tls.key" $dir) }}
+{{- end }}
+{{- end }}
+{{- $_ := set $redis "tls" $files }}
+{{- end }}
+{{- if gt (len $redis) 0 }}
 {{- $_ := set $config "redis" $redis }}
 {{- end }}
 {{- toJson $config }}
+{{- end }}
+
+{{/* Where the redis.tls.secretName Secret is mounted (read-only). */}}
+{{- define "crier.redisTlsDir" -}}
+/etc/crier/redis-tls
+{{- end }}
+
+{{/* The redis.tls convenience values, as a dict (empty when unset). */}}
+{{- define "crier.redisTls" -}}
+{{- toJson ((.Values.redis | default dict).tls | default dict) }}
 {{- end }}
 
 {{/*
@@ -70,7 +102,7 @@ The configuration as TOML (crier.toml).
 - null values are left out (crier's default applies).
 */}}
 {{- define "crier.toml" -}}
-# crier.toml, rendered by the Helm chart from .Values.config (and redis.url).
+# crier.toml, rendered by the Helm chart from .Values.config (and redis.url, redis.tls).
 # Every key: docs/configuration.md. CRIER_* environment variables win over it.
 {{- include "crier.tomlTable" (dict "path" (list) "table" (include "crier.config" . | fromJson)) }}
 {{- end }}
