@@ -235,7 +235,7 @@ def cmd_schema(args: argparse.Namespace) -> None:
           f"... and for {', '.join(nested)}")
     deeper = {"redis.tls": schema["properties"]["redis"]["properties"]["tls"]}
     config_redis = schema["properties"]["config"]["properties"]["redis"]
-    for k in ("tls", "sentinel"):
+    for k in ("tls", "sentinel", "cluster"):
         deeper[f"config.redis.{k}"] = config_redis["properties"][k]
     check(all(s.get("additionalProperties") is False for s in deeper.values()), f"... and for {', '.join(deeper)}")
     cases = {
@@ -252,6 +252,10 @@ def cmd_schema(args: argparse.Namespace) -> None:
         "config:\n  redis:\n    url: 'http://r:6379'\n": "config.redis.url neither redis:// nor rediss://",
         "config:\n  redis:\n    url: 'redis://r:6379'\n    sentinel: {master: m, nodes: ['redis://s:26379']}\n":
             "config.redis.url AND config.redis.sentinel (crier: exit 64)",
+        "config:\n  redis:\n    url: 'redis://r:6379'\n    cluster: {nodes: ['redis://c:6379']}\n":
+            "config.redis.url AND config.redis.cluster (crier: exit 64)",
+        "config:\n  redis:\n    cluster: {nodes: []}\n": "cluster without nodes",
+        "config:\n  redis:\n    cluster: {nodes: ['c:6379']}\n": "cluster node that is no redis:// URL",
         "config:\n  redis:\n    sentinel: {nodes: ['redis://s:26379']}\n": "sentinel without master",
         "config:\n  redis:\n    sentinel: {master: m, nodes: []}\n": "sentinel without nodes",
         "config:\n  redis:\n    sentinel: {master: m, nodes: ['s:26379']}\n": "sentinel node that is no redis:// URL",

@@ -43,7 +43,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{/*
 The crier configuration as a dict: .Values.config, plus the convenience
 values where config does not set the same thing (config wins):
-- redis.url, unless config.redis.url or config.redis.sentinel is set (crier
+- redis.url, unless config.redis.url, config.redis.sentinel or config.redis.cluster is set (crier
   takes one or the other, never both);
 - with redis.tls.secretName, [redis.tls] ca_file (and cert_file / key_file
   with redis.tls.clientCertificate) in the Secret's mount, each unless
@@ -53,7 +53,7 @@ values where config does not set the same thing (config wins):
 {{- $config := deepCopy (.Values.config | default dict) }}
 {{- $values := .Values.redis | default dict }}
 {{- $redis := deepCopy (get $config "redis" | default dict) }}
-{{- if and $values.url (not (get $redis "url")) (not (get $redis "sentinel")) }}
+{{- if and $values.url (not (get $redis "url")) (not (get $redis "sentinel")) (not (get $redis "cluster")) }}
 {{- $_ := set $redis "url" $values.url }}
 {{- end }}
 {{- $tls := $values.tls | default dict }}
