@@ -483,3 +483,23 @@ async fn crier_publish_reaches_subscribers_on_a_cluster() {
     let e = events.next_message(WAIT).await.expect("open");
     assert_eq!(e.json()["data"]["n"], 7);
 }
+
+/// Issue 10: a canary per shard backs readiness: with one primary gone
+/// (and no replica to take over), `/readyz` turns 503.
+#[tokio::test]
+async fn a_lost_shard_makes_crier_unready() {
+    let _one = common::cluster::ONE_AT_A_TIME.lock().await;
+    let mut cluster = RedisCluster::start(3, 0).await;
+    let crier = Instance::start(cluster_config(&cluster)).await;
+    assert_eq!(crier.readyz().await, http::StatusCode::OK);
+    let port = cluster.nodes[2].port;
+    cluster.nodes[2].kill();
+    crier
+        .wait_readyz(http::StatusCode::SERVICE_UNAVAILABLE)
+        .await;
+    assert_eq!(
+        crier.metric("crier_broker_up").await,
+        0.0,
+        "shard on {port} lost"
+    );
+}

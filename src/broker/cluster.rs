@@ -135,11 +135,8 @@ pub(super) fn spawn(
     let (maps_tx, maps) = mpsc::unbounded_channel::<SlotMap>();
     let client = client(redis_config, Some(push_tx))?;
     let prefix = redis_config.channel_prefix.clone();
-    // A hash tag of its own: the canary lives on one shard, like a channel.
-    let canary = format!(
-        "{prefix}crier:canary:{{{:016x}}}",
-        rand::rng().random::<u64>()
-    );
+    // Each shard's canary is this name with a hash tag that lands on it.
+    let canary = format!("{prefix}crier:canary:{:016x}", rand::rng().random::<u64>());
     let Wiring {
         hub,
         policy,
@@ -157,6 +154,7 @@ pub(super) fn spawn(
         topology: None,
         prefix,
         canary,
+        canaries: HashMap::new(),
         canary_interval: redis_config.canary_interval,
         connect_timeout: redis_config.connect_timeout,
         reconnect_max: redis_config.reconnect_max,
@@ -181,7 +179,11 @@ struct Supervisor {
     maps: mpsc::UnboundedReceiver<SlotMap>,
     topology: Option<SlotMap>,
     prefix: String,
+    /// The canaries' common name; see [`canary_for`].
     canary: String,
+    /// One canary per primary, on a channel of one of its slots: a shard
+    /// that does not deliver makes the instance not ready.
+    canaries: HashMap<String, Canary>,
     canary_interval: Duration,
     connect_timeout: Duration,
     reconnect_max: Duration,
@@ -230,16 +232,16 @@ impl Supervisor {
             tracing::error!(error = %e, "cannot load the crier function library on the cluster: no history until it is loaded");
         }
         let mut conn = conn;
-        if let Err(e) = conn.ssubscribe(&self.canary).await {
-            tracing::warn!(error = %e, "cannot subscribe the canary");
+        if let Some(map) = slot_map(&self.redis).await {
+            self.place_canaries(&map, &mut conn).await;
+            self.topology = Some(map);
         }
-        tracing::info!("redis cluster connected");
+        tracing::info!(shards = self.canaries.len(), "redis cluster connected");
         self.serve(conn).await;
         self.health.set(false, &self.metrics);
     }
 
     async fn serve(&mut self, mut conn: redis::cluster_async::ClusterConnection) {
-        let mut canary = Canary::new(self.canary_interval);
         let mut tick = tokio::time::interval(self.canary_interval / 2);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -252,7 +254,7 @@ impl Supervisor {
                 }
                 push = self.pushes.recv() => {
                     let Some(push) = push else { return };
-                    self.on_push(push, &mut canary, &mut conn).await;
+                    self.on_push(push, &mut conn).await;
                 }
                 request = self.control.recv() => {
                     let Some(request) = request else { return };
@@ -269,24 +271,36 @@ impl Supervisor {
                     }
                 }
                 _ = tick.tick() => {
-                    if canary.overdue() && self.health.is_up() {
-                        tracing::warn!("canary not received back: the cluster is not delivering, not ready");
+                    let overdue: Vec<&String> = self
+                        .canaries
+                        .iter()
+                        .filter(|(_, c)| c.overdue())
+                        .map(|(name, _)| name)
+                        .collect();
+                    if !overdue.is_empty() && self.health.is_up() {
+                        tracing::warn!(canaries = ?overdue, "a shard's canary is not back: not ready");
                         self.health.set(false, &self.metrics);
                     }
-                    if let Some(seq) = canary.next() {
-                        let redis = self.redis.clone();
-                        let maps = self.maps_tx.clone();
-                        let mut cmd = redis::cmd("SPUBLISH");
-                        cmd.arg(&self.canary).arg(seq.to_string());
-                        tokio::spawn(async move {
-                            if let Some(map) = slot_map(&redis).await {
-                                let _ = maps.send(map);
-                            }
-                            // Also repairs a library lost on the canary's shard.
-                            let _ = redis.ensure_library().await;
-                            redis.query::<i64>(cmd).await
-                        });
+                    let mut publish = Vec::new();
+                    for (name, canary) in &mut self.canaries {
+                        if let Some(seq) = canary.next() {
+                            let mut cmd = redis::cmd("SPUBLISH");
+                            cmd.arg(name).arg(seq.to_string());
+                            publish.push(cmd);
+                        }
                     }
+                    let redis = self.redis.clone();
+                    let maps = self.maps_tx.clone();
+                    tokio::spawn(async move {
+                        if let Some(map) = slot_map(&redis).await {
+                            let _ = maps.send(map);
+                        }
+                        // Also repairs a library lost on the canary's shard.
+                        let _ = redis.ensure_library().await;
+                        for cmd in publish {
+                            let _ = redis.query::<i64>(cmd).await;
+                        }
+                    });
                 }
             }
         }
@@ -329,7 +343,6 @@ impl Supervisor {
     async fn on_push(
         &mut self,
         push: PushInfo,
-        canary: &mut Canary,
         conn: &mut redis::cluster_async::ClusterConnection,
     ) {
         let name = push
@@ -340,9 +353,11 @@ impl Supervisor {
         match (push.kind, name) {
             (PushKind::Message | PushKind::SMessage, Some(name)) => {
                 let payload = push.data.get(1).and_then(bytes).unwrap_or_default();
-                if name == self.canary {
+                if let Some(canary) = self.canaries.get_mut(&name) {
                     canary.answered(payload, &self.metrics);
-                    self.health.set(true, &self.metrics);
+                    if self.canaries.values().all(|c| !c.overdue()) {
+                        self.health.set(true, &self.metrics);
+                    }
                     return;
                 }
                 let Some(channel) = name.strip_prefix(self.prefix.as_str()) else {
@@ -364,7 +379,7 @@ impl Supervisor {
             // The shard gave the channel's slot away (a failover, a
             // reshard) and dropped the subscription: subscribe again, on
             // the new owner, and recover once it is confirmed.
-            (PushKind::SUnsubscribe, Some(name)) if self.wants(&name) || name == self.canary => {
+            (PushKind::SUnsubscribe, Some(name)) if self.wants(&name) => {
                 tracing::info!(channel = %name, "sharded subscription moved: subscribing on the new owner");
                 if let Some(channel) = self.channel_mut(&name) {
                     channel.pending = true;
@@ -434,15 +449,14 @@ impl Supervisor {
             let slot = history::slot(key);
             owner(&old, slot) != owner(new, slot)
         };
-        let mut keys: Vec<String> = self
+        let keys: Vec<String> = self
             .channels
             .keys()
             .map(|name| self.key(name))
             .filter(|key| moved(key))
             .collect();
-        if moved(&self.canary) {
-            keys.push(self.canary.clone());
-        }
+        let new = new.clone();
+        self.place_canaries(&new, conn).await;
         if keys.is_empty() {
             return;
         }
@@ -459,6 +473,46 @@ impl Supervisor {
                 Err(e) => {
                     tracing::warn!(channel = %key, error = %e, "cannot subscribe on the new owner")
                 }
+            }
+        }
+    }
+
+    /// One canary per primary of `map`, subscribed on its shard; canaries of
+    /// primaries that are gone are dropped, the others keep their state.
+    async fn place_canaries(
+        &mut self,
+        map: &SlotMap,
+        conn: &mut redis::cluster_async::ClusterConnection,
+    ) {
+        let mut primaries: Vec<&str> = map.iter().map(|(_, _, a)| a.as_str()).collect();
+        primaries.sort_unstable();
+        primaries.dedup();
+        let wanted: Vec<String> = primaries
+            .iter()
+            .filter_map(|primary| canary_for(&self.canary, map, primary))
+            .collect();
+        let gone: Vec<String> = self
+            .canaries
+            .keys()
+            .filter(|name| !wanted.contains(name))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.canaries.remove(&name);
+            let _ = conn.sunsubscribe(&name).await;
+        }
+        for name in wanted {
+            if self.canaries.contains_key(&name) {
+                // Subscribed again on the slot's (maybe new) owner.
+                let _ = self.resubscribe(conn, &name).await;
+                continue;
+            }
+            match self.resubscribe(conn, &name).await {
+                Ok(()) => {
+                    self.canaries
+                        .insert(name, Canary::new(self.canary_interval));
+                }
+                Err(e) => tracing::warn!(canary = %name, error = %e, "cannot subscribe a canary"),
             }
         }
     }
@@ -514,6 +568,14 @@ impl Supervisor {
     fn key(&self, channel: &str) -> String {
         format!("{}{channel}", self.prefix)
     }
+}
+
+/// A canary channel on one of `primary`'s slots: `base` with the first
+/// hash tag `{0}`, `{1}`, … that lands there.
+fn canary_for(base: &str, map: &SlotMap, primary: &str) -> Option<String> {
+    (0..100_000u32)
+        .map(|k| format!("{base}{{{k}}}"))
+        .find(|name| owner(map, history::slot(name)) == Some(primary))
 }
 
 fn bytes(v: &Value) -> Option<&[u8]> {
