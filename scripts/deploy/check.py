@@ -22,7 +22,8 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 CHART = Path("helm/crier")
-CI_VALUES = ["default-values.yaml", "full-values.yaml", "sidecar-like-values.yaml", "sentinel-tls-values.yaml"]
+CI_VALUES = ["default-values.yaml", "full-values.yaml", "sidecar-like-values.yaml", "sentinel-tls-values.yaml",
+             "cluster-values.yaml"]
 RELEASE = "crier"
 NAMESPACE = "crier"
 
@@ -439,7 +440,7 @@ def cmd_deployments(args: argparse.Namespace) -> None:
 
     rendered_dir = Path(args.rendered)
     for name, min_replicas in (("default-values", 2), ("full-values", 2), ("sidecar-like-values", 1),
-                               ("sentinel-tls-values", 2)):
+                               ("sentinel-tls-values", 2), ("cluster-values", 2)):
         docs = load_docs((rendered_dir / f"{name}.yaml").read_text())
         assert_deployment(docs, f"chart/{name}", min_replicas=min_replicas, checksum=True)
     for path, kw in ((args.kustomize_base, dict(min_replicas=2, generated_configmap=True)),
@@ -605,6 +606,9 @@ def cmd_toml(args: argparse.Namespace) -> None:
         dep = next(d for d in docs if d["kind"] == "Deployment" and (dep_name is None or d["metadata"]["name"] == dep_name))
         containers[Path(path).stem] = crier_container(dep, container)
         tomls.append((f"{Path(path).stem}", config_toml(docs, dep, containers[Path(path).stem])))
+    # Example crier.toml files kept out of the kustomization.
+    for example in sorted(Path("deploy").glob("crier.*.example.toml")):
+        tomls.append((str(example), example.read_text()))
     # The renderer with every kind of value, including ones no CI file has.
     odd = {"config": {"allowed_origins": ["https://a.example.com"], "dev": False,
                       "log": {"level": 'crier=debug,"quoted"\\back'},
