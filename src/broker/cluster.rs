@@ -456,6 +456,22 @@ impl Supervisor {
             .filter(|key| moved(key))
             .collect();
         let new = new.clone();
+        let primaries = |map: &SlotMap| {
+            let mut all: Vec<String> = map.iter().map(|(_, _, a)| a.clone()).collect();
+            all.sort_unstable();
+            all.dedup();
+            all
+        };
+        if primaries(&old) != primaries(&new) {
+            // A primary added (or a replica promoted) gets the library too:
+            // FUNCTION LOAD goes to every primary.
+            let redis = self.redis.clone();
+            tokio::spawn(async move {
+                if let Err(e) = redis.load_library().await {
+                    tracing::warn!(error = %e, "cannot load the crier function library on the new primaries");
+                }
+            });
+        }
         self.place_canaries(&new, conn).await;
         if keys.is_empty() {
             return;
