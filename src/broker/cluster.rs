@@ -26,17 +26,13 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::redis::{backoff, Canary, Redis};
+use super::redis::{backoff, missed, relay, relay_gap, Canary, Missed, Redis};
 use super::{BrokerHealth, PublishError, Wiring};
 use crate::config::{Config, RedisConfig};
 use crate::history::{self, StreamId};
 use crate::hub::{Control, Hub};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
-use crate::protocol::Publication;
-
-/// Most messages recovered per channel after a node was lost.
-const RECOVERY_LIMIT: usize = 10_000;
 
 /// Which primary serves each slot range: `(first, last, address)`, from
 /// `CLUSTER SLOTS`.
@@ -405,28 +401,12 @@ impl Supervisor {
             return;
         }
         channel.pending = false;
+        let (history, last) = (channel.history, channel.last);
         let name = name.to_owned();
-        let since = match (channel.history, channel.last) {
-            (true, Some(since)) => since,
-            _ => {
-                self.gap(&name);
-                return;
-            }
-        };
-        match self.redis.recover(&name, since, RECOVERY_LIMIT).await {
-            Ok(recovery) => {
-                if recovery.gap {
-                    self.gap(&name);
-                }
-                let count = recovery.entries.len();
-                for (id, payload) in recovery.entries {
-                    self.dispatch(&name, Some(id), &payload);
-                }
-                self.metrics.recovered_messages.inc_by(count as u64);
-            }
-            Err(e) => {
-                tracing::warn!(channel = %name, error = %e, "history recovery failed");
-                self.gap(&name);
+        for missed in missed(&self.redis, &self.metrics, &name, history, last).await {
+            match missed {
+                Missed::Gap => self.gap(&name),
+                Missed::Message(id, payload) => self.dispatch(&name, Some(id), &payload),
             }
         }
     }
@@ -565,20 +545,12 @@ impl Supervisor {
     }
 
     fn gap(&self, channel: &str) {
-        self.metrics.gaps.inc();
-        self.hub.dispatch(Publication::gap(channel));
+        relay_gap(&self.hub, &self.metrics, channel);
     }
 
     fn dispatch(&mut self, channel: &str, id: Option<StreamId>, payload: &[u8]) {
-        if let (Some(id), Some(state)) = (id, self.channels.get_mut(channel)) {
-            if state.last.is_some_and(|last| last >= id) {
-                return;
-            }
-            state.last = Some(id);
-        }
-        let event_field = self.policy.event_field_of(channel);
-        self.hub
-            .dispatch(Publication::message(channel, id, payload, event_field));
+        let last = self.channels.get_mut(channel).map(|c| &mut c.last);
+        relay(&self.hub, &self.policy, last, channel, id, payload);
     }
 
     fn key(&self, channel: &str) -> String {

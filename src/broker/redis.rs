@@ -49,7 +49,7 @@ const RESUBSCRIBE_BATCH: usize = 512;
 /// First reconnect delay; doubles per failed attempt up to `reconnect_max`.
 const BACKOFF_START: Duration = Duration::from_millis(100);
 /// Most messages recovered per channel after an outage.
-const RECOVERY_LIMIT: usize = 10_000;
+pub(super) const RECOVERY_LIMIT: usize = 10_000;
 
 /// See the module documentation.
 pub struct RedisBroker {
@@ -591,50 +591,23 @@ impl Supervisor {
             let Some(channel) = self.channels.get(&name) else {
                 continue;
             };
-            let since = match (channel.history, channel.last) {
-                (true, Some(since)) => since,
-                _ => {
-                    self.gap(&name);
-                    continue;
-                }
-            };
-            match self.redis.recover(&name, since, RECOVERY_LIMIT).await {
-                Ok(recovery) => {
-                    if recovery.gap {
-                        self.gap(&name);
-                    }
-                    let count = recovery.entries.len();
-                    for (id, payload) in recovery.entries {
-                        self.dispatch(&name, Some(id), &payload);
-                    }
-                    self.metrics.recovered_messages.inc_by(count as u64);
-                    if count > 0 {
-                        tracing::info!(channel = %name, count, "recovered from history");
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(channel = %name, error = %e, "history recovery failed");
-                    self.gap(&name);
+            let (history, last) = (channel.history, channel.last);
+            for missed in missed(&self.redis, &self.metrics, &name, history, last).await {
+                match missed {
+                    Missed::Gap => self.gap(&name),
+                    Missed::Message(id, payload) => self.dispatch(&name, Some(id), &payload),
                 }
             }
         }
     }
 
     fn gap(&self, channel: &str) {
-        self.metrics.gaps.inc();
-        self.hub.dispatch(Publication::gap(channel));
+        relay_gap(&self.hub, &self.metrics, channel);
     }
 
     fn dispatch(&mut self, channel: &str, id: Option<StreamId>, payload: &[u8]) {
-        if let (Some(id), Some(state)) = (id, self.channels.get_mut(channel)) {
-            if state.last.is_some_and(|last| last >= id) {
-                return;
-            }
-            state.last = Some(id);
-        }
-        let event_field = self.policy.event_field_of(channel);
-        self.hub
-            .dispatch(Publication::message(channel, id, payload, event_field));
+        let last = self.channels.get_mut(channel).map(|c| &mut c.last);
+        relay(&self.hub, &self.policy, last, channel, id, payload);
     }
 
     /// Relays messages, applies control requests and runs the canary until
@@ -815,6 +788,79 @@ impl Supervisor {
     fn key(&self, channel: &str) -> String {
         format!("{}{channel}", self.prefix)
     }
+}
+
+/// What a channel missed while its subscription was lost.
+pub(super) enum Missed {
+    /// Lost for good: the client must resync.
+    Gap,
+    /// Recovered from history.
+    Message(StreamId, Vec<u8>),
+}
+
+/// What `channel` missed after `last`: its history since then (with a gap
+/// first where Redis lost some), or a gap for a channel without history or
+/// one whose history cannot be read.
+pub(super) async fn missed(
+    redis: &Redis,
+    metrics: &Metrics,
+    channel: &str,
+    history: bool,
+    last: Option<StreamId>,
+) -> Vec<Missed> {
+    let (true, Some(since)) = (history, last) else {
+        return vec![Missed::Gap];
+    };
+    match redis.recover(channel, since, RECOVERY_LIMIT).await {
+        Ok(recovery) => {
+            let count = recovery.entries.len();
+            metrics.recovered_messages.inc_by(count as u64);
+            if count > 0 {
+                tracing::info!(%channel, count, "recovered from history");
+            }
+            recovery
+                .gap
+                .then_some(Missed::Gap)
+                .into_iter()
+                .chain(
+                    recovery
+                        .entries
+                        .into_iter()
+                        .map(|(id, payload)| Missed::Message(id, payload)),
+                )
+                .collect()
+        }
+        Err(e) => {
+            tracing::warn!(%channel, error = %e, "history recovery failed");
+            vec![Missed::Gap]
+        }
+    }
+}
+
+/// Tells `channel`'s listeners that messages were lost.
+pub(super) fn relay_gap(hub: &Hub, metrics: &Metrics, channel: &str) {
+    metrics.gaps.inc();
+    hub.dispatch(Publication::gap(channel));
+}
+
+/// Hands a publication to the hub, unless the channel's `last` relayed id
+/// already covers it (a recovery and live pub/sub can both bring it).
+pub(super) fn relay(
+    hub: &Hub,
+    policy: &Policy,
+    last: Option<&mut Option<StreamId>>,
+    channel: &str,
+    id: Option<StreamId>,
+    payload: &[u8],
+) {
+    if let (Some(id), Some(last)) = (id, last) {
+        if last.is_some_and(|last| last >= id) {
+            return;
+        }
+        *last = Some(id);
+    }
+    let event_field = policy.event_field_of(channel);
+    hub.dispatch(Publication::message(channel, id, payload, event_field));
 }
 
 /// Publish → receive through Redis, every half interval; unanswered for
