@@ -73,6 +73,18 @@ async fn slot_map(redis: &Redis) -> Option<SlotMap> {
     Some(map)
 }
 
+/// Slot-map reads after a move during which moved channels are subscribed
+/// again (see `on_slot_map`).
+const SETTLE_ROUNDS: u8 = 3;
+
+/// The primaries of a slot map.
+fn primaries(map: &SlotMap) -> Vec<&str> {
+    let mut all: Vec<&str> = map.iter().map(|(_, _, a)| a.as_str()).collect();
+    all.sort_unstable();
+    all.dedup();
+    all
+}
+
 /// What the supervisor knows of one channel.
 struct Channel {
     /// Kept: the hub waits on it for the subscription to be confirmed.
@@ -148,6 +160,8 @@ pub(super) fn spawn(
         maps_tx,
         maps,
         topology: None,
+        settling: Vec::new(),
+        settle_rounds: 0,
         prefix,
         canary,
         canaries: HashMap::new(),
@@ -174,6 +188,10 @@ struct Supervisor {
     maps_tx: mpsc::UnboundedSender<SlotMap>,
     maps: mpsc::UnboundedReceiver<SlotMap>,
     topology: Option<SlotMap>,
+    /// Channels whose slot moved, subscribed again for `settle_rounds` more
+    /// slot-map reads.
+    settling: Vec<String>,
+    settle_rounds: u8,
     prefix: String,
     /// The canaries' common name; see [`canary_for`].
     canary: String,
@@ -421,55 +439,68 @@ impl Supervisor {
         let Some(old) = self.topology.replace(map) else {
             return;
         };
-        let Some(new) = &self.topology else { return };
-        if &old == new {
+        let Some(new) = self.topology.clone() else {
             return;
-        }
-        let moved = |key: &str| {
-            let slot = history::slot(key);
-            owner(&old, slot) != owner(new, slot)
         };
-        let keys: Vec<String> = self
-            .channels
-            .keys()
-            .map(|name| self.key(name))
-            .filter(|key| moved(key))
-            .collect();
-        let new = new.clone();
-        let primaries = |map: &SlotMap| {
-            let mut all: Vec<String> = map.iter().map(|(_, _, a)| a.clone()).collect();
-            all.sort_unstable();
-            all.dedup();
-            all
-        };
-        if primaries(&old) != primaries(&new) {
-            // A primary added (or a replica promoted) gets the library too:
-            // FUNCTION LOAD goes to every primary.
-            let redis = self.redis.clone();
-            tokio::spawn(async move {
-                if let Err(e) = redis.load_library().await {
-                    tracing::warn!(error = %e, "cannot load the crier function library on the new primaries");
-                }
-            });
-        }
-        self.place_canaries(&new, conn).await;
-        if keys.is_empty() {
-            return;
-        }
-        tracing::info!(
-            channels = keys.len(),
-            "cluster slots moved: subscribing on the new owners and recovering"
-        );
-        for key in keys {
-            if let Some(channel) = self.channel_mut(&key) {
-                channel.pending = true;
+        let last_round;
+        if old != new {
+            let moved = |key: &str| {
+                let slot = history::slot(key);
+                owner(&old, slot) != owner(&new, slot)
+            };
+            self.settling = self
+                .channels
+                .keys()
+                .map(|name| self.key(name))
+                .filter(|key| moved(key))
+                .collect();
+            self.settle_rounds = SETTLE_ROUNDS;
+            last_round = false;
+            if primaries(&old) != primaries(&new) {
+                // A primary added (or a replica promoted) gets the library
+                // too: FUNCTION LOAD goes to every primary.
+                let redis = self.redis.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = redis.load_library().await {
+                        tracing::warn!(error = %e, "cannot load the crier function library on the new primaries");
+                    }
+                });
             }
+            if !self.settling.is_empty() {
+                tracing::info!(
+                    channels = self.settling.len(),
+                    "cluster slots moved: subscribing on the new owners and recovering"
+                );
+            }
+        } else if self.settle_rounds > 0 {
+            self.settle_rounds -= 1;
+            last_round = self.settle_rounds == 0;
+        } else {
+            return;
+        }
+        // The old owner drops its sharded subscriptions when it hands the
+        // slot over, which may come after a first resubscription reached it:
+        // subscribe (and recover) again for a few slot-map reads after a
+        // move. Subscribing twice on one node is harmless.
+        self.place_canaries(&new, conn).await;
+        let first_round = self.settle_rounds == SETTLE_ROUNDS && !last_round;
+        for key in self.settling.clone() {
+            let Some(channel) = self.channel_mut(&key) else {
+                continue;
+            };
+            // History channels recover exactly every round (from the last
+            // relayed id); the others get a gap when the move is seen and
+            // once more when settling ends, covering what fell in between.
+            channel.pending = channel.history || first_round || last_round;
             match self.resubscribe(conn, &key).await {
                 Ok(()) => self.recover(&key, true).await,
                 Err(e) => {
                     tracing::warn!(channel = %key, error = %e, "cannot subscribe on the new owner")
                 }
             }
+        }
+        if last_round {
+            self.settling.clear();
         }
     }
 
@@ -480,10 +511,7 @@ impl Supervisor {
         map: &SlotMap,
         conn: &mut redis::cluster_async::ClusterConnection,
     ) {
-        let mut primaries: Vec<&str> = map.iter().map(|(_, _, a)| a.as_str()).collect();
-        primaries.sort_unstable();
-        primaries.dedup();
-        let wanted: Vec<String> = primaries
+        let wanted: Vec<String> = primaries(map)
             .iter()
             .filter_map(|primary| canary_for(&self.canary, map, primary))
             .collect();
