@@ -931,6 +931,28 @@ pub(super) fn backoff(failures: u32, max: Duration) -> Duration {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn the_canary_waits_for_its_answer_then_turns_overdue() {
+        let metrics = Metrics::new();
+        let mut canary = Canary::new(Duration::from_millis(30));
+        assert_eq!(canary.next(), Some(1));
+        assert_eq!(canary.next(), None, "one on its way at a time");
+        assert!(!canary.overdue() && !canary.lost());
+        canary.answered(b"1", &metrics);
+        assert_eq!(canary.next(), Some(2), "answered: the next one goes");
+        // Unanswered past the interval: overdue (not ready), and a new one
+        // goes out; past three intervals: lost (reconnect).
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert!(canary.overdue());
+        assert_eq!(canary.next(), Some(3));
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert!(canary.lost());
+        // A late answer to an older canary than the one awaited counts too.
+        canary.answered(b"2", &metrics);
+        assert!(!canary.overdue() && !canary.lost());
+        canary.answered(b"garbage", &metrics);
+    }
+
     #[test]
     fn backoff_grows_is_capped_and_jittered() {
         let max = Duration::from_secs(5);

@@ -243,3 +243,46 @@ fn gap_at(app: &App, tracker: &mut Tracker, channel: &str, newest: StreamId) -> 
         position: Some(newest),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(channel: &str, id: &str) -> Publication {
+        Publication::message(channel, Some(id.parse().expect("id")), b"{}", "/type")
+    }
+
+    #[test]
+    fn the_tracker_passes_each_history_message_once_per_channel() {
+        let mut tracker = Tracker::default();
+        assert!(tracker.accept(&message("a", "5-0")));
+        assert!(!tracker.accept(&message("a", "5-0")), "a duplicate");
+        assert!(!tracker.accept(&message("a", "4-9")), "an older one");
+        assert!(tracker.accept(&message("a", "5-1")));
+        assert!(tracker.accept(&message("b", "1-0")), "channels are apart");
+        // No id (no history) and gap notices always pass.
+        let plain = Publication::new("a", b"{}");
+        assert!(tracker.accept(&plain) && tracker.accept(&plain));
+        let gap = Publication::gap("a");
+        assert!(tracker.accept(&gap) && tracker.accept(&gap));
+    }
+
+    #[test]
+    fn the_cursor_covers_every_history_channel() {
+        let mut tracker = Tracker::default();
+        tracker.accept(&message("a", "5-1"));
+        assert!(tracker.is_only("a"));
+        tracker.accept(&message("b", "7-0"));
+        assert!(!tracker.is_only("a"));
+        let cursor = tracker.cursor();
+        assert_eq!(cursor.0.get("a"), Some(&"5-1".parse().expect("id")));
+        assert_eq!(cursor.0.get("b"), Some(&"7-0".parse().expect("id")));
+        assert_eq!(Cursor::decode(&cursor.encode()), Ok(cursor));
+        tracker.forget("b");
+        assert!(tracker.is_only("a"));
+        assert!(
+            tracker.accept(&message("b", "1-0")),
+            "forgotten: starts over"
+        );
+    }
+}

@@ -568,3 +568,26 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_bucket_allows_a_burst_then_refuses() {
+        let mut bucket = TokenBucket::new(0, 3);
+        assert!(bucket.take() && bucket.take() && bucket.take(), "the burst");
+        assert!(!bucket.take(), "nothing refills at rate 0");
+        assert!(!bucket.take());
+    }
+
+    #[tokio::test]
+    async fn the_command_bucket_refills_at_its_rate() {
+        let mut bucket = TokenBucket::new(1_000, 1);
+        assert!(bucket.take());
+        assert!(!bucket.take(), "burst spent");
+        // 1,000 per second: one token back within a few milliseconds.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(bucket.take(), "refilled");
+    }
+}
