@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{header, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
@@ -51,23 +51,7 @@ pub fn preflight<B>(app: &App, req: &Request<B>) -> Response<Body> {
     if verdict == Verdict::Refused {
         return Refused::Forbidden("origin not allowed").into_response();
     }
-    let mut response = Response::new(crate::http::full(""));
-    *response.status_mut() = StatusCode::NO_CONTENT;
-    let headers = response.headers_mut();
-    add_cors(headers, &verdict);
-    headers.insert(
-        header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("POST"),
-    );
-    headers.insert(
-        header::ACCESS_CONTROL_ALLOW_HEADERS,
-        HeaderValue::from_static("authorization, content-type"),
-    );
-    headers.insert(
-        header::ACCESS_CONTROL_MAX_AGE,
-        HeaderValue::from_static("600"),
-    );
-    response
+    crate::origin::preflight(&verdict, "POST", "authorization, content-type")
 }
 
 async fn try_publish(

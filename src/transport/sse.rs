@@ -154,23 +154,11 @@ pub fn preflight<B>(app: &App, req: &Request<B>) -> Response<Body> {
     if verdict == crate::origin::Verdict::Refused {
         return app.rejected(Refused::Forbidden("origin not allowed"));
     }
-    let mut response = Response::new(crate::http::full(""));
-    *response.status_mut() = StatusCode::NO_CONTENT;
-    let headers = response.headers_mut();
-    add_cors(headers, &verdict);
-    headers.insert(
-        header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("GET"),
-    );
-    headers.insert(
-        header::ACCESS_CONTROL_ALLOW_HEADERS,
-        HeaderValue::from_static("authorization, last-event-id, cache-control"),
-    );
-    headers.insert(
-        header::ACCESS_CONTROL_MAX_AGE,
-        HeaderValue::from_static("600"),
-    );
-    response
+    crate::origin::preflight(
+        &verdict,
+        "GET",
+        "authorization, last-event-id, cache-control",
+    )
 }
 
 /// What a live stream owns; dropping it (client gone, stream ended)
