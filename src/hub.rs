@@ -99,12 +99,26 @@ pub enum Control {
         channel: String,
         /// Readiness of this channel at the broker.
         ready: watch::Sender<bool>,
+        /// What the first subscriber already knows of the channel.
+        start: ChannelStart,
     },
     /// Stop receiving `channel`.
     Unsubscribe {
         /// Channel name, without prefix.
         channel: String,
     },
+}
+
+/// What a subscriber learnt of a channel before subscribing — whether it
+/// keeps history, and its newest id then — so that the broker, which needs
+/// the same to recover the channel after an outage, does not ask again: a
+/// subscribe reads the channel's rule and position once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChannelStart {
+    /// The channel's rule keeps history.
+    pub history: bool,
+    /// Its newest id when the subscriber looked (history channels).
+    pub position: Option<crate::history::StreamId>,
 }
 
 struct Channel {
@@ -166,6 +180,7 @@ impl Hub {
         channel: &str,
         outbox: &Outbox,
         events: Option<Filter>,
+        start: ChannelStart,
     ) -> Result<(), SubscribeError> {
         let ready = {
             let mut shard = write(self.shard(channel));
@@ -176,6 +191,7 @@ impl Hub {
                 let _ = self.control.send(Control::Subscribe {
                     channel: channel.to_owned(),
                     ready: tx,
+                    start,
                 });
                 self.metrics.channels.inc();
                 Channel {
@@ -383,8 +399,11 @@ impl Subscriptions {
         &mut self,
         channel: &str,
         events: Option<Filter>,
+        start: ChannelStart,
     ) -> Result<(), SubscribeError> {
-        self.hub.subscribe(channel, &self.outbox, events).await?;
+        self.hub
+            .subscribe(channel, &self.outbox, events, start)
+            .await?;
         if !self.contains(channel) {
             self.channels.push(channel.to_owned());
         }
@@ -438,7 +457,7 @@ mod tests {
         tokio::spawn(async move {
             while let Some(c) = rx.recv().await {
                 match c {
-                    Control::Subscribe { channel, ready } => {
+                    Control::Subscribe { channel, ready, .. } => {
                         let _ = ready.send(true);
                         let _ = log_tx.send(format!("sub {channel}"));
                     }
@@ -459,8 +478,12 @@ mod tests {
         let (fast_out, mut fast_in) = queue(100, CancellationToken::new());
         let mut a = Subscriptions::new(hub.clone(), slow_out);
         let mut b = Subscriptions::new(hub.clone(), fast_out);
-        a.add("c", None).await.expect("subscribed");
-        b.add("c", None).await.expect("subscribed");
+        a.add("c", None, ChannelStart::default())
+            .await
+            .expect("subscribed");
+        b.add("c", None, ChannelStart::default())
+            .await
+            .expect("subscribed");
         for i in 0..5 {
             hub.dispatch(Publication::new("c", format!("{i}").as_bytes()));
         }
@@ -479,9 +502,13 @@ mod tests {
         let mut log = confirm_all(rx);
         let (out, mut inbox) = queue(10, CancellationToken::new());
         let mut subs = Subscriptions::new(hub.clone(), out);
-        subs.add("c", Some(vec!["keep".into()].into()))
-            .await
-            .expect("subscribed");
+        subs.add(
+            "c",
+            Some(vec!["keep".into()].into()),
+            ChannelStart::default(),
+        )
+        .await
+        .expect("subscribed");
         assert_eq!(log.recv().await.as_deref(), Some("sub c"));
         hub.dispatch(Publication::new("c", br#"{"type":"drop"}"#));
         hub.dispatch(Publication::new("c", br#"{"type":"keep"}"#));
@@ -514,10 +541,10 @@ mod tests {
         let _log = confirm_all(rx);
         let (out, mut inbox) = queue(10, CancellationToken::new());
         let mut subs = Subscriptions::new(hub.clone(), out);
-        subs.add("c", Some(vec!["a".into()].into()))
+        subs.add("c", Some(vec!["a".into()].into()), ChannelStart::default())
             .await
             .expect("subscribed");
-        subs.add("c", Some(vec!["b".into()].into()))
+        subs.add("c", Some(vec!["b".into()].into()), ChannelStart::default())
             .await
             .expect("subscribed");
         assert_eq!(hub.metrics.subscriptions.get(), 1);
@@ -538,10 +565,14 @@ mod tests {
         let mut log = confirm_all(rx);
         let (out, _inbox) = queue(10, CancellationToken::new());
         let mut subs = Subscriptions::new(hub.clone(), out);
-        subs.add("c", None).await.expect("subscribed");
+        subs.add("c", None, ChannelStart::default())
+            .await
+            .expect("subscribed");
         assert!(subs.remove("c"));
         assert_eq!(hub.sweep(), 0, "still lingering");
-        subs.add("c", None).await.expect("resubscribed");
+        subs.add("c", None, ChannelStart::default())
+            .await
+            .expect("resubscribed");
         assert_eq!(log.recv().await.as_deref(), Some("sub c"));
         assert!(log.try_recv().is_err(), "no second broker subscription");
     }
@@ -566,12 +597,18 @@ mod tests {
                 other => panic!("expected a subscribe, got {other:?}"),
             }
         };
-        let (added, ready) = tokio::join!(subs.add("c", None), confirm);
+        let (added, ready) = tokio::join!(subs.add("c", None, ChannelStart::default()), confirm);
         added.expect("subscribed");
         // The broker goes away: a re-subscribe (new filter) cannot be
         // confirmed and fails, but the subscription stays, filter and all.
         ready.send_replace(false);
-        let again = subs.add("c", Some(vec!["only".into()].into())).await;
+        let again = subs
+            .add(
+                "c",
+                Some(vec!["only".into()].into()),
+                ChannelStart::default(),
+            )
+            .await;
         assert_eq!(again, Err(SubscribeError::Unavailable));
         assert_eq!(subs.channels(), ["c"]);
         assert_eq!(hub.listeners("c"), 1);
@@ -592,7 +629,10 @@ mod tests {
         ));
         let (out, _inbox) = queue(10, CancellationToken::new());
         let mut subs = Subscriptions::new(hub.clone(), out);
-        assert_eq!(subs.add("c", None).await, Err(SubscribeError::Unavailable));
+        assert_eq!(
+            subs.add("c", None, ChannelStart::default()).await,
+            Err(SubscribeError::Unavailable)
+        );
         assert!(subs.is_empty());
         assert_eq!(hub.listeners("c"), 0);
         assert_eq!(hub.metrics.subscriptions.get(), 0);

@@ -491,3 +491,71 @@ async fn history_written_before_the_key_change_is_still_replayed() {
     }
     assert_eq!(seen, [2, 3, 4]);
 }
+
+/// Issue 11, acceptance 4: a subscribe with a cursor reads the channel's
+/// position once (the broker reuses what the subscriber read) and its
+/// history once — seen in what Redis itself executes (`MONITOR`).
+#[tokio::test]
+async fn a_resuming_subscribe_reads_position_and_history_once() {
+    use tokio::io::AsyncBufReadExt;
+    let redis = RedisServer::start().await;
+    let crier = Instance::start(history_config(Some(&redis))).await;
+    let channel = unique("hist:once");
+    let first = redis
+        .fcall_publish(&channel, r#"{"n":1}"#)
+        .await
+        .expect("id");
+    redis
+        .fcall_publish(&channel, r#"{"n":2}"#)
+        .await
+        .expect("id");
+    let key = crier::history::stream_key("", &channel);
+
+    let mut monitor = tokio::process::Command::new("redis-cli")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &redis.port().to_string(),
+            "MONITOR",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-cli MONITOR");
+    let mut lines = tokio::io::BufReader::new(monitor.stdout.take().expect("stdout")).lines();
+    assert_eq!(
+        lines.next_line().await.expect("read").as_deref(),
+        Some("OK")
+    );
+
+    let mut ws = WsClient::connect(&crier.ws("/ws")).await;
+    ws.recv_type("welcome", WAIT).await;
+    ws.send_json(json!({"type": "subscribe", "channel": channel, "since": first, "id": 1}))
+        .await;
+    assert_eq!(ws.recv_type("subscribed", WAIT).await["recovered"], true);
+    assert_eq!(ws.recv_type("message", WAIT).await["data"]["n"], 2);
+    // A marker after the subscribe: every command before it has been seen.
+    redis.cli(&["ECHO", &format!("done-{channel}")]).await;
+    let quoted = format!("\"{key}\"");
+    let (mut position, mut since) = (0, 0);
+    loop {
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("MONITOR output")
+            .expect("read")
+            .expect("MONITOR running");
+        if line.contains(&format!("done-{channel}")) {
+            break;
+        }
+        if line.contains(&quoted) {
+            position += usize::from(line.contains("\"crier_position\""));
+            since += usize::from(line.contains("\"crier_since\""));
+        }
+    }
+    assert_eq!(
+        (position, since),
+        (1, 1),
+        "crier_position and crier_since, once each"
+    );
+}

@@ -30,7 +30,7 @@ use super::redis::{backoff, missed, relay, relay_gap, Canary, Missed, Redis};
 use super::{BrokerHealth, PublishError, Wiring};
 use crate::config::{Config, RedisConfig};
 use crate::history::{self, StreamId};
-use crate::hub::{Control, Hub};
+use crate::hub::{ChannelStart, Control, Hub};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 
@@ -273,8 +273,8 @@ impl Supervisor {
                 request = self.control.recv() => {
                     let Some(request) = request else { return };
                     match request {
-                        Control::Subscribe { channel, ready } => {
-                            self.subscribe(&mut conn, channel, ready).await;
+                        Control::Subscribe { channel, ready, start } => {
+                            self.subscribe(&mut conn, channel, ready, start).await;
                         }
                         Control::Unsubscribe { channel } => {
                             self.channels.remove(&channel);
@@ -325,13 +325,12 @@ impl Supervisor {
         conn: &mut redis::cluster_async::ClusterConnection,
         channel: String,
         ready: watch::Sender<bool>,
+        start: ChannelStart,
     ) {
-        let history = self.policy.history_of(&channel).is_some();
-        let last = if history {
-            self.redis.position(&channel).await.ok()
-        } else {
-            None
-        };
+        let ChannelStart {
+            history,
+            position: last,
+        } = start;
         let key = self.key(&channel);
         let sharded = conn.ssubscribe(&key).await;
         let plain = conn.subscribe(&key).await;

@@ -39,7 +39,7 @@ use super::target::Target;
 use super::{BrokerHealth, PublishError, Wiring};
 use crate::config::Config;
 use crate::history::{self, Recovery, StreamId};
-use crate::hub::{Control, Hub};
+use crate::hub::{ChannelStart, Control, Hub};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::protocol::Publication;
@@ -693,8 +693,8 @@ impl Supervisor {
                 request = self.control.recv() => {
                     let Some(request) = request else { return Ended::Stopped };
                     let result = match request {
-                        Control::Subscribe { channel, ready } => {
-                            self.subscribe(&mut sink, &channel, ready).await
+                        Control::Subscribe { channel, ready, start } => {
+                            self.subscribe(&mut sink, &channel, ready, start).await
                         }
                         Control::Unsubscribe { channel } => {
                             self.channels.remove(&channel);
@@ -715,14 +715,12 @@ impl Supervisor {
         sink: &mut PubSubSink,
         channel: &str,
         ready: watch::Sender<bool>,
+        start: ChannelStart,
     ) -> Result<(), String> {
-        let history = self.policy.history_of(channel).is_some();
-        // Where outage recovery of this channel would start.
-        let last = if history {
-            self.redis.position(channel).await.ok()
-        } else {
-            None
-        };
+        let ChannelStart { history, position } = start;
+        // Where outage recovery of this channel would start: what the
+        // subscriber read (history channels).
+        let last = position;
         let key = self.key(channel);
         let done = self.bounded(sink.subscribe(&key)).await;
         if done.is_ok() {
@@ -749,10 +747,10 @@ impl Supervisor {
                 _ = self.stop.cancelled() => return false,
                 _ = &mut sleep => return true,
                 request = self.control.recv() => match request {
-                    Some(Control::Subscribe { channel, ready }) => {
-                        let history = self.policy.history_of(&channel).is_some();
-                        // No position can be read now: recovery will send a gap.
-                        self.channels.insert(channel, Channel { ready, last: None, history });
+                    Some(Control::Subscribe { channel, ready, start }) => {
+                        // Recovery resumes from the subscriber's position, or
+                        // sends a gap where it had none.
+                        self.channels.insert(channel, Channel { ready, last: start.position, history: start.history });
                     }
                     Some(Control::Unsubscribe { channel }) => {
                         self.channels.remove(&channel);

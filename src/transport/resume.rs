@@ -16,7 +16,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::app::App;
 use crate::history::{Cursor, StreamId};
-use crate::hub::{SubscribeError, Subscriptions};
+use crate::hub::{ChannelStart, SubscribeError, Subscriptions};
 use crate::protocol::{Filter, Kind, Publication};
 
 /// What this connection has delivered, per history channel.
@@ -149,7 +149,7 @@ pub async fn open(
     resuming: bool,
 ) -> Result<Opened, SubscribeError> {
     let Some(_) = app.policy.history_of(channel) else {
-        subs.add(channel, events).await?;
+        subs.add(channel, events, ChannelStart::default()).await?;
         let gap = since.is_some() || resuming;
         if gap {
             app.metrics.gaps.inc();
@@ -172,7 +172,11 @@ pub async fn open(
         .await
         .map_err(|_| SubscribeError::Unavailable)?;
     let existed = subs.contains(channel);
-    subs.add(channel, events.clone()).await?;
+    let start = ChannelStart {
+        history: true,
+        position: Some(newest),
+    };
+    subs.add(channel, events.clone(), start).await?;
     let start = match since {
         // A cursor this channel never issued (another Redis, a restored
         // backup, a forged id): everything until now is unknown to the
