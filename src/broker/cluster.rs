@@ -162,6 +162,7 @@ pub(super) fn spawn(
         topology: None,
         settling: Vec::new(),
         settle_rounds: 0,
+        repaired: HashMap::new(),
         prefix,
         canary,
         canaries: HashMap::new(),
@@ -192,6 +193,8 @@ struct Supervisor {
     /// slot-map reads.
     settling: Vec<String>,
     settle_rounds: u8,
+    /// When each canary's shard was last repaired (see `repair_shard`).
+    repaired: HashMap<String, tokio::time::Instant>,
     prefix: String,
     /// The canaries' common name; see [`canary_for`].
     canary: String,
@@ -285,15 +288,18 @@ impl Supervisor {
                     }
                 }
                 _ = tick.tick() => {
-                    let overdue: Vec<&String> = self
+                    let overdue: Vec<String> = self
                         .canaries
                         .iter()
                         .filter(|(_, c)| c.overdue())
-                        .map(|(name, _)| name)
+                        .map(|(name, _)| name.clone())
                         .collect();
                     if !overdue.is_empty() && self.health.is_up() {
                         tracing::warn!(canaries = ?overdue, "a shard's canary is not back: not ready");
                         self.health.set(false, &self.metrics);
+                    }
+                    for canary in overdue {
+                        self.repair_shard(&canary, &mut conn).await;
                     }
                     let mut publish = Vec::new();
                     for (name, canary) in &mut self.canaries {
@@ -536,6 +542,64 @@ impl Supervisor {
                         .insert(name, Canary::new(self.canary_interval));
                 }
                 Err(e) => tracing::warn!(canary = %name, error = %e, "cannot subscribe a canary"),
+            }
+        }
+    }
+
+    /// A shard's canary is not coming back: its node may have dropped its
+    /// sharded subscriptions (a slot handed over, a subscription that
+    /// reached the old owner just before it let go). Subscribe that shard's
+    /// channels and its canary again, and recover them — at most once per
+    /// canary interval, and only when the shard answers.
+    async fn repair_shard(
+        &mut self,
+        canary: &str,
+        conn: &mut redis::cluster_async::ClusterConnection,
+    ) {
+        let now = tokio::time::Instant::now();
+        if self
+            .repaired
+            .get(canary)
+            .is_some_and(|at| now.duration_since(*at) < self.canary_interval)
+        {
+            return;
+        }
+        self.repaired.insert(canary.to_owned(), now);
+        // One quick attempt each: a shard that is down is not waited for
+        // here (the relay of the others goes on); the next interval retries.
+        let limit = self.canary_interval.min(self.connect_timeout);
+        let once = |conn: &mut redis::cluster_async::ClusterConnection, key: String| {
+            let mut conn = conn.clone();
+            async move {
+                matches!(
+                    tokio::time::timeout(limit, conn.ssubscribe(&key)).await,
+                    Ok(Ok(()))
+                )
+            }
+        };
+        if !once(conn, canary.to_owned()).await {
+            return;
+        }
+        let Some(map) = &self.topology else { return };
+        let shard = owner(map, history::slot(canary)).map(str::to_owned);
+        let keys: Vec<String> = self
+            .channels
+            .keys()
+            .map(|name| self.key(name))
+            .filter(|key| owner(map, history::slot(key)).map(str::to_owned) == shard)
+            .collect();
+        if !keys.is_empty() {
+            tracing::info!(
+                channels = keys.len(),
+                "a shard's canary is late: subscribing its channels again and recovering"
+            );
+        }
+        for key in keys {
+            if let Some(channel) = self.channel_mut(&key) {
+                channel.pending = true;
+            }
+            if once(conn, key.clone()).await {
+                self.recover(&key, true).await;
             }
         }
     }
