@@ -231,22 +231,31 @@ fn cluster_publisher(
     (task, rx)
 }
 
-/// Reads every `message`/`gap` of a WebSocket into `seen`, until aborted.
-fn record_ws(
-    mut ws: WsClient,
-    seen: std::sync::Arc<std::sync::Mutex<Seen>>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
+/// A WebSocket client of `crier` subscribed to `channel`, recording every
+/// `message` id and `gap` it receives until the returned task is aborted.
+async fn recorded_client(
+    crier: &Instance,
+    channel: &str,
+) -> (
+    std::sync::Arc<std::sync::Mutex<Seen>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let mut ws = WsClient::connect(&crier.ws(&format!("/ws?channel={channel}"))).await;
+    ws.recv_type("subscribed", WAIT).await;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
+    let sink = std::sync::Arc::clone(&seen);
+    let reader = tokio::spawn(async move {
         loop {
             let v = ws.recv_json(Duration::from_secs(120)).await;
-            let mut seen = seen.lock().expect("lock");
+            let mut seen = sink.lock().expect("lock");
             match v["type"].as_str() {
                 Some("message") => seen.ids.push(v["id"].as_str().expect("id").to_string()),
                 Some("gap") => seen.gaps += 1,
                 _ => {}
             }
         }
-    })
+    });
+    (seen, reader)
 }
 
 /// The ids of `channel`'s history as the shard that owns it now holds it.
@@ -290,11 +299,7 @@ async fn a_cluster_failover_loses_and_duplicates_nothing() {
     let cluster = RedisCluster::start(3, 1).await;
     let crier = Instance::start(cluster_config(&cluster)).await;
     let channel = unique("hist:failover");
-    let ws = WsClient::connect(&crier.ws(&format!("/ws?channel={channel}"))).await;
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
-    let mut ws = ws;
-    ws.recv_type("subscribed", WAIT).await;
-    let reader = record_ws(ws, std::sync::Arc::clone(&seen));
+    let (seen, reader) = recorded_client(&crier, &channel).await;
 
     let (publishing, mut progress) = cluster_publisher(cluster.urls(), channel.clone(), 600);
     progress.wait_for(|n| *n >= 100).await.expect("publishing");
@@ -369,10 +374,7 @@ async fn a_killed_primary_loses_nothing_silently() {
     let mut cluster = RedisCluster::start(3, 1).await;
     let crier = Instance::start(cluster_config(&cluster)).await;
     let channel = unique("hist:crash");
-    let mut ws = WsClient::connect(&crier.ws(&format!("/ws?channel={channel}"))).await;
-    ws.recv_type("subscribed", WAIT).await;
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
-    let reader = record_ws(ws, std::sync::Arc::clone(&seen));
+    let (seen, reader) = recorded_client(&crier, &channel).await;
 
     let (publishing, mut progress) = cluster_publisher(cluster.urls(), channel.clone(), 400);
     progress.wait_for(|n| *n >= 100).await.expect("publishing");
@@ -540,10 +542,7 @@ async fn a_dropped_node_connection_is_repaired_from_history() {
     let cluster = RedisCluster::start(3, 0).await;
     let crier = Instance::start(cluster_config(&cluster)).await;
     let channel = unique("hist:dropped");
-    let mut ws = WsClient::connect(&crier.ws(&format!("/ws?channel={channel}"))).await;
-    ws.recv_type("subscribed", WAIT).await;
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Seen::default()));
-    let reader = record_ws(ws, std::sync::Arc::clone(&seen));
+    let (seen, reader) = recorded_client(&crier, &channel).await;
 
     let (publishing, mut progress) = cluster_publisher(cluster.urls(), channel.clone(), 300);
     progress.wait_for(|n| *n >= 50).await.expect("publishing");
