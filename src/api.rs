@@ -14,9 +14,10 @@ use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
 
 use crate::app::{App, ConnInfo};
-use crate::http::{json, Body, Refused};
+use crate::http::{json, refused, Body};
 use crate::origin::{add_cors, Verdict};
 use crate::policy::validate_channel;
+use crate::refusal::Refusal;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -38,7 +39,7 @@ pub async fn publish(app: Arc<App>, req: Request<Incoming>, info: ConnInfo) -> R
             }
             json(StatusCode::OK, &body)
         }
-        Err(refused) => refused.into_response(),
+        Err(refusal) => refused(&refusal),
     };
     add_cors(response.headers_mut(), &origin);
     response
@@ -49,7 +50,7 @@ pub async fn publish(app: Arc<App>, req: Request<Incoming>, info: ConnInfo) -> R
 pub fn preflight<B>(app: &App, req: &Request<B>) -> Response<Body> {
     let verdict = app.origins.check(req.headers());
     if verdict == Verdict::Refused {
-        return Refused::Forbidden("origin not allowed").into_response();
+        return refused(&Refusal::Forbidden("origin not allowed"));
     }
     crate::origin::preflight(&verdict, "POST", "authorization, content-type")
 }
@@ -58,7 +59,7 @@ async fn try_publish(
     app: &App,
     req: Request<Incoming>,
     info: &ConnInfo,
-) -> Result<Option<crate::history::StreamId>, Refused> {
+) -> Result<Option<crate::history::StreamId>, Refusal> {
     authorize(app, &req, info)?;
     let limit = app.config.publish.max_body_bytes;
     let body = Limited::new(req.into_body(), limit)
@@ -66,41 +67,41 @@ async fn try_publish(
         .await
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
-                Refused::TooLarge
+                Refusal::TooLarge("body larger than publish.max_body_bytes".into())
             } else {
-                Refused::BadRequest(format!("cannot read body: {e}"))
+                Refusal::BadRequest(format!("cannot read body: {e}"))
             }
         })?
         .to_bytes();
     let request: PublishRequest = serde_json::from_slice(&body).map_err(|e| {
-        Refused::BadRequest(format!(
+        Refusal::BadRequest(format!(
             "expected {{\"channel\": \"name\", \"data\": <json>}}: {e}"
         ))
     })?;
     validate_channel(&request.channel)
-        .map_err(|why| Refused::BadRequest(format!("bad channel name: {why}")))?;
+        .map_err(|why| Refusal::BadRequest(format!("bad channel name: {why}")))?;
     app.broker
         .publish(&request.channel, request.data.get().as_bytes())
         .await
         .map_err(|e| {
             tracing::warn!(error = %e, "publish failed");
-            Refused::Unavailable
+            Refusal::Unavailable
         })
 }
 
 /// With keys configured, one must match. Without, only dev mode publishes,
 /// and only for clients on this machine.
-fn authorize<B>(app: &App, req: &Request<B>, info: &ConnInfo) -> Result<(), Refused> {
+fn authorize<B>(app: &App, req: &Request<B>, info: &ConnInfo) -> Result<(), Refusal> {
     let keys = &app.config.publish.api_keys;
     if keys.is_empty() {
         return if app.config.dev && info.peer.ip().is_loopback() {
             Ok(())
         } else if app.config.dev {
-            Err(Refused::Forbidden(
+            Err(Refusal::Forbidden(
                 "dev mode accepts keyless publishing from loopback only",
             ))
         } else {
-            Err(Refused::Forbidden(
+            Err(Refusal::Forbidden(
                 "publish API disabled: configure publish.api_keys",
             ))
         };
@@ -110,7 +111,7 @@ fn authorize<B>(app: &App, req: &Request<B>, info: &ConnInfo) -> Result<(), Refu
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or(Refused::Unauthorized("missing bearer API key"))?
+        .ok_or(Refusal::Unauthorized("missing bearer API key"))?
         .trim()
         .as_bytes();
     // Compare against every key, without stopping at the first match.
@@ -120,6 +121,6 @@ fn authorize<B>(app: &App, req: &Request<B>, info: &ConnInfo) -> Result<(), Refu
     if bool::from(matched) {
         Ok(())
     } else {
-        Err(Refused::Unauthorized("bad API key"))
+        Err(Refusal::Unauthorized("bad API key"))
     }
 }

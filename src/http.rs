@@ -8,7 +8,9 @@ use http::{header, HeaderValue, Response, StatusCode};
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
 use serde_json::json;
 
+use crate::metrics::Metrics;
 use crate::protocol::{event_filter, Filter, MAX_EVENT_TYPES};
+use crate::refusal::Refusal;
 
 /// Every response body crier sends.
 pub type Body = UnsyncBoxBody<Bytes, Infallible>;
@@ -40,113 +42,50 @@ pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     r
 }
 
-/// Why a request was refused, and how that looks on the wire.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refused {
-    /// 400: the request itself is wrong.
-    BadRequest(String),
-    /// 401: missing or wrong credentials.
-    Unauthorized(&'static str),
-    /// 403: not allowed. Says nothing about whether the channel exists.
-    Forbidden(&'static str),
-    /// 400 with code `too_many_subscriptions`.
-    TooManySubscriptions,
-    /// 413: body over the limit.
-    TooLarge,
-    /// 426: `/ws` without a WebSocket upgrade.
-    UpgradeRequired,
-    /// 503: at `max_connections`.
-    AtCapacity,
-    /// 429: at the per-user or per-IP connection limit.
-    TooManyConnections(&'static str),
-    /// 503: the broker is down.
-    Unavailable,
-    /// 503: the session store is down.
-    SessionStoreUnavailable,
+/// The HTTP answer to a refusal: its status and
+/// `{"error": code, "reason": text}`, with the headers the status calls for.
+pub(crate) fn refused(refusal: &Refusal) -> Response<Body> {
+    let status = match refusal {
+        Refusal::BadRequest(_) | Refusal::TooManySubscriptions { .. } => StatusCode::BAD_REQUEST,
+        Refusal::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+        Refusal::Forbidden(_) => StatusCode::FORBIDDEN,
+        Refusal::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        Refusal::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
+        Refusal::TooManyConnections { .. } | Refusal::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+        Refusal::AtCapacity | Refusal::Unavailable | Refusal::SessionStoreUnavailable => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+    };
+    let reason = refusal.reason();
+    let mut r = json(status, &json!({"error": refusal.code(), "reason": &reason}));
+    match status {
+        StatusCode::UNAUTHORIZED => {
+            // RFC 6750: the reason travels as error_description too.
+            let challenge = format!(
+                "Bearer realm=\"crier\", error=\"invalid_token\", error_description=\"{reason}\""
+            );
+            if let Ok(value) = HeaderValue::from_str(&challenge) {
+                r.headers_mut().insert(header::WWW_AUTHENTICATE, value);
+            }
+        }
+        StatusCode::SERVICE_UNAVAILABLE => {
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        StatusCode::UPGRADE_REQUIRED => {
+            r.headers_mut()
+                .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        }
+        _ => {}
+    }
+    r
 }
 
-impl Refused {
-    /// A short label for metrics and logs.
-    pub fn label(&self) -> &'static str {
-        match self {
-            Refused::BadRequest(_) => "bad_request",
-            Refused::Unauthorized(_) => "unauthorized",
-            Refused::Forbidden(_) => "forbidden",
-            Refused::TooManySubscriptions => "too_many_subscriptions",
-            Refused::TooLarge => "too_large",
-            Refused::UpgradeRequired => "upgrade_required",
-            Refused::AtCapacity => "max_connections",
-            Refused::TooManyConnections(which) => which,
-            Refused::Unavailable => "unavailable",
-            Refused::SessionStoreUnavailable => "session_store_unavailable",
-        }
-    }
-
-    /// The error response: a status and `{"error": code, "reason": text}`.
-    pub fn into_response(self) -> Response<Body> {
-        let (status, code, reason) = match self {
-            Refused::BadRequest(r) => (StatusCode::BAD_REQUEST, "bad_request", r),
-            Refused::Unauthorized(r) => (StatusCode::UNAUTHORIZED, "unauthorized", r.into()),
-            Refused::Forbidden(r) => (StatusCode::FORBIDDEN, "forbidden", r.into()),
-            Refused::TooManySubscriptions => (
-                StatusCode::BAD_REQUEST,
-                "too_many_subscriptions",
-                "more channels than limits.max_subscriptions_per_connection".into(),
-            ),
-            Refused::TooLarge => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                "body larger than publish.max_body_bytes".into(),
-            ),
-            Refused::UpgradeRequired => (
-                StatusCode::UPGRADE_REQUIRED,
-                "bad_request",
-                "this endpoint speaks WebSocket".into(),
-            ),
-            Refused::TooManyConnections(which) => (
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_connections",
-                format!("connection limit reached: {which}"),
-            ),
-            Refused::AtCapacity => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "connection limit reached, try another instance".into(),
-            ),
-            Refused::Unavailable => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "the broker is unavailable, try again later".into(),
-            ),
-            Refused::SessionStoreUnavailable => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "the session store is unavailable, try again later".into(),
-            ),
-        };
-        let mut r = json(status, &json!({"error": code, "reason": &reason}));
-        match status {
-            StatusCode::UNAUTHORIZED => {
-                // RFC 6750: the reason travels as error_description too.
-                let challenge = format!(
-                    "Bearer realm=\"crier\", error=\"invalid_token\", error_description=\"{reason}\""
-                );
-                if let Ok(value) = HeaderValue::from_str(&challenge) {
-                    r.headers_mut().insert(header::WWW_AUTHENTICATE, value);
-                }
-            }
-            StatusCode::SERVICE_UNAVAILABLE => {
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            }
-            StatusCode::UPGRADE_REQUIRED => {
-                r.headers_mut()
-                    .insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            }
-            _ => {}
-        }
-        r
-    }
+/// [`refused`], counted in `crier_connections_rejected_total`: for a
+/// stream (`/sse`, `/ws`) refused before it opened.
+pub(crate) fn rejected(metrics: &Metrics, refusal: &Refusal) -> Response<Body> {
+    metrics.rejected.with_label_values(&[refusal.label()]).inc();
+    refused(refusal)
 }
 
 /// Longest query string accepted on `/sse` and `/ws`, in bytes: room for

@@ -1,124 +1,44 @@
 //! The hub: which local connection listens to which channel, and the fan-out
 //! of each publication to them.
 //!
-//! The hub never awaits a client. A publication is pushed with `try_send`
-//! into each listener's bounded queue; a full queue marks that connection
-//! slow (its transport then closes it) and the others carry on. The map is
-//! sharded so subscription churn on one channel does not stall fan-out on
-//! another, and no lock is held across an `.await`.
+//! The hub never awaits a client. A publication is offered to each
+//! listener's [`Sink`] (a connection's bounded queue, which refuses rather
+//! than waits when full), and the others carry on. The map is sharded so
+//! subscription churn on one channel does not stall fan-out on another, and
+//! no lock is held across an `.await`.
 //!
 //! The hub also drives the broker's subscriptions: the first local listener
-//! of a channel asks the broker to subscribe, and a channel without
-//! listeners is unsubscribed after a short linger (so a reconnecting client
-//! costs no Redis round trip).
+//! of a channel sends the broker a [`Control::Subscribe`], and a channel
+//! without listeners is unsubscribed after a short linger (so a reconnecting
+//! client costs no Redis round trip).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::broker::{ChannelStart, Control, Fanout};
 use crate::metrics::Metrics;
 use crate::protocol::{Filter, Kind, Publication};
+use crate::refusal::Refusal;
 
-/// Unique id of a client connection within this process.
-pub type ConnId = u64;
-
-static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
-
-/// A fresh connection id.
-pub fn next_conn_id() -> ConnId {
-    NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed)
-}
-
-/// What a connection's transport reads: its bounded queue, and the signal
-/// that it fell behind.
-pub struct Inbox {
-    /// Publications for this connection, in order.
-    pub rx: mpsc::Receiver<Arc<Publication>>,
-    /// Cancelled when the queue overflowed: the transport must close.
-    pub slow: CancellationToken,
-}
-
-/// The hub's side of one connection: where to push its publications.
-#[derive(Clone)]
-pub struct Outbox {
-    id: ConnId,
-    tx: mpsc::Sender<Arc<Publication>>,
-    slow: Arc<SlowFlag>,
-}
-
-struct SlowFlag {
-    fired: AtomicBool,
-    token: CancellationToken,
-}
-
-/// A connection's queue: the transport keeps the [`Inbox`], the hub gets
-/// clones of the [`Outbox`] for each channel it listens to. `on_slow` is
-/// cancelled when the queue overflows; SSE passes its TCP connection's kill
-/// token here, so a client that stopped reading is cut off even while hyper
-/// is stuck writing to it.
-pub fn queue(capacity: usize, on_slow: CancellationToken) -> (Outbox, Inbox) {
-    let (tx, rx) = mpsc::channel(capacity);
-    let token = on_slow;
-    let outbox = Outbox {
-        id: next_conn_id(),
-        tx,
-        slow: Arc::new(SlowFlag {
-            fired: AtomicBool::new(false),
-            token: token.clone(),
-        }),
-    };
-    (outbox, Inbox { rx, slow: token })
-}
-
-impl Outbox {
-    /// The connection id.
-    pub fn id(&self) -> ConnId {
-        self.id
-    }
+/// Where the hub puts one listener's publications: a connection's queue.
+pub(crate) trait Sink: Send + Sync {
+    /// Queues `publication` without waiting. A full queue refuses it (and
+    /// marks its connection slow, which then closes); the hub carries on.
+    fn offer(&self, publication: &Arc<Publication>) -> bool;
 }
 
 /// A listener of one channel, with its optional event-type filter.
 #[derive(Clone)]
 struct Listener {
-    outbox: Outbox,
+    /// The connection's id: one listener per connection and channel.
+    id: u64,
+    sink: Arc<dyn Sink>,
     events: Option<Filter>,
-}
-
-/// Requests from the hub to the broker, handled in order.
-#[derive(Debug)]
-pub enum Control {
-    /// Start receiving `channel`; set `ready` to true once subscribed (and
-    /// back to false while the broker is disconnected).
-    Subscribe {
-        /// Channel name, without prefix.
-        channel: String,
-        /// Readiness of this channel at the broker.
-        ready: watch::Sender<bool>,
-        /// What the first subscriber already knows of the channel.
-        start: ChannelStart,
-    },
-    /// Stop receiving `channel`.
-    Unsubscribe {
-        /// Channel name, without prefix.
-        channel: String,
-    },
-}
-
-/// What a subscriber learnt of a channel before subscribing — whether it
-/// keeps history, and its newest id then — so that the broker, which needs
-/// the same to recover the channel after an outage, does not ask again: a
-/// subscribe reads the channel's rule and position once.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ChannelStart {
-    /// The channel's rule keeps history.
-    pub history: bool,
-    /// Its newest id when the subscriber looked (history channels).
-    pub position: Option<crate::history::StreamId>,
 }
 
 struct Channel {
@@ -130,16 +50,8 @@ struct Channel {
 
 type Shard = RwLock<HashMap<String, Channel>>;
 
-/// Why a subscription could not be made.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-pub enum SubscribeError {
-    /// The broker did not confirm in time (Redis down).
-    #[error("the broker is unavailable, try again later")]
-    Unavailable,
-}
-
 /// See the module documentation.
-pub struct Hub {
+pub(crate) struct Hub {
     shards: Box<[Shard]>,
     hasher: RandomState,
     control: mpsc::UnboundedSender<Control>,
@@ -150,7 +62,7 @@ pub struct Hub {
 
 impl Hub {
     /// A hub whose subscription requests go to `control`.
-    pub fn new(
+    pub(crate) fn new(
         control: mpsc::UnboundedSender<Control>,
         linger: Duration,
         subscribe_timeout: Duration,
@@ -172,17 +84,21 @@ impl Hub {
         &self.shards[i]
     }
 
-    /// Adds `outbox` as a listener of `channel` and waits until the broker
-    /// delivers that channel, so that anything published after this returns
-    /// reaches the client. On error the listener is removed again.
-    pub async fn subscribe(
+    /// Adds connection `id` (its queue: `sink`) as a listener of `channel`
+    /// and waits until the broker delivers that channel, so that anything
+    /// published after this returns reaches the client. Subscribing again
+    /// replaces the filter. On error a listener the connection already had
+    /// stays as it was (the broker recovers it, or sends a `gap`, when it
+    /// is back), and a new one is removed.
+    pub(crate) async fn subscribe(
         &self,
         channel: &str,
-        outbox: &Outbox,
+        id: u64,
+        sink: &Arc<dyn Sink>,
         events: Option<Filter>,
         start: ChannelStart,
-    ) -> Result<(), SubscribeError> {
-        let ready = {
+    ) -> Result<(), Refusal> {
+        let (mut ready, previous) = {
             let mut shard = write(self.shard(channel));
             let entry = shard.entry(channel.to_owned()).or_insert_with(|| {
                 let (tx, rx) = watch::channel(false);
@@ -200,16 +116,12 @@ impl Hub {
                     ready: rx,
                 }
             });
-            // Subscribing again replaces the listener (and its filter).
             let listener = Listener {
-                outbox: outbox.clone(),
+                id,
+                sink: Arc::clone(sink),
                 events,
             };
-            let previous = match entry
-                .listeners
-                .iter()
-                .position(|l| l.outbox.id == outbox.id)
-            {
+            let previous = match entry.listeners.iter().position(|l| l.id == id) {
                 Some(i) => Some(std::mem::replace(&mut entry.listeners[i], listener)),
                 None => {
                     self.metrics.subscriptions.inc();
@@ -220,21 +132,18 @@ impl Hub {
             entry.idle_since = None;
             (entry.ready.clone(), previous)
         };
-        let (mut ready, previous) = ready;
         let confirmed = tokio::time::timeout(self.subscribe_timeout, ready.wait_for(|r| *r))
             .await
             .is_ok_and(|r| r.is_ok());
         match (confirmed, previous) {
             (true, _) => Ok(()),
-            // A subscription the connection already had stays as it was: the
-            // broker recovers it (or sends a `gap`) when it is back.
             (_, Some(previous)) => {
                 self.restore(channel, previous);
-                Err(SubscribeError::Unavailable)
+                Err(Refusal::Unavailable)
             }
             (_, None) => {
-                self.unsubscribe(channel, outbox.id);
-                Err(SubscribeError::Unavailable)
+                self.unsubscribe(channel, id);
+                Err(Refusal::Unavailable)
             }
         }
     }
@@ -243,23 +152,19 @@ impl Hub {
     fn restore(&self, channel: &str, previous: Listener) {
         let mut shard = write(self.shard(channel));
         if let Some(entry) = shard.get_mut(channel) {
-            if let Some(l) = entry
-                .listeners
-                .iter_mut()
-                .find(|l| l.outbox.id == previous.outbox.id)
-            {
+            if let Some(l) = entry.listeners.iter_mut().find(|l| l.id == previous.id) {
                 *l = previous;
             }
         }
     }
 
-    /// Removes connection `conn` from `channel`'s listeners. Cheap and
+    /// Removes connection `id` from `channel`'s listeners. Cheap and
     /// synchronous, so it can run from `Drop`.
-    pub fn unsubscribe(&self, channel: &str, conn: ConnId) {
+    pub(crate) fn unsubscribe(&self, channel: &str, id: u64) {
         let mut shard = write(self.shard(channel));
         if let Some(entry) = shard.get_mut(channel) {
             let before = entry.listeners.len();
-            entry.listeners.retain(|l| l.outbox.id != conn);
+            entry.listeners.retain(|l| l.id != id);
             if entry.listeners.len() < before {
                 self.metrics.subscriptions.dec();
             }
@@ -271,7 +176,7 @@ impl Hub {
 
     /// Fans `publication` out to every local listener of its channel.
     /// Returns how many queues accepted it. Never blocks on a client.
-    pub fn dispatch(&self, publication: Publication) -> usize {
+    pub(crate) fn dispatch(&self, publication: Publication) -> usize {
         self.metrics.messages_received.inc();
         let publication = Arc::new(publication);
         let shard = read(self.shard(&publication.channel));
@@ -291,26 +196,15 @@ impl Hub {
                     continue;
                 }
             }
-            match listener.outbox.tx.try_send(Arc::clone(&publication)) {
-                Ok(()) => queued += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => self.mark_slow(&listener.outbox),
-                // The connection is closing; its guard removes it.
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            if listener.sink.offer(&publication) {
+                queued += 1;
             }
         }
         queued
     }
-
-    fn mark_slow(&self, outbox: &Outbox) {
-        if !outbox.slow.fired.swap(true, Ordering::AcqRel) {
-            self.metrics.slow_client_disconnects.inc();
-            outbox.slow.token.cancel();
-        }
-    }
-
     /// Unsubscribes, at the broker, channels idle for longer than the linger.
     /// Returns how many were dropped.
-    pub fn sweep(&self) -> usize {
+    pub(crate) fn sweep(&self) -> usize {
         let mut dropped = 0;
         for shard in self.shards.iter() {
             let mut shard = write(shard);
@@ -334,7 +228,7 @@ impl Hub {
     }
 
     /// Runs [`Hub::sweep`] periodically until `stop` is cancelled.
-    pub async fn sweep_until(self: Arc<Self>, stop: CancellationToken) {
+    pub(crate) async fn sweep_until(self: Arc<Self>, stop: CancellationToken) {
         let period = (self.linger / 2).max(Duration::from_millis(100));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -355,77 +249,9 @@ impl Hub {
     }
 }
 
-/// The subscriptions of one connection; dropping it unsubscribes them all,
-/// so a connection that ends in any way leaves nothing behind in the hub.
-pub struct Subscriptions {
-    hub: Arc<Hub>,
-    outbox: Outbox,
-    channels: Vec<String>,
-}
-
-impl Subscriptions {
-    /// No subscriptions yet.
-    pub fn new(hub: Arc<Hub>, outbox: Outbox) -> Self {
-        Self {
-            hub,
-            outbox,
-            channels: Vec::new(),
-        }
-    }
-
-    /// Whether `channel` is already subscribed.
-    pub fn contains(&self, channel: &str) -> bool {
-        self.channels.iter().any(|c| c == channel)
-    }
-
-    /// The subscribed channels.
-    pub fn channels(&self) -> &[String] {
-        &self.channels
-    }
-
-    /// How many channels are subscribed.
-    pub fn len(&self) -> usize {
-        self.channels.len()
-    }
-
-    /// Whether nothing is subscribed.
-    pub fn is_empty(&self) -> bool {
-        self.channels.is_empty()
-    }
-
-    /// Subscribes `channel` (see [`Hub::subscribe`]). On error a channel
-    /// this connection already had stays subscribed.
-    pub async fn add(
-        &mut self,
-        channel: &str,
-        events: Option<Filter>,
-        start: ChannelStart,
-    ) -> Result<(), SubscribeError> {
-        self.hub
-            .subscribe(channel, &self.outbox, events, start)
-            .await?;
-        if !self.contains(channel) {
-            self.channels.push(channel.to_owned());
-        }
-        Ok(())
-    }
-
-    /// Unsubscribes `channel`; returns whether it was subscribed.
-    pub fn remove(&mut self, channel: &str) -> bool {
-        let Some(pos) = self.channels.iter().position(|c| c == channel) else {
-            return false;
-        };
-        self.channels.swap_remove(pos);
-        self.hub.unsubscribe(channel, self.outbox.id);
-        true
-    }
-}
-
-impl Drop for Subscriptions {
-    fn drop(&mut self) {
-        for channel in &self.channels {
-            self.hub.unsubscribe(channel, self.outbox.id);
-        }
+impl Fanout for Hub {
+    fn dispatch(&self, publication: Publication) -> usize {
+        Hub::dispatch(self, publication)
     }
 }
 
@@ -442,6 +268,8 @@ fn read(shard: &Shard) -> std::sync::RwLockReadGuard<'_, HashMap<String, Channel
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
 
     /// A hub whose broker confirms every subscription at once, as the memory
@@ -470,64 +298,84 @@ mod tests {
         log_rx
     }
 
-    #[tokio::test]
-    async fn full_queue_marks_only_that_connection_slow() {
-        let (hub, rx) = hub(Duration::from_secs(60));
-        let _log = confirm_all(rx);
-        let (slow_out, slow_in) = queue(2, CancellationToken::new());
-        let (fast_out, mut fast_in) = queue(100, CancellationToken::new());
-        let mut a = Subscriptions::new(hub.clone(), slow_out);
-        let mut b = Subscriptions::new(hub.clone(), fast_out);
-        a.add("c", None, ChannelStart::default())
-            .await
-            .expect("subscribed");
-        b.add("c", None, ChannelStart::default())
-            .await
-            .expect("subscribed");
-        for i in 0..5 {
-            hub.dispatch(Publication::new("c", format!("{i}").as_bytes()));
-        }
-        assert!(slow_in.slow.is_cancelled());
-        assert!(!fast_in.slow.is_cancelled());
-        assert_eq!(hub.metrics.slow_client_disconnects.get(), 1);
-        for i in 0..5 {
-            let p = fast_in.rx.recv().await.expect("delivered");
-            assert!(p.frame.as_str().ends_with(&format!("\"data\":{i}}}")));
+    /// A sink that keeps up to `room` publications and refuses the rest.
+    #[derive(Default)]
+    struct Recorder {
+        room: usize,
+        got: Mutex<Vec<Arc<Publication>>>,
+    }
+
+    impl Sink for Recorder {
+        fn offer(&self, p: &Arc<Publication>) -> bool {
+            let mut got = self.got.lock().expect("lock");
+            if got.len() >= self.room {
+                return false;
+            }
+            got.push(Arc::clone(p));
+            true
         }
     }
 
+    fn recorder(room: usize) -> (Arc<Recorder>, Arc<dyn Sink>) {
+        let r = Arc::new(Recorder {
+            room,
+            got: Mutex::default(),
+        });
+        let sink: Arc<dyn Sink> = r.clone();
+        (r, sink)
+    }
+
+    fn events(r: &Recorder) -> Vec<Option<String>> {
+        let got = r.got.lock().expect("lock");
+        got.iter().map(|p| p.event.clone()).collect()
+    }
+
+    fn filter(names: &[&str]) -> Option<Filter> {
+        Some(names.iter().map(|n| n.to_string()).collect())
+    }
+
     #[tokio::test]
-    async fn event_filter_and_unsubscribe_on_drop() {
+    async fn a_full_sink_misses_only_its_own_deliveries() {
+        let (hub, rx) = hub(Duration::from_secs(60));
+        let _log = confirm_all(rx);
+        let (slow, slow_sink) = recorder(2);
+        let (fast, fast_sink) = recorder(100);
+        let start = ChannelStart::default();
+        hub.subscribe("c", 1, &slow_sink, None, start)
+            .await
+            .expect("subscribed");
+        hub.subscribe("c", 2, &fast_sink, None, start)
+            .await
+            .expect("subscribed");
+        let queued: Vec<_> = (0..5)
+            .map(|i| hub.dispatch(Publication::new("c", format!("{i}").as_bytes())))
+            .collect();
+        assert_eq!(queued, [2, 2, 1, 1, 1]);
+        assert_eq!(slow.got.lock().expect("lock").len(), 2);
+        assert_eq!(fast.got.lock().expect("lock").len(), 5);
+    }
+
+    #[tokio::test]
+    async fn event_filter_and_the_linger_sweep() {
         let (hub, rx) = hub(Duration::ZERO);
         let mut log = confirm_all(rx);
-        let (out, mut inbox) = queue(10, CancellationToken::new());
-        let mut subs = Subscriptions::new(hub.clone(), out);
-        subs.add(
-            "c",
-            Some(vec!["keep".into()].into()),
-            ChannelStart::default(),
-        )
-        .await
-        .expect("subscribed");
+        let (got, sink) = recorder(10);
+        hub.subscribe("c", 1, &sink, filter(&["keep"]), ChannelStart::default())
+            .await
+            .expect("subscribed");
         assert_eq!(log.recv().await.as_deref(), Some("sub c"));
         hub.dispatch(Publication::new("c", br#"{"type":"drop"}"#));
         hub.dispatch(Publication::new("c", br#"{"type":"keep"}"#));
         hub.dispatch(Publication::new("c", b"no type"));
-        let p = inbox.rx.recv().await.expect("delivered");
-        assert_eq!(p.event.as_deref(), Some("keep"));
         hub.dispatch(Publication::gap("c"));
-        let p = inbox
-            .rx
-            .recv()
-            .await
-            .expect("gap delivered despite the filter");
-        assert_eq!(p.kind, Kind::Gap);
-        assert!(
-            inbox.rx.try_recv().is_err(),
-            "filtered events are not queued"
+        assert_eq!(
+            events(&got),
+            [Some("keep".into()), Some("gap".into())],
+            "the gap passes the filter"
         );
+        assert_eq!(got.got.lock().expect("lock")[1].kind, Kind::Gap);
 
-        drop(subs);
+        hub.unsubscribe("c", 1);
         assert_eq!(hub.listeners("c"), 0);
         assert_eq!(hub.sweep(), 1);
         assert_eq!(log.recv().await.as_deref(), Some("unsub c"));
@@ -539,23 +387,20 @@ mod tests {
     async fn subscribing_twice_replaces_the_filter_and_counts_once() {
         let (hub, rx) = hub(Duration::from_secs(60));
         let _log = confirm_all(rx);
-        let (out, mut inbox) = queue(10, CancellationToken::new());
-        let mut subs = Subscriptions::new(hub.clone(), out);
-        subs.add("c", Some(vec!["a".into()].into()), ChannelStart::default())
+        let (got, sink) = recorder(10);
+        let start = ChannelStart::default();
+        hub.subscribe("c", 1, &sink, filter(&["a"]), start)
             .await
             .expect("subscribed");
-        subs.add("c", Some(vec!["b".into()].into()), ChannelStart::default())
+        hub.subscribe("c", 1, &sink, filter(&["b"]), start)
             .await
             .expect("subscribed");
         assert_eq!(hub.metrics.subscriptions.get(), 1);
         assert_eq!(hub.listeners("c"), 1);
         assert_eq!(hub.dispatch(Publication::new("c", br#"{"type":"a"}"#)), 0);
         assert_eq!(hub.dispatch(Publication::new("c", br#"{"type":"b"}"#)), 1);
-        assert_eq!(
-            inbox.rx.recv().await.expect("b").event.as_deref(),
-            Some("b")
-        );
-        drop(subs);
+        assert_eq!(events(&got), [Some("b".into())]);
+        hub.unsubscribe("c", 1);
         assert_eq!(hub.metrics.subscriptions.get(), 0);
     }
 
@@ -563,14 +408,14 @@ mod tests {
     async fn linger_keeps_a_channel_for_a_quick_return() {
         let (hub, rx) = hub(Duration::from_secs(60));
         let mut log = confirm_all(rx);
-        let (out, _inbox) = queue(10, CancellationToken::new());
-        let mut subs = Subscriptions::new(hub.clone(), out);
-        subs.add("c", None, ChannelStart::default())
+        let (_got, sink) = recorder(10);
+        let start = ChannelStart::default();
+        hub.subscribe("c", 1, &sink, None, start)
             .await
             .expect("subscribed");
-        assert!(subs.remove("c"));
+        hub.unsubscribe("c", 1);
         assert_eq!(hub.sweep(), 0, "still lingering");
-        subs.add("c", None, ChannelStart::default())
+        hub.subscribe("c", 1, &sink, None, start)
             .await
             .expect("resubscribed");
         assert_eq!(log.recv().await.as_deref(), Some("sub c"));
@@ -586,8 +431,7 @@ mod tests {
             Duration::from_millis(50),
             Metrics::new(),
         ));
-        let (out, mut inbox) = queue(10, CancellationToken::new());
-        let mut subs = Subscriptions::new(hub.clone(), out);
+        let (got, sink) = recorder(10);
         let confirm = async {
             match rx.recv().await {
                 Some(Control::Subscribe { ready, .. }) => {
@@ -597,25 +441,22 @@ mod tests {
                 other => panic!("expected a subscribe, got {other:?}"),
             }
         };
-        let (added, ready) = tokio::join!(subs.add("c", None, ChannelStart::default()), confirm);
+        let start = ChannelStart::default();
+        let (added, ready) = tokio::join!(hub.subscribe("c", 1, &sink, None, start), confirm);
         added.expect("subscribed");
         // The broker goes away: a re-subscribe (new filter) cannot be
         // confirmed and fails, but the subscription stays, filter and all.
         ready.send_replace(false);
-        let again = subs
-            .add(
-                "c",
-                Some(vec!["only".into()].into()),
-                ChannelStart::default(),
-            )
-            .await;
-        assert_eq!(again, Err(SubscribeError::Unavailable));
-        assert_eq!(subs.channels(), ["c"]);
+        let again = hub.subscribe("c", 1, &sink, filter(&["only"]), start).await;
+        assert_eq!(again, Err(Refusal::Unavailable));
         assert_eq!(hub.listeners("c"), 1);
         assert_eq!(hub.metrics.subscriptions.get(), 1);
         hub.dispatch(Publication::new("c", br#"{"type":"other"}"#));
-        let got = inbox.rx.try_recv().expect("still listening, unfiltered");
-        assert_eq!(got.event.as_deref(), Some("other"));
+        assert_eq!(
+            events(&got),
+            [Some("other".into())],
+            "still listening, unfiltered"
+        );
     }
 
     #[tokio::test]
@@ -627,13 +468,12 @@ mod tests {
             Duration::from_millis(50),
             Metrics::new(),
         ));
-        let (out, _inbox) = queue(10, CancellationToken::new());
-        let mut subs = Subscriptions::new(hub.clone(), out);
+        let (_got, sink) = recorder(10);
         assert_eq!(
-            subs.add("c", None, ChannelStart::default()).await,
-            Err(SubscribeError::Unavailable)
+            hub.subscribe("c", 1, &sink, None, ChannelStart::default())
+                .await,
+            Err(Refusal::Unavailable)
         );
-        assert!(subs.is_empty());
         assert_eq!(hub.listeners("c"), 0);
         assert_eq!(hub.metrics.subscriptions.get(), 0);
     }

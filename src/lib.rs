@@ -2,27 +2,33 @@
 //! receive the events over WebSocket or Server-Sent Events, from any number
 //! of stateless instances.
 //!
-//! The data path, one module per box: [`broker`] → [`hub`] → [`transport`],
-//! with [`protocol`] defining what goes over the wire, [`policy`] deciding who
-//! hears what, and [`server`] assembling it all.
+//! The data path, one module per box: `broker` → `hub` → `session` →
+//! `transport`, with [`protocol`] defining what goes over the wire, `policy`
+//! deciding who hears what, and [`server`] assembling it all;
+//! docs/architecture.md draws the whole map. Public are only what the
+//! binary and the tests use: configuration, the server, the CLI, and the
+//! wire formats (protocol, history cursors and keys, credentials).
 
-pub mod api;
-pub mod app;
+pub(crate) mod api;
+pub(crate) mod app;
 pub mod auth;
-pub mod broker;
+pub(crate) mod broker;
 pub mod cli;
 pub mod config;
 pub mod history;
 pub mod http;
-pub mod hub;
-pub mod lifecycle;
+pub(crate) mod hub;
+pub(crate) mod lifecycle;
+pub(crate) mod limits;
 pub mod metrics;
-pub mod origin;
+pub(crate) mod origin;
 pub mod policy;
 pub mod protocol;
+pub(crate) mod refusal;
 pub mod server;
-pub mod stall;
-pub mod transport;
+pub(crate) mod session;
+pub(crate) mod stall;
+pub(crate) mod transport;
 
 pub use config::Config;
 pub use server::{serve, start, Running};

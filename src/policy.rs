@@ -5,8 +5,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::Failure;
 pub use crate::auth::Principal;
 use crate::history::HistoryRule;
+use crate::refusal::Refusal;
 
 /// Longest accepted channel name, in bytes.
 pub const MAX_CHANNEL_LEN: usize = 256;
@@ -217,19 +219,11 @@ pub struct Policy {
     event_field: String,
 }
 
-/// Why a channel was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
-    /// The name itself is not acceptable.
-    #[error("bad channel name: {0}")]
-    BadName(&'static str),
-    /// Allowed for authenticated clients only, and this one is anonymous.
-    #[error("authentication required")]
-    NeedsAuth,
-    /// Not allowed for this principal (or no rule at all).
-    #[error("forbidden")]
-    Forbidden,
-}
+/// A channel this client may not hear: the same answer whether or not the
+/// channel exists.
+const FORBIDDEN: Refusal = Refusal::Forbidden("forbidden");
+/// A channel only signed-in clients may hear, asked for by an anonymous one.
+const NEEDS_AUTH: Refusal = Refusal::Unauthorized(Failure::Missing.reason());
 
 impl Policy {
     /// Rules in order (already checked by config validation; a rule that
@@ -302,8 +296,9 @@ impl Policy {
     }
 
     /// May `who` subscribe to `channel`?
-    pub fn may_subscribe(&self, channel: &str, who: &Principal) -> Result<(), Refusal> {
-        validate_channel(channel).map_err(Refusal::BadName)?;
+    pub(crate) fn may_subscribe(&self, channel: &str, who: &Principal) -> Result<(), Refusal> {
+        validate_channel(channel)
+            .map_err(|why| Refusal::BadRequest(format!("bad channel name: {why}")))?;
         if self.allow_all {
             return Ok(());
         }
@@ -320,18 +315,14 @@ impl Policy {
             needs_auth |= who.user.is_none() && pattern.could_match(channel);
         }
         let Some(subscribe) = decided else {
-            return Err(if needs_auth {
-                Refusal::NeedsAuth
-            } else {
-                Refusal::Forbidden
-            });
+            return Err(if needs_auth { NEEDS_AUTH } else { FORBIDDEN });
         };
         match subscribe {
             Subscribe::Anyone => Ok(()),
             Subscribe::User if who.user.is_some() => Ok(()),
             Subscribe::Claim if who.grants.iter().any(|g| grant_covers(g, channel)) => Ok(()),
-            Subscribe::User | Subscribe::Claim if who.user.is_none() => Err(Refusal::NeedsAuth),
-            Subscribe::User | Subscribe::Claim => Err(Refusal::Forbidden),
+            Subscribe::User | Subscribe::Claim if who.user.is_none() => Err(NEEDS_AUTH),
+            Subscribe::User | Subscribe::Claim => Err(FORBIDDEN),
         }
     }
 }
@@ -421,16 +412,10 @@ mod tests {
         assert_eq!(policy.may_subscribe("public:a:b", &anon), Ok(()));
         assert_eq!(
             policy.may_subscribe("public:secret", &anon),
-            Err(Refusal::NeedsAuth)
+            Err(NEEDS_AUTH)
         );
-        assert_eq!(
-            policy.may_subscribe("public:", &anon),
-            Err(Refusal::Forbidden)
-        );
-        assert_eq!(
-            policy.may_subscribe("private:a", &anon),
-            Err(Refusal::Forbidden)
-        );
+        assert_eq!(policy.may_subscribe("public:", &anon), Err(FORBIDDEN));
+        assert_eq!(policy.may_subscribe("private:a", &anon), Err(FORBIDDEN));
     }
 
     #[test]
@@ -451,7 +436,10 @@ mod tests {
             "a{b",
         ] {
             assert!(
-                matches!(policy.may_subscribe(bad, &anon), Err(Refusal::BadName(_))),
+                matches!(
+                    policy.may_subscribe(bad, &anon),
+                    Err(Refusal::BadRequest(_))
+                ),
                 "{bad:?}"
             );
         }
@@ -482,42 +470,18 @@ mod tests {
             &["ops:deploys", "ops:db:*"],
         );
         assert_eq!(policy.may_subscribe("user:42", &u42), Ok(()));
-        assert_eq!(
-            policy.may_subscribe("user:43", &u42),
-            Err(Refusal::Forbidden)
-        );
-        assert_eq!(
-            policy.may_subscribe("user:42x", &u42),
-            Err(Refusal::Forbidden)
-        );
+        assert_eq!(policy.may_subscribe("user:43", &u42), Err(FORBIDDEN));
+        assert_eq!(policy.may_subscribe("user:42x", &u42), Err(FORBIDDEN));
         assert_eq!(policy.may_subscribe("org:acme:news", &u42), Ok(()));
-        assert_eq!(
-            policy.may_subscribe("org:evil:news", &u42),
-            Err(Refusal::Forbidden)
-        );
+        assert_eq!(policy.may_subscribe("org:evil:news", &u42), Err(FORBIDDEN));
         assert_eq!(policy.may_subscribe("ops:deploys", &u42), Ok(()));
         assert_eq!(policy.may_subscribe("ops:db:main", &u42), Ok(()));
-        assert_eq!(
-            policy.may_subscribe("ops:billing", &u42),
-            Err(Refusal::Forbidden)
-        );
+        assert_eq!(policy.may_subscribe("ops:billing", &u42), Err(FORBIDDEN));
         let anon = Principal::default();
-        assert_eq!(
-            policy.may_subscribe("user:42", &anon),
-            Err(Refusal::NeedsAuth)
-        );
-        assert_eq!(
-            policy.may_subscribe("org:acme:x", &anon),
-            Err(Refusal::NeedsAuth)
-        );
-        assert_eq!(
-            policy.may_subscribe("ops:deploys", &anon),
-            Err(Refusal::NeedsAuth)
-        );
-        assert_eq!(
-            policy.may_subscribe("private:x", &anon),
-            Err(Refusal::Forbidden)
-        );
+        assert_eq!(policy.may_subscribe("user:42", &anon), Err(NEEDS_AUTH));
+        assert_eq!(policy.may_subscribe("org:acme:x", &anon), Err(NEEDS_AUTH));
+        assert_eq!(policy.may_subscribe("ops:deploys", &anon), Err(NEEDS_AUTH));
+        assert_eq!(policy.may_subscribe("private:x", &anon), Err(FORBIDDEN));
         // A later `anyone` rule still lets anonymous clients in.
         let layered = Policy::new(
             &[
@@ -530,10 +494,7 @@ mod tests {
         assert_eq!(layered.may_subscribe("chat:lobby", &u42), Ok(()));
         // A user id is text, never a wildcard.
         let star = user("*", serde_json::json!({}), &[]);
-        assert_eq!(
-            policy.may_subscribe("user:42", &star),
-            Err(Refusal::Forbidden)
-        );
+        assert_eq!(policy.may_subscribe("user:42", &star), Err(FORBIDDEN));
     }
 
     #[test]
@@ -577,23 +538,11 @@ mod tests {
         // ...and a value holding a separator fills no placeholder (`:` ends
         // a placeholder in `home:{user}:*`, so it counts for `user:{user}`
         // too): `a:b` and `acme:evil` can no longer claim anyone's channel.
-        assert_eq!(
-            policy.may_subscribe("home:a:b:inbox", &ab),
-            Err(Refusal::Forbidden)
-        );
-        assert_eq!(
-            policy.may_subscribe("user:a:b", &ab),
-            Err(Refusal::Forbidden)
-        );
-        assert_eq!(
-            policy.may_subscribe("org:acme:evil:x", &ab),
-            Err(Refusal::Forbidden)
-        );
+        assert_eq!(policy.may_subscribe("home:a:b:inbox", &ab), Err(FORBIDDEN));
+        assert_eq!(policy.may_subscribe("user:a:b", &ab), Err(FORBIDDEN));
+        assert_eq!(policy.may_subscribe("org:acme:evil:x", &ab), Err(FORBIDDEN));
         let empty = user("", serde_json::json!({"org": ""}), &[]);
-        assert_eq!(
-            policy.may_subscribe("org::x", &empty),
-            Err(Refusal::Forbidden)
-        );
+        assert_eq!(policy.may_subscribe("org::x", &empty), Err(FORBIDDEN));
     }
 
     mod property {

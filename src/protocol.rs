@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::history::StreamId;
+use crate::refusal::Refusal;
 
 /// Where a payload names its event type unless configured otherwise
 /// (`event_field`): its top-level `type`.
@@ -260,43 +261,6 @@ pub struct Command {
     pub since: Option<String>,
 }
 
-/// Error codes sent in `error` replies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorCode {
-    /// Not allowed to hear that channel.
-    Forbidden,
-    /// The command could not be understood.
-    BadRequest,
-    /// `limits.max_subscriptions_per_connection` reached.
-    TooManySubscriptions,
-    /// A frame over `limits.max_message_bytes`.
-    TooLarge,
-    /// The broker is down; try again.
-    Unavailable,
-    /// Credentials missing or refused.
-    Unauthorized,
-    /// Too many commands: slow down.
-    RateLimited,
-    /// The user already has `limits.max_connections_per_user` connections.
-    TooManyConnections,
-}
-
-impl ErrorCode {
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::Forbidden => "forbidden",
-            ErrorCode::BadRequest => "bad_request",
-            ErrorCode::TooManySubscriptions => "too_many_subscriptions",
-            ErrorCode::TooLarge => "too_large",
-            ErrorCode::Unavailable => "unavailable",
-            ErrorCode::Unauthorized => "unauthorized",
-            ErrorCode::RateLimited => "rate_limited",
-            ErrorCode::TooManyConnections => "too_many_connections",
-        }
-    }
-}
-
 /// Server replies, encoded as text frames. These are per-connection and rare,
 /// so building them with `json!` is fine.
 pub mod reply {
@@ -349,10 +313,11 @@ pub mod reply {
         with_id(json!({"type": "pong"}), id)
     }
 
-    /// A refused or malformed command.
-    pub fn error(code: ErrorCode, reason: &str, id: &Option<Value>) -> String {
+    /// A refused or malformed command: crier's WebSocket form of every
+    /// [`Refusal`].
+    pub(crate) fn refused(refusal: &Refusal, id: &Option<Value>) -> String {
         with_id(
-            json!({"type": "error", "code": code.as_str(), "reason": reason}),
+            json!({"type": "error", "code": refusal.code(), "reason": refusal.reason()}),
             id,
         )
     }
@@ -495,12 +460,9 @@ mod tests {
 
     #[test]
     fn replies_echo_ids() {
-        let e: Value = serde_json::from_str(&reply::error(
-            ErrorCode::TooLarge,
-            "too big",
-            &Some(json!(7)),
-        ))
-        .expect("json");
+        let refusal = Refusal::TooLarge("too big".into());
+        let e: Value =
+            serde_json::from_str(&reply::refused(&refusal, &Some(json!(7)))).expect("json");
         assert_eq!(
             e,
             json!({"type":"error","code":"too_large","reason":"too big","id":7})

@@ -36,7 +36,6 @@ const DEMO_PAGE: &str = include_str!("demo.html");
 /// A running crier.
 pub struct Running {
     addr: SocketAddr,
-    app: Arc<App>,
     sigterm: CancellationToken,
     done: JoinHandle<()>,
 }
@@ -45,11 +44,6 @@ impl Running {
     /// The address actually bound.
     pub fn addr(&self) -> SocketAddr {
         self.addr
-    }
-
-    /// Shared state, for tests and embedding.
-    pub fn app(&self) -> &Arc<App> {
-        &self.app
     }
 
     /// What SIGTERM does: not ready at once, serve for the grace period,
@@ -101,7 +95,7 @@ pub fn serve(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
         Arc::new(Policy::new(&config.channels, config.dev).with_event_field(&config.event_field));
     let broker = Broker::start(
         &config,
-        Arc::clone(&hub),
+        Arc::clone(&hub) as Arc<dyn crate::broker::Fanout>,
         Arc::clone(&policy),
         control_rx,
         metrics.clone(),
@@ -145,7 +139,7 @@ pub fn serve(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
     let app = Arc::new(app);
     let sigterm = CancellationToken::new();
     let done = tokio::spawn(run(
-        Arc::clone(&app),
+        app,
         listener,
         sigterm.clone(),
         background,
@@ -153,7 +147,6 @@ pub fn serve(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
     ));
     Ok(Running {
         addr,
-        app,
         sigterm,
         done,
     })

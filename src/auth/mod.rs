@@ -102,7 +102,7 @@ pub enum Failure {
 
 impl Failure {
     /// The short reason shown to clients and counted in metrics.
-    pub fn reason(self) -> &'static str {
+    pub const fn reason(self) -> &'static str {
         match self {
             Failure::Missing => "missing",
             Failure::Malformed => "malformed",

@@ -27,10 +27,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::redis::{backoff, missed, relay, relay_gap, Canary, Missed, Redis};
-use super::{BrokerHealth, PublishError, Wiring};
+use super::{BrokerHealth, ChannelStart, Control, Fanout, PublishError, Wiring};
 use crate::config::{Config, RedisConfig};
 use crate::history::{self, StreamId};
-use crate::hub::{ChannelStart, Control, Hub};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 
@@ -204,7 +203,7 @@ struct Supervisor {
     canary_interval: Duration,
     connect_timeout: Duration,
     reconnect_max: Duration,
-    hub: Arc<Hub>,
+    hub: Arc<dyn Fanout>,
     policy: Arc<Policy>,
     control: mpsc::UnboundedReceiver<Control>,
     channels: HashMap<String, Channel>,
@@ -636,12 +635,12 @@ impl Supervisor {
     }
 
     fn gap(&self, channel: &str) {
-        relay_gap(&self.hub, &self.metrics, channel);
+        relay_gap(&*self.hub, &self.metrics, channel);
     }
 
     fn dispatch(&mut self, channel: &str, id: Option<StreamId>, payload: &[u8]) {
         let last = self.channels.get_mut(channel).map(|c| &mut c.last);
-        relay(&self.hub, &self.policy, last, channel, id, payload);
+        relay(&*self.hub, &self.policy, last, channel, id, payload);
     }
 
     fn key(&self, channel: &str) -> String {

@@ -10,15 +10,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{BrokerHealth, Wiring};
+use super::{BrokerHealth, Control, Fanout, Wiring};
 use crate::history::{Recovery, StreamId};
-use crate::hub::{Control, Hub};
 use crate::policy::Policy;
 use crate::protocol::Publication;
 
 /// See the module documentation.
 pub struct MemoryBroker {
-    hub: Arc<Hub>,
+    hub: Arc<dyn Fanout>,
     policy: Arc<Policy>,
     logs: Mutex<HashMap<String, Log>>,
     pub(super) health: BrokerHealth,

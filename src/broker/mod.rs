@@ -2,22 +2,22 @@
 //!
 //! Two implementations behind one enum: `redis` (production, any number of
 //! instances) and `memory` (embedded, one process). Both take subscription
-//! requests from the hub as [`Control`] messages and hand each publication to
-//! [`Hub::dispatch`]. A broker task never waits on a client: dispatch only
-//! pushes into bounded queues.
+//! requests as [`Control`] messages and hand each publication to a
+//! [`Fanout`] (the hub). A broker task never waits on a client: a fan-out
+//! only pushes into bounded queues.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::history::{Recovery, StreamId};
-use crate::hub::{Control, Hub};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
+use crate::protocol::Publication;
 
 pub mod client;
 mod cluster;
@@ -32,6 +32,47 @@ pub use memory::MemoryBroker;
 /// sentinels and the primary's name.
 pub fn describe(config: &crate::config::RedisConfig) -> Option<String> {
     target::Target::of(config).map(|t| t.to_string())
+}
+
+/// Where a broker hands what it receives: the hub, which fans each
+/// publication out to this instance's listeners. A trait so that the
+/// broker, below the hub, needs nothing of it.
+pub(crate) trait Fanout: Send + Sync {
+    /// Delivers `publication` to local listeners without waiting on any;
+    /// returns how many took it.
+    fn dispatch(&self, publication: Publication) -> usize;
+}
+
+/// The broker's commands, sent by the hub and handled in order.
+#[derive(Debug)]
+pub(crate) enum Control {
+    /// Start receiving `channel`; set `ready` to true once subscribed (and
+    /// back to false while the broker is disconnected).
+    Subscribe {
+        /// Channel name, without prefix.
+        channel: String,
+        /// Readiness of this channel at the broker.
+        ready: watch::Sender<bool>,
+        /// What the first subscriber already knows of the channel.
+        start: ChannelStart,
+    },
+    /// Stop receiving `channel`.
+    Unsubscribe {
+        /// Channel name, without prefix.
+        channel: String,
+    },
+}
+
+/// What a subscriber learnt of a channel before subscribing — whether it
+/// keeps history, and its newest id then — so that the broker, which needs
+/// the same to recover the channel after an outage, does not ask again: a
+/// subscribe reads the channel's rule and position once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct ChannelStart {
+    /// The channel's rule keeps history.
+    pub(crate) history: bool,
+    /// Its newest id when the subscriber looked (history channels).
+    pub(crate) position: Option<StreamId>,
 }
 
 /// A publication could not be handed to the broker.
@@ -71,7 +112,7 @@ impl BrokerHealth {
 
 /// What a broker is connected to.
 pub(crate) struct Wiring {
-    hub: Arc<Hub>,
+    hub: Arc<dyn Fanout>,
     policy: Arc<Policy>,
     control: mpsc::UnboundedReceiver<Control>,
     health: BrokerHealth,
@@ -91,7 +132,7 @@ impl Broker {
     /// until `stop` is cancelled.
     pub fn start(
         config: &Config,
-        hub: Arc<Hub>,
+        hub: Arc<dyn Fanout>,
         policy: Arc<Policy>,
         control: mpsc::UnboundedReceiver<Control>,
         metrics: Metrics,

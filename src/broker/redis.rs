@@ -36,10 +36,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::target::Target;
-use super::{BrokerHealth, PublishError, Wiring};
+use super::{BrokerHealth, ChannelStart, Control, Fanout, PublishError, Wiring};
 use crate::config::Config;
 use crate::history::{self, Recovery, StreamId};
-use crate::hub::{ChannelStart, Control, Hub};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::protocol::Publication;
@@ -423,7 +422,7 @@ struct Supervisor {
     canary_interval: Duration,
     connect_timeout: Duration,
     reconnect_max: Duration,
-    hub: Arc<Hub>,
+    hub: Arc<dyn Fanout>,
     policy: Arc<Policy>,
     control: mpsc::UnboundedReceiver<Control>,
     /// Every channel the hub wants.
@@ -602,12 +601,12 @@ impl Supervisor {
     }
 
     fn gap(&self, channel: &str) {
-        relay_gap(&self.hub, &self.metrics, channel);
+        relay_gap(&*self.hub, &self.metrics, channel);
     }
 
     fn dispatch(&mut self, channel: &str, id: Option<StreamId>, payload: &[u8]) {
         let last = self.channels.get_mut(channel).map(|c| &mut c.last);
-        relay(&self.hub, &self.policy, last, channel, id, payload);
+        relay(&*self.hub, &self.policy, last, channel, id, payload);
     }
 
     /// Relays messages, applies control requests and runs the canary until
@@ -836,7 +835,7 @@ pub(super) async fn missed(
 }
 
 /// Tells `channel`'s listeners that messages were lost.
-pub(super) fn relay_gap(hub: &Hub, metrics: &Metrics, channel: &str) {
+pub(super) fn relay_gap(hub: &dyn Fanout, metrics: &Metrics, channel: &str) {
     metrics.gaps.inc();
     hub.dispatch(Publication::gap(channel));
 }
@@ -844,7 +843,7 @@ pub(super) fn relay_gap(hub: &Hub, metrics: &Metrics, channel: &str) {
 /// Hands a publication to the hub, unless the channel's `last` relayed id
 /// already covers it (a recovery and live pub/sub can both bring it).
 pub(super) fn relay(
-    hub: &Hub,
+    hub: &dyn Fanout,
     policy: &Policy,
     last: Option<&mut Option<StreamId>>,
     channel: &str,

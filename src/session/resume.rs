@@ -14,21 +14,23 @@ use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::subscriptions::Subscriptions;
 use crate::app::App;
+use crate::broker::ChannelStart;
 use crate::history::{Cursor, StreamId};
-use crate::hub::{ChannelStart, SubscribeError, Subscriptions};
 use crate::protocol::{Filter, Kind, Publication};
+use crate::refusal::Refusal;
 
 /// What this connection has delivered, per history channel.
 #[derive(Debug, Default)]
-pub struct Tracker {
+pub(crate) struct Tracker {
     last: HashMap<String, StreamId>,
 }
 
 impl Tracker {
     /// Whether `p` is new for this connection (and record it). Messages
     /// without an id (no history) and gap notices always pass.
-    pub fn accept(&mut self, p: &Publication) -> bool {
+    pub(super) fn accept(&mut self, p: &Publication) -> bool {
         let (Kind::Message, Some(id)) = (p.kind, p.id) else {
             return true;
         };
@@ -46,27 +48,30 @@ impl Tracker {
     }
 
     /// The cursor covering every history channel of this connection.
-    pub fn cursor(&self) -> Cursor {
+    pub(crate) fn cursor(&self) -> Cursor {
         Cursor(self.last.iter().map(|(c, id)| (c.clone(), *id)).collect())
     }
 
     /// Whether `channel` is the only history channel of this connection
     /// (its cursor is then the publication's own).
-    pub fn is_only(&self, channel: &str) -> bool {
+    pub(crate) fn is_only(&self, channel: &str) -> bool {
         self.last.len() == 1 && self.last.contains_key(channel)
     }
 
     /// Forgets a channel (unsubscribed).
-    pub fn forget(&mut self, channel: &str) {
+    pub(super) fn forget(&mut self, channel: &str) {
         self.last.remove(channel);
     }
 }
 
-/// What one connection may still replay before it goes live: a count and
-/// a size, plus this process's share of replay memory. Replay is the one
-/// place where a small request (an old cursor on many channels) makes crier
-/// hold a lot, so every replayed message is paid for here first.
-pub struct Budget {
+/// What one connection may replay before it goes live: a count and a size,
+/// plus this process's share of replay memory. Replay is the one place
+/// where a small request (an old cursor on many channels) makes crier hold
+/// a lot, so every replayed message is paid for here first. The budget is
+/// whole again once the replay has been written.
+pub(super) struct Budget {
+    max_messages: usize,
+    max_bytes: usize,
     messages: usize,
     bytes: usize,
     /// Bytes each replayed message costs on top of its payload (envelope,
@@ -77,11 +82,13 @@ pub struct Budget {
 }
 
 impl Budget {
-    /// The per-connection limits of `app`; `per_message` is the transport's
-    /// own overhead per replayed message.
-    pub fn new(app: &App, per_message: usize) -> Self {
+    /// The per-connection limits of `app`; `per_message` is the wire
+    /// protocol's own overhead per replayed message.
+    pub(super) fn new(app: &App, per_message: usize) -> Self {
         let limits = &app.config.limits;
         Self {
+            max_messages: limits.max_replay_messages,
+            max_bytes: limits.max_replay_bytes,
             messages: limits.max_replay_messages,
             bytes: limits.max_replay_bytes,
             per_message,
@@ -114,22 +121,24 @@ impl Budget {
         true
     }
 
-    /// The instance-wide share this connection holds until its replay has
-    /// been written: drop it then.
-    pub fn release(&mut self) -> Option<OwnedSemaphorePermit> {
-        self.held.take()
+    /// The replay taken so far has been handed to the connection's writer:
+    /// give the process's share back and start afresh.
+    pub(super) fn written(&mut self) {
+        self.held = None;
+        self.messages = self.max_messages;
+        self.bytes = self.max_bytes;
     }
 }
 
 /// A channel just subscribed, and what to send before its live messages.
-pub struct Opened {
+pub(super) struct Opened {
     /// Missed messages (oldest first), or a gap notice. Send each through
     /// [`Tracker::accept`], as live messages.
-    pub replay: Vec<Arc<Publication>>,
+    pub(super) replay: Vec<Arc<Publication>>,
     /// For a resume (`since` given): whether everything missed was replayed.
-    pub recovered: Option<bool>,
+    pub(super) recovered: Option<bool>,
     /// Where this connection starts in the channel (before the replay).
-    pub position: Option<StreamId>,
+    pub(super) position: Option<StreamId>,
 }
 
 /// Subscribes `channel`, resuming after `since` when given, within
@@ -138,7 +147,7 @@ pub struct Opened {
 /// it missed is gone. A subscribe that fails leaves a subscription the
 /// connection already had as it was.
 #[allow(clippy::too_many_arguments)]
-pub async fn open(
+pub(super) async fn open(
     app: &App,
     subs: &mut Subscriptions,
     tracker: &mut Tracker,
@@ -147,7 +156,7 @@ pub async fn open(
     events: Option<Filter>,
     since: Option<StreamId>,
     resuming: bool,
-) -> Result<Opened, SubscribeError> {
+) -> Result<Opened, Refusal> {
     let Some(_) = app.policy.history_of(channel) else {
         subs.add(channel, events, ChannelStart::default()).await?;
         let gap = since.is_some() || resuming;
@@ -170,7 +179,7 @@ pub async fn open(
         .broker
         .position(channel)
         .await
-        .map_err(|_| SubscribeError::Unavailable)?;
+        .map_err(|_| Refusal::Unavailable)?;
     let existed = subs.contains(channel);
     let start = ChannelStart {
         history: true,
@@ -197,7 +206,7 @@ pub async fn open(
             if !existed {
                 subs.remove(channel);
             }
-            return Err(SubscribeError::Unavailable);
+            return Err(Refusal::Unavailable);
         }
     };
     tracker.last.insert(channel.to_owned(), start);

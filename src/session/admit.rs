@@ -1,0 +1,65 @@
+//! Admission: everything checked before a stream opens, the same for every
+//! wire protocol, in order — the page's origin, the credentials, the
+//! channels named in the request, then connection limits.
+
+use http::{HeaderMap, Uri};
+
+use crate::app::App;
+use crate::auth::{Failure, Principal};
+use crate::limits::Admitted;
+use crate::metrics::Transport;
+use crate::origin::Verdict;
+use crate::refusal::Refusal;
+
+/// A connection that may open: who it is, its slot, and what its origin
+/// check found (the CORS headers of an SSE response depend on it).
+pub(crate) struct Admission {
+    pub(super) principal: Principal,
+    pub(super) admitted: Admitted,
+    /// The origin check's verdict.
+    pub(crate) origin: Verdict,
+}
+
+/// Admits a `transport` request from `peer` for `channels`, or says why not.
+pub(crate) async fn admit(
+    app: &App,
+    transport: Transport,
+    headers: &HeaderMap,
+    uri: &Uri,
+    peer: std::net::IpAddr,
+    channels: &[String],
+) -> Result<Admission, Refusal> {
+    let origin = app.origins.check(headers);
+    if origin == Verdict::Refused {
+        return Err(Refusal::Forbidden("origin not allowed"));
+    }
+    let principal = match app.auth.from_request(headers, uri).await {
+        Ok(found) => found.unwrap_or_default(),
+        Err(Failure::StoreUnavailable) => return Err(Refusal::SessionStoreUnavailable),
+        Err(failure) => return Err(Refusal::Unauthorized(failure.reason())),
+    };
+    let limit = app.config.limits.max_subscriptions_per_connection;
+    if channels.len() > limit {
+        return Err(Refusal::TooManySubscriptions { limit });
+    }
+    for channel in channels {
+        may_subscribe(app, channel, &principal)?;
+    }
+    let gauge = app.metrics.connections(transport).clone();
+    let admitted = app.limits.admit(peer, principal.user.as_deref(), gauge)?;
+    Ok(Admission {
+        principal,
+        admitted,
+        origin,
+    })
+}
+
+/// May `who` hear `channel`? The channel rules decide; an anonymous client
+/// refused for want of credentials counts as a `missing` auth failure.
+pub(super) fn may_subscribe(app: &App, channel: &str, who: &Principal) -> Result<(), Refusal> {
+    let decided = app.policy.may_subscribe(channel, who);
+    if let Err(Refusal::Unauthorized(_)) = decided {
+        app.auth.count(Failure::Missing);
+    }
+    decided
+}

@@ -1,0 +1,382 @@
+//! One client connection, whatever wire protocol it speaks.
+//!
+//! A wire protocol (crier's WebSocket, SSE, …) only frames: it turns client
+//! frames into calls on a [`Session`] and the [`Event`]s that
+//! [`Session::next`] yields into bytes. Everything else about a connection
+//! lives here, once:
+//!
+//! - [`admit`]: origin, credentials, the channels a request names, and the
+//!   connection limits, before any stream opens;
+//! - the subscription set, with the channel rules and the per-connection
+//!   limit ([`Session::subscribe`]);
+//! - resume ([`resume`]): the position in each history channel, the replay
+//!   of what a client missed within its budget, or a `gap`;
+//! - the credential watch: `expiring`, `expired`, a logout, a fresh token
+//!   ([`Session::authenticate`]);
+//! - the connection's queue ([`queue`]), its drain turn, its heartbeat and
+//!   idle clock, and its command rate ([`rate`]).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use prometheus::IntCounter;
+use tokio::time::{Instant, Interval};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::auth::{AuthEvent, Failure, Principal, Watch};
+use crate::history::StreamId;
+use crate::limits::Admitted;
+use crate::metrics::Transport;
+use crate::protocol::{Filter, Kind, Publication};
+use crate::refusal::Refusal;
+
+mod admit;
+mod queue;
+mod rate;
+mod resume;
+mod subscriptions;
+
+pub(crate) use admit::{admit, Admission};
+pub(crate) use queue::ConnId;
+pub(crate) use rate::Verdict;
+pub(crate) use resume::Tracker;
+
+use queue::Inbox;
+use rate::Commands;
+use resume::Budget;
+use subscriptions::Subscriptions;
+
+/// What the connection must do next; see [`Session::next`].
+#[derive(Debug)]
+pub(crate) enum Event {
+    /// Write this publication (a message, or a `gap` notice). It is new for
+    /// this connection: duplicates across resume and live never get here.
+    Deliver(Arc<Publication>),
+    /// The credential ends in `in_secs`: tell the client to refresh it.
+    Expiring {
+        /// Seconds left.
+        in_secs: u64,
+    },
+    /// The credential ended (expired, or the session was logged out):
+    /// tell the client and close.
+    Expired,
+    /// This instance is draining and it is this connection's turn: tell
+    /// the client to reconnect (elsewhere) after `after_ms`, then close.
+    Reconnect {
+        /// The delay to suggest, spreading reconnects out.
+        after_ms: u64,
+    },
+    /// The client fell behind and its queue overflowed: close.
+    Slow,
+    /// Nothing else for a heartbeat period: keep the connection alive.
+    Heartbeat,
+    /// The client sent nothing for the idle timeout: close.
+    Idle,
+}
+
+/// How a wire protocol runs its sessions.
+pub(crate) struct Wire {
+    /// For metrics and logs.
+    pub(crate) transport: Transport,
+    /// How often [`Event::Heartbeat`] comes when nothing else does.
+    pub(crate) heartbeat: Duration,
+    /// Close a client silent for this long (protocols where clients talk).
+    pub(crate) idle_timeout: Option<Duration>,
+    /// Cancelled when the queue overflows (besides [`Event::Slow`]).
+    pub(crate) on_slow: CancellationToken,
+    /// Bytes each replayed message costs on the wire besides its payload.
+    pub(crate) replay_overhead: usize,
+    /// The client's address, for logs.
+    pub(crate) peer: SocketAddr,
+}
+
+/// A subscription made: what a `subscribed` answer reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Subscribed {
+    /// For a resume: whether everything missed will be replayed (false: a
+    /// `gap` comes instead).
+    pub(crate) recovered: Option<bool>,
+    /// Where the connection starts in a history channel.
+    pub(crate) position: Option<StreamId>,
+}
+
+/// A credential accepted by [`Session::authenticate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Authenticated {
+    /// Who the connection now is.
+    pub(crate) user: Option<String>,
+    /// Seconds until the credential expires.
+    pub(crate) expires_in: Option<u64>,
+    /// Channels the new credential no longer grants: unsubscribed.
+    pub(crate) revoked: Vec<String>,
+}
+
+type Turn = Pin<Box<dyn Future<Output = u64> + Send>>;
+
+/// One client connection. See the module documentation. Dropping it
+/// unsubscribes every channel and frees the connection's slot.
+pub(crate) struct Session {
+    app: Arc<App>,
+    id: ConnId,
+    inbox: Inbox,
+    subs: Subscriptions,
+    watch: Watch,
+    tracker: Tracker,
+    budget: Budget,
+    /// Missed messages still to deliver, oldest first: they go before
+    /// anything queued live.
+    replay: VecDeque<Arc<Publication>>,
+    admitted: Admitted,
+    /// This connection's turn in a drain; `None` once it came.
+    drain: Option<Turn>,
+    heartbeat: Interval,
+    idle_timeout: Option<Duration>,
+    last_heard: Instant,
+    commands: Commands,
+    delivered: IntCounter,
+    span: tracing::Span,
+}
+
+impl Session {
+    /// A session for an admitted connection; nothing subscribed yet.
+    pub(crate) fn open(app: Arc<App>, admission: Admission, wire: Wire) -> Self {
+        let limits = &app.config.limits;
+        let counter = app.metrics.slow_client_disconnects.clone();
+        let (id, sink, inbox) = queue::queue(limits.queue_size, wire.on_slow, counter);
+        let span = tracing::info_span!(
+            "conn",
+            conn.id = id,
+            client.addr = %wire.peer,
+            transport = wire.transport.as_str(),
+            // Recorded once known: now, or after an `auth` message.
+            user = tracing::field::Empty,
+        );
+        if let Some(user) = &admission.principal.user {
+            span.record("user", user.as_str());
+        }
+        let turn_app = Arc::clone(&app);
+        let drain: Turn = Box::pin(async move { turn_app.lifecycle.my_turn().await });
+        let heartbeat = tokio::time::interval_at(Instant::now() + wire.heartbeat, wire.heartbeat);
+        Self {
+            id,
+            inbox,
+            subs: Subscriptions::new(Arc::clone(&app.hub), id, sink),
+            watch: Watch::new(Arc::clone(&app.auth), admission.principal),
+            tracker: Tracker::default(),
+            budget: Budget::new(&app, wire.replay_overhead),
+            replay: VecDeque::new(),
+            admitted: admission.admitted,
+            drain: Some(drain),
+            heartbeat,
+            idle_timeout: wire.idle_timeout,
+            last_heard: Instant::now(),
+            commands: Commands::new(limits.commands_per_second, limits.command_burst),
+            delivered: app.metrics.delivered(wire.transport).clone(),
+            span,
+            app,
+        }
+    }
+
+    /// The connection's id within this process.
+    pub(crate) fn id(&self) -> ConnId {
+        self.id
+    }
+
+    /// The connection's tracing span: wire protocols run inside it.
+    pub(crate) fn span(&self) -> tracing::Span {
+        self.span.clone()
+    }
+
+    /// The connection's position in each history channel (SSE's cursor).
+    pub(crate) fn tracker(&self) -> &Tracker {
+        &self.tracker
+    }
+
+    /// Resolves at the next thing the connection must do. Cancel-safe:
+    /// call it inside `select!` next to the protocol's own reads.
+    pub(crate) async fn next(&mut self) -> Event {
+        loop {
+            if let Some(p) = self.next_replayed() {
+                return Event::Deliver(p);
+            }
+            tokio::select! {
+                biased;
+                _ = self.inbox.slow.cancelled() => return Event::Slow,
+                event = self.watch.next() => return match event {
+                    AuthEvent::Expiring { in_secs } => Event::Expiring { in_secs },
+                    AuthEvent::Expired => Event::Expired,
+                },
+                after_ms = turn(&mut self.drain), if self.drain.is_some() => {
+                    self.drain = None;
+                    return Event::Reconnect { after_ms };
+                }
+                p = self.inbox.rx.recv() => match p {
+                    Some(p) if self.accept(&p) => return Event::Deliver(p),
+                    Some(_) => {}
+                    // The queue's sender lives in `subs`, as long as the
+                    // session: this cannot happen, and closing is the safe
+                    // answer if it ever did.
+                    None => return Event::Slow,
+                },
+                _ = self.heartbeat.tick() => {
+                    let idle = self
+                        .idle_timeout
+                        .is_some_and(|limit| self.last_heard.elapsed() >= limit);
+                    return if idle { Event::Idle } else { Event::Heartbeat };
+                }
+            }
+        }
+    }
+
+    /// The next publication to deliver if one is ready now: for writing a
+    /// batch after [`Event::Deliver`] with one flush.
+    pub(crate) fn try_next(&mut self) -> Option<Arc<Publication>> {
+        if let Some(p) = self.next_replayed() {
+            return Some(p);
+        }
+        while let Ok(p) = self.inbox.rx.try_recv() {
+            if self.accept(&p) {
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    /// The next replayed message; once none is left, the replay budget is
+    /// given back (everything replayed has been handed to the writer).
+    fn next_replayed(&mut self) -> Option<Arc<Publication>> {
+        while let Some(p) = self.replay.pop_front() {
+            if self.accept(&p) {
+                return Some(p);
+            }
+        }
+        self.budget.written();
+        None
+    }
+
+    /// Whether `p` is new for this connection; counts it as delivered.
+    fn accept(&mut self, p: &Publication) -> bool {
+        let new = self.tracker.accept(p);
+        if new && p.kind == Kind::Message {
+            self.delivered.inc();
+        }
+        new
+    }
+
+    /// The client sent something: it is not idle.
+    pub(crate) fn heard(&mut self) {
+        self.last_heard = Instant::now();
+    }
+
+    /// Judges a command against the connection's rate.
+    pub(crate) fn take_command(&mut self) -> Verdict {
+        self.commands.take()
+    }
+
+    /// Subscribes `channel` (only `events`, when given), resuming after
+    /// `since`. `resuming` says the client is coming back without a
+    /// position in this channel (SSE `Last-Event-ID`): a channel without
+    /// history then gets a `gap`. What was missed comes out of
+    /// [`Session::next`] before anything live.
+    pub(crate) async fn subscribe(
+        &mut self,
+        channel: &str,
+        events: Option<Filter>,
+        since: Option<StreamId>,
+        resuming: bool,
+    ) -> Result<Subscribed, Refusal> {
+        admit::may_subscribe(&self.app, channel, self.watch.principal())?;
+        let limit = self.app.config.limits.max_subscriptions_per_connection;
+        if !self.subs.contains(channel) && self.subs.channels().len() >= limit {
+            return Err(Refusal::TooManySubscriptions { limit });
+        }
+        let opened = resume::open(
+            &self.app,
+            &mut self.subs,
+            &mut self.tracker,
+            &mut self.budget,
+            channel,
+            events,
+            since,
+            resuming,
+        )
+        .await?;
+        self.replay.extend(opened.replay);
+        Ok(Subscribed {
+            recovered: opened.recovered,
+            position: opened.position,
+        })
+    }
+
+    /// Ends the subscription to `channel`, if there is one.
+    pub(crate) fn unsubscribe(&mut self, channel: &str) {
+        self.subs.remove(channel);
+        self.tracker.forget(channel);
+    }
+
+    /// A bearer token sent on the open connection: a first credential, or
+    /// a fresh one before the old expires. A connection stays with one
+    /// user (a token for another is refused), counts against that user's
+    /// connection limit, and loses every channel the new credential no
+    /// longer grants.
+    pub(crate) fn authenticate(&mut self, token: &str) -> Result<Authenticated, Refusal> {
+        let principal = self
+            .app
+            .auth
+            .verify_token(token)
+            .map_err(|failure| Refusal::Unauthorized(failure.reason()))?;
+        if let (Some(current), Some(new)) = (&self.watch.principal().user, &principal.user) {
+            if current != new {
+                self.app.auth.count(Failure::UserMismatch);
+                return Err(Refusal::Unauthorized(Failure::UserMismatch.reason()));
+            }
+        }
+        if let Some(user) = &principal.user {
+            self.app.limits.admit_user(&mut self.admitted, user)?;
+            self.span.record("user", user.as_str());
+        }
+        let expires_in = principal.expires_at.map(|t| {
+            t.duration_since(SystemTime::now())
+                .map_or(0, |d| d.as_secs())
+        });
+        let user = principal.user.clone();
+        self.watch.replace(principal);
+        let revoked = self.revoke_ungranted();
+        Ok(Authenticated {
+            user,
+            expires_in,
+            revoked,
+        })
+    }
+
+    /// Ends every subscription the current credential no longer grants (a
+    /// refresh with fewer channels in its claim must not keep the old).
+    fn revoke_ungranted(&mut self) -> Vec<String> {
+        let who: &Principal = self.watch.principal();
+        let revoked: Vec<String> = self
+            .subs
+            .channels()
+            .iter()
+            .filter(|c| self.app.policy.may_subscribe(c, who).is_err())
+            .cloned()
+            .collect();
+        for channel in &revoked {
+            tracing::debug!(%channel, "subscription no longer granted, ended");
+            self.unsubscribe(channel);
+        }
+        revoked
+    }
+}
+
+/// Resolves at this connection's turn in a drain.
+async fn turn(drain: &mut Option<Turn>) -> u64 {
+    match drain {
+        Some(turn) => turn.await,
+        None => std::future::pending().await,
+    }
+}
