@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::redis::{backoff, missed, relay, relay_gap, Canary, Missed, Redis};
+use super::redis::{backoff, missed, relay, relay_gap, Canary, Missed, Redis, RedisBroker};
 use super::{BrokerHealth, ChannelStart, Control, Fanout, PublishError, Wiring};
 use crate::config::{Config, RedisConfig};
 use crate::history::{self, StreamId};
@@ -98,7 +98,7 @@ struct Channel {
 /// A cluster client for `[redis.cluster]`, with `[redis]`'s credentials
 /// and, for `rediss://` seeds, its TLS files; with `pushes`, RESP3 and the
 /// sender that subscriptions deliver to.
-pub(super) fn client(
+fn client(
     config: &RedisConfig,
     pushes: Option<mpsc::UnboundedSender<PushInfo>>,
 ) -> Result<redis::cluster::ClusterClient, PublishError> {
@@ -129,8 +129,38 @@ pub(super) fn client(
     Ok(builder.build()?)
 }
 
+/// Starts a broker on the Redis Cluster of `config`.
+pub(super) fn start(
+    config: &Config,
+    wiring: Wiring,
+    tasks: &TaskTracker,
+    stop: CancellationToken,
+) -> Result<RedisBroker, PublishError> {
+    let redis = Redis::new(config);
+    let health = wiring.health.clone();
+    spawn(config, wiring, redis.clone(), tasks, stop)?;
+    Ok(RedisBroker { redis, health })
+}
+
+/// One publication from outside a running crier (`crier publish`) to a
+/// Redis Cluster: see [`super::publish_once`].
+pub(super) async fn publish_once(
+    config: &Config,
+    channel: &str,
+    payload: &[u8],
+) -> Result<Option<StreamId>, PublishError> {
+    let client = client(&config.redis, None)?;
+    let conn = tokio::time::timeout(config.redis.connect_timeout, client.get_async_connection())
+        .await
+        .map_err(|_| PublishError::Protocol("the redis cluster did not answer in time".into()))??;
+    let mut redis = Redis::new(config);
+    redis.use_cluster(conn);
+    redis.load_when_missing = !config.channels.is_empty();
+    redis.publish(channel, payload).await
+}
+
 /// Starts the cluster supervisor for `redis`.
-pub(super) fn spawn(
+fn spawn(
     config: &Config,
     wiring: Wiring,
     redis: Redis,

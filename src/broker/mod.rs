@@ -25,8 +25,26 @@ mod memory;
 mod redis;
 mod target;
 
-pub use self::redis::{publish_once, RedisBroker};
-pub use memory::MemoryBroker;
+use self::redis::RedisBroker;
+use memory::MemoryBroker;
+
+/// One publication from outside a running crier (`crier publish`): the
+/// same function, so the same history, as apps and the HTTP API get.
+///
+/// Without channel rules it never loads the library: one built from no
+/// rules would replace the service's and drop every history rule. It then
+/// only calls the function, and says so when Redis lacks it.
+pub(crate) async fn publish_once(
+    config: &Config,
+    channel: &str,
+    payload: &[u8],
+) -> Result<Option<StreamId>, PublishError> {
+    if config.redis.cluster.is_some() {
+        cluster::publish_once(config, channel, payload).await
+    } else {
+        self::redis::publish_once(config, channel, payload).await
+    }
+}
 
 /// Where the configured Redis is, for logs (no password): the URL, or the
 /// sentinels and the primary's name.
@@ -147,7 +165,9 @@ impl Broker {
             health,
             metrics,
         };
-        Ok(if config.redis.is_configured() {
+        Ok(if config.redis.cluster.is_some() {
+            Broker::Redis(cluster::start(config, wiring, tasks, stop)?)
+        } else if config.redis.is_configured() {
             Broker::Redis(RedisBroker::start(config, wiring, tasks, stop)?)
         } else {
             Broker::Memory(MemoryBroker::start(wiring, tasks, stop))

@@ -88,7 +88,7 @@ pub(super) struct Redis {
     prefix: String,
     timeout: Duration,
     /// Load `library` when an `FCALL` finds the function missing.
-    load_when_missing: bool,
+    pub(super) load_when_missing: bool,
 }
 
 impl RedisBroker {
@@ -98,12 +98,6 @@ impl RedisBroker {
         tasks: &TaskTracker,
         stop: CancellationToken,
     ) -> Result<Self, PublishError> {
-        if config.redis.cluster.is_some() {
-            let redis = Redis::new(config);
-            let health = wiring.health.clone();
-            super::cluster::spawn(config, wiring, redis.clone(), tasks, stop)?;
-            return Ok(RedisBroker { redis, health });
-        }
         let Wiring {
             hub,
             policy,
@@ -152,30 +146,13 @@ impl RedisBroker {
     }
 }
 
-/// One publication from outside a running crier (`crier publish`): the same
-/// function, so the same history, as apps and the HTTP API get.
-///
-/// Without channel rules it never loads the library: one built from no
-/// rules would replace the service's and drop every history rule. It then
-/// only calls the function, and says so when Redis lacks it.
-pub async fn publish_once(
+/// One publication from outside a running crier (`crier publish`) to a
+/// single Redis or a Sentinel-managed primary: see [`super::publish_once`].
+pub(super) async fn publish_once(
     config: &Config,
     channel: &str,
     payload: &[u8],
 ) -> Result<Option<StreamId>, PublishError> {
-    if config.redis.cluster.is_some() {
-        let client = super::cluster::client(&config.redis, None)?;
-        let conn =
-            tokio::time::timeout(config.redis.connect_timeout, client.get_async_connection())
-                .await
-                .map_err(|_| {
-                    PublishError::Protocol("the redis cluster did not answer in time".into())
-                })??;
-        let mut redis = Redis::new(config);
-        redis.use_cluster(conn);
-        redis.load_when_missing = !config.channels.is_empty();
-        return redis.publish(channel, payload).await;
-    }
     let target = Target::of(&config.redis)
         .ok_or_else(|| PublishError::Protocol("no Redis configured".into()))?;
     let primary = target
@@ -229,7 +206,7 @@ impl Redis {
 
     /// Through `crier_publish`; on a Redis without functions (< 7), a
     /// plain `PUBLISH` so live delivery still works (without history).
-    async fn publish(
+    pub(super) async fn publish(
         &self,
         channel: &str,
         payload: &[u8],
