@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::redis::{backoff, missed, relay, relay_gap, Canary, Missed, Redis, RedisBroker};
-use super::{BrokerHealth, ChannelStart, Control, Fanout, PublishError, Wiring};
+use super::{BrokerError, BrokerHealth, ChannelStart, Control, Fanout, Wiring};
 use crate::config::{Config, RedisConfig};
 use crate::history::{self, StreamId};
 use crate::metrics::Metrics;
@@ -101,7 +101,7 @@ struct Channel {
 fn client(
     config: &RedisConfig,
     pushes: Option<mpsc::UnboundedSender<PushInfo>>,
-) -> Result<redis::cluster::ClusterClient, PublishError> {
+) -> Result<redis::cluster::ClusterClient, BrokerError> {
     let nodes = config
         .cluster
         .as_ref()
@@ -123,7 +123,7 @@ fn client(
         builder = builder.password(password);
     }
     if tls {
-        let certs = super::client::certificates(&config.tls).map_err(PublishError::Protocol)?;
+        let certs = super::client::certificates(&config.tls).map_err(BrokerError::Protocol)?;
         builder = builder.certs(certs);
     }
     Ok(builder.build()?)
@@ -135,7 +135,7 @@ pub(super) fn start(
     wiring: Wiring,
     tasks: &TaskTracker,
     stop: CancellationToken,
-) -> Result<RedisBroker, PublishError> {
+) -> Result<RedisBroker, BrokerError> {
     let redis = Redis::new(config);
     let health = wiring.health.clone();
     spawn(config, wiring, redis.clone(), tasks, stop)?;
@@ -148,11 +148,11 @@ pub(super) async fn publish_once(
     config: &Config,
     channel: &str,
     payload: &[u8],
-) -> Result<Option<StreamId>, PublishError> {
+) -> Result<Option<StreamId>, BrokerError> {
     let client = client(&config.redis, None)?;
     let conn = tokio::time::timeout(config.redis.connect_timeout, client.get_async_connection())
         .await
-        .map_err(|_| PublishError::Protocol("the redis cluster did not answer in time".into()))??;
+        .map_err(|_| BrokerError::Protocol("the redis cluster did not answer in time".into()))??;
     let mut redis = Redis::new(config);
     redis.use_cluster(conn);
     redis.load_when_missing = !config.channels.is_empty();
@@ -166,7 +166,7 @@ fn spawn(
     redis: Redis,
     tasks: &TaskTracker,
     stop: CancellationToken,
-) -> Result<(), PublishError> {
+) -> Result<(), BrokerError> {
     let redis_config = &config.redis;
     let (push_tx, pushes) = mpsc::unbounded_channel::<PushInfo>();
     let (maps_tx, maps) = mpsc::unbounded_channel::<SlotMap>();

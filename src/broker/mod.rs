@@ -38,7 +38,7 @@ pub(crate) async fn publish_once(
     config: &Config,
     channel: &str,
     payload: &[u8],
-) -> Result<Option<StreamId>, PublishError> {
+) -> Result<Option<StreamId>, BrokerError> {
     if config.redis.cluster.is_some() {
         cluster::publish_once(config, channel, payload).await
     } else {
@@ -93,9 +93,10 @@ pub(crate) struct ChannelStart {
     pub(crate) position: Option<StreamId>,
 }
 
-/// A publication could not be handed to the broker.
+/// The broker (Redis) could not do what was asked: publish, read a
+/// position or history, connect.
 #[derive(Debug, thiserror::Error)]
-pub enum PublishError {
+pub enum BrokerError {
     /// Redis refused or could not be reached.
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
@@ -156,7 +157,7 @@ impl Broker {
         metrics: Metrics,
         tasks: &TaskTracker,
         stop: CancellationToken,
-    ) -> Result<Self, PublishError> {
+    ) -> Result<Self, BrokerError> {
         let health = BrokerHealth::default();
         let wiring = Wiring {
             hub,
@@ -181,7 +182,7 @@ impl Broker {
         &self,
         channel: &str,
         payload: &[u8],
-    ) -> Result<Option<StreamId>, PublishError> {
+    ) -> Result<Option<StreamId>, BrokerError> {
         match self {
             Broker::Memory(b) => Ok(b.publish(channel, payload)),
             Broker::Redis(b) => b.publish(channel, payload).await,
@@ -190,7 +191,7 @@ impl Broker {
 
     /// Where a new listener of a history channel starts: the newest id, or
     /// just before now when the channel has no history yet.
-    pub async fn position(&self, channel: &str) -> Result<StreamId, PublishError> {
+    pub async fn position(&self, channel: &str) -> Result<StreamId, BrokerError> {
         match self {
             Broker::Memory(b) => Ok(b.position(channel)),
             Broker::Redis(b) => b.redis.position(channel).await,
@@ -204,7 +205,7 @@ impl Broker {
         channel: &str,
         since: StreamId,
         limit: usize,
-    ) -> Result<Recovery, PublishError> {
+    ) -> Result<Recovery, BrokerError> {
         match self {
             Broker::Memory(b) => Ok(b.recover(channel, since, limit)),
             Broker::Redis(b) => b.redis.recover(channel, since, limit).await,

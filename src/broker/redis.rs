@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::target::Target;
-use super::{BrokerHealth, ChannelStart, Control, Fanout, PublishError, Wiring};
+use super::{BrokerError, BrokerHealth, ChannelStart, Control, Fanout, Wiring};
 use crate::config::Config;
 use crate::history::{self, Recovery, StreamId};
 use crate::metrics::Metrics;
@@ -97,7 +97,7 @@ impl RedisBroker {
         wiring: Wiring,
         tasks: &TaskTracker,
         stop: CancellationToken,
-    ) -> Result<Self, PublishError> {
+    ) -> Result<Self, BrokerError> {
         let Wiring {
             hub,
             policy,
@@ -108,7 +108,7 @@ impl RedisBroker {
         let redis_config = &config.redis;
         let redis = Redis::new(config);
         let target = Target::of(redis_config)
-            .ok_or_else(|| PublishError::Protocol("no Redis configured".into()))?;
+            .ok_or_else(|| BrokerError::Protocol("no Redis configured".into()))?;
         let prefix = redis_config.channel_prefix.clone();
         health.set(false, &metrics);
         let canary = format!("{prefix}crier:canary:{:016x}", rand::rng().random::<u64>());
@@ -141,7 +141,7 @@ impl RedisBroker {
         &self,
         channel: &str,
         payload: &[u8],
-    ) -> Result<Option<StreamId>, PublishError> {
+    ) -> Result<Option<StreamId>, BrokerError> {
         self.redis.publish(channel, payload).await
     }
 }
@@ -152,13 +152,13 @@ pub(super) async fn publish_once(
     config: &Config,
     channel: &str,
     payload: &[u8],
-) -> Result<Option<StreamId>, PublishError> {
+) -> Result<Option<StreamId>, BrokerError> {
     let target = Target::of(&config.redis)
-        .ok_or_else(|| PublishError::Protocol("no Redis configured".into()))?;
+        .ok_or_else(|| BrokerError::Protocol("no Redis configured".into()))?;
     let primary = target
         .primary(&config.redis, config.redis.connect_timeout)
         .await
-        .map_err(PublishError::Protocol)?;
+        .map_err(BrokerError::Protocol)?;
     let mut redis = Redis::new(config);
     redis.connect_to(primary.client)?;
     redis.load_when_missing = !config.channels.is_empty();
@@ -193,7 +193,7 @@ impl Redis {
     }
 
     /// From now on, commands go to `client`'s server (connecting lazily).
-    fn connect_to(&self, client: redis::Client) -> Result<(), PublishError> {
+    fn connect_to(&self, client: redis::Client) -> Result<(), BrokerError> {
         let conn = ConnectionManager::new_lazy_with_config(client, self.settings.clone())?;
         self.conn.store(Some(Arc::new(Conn::Node(conn))));
         Ok(())
@@ -210,13 +210,13 @@ impl Redis {
         &self,
         channel: &str,
         payload: &[u8],
-    ) -> Result<Option<StreamId>, PublishError> {
+    ) -> Result<Option<StreamId>, BrokerError> {
         match self
             .fcall::<Option<String>>("crier_publish", &[self.stream_key(channel)], &[payload])
             .await
         {
             Ok(id) => Ok(id.and_then(|id| id.parse().ok())),
-            Err(PublishError::Redis(e)) if e.to_string().contains("unknown command") => {
+            Err(BrokerError::Redis(e)) if e.to_string().contains("unknown command") => {
                 let mut cmd = redis::cmd("PUBLISH");
                 cmd.arg(format!("{}{channel}", self.prefix)).arg(payload);
                 self.query::<i64>(cmd).await.map(|_| None)
@@ -232,7 +232,7 @@ impl Redis {
         name: &str,
         keys: &[String],
         args: &[&[u8]],
-    ) -> Result<T, PublishError> {
+    ) -> Result<T, BrokerError> {
         let call = || {
             let mut cmd = redis::cmd("FCALL");
             cmd.arg(name).arg(keys.len()).arg(keys);
@@ -242,9 +242,9 @@ impl Redis {
             cmd
         };
         match self.query(call()).await {
-            Err(PublishError::Redis(e)) if e.to_string().contains("Function not found") => {
+            Err(BrokerError::Redis(e)) if e.to_string().contains("Function not found") => {
                 if !self.load_when_missing {
-                    return Err(PublishError::NoLibrary);
+                    return Err(BrokerError::NoLibrary);
                 }
                 self.load_library().await?;
                 tracing::warn!(
@@ -260,9 +260,9 @@ impl Redis {
     pub(super) async fn query<T: redis::FromRedisValue>(
         &self,
         cmd: redis::Cmd,
-    ) -> Result<T, PublishError> {
+    ) -> Result<T, BrokerError> {
         let Some(conn) = self.conn.load_full() else {
-            return Err(PublishError::Protocol("no Redis primary found yet".into()));
+            return Err(BrokerError::Protocol("no Redis primary found yet".into()));
         };
         match tokio::time::timeout(self.timeout, conn.query(&cmd)).await {
             Ok(Err(e))
@@ -273,9 +273,7 @@ impl Redis {
                 Err(e.into())
             }
             Ok(result) => Ok(result?),
-            Err(_) => Err(PublishError::Protocol(
-                "redis did not answer in time".into(),
-            )),
+            Err(_) => Err(BrokerError::Protocol("redis did not answer in time".into())),
         }
     }
 
@@ -292,7 +290,7 @@ impl Redis {
         }
     }
 
-    pub(super) async fn load_library(&self) -> Result<(), PublishError> {
+    pub(super) async fn load_library(&self) -> Result<(), BrokerError> {
         let mut cmd = redis::cmd("FUNCTION");
         cmd.arg("LOAD").arg("REPLACE").arg(self.library.as_bytes());
         self.query::<String>(cmd).await.map(|_| ())
@@ -301,12 +299,12 @@ impl Redis {
     /// Whether apps can `FCALL crier_publish`: the library is there, or was
     /// loaded again now. A Redis without functions at all (< 7) counts as
     /// fine: crier then runs without history, as it said at start.
-    pub(super) async fn ensure_library(&self) -> Result<(), PublishError> {
+    pub(super) async fn ensure_library(&self) -> Result<(), BrokerError> {
         match self
             .fcall::<String>("crier_position", &[self.stream_key("crier:check")], &[])
             .await
         {
-            Err(PublishError::Redis(e)) if e.to_string().contains("unknown command") => Ok(()),
+            Err(BrokerError::Redis(e)) if e.to_string().contains("unknown command") => Ok(()),
             other => other.map(|_| ()),
         }
     }
@@ -326,12 +324,12 @@ impl Redis {
         keys
     }
 
-    pub(super) async fn position(&self, channel: &str) -> Result<StreamId, PublishError> {
+    pub(super) async fn position(&self, channel: &str) -> Result<StreamId, BrokerError> {
         let id: String = self
             .fcall("crier_position", &self.history_keys(channel), &[])
             .await?;
         id.parse()
-            .map_err(|_| PublishError::Protocol(format!("bad stream id {id:?}")))
+            .map_err(|_| BrokerError::Protocol(format!("bad stream id {id:?}")))
     }
 
     pub(super) async fn recover(
@@ -339,7 +337,7 @@ impl Redis {
         channel: &str,
         since: StreamId,
         limit: usize,
-    ) -> Result<Recovery, PublishError> {
+    ) -> Result<Recovery, BrokerError> {
         let since = since.to_string();
         let limit = limit.to_string();
         let (gap, entries): SinceReply = self
@@ -356,7 +354,7 @@ impl Redis {
         for (id, mut fields) in entries {
             let id = id
                 .parse()
-                .map_err(|_| PublishError::Protocol(format!("bad stream id {id:?}")))?;
+                .map_err(|_| BrokerError::Protocol(format!("bad stream id {id:?}")))?;
             // Fields are ["d", payload].
             let payload = if fields.len() >= 2 {
                 fields.swap_remove(1)
@@ -478,7 +476,7 @@ impl Supervisor {
                 Err(e) => e,
             };
             let transient = match &e {
-                PublishError::Redis(e) => {
+                BrokerError::Redis(e) => {
                     if e.to_string().contains("unknown command") {
                         tracing::error!(error = %e, "cannot load the crier function library (Redis >= 7 needed): no history");
                         return;
@@ -495,8 +493,8 @@ impl Supervisor {
                         )
                 }
                 // No answer in time.
-                PublishError::Protocol(_) => true,
-                PublishError::NoLibrary => false,
+                BrokerError::Protocol(_) => true,
+                BrokerError::NoLibrary => false,
             };
             if !transient || Instant::now() >= deadline {
                 tracing::error!(error = %e, "cannot load the crier function library: no history until it is loaded");
