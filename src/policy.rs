@@ -3,46 +3,11 @@
 //! Deny by default: a channel that no `[[channels]]` rule matches is
 //! forbidden, and a refusal never says whether the channel exists.
 
-use serde::{Deserialize, Serialize};
-
 pub use crate::auth::Principal;
-use crate::history::HistoryRule;
+use crate::config::{ChannelRule, HistoryRule, Subscribe};
 
 /// Longest accepted channel name, in bytes.
 pub const MAX_CHANNEL_LEN: usize = 256;
-
-/// One `[[channels]]` entry.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ChannelRule {
-    /// Channel name, or a prefix ending in `*` that matches any non-empty
-    /// rest (`public:*` matches `public:a` and `public:a:b`). May hold
-    /// `{user}` and `{claim.NAME}`, filled from the authenticated principal:
-    /// `user:{user}` matches only the connected user's own channel.
-    pub pattern: String,
-    /// Who may subscribe.
-    pub subscribe: Subscribe,
-    /// Keep history for the matching channels (`crier_publish` appends to
-    /// it); absent: no history, no resume, `gap` after a disconnect.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub history: Option<crate::history::HistoryRule>,
-    /// JSON pointer to the payload's event type for the matching channels
-    /// (e.g. `/event`); absent: the top-level `event_field`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub event_field: Option<String>,
-}
-
-/// Who may subscribe to the channels a rule matches.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Subscribe {
-    /// Everyone, authenticated or not.
-    Anyone,
-    /// Authenticated users only.
-    User,
-    /// Only clients whose token grants the channel in its channels claim.
-    Claim,
-}
 
 /// A rule's pattern, parsed once.
 #[derive(Debug, Clone, PartialEq)]
@@ -252,7 +217,7 @@ impl Policy {
                 .iter()
                 .map(|(p, r)| (p.clone(), r.event_field.clone()))
                 .collect(),
-            event_field: crate::protocol::DEFAULT_EVENT_FIELD.into(),
+            event_field: crate::config::DEFAULT_EVENT_FIELD.into(),
         }
     }
 

@@ -17,7 +17,6 @@ use tokio::time::{Instant, Interval};
 use crate::config::Config;
 use crate::metrics::Metrics;
 
-pub mod config;
 mod jwt;
 pub mod session;
 mod time;
