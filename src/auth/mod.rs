@@ -154,6 +154,23 @@ impl Authenticator {
         })
     }
 
+    /// What [`Authenticator::new`] checks, without a runtime and without a
+    /// session store connection (`crier check-config`): the JWT keys are
+    /// loaded, the session store's settings and Redis URL checked.
+    pub fn check(config: &Config) -> Result<(), String> {
+        let auth = &config.auth;
+        if let Some(jwt) = &auth.jwt {
+            JwtVerifier::new(jwt)?;
+        }
+        if let Some(session) = &auth.session {
+            SessionStore::check(session, &config.redis)?;
+        }
+        if auth.query_token && auth.jwt.is_none() {
+            return Err("auth.query_token: needs [auth.jwt]".into());
+        }
+        Ok(())
+    }
+
     /// The principal behind a request's credentials: `Ok(None)` when it
     /// carries none, an error when one is presented and wrong.
     pub async fn from_request(

@@ -5,6 +5,16 @@
 //! is a contract: later versions add keys, never rename them. Loading is done
 //! once, before serving; a bad value stops the start with [`EX_CONFIG`] and a
 //! message naming the field.
+//!
+//! The shapes are split by concern: `auth.rs` (`[auth]`), `channels.rs`
+//! (`[[channels]]` rules and their history), `redis.rs` (`[redis]`); this
+//! file holds the rest, and loading, validation and redaction. Every module
+//! may import config, so config imports no other crier module:
+//! [`Config::validate`] checks what the values alone tell, and what only a
+//! runtime part can judge (a Redis URL or TLS file, a channel pattern, a key
+//! file, an allowed origin) is checked by building that part when the server
+//! is built (`server::check` for `crier check-config`), with the same
+//! messages and exit code.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -285,6 +295,15 @@ impl Default for ShutdownConfig {
 #[error("invalid configuration: {0}")]
 pub struct ConfigError(String);
 
+impl ConfigError {
+    /// From a message that starts with the field, `field: why`: what the
+    /// parts built from the configuration (the policy, the authenticator,
+    /// the origins, the Redis clients) say of a value they refuse.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+}
+
 /// Command-line settings that override every other layer. `None` = not given.
 #[derive(Debug, Default, Clone, Serialize)]
 pub struct Overrides {
@@ -352,12 +371,14 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks what serde cannot: values that parse but make no sense.
+    /// Checks what serde cannot: values that parse but make no sense, as
+    /// far as the values alone tell. What only a runtime part can judge (a
+    /// Redis URL or TLS file, a channel pattern, a key file, an allowed
+    /// origin) is checked by building that part, once, when the server is
+    /// built (`server::check` for `crier check-config`); config imports no
+    /// other crier module.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field: &str, why: String| Err(ConfigError(format!("{field}: {why}")));
-        if let Some(url) = &self.redis.url {
-            crate::broker::client::open("redis.url", url, &self.redis).map_err(ConfigError)?;
-        }
         if let Some(cluster) = &self.redis.cluster {
             if self.redis.url.is_some() || self.redis.sentinel.is_some() {
                 return bad(
@@ -367,14 +388,6 @@ impl Config {
             }
             if cluster.nodes.is_empty() {
                 return bad("redis.cluster.nodes", "list at least one node".into());
-            }
-            for (i, node) in cluster.nodes.iter().enumerate() {
-                crate::broker::client::open(
-                    &format!("redis.cluster.nodes[{i}]"),
-                    node,
-                    &self.redis,
-                )
-                .map_err(ConfigError)?;
             }
         }
         if let Some(sentinel) = &self.redis.sentinel {
@@ -393,14 +406,6 @@ impl Config {
             if sentinel.nodes.is_empty() {
                 return bad("redis.sentinel.nodes", "list at least one sentinel".into());
             }
-            for (i, node) in sentinel.nodes.iter().enumerate() {
-                crate::broker::client::open(
-                    &format!("redis.sentinel.nodes[{i}]"),
-                    node,
-                    &self.redis,
-                )
-                .map_err(ConfigError)?;
-            }
         }
         if self.redis.channel_prefix.contains(['{', '}']) {
             return bad(
@@ -412,9 +417,6 @@ impl Config {
             return bad("event_field", e);
         }
         for (i, rule) in self.channels.iter().enumerate() {
-            if let Err(e) = rule.check() {
-                return bad(&format!("channels[{i}].pattern"), e);
-            }
             if let Some(Err(e)) = rule.event_field.as_deref().map(check_pointer) {
                 return bad(&format!("channels[{i}].event_field"), e);
             }
@@ -476,19 +478,8 @@ impl Config {
                     .into(),
             );
         }
-        if let Some(jwt) = &self.auth.jwt {
-            crate::auth::JwtVerifier::new(jwt).map_err(ConfigError)?;
-        }
-        if let Some(session) = &self.auth.session {
-            crate::auth::SessionStore::check(session, &self.redis).map_err(ConfigError)?;
-        }
         if self.auth.query_token && self.auth.jwt.is_none() {
             return bad("auth.query_token", "needs [auth.jwt]".into());
-        }
-        for (i, origin) in self.allowed_origins.iter().enumerate() {
-            if let Err(e) = crate::origin::OriginPattern::parse(origin) {
-                return bad(&format!("allowed_origins[{i}]"), e);
-            }
         }
         if self.limits.commands_per_second == 0 || self.limits.command_burst == 0 {
             return bad(
@@ -883,9 +874,6 @@ mod tests {
             "{duration}"
         );
 
-        let url = load_str("[redis]\nurl = \"http://x\"\n", &[]).unwrap_err();
-        assert!(url.to_string().contains("redis.url"), "{url}");
-
         let env = load_str("", &[("CRIER_LIMITS__QUEUE_SIZE", "lots")]).unwrap_err();
         assert!(env.to_string().contains("limits.queue_size"), "{env}");
 
@@ -992,9 +980,10 @@ mod tests {
         assert_eq!(cfg.warnings(), Vec::<String>::new());
     }
 
+    /// Which of them applies to a channel is tested with the policy.
     #[test]
-    fn event_fields_are_pointers_and_a_rule_wins() {
-        let cfg = load_str(
+    fn event_fields_are_pointers() {
+        load_str(
             "event_field = \"/event_type\"\n\
              [[channels]]\npattern = \"laravel:*\"\nsubscribe = \"anyone\"\nevent_field = \"/event\"\n\
              [[channels]]\npattern = \"user:{user}\"\nsubscribe = \"user\"\nevent_field = \"/meta/kind\"\n\
@@ -1002,15 +991,6 @@ mod tests {
             &[],
         )
         .expect("valid");
-        let policy =
-            crate::policy::Policy::new(&cfg.channels, false).with_event_field(&cfg.event_field);
-        assert_eq!(policy.event_field_of("laravel:orders"), "/event");
-        assert_eq!(
-            policy.event_field_of("user:42"),
-            "/meta/kind",
-            "placeholders as any text"
-        );
-        assert_eq!(policy.event_field_of("ops:1"), "/event_type", "the default");
         assert_eq!(Config::default().event_field, "/type");
 
         let e = load_str("event_field = \"event_type\"\n", &[]).unwrap_err();
