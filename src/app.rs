@@ -46,38 +46,38 @@ pub struct App {
 }
 
 impl App {
-    /// Assembles the shared state.
+    /// Assembles the shared state from the parts the server built (and
+    /// checked the configuration with).
     pub fn new(
         config: Config,
         hub: Arc<Hub>,
         broker: Broker,
         policy: Arc<Policy>,
+        auth: Arc<Authenticator>,
+        origins: Origins,
         metrics: Metrics,
-        tasks: TaskTracker,
-    ) -> Result<Self, String> {
+    ) -> Self {
         let lifecycle = Lifecycle::new(config.shutdown.drain);
         let limits = ConnectionLimits::new(&config.limits);
-        let auth = Arc::new(Authenticator::new(&config, metrics.clone())?);
-        let origins = Origins::new(&config.allowed_origins, config.dev);
         let replay_bytes = Arc::new(Semaphore::new(
             config
                 .limits
                 .max_replay_bytes_total
                 .min(Semaphore::MAX_PERMITS),
         ));
-        Ok(Self {
+        Self {
             config,
             hub,
             broker,
             policy,
             metrics,
             lifecycle,
-            tasks,
+            tasks: TaskTracker::new(),
             auth,
             origins,
             replay_bytes,
             limits,
-        })
+        }
     }
 }
 

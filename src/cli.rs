@@ -122,10 +122,17 @@ impl Cli {
         clap_complete::generate(shell, &mut Self::command(), "crier", out);
     }
 
-    /// Loads the configuration from every layer.
+    /// Loads the configuration from every layer. For a command (not
+    /// serving) it also makes the checks serving makes when it builds its
+    /// parts ([`crate::server::check`]), so `check-config` refuses what
+    /// serving would; serving makes them by building, once.
     pub fn load_config(&self) -> Result<Config, ConfigError> {
         let path = config_path(self.config.clone());
-        Config::load(path.as_deref(), process_env(), &self.overrides())
+        let config = Config::load(path.as_deref(), process_env(), &self.overrides())?;
+        if self.command.is_some() {
+            crate::server::check(&config)?;
+        }
+        Ok(config)
     }
 }
 

@@ -1,6 +1,7 @@
 //! History: what makes resume possible. Stream ids, the cursors clients carry,
-//! the per-channel history rules, and the Redis Function library that
-//! appends to a channel's stream and publishes in one atomic step.
+//! and the Redis Function library that applies the per-channel history rules
+//! (their shape, [`HistoryRule`], is configuration): it appends to a
+//! channel's stream and publishes in one atomic step.
 //!
 //! A message published with `FCALL crier_publish 1 <channel> <payload>` is
 //! appended to the capped stream `<prefix>crier:h:<channel>` and published on
@@ -13,10 +14,10 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
-use std::time::Duration;
 
 use base64::Engine;
-use serde::{Deserialize, Serialize};
+
+use crate::config::HistoryRule;
 
 /// A Redis stream id, `ms-seq`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -47,17 +48,6 @@ impl FromStr for StreamId {
             seq: seq.parse().map_err(|_| ())?,
         })
     }
-}
-
-/// `history = { size = 1000, ttl = "1h" }` on a channel rule.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct HistoryRule {
-    /// Messages kept per channel (approximately: `XADD MAXLEN ~`).
-    pub size: u64,
-    /// How long a channel's history outlives its last message.
-    #[serde(with = "humantime_serde")]
-    pub ttl: Duration,
 }
 
 /// A client's position in every history channel it listens to: what SSE

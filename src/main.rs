@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use crier::cli::{Cli, Command};
-use crier::config::{Config, LogFormat, EX_CONFIG};
+use crier::config::{Config, ConfigError, LogFormat, EX_CONFIG};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -65,7 +65,13 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("crier: {e:#}");
-            ExitCode::FAILURE
+            // What only building the server's parts finds (a channel
+            // pattern, a key file, a Redis URL) is bad configuration too.
+            if e.downcast_ref::<ConfigError>().is_some() {
+                ExitCode::from(EX_CONFIG as u8)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

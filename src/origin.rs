@@ -83,16 +83,22 @@ pub enum Verdict {
 }
 
 impl Origins {
-    /// From `allowed_origins` (entries already validated); `allow_any` is
-    /// dev mode.
-    pub fn new(entries: &[String], allow_any: bool) -> Self {
-        Self {
-            patterns: entries
-                .iter()
-                .filter_map(|e| OriginPattern::parse(e).ok())
-                .collect(),
+    /// From `allowed_origins`, each entry parsed once here: this is where a
+    /// bad entry is found, and the error names it as `allowed_origins[i]`
+    /// (the server turns it into a configuration error). `allow_any` is dev
+    /// mode.
+    pub fn new(entries: &[String], allow_any: bool) -> Result<Self, String> {
+        let patterns = entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                OriginPattern::parse(e).map_err(|why| format!("allowed_origins[{i}]: {why}"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            patterns,
             allow_any,
-        }
+        })
     }
 
     /// Checks a request's `Origin` against `Host` and the allowed list.
@@ -179,7 +185,8 @@ mod tests {
                 "https://*.example.org".into(),
             ],
             false,
-        );
+        )
+        .expect("valid origins");
         let host = "events.example.com";
         assert!(matches!(
             origins.check(&headers("https://app.example.com", host)),
@@ -221,5 +228,8 @@ mod tests {
         ] {
             assert!(OriginPattern::parse(bad).is_err(), "{bad}");
         }
+        let e =
+            Origins::new(&["https://a.com".into(), "a.com".into()], false).expect_err("bad origin");
+        assert!(e.starts_with("allowed_origins[1]: `a.com`: "), "{e}");
     }
 }

@@ -3,48 +3,13 @@
 //! Deny by default: a channel that no `[[channels]]` rule matches is
 //! forbidden, and a refusal never says whether the channel exists.
 
-use serde::{Deserialize, Serialize};
-
 use crate::auth::Failure;
 pub use crate::auth::Principal;
-use crate::history::HistoryRule;
+use crate::config::{ChannelRule, HistoryRule, Subscribe};
 use crate::refusal::Refusal;
 
 /// Longest accepted channel name, in bytes.
 pub const MAX_CHANNEL_LEN: usize = 256;
-
-/// One `[[channels]]` entry.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ChannelRule {
-    /// Channel name, or a prefix ending in `*` that matches any non-empty
-    /// rest (`public:*` matches `public:a` and `public:a:b`). May hold
-    /// `{user}` and `{claim.NAME}`, filled from the authenticated principal:
-    /// `user:{user}` matches only the connected user's own channel.
-    pub pattern: String,
-    /// Who may subscribe.
-    pub subscribe: Subscribe,
-    /// Keep history for the matching channels (`crier_publish` appends to
-    /// it); absent: no history, no resume, `gap` after a disconnect.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub history: Option<crate::history::HistoryRule>,
-    /// JSON pointer to the payload's event type for the matching channels
-    /// (e.g. `/event`); absent: the top-level `event_field`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub event_field: Option<String>,
-}
-
-/// Who may subscribe to the channels a rule matches.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Subscribe {
-    /// Everyone, authenticated or not.
-    Anyone,
-    /// Authenticated users only.
-    User,
-    /// Only clients whose token grants the channel in its channels claim.
-    Claim,
-}
 
 /// A rule's pattern, parsed once.
 #[derive(Debug, Clone, PartialEq)]
@@ -200,13 +165,6 @@ impl Pattern {
     }
 }
 
-impl ChannelRule {
-    /// Checks the pattern is one this version understands.
-    pub fn check(&self) -> Result<(), String> {
-        Pattern::parse(&self.pattern).map(|_| ())
-    }
-}
-
 /// The compiled rule list.
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -226,15 +184,22 @@ const FORBIDDEN: Refusal = Refusal::Forbidden("forbidden");
 const NEEDS_AUTH: Refusal = Refusal::Unauthorized(Failure::Missing.reason());
 
 impl Policy {
-    /// Rules in order (already checked by config validation; a rule that
-    /// does not parse is skipped); `allow_all` (dev mode) lets anyone hear
-    /// any channel.
-    pub fn new(rules: &[ChannelRule], allow_all: bool) -> Self {
-        let parsed: Vec<_> = rules
+    /// Rules in order, each pattern parsed once here: this is where a
+    /// pattern this version does not understand is found, and the error
+    /// names it as `channels[i].pattern` (the server turns it into a
+    /// configuration error). `allow_all` (dev mode) lets anyone hear any
+    /// channel.
+    pub fn new(rules: &[ChannelRule], allow_all: bool) -> Result<Self, String> {
+        let parsed = rules
             .iter()
-            .filter_map(|r| Pattern::parse(&r.pattern).ok().map(|p| (p, r)))
-            .collect();
-        Self {
+            .enumerate()
+            .map(|(i, r)| {
+                Pattern::parse(&r.pattern)
+                    .map(|p| (p, r))
+                    .map_err(|e| format!("channels[{i}].pattern: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
             rules: parsed
                 .iter()
                 .map(|(p, r)| (p.clone(), r.subscribe))
@@ -246,8 +211,8 @@ impl Policy {
                 .iter()
                 .map(|(p, r)| (p.clone(), r.event_field.clone()))
                 .collect(),
-            event_field: crate::protocol::DEFAULT_EVENT_FIELD.into(),
-        }
+            event_field: crate::config::DEFAULT_EVENT_FIELD.into(),
+        })
     }
 
     /// Sets the top-level `event_field` (default `/type`).
@@ -406,7 +371,8 @@ mod tests {
                 rule("public:*", Subscribe::Anyone),
             ],
             false,
-        );
+        )
+        .expect("valid rules");
         let anon = Principal::default();
         assert_eq!(policy.may_subscribe("public:a", &anon), Ok(()));
         assert_eq!(policy.may_subscribe("public:a:b", &anon), Ok(()));
@@ -420,7 +386,7 @@ mod tests {
 
     #[test]
     fn names_are_validated_before_rules() {
-        let policy = Policy::new(&[], true);
+        let policy = Policy::new(&[], true).expect("valid rules");
         let anon = Principal::default();
         assert!(policy.may_subscribe(&"a".repeat(256), &anon).is_ok());
         assert!(policy.may_subscribe("orders:{42}:x", &anon).is_ok());
@@ -463,7 +429,8 @@ mod tests {
                 rule("ops:*", Subscribe::Claim),
             ],
             false,
-        );
+        )
+        .expect("valid rules");
         let u42 = user(
             "42",
             serde_json::json!({"org": "acme"}),
@@ -489,7 +456,8 @@ mod tests {
                 rule("chat:*", Subscribe::Anyone),
             ],
             false,
-        );
+        )
+        .expect("valid rules");
         assert_eq!(layered.may_subscribe("chat:lobby", &anon), Ok(()));
         assert_eq!(layered.may_subscribe("chat:lobby", &u42), Ok(()));
         // A user id is text, never a wildcard.
@@ -497,24 +465,59 @@ mod tests {
         assert_eq!(policy.may_subscribe("user:42", &star), Err(FORBIDDEN));
     }
 
+    /// What building a policy says of one rule's pattern: where patterns
+    /// are checked.
+    fn check(rule: ChannelRule) -> Result<(), String> {
+        Policy::new(&[rule], false).map(|_| ())
+    }
+
     #[test]
     fn patterns_are_checked() {
-        assert!(rule("a:*", Subscribe::Anyone).check().is_ok());
-        assert!(rule("a:*:b", Subscribe::Anyone).check().is_err());
-        assert!(rule("", Subscribe::Anyone).check().is_err());
-        assert!(rule("a b*", Subscribe::Anyone).check().is_err());
-        assert!(rule("u:{user}", Subscribe::User).check().is_ok());
-        assert!(rule("u:{claim.org}:*", Subscribe::User).check().is_ok());
-        assert!(rule("u:{nobody}", Subscribe::User).check().is_err());
-        assert!(rule("u:{user", Subscribe::User).check().is_err());
+        assert!(check(rule("a:*", Subscribe::Anyone)).is_ok());
+        assert!(check(rule("a:*:b", Subscribe::Anyone)).is_err());
+        assert!(check(rule("", Subscribe::Anyone)).is_err());
+        assert!(check(rule("a b*", Subscribe::Anyone)).is_err());
+        assert!(check(rule("u:{user}", Subscribe::User)).is_ok());
+        assert!(check(rule("u:{claim.org}:*", Subscribe::User)).is_ok());
+        assert!(check(rule("u:{nobody}", Subscribe::User)).is_err());
+        assert!(check(rule("u:{user", Subscribe::User)).is_err());
         // A placeholder is one whole segment.
-        assert!(rule("u:{user}*", Subscribe::User).check().is_err());
-        assert!(rule("u:{user}{claim.org}", Subscribe::User)
-            .check()
-            .is_err());
-        assert!(rule("u:{user}x:*", Subscribe::User).check().is_err());
-        assert!(rule("u:{user}-x", Subscribe::User).check().is_ok());
-        assert!(rule("{user}/feed", Subscribe::User).check().is_ok());
+        assert!(check(rule("u:{user}*", Subscribe::User)).is_err());
+        assert!(check(rule("u:{user}{claim.org}", Subscribe::User)).is_err());
+        assert!(check(rule("u:{user}x:*", Subscribe::User)).is_err());
+        assert!(check(rule("u:{user}-x", Subscribe::User)).is_ok());
+        assert!(check(rule("{user}/feed", Subscribe::User)).is_ok());
+        // The error names the rule, as the configuration does.
+        let e = Policy::new(
+            &[
+                rule("a:*", Subscribe::Anyone),
+                rule("u:{nobody}", Subscribe::User),
+            ],
+            false,
+        )
+        .expect_err("bad pattern");
+        assert!(e.starts_with("channels[1].pattern: `u:{nobody}`: "), "{e}");
+    }
+
+    #[test]
+    fn a_rules_event_field_wins() {
+        let cfg: crate::config::Config = toml::from_str(
+            "event_field = \"/event_type\"\n\
+             [[channels]]\npattern = \"laravel:*\"\nsubscribe = \"anyone\"\nevent_field = \"/event\"\n\
+             [[channels]]\npattern = \"user:{user}\"\nsubscribe = \"user\"\nevent_field = \"/meta/kind\"\n\
+             [[channels]]\npattern = \"*\"\nsubscribe = \"anyone\"\n",
+        )
+        .expect("valid");
+        let policy = Policy::new(&cfg.channels, false)
+            .expect("valid rules")
+            .with_event_field(&cfg.event_field);
+        assert_eq!(policy.event_field_of("laravel:orders"), "/event");
+        assert_eq!(
+            policy.event_field_of("user:42"),
+            "/meta/kind",
+            "placeholders as any text"
+        );
+        assert_eq!(policy.event_field_of("ops:1"), "/event_type", "the default");
     }
 
     #[test]
@@ -526,7 +529,8 @@ mod tests {
                 rule("org:{claim.org}:*", Subscribe::User),
             ],
             false,
-        );
+        )
+        .expect("valid rules");
         let a = user("a", serde_json::json!({"org": "acme"}), &[]);
         let ab = user("a:b", serde_json::json!({"org": "acme:evil"}), &[]);
         // The report: user `a` heard `home:a:b:inbox`, which the same rule
@@ -604,8 +608,9 @@ mod tests {
                 let policy = Policy::new(
                     &PATTERNS.map(|p| rule(p, Subscribe::User)),
                     false,
-                );
-                let single = Policy::new(&[rule(pattern, Subscribe::User)], false);
+                )
+                .expect("valid rules");
+                let single = Policy::new(&[rule(pattern, Subscribe::User)], false).expect("valid rules");
                 let a = principal(a_user.clone(), a_org.clone());
                 let b = principal(b_user.clone(), b_org.clone());
                 let uses_user = pattern.contains("{user}");
@@ -628,7 +633,7 @@ mod tests {
                     .filter(|p| !p.contains("claim"))
                     .map(|p| rule(p, Subscribe::User))
                     .collect();
-                let users = Policy::new(&user_rules, false);
+                let users = Policy::new(&user_rules, false).expect("valid rules");
                 for c in &candidates {
                     let both = users.may_subscribe(c, &a).is_ok()
                         && users.may_subscribe(c, &b).is_ok();

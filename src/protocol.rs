@@ -9,12 +9,9 @@ use hyper_tungstenite::tungstenite::Utf8Bytes;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::config::DEFAULT_EVENT_FIELD;
 use crate::history::StreamId;
 use crate::refusal::Refusal;
-
-/// Where a payload names its event type unless configured otherwise
-/// (`event_field`): its top-level `type`.
-pub const DEFAULT_EVENT_FIELD: &str = "/type";
 
 /// One publication, parsed once and pre-encoded for both transports.
 #[derive(Debug)]

@@ -21,11 +21,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::app::{App, ConnInfo};
+use crate::auth::Authenticator;
 use crate::broker::Broker;
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::http::{full, text, Body};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::origin::Origins;
 use crate::policy::Policy;
 use crate::stall::{StallGuard, StallTimeout};
 use crate::transport::{sse, ws};
@@ -68,19 +70,82 @@ fn auth_modes(config: &Config) -> &'static str {
     }
 }
 
-/// Binds `config.listen` and serves.
+/// What serving builds from the configuration before it binds or starts
+/// anything. Building them is also the check of the settings only they can
+/// judge ([`Config::validate`] checks the rest, and imports none of them):
+/// a failure is a [`ConfigError`] naming the field, which `main` turns into
+/// exit code 64.
+struct Parts {
+    metrics: Metrics,
+    policy: Arc<Policy>,
+    auth: Arc<Authenticator>,
+    origins: Origins,
+}
+
+impl Parts {
+    fn build(config: &Config) -> Result<Self, ConfigError> {
+        let metrics = Metrics::new();
+        let (policy, auth, origins) =
+            build_with(config, |config| Authenticator::new(config, metrics.clone()))?;
+        Ok(Self {
+            metrics,
+            policy: Arc::new(policy),
+            auth: Arc::new(auth),
+            origins,
+        })
+    }
+}
+
+/// The checks serving makes when it builds its parts, without a runtime
+/// and without connecting to Redis: for `crier check-config` (and `crier
+/// publish`), so that they refuse what serving would refuse.
+pub fn check(config: &Config) -> Result<(), ConfigError> {
+    build_with(config, Authenticator::check).map(drop)
+}
+
+/// Checks the Redis addresses (by opening clients; the broker opens its
+/// own when it connects), then builds the channel rules, the authenticator
+/// and the allowed origins, in that order. `auth` builds the authenticator
+/// (serving) or only checks it (`check`: its session store needs a
+/// runtime).
+fn build_with<A>(
+    config: &Config,
+    auth: impl FnOnce(&Config) -> Result<A, String>,
+) -> Result<(Policy, A, Origins), ConfigError> {
+    crate::broker::check(&config.redis).map_err(ConfigError::new)?;
+    let policy = Policy::new(&config.channels, config.dev)
+        .map_err(ConfigError::new)?
+        .with_event_field(&config.event_field);
+    let auth = auth(config).map_err(ConfigError::new)?;
+    let origins = Origins::new(&config.allowed_origins, config.dev).map_err(ConfigError::new)?;
+    Ok((policy, auth, origins))
+}
+
+/// Binds `config.listen` and serves. The parts are built first: a bad
+/// configuration is reported as such, whether the address is free or not.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let parts = Parts::build(&config)?;
     let addr = config.listen_addr();
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
-    serve(config, listener)
+    launch(config, parts, listener)
 }
 
 /// Serves on an already bound listener.
 pub fn serve(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
+    let parts = Parts::build(&config)?;
+    launch(config, parts, listener)
+}
+
+fn launch(config: Config, parts: Parts, listener: TcpListener) -> anyhow::Result<Running> {
+    let Parts {
+        metrics,
+        policy,
+        auth,
+        origins,
+    } = parts;
     let addr = listener.local_addr()?;
-    let metrics = Metrics::new();
     // Background parts (broker, sweeper) stop after every client has left.
     let background = TaskTracker::new();
     let stop_background = CancellationToken::new();
@@ -91,8 +156,6 @@ pub fn serve(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
         config.redis.subscribe_timeout,
         metrics.clone(),
     ));
-    let policy =
-        Arc::new(Policy::new(&config.channels, config.dev).with_event_field(&config.event_field));
     let broker = Broker::start(
         &config,
         Arc::clone(&hub) as Arc<dyn crate::broker::Fanout>,
@@ -132,11 +195,9 @@ pub fn serve(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
         tracing::warn!("{warning}");
     }
 
-    let app = App::new(config, hub, broker, policy, metrics, TaskTracker::new()).map_err(|e| {
-        stop_background.cancel();
-        anyhow::anyhow!("{e}")
-    })?;
-    let app = Arc::new(app);
+    let app = Arc::new(App::new(
+        config, hub, broker, policy, auth, origins, metrics,
+    ));
     let sigterm = CancellationToken::new();
     let done = tokio::spawn(run(
         app,
@@ -304,5 +365,73 @@ fn readyz(app: &App) -> Response<Body> {
         text(StatusCode::SERVICE_UNAVAILABLE, "broker unavailable\n")
     } else {
         text(StatusCode::OK, "ready\n")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Overrides;
+
+    /// A configuration that loads: `Config::validate` has nothing against
+    /// it, only building the parts can refuse it.
+    fn load(toml: &str) -> Config {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("crier.toml");
+        std::fs::write(&path, toml).expect("write config");
+        Config::load(Some(&path), std::iter::empty(), &Overrides::default()).expect("loads")
+    }
+
+    #[tokio::test]
+    async fn building_the_parts_names_the_field_and_check_config_agrees() {
+        let cases = [
+            ("[redis]\nurl = \"http://x\"\n", "redis.url: "),
+            (
+                "[redis.cluster]\nnodes = [\"redis://a:6379\", \"c:6379\"]\n",
+                "redis.cluster.nodes[1]: ",
+            ),
+            (
+                "[redis.sentinel]\nmaster = \"m\"\nnodes = [\"http://s:26379\"]\n",
+                "redis.sentinel.nodes[0]: ",
+            ),
+            (
+                "[[channels]]\npattern = \"a\"\nsubscribe = \"anyone\"\n\
+                 [[channels]]\npattern = \"a*b\"\nsubscribe = \"anyone\"\n",
+                "channels[1].pattern: ",
+            ),
+            (
+                "[auth.jwt]\nalgorithms = [\"HS256\"]\nsecret = \"short\"\n",
+                "auth.jwt.secret: ",
+            ),
+            (
+                "[auth.session]\nsecrets = [\"s\"]\n",
+                "auth.session.redis_url: ",
+            ),
+            (
+                "allowed_origins = [\"https://a.com\", \"a.com\"]\n",
+                "allowed_origins[1]: ",
+            ),
+        ];
+        for (toml, field) in cases {
+            let config = load(toml);
+            let checked = check(&config).expect_err(toml).to_string();
+            assert!(
+                checked.starts_with(&format!("invalid configuration: {field}")),
+                "{toml}: {checked}"
+            );
+            let built = Parts::build(&config)
+                .err()
+                .unwrap_or_else(|| panic!("{toml}: built"))
+                .to_string();
+            assert_eq!(built, checked, "{toml}");
+        }
+        let good = load(
+            "[redis]\nurl = \"redis://127.0.0.1:1\"\n\
+             [[channels]]\npattern = \"user:{user}\"\nsubscribe = \"user\"\n\
+             [auth.jwt]\nalgorithms = [\"HS256\"]\nsecret = \"a-jwt-secret-of-at-least-32-bytes!!\"\n\
+             [auth.session]\nsecrets = [\"s\"]\n",
+        );
+        assert!(check(&good).is_ok());
+        assert!(Parts::build(&good).is_ok());
     }
 }

@@ -14,9 +14,8 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crier::auth::config::{JwtConfig, SessionConfig};
 use crier::auth::{Authenticator, JwtVerifier, SessionStore};
-use crier::config::Config;
+use crier::config::{Config, JwtConfig, SessionConfig};
 use crier::history::{Cursor, StreamId};
 use crier::http::{StreamQuery, MAX_QUERY_BYTES};
 use crier::metrics::Metrics;

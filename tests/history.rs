@@ -13,9 +13,7 @@ use common::redis::RedisServer;
 use common::sse::{self, SseStream};
 use common::unique;
 use common::ws::WsClient;
-use crier::config::Config;
-use crier::history::HistoryRule;
-use crier::policy::{ChannelRule, Subscribe};
+use crier::config::{ChannelRule, Config, HistoryRule, Subscribe};
 use http::StatusCode;
 use serde_json::{json, Value};
 

@@ -15,8 +15,7 @@ use common::redis::RedisServer;
 use common::sse;
 use common::unique;
 use common::ws::WsClient;
-use crier::history::HistoryRule;
-use crier::policy::{ChannelRule, Subscribe};
+use crier::config::{ChannelRule, HistoryRule, Subscribe};
 use http::StatusCode;
 
 const PASSWORD: &str = "acl-test-password-0123";

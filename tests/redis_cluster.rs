@@ -25,9 +25,7 @@ use common::crier::{test_config, Instance, WAIT};
 use common::sse;
 use common::unique;
 use common::ws::WsClient;
-use crier::config::ClusterConfig;
-use crier::history::HistoryRule;
-use crier::policy::{ChannelRule, Subscribe};
+use crier::config::{ChannelRule, ClusterConfig, HistoryRule, Subscribe};
 
 /// `hist:*` keeps history, `public:*` does not; crier on `cluster`.
 fn cluster_config(cluster: &RedisCluster) -> crier::config::Config {

@@ -17,10 +17,7 @@ use common::redis::{RedisServer, Tls};
 use common::sse;
 use common::unique;
 use common::ws::WsClient;
-use crier::auth::config::SessionConfig;
-use crier::config::Config;
-use crier::history::HistoryRule;
-use crier::policy::{ChannelRule, Subscribe};
+use crier::config::{ChannelRule, Config, HistoryRule, SessionConfig, Subscribe};
 use http::StatusCode;
 use serde_json::json;
 

@@ -533,7 +533,7 @@ def cmd_deployments(args: argparse.Namespace) -> None:
 # 8 MiB idle, the rest of the margin is for messages in flight).
 KIB_PER_CONNECTION = 17
 PROCESS_MIB = 32
-DEFAULT_MAX_CONNECTIONS = 100_000  # src/config.rs
+DEFAULT_MAX_CONNECTIONS = 100_000  # src/config/mod.rs
 
 
 def quantity_bytes(text: str) -> int:

@@ -12,8 +12,8 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
-use super::config::JwtConfig;
 use super::{time, Failure, Principal};
+use crate::config::JwtConfig;
 
 /// A verifier built once from `[auth.jwt]`.
 pub struct JwtVerifier {

@@ -17,7 +17,6 @@ use tokio::time::{Instant, Interval};
 use crate::config::Config;
 use crate::metrics::Metrics;
 
-pub mod config;
 mod jwt;
 pub mod session;
 mod time;
@@ -153,6 +152,23 @@ impl Authenticator {
             expiring_notice: auth.expiring_notice,
             metrics,
         })
+    }
+
+    /// What [`Authenticator::new`] checks, without a runtime and without a
+    /// session store connection (`crier check-config`): the JWT keys are
+    /// loaded, the session store's settings and Redis URL checked.
+    pub fn check(config: &Config) -> Result<(), String> {
+        let auth = &config.auth;
+        if let Some(jwt) = &auth.jwt {
+            JwtVerifier::new(jwt)?;
+        }
+        if let Some(session) = &auth.session {
+            SessionStore::check(session, &config.redis)?;
+        }
+        if auth.query_token && auth.jwt.is_none() {
+            return Err("auth.query_token: needs [auth.jwt]".into());
+        }
+        Ok(())
     }
 
     /// The principal behind a request's credentials: `Ok(None)` when it

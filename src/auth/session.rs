@@ -17,10 +17,9 @@ use serde_json::Value;
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
-use super::config::{SessionConfig, Signing};
 use super::{time, Failure, Principal, SessionRef};
 use crate::broker::client;
-use crate::config::RedisConfig;
+use crate::config::{RedisConfig, SessionConfig, Signing};
 
 /// The app's session store.
 pub struct SessionStore {

@@ -93,6 +93,30 @@ pub(crate) struct ChannelStart {
     pub(crate) position: Option<StreamId>,
 }
 
+/// Opens, without connecting, a client for every configured Redis address
+/// (`redis.url`, each `redis.cluster.nodes[i]`, each
+/// `redis.sentinel.nodes[i]`), so that a URL crier cannot use or an
+/// unreadable `[redis.tls]` file stops the start, naming the field, instead
+/// of failing every reconnect. The broker opens its own clients when it
+/// connects.
+pub fn check(config: &crate::config::RedisConfig) -> Result<(), String> {
+    if let Some(url) = &config.url {
+        client::open("redis.url", url, config)?;
+    }
+    let nodes = |field: &str, nodes: &[String]| {
+        nodes.iter().enumerate().try_for_each(|(i, node)| {
+            client::open(&format!("{field}[{i}]"), node, config).map(drop)
+        })
+    };
+    if let Some(cluster) = &config.cluster {
+        nodes("redis.cluster.nodes", &cluster.nodes)?;
+    }
+    if let Some(sentinel) = &config.sentinel {
+        nodes("redis.sentinel.nodes", &sentinel.nodes)?;
+    }
+    Ok(())
+}
+
 /// The broker (Redis) could not do what was asked: publish, read a
 /// position or history, connect.
 #[derive(Debug, thiserror::Error)]

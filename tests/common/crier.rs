@@ -5,8 +5,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use crier::config::{Config, LogFormat};
-use crier::policy::{ChannelRule, Subscribe};
+use crier::config::{ChannelRule, Config, LogFormat, Subscribe};
 use crier::Running;
 use http::StatusCode;
 use tokio::io::{AsyncBufReadExt, BufReader};

@@ -1,6 +1,8 @@
 //! `[auth]`: how crier recognises a client. Part of the configuration
-//! contract (see `config.rs`); every field documented here is mirrored in
-//! docs/configuration.md and docs/authentication.md.
+//! contract (see `mod.rs`); every field documented here is mirrored in
+//! docs/configuration.md and docs/authentication.md. Only the shapes live
+//! here: loading keys and reaching the session store is the auth module's
+//! business.
 
 use std::path::PathBuf;
 use std::time::Duration;

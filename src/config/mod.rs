@@ -5,6 +5,16 @@
 //! is a contract: later versions add keys, never rename them. Loading is done
 //! once, before serving; a bad value stops the start with [`EX_CONFIG`] and a
 //! message naming the field.
+//!
+//! The shapes are split by concern: `auth.rs` (`[auth]`), `channels.rs`
+//! (`[[channels]]` rules and their history), `redis.rs` (`[redis]`); this
+//! file holds the rest, and loading, validation and redaction. Every module
+//! may import config, so config imports no other crier module:
+//! [`Config::validate`] checks what the values alone tell, and what only a
+//! runtime part can judge (a Redis URL or TLS file, a channel pattern, a key
+//! file, an allowed origin) is checked by building that part when the server
+//! is built (`server::check` for `crier check-config`), with the same
+//! messages and exit code.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -14,11 +24,20 @@ use figment::providers::{Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
-use crate::auth::config::AuthConfig;
-use crate::policy::ChannelRule;
+mod auth;
+mod channels;
+mod redis;
+
+pub use self::auth::{AuthConfig, JwtConfig, SessionConfig, Signing};
+pub use self::channels::{ChannelRule, HistoryRule, Subscribe};
+pub use self::redis::{ClusterConfig, RedisConfig, RedisTlsConfig, SentinelConfig};
 
 /// Exit code for a configuration error (`EX_USAGE` in sysexits.h).
 pub const EX_CONFIG: i32 = 64;
+
+/// Where a payload names its event type unless configured otherwise
+/// (`event_field`): its top-level `type`.
+pub const DEFAULT_EVENT_FIELD: &str = "/type";
 
 /// `CRIER_*` variables that are not configuration keys.
 const NOT_KEYS: [&str; 2] = ["CONFIG", "API_KEY"];
@@ -86,97 +105,6 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
-}
-
-/// The Redis pub/sub broker.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]`, or `rediss://…` for TLS
-    /// (see `tls`). Absent: the embedded memory broker (one process only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub url: Option<String>,
-    /// ACL user name for Redis, when the URL does not carry one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub username: Option<String>,
-    /// Password (of `username`, or of the `default` user), when the URL
-    /// does not carry one. Redacted by `check-config`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub password: Option<String>,
-    /// TLS settings for every `rediss://` connection crier makes (the
-    /// broker, `crier publish`, and the session store).
-    pub tls: RedisTlsConfig,
-    /// A primary found through Redis Sentinel, instead of `url`: crier asks
-    /// the sentinels where the primary is and follows failovers.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub sentinel: Option<SentinelConfig>,
-    /// A Redis Cluster, instead of `url`: channels are relayed with sharded
-    /// pub/sub on the shard that owns them, history lives on that shard.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cluster: Option<ClusterConfig>,
-    /// Prefix of every Redis channel: Redis channel = prefix + channel.
-    pub channel_prefix: String,
-    /// How long a channel stays subscribed in Redis after its last local
-    /// listener left, so a quick resubscribe costs no round trip.
-    #[serde(with = "humantime_serde")]
-    pub linger: Duration,
-    /// Time allowed for one connection attempt.
-    #[serde(with = "humantime_serde")]
-    pub connect_timeout: Duration,
-    /// Upper bound of the jittered exponential reconnect backoff.
-    #[serde(with = "humantime_serde")]
-    pub reconnect_max: Duration,
-    /// How long a new subscription waits for Redis before the client is told
-    /// `unavailable` (matters only while Redis is down).
-    #[serde(with = "humantime_serde")]
-    pub subscribe_timeout: Duration,
-    /// A canary is published through Redis and must come back within this
-    /// time, or the instance turns not ready (connected but not receiving).
-    #[serde(with = "humantime_serde")]
-    pub canary_interval: Duration,
-}
-
-/// `[redis.sentinel]`
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct SentinelConfig {
-    /// The name the sentinels monitor the primary under (`sentinel monitor
-    /// <master> …`).
-    pub master: String,
-    /// Sentinel addresses, `redis://host:26379` (`rediss://` for TLS: the
-    /// data nodes are then reached over TLS too).
-    pub nodes: Vec<String>,
-    /// The sentinels' own password (`requirepass` in sentinel.conf), when
-    /// they have one. Redacted by `check-config`. The data nodes use
-    /// `redis.username` / `redis.password`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub password: Option<String>,
-}
-
-/// `[redis.cluster]`
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct ClusterConfig {
-    /// Seed nodes, `redis://host:6379`; the rest of the cluster is
-    /// discovered from them.
-    pub nodes: Vec<String>,
-}
-
-/// `[redis.tls]`: how crier checks Redis's certificate, and presents its own.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct RedisTlsConfig {
-    /// PEM file of the CA(s) that sign the Redis server's certificate.
-    /// Absent: the system's trusted roots.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ca_file: Option<PathBuf>,
-    /// PEM client certificate, for Redis servers that require one
-    /// (`tls-auth-clients yes`); needs `key_file`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub cert_file: Option<PathBuf>,
-    /// PEM private key of `cert_file`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub key_file: Option<PathBuf>,
 }
 
 /// Limits that keep one client, or many, from exhausting the process.
@@ -291,7 +219,7 @@ impl Default for Config {
             shutdown: ShutdownConfig::default(),
             allowed_origins: Vec::new(),
             auth: AuthConfig::default(),
-            event_field: crate::protocol::DEFAULT_EVENT_FIELD.into(),
+            event_field: DEFAULT_EVENT_FIELD.into(),
         }
     }
 }
@@ -301,32 +229,6 @@ impl Default for LogConfig {
         Self {
             format: LogFormat::Text,
             level: "info".into(),
-        }
-    }
-}
-
-impl RedisConfig {
-    /// Whether a Redis is configured at all (else: the memory broker).
-    pub fn is_configured(&self) -> bool {
-        self.url.is_some() || self.sentinel.is_some() || self.cluster.is_some()
-    }
-}
-
-impl Default for RedisConfig {
-    fn default() -> Self {
-        Self {
-            url: None,
-            username: None,
-            password: None,
-            tls: RedisTlsConfig::default(),
-            sentinel: None,
-            cluster: None,
-            channel_prefix: String::new(),
-            linger: Duration::from_secs(2),
-            connect_timeout: Duration::from_secs(5),
-            reconnect_max: Duration::from_secs(5),
-            subscribe_timeout: Duration::from_secs(5),
-            canary_interval: Duration::from_secs(1),
         }
     }
 }
@@ -392,6 +294,15 @@ impl Default for ShutdownConfig {
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
 pub struct ConfigError(String);
+
+impl ConfigError {
+    /// From a message that starts with the field, `field: why`: what the
+    /// parts built from the configuration (the policy, the authenticator,
+    /// the origins, the Redis clients) say of a value they refuse.
+    pub fn new(message: impl Into<String>) -> Self {
+        Self(message.into())
+    }
+}
 
 /// Command-line settings that override every other layer. `None` = not given.
 #[derive(Debug, Default, Clone, Serialize)]
@@ -460,12 +371,14 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks what serde cannot: values that parse but make no sense.
+    /// Checks what serde cannot: values that parse but make no sense, as
+    /// far as the values alone tell. What only a runtime part can judge (a
+    /// Redis URL or TLS file, a channel pattern, a key file, an allowed
+    /// origin) is checked by building that part, once, when the server is
+    /// built (`server::check` for `crier check-config`); config imports no
+    /// other crier module.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |field: &str, why: String| Err(ConfigError(format!("{field}: {why}")));
-        if let Some(url) = &self.redis.url {
-            crate::broker::client::open("redis.url", url, &self.redis).map_err(ConfigError)?;
-        }
         if let Some(cluster) = &self.redis.cluster {
             if self.redis.url.is_some() || self.redis.sentinel.is_some() {
                 return bad(
@@ -475,14 +388,6 @@ impl Config {
             }
             if cluster.nodes.is_empty() {
                 return bad("redis.cluster.nodes", "list at least one node".into());
-            }
-            for (i, node) in cluster.nodes.iter().enumerate() {
-                crate::broker::client::open(
-                    &format!("redis.cluster.nodes[{i}]"),
-                    node,
-                    &self.redis,
-                )
-                .map_err(ConfigError)?;
             }
         }
         if let Some(sentinel) = &self.redis.sentinel {
@@ -501,14 +406,6 @@ impl Config {
             if sentinel.nodes.is_empty() {
                 return bad("redis.sentinel.nodes", "list at least one sentinel".into());
             }
-            for (i, node) in sentinel.nodes.iter().enumerate() {
-                crate::broker::client::open(
-                    &format!("redis.sentinel.nodes[{i}]"),
-                    node,
-                    &self.redis,
-                )
-                .map_err(ConfigError)?;
-            }
         }
         if self.redis.channel_prefix.contains(['{', '}']) {
             return bad(
@@ -520,9 +417,6 @@ impl Config {
             return bad("event_field", e);
         }
         for (i, rule) in self.channels.iter().enumerate() {
-            if let Err(e) = rule.check() {
-                return bad(&format!("channels[{i}].pattern"), e);
-            }
             if let Some(Err(e)) = rule.event_field.as_deref().map(check_pointer) {
                 return bad(&format!("channels[{i}].event_field"), e);
             }
@@ -584,19 +478,8 @@ impl Config {
                     .into(),
             );
         }
-        if let Some(jwt) = &self.auth.jwt {
-            crate::auth::JwtVerifier::new(jwt).map_err(ConfigError)?;
-        }
-        if let Some(session) = &self.auth.session {
-            crate::auth::SessionStore::check(session, &self.redis).map_err(ConfigError)?;
-        }
         if self.auth.query_token && self.auth.jwt.is_none() {
             return bad("auth.query_token", "needs [auth.jwt]".into());
-        }
-        for (i, origin) in self.allowed_origins.iter().enumerate() {
-            if let Err(e) = crate::origin::OriginPattern::parse(origin) {
-                return bad(&format!("allowed_origins[{i}]"), e);
-            }
         }
         if self.limits.commands_per_second == 0 || self.limits.command_burst == 0 {
             return bad(
@@ -622,7 +505,7 @@ impl Config {
         let mut warnings = Vec::new();
         if self.auth.jwt.is_none() {
             for (i, rule) in self.channels.iter().enumerate() {
-                if rule.subscribe == crate::policy::Subscribe::Claim {
+                if rule.subscribe == Subscribe::Claim {
                     warnings.push(format!(
                         "channels[{i}]: subscribe = \"claim\" needs [auth.jwt] (the grant is a \
                          bearer token's channels claim): this rule can never match"
@@ -991,9 +874,6 @@ mod tests {
             "{duration}"
         );
 
-        let url = load_str("[redis]\nurl = \"http://x\"\n", &[]).unwrap_err();
-        assert!(url.to_string().contains("redis.url"), "{url}");
-
         let env = load_str("", &[("CRIER_LIMITS__QUEUE_SIZE", "lots")]).unwrap_err();
         assert!(env.to_string().contains("limits.queue_size"), "{env}");
 
@@ -1100,9 +980,10 @@ mod tests {
         assert_eq!(cfg.warnings(), Vec::<String>::new());
     }
 
+    /// Which of them applies to a channel is tested with the policy.
     #[test]
-    fn event_fields_are_pointers_and_a_rule_wins() {
-        let cfg = load_str(
+    fn event_fields_are_pointers() {
+        load_str(
             "event_field = \"/event_type\"\n\
              [[channels]]\npattern = \"laravel:*\"\nsubscribe = \"anyone\"\nevent_field = \"/event\"\n\
              [[channels]]\npattern = \"user:{user}\"\nsubscribe = \"user\"\nevent_field = \"/meta/kind\"\n\
@@ -1110,15 +991,6 @@ mod tests {
             &[],
         )
         .expect("valid");
-        let policy =
-            crate::policy::Policy::new(&cfg.channels, false).with_event_field(&cfg.event_field);
-        assert_eq!(policy.event_field_of("laravel:orders"), "/event");
-        assert_eq!(
-            policy.event_field_of("user:42"),
-            "/meta/kind",
-            "placeholders as any text"
-        );
-        assert_eq!(policy.event_field_of("ops:1"), "/event_type", "the default");
         assert_eq!(Config::default().event_field, "/type");
 
         let e = load_str("event_field = \"event_type\"\n", &[]).unwrap_err();

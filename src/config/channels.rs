@@ -1,0 +1,53 @@
+//! `[[channels]]`: the rules deciding who may listen to which channel, and
+//! which channels keep history. Part of the configuration contract (see
+//! `mod.rs`); only the shapes live here. What a pattern means, and whether
+//! it is one crier understands, is the policy's business: it parses the
+//! patterns once, when the server is built.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// One `[[channels]]` entry.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelRule {
+    /// Channel name, or a prefix ending in `*` that matches any non-empty
+    /// rest (`public:*` matches `public:a` and `public:a:b`). May hold
+    /// `{user}` and `{claim.NAME}`, filled from the authenticated principal:
+    /// `user:{user}` matches only the connected user's own channel.
+    pub pattern: String,
+    /// Who may subscribe.
+    pub subscribe: Subscribe,
+    /// Keep history for the matching channels (`crier_publish` appends to
+    /// it); absent: no history, no resume, `gap` after a disconnect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<HistoryRule>,
+    /// JSON pointer to the payload's event type for the matching channels
+    /// (e.g. `/event`); absent: the top-level `event_field`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event_field: Option<String>,
+}
+
+/// Who may subscribe to the channels a rule matches.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Subscribe {
+    /// Everyone, authenticated or not.
+    Anyone,
+    /// Authenticated users only.
+    User,
+    /// Only clients whose token grants the channel in its channels claim.
+    Claim,
+}
+
+/// `history = { size = 1000, ttl = "1h" }` on a channel rule.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryRule {
+    /// Messages kept per channel (approximately: `XADD MAXLEN ~`).
+    pub size: u64,
+    /// How long a channel's history outlives its last message.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+}
