@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crier::auth::{Authenticator, JwtVerifier, SessionStore};
+use crier::auth::{Authenticator, JwtVerifier, CookieStore};
 use crier::config::{Config, JwtConfig, SessionConfig};
 use crier::history::{Cursor, StreamId};
 use crier::http::{StreamQuery, MAX_QUERY_BYTES};
@@ -211,7 +211,7 @@ fn session_cookies_accept_only_genuine_signatures() {
         .build()
         .expect("runtime");
     let _guard = runtime.enter();
-    let store = SessionStore::new(
+    let store = CookieStore::new(
         &SessionConfig {
             secrets: vec!["fuzz secret".into()],
             ..SessionConfig::default()
@@ -230,7 +230,7 @@ fn session_cookies_accept_only_genuine_signatures() {
     let sign = |id: &str, secret: &str| {
         let signed = format!(
             "s:{id}.{}",
-            crier::auth::session::express_signature(id, secret)
+            crier::auth::cookie::express_signature(id, secret)
         );
         percent_encoding::utf8_percent_encode(&signed, percent_encoding::NON_ALPHANUMERIC)
             .to_string()
@@ -245,7 +245,7 @@ fn session_cookies_accept_only_genuine_signatures() {
         let forged = headers(&format!("connect.sid={}", sign(&id, "another secret"))).expect("ascii");
         prop_assert!(matches!(store.session_id(&forged), Some(Err(_))));
         // One character of the signature changed.
-        let mut tampered = crier::auth::session::express_signature(&id, "fuzz secret").into_bytes();
+        let mut tampered = crier::auth::cookie::express_signature(&id, "fuzz secret").into_bytes();
         let i = flip % tampered.len();
         tampered[i] = if tampered[i] == b'A' { b'B' } else { b'A' };
         let tampered = format!("s:{id}.{}", String::from_utf8(tampered).expect("ascii"));

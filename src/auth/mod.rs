@@ -18,11 +18,11 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 
 mod jwt;
-pub mod session;
+pub mod cookie;
 mod time;
 
 pub use jwt::JwtVerifier;
-pub use session::SessionStore;
+pub use cookie::CookieStore;
 
 /// Who is asking. `Principal::default()` is anonymous.
 #[derive(Debug, Clone, Default)]
@@ -125,7 +125,7 @@ impl Failure {
 /// Verifies credentials; built once from the configuration.
 pub struct Authenticator {
     jwt: Option<JwtVerifier>,
-    session: Option<SessionStore>,
+    session: Option<CookieStore>,
     query_token: bool,
     expiring_notice: Duration,
     metrics: Metrics,
@@ -140,7 +140,7 @@ impl Authenticator {
         let session = auth
             .session
             .as_ref()
-            .map(|s| SessionStore::new(s, &config.redis))
+            .map(|s| CookieStore::new(s, &config.redis))
             .transpose()?;
         if auth.query_token && jwt.is_none() {
             return Err("auth.query_token: needs [auth.jwt]".into());
@@ -163,7 +163,7 @@ impl Authenticator {
             JwtVerifier::new(jwt)?;
         }
         if let Some(session) = &auth.session {
-            SessionStore::check(session, &config.redis)?;
+            CookieStore::check(session, &config.redis)?;
         }
         if auth.query_token && auth.jwt.is_none() {
             return Err("auth.query_token: needs [auth.jwt]".into());

@@ -19,7 +19,7 @@ use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::protocol::Publication;
 
-pub mod client;
+use crate::redis_client as client;
 mod cluster;
 mod memory;
 mod redis;

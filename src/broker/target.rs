@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use crate::config::{RedisConfig, SentinelConfig};
 
-use super::client;
+use crate::redis_client as client;
 
 /// See the module documentation.
 #[derive(Clone)]

@@ -1,4 +1,6 @@
-//! Session cookies, checked against the app's own Redis session store.
+//! Session cookies, checked against the app's own Redis session store:
+//! the app's login session, read through its cookie (named for the cookie,
+//! because in crier a "session" is a client connection, `crate::session`).
 //!
 //! The default fits express-session + connect-redis: the cookie
 //! `connect.sid` holds `s:<id>.<signature>`, URL-encoded, where the signature
@@ -18,16 +20,16 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
 use super::{time, Failure, Principal, SessionRef};
-use crate::broker::client;
+use crate::redis_client as client;
 use crate::config::{RedisConfig, SessionConfig, Signing};
 
 /// The app's session store.
-pub struct SessionStore {
+pub struct CookieStore {
     config: SessionConfig,
     redis: ConnectionManager,
 }
 
-impl SessionStore {
+impl CookieStore {
     /// Connects lazily to `auth.session.redis_url`, else to the broker's
     /// Redis (`redis`, whose TLS settings apply to both).
     pub fn new(config: &SessionConfig, redis: &RedisConfig) -> Result<Self, String> {
@@ -201,7 +203,7 @@ mod tests {
     use super::*;
     use std::time::UNIX_EPOCH;
 
-    fn store(secrets: &[&str]) -> SessionStore {
+    fn store(secrets: &[&str]) -> CookieStore {
         let config = SessionConfig {
             secrets: secrets.iter().map(|s| s.to_string()).collect(),
             ..SessionConfig::default()
@@ -210,7 +212,7 @@ mod tests {
             url: Some("redis://127.0.0.1:1".into()),
             ..RedisConfig::default()
         };
-        SessionStore::new(&config, &redis).expect("store")
+        CookieStore::new(&config, &redis).expect("store")
     }
 
     fn headers(cookie: &str) -> HeaderMap {
