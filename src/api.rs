@@ -28,7 +28,11 @@ struct PublishRequest {
 
 /// Handles one publish request. A page on an allowed origin may read the
 /// answer (CORS), whatever it is.
-pub async fn publish(app: Arc<App>, req: Request<Incoming>, info: ConnInfo) -> Response<Body> {
+pub(crate) async fn publish(
+    app: Arc<App>,
+    req: Request<Incoming>,
+    info: ConnInfo,
+) -> Response<Body> {
     let origin = app.origins.check(req.headers());
     let mut response = match try_publish(&app, req, &info).await {
         Ok(id) => {
@@ -47,7 +51,7 @@ pub async fn publish(app: Arc<App>, req: Request<Incoming>, info: ConnInfo) -> R
 
 /// CORS preflight for `POST /api/publish`: a page on an `allowed_origins`
 /// origin may send its JSON body with an `Authorization` header.
-pub fn preflight<B>(app: &App, req: &Request<B>) -> Response<Body> {
+pub(crate) fn preflight<B>(app: &App, req: &Request<B>) -> Response<Body> {
     let verdict = app.origins.check(req.headers());
     if verdict == Verdict::Refused {
         return refused(&Refusal::Forbidden("origin not allowed"));

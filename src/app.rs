@@ -19,7 +19,7 @@ use crate::origin::Origins;
 use crate::policy::Policy;
 
 /// Shared state of one crier process.
-pub struct App {
+pub(crate) struct App {
     /// The effective configuration.
     pub config: Config,
     /// Channel → local listeners.
@@ -48,7 +48,7 @@ pub struct App {
 impl App {
     /// Assembles the shared state from the parts the server built (and
     /// checked the configuration with).
-    pub fn new(
+    pub(crate) fn new(
         config: Config,
         hub: Arc<Hub>,
         broker: Broker,
@@ -83,7 +83,7 @@ impl App {
 
 /// Facts about the TCP connection a request arrived on.
 #[derive(Clone, Debug)]
-pub struct ConnInfo {
+pub(crate) struct ConnInfo {
     /// The client's address.
     pub peer: SocketAddr,
     /// Cancelling it drops the TCP connection, even if hyper is stuck

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 /// See the module documentation.
 #[derive(Debug)]
-pub struct Lifecycle {
+pub(crate) struct Lifecycle {
     shutting_down: AtomicBool,
     drain: CancellationToken,
     window: Duration,
@@ -24,7 +24,7 @@ pub struct Lifecycle {
 
 impl Lifecycle {
     /// A serving process whose drain lasts `window`.
-    pub fn new(window: Duration) -> Self {
+    pub(crate) fn new(window: Duration) -> Self {
         Self {
             shutting_down: AtomicBool::new(false),
             drain: CancellationToken::new(),
@@ -33,30 +33,30 @@ impl Lifecycle {
     }
 
     /// SIGTERM received: stop being ready.
-    pub fn begin_shutdown(&self) {
+    pub(crate) fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::Release);
     }
 
     /// Whether `/readyz` must answer 503.
-    pub fn is_shutting_down(&self) -> bool {
+    pub(crate) fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
     }
 
     /// The grace period is over: connections start leaving.
-    pub fn begin_drain(&self) {
+    pub(crate) fn begin_drain(&self) {
         self.begin_shutdown();
         self.drain.cancel();
     }
 
     /// Cancelled when the drain begins.
-    pub fn drain_started(&self) -> &CancellationToken {
+    pub(crate) fn drain_started(&self) -> &CancellationToken {
         &self.drain
     }
 
     /// Resolves at this connection's moment to leave: a random point within
     /// the drain window after the drain began. Returns the delay, in
     /// milliseconds, the client should wait before reconnecting.
-    pub async fn my_turn(&self) -> u64 {
+    pub(crate) async fn my_turn(&self) -> u64 {
         self.drain.cancelled().await;
         let (wait, retry) = {
             let mut rng = rand::rng();

@@ -12,7 +12,7 @@ use http::{header, HeaderMap, HeaderValue};
 /// One `allowed_origins` entry: `https://app.example.com`, or a wildcard
 /// for subdomains `https://*.example.com`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OriginPattern {
+pub(crate) struct OriginPattern {
     scheme: String,
     /// Host (and `:port`), without the `*.` of a wildcard.
     host: String,
@@ -21,7 +21,7 @@ pub struct OriginPattern {
 
 impl OriginPattern {
     /// Parses an entry; the error says what is wrong with it.
-    pub fn parse(raw: &str) -> Result<Self, String> {
+    pub(crate) fn parse(raw: &str) -> Result<Self, String> {
         let (scheme, host) = raw
             .split_once("://")
             .ok_or_else(|| format!("`{raw}`: expected scheme://host[:port]"))?;
@@ -66,14 +66,14 @@ impl OriginPattern {
 
 /// The compiled `allowed_origins`.
 #[derive(Debug, Clone)]
-pub struct Origins {
+pub(crate) struct Origins {
     patterns: Vec<OriginPattern>,
     allow_any: bool,
 }
 
 /// The outcome of checking a request's `Origin`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// No `Origin` (not a browser) or same origin: no CORS headers needed.
     NotCrossOrigin,
     /// An allowed foreign origin: echo it in CORS headers.
@@ -87,7 +87,7 @@ impl Origins {
     /// bad entry is found, and the error names it as `allowed_origins[i]`
     /// (the server turns it into a configuration error). `allow_any` is dev
     /// mode.
-    pub fn new(entries: &[String], allow_any: bool) -> Result<Self, String> {
+    pub(crate) fn new(entries: &[String], allow_any: bool) -> Result<Self, String> {
         let patterns = entries
             .iter()
             .enumerate()
@@ -102,7 +102,7 @@ impl Origins {
     }
 
     /// Checks a request's `Origin` against `Host` and the allowed list.
-    pub fn check(&self, headers: &HeaderMap) -> Verdict {
+    pub(crate) fn check(&self, headers: &HeaderMap) -> Verdict {
         let Some(origin) = headers.get(header::ORIGIN) else {
             return Verdict::NotCrossOrigin;
         };
@@ -128,7 +128,7 @@ impl Origins {
 /// origin (never `*`, which browsers refuse with credentials) and
 /// `Allow-Credentials`, so `EventSource` with `withCredentials` sends the
 /// session cookie.
-pub fn add_cors(headers: &mut HeaderMap, verdict: &Verdict) {
+pub(crate) fn add_cors(headers: &mut HeaderMap, verdict: &Verdict) {
     headers.insert(header::VARY, HeaderValue::from_static("Origin"));
     if let Verdict::Allowed(origin) = verdict {
         headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
@@ -142,7 +142,7 @@ pub fn add_cors(headers: &mut HeaderMap, verdict: &Verdict) {
 /// The answer to a CORS preflight from an origin that is not refused: 204
 /// with the `methods` and request `headers` the route takes, cached by the
 /// browser for ten minutes.
-pub fn preflight(
+pub(crate) fn preflight(
     verdict: &Verdict,
     methods: &'static str,
     headers: &'static str,

@@ -4,12 +4,12 @@
 //! forbidden, and a refusal never says whether the channel exists.
 
 use crate::auth::Failure;
-pub use crate::auth::Principal;
+pub(crate) use crate::auth::Principal;
 use crate::config::{ChannelRule, HistoryRule, Subscribe};
 use crate::refusal::Refusal;
 
 /// Longest accepted channel name, in bytes.
-pub const MAX_CHANNEL_LEN: usize = 256;
+pub(crate) const MAX_CHANNEL_LEN: usize = 256;
 
 /// A rule's pattern, parsed once.
 #[derive(Debug, Clone, PartialEq)]
@@ -167,7 +167,7 @@ impl Pattern {
 
 /// The compiled rule list.
 #[derive(Debug, Clone)]
-pub struct Policy {
+pub(crate) struct Policy {
     rules: Vec<(Pattern, Subscribe)>,
     history: Vec<(Pattern, Option<HistoryRule>)>,
     separators: Separators,
@@ -189,7 +189,7 @@ impl Policy {
     /// names it as `channels[i].pattern` (the server turns it into a
     /// configuration error). `allow_all` (dev mode) lets anyone hear any
     /// channel.
-    pub fn new(rules: &[ChannelRule], allow_all: bool) -> Result<Self, String> {
+    pub(crate) fn new(rules: &[ChannelRule], allow_all: bool) -> Result<Self, String> {
         let parsed = rules
             .iter()
             .enumerate()
@@ -216,7 +216,7 @@ impl Policy {
     }
 
     /// Sets the top-level `event_field` (default `/type`).
-    pub fn with_event_field(mut self, pointer: &str) -> Self {
+    pub(crate) fn with_event_field(mut self, pointer: &str) -> Self {
         self.event_field = pointer.to_owned();
         if self.event_fields.iter().all(|(_, f)| f.is_none()) {
             // No rule has its own: skip matching on every publication.
@@ -228,7 +228,7 @@ impl Policy {
     /// The JSON pointer naming the event type of `channel`'s payloads: the
     /// first rule fitting the channel decides, as for history
     /// (placeholders read as any text); without its own, the default.
-    pub fn event_field_of(&self, channel: &str) -> &str {
+    pub(crate) fn event_field_of(&self, channel: &str) -> &str {
         self.event_fields
             .iter()
             .find(|(p, _)| {
@@ -242,7 +242,7 @@ impl Policy {
     /// The history kept for `channel`: the first rule whose pattern fits
     /// it, reading placeholders as any text (as the Redis function does,
     /// which knows nothing of principals).
-    pub fn history_of(&self, channel: &str) -> Option<HistoryRule> {
+    pub(crate) fn history_of(&self, channel: &str) -> Option<HistoryRule> {
         self.history
             .iter()
             .find(|(p, _)| {
@@ -253,7 +253,7 @@ impl Policy {
     }
 
     /// `(pattern, history)` of every rule, for the Redis function library.
-    pub fn history_rules(rules: &[ChannelRule]) -> Vec<(String, Option<HistoryRule>)> {
+    pub(crate) fn history_rules(rules: &[ChannelRule]) -> Vec<(String, Option<HistoryRule>)> {
         rules
             .iter()
             .map(|r| (r.pattern.clone(), r.history))
@@ -328,7 +328,7 @@ fn grant_covers(grant: &str, channel: &str) -> bool {
 }
 
 /// A channel name is 1–256 bytes with no whitespace or control characters.
-pub fn validate_channel(channel: &str) -> Result<(), &'static str> {
+pub(crate) fn validate_channel(channel: &str) -> Result<(), &'static str> {
     if channel.is_empty() {
         return Err("empty");
     }

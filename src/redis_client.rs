@@ -10,7 +10,7 @@ use crate::config::{RedisConfig, RedisTlsConfig};
 /// A client for `url` (named `field` in errors), with `config`'s
 /// credentials where the URL has none and its TLS files for `rediss://`.
 /// Reads the TLS files now, so a missing one is a configuration error.
-pub fn open(field: &str, url: &str, config: &RedisConfig) -> Result<redis::Client, String> {
+pub(crate) fn open(field: &str, url: &str, config: &RedisConfig) -> Result<redis::Client, String> {
     let parsed = url::Url::parse(url).map_err(|e| format!("{field}: not a URL ({e})"))?;
     let tls = match parsed.scheme() {
         "redis" | "redis+unix" | "unix" => false,
@@ -49,7 +49,7 @@ pub fn open(field: &str, url: &str, config: &RedisConfig) -> Result<redis::Clien
 /// `[redis.tls]`'s files, read and checked: a CA file must hold at least
 /// one PEM certificate, or every server would be refused for a reason the
 /// log could not name.
-pub fn certificates(files: &RedisTlsConfig) -> Result<TlsCertificates, String> {
+pub(crate) fn certificates(files: &RedisTlsConfig) -> Result<TlsCertificates, String> {
     let read = |name: &str, path: &std::path::Path| {
         std::fs::read(path)
             .map_err(|e| format!("redis.tls.{name}: cannot read {}: {e}", path.display()))

@@ -25,16 +25,16 @@ use tokio::time::Sleep;
 /// The timeout of one connection; the WebSocket handler changes it to
 /// `ws.write_timeout` when the connection is upgraded.
 #[derive(Clone, Debug)]
-pub struct StallTimeout(Arc<AtomicU64>);
+pub(crate) struct StallTimeout(Arc<AtomicU64>);
 
 impl StallTimeout {
     /// A timeout of `limit`.
-    pub fn new(limit: Duration) -> Self {
+    pub(crate) fn new(limit: Duration) -> Self {
         Self(Arc::new(AtomicU64::new(millis(limit))))
     }
 
     /// From now on, writes may stall for `limit`.
-    pub fn set(&self, limit: Duration) {
+    pub(crate) fn set(&self, limit: Duration) {
         self.0.store(millis(limit), Ordering::Relaxed);
     }
 
@@ -48,7 +48,7 @@ fn millis(d: Duration) -> u64 {
 }
 
 /// See the module documentation.
-pub struct StallGuard<S> {
+pub(crate) struct StallGuard<S> {
     inner: S,
     timeout: StallTimeout,
     /// Armed when a write returned `Pending`, disarmed by any progress.
@@ -57,7 +57,7 @@ pub struct StallGuard<S> {
 
 impl<S> StallGuard<S> {
     /// Guards `inner` with `timeout`.
-    pub fn new(inner: S, timeout: StallTimeout) -> Self {
+    pub(crate) fn new(inner: S, timeout: StallTimeout) -> Self {
         Self {
             inner,
             timeout,
@@ -90,7 +90,7 @@ impl<S> StallGuard<S> {
 }
 
 /// Whether a connection error is this guard's doing.
-pub fn is_stall(error: &(dyn std::error::Error + 'static)) -> bool {
+pub(crate) fn is_stall(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut source = Some(error);
     while let Some(e) = source {
         if e.downcast_ref::<io::Error>()

@@ -14,7 +14,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crier::auth::{Authenticator, JwtVerifier, CookieStore};
+use crier::auth::{Authenticator, CookieStore, JwtVerifier};
 use crier::config::{Config, JwtConfig, SessionConfig};
 use crier::history::{Cursor, StreamId};
 use crier::http::{StreamQuery, MAX_QUERY_BYTES};

@@ -20,8 +20,8 @@ use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
 use super::{time, Failure, Principal, SessionRef};
-use crate::redis_client as client;
 use crate::config::{RedisConfig, SessionConfig, Signing};
+use crate::redis_client as client;
 
 /// The app's session store.
 pub struct CookieStore {

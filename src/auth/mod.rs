@@ -17,12 +17,12 @@ use tokio::time::{Instant, Interval};
 use crate::config::Config;
 use crate::metrics::Metrics;
 
-mod jwt;
 pub mod cookie;
+mod jwt;
 mod time;
 
-pub use jwt::JwtVerifier;
 pub use cookie::CookieStore;
+pub use jwt::JwtVerifier;
 
 /// Who is asking. `Principal::default()` is anonymous.
 #[derive(Debug, Clone, Default)]

@@ -12,16 +12,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 
 /// 9999-12-31T23:59:59Z, the latest time a credential may name.
-pub const LATEST_SECS: u64 = 253_402_300_799;
+pub(super) const LATEST_SECS: u64 = 253_402_300_799;
 
 /// A NumericDate (seconds since the epoch, integer or float).
-pub fn from_secs(value: &Value) -> Option<SystemTime> {
+pub(super) fn from_secs(value: &Value) -> Option<SystemTime> {
     checked(value, Unit::Secs)
 }
 
 /// Milliseconds since the epoch (what session stores such as
 /// express-session write when they store a number).
-pub fn from_millis(value: &Value) -> Option<SystemTime> {
+pub(super) fn from_millis(value: &Value) -> Option<SystemTime> {
     checked(value, Unit::Millis)
 }
 

@@ -123,7 +123,8 @@ fn client(
         builder = builder.password(password);
     }
     if tls {
-        let certs = crate::redis_client::certificates(&config.tls).map_err(BrokerError::Protocol)?;
+        let certs =
+            crate::redis_client::certificates(&config.tls).map_err(BrokerError::Protocol)?;
         builder = builder.certs(certs);
     }
     Ok(builder.build()?)

@@ -16,7 +16,7 @@ use crate::policy::Policy;
 use crate::protocol::Publication;
 
 /// See the module documentation.
-pub struct MemoryBroker {
+pub(crate) struct MemoryBroker {
     hub: Arc<dyn Fanout>,
     policy: Arc<Policy>,
     logs: Mutex<HashMap<String, Log>>,
@@ -68,7 +68,7 @@ impl MemoryBroker {
 
     /// Appends to the channel's history (when it keeps one) and delivers to
     /// local listeners, under one lock so ids and delivery order agree.
-    pub fn publish(&self, channel: &str, payload: &[u8]) -> Option<StreamId> {
+    pub(crate) fn publish(&self, channel: &str, payload: &[u8]) -> Option<StreamId> {
         let event_field = self.policy.event_field_of(channel);
         let Some(rule) = self.policy.history_of(channel) else {
             self.hub
@@ -115,7 +115,7 @@ impl MemoryBroker {
     }
 
     /// The newest id, or a position just before now for an empty channel.
-    pub fn position(&self, channel: &str) -> StreamId {
+    pub(crate) fn position(&self, channel: &str) -> StreamId {
         let ttl = self.ttl(channel);
         let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
         match live_log(&mut logs, channel, ttl) {
@@ -125,7 +125,7 @@ impl MemoryBroker {
     }
 
     /// Everything after `since`, and whether some of it is gone.
-    pub fn recover(&self, channel: &str, since: StreamId, limit: usize) -> Recovery {
+    pub(crate) fn recover(&self, channel: &str, since: StreamId, limit: usize) -> Recovery {
         let Some(rule) = self.policy.history_of(channel) else {
             return Recovery {
                 entries: Vec::new(),

@@ -48,7 +48,7 @@ pub(crate) async fn publish_once(
 
 /// Where the configured Redis is, for logs (no password): the URL, or the
 /// sentinels and the primary's name.
-pub fn describe(config: &crate::config::RedisConfig) -> Option<String> {
+pub(crate) fn describe(config: &crate::config::RedisConfig) -> Option<String> {
     target::Target::of(config).map(|t| t.to_string())
 }
 
@@ -99,7 +99,7 @@ pub(crate) struct ChannelStart {
 /// unreadable `[redis.tls]` file stops the start, naming the field, instead
 /// of failing every reconnect. The broker opens its own clients when it
 /// connects.
-pub fn check(config: &crate::config::RedisConfig) -> Result<(), String> {
+pub(crate) fn check(config: &crate::config::RedisConfig) -> Result<(), String> {
     if let Some(url) = &config.url {
         client::open("redis.url", url, config)?;
     }
@@ -120,7 +120,7 @@ pub fn check(config: &crate::config::RedisConfig) -> Result<(), String> {
 /// The broker (Redis) could not do what was asked: publish, read a
 /// position or history, connect.
 #[derive(Debug, thiserror::Error)]
-pub enum BrokerError {
+pub(crate) enum BrokerError {
     /// Redis refused or could not be reached.
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
@@ -139,11 +139,11 @@ pub enum BrokerError {
 
 /// Whether the broker currently delivers publications; backs `/readyz`.
 #[derive(Debug, Clone, Default)]
-pub struct BrokerHealth(Arc<AtomicBool>);
+pub(crate) struct BrokerHealth(Arc<AtomicBool>);
 
 impl BrokerHealth {
     /// Connected and subscribed.
-    pub fn is_up(&self) -> bool {
+    pub(crate) fn is_up(&self) -> bool {
         self.0.load(Ordering::Acquire)
     }
 
@@ -163,7 +163,7 @@ pub(crate) struct Wiring {
 }
 
 /// The configured broker.
-pub enum Broker {
+pub(crate) enum Broker {
     /// In-process, one instance.
     Memory(MemoryBroker),
     /// Redis pub/sub.
@@ -173,7 +173,7 @@ pub enum Broker {
 impl Broker {
     /// Starts the broker named by `config`, serving `hub`'s control requests
     /// until `stop` is cancelled.
-    pub fn start(
+    pub(crate) fn start(
         config: &Config,
         hub: Arc<dyn Fanout>,
         policy: Arc<Policy>,
@@ -202,7 +202,7 @@ impl Broker {
     /// Publishes `payload` on `channel` (no prefix: the broker adds it),
     /// appending it to the channel's history when its rule keeps one.
     /// Returns the history id.
-    pub async fn publish(
+    pub(crate) async fn publish(
         &self,
         channel: &str,
         payload: &[u8],
@@ -215,7 +215,7 @@ impl Broker {
 
     /// Where a new listener of a history channel starts: the newest id, or
     /// just before now when the channel has no history yet.
-    pub async fn position(&self, channel: &str) -> Result<StreamId, BrokerError> {
+    pub(crate) async fn position(&self, channel: &str) -> Result<StreamId, BrokerError> {
         match self {
             Broker::Memory(b) => Ok(b.position(channel)),
             Broker::Redis(b) => b.redis.position(channel).await,
@@ -224,7 +224,7 @@ impl Broker {
 
     /// What `channel`'s history holds after `since` (at most `limit`
     /// messages), and whether messages after `since` were lost.
-    pub async fn recover(
+    pub(crate) async fn recover(
         &self,
         channel: &str,
         since: StreamId,
@@ -237,7 +237,7 @@ impl Broker {
     }
 
     /// Connected and delivering.
-    pub fn health(&self) -> &BrokerHealth {
+    pub(crate) fn health(&self) -> &BrokerHealth {
         match self {
             Broker::Memory(b) => &b.health,
             Broker::Redis(b) => &b.health,
@@ -245,7 +245,7 @@ impl Broker {
     }
 
     /// `memory` or `redis`, for logs.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             Broker::Memory(_) => "memory",
             Broker::Redis(_) => "redis",

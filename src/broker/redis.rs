@@ -51,7 +51,7 @@ const BACKOFF_START: Duration = Duration::from_millis(100);
 pub(super) const RECOVERY_LIMIT: usize = 10_000;
 
 /// See the module documentation.
-pub struct RedisBroker {
+pub(crate) struct RedisBroker {
     pub(super) redis: Redis,
     pub(super) health: BrokerHealth,
 }
@@ -137,7 +137,7 @@ impl RedisBroker {
 
     /// `FCALL crier_publish 1 <channel> <payload>`: appended to the history
     /// when the channel keeps one, and published, in one atomic step.
-    pub async fn publish(
+    pub(crate) async fn publish(
         &self,
         channel: &str,
         payload: &[u8],

@@ -12,7 +12,7 @@ use crate::redis_client as client;
 
 /// See the module documentation.
 #[derive(Clone)]
-pub enum Target {
+pub(super) enum Target {
     /// `redis.url`.
     Node(String),
     /// `[redis.sentinel]`.
@@ -38,14 +38,14 @@ impl std::fmt::Display for Target {
 }
 
 /// A primary found and checked: a client for it, and its address for logs.
-pub struct Primary {
+pub(super) struct Primary {
     pub client: redis::Client,
     pub address: String,
 }
 
 impl Target {
     /// The configured target.
-    pub fn of(config: &RedisConfig) -> Option<Self> {
+    pub(super) fn of(config: &RedisConfig) -> Option<Self> {
         match (&config.url, &config.sentinel) {
             (Some(url), _) => Some(Target::Node(url.clone())),
             (None, Some(sentinel)) => Some(Target::Sentinel(sentinel.clone())),
@@ -55,7 +55,7 @@ impl Target {
 
     /// Finds the primary and checks that it is one; `config` gives the data
     /// nodes' credentials and TLS.
-    pub async fn primary(
+    pub(super) async fn primary(
         &self,
         config: &RedisConfig,
         timeout: Duration,
@@ -92,7 +92,11 @@ impl Target {
     /// For Sentinel: where the sentinels say the primary is now (its URL,
     /// password redacted). A `+switch-master` shows here within a canary
     /// interval, even while the old primary still answers as one.
-    pub async fn sentinels_say(&self, config: &RedisConfig, timeout: Duration) -> Option<String> {
+    pub(super) async fn sentinels_say(
+        &self,
+        config: &RedisConfig,
+        timeout: Duration,
+    ) -> Option<String> {
         match self {
             Target::Node(_) => None,
             Target::Sentinel(sentinel) => ask_sentinels(sentinel, config, timeout)
