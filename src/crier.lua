@@ -46,25 +46,6 @@ local function resolve(key)
   return key, stream_key(key)
 end
 
-local function crier_publish(keys, args)
-  local payload = args[1]
-  if keys[1] == nil or payload == nil then
-    return redis.error_reply('usage: FCALL crier_publish 1 <channel> <payload>')
-  end
-  local channel, key = resolve(keys[1])
-  local size, ttl = history_of(channel)
-  if size == 0 then
-    redis.call(PUBLISH, PREFIX .. channel, payload)
-    return false
-  end
-  local id = redis.call('XADD', key, 'MAXLEN', '~', size, '*', 'd', payload)
-  if ttl > 0 then
-    redis.call('PEXPIRE', key, ttl)
-  end
-  redis.call(PUBLISH, PREFIX .. channel, '\0' .. id .. '\0' .. payload)
-  return id
-end
-
 local function last_id(key)
   if redis.call('EXISTS', key) == 0 then return nil end
   local info = redis.call('XINFO', 'STREAM', key)
@@ -77,6 +58,41 @@ end
 local function id_parts(id)
   local ms, seq = string.match(id, '^(%d+)-(%d+)$')
   return tonumber(ms), tonumber(seq)
+end
+
+-- The id of a channel's next message: the Redis clock's millisecond (or
+-- the last id's, should the clock be behind it), and a sequence one more
+-- than the last id's. The sequence never restarts, so a subscriber can tell
+-- a message that directly follows the last one it received from one after
+-- a hole (a subscription that lapsed in a failover) and fetch what it
+-- missed from this stream.
+local function next_id(key)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local last = last_id(key)
+  if last == nil then return string.format('%.0f-1', now) end
+  local ms, seq = id_parts(last)
+  if ms > now then now = ms end
+  return string.format('%.0f-%.0f', now, seq + 1)
+end
+
+local function crier_publish(keys, args)
+  local payload = args[1]
+  if keys[1] == nil or payload == nil then
+    return redis.error_reply('usage: FCALL crier_publish 1 <channel> <payload>')
+  end
+  local channel, key = resolve(keys[1])
+  local size, ttl = history_of(channel)
+  if size == 0 then
+    redis.call(PUBLISH, PREFIX .. channel, payload)
+    return false
+  end
+  local id = redis.call('XADD', key, 'MAXLEN', '~', size, next_id(key), 'd', payload)
+  if ttl > 0 then
+    redis.call('PEXPIRE', key, ttl)
+  end
+  redis.call(PUBLISH, PREFIX .. channel, '\0' .. id .. '\0' .. payload)
+  return id
 end
 
 local function after(a, b)

@@ -24,13 +24,23 @@ use crate::config::HistoryRule;
 pub struct StreamId {
     /// Milliseconds (Redis server clock at XADD).
     pub ms: u64,
-    /// Sequence within that millisecond.
+    /// Sequence: for ids `crier_publish` writes, one more than the
+    /// stream's previous id (it never restarts); for others (the memory
+    /// broker, `XADD *`), within that millisecond.
     pub seq: u64,
 }
 
 impl StreamId {
     /// The id that sorts before every real one.
     pub const ZERO: StreamId = StreamId { ms: 0, seq: 0 };
+
+    /// Whether `next`, received live after `self`, may have left messages
+    /// out in between: true unless it is the very next id `crier_publish`
+    /// writes. A false alarm (a stream written by another tool, a first
+    /// message) only costs one history read.
+    pub fn skips_to(self, next: StreamId) -> bool {
+        next > self && next.seq != self.seq.wrapping_add(1)
+    }
 }
 
 impl fmt::Display for StreamId {
@@ -324,6 +334,23 @@ mod tests {
                 proptest::prop_assert_eq!(slot(&key), slot(&format!("{prefix}{channel}")), "{}", key);
             }
         }
+    }
+
+    #[test]
+    fn only_the_next_sequence_follows_without_a_hole() {
+        let id = |s: &str| s.parse::<StreamId>().expect("id");
+        assert!(!id("5-7").skips_to(id("5-8")));
+        assert!(
+            !id("5-7").skips_to(id("9-8")),
+            "a later millisecond, the next sequence"
+        );
+        assert!(id("5-7").skips_to(id("9-9")), "one in between is missing");
+        assert!(!id("5-7").skips_to(id("5-7")), "a duplicate is not a hole");
+        assert!(!id("5-7").skips_to(id("4-8")), "an older one is not a hole");
+        assert!(
+            id("5-18446744073709551615").skips_to(id("6-1")),
+            "a position, not an id"
+        );
     }
 
     #[test]

@@ -26,7 +26,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::redis::{backoff, missed, relay, relay_gap, Canary, Missed, Redis, RedisBroker};
+use super::redis::{
+    backoff, missed, relay, relay_gap, relay_live, Canary, Missed, Redis, RedisBroker,
+};
 use super::{BrokerError, BrokerHealth, ChannelStart, Control, Fanout, Wiring};
 use crate::config::{Config, RedisConfig};
 use crate::history::{self, StreamId};
@@ -414,7 +416,7 @@ impl Supervisor {
                 };
                 let (id, payload) = history::split_marked(payload);
                 let channel = channel.to_owned();
-                self.dispatch(&channel, id, payload);
+                self.relay_live(&channel, id, payload).await;
             }
             (PushKind::Disconnection, _) => {
                 tracing::warn!("a redis cluster node connection was lost: recovering each channel once it is resubscribed");
@@ -457,10 +459,34 @@ impl Supervisor {
         let (history, last) = (channel.history, channel.last);
         let name = name.to_owned();
         for missed in missed(&self.redis, &self.metrics, &name, history, last).await {
-            match missed {
-                Missed::Gap => self.gap(&name),
-                Missed::Message(id, payload) => self.dispatch(&name, Some(id), &payload),
-            }
+            self.relay_missed(&name, missed);
+        }
+    }
+
+    /// A message received live: relayed after whatever it skipped.
+    async fn relay_live(&mut self, channel: &str, id: Option<StreamId>, payload: &[u8]) {
+        let state = self
+            .channels
+            .get_mut(channel)
+            .map(|c| (&mut c.last, c.history));
+        let (hub, policy) = (&*self.hub, &self.policy);
+        relay_live(
+            hub,
+            policy,
+            &self.redis,
+            &self.metrics,
+            state,
+            channel,
+            id,
+            payload,
+        )
+        .await;
+    }
+
+    fn relay_missed(&mut self, channel: &str, missed: Missed) {
+        match missed {
+            Missed::Gap => relay_gap(&*self.hub, &self.metrics, channel),
+            Missed::Message(id, payload) => self.dispatch(channel, Some(id), &payload),
         }
     }
 
@@ -663,10 +689,6 @@ impl Supervisor {
                 }
             }
         }
-    }
-
-    fn gap(&self, channel: &str) {
-        relay_gap(&*self.hub, &self.metrics, channel);
     }
 
     fn dispatch(&mut self, channel: &str, id: Option<StreamId>, payload: &[u8]) {

@@ -567,16 +567,36 @@ impl Supervisor {
             };
             let (history, last) = (channel.history, channel.last);
             for missed in missed(&self.redis, &self.metrics, &name, history, last).await {
-                match missed {
-                    Missed::Gap => self.gap(&name),
-                    Missed::Message(id, payload) => self.dispatch(&name, Some(id), &payload),
-                }
+                self.relay_missed(&name, missed);
             }
         }
     }
 
-    fn gap(&self, channel: &str) {
-        relay_gap(&*self.hub, &self.metrics, channel);
+    /// A message received live: relayed after whatever it skipped.
+    async fn relay_live(&mut self, channel: &str, id: Option<StreamId>, payload: &[u8]) {
+        let state = self
+            .channels
+            .get_mut(channel)
+            .map(|c| (&mut c.last, c.history));
+        let (hub, policy) = (&*self.hub, &self.policy);
+        relay_live(
+            hub,
+            policy,
+            &self.redis,
+            &self.metrics,
+            state,
+            channel,
+            id,
+            payload,
+        )
+        .await;
+    }
+
+    fn relay_missed(&mut self, channel: &str, missed: Missed) {
+        match missed {
+            Missed::Gap => relay_gap(&*self.hub, &self.metrics, channel),
+            Missed::Message(id, payload) => self.dispatch(channel, Some(id), &payload),
+        }
     }
 
     fn dispatch(&mut self, channel: &str, id: Option<StreamId>, payload: &[u8]) {
@@ -610,8 +630,9 @@ impl Supervisor {
                     let Some(channel) = msg.get_channel_name().strip_prefix(self.prefix.as_str()) else {
                         continue;
                     };
+                    let channel = channel.to_owned();
                     let (id, payload) = history::split_marked(msg.get_payload_bytes());
-                    self.dispatch(channel, id, payload);
+                    self.relay_live(&channel, id, payload).await;
                 }
                 _ = tick.tick() => {
                     if canary.overdue() && self.health.is_up() {
@@ -804,6 +825,79 @@ pub(super) async fn missed(
         }
         Err(e) => {
             tracing::warn!(%channel, error = %e, "history recovery failed");
+            vec![Missed::Gap]
+        }
+    }
+}
+
+/// Relays a live message of `channel` (`state`: the broker's last relayed
+/// id and whether the channel keeps history) after what it skipped.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn relay_live(
+    hub: &dyn Fanout,
+    policy: &Policy,
+    redis: &Redis,
+    metrics: &Metrics,
+    state: Option<(&mut Option<StreamId>, bool)>,
+    channel: &str,
+    id: Option<StreamId>,
+    payload: &[u8],
+) {
+    let (mut last, history) = match state {
+        Some((last, history)) => (Some(last), history),
+        None => (None, false),
+    };
+    let previous = last.as_deref().copied().flatten();
+    if let (true, Some(previous), Some(id)) = (history, previous, id) {
+        for missed in skipped(redis, metrics, channel, previous, id).await {
+            match missed {
+                Missed::Gap => relay_gap(hub, metrics, channel),
+                Missed::Message(m, p) => {
+                    relay(hub, policy, last.as_deref_mut(), channel, Some(m), &p)
+                }
+            }
+        }
+    }
+    relay(hub, policy, last, channel, id, payload);
+}
+
+/// What a live message of a history channel skipped: when its id is not
+/// the one `crier_publish` wrote right after `last` (the last relayed), the
+/// subscription lapsed without crier noticing (a failover in progress, a
+/// node connection the client library re-established), and the messages
+/// in between are read from history to be relayed first, in order. A read
+/// that fails is a gap: nothing is lost silently.
+pub(super) async fn skipped(
+    redis: &Redis,
+    metrics: &Metrics,
+    channel: &str,
+    last: StreamId,
+    id: StreamId,
+) -> Vec<Missed> {
+    if !last.skips_to(id) {
+        return Vec::new();
+    }
+    match redis.recover(channel, last, RECOVERY_LIMIT).await {
+        Ok(recovery) => {
+            let before: Vec<_> = recovery
+                .entries
+                .into_iter()
+                .filter(|(entry, _)| *entry < id)
+                .map(|(entry, payload)| Missed::Message(entry, payload))
+                .collect();
+            if !before.is_empty() {
+                metrics.recovered_messages.inc_by(before.len() as u64);
+                tracing::info!(%channel, count = before.len(), "a live message skipped some: recovered from history");
+            }
+            recovery
+                .gap
+                .then_some(Missed::Gap)
+                .into_iter()
+                .chain(before)
+                .collect()
+        }
+        Err(e) => {
+            tracing::warn!(%channel, error = %e, "a live message skipped some and history cannot be read");
             vec![Missed::Gap]
         }
     }
