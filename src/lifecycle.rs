@@ -53,17 +53,13 @@ impl Lifecycle {
         &self.drain
     }
 
-    /// Resolves at this connection's moment to leave: a random point within
-    /// the drain window after the drain began. Returns the delay, in
-    /// milliseconds, the client should wait before reconnecting.
-    pub(crate) async fn my_turn(&self) -> u64 {
-        self.drain.cancelled().await;
-        let (wait, retry) = {
-            let mut rng = rand::rng();
-            let wait = rng.random_range(Duration::ZERO..=self.window);
-            (wait, rng.random_range(100..=1_000u64))
-        };
-        tokio::time::sleep(wait).await;
-        retry
+    /// A connection's moment to leave, drawn once the drain began: a
+    /// random wait within the drain window (spreading reconnects out), and
+    /// the delay, in milliseconds, its client should wait before
+    /// reconnecting.
+    pub(crate) fn my_turn(&self) -> (Duration, u64) {
+        let mut rng = rand::rng();
+        let wait = rng.random_range(Duration::ZERO..=self.window);
+        (wait, rng.random_range(100..=1_000u64))
     }
 }

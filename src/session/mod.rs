@@ -17,7 +17,6 @@
 //!   idle clock, and its command rate ([`rate`]).
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -25,7 +24,7 @@ use std::time::{Duration, SystemTime};
 
 use prometheus::IntCounter;
 use tokio::time::{Instant, Interval};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::app::App;
 use crate::auth::{AuthEvent, Failure, Principal, Watch};
@@ -116,7 +115,26 @@ pub(crate) struct Authenticated {
     pub(crate) revoked: Vec<String>,
 }
 
-type Turn = Pin<Box<dyn Future<Output = u64> + Send>>;
+/// What a connection replays before it goes live, while it has any: kept
+/// out of line, since most connections never replay.
+struct Replay {
+    /// Missed messages still to deliver, oldest first: they go before
+    /// anything queued live.
+    queue: VecDeque<Arc<Publication>>,
+    budget: Budget,
+}
+
+/// Where a connection is in a drain.
+enum Drain {
+    /// Waiting for the drain to begin (a registered waiter, kept across
+    /// polls so a delivery does not cost a registration).
+    Waiting(Pin<Box<WaitForCancellationFutureOwned>>),
+    /// The drain began: leave at this moment, telling the client to wait
+    /// `retry_ms` before reconnecting.
+    Leaving { at: Instant, retry_ms: u64 },
+    /// Told to reconnect.
+    Done,
+}
 
 /// One client connection. See the module documentation. Dropping it
 /// unsubscribes every channel and frees the connection's slot.
@@ -127,13 +145,11 @@ pub(crate) struct Session {
     subs: Subscriptions,
     watch: Watch,
     tracker: Tracker,
-    budget: Budget,
-    /// Missed messages still to deliver, oldest first: they go before
-    /// anything queued live.
-    replay: VecDeque<Arc<Publication>>,
+    replay: Option<Box<Replay>>,
+    /// Bytes each replayed message costs on the wire besides its payload.
+    replay_overhead: usize,
     admitted: Admitted,
-    /// This connection's turn in a drain; `None` once it came.
-    drain: Option<Turn>,
+    drain: Drain,
     heartbeat: Interval,
     idle_timeout: Option<Duration>,
     last_heard: Instant,
@@ -159,8 +175,7 @@ impl Session {
         if let Some(user) = &admission.principal.user {
             span.record("user", user.as_str());
         }
-        let turn_app = Arc::clone(&app);
-        let drain: Turn = Box::pin(async move { turn_app.lifecycle.my_turn().await });
+        let drain = app.lifecycle.drain_started().clone().cancelled_owned();
         let heartbeat = tokio::time::interval_at(Instant::now() + wire.heartbeat, wire.heartbeat);
         Self {
             id,
@@ -168,10 +183,10 @@ impl Session {
             subs: Subscriptions::new(Arc::clone(&app.hub), id, sink),
             watch: Watch::new(Arc::clone(&app.auth), admission.principal),
             tracker: Tracker::default(),
-            budget: Budget::new(&app, wire.replay_overhead),
-            replay: VecDeque::new(),
+            replay: None,
+            replay_overhead: wire.replay_overhead,
             admitted: admission.admitted,
-            drain: Some(drain),
+            drain: Drain::Waiting(Box::pin(drain)),
             heartbeat,
             idle_timeout: wire.idle_timeout,
             last_heard: Instant::now(),
@@ -211,9 +226,18 @@ impl Session {
                     AuthEvent::Expiring { in_secs } => Event::Expiring { in_secs },
                     AuthEvent::Expired => Event::Expired,
                 },
-                after_ms = turn(&mut self.drain), if self.drain.is_some() => {
-                    self.drain = None;
-                    return Event::Reconnect { after_ms };
+                _ = drain(&mut self.drain), if !matches!(self.drain, Drain::Done) => {
+                    match self.drain {
+                        Drain::Leaving { retry_ms, .. } => {
+                            self.drain = Drain::Done;
+                            return Event::Reconnect { after_ms: retry_ms };
+                        }
+                        _ => {
+                            let (wait, retry_ms) = self.app.lifecycle.my_turn();
+                            let at = Instant::now() + wait;
+                            self.drain = Drain::Leaving { at, retry_ms };
+                        }
+                    }
                 }
                 p = self.inbox.rx.recv() => match p {
                     Some(p) if self.accept(&p) => return Event::Deliver(p),
@@ -250,12 +274,16 @@ impl Session {
     /// The next replayed message; once none is left, the replay budget is
     /// given back (everything replayed has been handed to the writer).
     fn next_replayed(&mut self) -> Option<Arc<Publication>> {
-        while let Some(p) = self.replay.pop_front() {
-            if self.accept(&p) {
+        let replay = self.replay.as_mut()?;
+        while let Some(p) = replay.queue.pop_front() {
+            if self.tracker.accept(&p) {
+                if p.kind == Kind::Message {
+                    self.delivered.inc();
+                }
                 return Some(p);
             }
         }
-        self.budget.written();
+        self.replay = None;
         None
     }
 
@@ -295,18 +323,32 @@ impl Session {
         if !self.subs.contains(channel) && self.subs.channels().len() >= limit {
             return Err(Refusal::TooManySubscriptions { limit });
         }
-        let opened = resume::open(
+        let overhead = self.replay_overhead;
+        let replay = self.replay.get_or_insert_with(|| {
+            Box::new(Replay {
+                queue: VecDeque::new(),
+                budget: Budget::new(&self.app, overhead),
+            })
+        });
+        let mut opened = resume::open(
             &self.app,
             &mut self.subs,
             &mut self.tracker,
-            &mut self.budget,
+            &mut replay.budget,
             channel,
             events,
             since,
             resuming,
         )
-        .await?;
-        self.replay.extend(opened.replay);
+        .await;
+        if let Ok(opened) = &mut opened {
+            replay.queue.extend(opened.replay.drain(..));
+        }
+        if replay.queue.is_empty() {
+            // Nothing to replay holds nothing: the budget is whole again.
+            self.replay = None;
+        }
+        let opened = opened?;
         Ok(Subscribed {
             recovered: opened.recovered,
             position: opened.position,
@@ -373,10 +415,12 @@ impl Session {
     }
 }
 
-/// Resolves at this connection's turn in a drain.
-async fn turn(drain: &mut Option<Turn>) -> u64 {
+/// Resolves at the drain's next step for this connection: when the drain
+/// begins, then at the connection's moment to leave.
+async fn drain(drain: &mut Drain) {
     match drain {
-        Some(turn) => turn.await,
-        None => std::future::pending().await,
+        Drain::Waiting(begun) => begun.await,
+        Drain::Leaving { at, .. } => tokio::time::sleep_until(*at).await,
+        Drain::Done => std::future::pending().await,
     }
 }

@@ -67,11 +67,10 @@ impl Tracker {
 /// What one connection may replay before it goes live: a count and a size,
 /// plus this process's share of replay memory. Replay is the one place
 /// where a small request (an old cursor on many channels) makes crier hold
-/// a lot, so every replayed message is paid for here first. The budget is
-/// whole again once the replay has been written.
+/// a lot, so every replayed message is paid for here first. The session
+/// drops the budget (and the process's share with it) once the replay has
+/// been handed to its writer.
 pub(super) struct Budget {
-    max_messages: usize,
-    max_bytes: usize,
     messages: usize,
     bytes: usize,
     /// Bytes each replayed message costs on top of its payload (envelope,
@@ -87,8 +86,6 @@ impl Budget {
     pub(super) fn new(app: &App, per_message: usize) -> Self {
         let limits = &app.config.limits;
         Self {
-            max_messages: limits.max_replay_messages,
-            max_bytes: limits.max_replay_bytes,
             messages: limits.max_replay_messages,
             bytes: limits.max_replay_bytes,
             per_message,
@@ -119,14 +116,6 @@ impl Budget {
         self.messages -= replay.len();
         self.bytes -= bytes;
         true
-    }
-
-    /// The replay taken so far has been handed to the connection's writer:
-    /// give the process's share back and start afresh.
-    pub(super) fn written(&mut self) {
-        self.held = None;
-        self.messages = self.max_messages;
-        self.bytes = self.max_bytes;
     }
 }
 

@@ -98,7 +98,6 @@ async fn open<B>(
         session,
         pending: VecDeque::from([Bytes::from(opening)]),
         done: false,
-        span,
     };
     let body = StreamBody::new(events(live)).boxed_unsync();
     let mut response = Response::new(body);
@@ -147,7 +146,6 @@ struct Live {
     pending: VecDeque<Bytes>,
     /// No more events: end once `pending` is sent.
     done: bool,
-    span: tracing::Span,
 }
 
 impl Live {
@@ -214,7 +212,7 @@ type Chunk = Result<Frame<Bytes>, Infallible>;
 
 fn events(live: Live) -> impl Stream<Item = Chunk> + Send {
     stream::unfold(live, |mut live| async move {
-        let span = live.span.clone();
+        let span = live.session.span();
         let chunk = live.next_chunk().instrument(span).await?;
         Some((Ok(Frame::data(chunk)), live))
     })

@@ -171,8 +171,7 @@ where
     async fn serve(&mut self, query: StreamQuery) -> Result<(CloseCode, &'static str), Gone> {
         self.send(reply::welcome(self.session.id())).await?;
         for channel in query.channels {
-            self.subscribe(channel, query.events.clone(), None, None)
-                .await?;
+            Box::pin(self.subscribe(channel, query.events.clone(), None, None)).await?;
         }
         loop {
             tokio::select! {
@@ -200,7 +199,10 @@ where
                 },
                 frame = self.ws.next() => {
                     self.session.heard();
-                    if let Some(close) = self.frame(frame).await? {
+                    // Boxed: a command's path (a subscribe reads Redis) is
+                    // deep and rare, and the connection's long-lived task
+                    // should not reserve room for it between commands.
+                    if let Some(close) = Box::pin(self.frame(frame)).await? {
                         return Ok(close);
                     }
                 }
