@@ -84,7 +84,8 @@ pub(crate) struct Wire {
     pub(crate) transport: Transport,
     /// How often [`Event::Heartbeat`] comes when nothing else does.
     pub(crate) heartbeat: Duration,
-    /// Close a client silent for this long (protocols where clients talk).
+    /// Close a client silent for this long, and rate its commands:
+    /// protocols where clients talk.
     pub(crate) idle_timeout: Option<Duration>,
     /// Cancelled when the queue overflows (besides [`Event::Slow`]).
     pub(crate) on_slow: CancellationToken,
@@ -124,14 +125,26 @@ struct Replay {
     budget: Budget,
 }
 
+/// What a connection whose client talks keeps: its idle clock and command
+/// rate.
+struct Talk {
+    idle_timeout: Duration,
+    last_heard: Instant,
+    commands: Commands,
+}
+
 /// Where a connection is in a drain.
 enum Drain {
     /// Waiting for the drain to begin (a registered waiter, kept across
     /// polls so a delivery does not cost a registration).
     Waiting(Pin<Box<WaitForCancellationFutureOwned>>),
-    /// The drain began: leave at this moment, telling the client to wait
-    /// `retry_ms` before reconnecting.
-    Leaving { at: Instant, retry_ms: u64 },
+    /// The drain began: leave when this timer fires (boxed: it exists
+    /// only while draining), telling the client to wait `retry_ms` before
+    /// reconnecting.
+    Leaving {
+        at: Pin<Box<tokio::time::Sleep>>,
+        retry_ms: u64,
+    },
     /// Told to reconnect.
     Done,
 }
@@ -140,7 +153,6 @@ enum Drain {
 /// unsubscribes every channel and frees the connection's slot.
 pub(crate) struct Session {
     app: Arc<App>,
-    id: ConnId,
     inbox: Inbox,
     subs: Subscriptions,
     watch: Watch,
@@ -151,9 +163,9 @@ pub(crate) struct Session {
     admitted: Admitted,
     drain: Drain,
     heartbeat: Interval,
-    idle_timeout: Option<Duration>,
-    last_heard: Instant,
-    commands: Commands,
+    /// For protocols where clients talk: out of line, so a stream that
+    /// only listens (SSE) does not carry it.
+    talk: Option<Box<Talk>>,
     delivered: IntCounter,
     span: tracing::Span,
 }
@@ -178,7 +190,6 @@ impl Session {
         let drain = app.lifecycle.drain_started().clone().cancelled_owned();
         let heartbeat = tokio::time::interval_at(Instant::now() + wire.heartbeat, wire.heartbeat);
         Self {
-            id,
             inbox,
             subs: Subscriptions::new(Arc::clone(&app.hub), id, sink),
             watch: Watch::new(Arc::clone(&app.auth), admission.principal),
@@ -188,9 +199,13 @@ impl Session {
             admitted: admission.admitted,
             drain: Drain::Waiting(Box::pin(drain)),
             heartbeat,
-            idle_timeout: wire.idle_timeout,
-            last_heard: Instant::now(),
-            commands: Commands::new(limits.commands_per_second, limits.command_burst),
+            talk: wire.idle_timeout.map(|idle_timeout| {
+                Box::new(Talk {
+                    idle_timeout,
+                    last_heard: Instant::now(),
+                    commands: Commands::new(limits.commands_per_second, limits.command_burst),
+                })
+            }),
             delivered: app.metrics.delivered(wire.transport).clone(),
             span,
             app,
@@ -199,7 +214,7 @@ impl Session {
 
     /// The connection's id within this process.
     pub(crate) fn id(&self) -> ConnId {
-        self.id
+        self.subs.id()
     }
 
     /// The connection's tracing span: wire protocols run inside it.
@@ -234,7 +249,7 @@ impl Session {
                         }
                         _ => {
                             let (wait, retry_ms) = self.app.lifecycle.my_turn();
-                            let at = Instant::now() + wait;
+                            let at = Box::pin(tokio::time::sleep(wait));
                             self.drain = Drain::Leaving { at, retry_ms };
                         }
                     }
@@ -249,8 +264,9 @@ impl Session {
                 },
                 _ = self.heartbeat.tick() => {
                     let idle = self
-                        .idle_timeout
-                        .is_some_and(|limit| self.last_heard.elapsed() >= limit);
+                        .talk
+                        .as_ref()
+                        .is_some_and(|t| t.last_heard.elapsed() >= t.idle_timeout);
                     return if idle { Event::Idle } else { Event::Heartbeat };
                 }
             }
@@ -298,12 +314,18 @@ impl Session {
 
     /// The client sent something: it is not idle.
     pub(crate) fn heard(&mut self) {
-        self.last_heard = Instant::now();
+        if let Some(talk) = &mut self.talk {
+            talk.last_heard = Instant::now();
+        }
     }
 
     /// Judges a command against the connection's rate.
     pub(crate) fn take_command(&mut self) -> Verdict {
-        self.commands.take()
+        match &mut self.talk {
+            Some(talk) => talk.commands.take(),
+            // A protocol without client commands never asks.
+            None => Verdict::Close,
+        }
     }
 
     /// Subscribes `channel` (only `events`, when given), resuming after
@@ -420,7 +442,7 @@ impl Session {
 async fn drain(drain: &mut Drain) {
     match drain {
         Drain::Waiting(begun) => begun.await,
-        Drain::Leaving { at, .. } => tokio::time::sleep_until(*at).await,
+        Drain::Leaving { at, .. } => at.await,
         Drain::Done => std::future::pending().await,
     }
 }

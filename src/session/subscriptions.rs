@@ -29,6 +29,11 @@ impl Subscriptions {
         }
     }
 
+    /// The connection's id.
+    pub(super) fn id(&self) -> ConnId {
+        self.id
+    }
+
     /// Whether `channel` is already subscribed.
     pub(super) fn contains(&self, channel: &str) -> bool {
         self.channels.iter().any(|c| c == channel)
