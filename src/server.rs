@@ -334,11 +334,15 @@ async fn route(app: Arc<App>, req: Request<Incoming>, info: ConnInfo) -> Respons
             );
             r
         }
-        (&Method::GET, "/sse") => sse::handle(app, req, info).await,
-        (&Method::GET, "/ws") => ws::handle(app, req, info).await,
+        // The handlers' futures are boxed: hyper keeps room for the
+        // request future for as long as the connection lives (an SSE stream
+        // is one request that never ends), and a handler's path through
+        // admission, subscribe and resume is deep but needed only once.
+        (&Method::GET, "/sse") => Box::pin(sse::handle(app, req, info)).await,
+        (&Method::GET, "/ws") => Box::pin(ws::handle(app, req, info)).await,
         (&Method::OPTIONS, "/sse") => sse::preflight(&app, &req),
         (&Method::OPTIONS, "/api/publish") => crate::api::preflight(&app, &req),
-        (&Method::POST, "/api/publish") => crate::api::publish(app, req, info).await,
+        (&Method::POST, "/api/publish") => Box::pin(crate::api::publish(app, req, info)).await,
         (&Method::GET, "/") if app.config.dev => {
             let mut r = Response::new(full(DEMO_PAGE));
             r.headers_mut().insert(

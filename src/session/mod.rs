@@ -345,18 +345,20 @@ impl Session {
         if !self.subs.contains(channel) && self.subs.channels().len() >= limit {
             return Err(Refusal::TooManySubscriptions { limit });
         }
-        let overhead = self.replay_overhead;
-        let replay = self.replay.get_or_insert_with(|| {
-            Box::new(Replay {
-                queue: VecDeque::new(),
-                budget: Budget::new(&self.app, overhead),
-            })
-        });
+        // The replay state lives out of line only while there is a replay
+        // to deliver: a plain subscribe allocates nothing for it.
+        let (mut queue, mut budget) = match self.replay.take() {
+            Some(replay) => (replay.queue, replay.budget),
+            None => (
+                VecDeque::new(),
+                Budget::new(&self.app, self.replay_overhead),
+            ),
+        };
         let mut opened = resume::open(
             &self.app,
             &mut self.subs,
             &mut self.tracker,
-            &mut replay.budget,
+            &mut budget,
             channel,
             events,
             since,
@@ -364,11 +366,10 @@ impl Session {
         )
         .await;
         if let Ok(opened) = &mut opened {
-            replay.queue.extend(opened.replay.drain(..));
+            queue.extend(opened.replay.drain(..));
         }
-        if replay.queue.is_empty() {
-            // Nothing to replay holds nothing: the budget is whole again.
-            self.replay = None;
+        if !queue.is_empty() {
+            self.replay = Some(Box::new(Replay { queue, budget }));
         }
         let opened = opened?;
         Ok(Subscribed {
