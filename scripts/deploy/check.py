@@ -529,8 +529,9 @@ def cmd_deployments(args: argparse.Namespace) -> None:
 
 
 # Memory per connection and for the process itself (docs/performance.md:
-# 17.3 KiB per SSE connection with history, 11.5-12 KiB per WebSocket; about
-# 8 MiB idle, the rest of the margin is for messages in flight).
+# 14.9 KiB per SSE connection with history, 10.8 KiB per WebSocket, sized
+# at 17 for headroom; about 8 MiB idle, the rest of the margin is for
+# messages in flight).
 KIB_PER_CONNECTION = 17
 PROCESS_MIB = 32
 DEFAULT_MAX_CONNECTIONS = 100_000  # src/config/mod.rs
