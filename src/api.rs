@@ -15,7 +15,7 @@ use subtle::ConstantTimeEq;
 
 use crate::app::{App, ConnInfo};
 use crate::http::{json, refused, Body};
-use crate::origin::{add_cors, Verdict};
+use crate::origin::add_cors;
 use crate::policy::validate_channel;
 use crate::refusal::Refusal;
 
@@ -47,16 +47,6 @@ pub(crate) async fn publish(
     };
     add_cors(response.headers_mut(), &origin);
     response
-}
-
-/// CORS preflight for `POST /api/publish`: a page on an `allowed_origins`
-/// origin may send its JSON body with an `Authorization` header.
-pub(crate) fn preflight<B>(app: &App, req: &Request<B>) -> Response<Body> {
-    let verdict = app.origins.check(req.headers());
-    if verdict == Verdict::Refused {
-        return refused(&Refusal::Forbidden("origin not allowed"));
-    }
-    crate::origin::preflight(&verdict, "POST", "authorization, content-type")
 }
 
 async fn try_publish(

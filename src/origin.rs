@@ -9,6 +9,8 @@
 
 use http::{header, HeaderMap, HeaderValue};
 
+use crate::refusal::Refusal;
+
 /// One `allowed_origins` entry: `https://app.example.com`, or a wildcard
 /// for subdomains `https://*.example.com`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,18 +141,24 @@ pub(crate) fn add_cors(headers: &mut HeaderMap, verdict: &Verdict) {
     }
 }
 
-/// The answer to a CORS preflight from an origin that is not refused: 204
-/// with the `methods` and request `headers` the route takes, cached by the
-/// browser for ten minutes.
+/// The answer to a CORS preflight: 403 for an origin that is refused, else
+/// 204 with the `methods` and request `headers` the route takes, cached by
+/// the browser for ten minutes. (A preflight is not a connection: it is not
+/// counted as a rejected one.)
 pub(crate) fn preflight(
-    verdict: &Verdict,
+    origins: &Origins,
+    request: &HeaderMap,
     methods: &'static str,
     headers: &'static str,
 ) -> http::Response<crate::http::Body> {
+    let verdict = origins.check(request);
+    if verdict == Verdict::Refused {
+        return crate::http::refused(&Refusal::Forbidden("origin not allowed"));
+    }
     let mut response = http::Response::new(crate::http::full(""));
     *response.status_mut() = http::StatusCode::NO_CONTENT;
     let out = response.headers_mut();
-    add_cors(out, verdict);
+    add_cors(out, &verdict);
     out.insert(
         header::ACCESS_CONTROL_ALLOW_METHODS,
         HeaderValue::from_static(methods),

@@ -258,6 +258,31 @@ pub struct Command {
     pub since: Option<String>,
 }
 
+/// Server-Sent Events blocks crier sends besides publications.
+pub(crate) mod sse {
+    use bytes::Bytes;
+
+    /// A comment that keeps proxies from timing an idle stream out.
+    pub(crate) const HEARTBEAT: Bytes = Bytes::from_static(b": heartbeat\n\n");
+
+    /// The credential ended: the stream closes after this.
+    pub(crate) const EXPIRED: Bytes =
+        Bytes::from_static(b"event: expired\ndata: {\"type\":\"expired\"}\n\n");
+
+    /// The credential ends in `in_secs`.
+    pub(crate) fn expiring(in_secs: u64) -> Bytes {
+        Bytes::from(format!(
+            "event: expiring\ndata: {{\"type\":\"expiring\",\"in_secs\":{in_secs}}}\n\n"
+        ))
+    }
+
+    /// Reconnect after `ms` (sent when the instance drains, before the
+    /// stream ends).
+    pub(crate) fn retry(ms: u64) -> Bytes {
+        Bytes::from(format!("retry: {ms}\n\n"))
+    }
+}
+
 /// Server replies, encoded as text frames. These are per-connection and rare,
 /// so building them with `json!` is fine.
 pub mod reply {

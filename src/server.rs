@@ -340,8 +340,20 @@ async fn route(app: Arc<App>, req: Request<Incoming>, info: ConnInfo) -> Respons
         // admission, subscribe and resume is deep but needed only once.
         (&Method::GET, "/sse") => Box::pin(sse::handle(app, req, info)).await,
         (&Method::GET, "/ws") => Box::pin(ws::handle(app, req, info)).await,
-        (&Method::OPTIONS, "/sse") => sse::preflight(&app, &req),
-        (&Method::OPTIONS, "/api/publish") => crate::api::preflight(&app, &req),
+        // A plain `EventSource` needs no preflight; a fetch-based SSE client
+        // sending `Authorization` or `Last-Event-ID` does.
+        (&Method::OPTIONS, "/sse") => crate::origin::preflight(
+            &app.origins,
+            req.headers(),
+            "GET",
+            "authorization, last-event-id, cache-control",
+        ),
+        (&Method::OPTIONS, "/api/publish") => crate::origin::preflight(
+            &app.origins,
+            req.headers(),
+            "POST",
+            "authorization, content-type",
+        ),
         (&Method::POST, "/api/publish") => Box::pin(crate::api::publish(app, req, info)).await,
         (&Method::GET, "/") if app.config.dev => {
             let mut r = Response::new(full(DEMO_PAGE));

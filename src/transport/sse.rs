@@ -29,7 +29,7 @@ use crate::history::Cursor;
 use crate::http::{rejected, Body, StreamQuery};
 use crate::metrics::Transport;
 use crate::origin::add_cors;
-use crate::protocol::Publication;
+use crate::protocol::{sse, Publication};
 use crate::refusal::Refusal;
 use crate::session::{admit, Event, Session, Wire};
 
@@ -125,20 +125,6 @@ fn cursor_bytes(channels: &[String]) -> usize {
         + 8
 }
 
-/// CORS preflight for `/sse` (a plain `EventSource` needs none; a fetch-based
-/// client sending `Authorization` or `Last-Event-ID` does).
-pub(crate) fn preflight<B>(app: &App, req: &Request<B>) -> Response<Body> {
-    let verdict = app.origins.check(req.headers());
-    if verdict == crate::origin::Verdict::Refused {
-        return rejected(&app.metrics, &Refusal::Forbidden("origin not allowed"));
-    }
-    crate::origin::preflight(
-        &verdict,
-        "GET",
-        "authorization, last-event-id, cache-control",
-    )
-}
-
 /// A live stream; dropping it (client gone, stream ended) ends the session.
 struct Live {
     session: Session,
@@ -177,21 +163,16 @@ impl Live {
             }
             match self.session.next().await {
                 Event::Deliver(p) => self.emit(&p),
-                Event::Expiring { in_secs } => self.pending.push_back(Bytes::from(format!(
-                    "event: expiring\ndata: {{\"type\":\"expiring\",\"in_secs\":{in_secs}}}\n\n"
-                ))),
+                Event::Expiring { in_secs } => self.pending.push_back(sse::expiring(in_secs)),
                 Event::Expired => {
                     tracing::info!("credential ended, closing stream");
                     self.done = true;
-                    self.pending.push_back(Bytes::from_static(
-                        b"event: expired\ndata: {\"type\":\"expired\"}\n\n",
-                    ));
+                    self.pending.push_back(sse::EXPIRED);
                 }
                 Event::Reconnect { after_ms } => {
                     tracing::debug!(after_ms, "draining: client told to reconnect");
                     self.done = true;
-                    self.pending
-                        .push_back(Bytes::from(format!("retry: {after_ms}\n\n")));
+                    self.pending.push_back(sse::retry(after_ms));
                 }
                 Event::Slow => {
                     tracing::info!("client too slow: queue full, ending stream");
@@ -200,8 +181,7 @@ impl Live {
                 // SSE clients never talk, so never idle: keep proxies from
                 // timing the stream out.
                 Event::Heartbeat | Event::Idle => {
-                    self.pending
-                        .push_back(Bytes::from_static(b": heartbeat\n\n"));
+                    self.pending.push_back(sse::HEARTBEAT);
                 }
             }
         }
