@@ -98,6 +98,15 @@ pub const MAX_QUERY_BYTES: usize = 16 * 1024;
 /// a bearer token fit; anything larger is answered 431 by hyper.
 pub const MAX_HEAD_BYTES: usize = 32 * 1024;
 
+/// The first `name=` parameter of `uri`'s query string, decoded: for the
+/// single values a request may carry there (`token`, `last_event_id`).
+pub(crate) fn query_param(uri: &http::Uri, name: &str) -> Option<String> {
+    let query = uri.query()?;
+    url::form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
 /// The channels and event filter a `/sse` or `/ws` request asks for.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct StreamQuery {

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::{ChannelStart, Control, Fanout};
 use crate::metrics::Metrics;
-use crate::protocol::{Filter, Kind, Publication};
+use crate::protocol::{wanted, Filter, Publication};
 use crate::refusal::Refusal;
 
 /// Where the hub puts one listener's publications: a connection's queue.
@@ -184,17 +184,9 @@ impl Hub {
             return 0;
         };
         let mut queued = 0;
-        // A gap notice concerns the whole channel: filters do not apply.
-        let filtered = publication.kind == Kind::Message;
         for listener in &entry.listeners {
-            if let (Some(filter), true) = (&listener.events, filtered) {
-                let wanted = publication
-                    .event
-                    .as_deref()
-                    .is_some_and(|e| filter.iter().any(|f| f == e));
-                if !wanted {
-                    continue;
-                }
+            if !wanted(listener.events.as_ref(), &publication) {
+                continue;
             }
             if listener.sink.offer(&publication) {
                 queued += 1;
@@ -202,6 +194,7 @@ impl Hub {
         }
         queued
     }
+
     /// Unsubscribes, at the broker, channels idle for longer than the linger.
     /// Returns how many were dropped.
     pub(crate) fn sweep(&self) -> usize {
@@ -271,6 +264,7 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+    use crate::protocol::Kind;
 
     /// A hub whose broker confirms every subscription at once, as the memory
     /// broker does.

@@ -258,6 +258,17 @@ pub struct Command {
     pub since: Option<String>,
 }
 
+/// Whether a listener with `events` (an event-type filter, or none) wants
+/// `p`. A `gap` concerns the whole channel: filters do not apply to it.
+pub(crate) fn wanted(events: Option<&Filter>, p: &Publication) -> bool {
+    p.kind != Kind::Message
+        || events.is_none_or(|filter| {
+            p.event
+                .as_deref()
+                .is_some_and(|e| filter.iter().any(|f| f == e))
+        })
+}
+
 /// Server-Sent Events blocks crier sends besides publications.
 pub(crate) mod sse {
     use bytes::Bytes;

@@ -17,7 +17,6 @@ use http::HeaderMap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde_json::Value;
 use sha2::Sha256;
-use subtle::ConstantTimeEq;
 
 use super::{time, Failure, Principal, SessionRef};
 use crate::config::{RedisConfig, SessionConfig, Signing};
@@ -113,16 +112,9 @@ impl CookieStore {
             Signing::Express => {
                 let signed = value.strip_prefix("s:").ok_or(Failure::BadSignature)?;
                 let (id, signature) = signed.rsplit_once('.').ok_or(Failure::BadSignature)?;
-                let valid =
-                    self.config
-                        .secrets
-                        .iter()
-                        .fold(subtle::Choice::from(0), |ok, secret| {
-                            ok | express_signature(id, secret)
-                                .as_bytes()
-                                .ct_eq(signature.as_bytes())
-                        });
-                if bool::from(valid) && !id.is_empty() {
+                let signatures = self.config.secrets.iter().map(|s| express_signature(id, s));
+                let valid = super::matches_a_secret(signature.as_bytes(), signatures);
+                if valid && !id.is_empty() {
                     Ok(id.to_owned())
                 } else {
                     Err(Failure::BadSignature)
@@ -145,11 +137,8 @@ impl CookieStore {
             })?;
         let raw = raw.ok_or(Failure::UnknownSession)?;
         let session: Value = serde_json::from_slice(&raw).map_err(|_| Failure::Malformed)?;
-        let user = match session.pointer(&self.config.user_pointer) {
-            Some(Value::String(s)) if !s.is_empty() => s.clone(),
-            Some(Value::Number(n)) => n.to_string(),
-            _ => return Err(Failure::NotLoggedIn),
-        };
+        let user = super::user_id(session.pointer(&self.config.user_pointer))
+            .ok_or(Failure::NotLoggedIn)?;
         // An expiry that is there but not a usable time refuses the
         // session, rather than letting it live forever.
         let expires_at = match session.pointer(&self.config.expires_pointer) {

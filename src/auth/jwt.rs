@@ -163,11 +163,7 @@ impl JwtVerifier {
             },
         )?;
         let claims = data.claims;
-        let user = match claims.get(&self.user_claim) {
-            Some(Value::String(s)) if !s.is_empty() => s.clone(),
-            Some(Value::Number(n)) => n.to_string(),
-            _ => return Err(Failure::MissingClaim),
-        };
+        let user = super::user_id(claims.get(&self.user_claim)).ok_or(Failure::MissingClaim)?;
         // jsonwebtoken has checked `exp` and `nbf` against the clock; crier
         // keeps `exp` for the expiry watch, so every time claim must also be
         // one it can compute with (no overflow, no float read as "never").

@@ -50,6 +50,41 @@ impl Principal {
     }
 }
 
+/// A user id read from a token's claim or a session's field: a non-empty
+/// string, or a number (`"sub": 42` is user `42`).
+pub(crate) fn user_id(value: Option<&Value>) -> Option<String> {
+    match value? {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// The token of an `Authorization: Bearer <token>` header; `None` for any
+/// other scheme or an unreadable value.
+pub(crate) fn bearer(value: &http::HeaderValue) -> Option<&str> {
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+/// Whether `presented` equals one of `secrets`, compared in constant time
+/// and against every one (no early exit that would time which matched).
+pub(crate) fn matches_a_secret<S: AsRef<[u8]>>(
+    presented: &[u8],
+    secrets: impl IntoIterator<Item = S>,
+) -> bool {
+    use subtle::ConstantTimeEq;
+    let found = secrets
+        .into_iter()
+        .fold(subtle::Choice::from(0), |found, secret| {
+            found | secret.as_ref().ct_eq(presented)
+        });
+    bool::from(found)
+}
+
 /// A session id to recheck. Not `Debug`-printable: it is a bearer secret.
 #[derive(Clone)]
 pub struct SessionRef {
@@ -187,12 +222,8 @@ impl Authenticator {
 
     async fn identify(&self, headers: &HeaderMap, uri: &Uri) -> Result<Option<Principal>, Failure> {
         if let Some(value) = headers.get(http::header::AUTHORIZATION) {
-            let token = value
-                .to_str()
-                .ok()
-                .and_then(|v| v.strip_prefix("Bearer "))
-                .ok_or(Failure::Malformed)?;
-            return self.jwt_verify(token.trim()).map(Some);
+            let token = bearer(value).ok_or(Failure::Malformed)?;
+            return self.jwt_verify(token).map(Some);
         }
         if let Some(store) = &self.session {
             if let Some(id) = store.session_id(headers) {
@@ -200,11 +231,7 @@ impl Authenticator {
             }
         }
         if self.query_token {
-            let query = uri.query().unwrap_or_default();
-            let token = url::form_urlencoded::parse(query.as_bytes())
-                .find(|(k, _)| k == "token")
-                .map(|(_, v)| v.into_owned());
-            if let Some(token) = token {
+            if let Some(token) = crate::http::query_param(uri, "token") {
                 return self.jwt_verify(&token).map(Some);
             }
         }

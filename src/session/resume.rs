@@ -18,7 +18,7 @@ use super::subscriptions::Subscriptions;
 use crate::app::App;
 use crate::broker::ChannelStart;
 use crate::history::{Cursor, StreamId};
-use crate::protocol::{Filter, Kind, Publication};
+use crate::protocol::{wanted, Filter, Kind, Publication};
 use crate::refusal::Refusal;
 
 /// What this connection has delivered, per history channel.
@@ -207,11 +207,7 @@ pub(super) async fn open(
         .entries
         .iter()
         .map(|(id, payload)| Publication::message(channel, Some(*id), payload, event_field))
-        .filter(|p| {
-            events
-                .as_ref()
-                .is_none_or(|filter| p.event.as_ref().is_some_and(|e| filter.contains(e)))
-        })
+        .filter(|p| wanted(events.as_ref(), p))
         .map(Arc::new)
         .collect();
     let fits = recovery.entries.len() < fetch && budget.take(&replay);

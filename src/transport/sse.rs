@@ -204,8 +204,5 @@ fn last_event_id<B>(req: &Request<B>) -> Option<String> {
     if let Some(value) = req.headers().get("last-event-id") {
         return Some(String::from_utf8_lossy(value.as_bytes()).into_owned());
     }
-    let query = req.uri().query()?;
-    url::form_urlencoded::parse(query.as_bytes())
-        .find(|(k, _)| k == "last_event_id")
-        .map(|(_, v)| v.into_owned())
+    crate::http::query_param(req.uri(), "last_event_id")
 }
