@@ -15,6 +15,11 @@
 //!
 //! The clients run in this process, on the same machine: on 2 cores they
 //! compete with crier for CPU, so throughput figures are a floor.
+//!
+//! `--floor` serves the same clients with the simplest possible server
+//! (`bench/floor.rs`: Redis in, the same bytes written to every socket,
+//! nothing else) instead of crier, so crier can be reported as a ratio of
+//! what this machine costs by itself, measured in the same session.
 
 // A benchmark tool stops at the first thing it cannot do.
 #![allow(clippy::expect_used, clippy::panic)]
@@ -30,6 +35,9 @@ use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::sync::Semaphore;
 
+#[path = "bench/floor.rs"]
+mod floor;
+
 #[derive(Debug, Clone)]
 struct Args {
     clients: usize,
@@ -40,6 +48,8 @@ struct Args {
     transport: Transport,
     memory: bool,
     history: bool,
+    /// Serve the clients with the floor program instead of crier.
+    floor: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -58,6 +68,7 @@ fn parse_args() -> Args {
         transport: Transport::Ws,
         memory: false,
         history: false,
+        floor: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -80,11 +91,15 @@ fn parse_args() -> Args {
             }
             "--memory" => a.memory = true,
             "--history" => a.history = true,
+            "--floor" => a.floor = true,
             _ => usage(&format!("unknown flag {flag}")),
         }
     }
     if a.channels == 0 || a.clients == 0 || a.rate == 0 {
         usage("counts and rate must be > 0");
+    }
+    if a.floor && (a.history || a.memory) {
+        usage("--floor serves plain PUBLISH from Redis: not with --history or --memory");
     }
     a
 }
@@ -92,7 +107,7 @@ fn parse_args() -> Args {
 fn usage(why: &str) -> ! {
     eprintln!(
         "bench: {why}\nusage: bench [--clients N] [--channels N] [--messages N] [--rate PER_SEC_PER_CHANNEL] \
-         [--payload BYTES] [--transport ws|sse] [--history] [--memory]"
+         [--payload BYTES] [--transport ws|sse] [--history] [--memory] [--floor]"
     );
     std::process::exit(2)
 }
@@ -215,16 +230,29 @@ async fn start_crier(redis: Option<u16>, args: &Args) -> Crier {
     std::fs::write(&config, text).expect("write config");
     let bin = std::env::var("BENCH_CRIER_BIN").unwrap_or_else(|_| "target/release/crier".into());
     let mut command = Command::new(&bin);
+    if args.floor {
+        // This binary again, as the floor server (its own process: its own
+        // CPU and memory figures).
+        command = Command::new(std::env::current_exe().expect("own path"));
+        command
+            .arg("--serve-floor")
+            .arg(redis.expect("a Redis").to_string());
+    }
     // CRIER_* variables are configuration to crier: keep the bench's own.
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("CRIER_") {
             command.env_remove(key);
         }
     }
+    if !args.floor {
+        command.arg("--config").arg(&config).args([
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ]);
+    }
     let mut child = command
-        .arg("--config")
-        .arg(&config)
-        .args(["--listen", "127.0.0.1:0", "--log-format", "json"])
         .env("RUST_LOG", "warn,crier::server=info")
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -355,6 +383,12 @@ async fn sse_client(addr: String, channel: String, hist: Arc<Histogram>, receive
 
 #[tokio::main]
 async fn main() {
+    let mut argv = std::env::args().skip(1);
+    if argv.next().as_deref() == Some("--serve-floor") {
+        let port = argv.next().and_then(|p| p.parse().ok());
+        floor::serve(port.unwrap_or_else(|| usage("--serve-floor REDIS_PORT"))).await;
+        return;
+    }
     let args = parse_args();
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let redis = if args.memory {
@@ -403,8 +437,12 @@ async fn main() {
     match &redis {
         Some(r) => {
             let client = redis::Client::open(format!("redis://127.0.0.1:{}", r.port)).expect("url");
+            // A slow answer (Redis starved of CPU by the server under test)
+            // shows as latency; only a lost connection stops the run.
+            let config = redis::AsyncConnectionConfig::new()
+                .set_response_timeout(Some(Duration::from_secs(10)));
             let mut conn = client
-                .get_multiplexed_async_connection()
+                .get_multiplexed_async_connection_with_config(&config)
                 .await
                 .expect("redis");
             let mut tick = tokio::time::interval(interval);
@@ -444,7 +482,8 @@ async fn main() {
 
     println!("## crier bench");
     println!(
-        "transport={:?} clients={} channels={} messages/channel={} rate/channel={}/s payload={}B history={}",
+        "server={} transport={:?} clients={} channels={} messages/channel={} rate/channel={}/s payload={}B history={}",
+        if args.floor { "floor (crier's figures below are the floor program's)" } else { "crier" },
         args.transport, args.clients, args.channels, args.messages, args.rate, args.payload, args.history
     );
     println!("| figure | value |");
