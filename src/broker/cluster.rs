@@ -26,9 +26,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::redis::{
-    backoff, missed, relay, relay_gap, relay_live, Canary, Missed, Redis, RedisBroker,
-};
+use super::redis::{backoff, Canary, Redis, RedisBroker, Relay};
 use super::{BrokerError, BrokerHealth, ChannelStart, Control, Fanout, Wiring};
 use crate::config::{Config, RedisConfig};
 use crate::history::{self, StreamId};
@@ -416,7 +414,7 @@ impl Supervisor {
                 };
                 let (id, payload) = history::split_marked(payload);
                 let channel = channel.to_owned();
-                self.relay_live(&channel, id, payload).await;
+                self.relay(&channel).live(id, payload).await;
             }
             (PushKind::Disconnection, _) => {
                 tracing::warn!("a redis cluster node connection was lost: recovering each channel once it is resubscribed");
@@ -456,38 +454,8 @@ impl Supervisor {
             return;
         }
         channel.pending = false;
-        let (history, last) = (channel.history, channel.last);
         let name = name.to_owned();
-        for missed in missed(&self.redis, &self.metrics, &name, history, last).await {
-            self.relay_missed(&name, missed);
-        }
-    }
-
-    /// A message received live: relayed after whatever it skipped.
-    async fn relay_live(&mut self, channel: &str, id: Option<StreamId>, payload: &[u8]) {
-        let state = self
-            .channels
-            .get_mut(channel)
-            .map(|c| (&mut c.last, c.history));
-        let (hub, policy) = (&*self.hub, &self.policy);
-        relay_live(
-            hub,
-            policy,
-            &self.redis,
-            &self.metrics,
-            state,
-            channel,
-            id,
-            payload,
-        )
-        .await;
-    }
-
-    fn relay_missed(&mut self, channel: &str, missed: Missed) {
-        match missed {
-            Missed::Gap => relay_gap(&*self.hub, &self.metrics, channel),
-            Missed::Message(id, payload) => self.dispatch(channel, Some(id), &payload),
-        }
+        self.relay(&name).recover().await;
     }
 
     /// A slot map read with a canary: every channel (and the canary) whose
@@ -691,9 +659,19 @@ impl Supervisor {
         }
     }
 
-    fn dispatch(&mut self, channel: &str, id: Option<StreamId>, payload: &[u8]) {
-        let last = self.channels.get_mut(channel).map(|c| &mut c.last);
-        relay(&*self.hub, &self.policy, last, channel, id, payload);
+    /// `channel`'s relay.
+    fn relay<'a>(&'a mut self, channel: &'a str) -> Relay<'a> {
+        Relay {
+            hub: &*self.hub,
+            policy: &self.policy,
+            redis: &self.redis,
+            metrics: &self.metrics,
+            state: self
+                .channels
+                .get_mut(channel)
+                .map(|c| (&mut c.last, c.history)),
+            channel,
+        }
     }
 
     fn key(&self, channel: &str) -> String {

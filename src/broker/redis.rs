@@ -562,46 +562,23 @@ impl Supervisor {
     async fn recover_all(&mut self) {
         let names: Vec<String> = self.channels.keys().cloned().collect();
         for name in names {
-            let Some(channel) = self.channels.get(&name) else {
-                continue;
-            };
-            let (history, last) = (channel.history, channel.last);
-            for missed in missed(&self.redis, &self.metrics, &name, history, last).await {
-                self.relay_missed(&name, missed);
-            }
+            self.relay(&name).recover().await;
         }
     }
 
-    /// A message received live: relayed after whatever it skipped.
-    async fn relay_live(&mut self, channel: &str, id: Option<StreamId>, payload: &[u8]) {
-        let state = self
-            .channels
-            .get_mut(channel)
-            .map(|c| (&mut c.last, c.history));
-        let (hub, policy) = (&*self.hub, &self.policy);
-        relay_live(
-            hub,
-            policy,
-            &self.redis,
-            &self.metrics,
-            state,
+    /// `channel`'s relay.
+    fn relay<'a>(&'a mut self, channel: &'a str) -> Relay<'a> {
+        Relay {
+            hub: &*self.hub,
+            policy: &self.policy,
+            redis: &self.redis,
+            metrics: &self.metrics,
+            state: self
+                .channels
+                .get_mut(channel)
+                .map(|c| (&mut c.last, c.history)),
             channel,
-            id,
-            payload,
-        )
-        .await;
-    }
-
-    fn relay_missed(&mut self, channel: &str, missed: Missed) {
-        match missed {
-            Missed::Gap => relay_gap(&*self.hub, &self.metrics, channel),
-            Missed::Message(id, payload) => self.dispatch(channel, Some(id), &payload),
         }
-    }
-
-    fn dispatch(&mut self, channel: &str, id: Option<StreamId>, payload: &[u8]) {
-        let last = self.channels.get_mut(channel).map(|c| &mut c.last);
-        relay(&*self.hub, &self.policy, last, channel, id, payload);
     }
 
     /// Relays messages, applies control requests and runs the canary until
@@ -632,7 +609,7 @@ impl Supervisor {
                     };
                     let channel = channel.to_owned();
                     let (id, payload) = history::split_marked(msg.get_payload_bytes());
-                    self.relay_live(&channel, id, payload).await;
+                    self.relay(&channel).live(id, payload).await;
                 }
                 _ = tick.tick() => {
                     if canary.overdue() && self.health.is_up() {
@@ -791,21 +768,25 @@ pub(super) enum Missed {
     Message(StreamId, Vec<u8>),
 }
 
-/// What `channel` missed after `last`: its history since then (with a gap
-/// first where Redis lost some), or a gap for a channel without history or
-/// one whose history cannot be read.
+/// What `channel` missed after `last` (and before `before`, when given):
+/// its history since then (with a gap first where Redis lost some), or a
+/// gap for a channel without history or one whose history cannot be read.
 pub(super) async fn missed(
     redis: &Redis,
     metrics: &Metrics,
     channel: &str,
     history: bool,
     last: Option<StreamId>,
+    before: Option<StreamId>,
 ) -> Vec<Missed> {
     let (true, Some(since)) = (history, last) else {
         return vec![Missed::Gap];
     };
     match redis.recover(channel, since, RECOVERY_LIMIT).await {
-        Ok(recovery) => {
+        Ok(mut recovery) => {
+            if let Some(before) = before {
+                recovery.entries.retain(|(id, _)| *id < before);
+            }
             let count = recovery.entries.len();
             metrics.recovered_messages.inc_by(count as u64);
             if count > 0 {
@@ -825,79 +806,6 @@ pub(super) async fn missed(
         }
         Err(e) => {
             tracing::warn!(%channel, error = %e, "history recovery failed");
-            vec![Missed::Gap]
-        }
-    }
-}
-
-/// Relays a live message of `channel` (`state`: the broker's last relayed
-/// id and whether the channel keeps history) after what it skipped.
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn relay_live(
-    hub: &dyn Fanout,
-    policy: &Policy,
-    redis: &Redis,
-    metrics: &Metrics,
-    state: Option<(&mut Option<StreamId>, bool)>,
-    channel: &str,
-    id: Option<StreamId>,
-    payload: &[u8],
-) {
-    let (mut last, history) = match state {
-        Some((last, history)) => (Some(last), history),
-        None => (None, false),
-    };
-    let previous = last.as_deref().copied().flatten();
-    if let (true, Some(previous), Some(id)) = (history, previous, id) {
-        for missed in skipped(redis, metrics, channel, previous, id).await {
-            match missed {
-                Missed::Gap => relay_gap(hub, metrics, channel),
-                Missed::Message(m, p) => {
-                    relay(hub, policy, last.as_deref_mut(), channel, Some(m), &p)
-                }
-            }
-        }
-    }
-    relay(hub, policy, last, channel, id, payload);
-}
-
-/// What a live message of a history channel skipped: when its id is not
-/// the one `crier_publish` wrote right after `last` (the last relayed), the
-/// subscription lapsed without crier noticing (a failover in progress, a
-/// node connection the client library re-established), and the messages
-/// in between are read from history to be relayed first, in order. A read
-/// that fails is a gap: nothing is lost silently.
-pub(super) async fn skipped(
-    redis: &Redis,
-    metrics: &Metrics,
-    channel: &str,
-    last: StreamId,
-    id: StreamId,
-) -> Vec<Missed> {
-    if !last.skips_to(id) {
-        return Vec::new();
-    }
-    match redis.recover(channel, last, RECOVERY_LIMIT).await {
-        Ok(recovery) => {
-            let before: Vec<_> = recovery
-                .entries
-                .into_iter()
-                .filter(|(entry, _)| *entry < id)
-                .map(|(entry, payload)| Missed::Message(entry, payload))
-                .collect();
-            if !before.is_empty() {
-                metrics.recovered_messages.inc_by(before.len() as u64);
-                tracing::info!(%channel, count = before.len(), "a live message skipped some: recovered from history");
-            }
-            recovery
-                .gap
-                .then_some(Missed::Gap)
-                .into_iter()
-                .chain(before)
-                .collect()
-        }
-        Err(e) => {
-            tracing::warn!(%channel, error = %e, "a live message skipped some and history cannot be read");
             vec![Missed::Gap]
         }
     }
@@ -927,6 +835,73 @@ pub(super) fn relay(
     }
     let event_field = policy.event_field_of(channel);
     hub.dispatch(Publication::message(channel, id, payload, event_field));
+}
+
+/// One channel's relay to the hub: where its messages go and what the
+/// broker knows of it (the last id relayed, whether it keeps history; none
+/// once the hub no longer wants it). Both supervisors relay through it.
+pub(super) struct Relay<'a> {
+    pub(super) hub: &'a dyn Fanout,
+    pub(super) policy: &'a Policy,
+    pub(super) redis: &'a Redis,
+    pub(super) metrics: &'a Metrics,
+    pub(super) state: Option<(&'a mut Option<StreamId>, bool)>,
+    pub(super) channel: &'a str,
+}
+
+impl Relay<'_> {
+    /// Relays one message, unless it was already relayed.
+    fn one(&mut self, id: Option<StreamId>, payload: &[u8]) {
+        let last = self.state.as_mut().map(|(last, _)| &mut **last);
+        relay(self.hub, self.policy, last, self.channel, id, payload);
+    }
+
+    /// Relays what the channel missed, in order.
+    pub(super) fn missed(&mut self, missed: Vec<Missed>) {
+        for missed in missed {
+            match missed {
+                Missed::Gap => relay_gap(self.hub, self.metrics, self.channel),
+                Missed::Message(id, payload) => self.one(Some(id), &payload),
+            }
+        }
+    }
+
+    /// Reads from history what the channel missed since the last message
+    /// relayed, and relays it.
+    pub(super) async fn recover(&mut self) {
+        let (last, history) = match &self.state {
+            Some((last, history)) => (**last, *history),
+            None => return,
+        };
+        let missed = missed(self.redis, self.metrics, self.channel, history, last, None).await;
+        self.missed(missed);
+    }
+
+    /// A message received live, relayed after what it skipped: when its id
+    /// is not the one `crier_publish` wrote right after the last relayed,
+    /// the subscription lapsed without crier noticing (a failover in
+    /// progress, a node connection the client library re-established), and
+    /// the messages in between are read from history and relayed first, in
+    /// order. A read that fails is a gap: nothing is lost silently.
+    pub(super) async fn live(mut self, id: Option<StreamId>, payload: &[u8]) {
+        if let (Some((Some(last), true)), Some(id)) =
+            (self.state.as_ref().map(|(l, h)| (**l, *h)), id)
+        {
+            if last.skips_to(id) {
+                let skipped = missed(
+                    self.redis,
+                    self.metrics,
+                    self.channel,
+                    true,
+                    Some(last),
+                    Some(id),
+                )
+                .await;
+                self.missed(skipped);
+            }
+        }
+        self.one(id, payload);
+    }
 }
 
 /// Publish → receive through Redis, every half interval; unanswered for

@@ -290,17 +290,15 @@ impl Session {
     /// The next replayed message; once none is left, the replay budget is
     /// given back (everything replayed has been handed to the writer).
     fn next_replayed(&mut self) -> Option<Arc<Publication>> {
-        let replay = self.replay.as_mut()?;
-        while let Some(p) = replay.queue.pop_front() {
-            if self.tracker.accept(&p) {
-                if p.kind == Kind::Message {
-                    self.delivered.inc();
-                }
+        loop {
+            let Some(p) = self.replay.as_mut()?.queue.pop_front() else {
+                self.replay = None;
+                return None;
+            };
+            if self.accept(&p) {
                 return Some(p);
             }
         }
-        self.replay = None;
-        None
     }
 
     /// Whether `p` is new for this connection; counts it as delivered.
