@@ -89,6 +89,6 @@ pub(crate) struct ConnInfo {
     /// Cancelling it drops the TCP connection, even if hyper is stuck
     /// writing to a client that stopped reading.
     pub kill: CancellationToken,
-    /// How long a write to this client may make no progress.
-    pub stall: crate::stall::StallTimeout,
+    /// Where a stream takes the connection out of hyper.
+    pub handoff: Arc<crate::link::Handoff>,
 }

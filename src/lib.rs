@@ -24,6 +24,7 @@ pub mod http;
 pub(crate) mod hub;
 pub(crate) mod lifecycle;
 pub(crate) mod limits;
+pub(crate) mod link;
 pub mod metrics;
 pub(crate) mod origin;
 pub(crate) mod policy;

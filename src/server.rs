@@ -5,8 +5,11 @@
 //! tests exercise is what runs in production.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -26,6 +29,7 @@ use crate::broker::Broker;
 use crate::config::{Config, ConfigError};
 use crate::http::{full, text, Body};
 use crate::hub::Hub;
+use crate::link::Handoff;
 use crate::metrics::Metrics;
 use crate::origin::Origins;
 use crate::policy::Policy;
@@ -277,10 +281,11 @@ async fn accept_loop(app: Arc<App>, listener: TcpListener) {
         let _ = stream.set_nodelay(true);
         let kill = CancellationToken::new();
         let stall = StallTimeout::new(app.config.sse.write_timeout);
+        let handoff = Arc::new(Handoff::default());
         let info = ConnInfo {
             peer,
             kill: kill.clone(),
-            stall: stall.clone(),
+            handoff: Arc::clone(&handoff),
         };
         let conn_app = Arc::clone(&app);
         let service_app = Arc::clone(&app);
@@ -292,31 +297,57 @@ async fn accept_loop(app: Arc<App>, listener: TcpListener) {
                 let info = info.clone();
                 async move { Ok::<_, Infallible>(route(app, req, info).await) }
             });
-            let conn = builder
-                .serve_connection(TokioIo::new(StallGuard::new(stream, stall)), service)
+            let guarded = StallGuard::new(stream, stall.clone());
+            let mut conn = builder
+                .serve_connection(TokioIo::new(guarded), service)
                 .with_upgrades();
-            tokio::pin!(conn);
-            tokio::select! {
-                result = conn.as_mut() => match result {
-                    Err(e) if crate::stall::is_stall(&e) => {
-                        conn_app.metrics.slow_client_disconnects.inc();
-                        tracing::info!(client.addr = %peer, "client stopped reading: connection closed");
+            let mut draining = false;
+            loop {
+                tokio::select! {
+                    result = &mut conn => {
+                        match result {
+                            Err(e) if crate::stall::is_stall(&e) => {
+                                conn_app.metrics.slow_client_disconnects.inc();
+                                tracing::info!(client.addr = %peer, "client stopped reading: connection closed");
+                            }
+                            Err(e) => {
+                                tracing::debug!(error = %e, client.addr = %peer, "connection ended with an error");
+                            }
+                            Ok(()) => {}
+                        }
+                        return;
                     }
-                    Err(e) => {
-                        tracing::debug!(error = %e, client.addr = %peer, "connection ended with an error");
-                    }
-                    Ok(()) => {}
-                },
-                _ = kill.cancelled() => {}
-                _ = drain.cancelled() => {
-                    // Idle keep-alive connections close now; open streams
-                    // end at their turn in the drain.
-                    conn.as_mut().graceful_shutdown();
-                    tokio::select! {
-                        _ = conn.as_mut() => {}
-                        _ = kill.cancelled() => {}
+                    _ = kill.cancelled() => return,
+                    _ = handoff.signalled() => break,
+                    _ = drain.cancelled(), if !draining => {
+                        // Idle keep-alive connections close now; open
+                        // streams end at their turn in the drain.
+                        draining = true;
+                        Pin::new(&mut conn).graceful_shutdown();
                     }
                 }
+            }
+            // A stream's head is encoded: once hyper has flushed it, the
+            // socket leaves hyper for the stream's own task.
+            let flushed = std::future::poll_fn(|cx| {
+                if stall.flushed() {
+                    return Poll::Ready(true);
+                }
+                match Pin::new(&mut conn).poll(cx) {
+                    Poll::Ready(_) => Poll::Ready(false),
+                    Poll::Pending if stall.flushed() => Poll::Ready(true),
+                    Poll::Pending => Poll::Pending,
+                }
+            });
+            let flushed = tokio::select! {
+                flushed = flushed => flushed,
+                _ = kill.cancelled() => false,
+            };
+            let (Some(takeover), true) = (handoff.take(), flushed) else {
+                return;
+            };
+            if let Some(parts) = conn.into_parts() {
+                takeover(parts.io.into_inner().into_inner());
             }
         });
     }

@@ -14,7 +14,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -22,24 +22,40 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
-/// The timeout of one connection; the WebSocket handler changes it to
-/// `ws.write_timeout` when the connection is upgraded.
+/// The timeout of one connection, shared by its guard and its handlers;
+/// it also tells whether everything written has been flushed.
 #[derive(Clone, Debug)]
-pub(crate) struct StallTimeout(Arc<AtomicU64>);
+pub(crate) struct StallTimeout(Arc<Shared>);
+
+#[derive(Debug)]
+struct Shared {
+    limit_ms: AtomicU64,
+    /// True when a flush of the guarded socket succeeded after the last
+    /// write: whoever writes through the guard (hyper) holds nothing back.
+    flushed: AtomicBool,
+}
 
 impl StallTimeout {
     /// A timeout of `limit`.
     pub(crate) fn new(limit: Duration) -> Self {
-        Self(Arc::new(AtomicU64::new(millis(limit))))
-    }
-
-    /// From now on, writes may stall for `limit`.
-    pub(crate) fn set(&self, limit: Duration) {
-        self.0.store(millis(limit), Ordering::Relaxed);
+        Self(Arc::new(Shared {
+            limit_ms: AtomicU64::new(millis(limit)),
+            flushed: AtomicBool::new(true),
+        }))
     }
 
     fn get(&self) -> Duration {
-        Duration::from_millis(self.0.load(Ordering::Relaxed))
+        Duration::from_millis(self.0.limit_ms.load(Ordering::Relaxed))
+    }
+
+    /// Whether the writer above the guard has flushed everything it wrote:
+    /// a writer calls its socket's flush only once its own buffer is empty.
+    pub(crate) fn flushed(&self) -> bool {
+        self.0.flushed.load(Ordering::Acquire)
+    }
+
+    fn wrote(&self, flushed: bool) {
+        self.0.flushed.store(flushed, Ordering::Release);
     }
 }
 
@@ -63,6 +79,11 @@ impl<S> StallGuard<S> {
             timeout,
             stalled: None,
         }
+    }
+
+    /// The guarded socket.
+    pub(crate) fn into_inner(self) -> S {
+        self.inner
     }
 
     /// After the inner write answered `written`: disarm on progress; on
@@ -120,6 +141,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for StallGuard<S> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if written.is_ready() {
+            self.timeout.wrote(false);
+        }
         self.watch(cx, written)
     }
 
@@ -129,6 +153,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for StallGuard<S> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let written = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if written.is_ready() {
+            self.timeout.wrote(false);
+        }
         self.watch(cx, written)
     }
 
@@ -138,6 +165,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for StallGuard<S> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let flushed = Pin::new(&mut self.inner).poll_flush(cx);
+        if matches!(flushed, Poll::Ready(Ok(()))) {
+            self.timeout.wrote(true);
+        }
         self.watch(cx, flushed)
     }
 

@@ -13,20 +13,16 @@
 //! starts with a cursor (`id:`) and every history event carries one, so a
 //! reconnecting `EventSource` resumes where it was, on any instance.
 
-use std::collections::VecDeque;
-use std::convert::Infallible;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use futures_util::stream::{self, Stream};
-use http::{header, HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, StreamBody};
-use hyper::body::Frame;
-use tracing::Instrument;
+use http::{header, HeaderValue, Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use tokio_util::sync::CancellationToken;
 
 use crate::app::{App, ConnInfo};
 use crate::history::Cursor;
 use crate::http::{rejected, Body, StreamQuery};
+use crate::link::{Broken, HandoffBody, Link};
 use crate::metrics::Transport;
 use crate::origin::add_cors;
 use crate::protocol::{sse, Publication};
@@ -94,12 +90,24 @@ async fn open<B>(
         app.config.sse.retry.as_millis(),
         session.tracker().cursor().encode()
     );
+    let chunked = req.version() >= Version::HTTP_11;
     let live = Live {
         session,
-        pending: VecDeque::from([Bytes::from(opening)]),
+        opening: Some(opening),
+        chunked,
         done: false,
     };
-    let body = StreamBody::new(events(live)).boxed_unsync();
+    // hyper writes the head, then the stream leaves hyper (see
+    // `crate::link`): the body only signals that the head is out.
+    let stall = app.config.sse.write_timeout;
+    let slow = app.metrics.slow_client_disconnects.clone();
+    let kill = info.kill.clone();
+    let task_app = Arc::clone(&app);
+    info.handoff.offer(Box::new(move |stream| {
+        let link = Link::new(stream, stall, slow);
+        task_app.tasks.spawn(live.run(link, kill));
+    }));
+    let body = HandoffBody(Arc::clone(&info.handoff)).boxed_unsync();
     let mut response = Response::new(body);
     *response.status_mut() = StatusCode::OK;
     let headers = response.headers_mut();
@@ -125,77 +133,136 @@ fn cursor_bytes(channels: &[String]) -> usize {
         + 8
 }
 
+/// Events written per wake-up at most: enough to batch a burst into one
+/// write, few enough that one stream does not hold a core for long.
+const WRITE_BATCH: usize = 64;
+/// Room left before a batch for its chunk-size line.
+const CHUNK_HEAD: usize = 10;
+
 /// A live stream; dropping it (client gone, stream ended) ends the session.
 struct Live {
     session: Session,
-    /// Chunks ready to send, in order.
-    pending: VecDeque<Bytes>,
-    /// No more events: end once `pending` is sent.
+    /// The first block, written before any event.
+    opening: Option<String>,
+    /// The head said `Transfer-Encoding: chunked` (an HTTP/1.1 request):
+    /// each write is one chunk. (HTTP/1.0: the body ends with the
+    /// connection.)
+    chunked: bool,
+    /// No more events: end once what is buffered is sent.
     done: bool,
 }
 
 impl Live {
-    /// Queues a publication. A history message goes out as its shared
-    /// event bytes plus this stream's own `id:` cursor line.
-    fn emit(&mut self, p: &Publication) {
-        if p.id.is_none() {
-            self.pending.push_back(p.sse.clone());
-            return;
-        }
-        self.pending.push_back(p.sse_open());
-        let tracker = self.session.tracker();
-        let line = if tracker.is_only(&p.channel) {
-            p.single_cursor_line()
-        } else {
-            Bytes::from(format!("id: {}\n\n", tracker.cursor().encode()))
-        };
-        self.pending.push_back(line);
-    }
-
-    /// The next chunk to send, or `None` when the stream ends.
-    async fn next_chunk(&mut self) -> Option<Bytes> {
+    /// Serves the stream on `link` until it ends, the client leaves or
+    /// `kill` (the queue overflowed) fires.
+    async fn run(mut self, mut link: Link, kill: CancellationToken) {
+        let span = self.session.span();
         loop {
-            if let Some(chunk) = self.pending.pop_front() {
-                return Some(chunk);
+            let start = self.start_chunk(&mut link.out);
+            if let Some(opening) = self.opening.take() {
+                link.out.extend_from_slice(opening.as_bytes());
+            } else {
+                let more = tokio::select! {
+                    biased;
+                    more = self.next_batch(&mut link.out, &span) => more,
+                    () = link.socket.closed() => false,
+                };
+                if !more {
+                    return;
+                }
+            }
+            let start = self.end_chunk(&mut link.out, start);
+            if self.done && self.chunked {
+                link.out.extend_from_slice(b"0\r\n\r\n");
+            }
+            let written = tokio::select! {
+                biased;
+                _ = kill.cancelled() => Err(Broken::Stalled),
+                written = link.flush_from(start) => written,
+            };
+            if written.is_err() {
+                return;
             }
             if self.done {
-                return None;
-            }
-            match self.session.next().await {
-                Event::Deliver(p) => self.emit(&p),
-                Event::Expiring { in_secs } => self.pending.push_back(sse::expiring(in_secs)),
-                Event::Expired => {
-                    tracing::info!("credential ended, closing stream");
-                    self.done = true;
-                    self.pending.push_back(sse::EXPIRED);
-                }
-                Event::Reconnect { after_ms } => {
-                    tracing::debug!(after_ms, "draining: client told to reconnect");
-                    self.done = true;
-                    self.pending.push_back(sse::retry(after_ms));
-                }
-                Event::Slow => {
-                    tracing::info!("client too slow: queue full, ending stream");
-                    return None;
-                }
-                // SSE clients never talk, so never idle: keep proxies from
-                // timing the stream out.
-                Event::Heartbeat | Event::Idle => {
-                    self.pending.push_back(sse::HEARTBEAT);
-                }
+                link.finish();
+                return;
             }
         }
     }
-}
 
-type Chunk = Result<Frame<Bytes>, Infallible>;
+    /// Leaves room for the chunk-size line; returns where the chunk starts.
+    fn start_chunk(&self, out: &mut Vec<u8>) -> usize {
+        if self.chunked {
+            out.extend_from_slice(&[b' '; CHUNK_HEAD]);
+        }
+        0
+    }
 
-fn events(live: Live) -> impl Stream<Item = Chunk> + Send {
-    stream::unfold(live, |mut live| async move {
-        let span = live.session.span();
-        let chunk = live.next_chunk().instrument(span).await?;
-        Some((Ok(Frame::data(chunk)), live))
-    })
+    /// Writes the chunk-size line just before the data and the chunk's
+    /// end after it; returns where the bytes to send start.
+    fn end_chunk(&self, out: &mut Vec<u8>, start: usize) -> usize {
+        if !self.chunked {
+            return start;
+        }
+        let len = out.len() - CHUNK_HEAD;
+        let head = format!("{len:x}\r\n");
+        let at = CHUNK_HEAD - head.len();
+        out[at..CHUNK_HEAD].copy_from_slice(head.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        at
+    }
+
+    /// Waits for the session's next event and appends it, with every
+    /// publication already queued behind it (up to a batch). `false`: the
+    /// stream ends now, without a last word (the client is too slow).
+    async fn next_batch(&mut self, out: &mut Vec<u8>, span: &tracing::Span) -> bool {
+        match self.session.next().await {
+            Event::Deliver(p) => {
+                self.emit(out, &p);
+                for _ in 1..WRITE_BATCH {
+                    let Some(p) = self.session.try_next() else {
+                        break;
+                    };
+                    self.emit(out, &p);
+                }
+            }
+            Event::Expiring { in_secs } => out.extend_from_slice(&sse::expiring(in_secs)),
+            Event::Expired => {
+                tracing::info!(parent: span, "credential ended, closing stream");
+                self.done = true;
+                out.extend_from_slice(&sse::EXPIRED);
+            }
+            Event::Reconnect { after_ms } => {
+                tracing::debug!(parent: span, after_ms, "draining: client told to reconnect");
+                self.done = true;
+                out.extend_from_slice(&sse::retry(after_ms));
+            }
+            Event::Slow => {
+                tracing::info!(parent: span, "client too slow: queue full, ending stream");
+                return false;
+            }
+            // SSE clients never talk, so never idle: keep proxies from
+            // timing the stream out.
+            Event::Heartbeat | Event::Idle => out.extend_from_slice(&sse::HEARTBEAT),
+        }
+        true
+    }
+
+    /// Appends a publication. A history message goes out as its shared
+    /// event bytes plus this stream's own `id:` cursor line.
+    fn emit(&self, out: &mut Vec<u8>, p: &Publication) {
+        if p.id.is_none() {
+            out.extend_from_slice(&p.sse);
+            return;
+        }
+        out.extend_from_slice(&p.sse_open());
+        let tracker = self.session.tracker();
+        if tracker.is_only(&p.channel) {
+            out.extend_from_slice(&p.single_cursor_line());
+        } else {
+            out.extend_from_slice(format!("id: {}\n\n", tracker.cursor().encode()).as_bytes());
+        }
+    }
 }
 
 /// The cursor a reconnecting browser sends back: `Last-Event-ID`, or

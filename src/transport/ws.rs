@@ -7,41 +7,48 @@
 //! credential ends (4001) or when its turn in the drain comes (1012).
 //! Malformed commands get an `error` reply and the connection stays usable.
 //!
-//! The connection is generic over `Sink + Stream` of messages, so the
-//! framing does not depend on where the bytes come from.
+//! After the upgrade the socket leaves hyper ([`crate::link`]): frames are
+//! read and written by [`rfc6455`] straight from and into the connection's
+//! own buffers, and a wake-up writes every queued publication with one call.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use http::{Request, Response};
-use http_body_util::BodyExt;
-use hyper_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
-use hyper_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use hyper_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use hyper_tungstenite::tungstenite::Message;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use hyper_tungstenite::tungstenite::handshake::derive_accept_key;
+use hyper_util::rt::TokioIo;
 use serde_json::Value;
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::app::{App, ConnInfo};
 use crate::history::StreamId;
-use crate::http::{rejected, Body, StreamQuery};
+use crate::http::{full, rejected, Body, StreamQuery};
+use crate::link::Link;
 use crate::metrics::Transport;
 use crate::protocol::{event_filter, reply, Command, Publication};
 use crate::refusal::Refusal;
 use crate::session::{admit, Admission, Event, Session, Verdict, Wire};
+use crate::stall::StallGuard;
+use crate::transport::rfc6455::{self, Error, Frame, Reader};
 
 /// Publications written per flush: enough to batch syscalls under load,
 /// few enough that a burst does not delay reading the client.
 const WRITE_BATCH: usize = 64;
 /// How long a closing connection waits for the client's close frame.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
-/// Per-socket read buffer; grows on demand up to `max_message_bytes`.
-const READ_BUFFER: usize = 4 * 1024;
-/// Bytes buffered before tungstenite writes to the socket mid-batch.
-const WRITE_BUFFER: usize = 16 * 1024;
+
+/// Close codes crier sends (RFC 6455 section 7.4, and its own 4001).
+mod code {
+    pub(super) const AWAY: u16 = 1001;
+    pub(super) const POLICY: u16 = 1008;
+    pub(super) const TOO_BIG: u16 = 1009;
+    pub(super) const RESTART: u16 = 1012;
+    pub(super) const AGAIN: u16 = 1013;
+    pub(super) const EXPIRED: u16 = 4001;
+}
 
 /// Answers a `/ws` request: an error status, or 101 and a connection task.
 pub(crate) async fn handle<B>(app: Arc<App>, mut req: Request<B>, info: ConnInfo) -> Response<Body>
@@ -68,87 +75,124 @@ where
         Ok(a) => a,
         Err(refusal) => return rejected(&app.metrics, &refusal),
     };
-    let max = app.config.limits.max_message_bytes;
-    // tungstenite preallocates `read_buffer_size` per socket (128 KiB by
-    // default): with clients sending only small commands, 4 KiB is plenty
-    // and is most of the difference between 140 and 10 KiB per connection.
-    let config = WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_message_size(Some(max))
-        .max_frame_size(Some(max));
-    let (response, upgrade) = match hyper_tungstenite::upgrade(&mut req, Some(config)) {
-        Ok(pair) => pair,
-        Err(e) => {
-            let refusal = Refusal::BadRequest(format!("bad WebSocket handshake: {e}"));
+    let accept = match accept_key(&req) {
+        Ok(accept) => accept,
+        Err(reason) => {
+            let refusal = Refusal::BadRequest(format!("bad WebSocket handshake: {reason}"));
             return rejected(&app.metrics, &refusal);
         }
     };
-    // The connection's write-stall bound is WebSocket's from now on.
-    info.stall.set(app.config.ws.write_timeout);
+    let upgrade = hyper::upgrade::on(&mut req);
     let handshake = app.config.ws.handshake_timeout;
     let task_app = Arc::clone(&app);
     app.tasks.spawn(async move {
-        match tokio::time::timeout(handshake, upgrade).await {
-            Ok(Ok(ws)) => serve(task_app, ws, query, info.peer, admission).await,
-            Ok(Err(e)) => tracing::debug!(error = %e, "websocket upgrade failed"),
-            Err(_) => tracing::debug!("websocket upgrade timed out"),
+        let upgraded = match tokio::time::timeout(handshake, upgrade).await {
+            Ok(Ok(upgraded)) => upgraded,
+            Ok(Err(e)) => return tracing::debug!(error = %e, "websocket upgrade failed"),
+            Err(_) => return tracing::debug!("websocket upgrade timed out"),
+        };
+        // The socket leaves hyper: the connection is ours from here on.
+        match upgraded.downcast::<TokioIo<StallGuard<TcpStream>>>() {
+            Ok(parts) => {
+                let stream = parts.io.into_inner().into_inner();
+                // Copied out: the bytes hyper hands back share its whole
+                // read buffer, which must not live as long as the socket.
+                let early = parts.read_buf.to_vec();
+                drop(parts.read_buf);
+                serve(task_app, stream, early, query, info.peer, admission).await;
+            }
+            Err(_) => tracing::warn!("websocket upgrade: not a TCP connection"),
         }
     });
-    response.map(|b| b.boxed_unsync())
+    let mut response = Response::new(full(""));
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    response
 }
 
-/// Serves one WebSocket connection until it closes.
-async fn serve<S>(app: Arc<App>, ws: S, query: StreamQuery, peer: SocketAddr, admission: Admission)
-where
-    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
-{
+/// The `Sec-WebSocket-Accept` answering the request's key.
+fn accept_key<B>(req: &Request<B>) -> Result<HeaderValue, &'static str> {
+    let headers = req.headers();
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
+        return Err("Sec-WebSocket-Version must be 13");
+    }
+    let key = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or("no Sec-WebSocket-Key")?;
+    HeaderValue::from_str(&derive_accept_key(key.as_bytes())).map_err(|_| "bad Sec-WebSocket-Key")
+}
+
+/// Serves one WebSocket connection until it closes. `early` holds what the
+/// client sent right behind its handshake.
+async fn serve(
+    app: Arc<App>,
+    stream: TcpStream,
+    early: Vec<u8>,
+    query: StreamQuery,
+    peer: SocketAddr,
+    admission: Admission,
+) {
     let ws_config = &app.config.ws;
+    let on_slow = CancellationToken::new();
     let wire = Wire {
         transport: Transport::Ws,
         heartbeat: ws_config.ping_interval,
         idle_timeout: Some(ws_config.idle_timeout),
-        on_slow: CancellationToken::new(),
+        on_slow,
         replay_overhead: 0,
         peer,
     };
-    let write_timeout = ws_config.write_timeout;
+    let link = Link::new(
+        stream,
+        ws_config.write_timeout,
+        app.metrics.slow_client_disconnects.clone(),
+    );
+    let mut reader = Reader::new(app.config.limits.max_message_bytes);
+    reader.buf = early;
     let session = Session::open(app, admission, wire);
     let span = session.span();
     let conn = Conn {
         session,
-        ws,
-        write_timeout,
+        link,
+        reader,
+        span,
     };
-    conn.run(query).instrument(span).await;
+    conn.run(query).await;
 }
 
 /// The connection is gone (or must be treated as gone): stop at once.
 struct Gone;
 
-struct Conn<S> {
+/// A close frame to send: code and reason.
+type Close = (u16, &'static str);
+
+struct Conn {
     session: Session,
-    ws: S,
-    write_timeout: Duration,
+    link: Link,
+    reader: Reader,
+    /// The connection's span: rare paths run in it, the delivery path
+    /// does not pay for entering it.
+    span: tracing::Span,
 }
 
-impl<S> Conn<S>
-where
-    S: Stream<Item = Result<Message, WsError>> + Sink<Message, Error = WsError> + Unpin,
-{
+impl Conn {
     async fn run(mut self, query: StreamQuery) {
-        tracing::debug!("websocket opened");
+        tracing::debug!(parent: &self.span, "websocket opened");
         if let Ok((code, reason)) = self.serve(query).await {
-            tracing::debug!(code = u16::from(code), reason, "closing websocket");
-            let frame = CloseFrame {
-                code,
-                reason: reason.into(),
-            };
-            if self.write(Message::Close(Some(frame))).await.is_ok() {
+            tracing::debug!(parent: &self.span, code, reason, "closing websocket");
+            rfc6455::encode_close(&mut self.link.out, code, reason);
+            if self.flush().await.is_ok() {
                 self.await_close_reply().await;
             }
         }
-        tracing::debug!("websocket closed");
+        tracing::debug!(parent: &self.span, "websocket closed");
     }
 
     /// Lets the client complete the closing handshake before the socket is
@@ -157,9 +201,15 @@ where
     /// on its side: a browser would then report 1006 instead of our code.
     async fn await_close_reply(&mut self) {
         let wait = async {
-            while let Some(Ok(message)) = self.ws.next().await {
-                if matches!(message, Message::Close(_)) {
-                    break;
+            loop {
+                match self.reader.next() {
+                    Ok(Some(Frame::Close(_))) | Err(_) => return,
+                    Ok(Some(_)) => continue,
+                    Ok(None) => {}
+                }
+                match self.link.socket.read(&mut self.reader.buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
                 }
             }
         };
@@ -168,10 +218,12 @@ where
 
     /// Returns the close frame to send, or `Gone` when the socket is already
     /// unusable.
-    async fn serve(&mut self, query: StreamQuery) -> Result<(CloseCode, &'static str), Gone> {
+    async fn serve(&mut self, query: StreamQuery) -> Result<Close, Gone> {
         self.send(reply::welcome(self.session.id())).await?;
         for channel in query.channels {
-            Box::pin(self.subscribe(channel, query.events.clone(), None, None)).await?;
+            let span = self.span.clone();
+            let subscribe = self.subscribe(channel, query.events.clone(), None, None);
+            Box::pin(subscribe.instrument(span)).await?;
         }
         loop {
             tokio::select! {
@@ -180,29 +232,36 @@ where
                     Event::Deliver(first) => self.deliver(first).await?,
                     Event::Expiring { in_secs } => self.send(reply::expiring(in_secs)).await?,
                     Event::Expired => {
-                        tracing::info!("credential ended, closing");
-                        return Ok((CloseCode::Library(4001), "expired"));
+                        tracing::info!(parent: &self.span, "credential ended, closing");
+                        return Ok((code::EXPIRED, "expired"));
                     }
                     Event::Reconnect { after_ms } => {
                         self.send(reply::reconnect(after_ms)).await?;
-                        return Ok((CloseCode::Restart, "server restarting, reconnect"));
+                        return Ok((code::RESTART, "server restarting, reconnect"));
                     }
                     Event::Slow => {
-                        tracing::info!("client too slow: queue full, closing");
-                        return Ok((CloseCode::Again, "too slow: queue full"));
+                        tracing::info!(parent: &self.span, "client too slow: queue full, closing");
+                        return Ok((code::AGAIN, "too slow: queue full"));
                     }
-                    Event::Heartbeat => self.write(Message::Ping(Default::default())).await?,
+                    Event::Heartbeat => {
+                        rfc6455::encode(&mut self.link.out, rfc6455::PING, b"");
+                        self.flush().await?;
+                    }
                     Event::Idle => {
-                        tracing::info!("client silent for too long, closing");
-                        return Ok((CloseCode::Away, "idle timeout"));
+                        tracing::info!(parent: &self.span, "client silent for too long, closing");
+                        return Ok((code::AWAY, "idle timeout"));
                     }
                 },
-                frame = self.ws.next() => {
+                read = self.link.socket.read(&mut self.reader.buf) => {
+                    if !matches!(read, Ok(n) if n > 0) {
+                        return Err(Gone);
+                    }
                     self.session.heard();
                     // Boxed: a command's path (a subscribe reads Redis) is
                     // deep and rare, and the connection's long-lived task
                     // should not reserve room for it between commands.
-                    if let Some(close) = Box::pin(self.frame(frame)).await? {
+                    let span = self.span.clone();
+                    if let Some(close) = Box::pin(self.frames().instrument(span)).await? {
                         return Ok(close);
                     }
                 }
@@ -210,73 +269,78 @@ where
         }
     }
 
-    /// Handles one frame from the client; returns a close frame to send
-    /// when the connection must end.
-    async fn frame(
-        &mut self,
-        frame: Option<Result<Message, WsError>>,
-    ) -> Result<Option<(CloseCode, &'static str)>, Gone> {
-        match frame {
-            Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
-                match self.session.take_command() {
-                    Verdict::Go => {}
-                    Verdict::SlowDown => {
-                        self.refuse(&Refusal::RateLimited, &None).await?;
-                        return Ok(None);
-                    }
-                    Verdict::Close => {
-                        tracing::info!("command rate exceeded persistently, closing");
-                        return Ok(Some((CloseCode::Policy, "rate limit exceeded")));
-                    }
+    /// Handles every complete frame the client sent; returns a close frame
+    /// to send when the connection must end.
+    async fn frames(&mut self) -> Result<Option<Close>, Gone> {
+        loop {
+            let frame = match self.reader.next() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Ok(None),
+                Err(Error::TooLong { size, max }) => {
+                    tracing::info!(size, max, "frame too large, closing");
+                    let reason = format!("message of {size} bytes exceeds the limit of {max}");
+                    self.refuse(&Refusal::TooLarge(reason), &None).await?;
+                    return Ok(Some((code::TOO_BIG, "message too large")));
                 }
-                match message {
-                    Message::Text(text) => self.command(text.as_str()).await?,
-                    _ => {
-                        let refusal = Refusal::BadRequest("binary frames are not supported".into());
-                        self.refuse(&refusal, &None).await?;
-                    }
+                Err(e) => {
+                    tracing::info!(error = ?e, "websocket protocol error, closing");
+                    let reason = match e {
+                        Error::Protocol(reason) => reason,
+                        _ => "text frame is not UTF-8",
+                    };
+                    return Ok(Some((e.close_code(), reason)));
+                }
+            };
+            let text = match frame {
+                Frame::Text(text) => Some(text),
+                Frame::Binary => None,
+                Frame::Ping(payload) => {
+                    rfc6455::encode(&mut self.link.out, rfc6455::PONG, &payload);
+                    self.flush().await?;
+                    continue;
+                }
+                Frame::Pong => continue,
+                Frame::Close(code) => {
+                    // Echo the client's close (RFC 6455 5.5.1) before the
+                    // socket goes, or the client sees 1006.
+                    let payload = code.map(u16::to_be_bytes);
+                    let payload: &[u8] = payload.as_ref().map_or(&[], |p| p);
+                    rfc6455::encode(&mut self.link.out, rfc6455::CLOSE, payload);
+                    let _ = self.flush().await;
+                    return Err(Gone);
+                }
+            };
+            match self.session.take_command() {
+                Verdict::Go => {}
+                Verdict::SlowDown => {
+                    self.refuse(&Refusal::RateLimited, &None).await?;
+                    continue;
+                }
+                Verdict::Close => {
+                    tracing::info!("command rate exceeded persistently, closing");
+                    return Ok(Some((code::POLICY, "rate limit exceeded")));
                 }
             }
-            // tungstenite answers pings itself.
-            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-            Some(Ok(Message::Close(_))) => {
-                // tungstenite queued the echo of the client's close frame
-                // (RFC 6455 5.5.1): send it before the socket goes, or the
-                // client sees 1006.
-                let _ = bounded(self.write_timeout, self.ws.flush()).await;
-                return Err(Gone);
-            }
-            None => return Err(Gone),
-            Some(Err(WsError::Capacity(CapacityError::MessageTooLong { size, max_size }))) => {
-                tracing::info!(size, max_size, "frame too large, closing");
-                let reason = format!("message of {size} bytes exceeds the limit of {max_size}");
-                self.refuse(&Refusal::TooLarge(reason), &None).await?;
-                return Ok(Some((CloseCode::Size, "message too large")));
-            }
-            Some(Err(e)) => {
-                tracing::debug!(error = %e, "websocket read failed");
-                return Err(Gone);
+            match text {
+                Some(text) => self.command(&text).await?,
+                None => {
+                    let refusal = Refusal::BadRequest("binary frames are not supported".into());
+                    self.refuse(&refusal, &None).await?;
+                }
             }
         }
-        Ok(None)
     }
 
-    /// Writes `first` and whatever else is ready, then flushes once.
+    /// Writes `first` and whatever else is ready, with one write.
     async fn deliver(&mut self, first: Arc<Publication>) -> Result<(), Gone> {
-        let Self { session, ws, .. } = self;
-        let batch = async {
-            let mut next = Some(first);
-            let mut taken = 0;
-            while let Some(p) = next.take() {
-                taken += 1;
-                ws.feed(Message::Text(p.frame.clone())).await?;
-                if taken < WRITE_BATCH {
-                    next = session.try_next();
-                }
-            }
-            ws.flush().await
-        };
-        bounded(self.write_timeout, batch).await
+        rfc6455::encode(&mut self.link.out, rfc6455::TEXT, first.frame.as_bytes());
+        for _ in 1..WRITE_BATCH {
+            let Some(p) = self.session.try_next() else {
+                break;
+            };
+            rfc6455::encode(&mut self.link.out, rfc6455::TEXT, p.frame.as_bytes());
+        }
+        self.flush().await
     }
 
     async fn command(&mut self, text: &str) -> Result<(), Gone> {
@@ -359,27 +423,11 @@ where
     }
 
     async fn send(&mut self, text: String) -> Result<(), Gone> {
-        self.write(Message::text(text)).await
+        rfc6455::encode(&mut self.link.out, rfc6455::TEXT, text.as_bytes());
+        self.flush().await
     }
 
-    async fn write(&mut self, message: Message) -> Result<(), Gone> {
-        bounded(self.write_timeout, self.ws.send(message)).await
-    }
-}
-
-async fn bounded<F>(limit: Duration, write: F) -> Result<(), Gone>
-where
-    F: std::future::Future<Output = Result<(), WsError>>,
-{
-    match tokio::time::timeout(limit, write).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "websocket write failed");
-            Err(Gone)
-        }
-        Err(_) => {
-            tracing::info!("websocket write timed out, dropping client");
-            Err(Gone)
-        }
+    async fn flush(&mut self) -> Result<(), Gone> {
+        self.link.flush().await.map_err(|_| Gone)
     }
 }
