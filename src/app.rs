@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Authenticator;
@@ -86,9 +85,6 @@ impl App {
 pub(crate) struct ConnInfo {
     /// The client's address.
     pub peer: SocketAddr,
-    /// Cancelling it drops the TCP connection, even if hyper is stuck
-    /// writing to a client that stopped reading.
-    pub kill: CancellationToken,
     /// Where a stream takes the connection out of hyper.
     pub handoff: Arc<crate::link::Handoff>,
 }

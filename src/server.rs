@@ -202,6 +202,12 @@ fn launch(config: Config, parts: Parts, listener: TcpListener) -> anyhow::Result
     let app = Arc::new(App::new(
         config, hub, broker, policy, auth, origins, metrics,
     ));
+    // Heartbeats are late by at most a quarter of the shortest period.
+    let shortest = app.config.sse.heartbeat.min(app.config.ws.ping_interval);
+    let tick = (shortest / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let clock_app = Arc::clone(&app);
+    let stop_clock = stop_background.clone();
+    background.spawn(async move { clock_app.lifecycle.run_clock(tick, stop_clock).await });
     let sigterm = CancellationToken::new();
     let done = tokio::spawn(run(
         app,
@@ -279,12 +285,10 @@ async fn accept_loop(app: Arc<App>, listener: TcpListener) {
             },
         };
         let _ = stream.set_nodelay(true);
-        let kill = CancellationToken::new();
         let stall = StallTimeout::new(app.config.sse.write_timeout);
         let handoff = Arc::new(Handoff::default());
         let info = ConnInfo {
             peer,
-            kill: kill.clone(),
             handoff: Arc::clone(&handoff),
         };
         let conn_app = Arc::clone(&app);
@@ -317,7 +321,6 @@ async fn accept_loop(app: Arc<App>, listener: TcpListener) {
                         }
                         return;
                     }
-                    _ = kill.cancelled() => return,
                     _ = handoff.signalled() => break,
                     _ = drain.cancelled(), if !draining => {
                         // Idle keep-alive connections close now; open
@@ -339,11 +342,7 @@ async fn accept_loop(app: Arc<App>, listener: TcpListener) {
                     Poll::Pending => Poll::Pending,
                 }
             });
-            let flushed = tokio::select! {
-                flushed = flushed => flushed,
-                _ = kill.cancelled() => false,
-            };
-            let (Some(takeover), true) = (handoff.take(), flushed) else {
+            let (Some(takeover), true) = (handoff.take(), flushed.await) else {
                 return;
             };
             if let Some(parts) = conn.into_parts() {

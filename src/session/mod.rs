@@ -17,18 +17,19 @@
 //!   idle clock, and its command rate ([`rate`]).
 
 use std::collections::VecDeque;
+use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use prometheus::IntCounter;
-use tokio::time::{Instant, Interval};
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio::time::Instant;
 
 use crate::app::App;
 use crate::auth::{AuthEvent, Failure, Principal, Watch};
 use crate::history::StreamId;
+use crate::lifecycle::Bell;
 use crate::limits::Admitted;
 use crate::metrics::Transport;
 use crate::protocol::{Filter, Kind, Publication};
@@ -45,7 +46,7 @@ pub(crate) use queue::ConnId;
 pub(crate) use rate::Verdict;
 pub(crate) use resume::Tracker;
 
-use queue::Inbox;
+use queue::{Mail, Mailbox};
 use rate::Commands;
 use resume::Budget;
 use subscriptions::Subscriptions;
@@ -87,8 +88,6 @@ pub(crate) struct Wire {
     /// Close a client silent for this long, and rate its commands:
     /// protocols where clients talk.
     pub(crate) idle_timeout: Option<Duration>,
-    /// Cancelled when the queue overflows (besides [`Event::Slow`]).
-    pub(crate) on_slow: CancellationToken,
     /// Bytes each replayed message costs on the wire besides its payload.
     pub(crate) replay_overhead: usize,
     /// The client's address, for logs.
@@ -135,9 +134,8 @@ struct Talk {
 
 /// Where a connection is in a drain.
 enum Drain {
-    /// Waiting for the drain to begin (a registered waiter, kept across
-    /// polls so a delivery does not cost a registration).
-    Waiting(Pin<Box<WaitForCancellationFutureOwned>>),
+    /// Waiting for the drain to begin (the clock rings the mailbox).
+    Waiting,
     /// The drain began: leave when this timer fires (boxed: it exists
     /// only while draining), telling the client to wait `retry_ms` before
     /// reconnecting.
@@ -153,7 +151,9 @@ enum Drain {
 /// unsubscribes every channel and frees the connection's slot.
 pub(crate) struct Session {
     app: Arc<App>,
-    inbox: Inbox,
+    mailbox: Arc<Mailbox>,
+    /// Publications taken from the mailbox, still to deliver.
+    batch: VecDeque<Arc<Publication>>,
     subs: Subscriptions,
     watch: Watch,
     tracker: Tracker,
@@ -162,7 +162,6 @@ pub(crate) struct Session {
     replay_overhead: usize,
     admitted: Admitted,
     drain: Drain,
-    heartbeat: Interval,
     /// For protocols where clients talk: out of line, so a stream that
     /// only listens (SSE) does not carry it.
     talk: Option<Box<Talk>>,
@@ -175,7 +174,10 @@ impl Session {
     pub(crate) fn open(app: Arc<App>, admission: Admission, wire: Wire) -> Self {
         let limits = &app.config.limits;
         let counter = app.metrics.slow_client_disconnects.clone();
-        let (id, sink, inbox) = queue::queue(limits.queue_size, wire.on_slow, counter);
+        let id = queue::next_id();
+        let mailbox = Arc::new(Mailbox::new(limits.queue_size, counter));
+        let bell: Weak<dyn Bell> = Arc::downgrade(&mailbox) as Weak<dyn Bell>;
+        app.lifecycle.attach(id, bell, wire.heartbeat);
         let span = tracing::info_span!(
             "conn",
             conn.id = id,
@@ -187,18 +189,16 @@ impl Session {
         if let Some(user) = &admission.principal.user {
             span.record("user", user.as_str());
         }
-        let drain = app.lifecycle.drain_started().clone().cancelled_owned();
-        let heartbeat = tokio::time::interval_at(Instant::now() + wire.heartbeat, wire.heartbeat);
         Self {
-            inbox,
-            subs: Subscriptions::new(Arc::clone(&app.hub), id, sink),
+            subs: Subscriptions::new(Arc::clone(&app.hub), id, Arc::clone(&mailbox) as _),
+            mailbox,
+            batch: VecDeque::new(),
             watch: Watch::new(Arc::clone(&app.auth), admission.principal),
             tracker: Tracker::default(),
             replay: None,
             replay_overhead: wire.replay_overhead,
             admitted: admission.admitted,
-            drain: Drain::Waiting(Box::pin(drain)),
-            heartbeat,
+            drain: Drain::Waiting,
             talk: wire.idle_timeout.map(|idle_timeout| {
                 Box::new(Talk {
                     idle_timeout,
@@ -231,60 +231,72 @@ impl Session {
     /// call it inside `select!` next to the protocol's own reads.
     pub(crate) async fn next(&mut self) -> Event {
         loop {
-            if let Some(p) = self.next_replayed() {
+            if self.mailbox.is_slow() {
+                return Event::Slow;
+            }
+            if let Some(p) = self.try_next() {
                 return Event::Deliver(p);
             }
+            let leaving = matches!(self.drain, Drain::Leaving { .. });
             tokio::select! {
                 biased;
-                _ = self.inbox.slow.cancelled() => return Event::Slow,
                 event = self.watch.next() => return match event {
                     AuthEvent::Expiring { in_secs } => Event::Expiring { in_secs },
                     AuthEvent::Expired => Event::Expired,
                 },
-                _ = drain(&mut self.drain), if !matches!(self.drain, Drain::Done) => {
-                    match self.drain {
-                        Drain::Leaving { retry_ms, .. } => {
-                            self.drain = Drain::Done;
-                            return Event::Reconnect { after_ms: retry_ms };
-                        }
-                        _ => {
+                _ = leave(&mut self.drain), if leaving => {
+                    if let Drain::Leaving { retry_ms, .. } = self.drain {
+                        self.drain = Drain::Done;
+                        return Event::Reconnect { after_ms: retry_ms };
+                    }
+                }
+                mail = poll_fn(|cx| self.mailbox.poll_next(cx, &mut self.batch)) => match mail {
+                    Mail::Slow => return Event::Slow,
+                    Mail::Drain => {
+                        if matches!(self.drain, Drain::Waiting) {
                             let (wait, retry_ms) = self.app.lifecycle.my_turn();
                             let at = Box::pin(tokio::time::sleep(wait));
                             self.drain = Drain::Leaving { at, retry_ms };
                         }
                     }
-                }
-                p = self.inbox.rx.recv() => match p {
-                    Some(p) if self.accept(&p) => return Event::Deliver(p),
-                    Some(_) => {}
-                    // The queue's sender lives in `subs`, as long as the
-                    // session: this cannot happen, and closing is the safe
-                    // answer if it ever did.
-                    None => return Event::Slow,
+                    Mail::Publications => {}
+                    Mail::Heartbeat => {
+                        let idle = self
+                            .talk
+                            .as_ref()
+                            .is_some_and(|t| t.last_heard.elapsed() >= t.idle_timeout);
+                        return if idle { Event::Idle } else { Event::Heartbeat };
+                    }
                 },
-                _ = self.heartbeat.tick() => {
-                    let idle = self
-                        .talk
-                        .as_ref()
-                        .is_some_and(|t| t.last_heard.elapsed() >= t.idle_timeout);
-                    return if idle { Event::Idle } else { Event::Heartbeat };
-                }
             }
         }
     }
 
     /// The next publication to deliver if one is ready now: for writing a
-    /// batch after [`Event::Deliver`] with one flush.
+    /// batch after [`Event::Deliver`] with one write.
     pub(crate) fn try_next(&mut self) -> Option<Arc<Publication>> {
         if let Some(p) = self.next_replayed() {
             return Some(p);
         }
-        while let Ok(p) = self.inbox.rx.try_recv() {
+        loop {
+            let p = match self.batch.pop_front() {
+                Some(p) => p,
+                None => {
+                    self.mailbox.take(&mut self.batch);
+                    self.batch.pop_front()?
+                }
+            };
             if self.accept(&p) {
                 return Some(p);
             }
         }
-        None
+    }
+
+    /// Resolves once the connection's queue overflowed: a writer blocked
+    /// on a client that stopped reading gives up then.
+    pub(crate) fn slowed(&self) -> impl std::future::Future<Output = ()> + Send + '_ {
+        let mailbox: &Mailbox = &self.mailbox;
+        poll_fn(move |cx| mailbox.poll_slow(cx))
     }
 
     /// The next replayed message; once none is left, the replay budget is
@@ -436,12 +448,16 @@ impl Session {
     }
 }
 
-/// Resolves at the drain's next step for this connection: when the drain
-/// begins, then at the connection's moment to leave.
-async fn drain(drain: &mut Drain) {
+/// Resolves at the connection's moment to leave, once the drain began.
+async fn leave(drain: &mut Drain) {
     match drain {
-        Drain::Waiting(begun) => begun.await,
         Drain::Leaving { at, .. } => at.await,
-        Drain::Done => std::future::pending().await,
+        Drain::Waiting | Drain::Done => std::future::pending().await,
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.app.lifecycle.detach(self.subs.id());
     }
 }

@@ -1,16 +1,23 @@
-//! A connection's queue: bounded, filled by the hub without waiting, read
-//! by the connection's task. A queue that overflows marks its connection
-//! slow, and the connection closes: one client that stopped reading never
-//! holds up the others, nor grows without bound.
+//! A connection's mailbox: its bounded queue of publications, filled by
+//! the hub without waiting, and the flags the clock raises (heartbeat,
+//! drain). The connection's task takes everything queued with one lock per
+//! wake-up. A queue that overflows marks its connection slow, and the
+//! connection closes: one client that stopped reading never holds up the
+//! others, nor grows without bound.
+//!
+//! Lighter than a channel plus a cancellation token plus a timer: one
+//! allocation per connection, no semaphore, and nothing registered per
+//! delivery besides the task's waker.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 
 use prometheus::IntCounter;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
 use crate::hub::Sink;
+use crate::lifecycle::{Bell, Signal};
 use crate::protocol::Publication;
 
 /// Unique id of a client connection within this process.
@@ -18,79 +25,233 @@ pub(crate) type ConnId = u64;
 
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
-/// What the connection reads: its queue, and the signal that it fell behind.
-pub(super) struct Inbox {
-    /// Publications for this connection, in order.
-    pub(super) rx: mpsc::Receiver<Arc<Publication>>,
-    /// Cancelled when the queue overflowed: the connection must close.
-    pub(super) slow: CancellationToken,
+/// A fresh id for a new connection.
+pub(super) fn next_id() -> ConnId {
+    NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed)
 }
 
-/// The hub's end of one connection's queue.
-struct Outbox {
-    tx: mpsc::Sender<Arc<Publication>>,
-    fired: AtomicBool,
-    slow: CancellationToken,
-    /// `crier_slow_client_disconnects_total`, counted once per connection
-    /// when its queue overflows (the connection may never be polled again:
-    /// SSE cuts the TCP connection at once).
+/// What the connection's task learns from its mailbox, most urgent first.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Mail {
+    /// The queue overflowed: close.
+    Slow,
+    /// The drain began.
+    Drain,
+    /// Publications were moved into the caller's batch.
+    Publications,
+    /// The heartbeat period went by.
+    Heartbeat,
+}
+
+/// See the module documentation.
+pub(super) struct Mailbox {
+    state: Mutex<State>,
+    /// Set once, with the state's lock held; read without it.
+    slow: AtomicBool,
+    capacity: usize,
+    /// `crier_slow_client_disconnects_total`, counted once per connection.
     counter: IntCounter,
 }
 
-impl Sink for Outbox {
-    fn offer(&self, publication: &Arc<Publication>) -> bool {
-        match self.tx.try_send(Arc::clone(publication)) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if !self.fired.swap(true, Ordering::AcqRel) {
-                    self.counter.inc();
-                    self.slow.cancel();
-                }
-                false
-            }
-            // The connection is closing; its subscriptions go with it.
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Arc<Publication>>,
+    /// The connection's task, when it waits for mail.
+    waker: Option<Waker>,
+    drain: bool,
+    heartbeat: bool,
+}
+
+impl Mailbox {
+    /// A mailbox holding up to `capacity` publications.
+    pub(super) fn new(capacity: usize, counter: IntCounter) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            slow: AtomicBool::new(false),
+            capacity,
+            counter,
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the queue overflowed.
+    pub(super) fn is_slow(&self) -> bool {
+        self.slow.load(Ordering::Acquire)
+    }
+
+    /// The next mail; publications are appended to `batch` (all queued,
+    /// with one lock). Pending registers the task's waker.
+    pub(super) fn poll_next(
+        &self,
+        cx: &mut Context<'_>,
+        batch: &mut VecDeque<Arc<Publication>>,
+    ) -> Poll<Mail> {
+        if self.is_slow() {
+            return Poll::Ready(Mail::Slow);
+        }
+        let mut state = self.state();
+        if std::mem::take(&mut state.drain) {
+            return Poll::Ready(Mail::Drain);
+        }
+        if !state.queue.is_empty() {
+            take_all(&mut state.queue, batch);
+            return Poll::Ready(Mail::Publications);
+        }
+        if std::mem::take(&mut state.heartbeat) {
+            return Poll::Ready(Mail::Heartbeat);
+        }
+        state.park(cx);
+        Poll::Pending
+    }
+
+    /// Appends whatever is queued to `batch`, without waiting.
+    pub(super) fn take(&self, batch: &mut VecDeque<Arc<Publication>>) {
+        if self.is_slow() {
+            return;
+        }
+        take_all(&mut self.state().queue, batch);
+    }
+
+    /// Ready once the queue overflowed: for a writer blocked on a client
+    /// that stopped reading.
+    pub(super) fn poll_slow(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.is_slow() {
+            return Poll::Ready(());
+        }
+        let mut state = self.state();
+        if self.is_slow() {
+            return Poll::Ready(());
+        }
+        state.park(cx);
+        Poll::Pending
+    }
+
+    /// Sets what `set` sets and wakes the task.
+    fn notify(&self, set: impl FnOnce(&mut State)) {
+        let waker = {
+            let mut state = self.state();
+            set(&mut state);
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
         }
     }
 }
 
-/// A fresh queue of `capacity` for a new connection, and its id. `on_slow`
-/// is cancelled when the queue overflows; SSE passes its TCP connection's
-/// kill token here, so a client that stopped reading is cut off even while
-/// hyper is stuck writing to it.
-pub(super) fn queue(
-    capacity: usize,
-    on_slow: CancellationToken,
-    counter: IntCounter,
-) -> (ConnId, Arc<dyn Sink>, Inbox) {
-    let (tx, rx) = mpsc::channel(capacity);
-    let outbox = Outbox {
-        tx,
-        fired: AtomicBool::new(false),
-        slow: on_slow.clone(),
-        counter,
-    };
-    let id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
-    (id, Arc::new(outbox), Inbox { rx, slow: on_slow })
+impl State {
+    /// Registers the task to wake (cloning its waker only when it changed).
+    fn park(&mut self, cx: &Context<'_>) {
+        if !self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            self.waker = Some(cx.waker().clone());
+        }
+    }
+}
+
+/// Moves every queued publication to the end of `batch`: by swapping the
+/// two when the batch is empty (no copy), else one by one.
+fn take_all(queue: &mut VecDeque<Arc<Publication>>, batch: &mut VecDeque<Arc<Publication>>) {
+    if batch.is_empty() {
+        std::mem::swap(queue, batch);
+    } else {
+        batch.extend(queue.drain(..));
+    }
+}
+
+impl Sink for Mailbox {
+    fn offer(&self, publication: &Arc<Publication>) -> bool {
+        if self.is_slow() {
+            return false;
+        }
+        let (taken, waker) = {
+            let mut state = self.state();
+            if state.queue.len() < self.capacity {
+                state.queue.push_back(Arc::clone(publication));
+                (true, state.waker.take())
+            } else {
+                // Once: the flag is only set under the lock.
+                if !self.slow.swap(true, Ordering::AcqRel) {
+                    self.counter.inc();
+                }
+                state.queue = VecDeque::new();
+                (false, state.waker.take())
+            }
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        taken
+    }
+}
+
+impl Bell for Mailbox {
+    fn ring(&self, signal: Signal) {
+        self.notify(|state| match signal {
+            Signal::Drain => state.drain = true,
+            Signal::Heartbeat => state.heartbeat = true,
+        });
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::poll_fn;
+
+    fn publication(i: usize) -> Arc<Publication> {
+        Arc::new(Publication::new("c", format!("{i}").as_bytes()))
+    }
+
+    async fn next(mailbox: &Mailbox, batch: &mut VecDeque<Arc<Publication>>) -> Mail {
+        poll_fn(|cx| mailbox.poll_next(cx, batch)).await
+    }
 
     #[tokio::test]
     async fn an_overflow_marks_the_connection_slow_once() {
         let counter = IntCounter::new("slow", "test").expect("counter");
-        let (a, sink, mut inbox) = queue(2, CancellationToken::new(), counter.clone());
-        let (b, _, _) = queue(2, CancellationToken::new(), counter.clone());
-        assert_ne!(a, b, "ids are unique");
-        let taken: Vec<_> = (0..4)
-            .map(|i| sink.offer(&Arc::new(Publication::new("c", format!("{i}").as_bytes()))))
-            .collect();
+        let mailbox = Mailbox::new(2, counter.clone());
+        assert_ne!(next_id(), next_id(), "ids are unique");
+        let taken: Vec<_> = (0..4).map(|i| mailbox.offer(&publication(i))).collect();
         assert_eq!(taken, [true, true, false, false]);
-        assert!(inbox.slow.is_cancelled());
+        assert!(mailbox.is_slow());
         assert_eq!(counter.get(), 1, "counted once per connection");
-        let first = inbox.rx.recv().await.expect("queued");
-        assert!(first.frame.as_str().ends_with("\"data\":0}"));
+        let mut batch = VecDeque::new();
+        assert_eq!(next(&mailbox, &mut batch).await, Mail::Slow);
+        assert!(batch.is_empty(), "a slow connection delivers nothing more");
+    }
+
+    #[tokio::test]
+    async fn one_wake_up_takes_everything_queued_and_signals_come_in_order() {
+        let counter = IntCounter::new("slow", "test").expect("counter");
+        let mailbox = Arc::new(Mailbox::new(8, counter));
+        let mut batch = VecDeque::new();
+        let waiter = {
+            let mailbox = Arc::clone(&mailbox);
+            tokio::spawn(async move {
+                let mut batch = VecDeque::new();
+                let mail = next(&mailbox, &mut batch).await;
+                (mail, batch.len())
+            })
+        };
+        tokio::task::yield_now().await;
+        assert!(mailbox.offer(&publication(0)), "wakes the waiting task");
+        assert_eq!(waiter.await.expect("woken"), (Mail::Publications, 1));
+        for i in 0..3 {
+            assert!(mailbox.offer(&publication(i)));
+        }
+        mailbox.ring(Signal::Heartbeat);
+        mailbox.ring(Signal::Drain);
+        assert_eq!(
+            next(&mailbox, &mut batch).await,
+            Mail::Drain,
+            "the drain first"
+        );
+        assert_eq!(next(&mailbox, &mut batch).await, Mail::Publications);
+        assert_eq!(batch.len(), 3, "all of them at once");
+        assert!(batch[0].frame.as_str().ends_with("\"data\":0}"), "in order");
+        assert_eq!(next(&mailbox, &mut batch).await, Mail::Heartbeat);
     }
 }

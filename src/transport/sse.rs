@@ -17,7 +17,6 @@ use std::sync::Arc;
 
 use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
-use tokio_util::sync::CancellationToken;
 
 use crate::app::{App, ConnInfo};
 use crate::history::Cursor;
@@ -68,7 +67,6 @@ async fn open<B>(
         transport: Transport::Sse,
         heartbeat: app.config.sse.heartbeat,
         idle_timeout: None,
-        on_slow: info.kill.clone(),
         replay_overhead: cursor_bytes(&query.channels),
         peer: info.peer,
     };
@@ -101,11 +99,10 @@ async fn open<B>(
     // `crate::link`): the body only signals that the head is out.
     let stall = app.config.sse.write_timeout;
     let slow = app.metrics.slow_client_disconnects.clone();
-    let kill = info.kill.clone();
     let task_app = Arc::clone(&app);
     info.handoff.offer(Box::new(move |stream| {
         let link = Link::new(stream, stall, slow);
-        task_app.tasks.spawn(live.run(link, kill));
+        task_app.tasks.spawn(live.run(link));
     }));
     let body = HandoffBody(Arc::clone(&info.handoff)).boxed_unsync();
     let mut response = Response::new(body);
@@ -154,8 +151,8 @@ struct Live {
 
 impl Live {
     /// Serves the stream on `link` until it ends, the client leaves or
-    /// `kill` (the queue overflowed) fires.
-    async fn run(mut self, mut link: Link, kill: CancellationToken) {
+    /// falls behind.
+    async fn run(mut self, mut link: Link) {
         let span = self.session.span();
         loop {
             let start = self.start_chunk(&mut link.out);
@@ -175,10 +172,12 @@ impl Live {
             if self.done && self.chunked {
                 link.out.extend_from_slice(b"0\r\n\r\n");
             }
+            // A client that stopped reading is cut off as soon as its
+            // queue overflows, or when the write stalls for too long.
             let written = tokio::select! {
                 biased;
-                _ = kill.cancelled() => Err(Broken::Stalled),
                 written = link.flush_from(start) => written,
+                () = self.session.slowed() => Err(Broken::Stalled),
             };
             if written.is_err() {
                 return;

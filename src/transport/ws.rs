@@ -20,7 +20,6 @@ use hyper_tungstenite::tungstenite::handshake::derive_accept_key;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::app::{App, ConnInfo};
@@ -140,12 +139,10 @@ async fn serve(
     admission: Admission,
 ) {
     let ws_config = &app.config.ws;
-    let on_slow = CancellationToken::new();
     let wire = Wire {
         transport: Transport::Ws,
         heartbeat: ws_config.ping_interval,
         idle_timeout: Some(ws_config.idle_timeout),
-        on_slow,
         replay_overhead: 0,
         peer,
     };
@@ -427,6 +424,9 @@ impl Conn {
         self.flush().await
     }
 
+    /// Writes what is buffered. A client whose queue overflowed still gets
+    /// this write, then the close frame saying why (1013), unless it makes
+    /// no progress for the write timeout.
     async fn flush(&mut self) -> Result<(), Gone> {
         self.link.flush().await.map_err(|_| Gone)
     }
