@@ -17,8 +17,11 @@
 //! shrinks back after a burst, and a read buffer exists only while a
 //! client's frame is incomplete.
 
+use std::future::poll_fn;
 use std::io;
+use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use prometheus::IntCounter;
@@ -55,11 +58,19 @@ impl Link {
     /// The socket of a stream whose writes may stall for `stall`.
     pub(crate) fn new(stream: TcpStream, stall: Duration, slow: IntCounter) -> Self {
         Self {
-            socket: Socket(stream),
+            socket: Socket(Arc::new(Outlet {
+                stream,
+                state: Mutex::new(OutletState::default()),
+            })),
             out: Vec::new(),
             stall,
             slow,
         }
+    }
+
+    /// The socket's write side, for direct writes by the hub.
+    pub(crate) fn outlet(&self) -> Arc<Outlet> {
+        Arc::clone(&self.socket.0)
     }
 
     /// Writes everything in [`Link::out`], in as few calls as the socket
@@ -71,15 +82,34 @@ impl Link {
 
     /// [`Link::flush`], leaving out the first `start` bytes of the buffer
     /// (room a writer kept for a header it turned out not to need whole).
+    /// Direct writes stop first, and what one of them left unwritten goes
+    /// out before the buffer.
     pub(crate) async fn flush_from(&mut self, start: usize) -> Result<(), Broken> {
+        let unwritten = self.socket.0.close();
+        if !unwritten.is_empty() {
+            self.write_all(&unwritten, 0).await?;
+        }
+        let out = std::mem::take(&mut self.out);
+        let written = self.write_all(&out, start).await;
+        self.out = out;
+        if self.out.capacity() > KEEP_WRITE_BUFFER {
+            self.out = Vec::new();
+        } else {
+            self.out.clear();
+        }
+        written
+    }
+
+    async fn write_all(&self, bytes: &[u8], start: usize) -> Result<(), Broken> {
+        let stream = &self.socket.0.stream;
         let mut written = start;
-        while written < self.out.len() {
-            match self.socket.0.try_write(&self.out[written..]) {
+        while written < bytes.len() {
+            match stream.try_write(&bytes[written..]) {
                 Ok(0) => return Err(Broken::Gone),
                 Ok(n) => written += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // A timer only while the socket is full.
-                    match tokio::time::timeout(self.stall, self.socket.0.writable()).await {
+                    match tokio::time::timeout(self.stall, stream.writable()).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) => return Err(Broken::Gone),
                         Err(_) => {
@@ -93,44 +123,134 @@ impl Link {
                 Err(_) => return Err(Broken::Gone),
             }
         }
-        if self.out.capacity() > KEEP_WRITE_BUFFER {
-            self.out = Vec::new();
-        } else {
-            self.out.clear();
-        }
         Ok(())
     }
 
     /// Ends our side of the connection after what was written (a FIN, so
     /// the client reads everything before it sees the end).
     pub(crate) fn finish(self) {
-        let std = self.socket.0.into_std();
-        if let Ok(std) = std {
-            let _ = std.shutdown(std::net::Shutdown::Write);
+        self.socket.0.close();
+        let dup = self.socket.0.stream.as_fd().try_clone_to_owned();
+        if let Ok(fd) = dup {
+            let _ = std::net::TcpStream::from(fd).shutdown(std::net::Shutdown::Write);
         }
+    }
+}
+
+/// The socket, shared by the connection's task and the hub's direct
+/// writes.
+///
+/// While the connection's task waits for mail with nothing to write, the
+/// outlet is *open*: the hub writes a publication straight to the socket
+/// (one `write`, no queue, no wake-up), as long as the socket takes all of
+/// it. Anything else closes it: the task closes it before every write of
+/// its own ([`Link::flush`]), a subscribe closes it (so nothing of a new
+/// channel comes before its `subscribed`), and a direct write the socket
+/// took only part of closes it and leaves the rest for the task, which
+/// writes it before anything else. So bytes never interleave and order is
+/// kept.
+pub(crate) struct Outlet {
+    stream: TcpStream,
+    state: Mutex<OutletState>,
+}
+
+#[derive(Default)]
+struct OutletState {
+    open: bool,
+    /// The rest of a direct write the socket did not take whole.
+    unwritten: Vec<u8>,
+}
+
+/// What became of a direct write.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Direct {
+    /// On the wire.
+    Written,
+    /// Partly written, the rest kept for the task: wake it.
+    Left,
+    /// The outlet is closed: queue it.
+    Refused,
+}
+
+impl Outlet {
+    fn state(&self) -> std::sync::MutexGuard<'_, OutletState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes `bytes` if the outlet is open.
+    pub(crate) fn try_direct(&self, bytes: &[u8]) -> Direct {
+        let mut state = self.state();
+        if !state.open {
+            return Direct::Refused;
+        }
+        let written = match self.stream.try_write(bytes) {
+            Ok(n) if n == bytes.len() => return Direct::Written,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            // Broken: the task finds out on its own next write or read.
+            Err(_) => {
+                state.open = false;
+                return Direct::Refused;
+            }
+        };
+        state.open = false;
+        state.unwritten.extend_from_slice(&bytes[written..]);
+        Direct::Left
+    }
+
+    /// The task waits for mail with nothing to write: direct writes may go.
+    pub(crate) fn open(&self) {
+        let mut state = self.state();
+        state.open = state.unwritten.is_empty();
+    }
+
+    /// Direct writes stop until the next [`Outlet::open`].
+    pub(crate) fn hold(&self) {
+        self.state().open = false;
+    }
+
+    /// Whether a direct write left bytes for the task.
+    pub(crate) fn has_unwritten(&self) -> bool {
+        !self.state().unwritten.is_empty()
+    }
+
+    /// Stops direct writes and takes what they left unwritten.
+    fn close(&self) -> Vec<u8> {
+        let mut state = self.state();
+        state.open = false;
+        std::mem::take(&mut state.unwritten)
     }
 }
 
 /// A stream's socket, for reading: shared while the writer fills
 /// [`Link::out`].
-pub(crate) struct Socket(TcpStream);
+pub(crate) struct Socket(Arc<Outlet>);
 
 impl Socket {
     /// Appends what the client sent to `buf` (what fits its spare room,
-    /// at least `READ_CHUNK` bytes), waiting until there is something. `Ok(0)`: the client closed its
-    /// side. Cancel-safe: nothing is read unless it is appended.
+    /// at least `READ_CHUNK` bytes), waiting until there is something.
+    /// `Ok(0)`: the client closed its side. Cancel-safe: nothing is read
+    /// unless it is appended.
     pub(crate) async fn read(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        poll_fn(|cx| self.poll_read(cx, buf)).await
+    }
+
+    /// [`Socket::read`] as a poll. Readiness is registered in the socket's
+    /// one reader slot, so a task that polls it on every wake-up pays no
+    /// registration per poll (a `readable()` future would join and leave a
+    /// waiter list each time).
+    fn poll_read(&self, cx: &mut Context<'_>, buf: &mut Vec<u8>) -> Poll<io::Result<usize>> {
         loop {
-            self.0.readable().await?;
+            ready!(self.0.stream.poll_read_ready(cx))?;
             buf.reserve(READ_CHUNK);
-            match self.0.try_read_buf(buf) {
+            match self.0.stream.try_read_buf(buf) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // A false alarm: keep no room reserved while idle.
                     if buf.is_empty() {
                         *buf = Vec::new();
                     }
                 }
-                other => return other,
+                other => return Poll::Ready(other),
             }
         }
     }
@@ -140,17 +260,18 @@ impl Socket {
     /// clients only listen. Cancel-safe.
     pub(crate) async fn closed(&self) {
         let mut sink = [0u8; 256];
-        loop {
-            if self.0.readable().await.is_err() {
-                return;
+        poll_fn(|cx| loop {
+            if ready!(self.0.stream.poll_read_ready(cx)).is_err() {
+                return Poll::Ready(());
             }
-            match self.0.try_read(&mut sink) {
-                Ok(0) => return,
+            match self.0.stream.try_read(&mut sink) {
+                Ok(0) => return Poll::Ready(()),
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => return,
+                Err(_) => return Poll::Ready(()),
             }
-        }
+        })
+        .await;
     }
 }
 

@@ -34,6 +34,18 @@ pub struct Publication {
     /// `id: <cursor>` + blank line for a stream whose only history channel
     /// is this one: encoded once, on first use, and shared.
     single_cursor: std::sync::OnceLock<Bytes>,
+    /// The whole bytes each wire protocol writes, for direct writes:
+    /// encoded once, on first use, and shared (see [`Encoding`]).
+    wire: [std::sync::OnceLock<Bytes>; 2],
+}
+
+/// A wire protocol's complete encoding of a publication, cached on it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Encoding {
+    /// A WebSocket text frame.
+    WsFrame = 0,
+    /// An SSE event as one HTTP/1.1 chunk.
+    SseChunk = 1,
 }
 
 /// What a publication tells the client.
@@ -120,7 +132,16 @@ impl Publication {
             frame,
             sse,
             single_cursor: std::sync::OnceLock::new(),
+            wire: Default::default(),
         }
+    }
+
+    /// This publication as `wire` writes it, made by `encode` the first
+    /// time and shared afterwards.
+    pub(crate) fn on_wire(&self, wire: Encoding, encode: impl FnOnce(&Self) -> Bytes) -> Bytes {
+        self.wire[wire as usize]
+            .get_or_init(|| encode(self))
+            .clone()
     }
 
     /// The `id:` line (and blank line) of a stream whose cursor holds only

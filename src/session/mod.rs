@@ -23,6 +23,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use prometheus::IntCounter;
 use tokio::time::Instant;
 
@@ -31,6 +32,7 @@ use crate::auth::{AuthEvent, Failure, Principal, Watch};
 use crate::history::StreamId;
 use crate::lifecycle::Bell;
 use crate::limits::Admitted;
+use crate::link::Outlet;
 use crate::metrics::Transport;
 use crate::protocol::{Filter, Kind, Publication};
 use crate::refusal::Refusal;
@@ -75,6 +77,9 @@ pub(crate) enum Event {
     Slow,
     /// Nothing else for a heartbeat period: keep the connection alive.
     Heartbeat,
+    /// A direct write left bytes behind: flush (the link writes them
+    /// before anything else).
+    Flush,
     /// The client sent nothing for the idle timeout: close.
     Idle,
 }
@@ -250,7 +255,7 @@ impl Session {
                         return Event::Reconnect { after_ms: retry_ms };
                     }
                 }
-                mail = poll_fn(|cx| self.mailbox.poll_next(cx, &mut self.batch)) => match mail {
+                mail = poll_fn(|cx| self.mailbox.poll_next(cx, &mut self.batch, true)) => match mail {
                     Mail::Slow => return Event::Slow,
                     Mail::Drain => {
                         if matches!(self.drain, Drain::Waiting) {
@@ -260,6 +265,7 @@ impl Session {
                         }
                     }
                     Mail::Publications => {}
+                    Mail::Unwritten => return Event::Flush,
                     Mail::Heartbeat => {
                         let idle = self
                             .talk
@@ -290,6 +296,13 @@ impl Session {
                 return Some(p);
             }
         }
+    }
+
+    /// The connection's socket, once the wire protocol has it: while the
+    /// task waits with nothing to write, the hub may write publications
+    /// to it directly, encoded by `encode` (see [`crate::link::Outlet`]).
+    pub(crate) fn attach(&self, outlet: Arc<Outlet>, encode: fn(&Publication) -> Bytes) {
+        self.mailbox.attach(outlet, encode, self.delivered.clone());
     }
 
     /// Resolves once the connection's queue overflowed: a writer blocked
@@ -350,6 +363,8 @@ impl Session {
         since: Option<StreamId>,
         resuming: bool,
     ) -> Result<Subscribed, Refusal> {
+        // Nothing of the channel may reach the client before its answer.
+        self.mailbox.hold();
         admit::may_subscribe(&self.app, channel, self.watch.principal())?;
         let limit = self.app.config.limits.max_subscriptions_per_connection;
         if !self.subs.contains(channel) && self.subs.channels().len() >= limit {

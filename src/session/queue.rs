@@ -8,6 +8,13 @@
 //! Lighter than a channel plus a cancellation token plus a timer: one
 //! allocation per connection, no semaphore, and nothing registered per
 //! delivery besides the task's waker.
+//!
+//! Lighter still when the connection's task is parked with nothing to
+//! write: a publication without a history id then goes straight to the
+//! socket through the connection's [`Outlet`] (when the hub allows it, see
+//! [`crate::hub`]), with no queue and no wake-up. Taking anything from the
+//! queue closes the outlet again, under the same lock, so a direct write
+//! never overtakes a queued one.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -16,9 +23,12 @@ use std::task::{Context, Poll, Waker};
 
 use prometheus::IntCounter;
 
+use bytes::Bytes;
+
 use crate::hub::Sink;
 use crate::lifecycle::{Bell, Signal};
-use crate::protocol::Publication;
+use crate::link::{Direct, Outlet};
+use crate::protocol::{Kind, Publication};
 
 /// Unique id of a client connection within this process.
 pub(crate) type ConnId = u64;
@@ -41,6 +51,17 @@ pub(super) enum Mail {
     Publications,
     /// The heartbeat period went by.
     Heartbeat,
+    /// A direct write left bytes: the task must write them.
+    Unwritten,
+}
+
+/// Where direct writes go, once the connection has its socket.
+struct Straight {
+    outlet: Arc<Outlet>,
+    /// The publication as this connection's wire protocol writes it.
+    encode: fn(&Publication) -> Bytes,
+    /// `crier_messages_delivered_total` for this transport.
+    delivered: IntCounter,
 }
 
 /// See the module documentation.
@@ -60,6 +81,7 @@ struct State {
     waker: Option<Waker>,
     drain: bool,
     heartbeat: bool,
+    straight: Option<Straight>,
 }
 
 impl Mailbox {
@@ -77,17 +99,41 @@ impl Mailbox {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// From now on, publications may be written straight to `outlet`,
+    /// encoded by `encode`.
+    pub(super) fn attach(
+        &self,
+        outlet: Arc<Outlet>,
+        encode: fn(&Publication) -> Bytes,
+        delivered: IntCounter,
+    ) {
+        self.state().straight = Some(Straight {
+            outlet,
+            encode,
+            delivered,
+        });
+    }
+
+    /// Stops direct writes until the task parks again.
+    pub(super) fn hold(&self) {
+        if let Some(straight) = &self.state().straight {
+            straight.outlet.hold();
+        }
+    }
+
     /// Whether the queue overflowed.
     pub(super) fn is_slow(&self) -> bool {
         self.slow.load(Ordering::Acquire)
     }
 
     /// The next mail; publications are appended to `batch` (all queued,
-    /// with one lock). Pending registers the task's waker.
+    /// with one lock). Pending registers the task's waker, and, when the
+    /// task is `idle` (it has nothing else to deliver), opens the outlet.
     pub(super) fn poll_next(
         &self,
         cx: &mut Context<'_>,
         batch: &mut VecDeque<Arc<Publication>>,
+        idle: bool,
     ) -> Poll<Mail> {
         if self.is_slow() {
             return Poll::Ready(Mail::Slow);
@@ -97,13 +143,21 @@ impl Mailbox {
             return Poll::Ready(Mail::Drain);
         }
         if !state.queue.is_empty() {
-            take_all(&mut state.queue, batch);
+            state.take_all(batch);
             return Poll::Ready(Mail::Publications);
+        }
+        if let Some(straight) = &state.straight {
+            if straight.outlet.has_unwritten() {
+                return Poll::Ready(Mail::Unwritten);
+            }
         }
         if std::mem::take(&mut state.heartbeat) {
             return Poll::Ready(Mail::Heartbeat);
         }
         state.park(cx);
+        if let (true, Some(straight)) = (idle, &state.straight) {
+            straight.outlet.open();
+        }
         Poll::Pending
     }
 
@@ -112,7 +166,7 @@ impl Mailbox {
         if self.is_slow() {
             return;
         }
-        take_all(&mut self.state().queue, batch);
+        self.state().take_all(batch);
     }
 
     /// Ready once the queue overflowed: for a writer blocked on a client
@@ -143,6 +197,18 @@ impl Mailbox {
 }
 
 impl State {
+    /// Moves the queue to `batch`, and stops direct writes: they would
+    /// overtake what the task now holds.
+    fn take_all(&mut self, batch: &mut VecDeque<Arc<Publication>>) {
+        if self.queue.is_empty() {
+            return;
+        }
+        take_all(&mut self.queue, batch);
+        if let Some(straight) = &self.straight {
+            straight.outlet.hold();
+        }
+    }
+
     /// Registers the task to wake (cloning its waker only when it changed).
     fn park(&mut self, cx: &Context<'_>) {
         if !self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
@@ -162,13 +228,29 @@ fn take_all(queue: &mut VecDeque<Arc<Publication>>, batch: &mut VecDeque<Arc<Pub
 }
 
 impl Sink for Mailbox {
-    fn offer(&self, publication: &Arc<Publication>) -> bool {
+    fn offer(&self, publication: &Arc<Publication>, direct: bool) -> bool {
         if self.is_slow() {
             return false;
         }
         let (taken, waker) = {
             let mut state = self.state();
-            if state.queue.len() < self.capacity {
+            let straight = state
+                .straight
+                .as_ref()
+                .filter(|_| direct && publication.id.is_none() && state.queue.is_empty());
+            let written = straight.map(|s| {
+                let written = s.outlet.try_direct(&(s.encode)(publication));
+                if written != Direct::Refused && publication.kind == Kind::Message {
+                    s.delivered.inc();
+                }
+                written
+            });
+            if written == Some(Direct::Written) {
+                return true;
+            }
+            if written == Some(Direct::Left) {
+                (true, state.waker.take())
+            } else if state.queue.len() < self.capacity {
                 state.queue.push_back(Arc::clone(publication));
                 (true, state.waker.take())
             } else {
@@ -206,7 +288,7 @@ mod tests {
     }
 
     async fn next(mailbox: &Mailbox, batch: &mut VecDeque<Arc<Publication>>) -> Mail {
-        poll_fn(|cx| mailbox.poll_next(cx, batch)).await
+        poll_fn(|cx| mailbox.poll_next(cx, batch, true)).await
     }
 
     #[tokio::test]
@@ -214,7 +296,9 @@ mod tests {
         let counter = IntCounter::new("slow", "test").expect("counter");
         let mailbox = Mailbox::new(2, counter.clone());
         assert_ne!(next_id(), next_id(), "ids are unique");
-        let taken: Vec<_> = (0..4).map(|i| mailbox.offer(&publication(i))).collect();
+        let taken: Vec<_> = (0..4)
+            .map(|i| mailbox.offer(&publication(i), true))
+            .collect();
         assert_eq!(taken, [true, true, false, false]);
         assert!(mailbox.is_slow());
         assert_eq!(counter.get(), 1, "counted once per connection");
@@ -237,10 +321,13 @@ mod tests {
             })
         };
         tokio::task::yield_now().await;
-        assert!(mailbox.offer(&publication(0)), "wakes the waiting task");
+        assert!(
+            mailbox.offer(&publication(0), true),
+            "wakes the waiting task"
+        );
         assert_eq!(waiter.await.expect("woken"), (Mail::Publications, 1));
         for i in 0..3 {
-            assert!(mailbox.offer(&publication(i)));
+            assert!(mailbox.offer(&publication(i), true));
         }
         mailbox.ring(Signal::Heartbeat);
         mailbox.ring(Signal::Drain);

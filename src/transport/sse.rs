@@ -15,6 +15,7 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 
@@ -24,7 +25,7 @@ use crate::http::{rejected, Body, StreamQuery};
 use crate::link::{Broken, HandoffBody, Link};
 use crate::metrics::Transport;
 use crate::origin::add_cors;
-use crate::protocol::{sse, Publication};
+use crate::protocol::{sse, Encoding, Publication};
 use crate::refusal::Refusal;
 use crate::session::{admit, Event, Session, Wire};
 
@@ -154,6 +155,8 @@ impl Live {
     /// falls behind.
     async fn run(mut self, mut link: Link) {
         let span = self.session.span();
+        let encode = if self.chunked { chunk } else { plain };
+        self.session.attach(link.outlet(), encode);
         loop {
             let start = self.start_chunk(&mut link.out);
             if let Some(opening) = self.opening.take() {
@@ -167,6 +170,14 @@ impl Live {
                 if !more {
                     return;
                 }
+            }
+            if link.out.len() == start + self.room() {
+                // Nothing new: only what a direct write left.
+                link.out.clear();
+                if link.flush().await.is_err() {
+                    return;
+                }
+                continue;
             }
             let start = self.end_chunk(&mut link.out, start);
             if self.done && self.chunked {
@@ -186,6 +197,15 @@ impl Live {
                 link.finish();
                 return;
             }
+        }
+    }
+
+    /// The room kept before a batch.
+    fn room(&self) -> usize {
+        if self.chunked {
+            CHUNK_HEAD
+        } else {
+            0
         }
     }
 
@@ -243,6 +263,7 @@ impl Live {
             // SSE clients never talk, so never idle: keep proxies from
             // timing the stream out.
             Event::Heartbeat | Event::Idle => out.extend_from_slice(&sse::HEARTBEAT),
+            Event::Flush => {}
         }
         true
     }
@@ -271,4 +292,20 @@ fn last_event_id<B>(req: &Request<B>) -> Option<String> {
         return Some(String::from_utf8_lossy(value.as_bytes()).into_owned());
     }
     crate::http::query_param(req.uri(), "last_event_id")
+}
+
+/// A publication as one HTTP/1.1 chunk, for direct writes.
+fn chunk(p: &Publication) -> Bytes {
+    p.on_wire(Encoding::SseChunk, |p| {
+        let mut chunk = Vec::with_capacity(p.sse.len() + 12);
+        chunk.extend_from_slice(format!("{:x}\r\n", p.sse.len()).as_bytes());
+        chunk.extend_from_slice(&p.sse);
+        chunk.extend_from_slice(b"\r\n");
+        Bytes::from(chunk)
+    })
+}
+
+/// A publication on a stream without chunks (HTTP/1.0), for direct writes.
+fn plain(p: &Publication) -> Bytes {
+    p.sse.clone()
 }

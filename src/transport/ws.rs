@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper_tungstenite::tungstenite::handshake::derive_accept_key;
 use hyper_util::rt::TokioIo;
@@ -27,7 +28,7 @@ use crate::history::StreamId;
 use crate::http::{full, rejected, Body, StreamQuery};
 use crate::link::Link;
 use crate::metrics::Transport;
-use crate::protocol::{event_filter, reply, Command, Publication};
+use crate::protocol::{event_filter, reply, Command, Encoding, Publication};
 use crate::refusal::Refusal;
 use crate::session::{admit, Admission, Event, Session, Verdict, Wire};
 use crate::stall::StallGuard;
@@ -154,6 +155,7 @@ async fn serve(
     let mut reader = Reader::new(app.config.limits.max_message_bytes);
     reader.buf = early;
     let session = Session::open(app, admission, wire);
+    session.attach(link.outlet(), frame);
     let span = session.span();
     let conn = Conn {
         session,
@@ -240,6 +242,7 @@ impl Conn {
                         tracing::info!(parent: &self.span, "client too slow: queue full, closing");
                         return Ok((code::AGAIN, "too slow: queue full"));
                     }
+                    Event::Flush => self.flush().await?,
                     Event::Heartbeat => {
                         rfc6455::encode(&mut self.link.out, rfc6455::PING, b"");
                         self.flush().await?;
@@ -430,4 +433,13 @@ impl Conn {
     async fn flush(&mut self) -> Result<(), Gone> {
         self.link.flush().await.map_err(|_| Gone)
     }
+}
+
+/// A publication as one text frame, for direct writes.
+fn frame(p: &Publication) -> Bytes {
+    p.on_wire(Encoding::WsFrame, |p| {
+        let mut frame = Vec::with_capacity(p.frame.len() + 10);
+        rfc6455::encode(&mut frame, rfc6455::TEXT, p.frame.as_bytes());
+        Bytes::from(frame)
+    })
 }
