@@ -57,30 +57,29 @@ type Shard = RwLock<HashMap<String, Channel>>;
 /// write each, while a larger fan-out is spread over every core by the
 /// connections' own tasks.
 const DIRECT_FANOUT: usize = 256;
-/// Direct writes per second at most, for the whole process. Past it,
-/// publications queue: a connection's task then writes several with one
-/// call, which is cheaper under load, and the work spreads over the cores.
-const DIRECT_RATE: f64 = 50_000.0;
+/// Direct writes may take this share of each [`DIRECT_WINDOW`] of wall
+/// time, at most. They run on the broker's task, which must keep reading
+/// Redis: past the share (a burst, or a machine short of CPU, where each
+/// write takes longer), publications queue and the connections' tasks
+/// write them, several per call, on every core.
+const DIRECT_SHARE: Duration = Duration::from_millis(25);
+/// See [`DIRECT_SHARE`].
+const DIRECT_WINDOW: Duration = Duration::from_millis(100);
 
-/// The direct writes still allowed now: a token bucket of one second.
+/// The wall time direct writes took in the current window.
 struct DirectBudget {
-    tokens: f64,
-    at: Instant,
+    window: Instant,
+    used: Duration,
 }
 
 impl DirectBudget {
-    /// Takes `n` writes if the budget has them.
-    fn take(&mut self, n: usize) -> bool {
-        let now = Instant::now();
-        let refill = now.duration_since(self.at).as_secs_f64() * DIRECT_RATE;
-        self.tokens = (self.tokens + refill).min(DIRECT_RATE);
-        self.at = now;
-        let n = n as f64;
-        if self.tokens < n {
-            return false;
+    /// Whether a dispatch may write directly now.
+    fn allows(&mut self, now: Instant) -> bool {
+        if now.duration_since(self.window) >= DIRECT_WINDOW {
+            self.window = now;
+            self.used = Duration::ZERO;
         }
-        self.tokens -= n;
-        true
+        self.used < DIRECT_SHARE
     }
 }
 
@@ -112,8 +111,8 @@ impl Hub {
             subscribe_timeout,
             metrics,
             direct: Mutex::new(DirectBudget {
-                tokens: DIRECT_RATE,
-                at: Instant::now(),
+                window: Instant::now(),
+                used: Duration::ZERO,
             }),
         }
     }
@@ -222,13 +221,8 @@ impl Hub {
         let Some(entry) = shard.get(&publication.channel) else {
             return 0;
         };
-        let listeners = entry.listeners.len();
-        let direct = listeners <= DIRECT_FANOUT
-            && self
-                .direct
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .take(listeners);
+        let started = Instant::now();
+        let direct = entry.listeners.len() <= DIRECT_FANOUT && self.direct_budget().allows(started);
         let mut queued = 0;
         for listener in &entry.listeners {
             if !wanted(listener.events.as_ref(), &publication) {
@@ -238,7 +232,14 @@ impl Hub {
                 queued += 1;
             }
         }
+        if direct {
+            self.direct_budget().used += started.elapsed();
+        }
         queued
+    }
+
+    fn direct_budget(&self) -> std::sync::MutexGuard<'_, DirectBudget> {
+        self.direct.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Unsubscribes, at the broker, channels idle for longer than the linger.

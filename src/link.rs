@@ -20,6 +20,7 @@
 use std::future::poll_fn;
 use std::io;
 use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -58,10 +59,7 @@ impl Link {
     /// The socket of a stream whose writes may stall for `stall`.
     pub(crate) fn new(stream: TcpStream, stall: Duration, slow: IntCounter) -> Self {
         Self {
-            socket: Socket(Arc::new(Outlet {
-                stream,
-                state: Mutex::new(OutletState::default()),
-            })),
+            socket: Socket(Arc::new(Outlet::new(stream))),
             out: Vec::new(),
             stall,
             slow,
@@ -85,7 +83,7 @@ impl Link {
     /// Direct writes stop first, and what one of them left unwritten goes
     /// out before the buffer.
     pub(crate) async fn flush_from(&mut self, start: usize) -> Result<(), Broken> {
-        let unwritten = self.socket.0.close();
+        let unwritten = self.socket.0.close().await;
         if !unwritten.is_empty() {
             self.write_all(&unwritten, 0).await?;
         }
@@ -129,7 +127,7 @@ impl Link {
     /// Ends our side of the connection after what was written (a FIN, so
     /// the client reads everything before it sees the end).
     pub(crate) fn finish(self) {
-        self.socket.0.close();
+        self.socket.0.hold();
         let dup = self.socket.0.stream.as_fd().try_clone_to_owned();
         if let Ok(fd) = dup {
             let _ = std::net::TcpStream::from(fd).shutdown(std::net::Shutdown::Write);
@@ -151,15 +149,18 @@ impl Link {
 /// kept.
 pub(crate) struct Outlet {
     stream: TcpStream,
-    state: Mutex<OutletState>,
+    /// [`OPEN`] and [`WRITING`]: no lock is held across a direct write, so
+    /// a hub thread preempted mid-write stalls no other thread.
+    state: AtomicU8,
+    /// The rest of a direct write the socket did not take whole; touched
+    /// only while no direct write can start.
+    unwritten: Mutex<Vec<u8>>,
 }
 
-#[derive(Default)]
-struct OutletState {
-    open: bool,
-    /// The rest of a direct write the socket did not take whole.
-    unwritten: Vec<u8>,
-}
+/// Direct writes may start.
+const OPEN: u8 = 1;
+/// A direct write is in progress.
+const WRITING: u8 = 2;
 
 /// What became of a direct write.
 #[derive(Debug, PartialEq, Eq)]
@@ -173,52 +174,74 @@ pub(crate) enum Direct {
 }
 
 impl Outlet {
-    fn state(&self) -> std::sync::MutexGuard<'_, OutletState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn new(stream: TcpStream) -> Self {
+        Self {
+            stream,
+            state: AtomicU8::new(0),
+            unwritten: Mutex::new(Vec::new()),
+        }
     }
 
-    /// Writes `bytes` if the outlet is open.
+    fn unwritten(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.unwritten.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes `bytes` if the outlet is open; never waits.
     pub(crate) fn try_direct(&self, bytes: &[u8]) -> Direct {
-        let mut state = self.state();
-        if !state.open {
+        if self
+            .state
+            .compare_exchange(OPEN, OPEN | WRITING, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
             return Direct::Refused;
         }
         let written = match self.stream.try_write(bytes) {
-            Ok(n) if n == bytes.len() => return Direct::Written,
+            Ok(n) if n == bytes.len() => {
+                self.state.fetch_and(!WRITING, Ordering::Release);
+                return Direct::Written;
+            }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             // Broken: the task finds out on its own next write or read.
             Err(_) => {
-                state.open = false;
+                self.state.store(0, Ordering::Release);
                 return Direct::Refused;
             }
         };
-        state.open = false;
-        state.unwritten.extend_from_slice(&bytes[written..]);
+        // Closed until the task has written the rest, before all else
+        // (with the lock held, so an `open` cannot slip in between).
+        let mut unwritten = self.unwritten();
+        unwritten.extend_from_slice(&bytes[written..]);
+        self.state.store(0, Ordering::Release);
         Direct::Left
     }
 
     /// The task waits for mail with nothing to write: direct writes may go.
     pub(crate) fn open(&self) {
-        let mut state = self.state();
-        state.open = state.unwritten.is_empty();
+        let unwritten = self.unwritten();
+        if unwritten.is_empty() {
+            self.state.fetch_or(OPEN, Ordering::AcqRel);
+        }
     }
 
-    /// Direct writes stop until the next [`Outlet::open`].
+    /// No new direct write starts until the next [`Outlet::open`].
     pub(crate) fn hold(&self) {
-        self.state().open = false;
+        self.state.fetch_and(!OPEN, Ordering::AcqRel);
     }
 
     /// Whether a direct write left bytes for the task.
     pub(crate) fn has_unwritten(&self) -> bool {
-        !self.state().unwritten.is_empty()
+        !self.unwritten().is_empty()
     }
 
-    /// Stops direct writes and takes what they left unwritten.
-    fn close(&self) -> Vec<u8> {
-        let mut state = self.state();
-        state.open = false;
-        std::mem::take(&mut state.unwritten)
+    /// Stops direct writes, waits for one in progress to end (yielding,
+    /// never blocking the thread), and takes what they left unwritten.
+    async fn close(&self) -> Vec<u8> {
+        self.hold();
+        while self.state.load(Ordering::Acquire) & WRITING != 0 {
+            tokio::task::yield_now().await;
+        }
+        std::mem::take(&mut *self.unwritten())
     }
 }
 

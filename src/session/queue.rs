@@ -18,7 +18,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 
 use prometheus::IntCounter;
@@ -67,6 +67,8 @@ struct Straight {
 /// See the module documentation.
 pub(super) struct Mailbox {
     state: Mutex<State>,
+    /// Set once the wire protocol has the socket; read without the lock.
+    straight: OnceLock<Straight>,
     /// Set once, with the state's lock held; read without it.
     slow: AtomicBool,
     capacity: usize,
@@ -81,7 +83,6 @@ struct State {
     waker: Option<Waker>,
     drain: bool,
     heartbeat: bool,
-    straight: Option<Straight>,
 }
 
 impl Mailbox {
@@ -89,6 +90,7 @@ impl Mailbox {
     pub(super) fn new(capacity: usize, counter: IntCounter) -> Self {
         Self {
             state: Mutex::new(State::default()),
+            straight: OnceLock::new(),
             slow: AtomicBool::new(false),
             capacity,
             counter,
@@ -107,7 +109,7 @@ impl Mailbox {
         encode: fn(&Publication) -> Bytes,
         delivered: IntCounter,
     ) {
-        self.state().straight = Some(Straight {
+        let _ = self.straight.set(Straight {
             outlet,
             encode,
             delivered,
@@ -116,7 +118,7 @@ impl Mailbox {
 
     /// Stops direct writes until the task parks again.
     pub(super) fn hold(&self) {
-        if let Some(straight) = &self.state().straight {
+        if let Some(straight) = self.straight.get() {
             straight.outlet.hold();
         }
     }
@@ -143,22 +145,31 @@ impl Mailbox {
             return Poll::Ready(Mail::Drain);
         }
         if !state.queue.is_empty() {
-            state.take_all(batch);
+            self.take_all(&mut state, batch);
             return Poll::Ready(Mail::Publications);
         }
-        if let Some(straight) = &state.straight {
-            if straight.outlet.has_unwritten() {
-                return Poll::Ready(Mail::Unwritten);
-            }
+        let straight = self.straight.get();
+        if straight.is_some_and(|s| s.outlet.has_unwritten()) {
+            return Poll::Ready(Mail::Unwritten);
         }
         if std::mem::take(&mut state.heartbeat) {
             return Poll::Ready(Mail::Heartbeat);
         }
         state.park(cx);
-        if let (true, Some(straight)) = (idle, &state.straight) {
+        if let (true, Some(straight)) = (idle, straight) {
             straight.outlet.open();
         }
         Poll::Pending
+    }
+
+    /// Moves the queue to `batch`, and stops direct writes: they would
+    /// overtake what the task now holds.
+    fn take_all(&self, state: &mut State, batch: &mut VecDeque<Arc<Publication>>) {
+        if state.queue.is_empty() {
+            return;
+        }
+        take_all(&mut state.queue, batch);
+        self.hold();
     }
 
     /// Appends whatever is queued to `batch`, without waiting.
@@ -166,7 +177,8 @@ impl Mailbox {
         if self.is_slow() {
             return;
         }
-        self.state().take_all(batch);
+        let mut state = self.state();
+        self.take_all(&mut state, batch);
     }
 
     /// Ready once the queue overflowed: for a writer blocked on a client
@@ -197,18 +209,6 @@ impl Mailbox {
 }
 
 impl State {
-    /// Moves the queue to `batch`, and stops direct writes: they would
-    /// overtake what the task now holds.
-    fn take_all(&mut self, batch: &mut VecDeque<Arc<Publication>>) {
-        if self.queue.is_empty() {
-            return;
-        }
-        take_all(&mut self.queue, batch);
-        if let Some(straight) = &self.straight {
-            straight.outlet.hold();
-        }
-    }
-
     /// Registers the task to wake (cloning its waker only when it changed).
     fn park(&mut self, cx: &Context<'_>) {
         if !self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
@@ -232,25 +232,28 @@ impl Sink for Mailbox {
         if self.is_slow() {
             return false;
         }
-        let (taken, waker) = {
-            let mut state = self.state();
-            let straight = state
-                .straight
-                .as_ref()
-                .filter(|_| direct && publication.id.is_none() && state.queue.is_empty());
-            let written = straight.map(|s| {
+        if let (true, None, Some(s)) = (direct, publication.id, self.straight.get()) {
+            // Straight to the socket only behind nothing queued. The write
+            // holds no lock of the mailbox: a hub thread preempted mid-write
+            // must not stall the connection's task, nor other writers.
+            if self.state().queue.is_empty() {
                 let written = s.outlet.try_direct(&(s.encode)(publication));
                 if written != Direct::Refused && publication.kind == Kind::Message {
                     s.delivered.inc();
                 }
-                written
-            });
-            if written == Some(Direct::Written) {
-                return true;
+                match written {
+                    Direct::Written => return true,
+                    Direct::Left => {
+                        self.notify(|_| {});
+                        return true;
+                    }
+                    Direct::Refused => {}
+                }
             }
-            if written == Some(Direct::Left) {
-                (true, state.waker.take())
-            } else if state.queue.len() < self.capacity {
+        }
+        let (taken, waker) = {
+            let mut state = self.state();
+            if state.queue.len() < self.capacity {
                 state.queue.push_back(Arc::clone(publication));
                 (true, state.waker.take())
             } else {
