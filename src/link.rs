@@ -359,3 +359,76 @@ impl hyper::body::Body for HandoffBody {
         std::task::Poll::Pending
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// A connected pair on loopback: crier's end as a [`Link`], and the
+    /// client's end with a small receive buffer.
+    async fn pair() -> (Link, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.set_recv_buffer_size(4096).expect("rcvbuf");
+        let client = socket
+            .connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let counter = IntCounter::new("slow", "test").expect("counter");
+        (Link::new(server, Duration::from_secs(5), counter), client)
+    }
+
+    #[tokio::test]
+    async fn direct_writes_go_only_while_open_and_never_overtake_what_a_partial_one_left() {
+        let (mut link, mut client) = pair().await;
+        let outlet = link.outlet();
+        assert_eq!(outlet.try_direct(b"x"), Direct::Refused, "closed at first");
+        outlet.open();
+        assert_eq!(outlet.try_direct(b"[0]"), Direct::Written);
+        outlet.hold();
+        assert_eq!(outlet.try_direct(b"[x]"), Direct::Refused, "held");
+
+        // Numbered blocks until the socket takes only part of one.
+        outlet.open();
+        let mut sent = b"[0]".to_vec();
+        let mut n = 1;
+        loop {
+            let block = format!("[{n}{}]", "-".repeat(1000));
+            match outlet.try_direct(block.as_bytes()) {
+                Direct::Written => sent.extend_from_slice(block.as_bytes()),
+                Direct::Left => {
+                    sent.extend_from_slice(block.as_bytes());
+                    break;
+                }
+                Direct::Refused => panic!("refused while open"),
+            }
+            n += 1;
+        }
+        assert!(outlet.has_unwritten());
+        outlet.open();
+        assert_eq!(
+            outlet.try_direct(b"[late]"),
+            Direct::Refused,
+            "closed until the rest is out"
+        );
+
+        // The task's own write goes after the rest of the partial one.
+        link.out.extend_from_slice(b"[task]");
+        sent.extend_from_slice(b"[task]");
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; sent.len()];
+            client.read_exact(&mut got).await.expect("read");
+            (got, sent)
+        });
+        link.flush().await.expect("flushed");
+        let (got, sent) = reader.await.expect("reader");
+        assert!(got == sent, "bytes in order, none interleaved");
+        assert!(!outlet.has_unwritten());
+        outlet.open();
+        assert_eq!(outlet.try_direct(b"[again]"), Direct::Written);
+    }
+}

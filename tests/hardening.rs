@@ -607,3 +607,193 @@ async fn replay_memory_held_by_a_stalled_client_is_released_when_it_goes() {
         (json!("message"), json!(1))
     );
 }
+
+/// Reads from `stream` into `buf` until `done(buf)` holds.
+async fn read_until(
+    stream: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+    done: impl Fn(&[u8]) -> bool,
+) {
+    tokio::time::timeout(WAIT, async {
+        while !done(buf) {
+            let mut chunk = [0u8; 4096];
+            let n = stream.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(buf));
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out; got {}", String::from_utf8_lossy(buf)));
+}
+
+/// A chunked body decoded as far as it is complete; `None` on bad framing.
+fn dechunk(mut body: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let Some(eol) = body.windows(2).position(|w| w == b"\r\n") else {
+            return Some(out);
+        };
+        let size = usize::from_str_radix(std::str::from_utf8(&body[..eol]).ok()?, 16).ok()?;
+        if body.len() < eol + 2 + size + 2 {
+            return Some(out);
+        }
+        let data = &body[eol + 2..eol + 2 + size];
+        if &body[eol + 2 + size..eol + 4 + size] != b"\r\n" {
+            return None;
+        }
+        out.extend_from_slice(data);
+        body = &body[eol + 4 + size..];
+    }
+}
+
+/// An SSE stream leaves hyper once its head is written, also when it is not
+/// the connection's first request (a browser or a proxy reusing an idle
+/// connection): the body stays well-formed chunks, with every event, whether
+/// written by the stream's task or straight by the hub.
+#[tokio::test]
+async fn an_sse_request_on_a_reused_connection_streams_well_formed_chunks() {
+    let crier = Instance::start(config(None)).await;
+    let channel = unique("public:reuse");
+    let mut stream = tokio::net::TcpStream::connect(&crier.addr)
+        .await
+        .expect("connect");
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: crier\r\n\r\n")
+        .await
+        .expect("first request");
+    let mut buf = Vec::new();
+    read_until(&mut stream, &mut buf, |b| b.ends_with(b"ok\n")).await;
+    assert!(buf.starts_with(b"HTTP/1.1 200"));
+
+    let request = format!("GET /sse?channel={channel} HTTP/1.1\r\nHost: crier\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("second request");
+    let mut buf = Vec::new();
+    read_until(&mut stream, &mut buf, |b| {
+        String::from_utf8_lossy(b).contains("\r\n\r\n")
+    })
+    .await;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, _) = text.split_once("\r\n\r\n").expect("head");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{head}"
+    );
+    let body_at = head.len() + 4;
+
+    for n in 0..20 {
+        let payload = format!(r#"{{"n":{n}}}"#);
+        assert_eq!(
+            crier.publish_api(&channel, &payload, Some(API_KEY)).await,
+            StatusCode::OK
+        );
+    }
+    read_until(&mut stream, &mut buf, |b| {
+        dechunk(&b[body_at..])
+            .is_some_and(|body| String::from_utf8_lossy(&body).contains(r#""n":19"#))
+    })
+    .await;
+    let body =
+        String::from_utf8(dechunk(&buf[body_at..]).expect("well-formed chunks")).expect("UTF-8");
+    assert!(body.starts_with("retry: "), "{body}");
+    let seen: Vec<u64> = body
+        .split("\n\n")
+        .filter_map(|block| block.strip_prefix("data: "))
+        .map(|data| {
+            serde_json::from_str::<Value>(data).expect("JSON")["data"]["n"]
+                .as_u64()
+                .expect("n")
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        (0..20).collect::<Vec<_>>(),
+        "every event, in order: {body}"
+    );
+}
+
+/// crier's own WebSocket framing refuses what RFC 6455 calls a protocol
+/// error with the close code the RFC names, and says why.
+#[tokio::test]
+async fn websocket_protocol_errors_close_with_their_code() {
+    let crier = Instance::start(config(None)).await;
+    let masked = |first: u8, payload: &[u8]| {
+        let key = [1u8, 2, 3, 4];
+        let mut frame = vec![first, 0x80 | payload.len() as u8];
+        frame.extend_from_slice(&key);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        frame
+    };
+    let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
+        (
+            "unmasked",
+            vec![0x81, 0x02, b'h', b'i'],
+            1002,
+            "client frames must be masked",
+        ),
+        (
+            "reserved bit",
+            masked(0xC1, b"hi"),
+            1002,
+            "reserved bits set",
+        ),
+        ("not UTF-8", masked(0x81, &[0xff, 0xfe]), 1007, "not UTF-8"),
+        (
+            "unknown opcode",
+            masked(0x83, b"hi"),
+            1002,
+            "unknown opcode",
+        ),
+    ];
+    for (case, frame, code, reason) in cases {
+        let mut stream = tokio::net::TcpStream::connect(&crier.addr)
+            .await
+            .expect("connect");
+        let handshake = "GET /ws HTTP/1.1\r\nHost: crier\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+        stream
+            .write_all(handshake.as_bytes())
+            .await
+            .expect("handshake");
+        let mut buf = Vec::new();
+        read_until(&mut stream, &mut buf, |b| {
+            String::from_utf8_lossy(b).contains("\r\n\r\n")
+        })
+        .await;
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        assert!(text.starts_with("HTTP/1.1 101"), "{case}: {text}");
+        // The RFC's own example key and answer.
+        assert!(
+            text.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+            "{case}: {text}"
+        );
+        stream.write_all(&frame).await.expect("frame");
+        let head_len = text.find("\r\n\r\n").expect("head") + 4;
+        let mut frames = buf.split_off(head_len);
+        // Server frames: unmasked, short here. Skip to the close frame.
+        let close = tokio::time::timeout(WAIT, async {
+            loop {
+                while frames.len() >= 2 && frames.len() >= 2 + (frames[1] & 0x7f) as usize {
+                    let len = (frames[1] & 0x7f) as usize;
+                    let frame: Vec<u8> = frames.drain(..2 + len).collect();
+                    if frame[0] == 0x88 {
+                        return frame;
+                    }
+                }
+                let mut chunk = [0u8; 1024];
+                let n = stream.read(&mut chunk).await.expect("read");
+                assert!(n > 0, "{case}: closed without a close frame");
+                frames.extend_from_slice(&chunk[..n]);
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{case}: no close frame"));
+        assert_eq!(u16::from_be_bytes([close[2], close[3]]), code, "{case}");
+        let said = String::from_utf8_lossy(&close[4..]).into_owned();
+        assert!(said.contains(reason), "{case}: {said}");
+    }
+}

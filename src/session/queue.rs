@@ -344,4 +344,52 @@ mod tests {
         assert!(batch[0].frame.as_str().ends_with("\"data\":0}"), "in order");
         assert_eq!(next(&mailbox, &mut batch).await, Mail::Heartbeat);
     }
+
+    #[tokio::test]
+    async fn a_parked_connection_is_written_straight_and_a_queued_one_keeps_its_order() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().expect("addr"))
+            .await
+            .expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        let counter = IntCounter::new("slow", "test").expect("counter");
+        let link =
+            crate::link::Link::new(server, std::time::Duration::from_secs(5), counter.clone());
+        let mailbox = Mailbox::new(8, counter);
+        let delivered = IntCounter::new("delivered", "test").expect("counter");
+        mailbox.attach(link.outlet(), |p| p.sse.clone(), delivered.clone());
+        let mut batch = VecDeque::new();
+
+        // Not parked yet: queued.
+        assert!(mailbox.offer(&publication(0), true));
+        assert_eq!(next(&mailbox, &mut batch).await, Mail::Publications);
+        batch.clear();
+        // Parked (pending, idle): the next one goes straight to the socket.
+        let parked = poll_fn(|cx| Poll::Ready(mailbox.poll_next(cx, &mut batch, true))).await;
+        assert!(parked.is_pending());
+        let one = publication(1);
+        assert!(mailbox.offer(&one, true));
+        let mut got = vec![0u8; one.sse.len()];
+        client.read_exact(&mut got).await.expect("read");
+        assert_eq!(got, one.sse, "written straight");
+        assert_eq!(delivered.get(), 1, "and counted");
+        // One the hub may not write directly queues; a direct one behind
+        // it queues too, in order.
+        assert!(mailbox.offer(&publication(2), false));
+        assert!(mailbox.offer(&publication(3), true));
+        assert_eq!(next(&mailbox, &mut batch).await, Mail::Publications);
+        let order: Vec<_> = batch.iter().map(|p| p.frame.as_str().to_owned()).collect();
+        assert!(
+            order[0].ends_with("\"data\":2}") && order[1].ends_with("\"data\":3}"),
+            "{order:?}"
+        );
+        assert_eq!(
+            delivered.get(),
+            1,
+            "the queued ones count when the session takes them"
+        );
+    }
 }
