@@ -448,23 +448,21 @@ async fn main() {
             let mut tick = tokio::time::interval(interval);
             for n in 0..args.messages {
                 tick.tick().await;
+                // One round trip per tick for every channel's message, so
+                // the publisher keeps the offered rate however many
+                // channels there are.
+                let mut pipe = redis::pipe();
                 for c in 0..args.channels {
                     let payload = format!(r#"{{"t":{},"n":{n},"pad":"{pad}"}}"#, now_micros());
                     // With history: what apps call; without: a plain PUBLISH.
-                    let mut cmd = if args.history {
-                        let mut cmd = redis::cmd("FCALL");
-                        cmd.arg("crier_publish").arg(1);
-                        cmd
+                    if args.history {
+                        pipe.cmd("FCALL").arg("crier_publish").arg(1);
                     } else {
-                        redis::cmd("PUBLISH")
-                    };
-                    let _: redis::Value = cmd
-                        .arg(format!("bench:{c}"))
-                        .arg(payload)
-                        .query_async(&mut conn)
-                        .await
-                        .expect("publish");
+                        pipe.cmd("PUBLISH");
+                    }
+                    pipe.arg(format!("bench:{c}")).arg(payload);
                 }
+                let _: Vec<redis::Value> = pipe.query_async(&mut conn).await.expect("publish");
             }
         }
         None => usage("--memory publishing is not implemented; use Redis"),
