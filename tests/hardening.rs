@@ -646,6 +646,18 @@ fn dechunk(mut body: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
+/// The `n` of every event in an SSE body, in order.
+fn numbered(body: &str) -> Vec<u64> {
+    body.split("\n\n")
+        .filter_map(|block| block.strip_prefix("data: "))
+        .map(|data| {
+            serde_json::from_str::<Value>(data).expect("JSON")["data"]["n"]
+                .as_u64()
+                .expect("n")
+        })
+        .collect()
+}
+
 /// An SSE stream leaves hyper once its head is written, also when it is not
 /// the connection's first request (a browser or a proxy reusing an idle
 /// connection): the body stays well-formed chunks, with every event, whether
@@ -700,15 +712,7 @@ async fn an_sse_request_on_a_reused_connection_streams_well_formed_chunks() {
     let body =
         String::from_utf8(dechunk(&buf[body_at..]).expect("well-formed chunks")).expect("UTF-8");
     assert!(body.starts_with("retry: "), "{body}");
-    let seen: Vec<u64> = body
-        .split("\n\n")
-        .filter_map(|block| block.strip_prefix("data: "))
-        .map(|data| {
-            serde_json::from_str::<Value>(data).expect("JSON")["data"]["n"]
-                .as_u64()
-                .expect("n")
-        })
-        .collect();
+    let seen = numbered(&body);
     assert_eq!(
         seen,
         (0..20).collect::<Vec<_>>(),
@@ -796,4 +800,46 @@ async fn websocket_protocol_errors_close_with_their_code() {
         let said = String::from_utf8_lossy(&close[4..]).into_owned();
         assert!(said.contains(reason), "{case}: {said}");
     }
+}
+
+/// An HTTP/1.0 client gets the stream without chunks, its end marked by
+/// the connection's: events written by the stream's task and straight by
+/// the hub alike.
+#[tokio::test]
+async fn an_http_1_0_sse_client_gets_a_plain_stream() {
+    let crier = Instance::start(config(None)).await;
+    let channel = unique("public:old");
+    let mut stream = tokio::net::TcpStream::connect(&crier.addr)
+        .await
+        .expect("connect");
+    let request = format!("GET /sse?channel={channel} HTTP/1.0\r\nHost: crier\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.expect("request");
+    let mut buf = Vec::new();
+    read_until(&mut stream, &mut buf, |b| {
+        String::from_utf8_lossy(b).contains("\n\n")
+    })
+    .await;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("head");
+    assert!(head.starts_with("HTTP/1.0 200"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("transfer-encoding"),
+        "{head}"
+    );
+    assert!(body.starts_with("retry: "), "no chunk framing: {body:?}");
+    for n in 0..5 {
+        let payload = format!(r#"{{"n":{n}}}"#);
+        assert_eq!(
+            crier.publish_api(&channel, &payload, Some(API_KEY)).await,
+            StatusCode::OK
+        );
+    }
+    read_until(&mut stream, &mut buf, |b| {
+        String::from_utf8_lossy(b).contains(r#""n":4"#)
+    })
+    .await;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let body = text.split_once("\r\n\r\n").expect("head").1;
+    let seen = numbered(body);
+    assert_eq!(seen, (0..5).collect::<Vec<_>>(), "{body}");
 }
