@@ -375,6 +375,31 @@ mod tests {
         Some(names.iter().map(|n| n.to_string()).collect())
     }
 
+    #[test]
+    fn direct_writes_stop_for_the_rest_of_a_window_once_its_share_is_spent() {
+        let start = Instant::now();
+        let mut budget = DirectBudget {
+            window: start,
+            used: Duration::ZERO,
+        };
+        assert!(budget.allows(start));
+        budget.used += DIRECT_SHARE.saturating_sub(Duration::from_millis(1));
+        assert!(
+            budget.allows(start + Duration::from_millis(50)),
+            "a little left"
+        );
+        budget.used += Duration::from_millis(1);
+        assert!(
+            !budget.allows(start + Duration::from_millis(50)),
+            "spent: queue instead"
+        );
+        assert!(
+            budget.allows(start + DIRECT_WINDOW),
+            "a new window starts afresh"
+        );
+        assert_eq!(budget.used, Duration::ZERO);
+    }
+
     #[tokio::test]
     async fn a_full_sink_misses_only_its_own_deliveries() {
         let (hub, rx) = hub(Duration::from_secs(60));
