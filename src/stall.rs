@@ -1,8 +1,8 @@
 //! A write-stall timeout on a client's TCP connection.
 //!
 //! A client that stops reading fills its socket buffers, and the writer —
-//! hyper for an SSE stream — then waits forever: the stream's own timers
-//! are not even polled. On a busy channel the queue overflows and the slow
+//! hyper, for a response — then waits forever. (A stream, once out of
+//! hyper, bounds its own writes: `crate::link`.) On a busy channel the queue overflows and the slow
 //! client is cut; on a quiet one it would keep its connection slot, its
 //! queue and its kernel buffers indefinitely. Wrapped in a [`StallGuard`],
 //! a write that makes no progress for the connection's timeout fails with

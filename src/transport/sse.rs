@@ -7,9 +7,11 @@
 //! The response headers are sent only once every channel is subscribed, so
 //! an open stream means nothing published from then on is missed.
 //!
-//! The body ends on the session's own signals (queue overflow, its turn in
-//! the drain, the credential's end) rather than relying on hyper's graceful
-//! shutdown, which would otherwise wait for an endless stream. Every stream
+//! hyper writes the response head; then the stream leaves hyper
+//! ([`crate::link`]) and its task writes the body itself, one chunk per
+//! wake-up (the bytes as they are for an HTTP/1.0 client). The body ends
+//! on the session's own signals (queue overflow, its turn in the drain,
+//! the credential's end). Every stream
 //! starts with a cursor (`id:`) and every history event carries one, so a
 //! reconnecting `EventSource` resumes where it was, on any instance.
 
