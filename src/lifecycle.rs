@@ -82,23 +82,22 @@ impl Lifecycle {
     /// Puts connection `id` on the clock: `bell` rings every `every`, and
     /// once when the drain begins (at once, if it already has).
     pub(crate) fn attach(&self, id: u64, bell: Weak<dyn Bell>, every: Duration) {
-        let entry = Entry {
-            bell: bell.clone(),
-            every,
-            due: Instant::now() + every,
-            drained: false,
+        // Read under the clock's lock: a drain that begins later sweeps
+        // this entry; one that began already is rung here, once.
+        let draining = {
+            let mut clock = self.clock();
+            let draining = self.drain.is_cancelled();
+            let entry = Entry {
+                bell: bell.clone(),
+                every,
+                due: Instant::now() + every,
+                drained: draining,
+            };
+            clock.insert(id, entry);
+            draining
         };
-        self.clock().insert(id, entry);
-        // Checked after the insert: a drain that began meanwhile either
-        // sweeps this entry or is seen here (the sweep marks it drained).
-        if self.drain.is_cancelled() {
-            let first = self
-                .clock()
-                .get_mut(&id)
-                .is_some_and(|e| !std::mem::replace(&mut e.drained, true));
-            if let (true, Some(bell)) = (first, bell.upgrade()) {
-                bell.ring(Signal::Drain);
-            }
+        if let (true, Some(bell)) = (draining, bell.upgrade()) {
+            bell.ring(Signal::Drain);
         }
     }
 

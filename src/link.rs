@@ -34,14 +34,10 @@ const KEEP_WRITE_BUFFER: usize = 4 * 1024;
 /// What one read takes from the socket at most.
 const READ_CHUNK: usize = 4 * 1024;
 
-/// Why a connection's socket can no longer be used.
+/// The connection is gone, or must be treated as gone (the client closed
+/// it, it failed, or the client stopped reading): stop at once.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Broken {
-    /// The client closed it, or it failed.
-    Gone,
-    /// The client stopped reading: no write progress for the stall limit.
-    Stalled,
-}
+pub(crate) struct Gone;
 
 /// See the module documentation.
 pub(crate) struct Link {
@@ -74,7 +70,7 @@ impl Link {
     /// Writes everything in [`Link::out`], in as few calls as the socket
     /// allows (one, unless its buffer is full). A client that takes
     /// nothing for the stall limit is counted as slow and cut off.
-    pub(crate) async fn flush(&mut self) -> Result<(), Broken> {
+    pub(crate) async fn flush(&mut self) -> Result<(), Gone> {
         self.flush_from(0).await
     }
 
@@ -82,14 +78,10 @@ impl Link {
     /// (room a writer kept for a header it turned out not to need whole).
     /// Direct writes stop first, and what one of them left unwritten goes
     /// out before the buffer.
-    pub(crate) async fn flush_from(&mut self, start: usize) -> Result<(), Broken> {
+    pub(crate) async fn flush_from(&mut self, start: usize) -> Result<(), Gone> {
         let unwritten = self.socket.0.close().await;
-        if !unwritten.is_empty() {
-            self.write_all(&unwritten, 0).await?;
-        }
-        let out = std::mem::take(&mut self.out);
-        let written = self.write_all(&out, start).await;
-        self.out = out;
+        self.write_all(&unwritten, 0).await?;
+        let written = self.write_all(&self.out, start).await;
         if self.out.capacity() > KEEP_WRITE_BUFFER {
             self.out = Vec::new();
         } else {
@@ -98,27 +90,27 @@ impl Link {
         written
     }
 
-    async fn write_all(&self, bytes: &[u8], start: usize) -> Result<(), Broken> {
+    async fn write_all(&self, bytes: &[u8], start: usize) -> Result<(), Gone> {
         let stream = &self.socket.0.stream;
         let mut written = start;
         while written < bytes.len() {
             match stream.try_write(&bytes[written..]) {
-                Ok(0) => return Err(Broken::Gone),
+                Ok(0) => return Err(Gone),
                 Ok(n) => written += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     // A timer only while the socket is full.
                     match tokio::time::timeout(self.stall, stream.writable()).await {
                         Ok(Ok(())) => {}
-                        Ok(Err(_)) => return Err(Broken::Gone),
+                        Ok(Err(_)) => return Err(Gone),
                         Err(_) => {
                             self.slow.inc();
                             tracing::info!("client stopped reading: connection closed");
-                            return Err(Broken::Stalled);
+                            return Err(Gone);
                         }
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return Err(Broken::Gone),
+                Err(_) => return Err(Gone),
             }
         }
         Ok(())
@@ -282,19 +274,10 @@ impl Socket {
     /// Anything it sends meanwhile is read and dropped: for streams whose
     /// clients only listen. Cancel-safe.
     pub(crate) async fn closed(&self) {
-        let mut sink = [0u8; 256];
-        poll_fn(|cx| loop {
-            if ready!(self.0.stream.poll_read_ready(cx)).is_err() {
-                return Poll::Ready(());
-            }
-            match self.0.stream.try_read(&mut sink) {
-                Ok(0) => return Poll::Ready(()),
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(_) => return Poll::Ready(()),
-            }
-        })
-        .await;
+        let mut dropped = Vec::new();
+        while let Ok(1..) = self.read(&mut dropped).await {
+            dropped.clear();
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -285,70 +285,74 @@ async fn accept_loop(app: Arc<App>, listener: TcpListener) {
             },
         };
         let _ = stream.set_nodelay(true);
-        let stall = StallTimeout::new(app.config.sse.write_timeout);
-        let handoff = Arc::new(Handoff::default());
-        let info = ConnInfo {
-            peer,
-            handoff: Arc::clone(&handoff),
-        };
-        let conn_app = Arc::clone(&app);
-        let service_app = Arc::clone(&app);
-        let builder = builder.clone();
-        let drain = drain.clone();
-        app.tasks.spawn(async move {
-            let service = service_fn(move |req| {
-                let app = Arc::clone(&service_app);
-                let info = info.clone();
-                async move { Ok::<_, Infallible>(route(app, req, info).await) }
-            });
-            let guarded = StallGuard::new(stream, stall.clone());
-            let mut conn = builder
-                .serve_connection(TokioIo::new(guarded), service)
-                .with_upgrades();
-            let mut draining = false;
-            loop {
-                tokio::select! {
-                    result = &mut conn => {
-                        match result {
-                            Err(e) if crate::stall::is_stall(&e) => {
-                                conn_app.metrics.slow_client_disconnects.inc();
-                                tracing::info!(client.addr = %peer, "client stopped reading: connection closed");
-                            }
-                            Err(e) => {
-                                tracing::debug!(error = %e, client.addr = %peer, "connection ended with an error");
-                            }
-                            Ok(()) => {}
-                        }
-                        return;
+        let task = connection(Arc::clone(&app), stream, peer, builder.clone());
+        app.tasks.spawn(task);
+    }
+}
+
+/// Serves one TCP connection with hyper, until it ends or a stream takes
+/// it over (see [`crate::link`]).
+async fn connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr, builder: http1::Builder) {
+    let stall = StallTimeout::new(app.config.sse.write_timeout);
+    let handoff = Arc::new(Handoff::default());
+    let info = ConnInfo {
+        peer,
+        handoff: Arc::clone(&handoff),
+    };
+    let drain = app.lifecycle.drain_started().clone();
+    let service_app = Arc::clone(&app);
+    let service = service_fn(move |req| {
+        let app = Arc::clone(&service_app);
+        let info = info.clone();
+        async move { Ok::<_, Infallible>(route(app, req, info).await) }
+    });
+    let guarded = StallGuard::new(stream, stall.clone());
+    let mut conn = builder
+        .serve_connection(TokioIo::new(guarded), service)
+        .with_upgrades();
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            result = &mut conn => {
+                match result {
+                    Err(e) if crate::stall::is_stall(&e) => {
+                        app.metrics.slow_client_disconnects.inc();
+                        tracing::info!(client.addr = %peer, "client stopped reading: connection closed");
                     }
-                    _ = handoff.signalled() => break,
-                    _ = drain.cancelled(), if !draining => {
-                        // Idle keep-alive connections close now; open
-                        // streams end at their turn in the drain.
-                        draining = true;
-                        Pin::new(&mut conn).graceful_shutdown();
+                    Err(e) => {
+                        tracing::debug!(error = %e, client.addr = %peer, "connection ended with an error");
                     }
+                    Ok(()) => {}
                 }
-            }
-            // A stream's head is encoded: once hyper has flushed it, the
-            // socket leaves hyper for the stream's own task.
-            let flushed = std::future::poll_fn(|cx| {
-                if stall.flushed() {
-                    return Poll::Ready(true);
-                }
-                match Pin::new(&mut conn).poll(cx) {
-                    Poll::Ready(_) => Poll::Ready(false),
-                    Poll::Pending if stall.flushed() => Poll::Ready(true),
-                    Poll::Pending => Poll::Pending,
-                }
-            });
-            let (Some(takeover), true) = (handoff.take(), flushed.await) else {
                 return;
-            };
-            if let Some(parts) = conn.into_parts() {
-                takeover(parts.io.into_inner().into_inner());
             }
-        });
+            _ = handoff.signalled() => break,
+            _ = drain.cancelled(), if !draining => {
+                // Idle keep-alive connections close now; open streams end
+                // at their turn in the drain.
+                draining = true;
+                Pin::new(&mut conn).graceful_shutdown();
+            }
+        }
+    }
+    // A stream's head is encoded: once hyper has flushed it (its writes
+    // went through the guard and its flush reached the socket), the socket
+    // leaves hyper for the stream's own task.
+    let flushed = std::future::poll_fn(|cx| {
+        if !stall.flushed() && Pin::new(&mut conn).poll(cx).is_ready() {
+            return Poll::Ready(false);
+        }
+        if stall.flushed() {
+            Poll::Ready(true)
+        } else {
+            Poll::Pending
+        }
+    });
+    let (Some(takeover), true) = (handoff.take(), flushed.await) else {
+        return;
+    };
+    if let Some(parts) = conn.into_parts() {
+        takeover(parts.io.into_inner().into_inner());
     }
 }
 
@@ -365,9 +369,9 @@ async fn route(app: Arc<App>, req: Request<Incoming>, info: ConnInfo) -> Respons
             r
         }
         // The handlers' futures are boxed: hyper keeps room for the
-        // request future for as long as the connection lives (an SSE stream
-        // is one request that never ends), and a handler's path through
-        // admission, subscribe and resume is deep but needed only once.
+        // request future for as long as the connection lives, and a
+        // handler's path through admission, subscribe and resume is deep
+        // but needed only once.
         (&Method::GET, "/sse") => Box::pin(sse::handle(app, req, info)).await,
         (&Method::GET, "/ws") => Box::pin(ws::handle(app, req, info)).await,
         // A plain `EventSource` needs no preflight; a fetch-based SSE client

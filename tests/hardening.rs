@@ -626,6 +626,15 @@ async fn read_until(
     .unwrap_or_else(|_| panic!("timed out; got {}", String::from_utf8_lossy(buf)));
 }
 
+/// Reads a response head; returns it, and what came after it.
+async fn read_head(stream: &mut tokio::net::TcpStream) -> (String, Vec<u8>) {
+    let mut buf = Vec::new();
+    read_until(stream, &mut buf, |b| b.windows(4).any(|w| w == b"\r\n\r\n")).await;
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").expect("head") + 4;
+    let rest = buf.split_off(end);
+    (String::from_utf8_lossy(&buf).into_owned(), rest)
+}
+
 /// A chunked body decoded as far as it is complete; `None` on bad framing.
 fn dechunk(mut body: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::new();
@@ -682,20 +691,13 @@ async fn an_sse_request_on_a_reused_connection_streams_well_formed_chunks() {
         .write_all(request.as_bytes())
         .await
         .expect("second request");
-    let mut buf = Vec::new();
-    read_until(&mut stream, &mut buf, |b| {
-        String::from_utf8_lossy(b).contains("\r\n\r\n")
-    })
-    .await;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, _) = text.split_once("\r\n\r\n").expect("head");
+    let (head, mut buf) = read_head(&mut stream).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(
         head.to_ascii_lowercase()
             .contains("transfer-encoding: chunked"),
         "{head}"
     );
-    let body_at = head.len() + 4;
 
     for n in 0..20 {
         let payload = format!(r#"{{"n":{n}}}"#);
@@ -705,12 +707,10 @@ async fn an_sse_request_on_a_reused_connection_streams_well_formed_chunks() {
         );
     }
     read_until(&mut stream, &mut buf, |b| {
-        dechunk(&b[body_at..])
-            .is_some_and(|body| String::from_utf8_lossy(&body).contains(r#""n":19"#))
+        dechunk(b).is_some_and(|body| String::from_utf8_lossy(&body).contains(r#""n":19"#))
     })
     .await;
-    let body =
-        String::from_utf8(dechunk(&buf[body_at..]).expect("well-formed chunks")).expect("UTF-8");
+    let body = String::from_utf8(dechunk(&buf).expect("well-formed chunks")).expect("UTF-8");
     assert!(body.starts_with("retry: "), "{body}");
     let seen = numbered(&body);
     assert_eq!(
@@ -763,12 +763,7 @@ async fn websocket_protocol_errors_close_with_their_code() {
             .write_all(handshake.as_bytes())
             .await
             .expect("handshake");
-        let mut buf = Vec::new();
-        read_until(&mut stream, &mut buf, |b| {
-            String::from_utf8_lossy(b).contains("\r\n\r\n")
-        })
-        .await;
-        let text = String::from_utf8_lossy(&buf).into_owned();
+        let (text, mut frames) = read_head(&mut stream).await;
         assert!(text.starts_with("HTTP/1.1 101"), "{case}: {text}");
         // The RFC's own example key and answer.
         assert!(
@@ -776,8 +771,6 @@ async fn websocket_protocol_errors_close_with_their_code() {
             "{case}: {text}"
         );
         stream.write_all(&frame).await.expect("frame");
-        let head_len = text.find("\r\n\r\n").expect("head") + 4;
-        let mut frames = buf.split_off(head_len);
         // Server frames: unmasked, short here. Skip to the close frame.
         let close = tokio::time::timeout(WAIT, async {
             loop {

@@ -181,7 +181,7 @@ impl Session {
         let counter = app.metrics.slow_client_disconnects.clone();
         let id = queue::next_id();
         let mailbox = Arc::new(Mailbox::new(limits.queue_size, counter));
-        let bell: Weak<dyn Bell> = Arc::downgrade(&mailbox) as Weak<dyn Bell>;
+        let bell = Arc::downgrade(&mailbox) as Weak<dyn Bell>;
         app.lifecycle.attach(id, bell, wire.heartbeat);
         let span = tracing::info_span!(
             "conn",
@@ -255,7 +255,7 @@ impl Session {
                         return Event::Reconnect { after_ms: retry_ms };
                     }
                 }
-                mail = poll_fn(|cx| self.mailbox.poll_next(cx, &mut self.batch, true)) => match mail {
+                mail = poll_fn(|cx| self.mailbox.poll_next(cx, &mut self.batch)) => match mail {
                     Mail::Slow => return Event::Slow,
                     Mail::Drain => {
                         if matches!(self.drain, Drain::Waiting) {

@@ -21,9 +21,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 
-use prometheus::IntCounter;
-
 use bytes::Bytes;
+use prometheus::IntCounter;
 
 use crate::hub::Sink;
 use crate::lifecycle::{Bell, Signal};
@@ -129,13 +128,12 @@ impl Mailbox {
     }
 
     /// The next mail; publications are appended to `batch` (all queued,
-    /// with one lock). Pending registers the task's waker, and, when the
-    /// task is `idle` (it has nothing else to deliver), opens the outlet.
+    /// with one lock). Pending registers the task's waker and opens the
+    /// outlet: the task asks only once it has delivered everything it held.
     pub(super) fn poll_next(
         &self,
         cx: &mut Context<'_>,
         batch: &mut VecDeque<Arc<Publication>>,
-        idle: bool,
     ) -> Poll<Mail> {
         if self.is_slow() {
             return Poll::Ready(Mail::Slow);
@@ -156,7 +154,7 @@ impl Mailbox {
             return Poll::Ready(Mail::Heartbeat);
         }
         state.park(cx);
-        if let (true, Some(straight)) = (idle, straight) {
+        if let Some(straight) = straight {
             straight.outlet.open();
         }
         Poll::Pending
@@ -251,23 +249,19 @@ impl Sink for Mailbox {
                 }
             }
         }
-        let (taken, waker) = {
-            let mut state = self.state();
+        let mut taken = false;
+        self.notify(|state| {
             if state.queue.len() < self.capacity {
                 state.queue.push_back(Arc::clone(publication));
-                (true, state.waker.take())
+                taken = true;
             } else {
                 // Once: the flag is only set under the lock.
                 if !self.slow.swap(true, Ordering::AcqRel) {
                     self.counter.inc();
                 }
                 state.queue = VecDeque::new();
-                (false, state.waker.take())
             }
-        };
-        if let Some(waker) = waker {
-            waker.wake();
-        }
+        });
         taken
     }
 }
@@ -291,7 +285,7 @@ mod tests {
     }
 
     async fn next(mailbox: &Mailbox, batch: &mut VecDeque<Arc<Publication>>) -> Mail {
-        poll_fn(|cx| mailbox.poll_next(cx, batch, true)).await
+        poll_fn(|cx| mailbox.poll_next(cx, batch)).await
     }
 
     #[tokio::test]
@@ -368,7 +362,7 @@ mod tests {
         assert_eq!(next(&mailbox, &mut batch).await, Mail::Publications);
         batch.clear();
         // Parked (pending, idle): the next one goes straight to the socket.
-        let parked = poll_fn(|cx| Poll::Ready(mailbox.poll_next(cx, &mut batch, true))).await;
+        let parked = poll_fn(|cx| Poll::Ready(mailbox.poll_next(cx, &mut batch))).await;
         assert!(parked.is_pending());
         let one = publication(1);
         assert!(mailbox.offer(&one, true));

@@ -24,7 +24,7 @@ use http_body_util::BodyExt;
 use crate::app::{App, ConnInfo};
 use crate::history::Cursor;
 use crate::http::{rejected, Body, StreamQuery};
-use crate::link::{Broken, HandoffBody, Link};
+use crate::link::{Gone, HandoffBody, Link};
 use crate::metrics::Transport;
 use crate::origin::add_cors;
 use crate::protocol::{sse, Encoding, Publication};
@@ -160,7 +160,7 @@ impl Live {
         let encode = if self.chunked { chunk } else { plain };
         self.session.attach(link.outlet(), encode);
         loop {
-            let start = self.start_chunk(&mut link.out);
+            self.open_chunk(&mut link.out);
             if let Some(opening) = self.opening.take() {
                 link.out.extend_from_slice(opening.as_bytes());
             } else {
@@ -173,15 +173,7 @@ impl Live {
                     return;
                 }
             }
-            if link.out.len() == start + self.room() {
-                // Nothing new: only what a direct write left.
-                link.out.clear();
-                if link.flush().await.is_err() {
-                    return;
-                }
-                continue;
-            }
-            let start = self.end_chunk(&mut link.out, start);
+            let start = self.close_chunk(&mut link.out);
             if self.done && self.chunked {
                 link.out.extend_from_slice(b"0\r\n\r\n");
             }
@@ -190,7 +182,7 @@ impl Live {
             let written = tokio::select! {
                 biased;
                 written = link.flush_from(start) => written,
-                () = self.session.slowed() => Err(Broken::Stalled),
+                () = self.session.slowed() => Err(Gone),
             };
             if written.is_err() {
                 return;
@@ -202,30 +194,27 @@ impl Live {
         }
     }
 
-    /// The room kept before a batch.
-    fn room(&self) -> usize {
-        if self.chunked {
-            CHUNK_HEAD
-        } else {
-            0
-        }
-    }
-
-    /// Leaves room for the chunk-size line; returns where the chunk starts.
-    fn start_chunk(&self, out: &mut Vec<u8>) -> usize {
+    /// Leaves room for the chunk-size line (a batch is framed in place,
+    /// without moving it).
+    fn open_chunk(&self, out: &mut Vec<u8>) {
         if self.chunked {
             out.extend_from_slice(&[b' '; CHUNK_HEAD]);
         }
-        0
     }
 
-    /// Writes the chunk-size line just before the data and the chunk's
-    /// end after it; returns where the bytes to send start.
-    fn end_chunk(&self, out: &mut Vec<u8>, start: usize) -> usize {
+    /// Frames the batch after [`Live::open_chunk`]'s room: the chunk-size
+    /// line just before it, the chunk's end after it. Returns where the
+    /// bytes to send start. An empty batch (only a direct write's rest to
+    /// send) is no chunk at all: an empty chunk would end the body.
+    fn close_chunk(&self, out: &mut Vec<u8>) -> usize {
         if !self.chunked {
-            return start;
+            return 0;
         }
         let len = out.len() - CHUNK_HEAD;
+        if len == 0 {
+            out.clear();
+            return 0;
+        }
         let head = format!("{len:x}\r\n");
         let at = CHUNK_HEAD - head.len();
         out[at..CHUNK_HEAD].copy_from_slice(head.as_bytes());

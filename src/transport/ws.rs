@@ -26,7 +26,7 @@ use tracing::Instrument;
 use crate::app::{App, ConnInfo};
 use crate::history::StreamId;
 use crate::http::{full, rejected, Body, StreamQuery};
-use crate::link::Link;
+use crate::link::{Gone, Link};
 use crate::metrics::Transport;
 use crate::protocol::{event_filter, reply, Command, Encoding, Publication};
 use crate::refusal::Refusal;
@@ -165,9 +165,6 @@ async fn serve(
     };
     conn.run(query).await;
 }
-
-/// The connection is gone (or must be treated as gone): stop at once.
-struct Gone;
 
 /// A close frame to send: code and reason.
 type Close = (u16, &'static str);
@@ -333,12 +330,14 @@ impl Conn {
 
     /// Writes `first` and whatever else is ready, with one write.
     async fn deliver(&mut self, first: Arc<Publication>) -> Result<(), Gone> {
-        rfc6455::encode(&mut self.link.out, rfc6455::TEXT, first.frame.as_bytes());
+        // Each frame is encoded once per publication, shared by every
+        // recipient (the same bytes direct writes send).
+        self.link.out.extend_from_slice(&frame(&first));
         for _ in 1..WRITE_BATCH {
             let Some(p) = self.session.try_next() else {
                 break;
             };
-            rfc6455::encode(&mut self.link.out, rfc6455::TEXT, p.frame.as_bytes());
+            self.link.out.extend_from_slice(&frame(&p));
         }
         self.flush().await
     }
@@ -431,7 +430,7 @@ impl Conn {
     /// this write, then the close frame saying why (1013), unless it makes
     /// no progress for the write timeout.
     async fn flush(&mut self) -> Result<(), Gone> {
-        self.link.flush().await.map_err(|_| Gone)
+        self.link.flush().await
     }
 }
 
