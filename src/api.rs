@@ -84,7 +84,7 @@ async fn try_publish(
 
 /// With keys configured, one must match. Without, only dev mode publishes,
 /// and only for clients on this machine.
-fn authorize<B>(app: &App, req: &Request<B>, info: &ConnInfo) -> Result<(), Refusal> {
+pub(crate) fn authorize<B>(app: &App, req: &Request<B>, info: &ConnInfo) -> Result<(), Refusal> {
     let keys = &app.config.publish.api_keys;
     if keys.is_empty() {
         return if app.config.dev && info.peer.ip().is_loopback() {
@@ -108,5 +108,43 @@ fn authorize<B>(app: &App, req: &Request<B>, info: &ConnInfo) -> Result<(), Refu
         Ok(())
     } else {
         Err(Refusal::Unauthorized("bad API key"))
+    }
+}
+
+/// `GET /api/presence?channel=…` (API key): a presence channel's members,
+/// `{"channel", "count", "members": [{"user", "info"}]}` (at most
+/// `presence.max_listed` listed; `count` is exact).
+pub(crate) async fn presence(
+    app: Arc<App>,
+    req: Request<Incoming>,
+    info: ConnInfo,
+) -> Response<Body> {
+    if let Err(refusal) = authorize(&app, &req, &info) {
+        return refused(&refusal);
+    }
+    let Some(channel) = crate::http::query_param(req.uri(), "channel") else {
+        return refused(&Refusal::BadRequest("missing `channel`".into()));
+    };
+    if !app.policy.is_presence(&channel) {
+        let reason =
+            format!("`{channel}` is not a presence channel (no rule with presence = true)");
+        return refused(&Refusal::BadRequest(reason));
+    }
+    match crate::presence::members(&app, &channel).await {
+        Ok(members) => {
+            let listed: Vec<serde_json::Value> = members
+                .listed
+                .iter()
+                .map(|(user, info)| {
+                    let info: serde_json::Value =
+                        serde_json::from_str(info).unwrap_or(serde_json::Value::Null);
+                    serde_json::json!({"user": user, "info": info})
+                })
+                .collect();
+            let body =
+                serde_json::json!({"channel": channel, "count": members.count, "members": listed});
+            json(StatusCode::OK, &body)
+        }
+        Err(refusal) => refused(&refusal),
     }
 }

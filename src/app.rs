@@ -42,6 +42,10 @@ pub(crate) struct App {
     pub replay_bytes: Arc<Semaphore>,
     /// Streams held, in all, per IP and per user.
     pub limits: ConnectionLimits,
+    /// The presence this process holds (see [`crate::presence`]).
+    pub presence: crate::presence::Presence,
+    /// The Pusher apps served, by key and by id.
+    pub pusher: crate::pusher::Apps,
 }
 
 impl App {
@@ -65,7 +69,6 @@ impl App {
                 .min(Semaphore::MAX_PERMITS),
         ));
         Self {
-            config,
             hub,
             broker,
             policy,
@@ -76,6 +79,9 @@ impl App {
             origins,
             replay_bytes,
             limits,
+            presence: Default::default(),
+            pusher: crate::pusher::Apps::new(&config.pusher.apps),
+            config,
         }
     }
 }

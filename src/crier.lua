@@ -173,6 +173,155 @@ local function crier_since(keys, args)
   return {gap and 1 or 0, entries}
 end
 
+-- Presence: who is in a channel, across every crier instance. KEYS (all in
+-- the channel's hash slot, see crier's history::presence_keys):
+--   1 conns  HASH  '<instance>|<user>' -> that instance's connections of the user
+--   2 index  ZSET  the same '<instance>|<user>', all at score 0 (by instance)
+--   3 alive  ZSET  instance -> when its members expire (ms), unless it beats
+--   4 users  HASH  user -> connections anywhere
+--   5 info   HASH  user -> user info (JSON)
+-- member_added is published on a user's first connection anywhere and
+-- member_removed on the last, on the channel itself.
+local ADDED, REMOVED = 'pusher_internal:member_added', 'pusher_internal:member_removed'
+local KEPT = 86400000
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function announce(channel, event, exclude, data)
+  local head = '{"$crier":{"event":"' .. event .. '"'
+  if exclude ~= nil and exclude ~= '' then head = head .. ',"exclude":"' .. exclude .. '"' end
+  redis.call(PUBLISH, PREFIX .. channel, head .. '},"data":' .. data .. '}')
+end
+
+-- Changes `instance`'s connections of `user` by `delta` (info: the user's
+-- info, for a join), announcing a first or last connection.
+local function adjust(keys, channel, instance, user, delta, info, exclude)
+  local entry = instance .. '|' .. user
+  local had = tonumber(redis.call('HGET', keys[1], entry) or '0')
+  local now = had + delta
+  if now < 0 then delta, now = -had, 0 end
+  if delta == 0 then return tonumber(redis.call('HGET', keys[4], user) or '0') end
+  if now == 0 then
+    redis.call('HDEL', keys[1], entry)
+    redis.call('ZREM', keys[2], entry)
+  else
+    redis.call('HSET', keys[1], entry, now)
+    redis.call('ZADD', keys[2], 0, entry)
+  end
+  if info ~= nil then redis.call('HSET', keys[5], user, info) end
+  local total = redis.call('HINCRBY', keys[4], user, delta)
+  local id = cjson.encode(user)
+  if total <= 0 then
+    redis.call('HDEL', keys[4], user)
+    redis.call('HDEL', keys[5], user)
+    if total - delta > 0 then announce(channel, REMOVED, nil, '{"user_id":' .. id .. '}') end
+    return 0
+  end
+  if total - delta <= 0 then
+    local stored = redis.call('HGET', keys[5], user) or 'null'
+    announce(channel, ADDED, exclude, '{"user_id":' .. id .. ',"user_info":' .. stored .. '}')
+  end
+  return total
+end
+
+local function entries_of(keys, instance)
+  return redis.call('ZRANGEBYLEX', keys[2], '[' .. instance .. '|', '[' .. instance .. '|\255')
+end
+
+-- Removes the members of instances that stopped beating (at most `limit`
+-- instances per call).
+local function sweep(keys, channel, now, limit)
+  local dead = redis.call('ZRANGEBYSCORE', keys[3], '-inf', now, 'LIMIT', 0, limit)
+  for _, instance in ipairs(dead) do
+    for _, entry in ipairs(entries_of(keys, instance)) do
+      adjust(keys, channel, instance, string.sub(entry, #instance + 2), -1e15, nil, nil)
+    end
+    redis.call('ZREM', keys[3], instance)
+  end
+end
+
+local function keep(keys)
+  for i = 1, 5 do redis.call('PEXPIRE', keys[i], KEPT) end
+end
+
+-- ARGV: channel, instance, ttl (ms), user, connections, info, exclude.
+local function crier_presence_join(keys, args)
+  local channel, instance, ttl = args[1], args[2], tonumber(args[3])
+  local now = now_ms()
+  sweep(keys, channel, now, 16)
+  redis.call('ZADD', keys[3], now + ttl, instance)
+  local total = adjust(keys, channel, instance, args[4], tonumber(args[5]), args[6], args[7])
+  keep(keys)
+  return total
+end
+
+-- ARGV: channel, instance, user.
+local function crier_presence_leave(keys, args)
+  return adjust(keys, args[1], args[2], args[3], -1, nil, nil)
+end
+
+-- An instance's beat: it is alive for `ttl` more, and these are exactly
+-- its members (ARGV: channel, instance, ttl, then user, connections, info
+-- for each). What it held beyond them is let go (a leave that failed),
+-- what is missing is added (a join that failed, or its members swept
+-- while it could not reach Redis). Returns the number of users changed.
+local function crier_presence_sync(keys, args)
+  local channel, instance, ttl = args[1], args[2], tonumber(args[3])
+  local now = now_ms()
+  sweep(keys, channel, now, 16)
+  local want, changed = {}, 0
+  for i = 4, #args, 3 do want[args[i]] = {tonumber(args[i + 1]), args[i + 2]} end
+  for _, entry in ipairs(entries_of(keys, instance)) do
+    local user = string.sub(entry, #instance + 2)
+    if want[user] == nil then
+      adjust(keys, channel, instance, user, -1e15, nil, nil)
+      changed = changed + 1
+    end
+  end
+  for user, w in pairs(want) do
+    local had = tonumber(redis.call('HGET', keys[1], instance .. '|' .. user) or '0')
+    if had ~= w[1] then
+      adjust(keys, channel, instance, user, w[1] - had, w[2], nil)
+      changed = changed + 1
+    end
+  end
+  if next(want) == nil then
+    redis.call('ZREM', keys[3], instance)
+  else
+    redis.call('ZADD', keys[3], now + ttl, instance)
+    keep(keys)
+  end
+  return changed
+end
+
+-- The number of users, and at most `limit` of them with their info:
+-- {count, {user, info, user, info, ...}}. ARGV: channel, limit.
+local function crier_presence_members(keys, args)
+  local channel, limit = args[1], tonumber(args[2])
+  sweep(keys, channel, now_ms(), 16)
+  local count = redis.call('HLEN', keys[4])
+  local listed, cursor = {}, '0'
+  if limit > 0 then
+    repeat
+      local page = redis.call('HSCAN', keys[5], cursor, 'COUNT', math.min(limit, 1000))
+      cursor = page[1]
+      for i = 1, #page[2], 2 do
+        if #listed >= 2 * limit then break end
+        table.insert(listed, page[2][i])
+        table.insert(listed, page[2][i + 1])
+      end
+    until cursor == '0' or #listed >= 2 * limit
+  end
+  return {count, listed}
+end
+
 redis.register_function('crier_publish', crier_publish)
 redis.register_function{function_name = 'crier_position', callback = crier_position, flags = {'no-writes'}}
 redis.register_function{function_name = 'crier_since', callback = crier_since, flags = {'no-writes'}}
+redis.register_function('crier_presence_join', crier_presence_join)
+redis.register_function('crier_presence_leave', crier_presence_leave)
+redis.register_function('crier_presence_sync', crier_presence_sync)
+redis.register_function('crier_presence_members', crier_presence_members)

@@ -177,6 +177,17 @@ pub fn stream_key(prefix: &str, channel: &str) -> String {
     }
 }
 
+/// The keys of a channel's presence (see `crier.lua`): conns, index,
+/// alive, users, info; in the channel's hash slot, as its stream is.
+pub fn presence_keys(prefix: &str, channel: &str) -> [String; 5] {
+    let base = if has_hash_tag(&format!("{prefix}{channel}")) {
+        format!("{prefix}crier:pt:{prefix}{channel}")
+    } else {
+        format!("{prefix}crier:p:{{{prefix}{channel}}}")
+    };
+    [":c", ":x", ":a", ":u", ":i"].map(|part| format!("{base}{part}"))
+}
+
 /// Where crier before 0.2 kept a channel's history. Still read (never
 /// written) on a single Redis node, so no message stored there before an
 /// upgrade is lost to a client resuming across it.
@@ -359,6 +370,14 @@ mod tests {
         assert_eq!(stream_key("app:", "orders"), "app:crier:s:{app:orders}");
         assert_eq!(stream_key("", "orders:{42}"), "crier:st:orders:{42}");
         assert_eq!(legacy_stream_key("app:", "orders"), "app:crier:h:orders");
+        assert_eq!(presence_keys("", "presence-a")[0], "crier:p:{presence-a}:c");
+        assert_eq!(
+            presence_keys("", "presence-a:{7}")[4],
+            "crier:pt:presence-a:{7}:i"
+        );
+        for key in presence_keys("app:", "presence-b") {
+            assert_eq!(slot(&key), slot("app:presence-b"));
+        }
     }
 
     #[test]

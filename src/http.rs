@@ -42,10 +42,9 @@ pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     r
 }
 
-/// The HTTP answer to a refusal: its status and
-/// `{"error": code, "reason": text}`, with the headers the status calls for.
-pub(crate) fn refused(refusal: &Refusal) -> Response<Body> {
-    let status = match refusal {
+/// The HTTP status that says `refusal`.
+pub(crate) fn status_of(refusal: &Refusal) -> StatusCode {
+    match refusal {
         Refusal::BadRequest(_) | Refusal::TooManySubscriptions { .. } => StatusCode::BAD_REQUEST,
         Refusal::Unauthorized(_) => StatusCode::UNAUTHORIZED,
         Refusal::Forbidden(_) => StatusCode::FORBIDDEN,
@@ -55,7 +54,13 @@ pub(crate) fn refused(refusal: &Refusal) -> Response<Body> {
         Refusal::AtCapacity | Refusal::Unavailable | Refusal::SessionStoreUnavailable => {
             StatusCode::SERVICE_UNAVAILABLE
         }
-    };
+    }
+}
+
+/// The HTTP answer to a refusal: its status and
+/// `{"error": code, "reason": text}`, with the headers the status calls for.
+pub(crate) fn refused(refusal: &Refusal) -> Response<Body> {
+    let status = status_of(refusal);
     let reason = refusal.reason();
     let mut r = json(status, &json!({"error": refusal.code(), "reason": &reason}));
     match status {

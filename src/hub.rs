@@ -212,6 +212,23 @@ impl Hub {
         }
     }
 
+    /// The channels this process's clients listen to, sorted.
+    pub(crate) fn channels(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .shards
+            .iter()
+            .flat_map(|shard| {
+                read(shard)
+                    .iter()
+                    .filter(|(_, entry)| !entry.listeners.is_empty())
+                    .map(|(name, _)| name.clone())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        names.sort();
+        names
+    }
+
     /// Fans `publication` out to every local listener of its channel.
     /// Returns how many queues accepted it. Never blocks on a client.
     pub(crate) fn dispatch(&self, publication: Publication) -> usize {

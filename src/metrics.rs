@@ -15,6 +15,8 @@ pub enum Transport {
     Ws,
     /// `GET /sse`
     Sse,
+    /// `GET /app/{key}` (the Pusher protocol)
+    Pusher,
 }
 
 impl Transport {
@@ -23,6 +25,7 @@ impl Transport {
         match self {
             Transport::Ws => "ws",
             Transport::Sse => "sse",
+            Transport::Pusher => "pusher",
         }
     }
 }
@@ -35,8 +38,10 @@ pub struct Metrics(Arc<Inner>);
 pub struct Inner {
     registry: Registry,
     connections_ws: IntGauge,
+    connections_pusher: IntGauge,
     connections_sse: IntGauge,
     delivered_ws: IntCounter,
+    delivered_pusher: IntCounter,
     delivered_sse: IntCounter,
     /// Publications received from the broker (once per publication, not per client).
     pub messages_received: IntCounter,
@@ -105,8 +110,10 @@ impl Metrics {
         let gauge = |name: &str, help: &str| IntGauge::new(name, help).expect("metric");
         let inner = Inner {
             connections_ws: connections.with_label_values(&["ws"]),
+            connections_pusher: connections.with_label_values(&["pusher"]),
             connections_sse: connections.with_label_values(&["sse"]),
             delivered_ws: delivered.with_label_values(&["ws"]),
+            delivered_pusher: delivered.with_label_values(&["pusher"]),
             delivered_sse: delivered.with_label_values(&["sse"]),
             messages_received: counter(
                 "crier_messages_received_total",
@@ -195,6 +202,7 @@ impl Metrics {
     pub fn connections(&self, t: Transport) -> &IntGauge {
         match t {
             Transport::Ws => &self.connections_ws,
+            Transport::Pusher => &self.connections_pusher,
             Transport::Sse => &self.connections_sse,
         }
     }
@@ -203,6 +211,7 @@ impl Metrics {
     pub fn delivered(&self, t: Transport) -> &IntCounter {
         match t {
             Transport::Ws => &self.delivered_ws,
+            Transport::Pusher => &self.delivered_pusher,
             Transport::Sse => &self.delivered_sse,
         }
     }

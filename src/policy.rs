@@ -170,6 +170,8 @@ impl Pattern {
 pub(crate) struct Policy {
     rules: Vec<(Pattern, Subscribe)>,
     history: Vec<(Pattern, Option<HistoryRule>)>,
+    /// Rules that track presence.
+    presence: Vec<(Pattern, bool)>,
     separators: Separators,
     allow_all: bool,
     /// Rules that name their own event field, and the default.
@@ -205,6 +207,10 @@ impl Policy {
                 .map(|(p, r)| (p.clone(), r.subscribe))
                 .collect(),
             history: parsed.iter().map(|(p, r)| (p.clone(), r.history)).collect(),
+            presence: parsed
+                .iter()
+                .map(|(p, r)| (p.clone(), r.presence))
+                .collect(),
             separators: Separators::of(parsed.iter().map(|(p, _)| p)),
             allow_all,
             event_fields: parsed
@@ -229,13 +235,8 @@ impl Policy {
     /// first rule fitting the channel decides, as for history
     /// (placeholders read as any text); without its own, the default.
     pub(crate) fn event_field_of(&self, channel: &str) -> &str {
-        self.event_fields
-            .iter()
-            .find(|(p, _)| {
-                p.matches(channel, &Principal::default(), &self.separators)
-                    || p.could_match(channel)
-            })
-            .and_then(|(_, f)| f.as_deref())
+        self.fitting(&self.event_fields, channel)
+            .and_then(|f| f.as_deref())
             .unwrap_or(&self.event_field)
     }
 
@@ -243,13 +244,25 @@ impl Policy {
     /// it, reading placeholders as any text (as the Redis function does,
     /// which knows nothing of principals).
     pub(crate) fn history_of(&self, channel: &str) -> Option<HistoryRule> {
-        self.history
+        self.fitting(&self.history, channel).and_then(|h| *h)
+    }
+
+    /// Whether `channel` tracks presence: a Pusher `presence-` channel, or
+    /// one whose first fitting rule says `presence = true`.
+    pub(crate) fn is_presence(&self, channel: &str) -> bool {
+        channel.starts_with("presence-") || self.fitting(&self.presence, channel) == Some(&true)
+    }
+
+    /// What the first rule fitting `channel` says, reading placeholders as
+    /// any text.
+    fn fitting<'a, T>(&self, rules: &'a [(Pattern, T)], channel: &str) -> Option<&'a T> {
+        rules
             .iter()
             .find(|(p, _)| {
                 p.matches(channel, &Principal::default(), &self.separators)
                     || p.could_match(channel)
             })
-            .and_then(|(_, h)| *h)
+            .map(|(_, t)| t)
     }
 
     /// `(pattern, history)` of every rule, for the Redis function library.
@@ -360,6 +373,7 @@ mod tests {
             subscribe,
             history: None,
             event_field: None,
+            presence: false,
         }
     }
 

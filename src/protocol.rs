@@ -25,8 +25,16 @@ pub struct Publication {
     pub id: Option<StreamId>,
     /// A message, or the notice that messages were lost.
     pub kind: Kind,
-    /// The envelope JSON: the WebSocket text frame, as is.
+    /// The envelope JSON: the WebSocket text frame, as is. Its `data` is
+    /// its last field: the data is `frame[data_at..len - 1]`.
     pub frame: Utf8Bytes,
+    /// Where the data starts in `frame`.
+    data_at: usize,
+    /// A connection that must not get it (the Pusher sender's
+    /// `socket_id`): see [`Envelope`].
+    pub exclude: Option<SocketId>,
+    /// Who sent it, for client events on a presence channel.
+    pub user_id: Option<Box<str>>,
     /// The complete SSE event (`event:` and `data:` lines, blank line).
     /// With an id, the writer sends all but the last byte, then its own
     /// `id: <cursor>` line and the blank line.
@@ -36,7 +44,7 @@ pub struct Publication {
     single_cursor: std::sync::OnceLock<Bytes>,
     /// The whole bytes each wire protocol writes, for direct writes:
     /// encoded once, on first use, and shared (see [`Encoding`]).
-    wire: [std::sync::OnceLock<Bytes>; 2],
+    wire: [std::sync::OnceLock<Bytes>; 3],
 }
 
 /// A wire protocol's complete encoding of a publication, cached on it.
@@ -46,6 +54,8 @@ pub(crate) enum Encoding {
     WsFrame = 0,
     /// An SSE event as one HTTP/1.1 chunk.
     SseChunk = 1,
+    /// A Pusher protocol event as a WebSocket text frame.
+    Pusher = 2,
 }
 
 /// What a publication tells the client.
@@ -56,7 +66,105 @@ pub enum Kind {
     /// Messages of this channel were lost (history could not cover an
     /// outage or a resume): the app must refetch its state.
     Gap,
+    /// A user's first connection to a presence channel, anywhere.
+    Join,
+    /// A user's last connection to a presence channel left.
+    Leave,
 }
+
+/// A connection, fleet-wide: Pusher's `socket_id`, `<instance>.<conn>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SocketId {
+    /// Random per process.
+    pub instance: u32,
+    /// The connection within the process.
+    pub conn: u64,
+}
+
+impl SocketId {
+    /// The id of connection `conn` of this process.
+    pub fn of(conn: u64) -> Self {
+        static INSTANCE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+        let instance = *INSTANCE.get_or_init(|| rand::random::<u32>() % 1_000_000_000);
+        Self { instance, conn }
+    }
+}
+
+impl std::fmt::Display for SocketId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.instance, self.conn)
+    }
+}
+
+impl std::str::FromStr for SocketId {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let (instance, conn) = s.split_once('.').ok_or(())?;
+        let digits = |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit());
+        if !digits(instance) || !digits(conn) {
+            return Err(());
+        }
+        Ok(Self {
+            instance: instance.parse().map_err(drop)?,
+            conn: conn.parse().map_err(drop)?,
+        })
+    }
+}
+
+/// A payload crier itself wraps (the Pusher HTTP API, client events,
+/// presence): `{"$crier":{"event":…,"exclude":…,"user_id":…},"data":…}`.
+/// Its event is named outright, not read from the data, and `exclude`
+/// keeps it from one connection. Apps may publish it too.
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(rename = "$crier")]
+    meta: Meta,
+    #[serde(borrow)]
+    data: &'a serde_json::value::RawValue,
+}
+
+#[derive(Deserialize)]
+struct Meta {
+    event: String,
+    #[serde(default)]
+    exclude: Option<String>,
+    #[serde(default)]
+    user_id: Option<String>,
+}
+
+/// The start of every [`Envelope`] crier writes.
+pub(crate) const ENVELOPE_HEAD: &str = r#"{"$crier":"#;
+
+/// Wraps `data` (JSON) as an [`Envelope`] naming `event`.
+pub(crate) fn envelope(
+    event: &str,
+    exclude: Option<SocketId>,
+    user_id: Option<&str>,
+    data: &str,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + event.len() + 64);
+    out.extend_from_slice(ENVELOPE_HEAD.as_bytes());
+    out.extend_from_slice(br#"{"event":"#);
+    push_json_string(&mut out, event);
+    if let Some(socket) = exclude {
+        out.extend_from_slice(br#","exclude":""#);
+        out.extend_from_slice(socket.to_string().as_bytes());
+        out.push(b'"');
+    }
+    if let Some(user) = user_id {
+        out.extend_from_slice(br#","user_id":"#);
+        push_json_string(&mut out, user);
+    }
+    out.extend_from_slice(br#"},"data":"#);
+    out.extend_from_slice(data.as_bytes());
+    out.push(b'}');
+    out
+}
+
+/// The presence events' names (Pusher's).
+pub(crate) const MEMBER_ADDED: &str = "pusher_internal:member_added";
+pub(crate) const MEMBER_REMOVED: &str = "pusher_internal:member_removed";
 
 impl Publication {
     /// Builds the envelope for `payload` published on `channel`.
@@ -73,6 +181,11 @@ impl Publication {
     /// `event_field`, a JSON pointer into the payload (`/type`,
     /// `/event_type`, `/meta/kind`), when there is one.
     pub fn message(channel: &str, id: Option<StreamId>, payload: &[u8], event_field: &str) -> Self {
+        if payload.starts_with(ENVELOPE_HEAD.as_bytes()) {
+            if let Ok(envelope) = serde_json::from_slice::<Envelope<'_>>(payload) {
+                return Self::enveloped(channel, id, envelope);
+            }
+        }
         let parsed: Option<Value> = serde_json::from_slice(payload).ok();
         let event = parsed
             .as_ref()
@@ -93,13 +206,88 @@ impl Publication {
             env.push(b'"');
         }
         env.extend_from_slice(br#","data":"#);
+        let data_at = env.len();
         if parsed.is_some() {
             env.extend_from_slice(trim_ascii(payload));
         } else {
             push_json_string(&mut env, &String::from_utf8_lossy(payload));
         }
         env.push(b'}');
-        Self::encoded(channel, event, id, Kind::Message, env)
+        Self::encoded(channel, event, id, Kind::Message, env, data_at)
+    }
+
+    /// A publication from an [`Envelope`]. Data that is a string holding
+    /// JSON (what the Pusher SDKs send) reaches crier's own clients as that
+    /// JSON, and Pusher clients as the string.
+    fn enveloped(channel: &str, id: Option<StreamId>, envelope: Envelope<'_>) -> Self {
+        let Envelope { meta, data } = envelope;
+        let kind = match meta.event.as_str() {
+            MEMBER_ADDED => Kind::Join,
+            MEMBER_REMOVED => Kind::Leave,
+            _ => Kind::Message,
+        };
+        let raw = data.get();
+        let inner: Option<String> = raw
+            .starts_with('"')
+            .then(|| serde_json::from_str::<String>(raw).ok())
+            .flatten()
+            .filter(|text| serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok());
+        let data = inner.as_deref().map_or(raw, str::trim);
+        let mut env = Vec::with_capacity(data.len() + channel.len() + meta.event.len() + 64);
+        let event = match kind {
+            Kind::Join => {
+                env.extend_from_slice(br#"{"type":"join","channel":"#);
+                Some("join".to_owned())
+            }
+            Kind::Leave => {
+                env.extend_from_slice(br#"{"type":"leave","channel":"#);
+                Some("leave".to_owned())
+            }
+            _ => {
+                env.extend_from_slice(br#"{"type":"message","channel":"#);
+                Some(meta.event)
+            }
+        };
+        push_json_string(&mut env, channel);
+        if kind == Kind::Message {
+            env.extend_from_slice(br#","event":"#);
+            push_json_string(&mut env, event.as_deref().unwrap_or_default());
+        }
+        if let Some(id) = id {
+            env.extend_from_slice(br#","id":""#);
+            env.extend_from_slice(id.to_string().as_bytes());
+            env.push(b'"');
+        }
+        if let Some(user) = &meta.user_id {
+            env.extend_from_slice(br#","user_id":"#);
+            push_json_string(&mut env, user);
+        }
+        env.extend_from_slice(br#","data":"#);
+        let data_at = env.len();
+        env.extend_from_slice(data.as_bytes());
+        env.push(b'}');
+        let mut p = Self::encoded(channel, event, id, kind, env, data_at);
+        p.exclude = meta.exclude.and_then(|s| s.parse().ok());
+        p.user_id = meta.user_id.map(Into::into);
+        p
+    }
+
+    /// The data as its JSON text.
+    pub(crate) fn data(&self) -> &str {
+        let frame: &str = &self.frame;
+        frame
+            .get(self.data_at..frame.len().saturating_sub(1))
+            .unwrap_or("null")
+    }
+
+    /// The event name a Pusher client gets: the publication's event type,
+    /// or `message` when it has none.
+    pub(crate) fn pusher_event(&self) -> &str {
+        match self.kind {
+            Kind::Join => MEMBER_ADDED,
+            Kind::Leave => MEMBER_REMOVED,
+            Kind::Message | Kind::Gap => self.event.as_deref().unwrap_or("message"),
+        }
     }
 
     /// The notice that messages of `channel` were lost.
@@ -108,7 +296,8 @@ impl Publication {
         env.extend_from_slice(br#"{"type":"gap","channel":"#);
         push_json_string(&mut env, channel);
         env.push(b'}');
-        Self::encoded(channel, Some("gap".into()), None, Kind::Gap, env)
+        let data_at = env.len() - 1;
+        Self::encoded(channel, Some("gap".into()), None, Kind::Gap, env, data_at)
     }
 
     fn encoded(
@@ -117,6 +306,7 @@ impl Publication {
         id: Option<StreamId>,
         kind: Kind,
         env: Vec<u8>,
+        data_at: usize,
     ) -> Self {
         let sse = sse_event(event.as_deref(), &env);
         // The envelope is built from valid UTF-8 pieces only.
@@ -130,6 +320,9 @@ impl Publication {
             id,
             kind,
             frame,
+            data_at,
+            exclude: None,
+            user_id: None,
             sse,
             single_cursor: std::sync::OnceLock::new(),
             wire: Default::default(),
@@ -360,6 +553,24 @@ pub mod reply {
     /// longer grants the channel.
     pub fn revoked(channel: &str, reason: &str) -> String {
         json!({"type": "unsubscribed", "channel": channel, "reason": reason}).to_string()
+    }
+
+    /// The answer to a `presence` request.
+    pub(crate) fn presence(
+        channel: &str,
+        count: u64,
+        listed: &[(String, String)],
+        id: &Option<Value>,
+    ) -> String {
+        let listed: Vec<Value> = listed
+            .iter()
+            .map(|(user, info)| {
+                let info: Value = serde_json::from_str(info).unwrap_or(Value::Null);
+                json!({"user": user, "info": info})
+            })
+            .collect();
+        let v = json!({"type": "presence", "channel": channel, "count": count, "members": listed});
+        with_id(v, id)
     }
 
     /// Answer to `ping`.

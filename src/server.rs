@@ -208,6 +208,10 @@ fn launch(config: Config, parts: Parts, listener: TcpListener) -> anyhow::Result
     let clock_app = Arc::clone(&app);
     let stop_clock = stop_background.clone();
     background.spawn(async move { clock_app.lifecycle.run_clock(tick, stop_clock).await });
+    background.spawn(crate::presence::run(
+        Arc::clone(&app),
+        stop_background.clone(),
+    ));
     let sigterm = CancellationToken::new();
     let done = tokio::spawn(run(
         app,
@@ -389,6 +393,14 @@ async fn route(app: Arc<App>, req: Request<Incoming>, info: ConnInfo) -> Respons
             "authorization, content-type",
         ),
         (&Method::POST, "/api/publish") => Box::pin(crate::api::publish(app, req, info)).await,
+        (&Method::GET, "/api/presence") => Box::pin(crate::api::presence(app, req, info)).await,
+        (&Method::GET, path) if path.starts_with("/app/") && !app.pusher.is_empty() => {
+            let key = path["/app/".len()..].to_owned();
+            Box::pin(crate::transport::pusher::handle(app, req, info, &key)).await
+        }
+        (_, path) if path.starts_with("/apps/") && !app.pusher.is_empty() => {
+            Box::pin(crate::pusher::api::handle(app, req)).await
+        }
         (&Method::GET, "/") if app.config.dev => {
             let mut r = Response::new(full(DEMO_PAGE));
             r.headers_mut().insert(

@@ -46,6 +46,7 @@ fn rules() -> Vec<ChannelRule> {
         subscribe,
         history: None,
         event_field: None,
+        presence: false,
     };
     vec![
         rule("public:*", Subscribe::Anyone),
@@ -878,6 +879,7 @@ async fn placeholder_values_cannot_reach_into_another_users_channels() {
         subscribe: Subscribe::User,
         history: None,
         event_field: None,
+        presence: false,
     }];
     let crier = Instance::start(config).await;
     let exp = now() + 600;

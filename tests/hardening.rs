@@ -39,12 +39,14 @@ fn config(redis: Option<&RedisServer>) -> Config {
                 ttl: Duration::from_secs(3600),
             }),
             event_field: None,
+            presence: false,
         },
         ChannelRule {
             pattern: "public:*".into(),
             subscribe: Subscribe::Anyone,
             history: None,
             event_field: None,
+            presence: false,
         },
     ];
     config.publish.api_keys = vec![API_KEY.into()];

@@ -28,6 +28,7 @@ fn history_config(redis: Option<&RedisServer>) -> Config {
             ttl: Duration::from_secs(3600),
         }),
         event_field: None,
+        presence: false,
     };
     config.channels = vec![
         rule("hist:*", Some(1000)),

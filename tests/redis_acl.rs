@@ -63,6 +63,7 @@ async fn the_documented_acl_user_runs_everything_without_a_denial() {
             ttl: Duration::from_secs(3600),
         }),
         event_field: None,
+        presence: false,
     };
     config.channels = vec![rule("hist:*", true), rule("public:*", false)];
     // Ready means the canary went round: PUBLISH and SUBSCRIBE as `crier`.

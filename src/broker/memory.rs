@@ -21,6 +21,7 @@ pub(crate) struct MemoryBroker {
     policy: Arc<Policy>,
     logs: Mutex<HashMap<String, Log>>,
     pub(super) health: BrokerHealth,
+    pub(super) presence: super::presence::MemoryPresence,
 }
 
 /// One channel's history.
@@ -63,6 +64,7 @@ impl MemoryBroker {
             policy,
             logs: Mutex::default(),
             health,
+            presence: Default::default(),
         }
     }
 
@@ -115,6 +117,13 @@ impl MemoryBroker {
     }
 
     /// The newest id, or a position just before now for an empty channel.
+    /// Relays `payload` to this process's clients, without history.
+    pub(super) fn relay(&self, channel: &str, payload: &[u8]) {
+        let event_field = self.policy.event_field_of(channel);
+        self.hub
+            .dispatch(Publication::message(channel, None, payload, event_field));
+    }
+
     pub(crate) fn position(&self, channel: &str) -> StreamId {
         let ttl = self.ttl(channel);
         let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());

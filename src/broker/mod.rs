@@ -22,9 +22,11 @@ use crate::protocol::Publication;
 use crate::redis_client as client;
 mod cluster;
 mod memory;
+mod presence;
 mod redis;
 mod target;
 
+pub(crate) use self::presence::{Held, Members};
 use self::redis::RedisBroker;
 use memory::MemoryBroker;
 

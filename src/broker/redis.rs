@@ -227,7 +227,7 @@ impl Redis {
 
     /// `FCALL name 1 channel args...`, loading the library once if Redis
     /// lost it (a restart without persistence).
-    async fn fcall<T: redis::FromRedisValue>(
+    pub(super) async fn fcall<T: redis::FromRedisValue>(
         &self,
         name: &str,
         keys: &[String],
@@ -307,6 +307,45 @@ impl Redis {
             Err(BrokerError::Redis(e)) if e.to_string().contains("unknown command") => Ok(()),
             other => other.map(|_| ()),
         }
+    }
+
+    /// The prefix of crier's channels and keys in Redis.
+    pub(super) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// `PUBLISH` (on a Cluster, `SPUBLISH` on the channel's shard): live
+    /// only, never kept in history.
+    pub(super) async fn publish_live(
+        &self,
+        channel: &str,
+        payload: &[u8],
+    ) -> Result<(), BrokerError> {
+        let mut cmd = redis::cmd(if self.cluster { "SPUBLISH" } else { "PUBLISH" });
+        cmd.arg(format!("{}{channel}", self.prefix)).arg(payload);
+        self.query::<i64>(cmd).await.map(drop)
+    }
+
+    /// The channels crier instances subscribe to (`PUBSUB CHANNELS`, or
+    /// `PUBSUB SHARDCHANNELS` on a Cluster), without the prefix and
+    /// crier's own.
+    pub(super) async fn occupied(&self) -> Result<Vec<String>, BrokerError> {
+        let mut cmd = redis::cmd("PUBSUB");
+        cmd.arg(if self.cluster {
+            "SHARDCHANNELS"
+        } else {
+            "CHANNELS"
+        })
+        .arg(format!("{}*", glob_escape(&self.prefix)));
+        let names: Vec<String> = self.query(cmd).await?;
+        let mut names: Vec<String> = names
+            .into_iter()
+            .filter_map(|n| n.strip_prefix(self.prefix.as_str()).map(str::to_owned))
+            .filter(|n| !n.starts_with("crier:"))
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
     }
 
     /// `channel`'s history stream, declared as the function's key.
@@ -761,6 +800,18 @@ impl Supervisor {
 }
 
 /// What a channel missed while its subscription was lost.
+/// `text` matching itself in a Redis glob pattern.
+fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
 pub(super) enum Missed {
     /// Lost for good: the client must resync.
     Gap,

@@ -27,6 +27,12 @@ pub struct ChannelRule {
     /// (e.g. `/event`); absent: the top-level `event_field`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub event_field: Option<String>,
+    /// Track who is in the matching channels (fleet-wide presence): a
+    /// signed-in subscriber is a member, the others hear `join` and
+    /// `leave`, and may ask for the member list. Pusher `presence-`
+    /// channels always track it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub presence: bool,
 }
 
 /// Who may subscribe to the channels a rule matches.
@@ -37,7 +43,8 @@ pub enum Subscribe {
     Anyone,
     /// Authenticated users only.
     User,
-    /// Only clients whose token grants the channel in its channels claim.
+    /// Only clients granted the channel: listed in their token's channels
+    /// claim, or (Pusher protocol) a subscription the app signed.
     Claim,
 }
 

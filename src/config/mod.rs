@@ -26,10 +26,12 @@ use serde::{Deserialize, Serialize};
 
 mod auth;
 mod channels;
+mod pusher;
 mod redis;
 
 pub use self::auth::{AuthConfig, JwtConfig, SessionConfig, Signing};
 pub use self::channels::{ChannelRule, HistoryRule, Subscribe};
+pub use self::pusher::{PresenceConfig, PusherApp, PusherConfig};
 pub use self::redis::{ClusterConfig, RedisConfig, RedisTlsConfig, SentinelConfig};
 
 /// Exit code for a configuration error (`EX_USAGE` in sysexits.h).
@@ -84,6 +86,11 @@ pub struct Config {
     /// default, `/event_type`, `/event` (Laravel), `/meta/kind`. A
     /// `[[channels]]` rule may set its own.
     pub event_field: String,
+    /// The Pusher Channels protocol (pusher-js, laravel-echo, the Pusher
+    /// server SDKs).
+    pub pusher: PusherConfig,
+    /// Fleet-wide presence.
+    pub presence: PresenceConfig,
 }
 
 /// How logs are written.
@@ -220,6 +227,8 @@ impl Default for Config {
             allowed_origins: Vec::new(),
             auth: AuthConfig::default(),
             event_field: DEFAULT_EVENT_FIELD.into(),
+            pusher: PusherConfig::default(),
+            presence: PresenceConfig::default(),
         }
     }
 }
@@ -465,6 +474,8 @@ impl Config {
             ("redis.reconnect_max", self.redis.reconnect_max),
             ("redis.subscribe_timeout", self.redis.subscribe_timeout),
             ("redis.canary_interval", self.redis.canary_interval),
+            ("pusher.activity_timeout", self.pusher.activity_timeout),
+            ("presence.heartbeat", self.presence.heartbeat),
         ];
         for (field, value) in nonzero {
             if value.is_zero() {
@@ -487,6 +498,44 @@ impl Config {
                 "commands_per_second and command_burst must be greater than 0".into(),
             );
         }
+        if self.presence.ttl <= self.presence.heartbeat {
+            return bad(
+                "presence.ttl",
+                "must be longer than presence.heartbeat, or live members expire between beats"
+                    .into(),
+            );
+        }
+        if self.presence.max_listed == 0 {
+            return bad("presence.max_listed", "must be greater than 0".into());
+        }
+        if self.pusher.client_events_per_second == 0 {
+            return bad(
+                "pusher.client_events_per_second",
+                "must be greater than 0 (turn client events off per app with client_events = false)"
+                    .into(),
+            );
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, app) in self.pusher.apps.iter().enumerate() {
+            let field = |name: &str| format!("pusher.apps[{i}].{name}");
+            for (name, value) in [("id", &app.id), ("key", &app.key), ("secret", &app.secret)] {
+                if value.is_empty() || value.chars().any(|c| c.is_whitespace() || c == '/') {
+                    return bad(
+                        &field(name),
+                        "must be non-empty, without spaces or `/`".into(),
+                    );
+                }
+            }
+            if app.secret.len() < 16 {
+                return bad(
+                    &field("secret"),
+                    "too short: use at least 16 characters".into(),
+                );
+            }
+            if !seen.insert(("id", app.id.clone())) || !seen.insert(("key", app.key.clone())) {
+                return bad(&field("id"), "two apps share an id or a key".into());
+            }
+        }
         for (i, key) in self.publish.api_keys.iter().enumerate() {
             if key.len() < 16 {
                 return bad(
@@ -505,10 +554,11 @@ impl Config {
         let mut warnings = Vec::new();
         if self.auth.jwt.is_none() {
             for (i, rule) in self.channels.iter().enumerate() {
-                if rule.subscribe == Subscribe::Claim {
+                if rule.subscribe == Subscribe::Claim && self.pusher.apps.is_empty() {
                     warnings.push(format!(
-                        "channels[{i}]: subscribe = \"claim\" needs [auth.jwt] (the grant is a \
-                         bearer token's channels claim): this rule can never match"
+                        "channels[{i}]: subscribe = \"claim\" needs [auth.jwt] or [[pusher.apps]] \
+                         (the grant is a bearer token's channels claim, or a Pusher app's \
+                         signature): this rule can never match"
                     ));
                 } else if rule.pattern.contains("{claim.") {
                     warnings.push(format!(
@@ -557,6 +607,9 @@ impl Config {
             for node in &mut sentinel.nodes {
                 *node = redact_url(node);
             }
+        }
+        for app in &mut shown.pusher.apps {
+            app.secret = REDACTED.into();
         }
         if let Some(jwt) = &mut shown.auth.jwt {
             jwt.secret = jwt.secret.as_ref().map(|_| REDACTED.into());

@@ -29,12 +29,14 @@ use tokio::time::Instant;
 
 use crate::app::App;
 use crate::auth::{AuthEvent, Failure, Principal, Watch};
+use crate::broker::Members;
 use crate::history::StreamId;
 use crate::lifecycle::Bell;
 use crate::limits::Admitted;
 use crate::link::Outlet;
 use crate::metrics::Transport;
-use crate::protocol::{Filter, Kind, Publication};
+use crate::presence::Member;
+use crate::protocol::{Filter, Kind, Publication, SocketId};
 use crate::refusal::Refusal;
 
 mod admit;
@@ -45,11 +47,10 @@ mod subscriptions;
 
 pub(crate) use admit::{admit, Admission};
 pub(crate) use queue::ConnId;
-pub(crate) use rate::Verdict;
+pub(crate) use rate::{Commands, Verdict};
 pub(crate) use resume::Tracker;
 
 use queue::{Mail, Mailbox};
-use rate::Commands;
 use resume::Budget;
 use subscriptions::Subscriptions;
 
@@ -170,6 +171,8 @@ pub(crate) struct Session {
     /// For protocols where clients talk: out of line, so a stream that
     /// only listens (SSE) does not carry it.
     talk: Option<Box<Talk>>,
+    /// The presence channels joined.
+    members: Vec<Member>,
     delivered: IntCounter,
     span: tracing::Span,
 }
@@ -211,6 +214,7 @@ impl Session {
                     commands: Commands::new(limits.commands_per_second, limits.command_burst),
                 })
             }),
+            members: Vec::new(),
             delivered: app.metrics.delivered(wire.transport).clone(),
             span,
             app,
@@ -220,6 +224,26 @@ impl Session {
     /// The connection's id within this process.
     pub(crate) fn id(&self) -> ConnId {
         self.subs.id()
+    }
+
+    /// The connection's id across the fleet (Pusher's `socket_id`).
+    pub(crate) fn socket_id(&self) -> SocketId {
+        SocketId::of(self.id())
+    }
+
+    /// The shared state the session runs in.
+    pub(crate) fn app(&self) -> &Arc<App> {
+        &self.app
+    }
+
+    /// Whether the connection listens to `channel`.
+    pub(crate) fn is_subscribed(&self, channel: &str) -> bool {
+        self.subs.contains(channel)
+    }
+
+    /// Who the connection is, if anyone.
+    pub(crate) fn user(&self) -> Option<&str> {
+        self.watch.principal().user.as_deref()
     }
 
     /// The connection's tracing span: wire protocols run inside it.
@@ -326,8 +350,12 @@ impl Session {
         }
     }
 
-    /// Whether `p` is new for this connection; counts it as delivered.
+    /// Whether `p` is new for this connection and not meant for all but
+    /// it; counts it as delivered.
     fn accept(&mut self, p: &Publication) -> bool {
+        if p.exclude.is_some_and(|s| s == self.socket_id()) {
+            return false;
+        }
         let new = self.tracker.accept(p);
         if new && p.kind == Kind::Message {
             self.delivered.inc();
@@ -363,9 +391,41 @@ impl Session {
         since: Option<StreamId>,
         resuming: bool,
     ) -> Result<Subscribed, Refusal> {
+        self.subscribe_as(channel, events, since, resuming, false)
+            .await
+    }
+
+    /// Subscribes `channel` for a client the app signed it for (a Pusher
+    /// channel authorization): the signature grants the channel as a
+    /// token's channels claim would, so `claim` rules admit it.
+    pub(crate) async fn subscribe_signed(
+        &mut self,
+        channel: &str,
+        since: Option<StreamId>,
+    ) -> Result<Subscribed, Refusal> {
+        self.subscribe_as(channel, None, since, false, true).await
+    }
+
+    async fn subscribe_as(
+        &mut self,
+        channel: &str,
+        events: Option<Filter>,
+        since: Option<StreamId>,
+        resuming: bool,
+        signed: bool,
+    ) -> Result<Subscribed, Refusal> {
         // Nothing of the channel may reach the client before its answer.
         self.mailbox.hold();
-        admit::may_subscribe(&self.app, channel, self.watch.principal())?;
+        let granted;
+        let who = if signed {
+            let mut with_grant = self.watch.principal().clone();
+            with_grant.grants.push(channel.to_owned());
+            granted = with_grant;
+            &granted
+        } else {
+            self.watch.principal()
+        };
+        admit::may_subscribe(&self.app, channel, who)?;
         let limit = self.app.config.limits.max_subscriptions_per_connection;
         if !self.subs.contains(channel) && self.subs.channels().len() >= limit {
             return Err(Refusal::TooManySubscriptions { limit });
@@ -403,8 +463,29 @@ impl Session {
         })
     }
 
-    /// Ends the subscription to `channel`, if there is one.
+    /// Joins the presence channel `channel`, subscribed already, as `user`
+    /// with `info` (JSON), and reads its members. Joining again answers
+    /// the members and counts nothing twice.
+    pub(crate) async fn join(
+        &mut self,
+        channel: &str,
+        user: &str,
+        info: &str,
+    ) -> Result<Members, Refusal> {
+        if self.members.iter().any(|m| m.channel() == channel) {
+            return crate::presence::members(&self.app, channel).await;
+        }
+        let socket = self.socket_id();
+        let (member, members) =
+            crate::presence::join(&self.app, channel, user, info, socket).await?;
+        self.members.push(member);
+        Ok(members)
+    }
+
+    /// Ends the subscription to `channel`, if there is one (and its
+    /// membership).
     pub(crate) fn unsubscribe(&mut self, channel: &str) {
+        self.members.retain(|m| m.channel() != channel);
         self.subs.remove(channel);
         self.tracker.forget(channel);
     }

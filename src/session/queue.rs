@@ -230,6 +230,9 @@ impl Sink for Mailbox {
         if self.is_slow() {
             return false;
         }
+        // Only what every listener gets goes direct: a publication that
+        // excludes a connection is judged by the connection's task.
+        let direct = direct && publication.exclude.is_none();
         if let (true, None, Some(s)) = (direct, publication.id, self.straight.get()) {
             // Straight to the socket only behind nothing queued. The write
             // holds no lock of the mailbox: a hub thread preempted mid-write

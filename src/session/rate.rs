@@ -19,14 +19,14 @@ pub(crate) enum Verdict {
 
 /// A connection's command rate: `limits.commands_per_second`, bursts of
 /// `limits.command_burst`.
-pub(super) struct Commands {
+pub(crate) struct Commands {
     bucket: TokenBucket,
     /// Commands refused in a row for exceeding the rate.
     strikes: u32,
 }
 
 impl Commands {
-    pub(super) fn new(rate: u32, burst: u32) -> Self {
+    pub(crate) fn new(rate: u32, burst: u32) -> Self {
         Self {
             bucket: TokenBucket::new(rate, burst),
             strikes: 0,
@@ -34,7 +34,7 @@ impl Commands {
     }
 
     /// Judges one more command.
-    pub(super) fn take(&mut self) -> Verdict {
+    pub(crate) fn take(&mut self) -> Verdict {
         if self.bucket.take() {
             self.strikes = 0;
             return Verdict::Go;

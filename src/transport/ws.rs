@@ -13,32 +13,26 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response, StatusCode};
-use hyper_tungstenite::tungstenite::handshake::derive_accept_key;
-use hyper_util::rt::TokioIo;
+use http::{Request, Response};
 use serde_json::Value;
 use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use crate::app::{App, ConnInfo};
 use crate::history::StreamId;
-use crate::http::{full, rejected, Body, StreamQuery};
+use crate::http::{rejected, Body, StreamQuery};
 use crate::link::{Gone, Link};
 use crate::metrics::Transport;
 use crate::protocol::{event_filter, reply, Command, Encoding, Publication};
 use crate::refusal::Refusal;
 use crate::session::{admit, Admission, Event, Session, Verdict, Wire};
-use crate::stall::StallGuard;
-use crate::transport::rfc6455::{self, Error, Frame, Reader};
+use crate::transport::websocket::{text_frame, upgrade, Message, WebSocket};
 
 /// Publications written per flush: enough to batch syscalls under load,
 /// few enough that a burst does not delay reading the client.
 const WRITE_BATCH: usize = 64;
-/// How long a closing connection waits for the client's close frame.
-const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
 /// Close codes crier sends (RFC 6455 section 7.4, and its own 4001).
 mod code {
@@ -51,7 +45,7 @@ mod code {
 }
 
 /// Answers a `/ws` request: an error status, or 101 and a connection task.
-pub(crate) async fn handle<B>(app: Arc<App>, mut req: Request<B>, info: ConnInfo) -> Response<Body>
+pub(crate) async fn handle<B>(app: Arc<App>, req: Request<B>, info: ConnInfo) -> Response<Body>
 where
     B: Send + 'static,
 {
@@ -75,58 +69,10 @@ where
         Ok(a) => a,
         Err(refusal) => return rejected(&app.metrics, &refusal),
     };
-    let accept = match accept_key(&req) {
-        Ok(accept) => accept,
-        Err(reason) => {
-            let refusal = Refusal::BadRequest(format!("bad WebSocket handshake: {reason}"));
-            return rejected(&app.metrics, &refusal);
-        }
-    };
-    let upgrade = hyper::upgrade::on(&mut req);
-    let handshake = app.config.ws.handshake_timeout;
     let task_app = Arc::clone(&app);
-    app.tasks.spawn(async move {
-        let upgraded = match tokio::time::timeout(handshake, upgrade).await {
-            Ok(Ok(upgraded)) => upgraded,
-            Ok(Err(e)) => return tracing::debug!(error = %e, "websocket upgrade failed"),
-            Err(_) => return tracing::debug!("websocket upgrade timed out"),
-        };
-        // The socket leaves hyper: the connection is ours from here on.
-        match upgraded.downcast::<TokioIo<StallGuard<TcpStream>>>() {
-            Ok(parts) => {
-                let stream = parts.io.into_inner().into_inner();
-                // Copied out: the bytes hyper hands back share its whole
-                // read buffer, which must not live as long as the socket.
-                let early = parts.read_buf.to_vec();
-                drop(parts.read_buf);
-                serve(task_app, stream, early, query, info.peer, admission).await;
-            }
-            Err(_) => tracing::warn!("websocket upgrade: not a TCP connection"),
-        }
-    });
-    let mut response = Response::new(full(""));
-    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let headers = response.headers_mut();
-    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
-    response
-}
-
-/// The `Sec-WebSocket-Accept` answering the request's key.
-fn accept_key<B>(req: &Request<B>) -> Result<HeaderValue, &'static str> {
-    let headers = req.headers();
-    if headers
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .map(|v| v.as_bytes())
-        != Some(b"13")
-    {
-        return Err("Sec-WebSocket-Version must be 13");
-    }
-    let key = headers
-        .get(header::SEC_WEBSOCKET_KEY)
-        .ok_or("no Sec-WebSocket-Key")?;
-    HeaderValue::from_str(&derive_accept_key(key.as_bytes())).map_err(|_| "bad Sec-WebSocket-Key")
+    upgrade(&app, req, move |stream, early| {
+        serve(task_app, stream, early, query, info.peer, admission)
+    })
 }
 
 /// Serves one WebSocket connection until it closes. `early` holds what the
@@ -152,15 +98,13 @@ async fn serve(
         ws_config.write_timeout,
         app.metrics.slow_client_disconnects.clone(),
     );
-    let mut reader = Reader::new(app.config.limits.max_message_bytes);
-    reader.buf = early;
+    let socket = WebSocket::new(link, app.config.limits.max_message_bytes, early);
     let session = Session::open(app, admission, wire);
-    session.attach(link.outlet(), frame);
+    session.attach(socket.link.outlet(), frame);
     let span = session.span();
     let conn = Conn {
         session,
-        link,
-        reader,
+        socket,
         span,
     };
     conn.run(query).await;
@@ -171,8 +115,7 @@ type Close = (u16, &'static str);
 
 struct Conn {
     session: Session,
-    link: Link,
-    reader: Reader,
+    socket: WebSocket,
     /// The connection's span: rare paths run in it, the delivery path
     /// does not pay for entering it.
     span: tracing::Span,
@@ -183,33 +126,9 @@ impl Conn {
         tracing::debug!(parent: &self.span, "websocket opened");
         if let Ok((code, reason)) = self.serve(query).await {
             tracing::debug!(parent: &self.span, code, reason, "closing websocket");
-            rfc6455::encode_close(&mut self.link.out, code, reason);
-            if self.flush().await.is_ok() {
-                self.await_close_reply().await;
-            }
+            self.socket.close(code, reason).await;
         }
         tracing::debug!(parent: &self.span, "websocket closed");
-    }
-
-    /// Lets the client complete the closing handshake before the socket is
-    /// dropped. Dropping at once can reset the connection while the client
-    /// still writes (a pong, a command), and a reset discards our close frame
-    /// on its side: a browser would then report 1006 instead of our code.
-    async fn await_close_reply(&mut self) {
-        let wait = async {
-            loop {
-                match self.reader.next() {
-                    Ok(Some(Frame::Close(_))) | Err(_) => return,
-                    Ok(Some(_)) => continue,
-                    Ok(None) => {}
-                }
-                match self.link.socket.read(&mut self.reader.buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                }
-            }
-        };
-        let _ = tokio::time::timeout(CLOSE_LINGER, wait).await;
     }
 
     /// Returns the close frame to send, or `Gone` when the socket is already
@@ -240,19 +159,14 @@ impl Conn {
                         return Ok((code::AGAIN, "too slow: queue full"));
                     }
                     Event::Flush => self.flush().await?,
-                    Event::Heartbeat => {
-                        rfc6455::encode(&mut self.link.out, rfc6455::PING, b"");
-                        self.flush().await?;
-                    }
+                    Event::Heartbeat => self.socket.ping().await?,
                     Event::Idle => {
                         tracing::info!(parent: &self.span, "client silent for too long, closing");
                         return Ok((code::AWAY, "idle timeout"));
                     }
                 },
-                read = self.link.socket.read(&mut self.reader.buf) => {
-                    if !matches!(read, Ok(n) if n > 0) {
-                        return Err(Gone);
-                    }
+                read = self.socket.read() => {
+                    read?;
                     self.session.heard();
                     // Boxed: a command's path (a subscribe reads Redis) is
                     // deep and rare, and the connection's long-lived task
@@ -266,46 +180,24 @@ impl Conn {
         }
     }
 
-    /// Handles every complete frame the client sent; returns a close frame
-    /// to send when the connection must end.
+    /// Handles every complete message the client sent; returns a close
+    /// frame to send when the connection must end.
     async fn frames(&mut self) -> Result<Option<Close>, Gone> {
         loop {
-            let frame = match self.reader.next() {
-                Ok(Some(frame)) => frame,
-                Ok(None) => return Ok(None),
-                Err(Error::TooLong { size, max }) => {
+            let text = match self.socket.next().await? {
+                None => return Ok(None),
+                Some(Message::TooLong { size, max }) => {
                     tracing::info!(size, max, "frame too large, closing");
                     let reason = format!("message of {size} bytes exceeds the limit of {max}");
                     self.refuse(&Refusal::TooLarge(reason), &None).await?;
                     return Ok(Some((code::TOO_BIG, "message too large")));
                 }
-                Err(e) => {
-                    tracing::info!(error = ?e, "websocket protocol error, closing");
-                    let reason = match e {
-                        Error::Protocol(reason) => reason,
-                        _ => "text frame is not UTF-8",
-                    };
-                    return Ok(Some((e.close_code(), reason)));
+                Some(Message::Broken(code, reason)) => {
+                    tracing::info!(code, reason, "websocket protocol error, closing");
+                    return Ok(Some((code, reason)));
                 }
-            };
-            let text = match frame {
-                Frame::Text(text) => Some(text),
-                Frame::Binary => None,
-                Frame::Ping(payload) => {
-                    rfc6455::encode(&mut self.link.out, rfc6455::PONG, &payload);
-                    self.flush().await?;
-                    continue;
-                }
-                Frame::Pong => continue,
-                Frame::Close(code) => {
-                    // Echo the client's close (RFC 6455 5.5.1) before the
-                    // socket goes, or the client sees 1006.
-                    let payload = code.map(u16::to_be_bytes);
-                    let payload: &[u8] = payload.as_ref().map_or(&[], |p| p);
-                    rfc6455::encode(&mut self.link.out, rfc6455::CLOSE, payload);
-                    let _ = self.flush().await;
-                    return Err(Gone);
-                }
+                Some(Message::Text(text)) => Some(text),
+                Some(Message::Binary) => None,
             };
             match self.session.take_command() {
                 Verdict::Go => {}
@@ -332,12 +224,12 @@ impl Conn {
     async fn deliver(&mut self, first: Arc<Publication>) -> Result<(), Gone> {
         // Each frame is encoded once per publication, shared by every
         // recipient (the same bytes direct writes send).
-        self.link.out.extend_from_slice(&frame(&first));
+        self.socket.link.out.extend_from_slice(&frame(&first));
         for _ in 1..WRITE_BATCH {
             let Some(p) = self.session.try_next() else {
                 break;
             };
-            self.link.out.extend_from_slice(&frame(&p));
+            self.socket.link.out.extend_from_slice(&frame(&p));
         }
         self.flush().await
     }
@@ -363,6 +255,8 @@ impl Conn {
             (Some("subscribe" | "unsubscribe"), None) => {
                 self.refuse(&missing("channel"), &cmd.id).await
             }
+            (Some("presence"), Some(channel)) => self.presence(&channel, &cmd.id).await,
+            (Some("presence"), None) => self.refuse(&missing("channel"), &cmd.id).await,
             (Some("ping"), _) => self.send(reply::pong(&cmd.id)).await,
             (Some("auth"), _) => match cmd.token {
                 Some(token) => self.authenticate(&token, &cmd.id).await,
@@ -408,13 +302,45 @@ impl Conn {
         // The replay, if any, comes out of the session before anything
         // else, and before the next command is read: that bounds what a
         // connection holds.
-        match self.session.subscribe(&channel, events, since, false).await {
-            Ok(s) => {
-                self.send(reply::subscribed(&channel, s.recovered, s.position, &id))
+        let s = match self.session.subscribe(&channel, events, since, false).await {
+            Ok(s) => s,
+            Err(refusal) => return self.refuse(&refusal, &id).await,
+        };
+        // A signed-in client of a presence channel is one of its members.
+        let user = self.session.user().map(str::to_owned);
+        if let (true, Some(user)) = (self.app().policy.is_presence(&channel), user) {
+            if let Err(refusal) = self.session.join(&channel, &user, "null").await {
+                self.session.unsubscribe(&channel);
+                return self.refuse(&refusal, &id).await;
+            }
+        }
+        self.send(reply::subscribed(&channel, s.recovered, s.position, &id))
+            .await
+    }
+
+    /// Answers a `presence` request: the members of a presence channel
+    /// the client is subscribed to.
+    async fn presence(&mut self, channel: &str, id: &Option<Value>) -> Result<(), Gone> {
+        if !self.session.is_subscribed(channel) {
+            let refusal = Refusal::BadRequest(format!("subscribe to `{channel}` first"));
+            return self.refuse(&refusal, id).await;
+        }
+        if !self.app().policy.is_presence(channel) {
+            let reason = format!("`{channel}` is not a presence channel");
+            return self.refuse(&Refusal::BadRequest(reason), id).await;
+        }
+        let app = Arc::clone(self.app());
+        match crate::presence::members(&app, channel).await {
+            Ok(members) => {
+                self.send(reply::presence(channel, members.count, &members.listed, id))
                     .await
             }
-            Err(refusal) => self.refuse(&refusal, &id).await,
+            Err(refusal) => self.refuse(&refusal, id).await,
         }
+    }
+
+    fn app(&self) -> &Arc<App> {
+        self.session.app()
     }
 
     async fn refuse(&mut self, refusal: &Refusal, id: &Option<Value>) -> Result<(), Gone> {
@@ -422,23 +348,18 @@ impl Conn {
     }
 
     async fn send(&mut self, text: String) -> Result<(), Gone> {
-        rfc6455::encode(&mut self.link.out, rfc6455::TEXT, text.as_bytes());
-        self.flush().await
+        self.socket.send(text.as_bytes()).await
     }
 
     /// Writes what is buffered. A client whose queue overflowed still gets
     /// this write, then the close frame saying why (1013), unless it makes
     /// no progress for the write timeout.
     async fn flush(&mut self) -> Result<(), Gone> {
-        self.link.flush().await
+        self.socket.link.flush().await
     }
 }
 
 /// A publication as one text frame, for direct writes.
 fn frame(p: &Publication) -> Bytes {
-    p.on_wire(Encoding::WsFrame, |p| {
-        let mut frame = Vec::with_capacity(p.frame.len() + 10);
-        rfc6455::encode(&mut frame, rfc6455::TEXT, p.frame.as_bytes());
-        Bytes::from(frame)
-    })
+    p.on_wire(Encoding::WsFrame, |p| text_frame(p.frame.as_bytes()))
 }

@@ -28,6 +28,7 @@ pub fn test_config(redis_url: Option<String>) -> Config {
         subscribe: Subscribe::Anyone,
         history: None,
         event_field: None,
+        presence: false,
     }];
     config.shutdown.grace = Duration::from_millis(300);
     config.shutdown.drain = Duration::from_millis(700);

@@ -1,0 +1,79 @@
+//! `[pusher]` (the Pusher Channels protocol: apps, activity timeout,
+//! client events) and `[presence]` (who is in a channel, fleet-wide). Part
+//! of the configuration contract (see `mod.rs`); only the shapes live here.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// `[pusher]`: the Pusher apps this instance serves.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PusherConfig {
+    /// The apps, each with its id, key and secret. None: the Pusher
+    /// endpoints (`/app/{key}`, `/apps/{id}/…`) answer 404.
+    pub apps: Vec<PusherApp>,
+    /// How long a client may stay silent before it pings (sent to clients
+    /// in `pusher:connection_established`); a client silent for twice as
+    /// long is closed.
+    #[serde(with = "humantime_serde")]
+    pub activity_timeout: Duration,
+    /// `client-*` events a connection may send per second (Pusher's limit
+    /// is 10); more get `pusher:error` 4301.
+    pub client_events_per_second: u32,
+}
+
+/// `[[pusher.apps]]`: one Pusher app.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PusherApp {
+    /// The app id: the `/apps/{id}/…` HTTP API path.
+    pub id: String,
+    /// The public key clients connect with (`/app/{key}`).
+    pub key: String,
+    /// Signs channel authorizations and HTTP API requests. Redacted by
+    /// `check-config`.
+    pub secret: String,
+    /// Whether members of private and presence channels may send
+    /// `client-*` events to each other.
+    #[serde(default)]
+    pub client_events: bool,
+}
+
+impl Default for PusherConfig {
+    fn default() -> Self {
+        Self {
+            apps: Vec::new(),
+            activity_timeout: Duration::from_secs(120),
+            client_events_per_second: 10,
+        }
+    }
+}
+
+/// `[presence]`: who is in a presence channel, across every instance.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    /// How often an instance tells Redis its members are still there.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// How long the members of an instance that stopped telling (it
+    /// crashed, or lost Redis) are kept: they are removed, with
+    /// `member_removed`, at most `ttl` + `heartbeat` after its last word.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Members listed in one answer (a subscription's member list, the
+    /// presence APIs); the count is always exact. Bounds what a channel
+    /// with very many members costs one read.
+    pub max_listed: usize,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_secs(15),
+            ttl: Duration::from_secs(45),
+            max_listed: 1000,
+        }
+    }
+}

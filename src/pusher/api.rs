@@ -1,0 +1,283 @@
+//! The Pusher HTTP API, as the Pusher server SDKs call it: every request
+//! signed with the app's secret ([`super::sign`]), timestamps more than
+//! 600 s off refused.
+//!
+//! - `POST /apps/{id}/events`: one event to up to 100 channels, without
+//!   the connection `socket_id` when given;
+//! - `POST /apps/{id}/batch_events`: up to 100 such events;
+//! - `GET /apps/{id}/channels[?filter_by_prefix=…&info=user_count]`;
+//! - `GET /apps/{id}/channels/{name}[?info=user_count]`;
+//! - `GET /apps/{id}/channels/{name}/users` (presence channels).
+//!
+//! Events are published through crier's normal path (Redis or the memory
+//! broker, history where a rule keeps it), so every instance delivers
+//! them, to Pusher clients and crier's own alike.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{json, Map, Value};
+
+use crate::app::App;
+use crate::config::PusherApp;
+use crate::http::{json, Body};
+use crate::policy::validate_channel;
+use crate::protocol::{envelope, SocketId};
+use crate::pusher::sign::{self, Unsigned};
+
+/// Channels one event may go to (Pusher's limit).
+const MAX_CHANNELS: usize = 100;
+/// Events in one batch.
+const MAX_BATCH: usize = 100;
+/// Longest event name (Pusher's limit).
+const MAX_NAME: usize = 200;
+
+/// An API answer that is not 200: status and message.
+struct Failed(StatusCode, String);
+
+impl Failed {
+    fn bad(message: impl Into<String>) -> Self {
+        Failed(StatusCode::BAD_REQUEST, message.into())
+    }
+}
+
+/// One event to trigger.
+#[derive(Deserialize)]
+struct Trigger {
+    name: String,
+    data: Box<RawValue>,
+    #[serde(default)]
+    channels: Option<Vec<String>>,
+    #[serde(default)]
+    channel: Option<String>,
+    #[serde(default)]
+    socket_id: Option<String>,
+    #[serde(default)]
+    info: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Batch {
+    batch: Vec<Trigger>,
+}
+
+/// Answers any `/apps/…` request.
+pub(crate) async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+    match answer(&app, req).await {
+        Ok(body) => json(StatusCode::OK, &body),
+        Err(Failed(status, message)) => json(status, &json!({"error": message})),
+    }
+}
+
+async fn answer(app: &App, req: Request<Incoming>) -> Result<Value, Failed> {
+    let path = req.uri().path().to_owned();
+    let rest = path.strip_prefix("/apps/").unwrap_or_default();
+    let (id, what) = rest.split_once('/').unwrap_or((rest, ""));
+    let not_found = || Failed(StatusCode::NOT_FOUND, "not found".into());
+    let pusher_app = app.pusher.by_id(id).cloned().ok_or_else(not_found)?;
+    let method = req.method().clone();
+    let query: Vec<(String, String)> = req
+        .uri()
+        .query()
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect()
+        })
+        .unwrap_or_default();
+    let body = read_body(app, req).await?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    sign::verify_request(&pusher_app, method.as_str(), &path, &query, &body, now).map_err(
+        |why: Unsigned| {
+            app.metrics
+                .rejected
+                .with_label_values(&["pusher_signature"])
+                .inc();
+            Failed(StatusCode::UNAUTHORIZED, why.reason().into())
+        },
+    )?;
+    let param = |name: &str| {
+        query
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let wants_users = param("info").is_some_and(|i| i.split(',').any(|x| x == "user_count"));
+    match (&method, what.split('/').collect::<Vec<_>>().as_slice()) {
+        (&Method::POST, ["events"]) => {
+            let trigger: Trigger = serde_json::from_slice(&body)
+                .map_err(|e| Failed::bad(format!("expected an event: {e}")))?;
+            trigger_one(app, &pusher_app, trigger).await
+        }
+        (&Method::POST, ["batch_events"]) => {
+            let batch: Batch = serde_json::from_slice(&body)
+                .map_err(|e| Failed::bad(format!("expected {{\"batch\": [events]}}: {e}")))?;
+            if batch.batch.len() > MAX_BATCH {
+                return Err(Failed::bad(format!("at most {MAX_BATCH} events per batch")));
+            }
+            let mut answers = Vec::with_capacity(batch.batch.len());
+            for trigger in batch.batch {
+                answers.push(trigger_one(app, &pusher_app, trigger).await?);
+            }
+            Ok(json!({"batch": answers}))
+        }
+        (&Method::GET, ["channels"]) => {
+            let prefix = param("filter_by_prefix").unwrap_or("");
+            if wants_users && !prefix.starts_with("presence-") {
+                let why = "info=user_count needs filter_by_prefix=presence-";
+                return Err(Failed::bad(why));
+            }
+            let mut channels = Map::new();
+            for name in occupied(app).await? {
+                if !name.starts_with(prefix) {
+                    continue;
+                }
+                let mut info = json!({});
+                if wants_users {
+                    info["user_count"] = json!(user_count(app, &name).await?);
+                }
+                channels.insert(name, info);
+            }
+            Ok(json!({"channels": channels}))
+        }
+        (&Method::GET, ["channels", name]) => {
+            let presence = name.starts_with("presence-");
+            let count = match presence {
+                true => user_count(app, name).await?,
+                false => 0,
+            };
+            let occupied = count > 0 || occupied(app).await?.iter().any(|c| c == name);
+            let mut info = json!({"occupied": occupied});
+            if wants_users {
+                if !presence {
+                    return Err(Failed::bad("user_count is only for presence channels"));
+                }
+                info["user_count"] = json!(count);
+            }
+            Ok(info)
+        }
+        (&Method::GET, ["channels", name, "users"]) => {
+            if !name.starts_with("presence-") {
+                return Err(Failed::bad("users are only listed for presence channels"));
+            }
+            let members = crate::presence::members(app, name)
+                .await
+                .map_err(|_| unavailable())?;
+            let users: Vec<Value> = members
+                .listed
+                .iter()
+                .map(|(id, _)| json!({"id": id}))
+                .collect();
+            Ok(json!({"users": users}))
+        }
+        _ => Err(not_found()),
+    }
+}
+
+fn unavailable() -> Failed {
+    Failed(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the broker is unavailable, try again later".into(),
+    )
+}
+
+async fn read_body(app: &App, req: Request<Incoming>) -> Result<bytes::Bytes, Failed> {
+    let limit = app.config.publish.max_body_bytes;
+    Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                Failed(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body larger than publish.max_body_bytes".into(),
+                )
+            } else {
+                Failed::bad(format!("cannot read body: {e}"))
+            }
+        })
+}
+
+/// Publishes one event to each of its channels.
+async fn trigger_one(app: &App, pusher_app: &PusherApp, t: Trigger) -> Result<Value, Failed> {
+    let _ = pusher_app;
+    let channels = match (t.channels, t.channel) {
+        (Some(channels), None) => channels,
+        (None, Some(channel)) => vec![channel],
+        _ => return Err(Failed::bad("give `channels` (a list) or `channel`")),
+    };
+    if channels.is_empty() || channels.len() > MAX_CHANNELS {
+        return Err(Failed::bad(format!(
+            "between 1 and {MAX_CHANNELS} channels"
+        )));
+    }
+    if t.name.is_empty() || t.name.len() > MAX_NAME {
+        return Err(Failed::bad(format!(
+            "an event name of 1 to {MAX_NAME} bytes"
+        )));
+    }
+    if t.name.starts_with("pusher:") || t.name.starts_with("pusher_internal:") {
+        return Err(Failed::bad(
+            "event names starting with `pusher` are reserved",
+        ));
+    }
+    for channel in &channels {
+        validate_channel(channel)
+            .map_err(|why| Failed::bad(format!("bad channel `{channel}`: {why}")))?;
+    }
+    let exclude = match t.socket_id.as_deref() {
+        None => None,
+        Some(id) => Some(
+            id.parse::<SocketId>()
+                .map_err(|_| Failed::bad(format!("bad socket_id `{id}`")))?,
+        ),
+    };
+    let payload = envelope(&t.name, exclude, None, t.data.get());
+    for channel in &channels {
+        app.broker.publish(channel, &payload).await.map_err(|e| {
+            tracing::warn!(error = %e, "pusher event not published");
+            unavailable()
+        })?;
+    }
+    app.metrics.api_publications.inc();
+    let wants_users = t
+        .info
+        .as_deref()
+        .is_some_and(|i| i.split(',').any(|x| x == "user_count"));
+    if !wants_users {
+        return Ok(json!({}));
+    }
+    let mut info = Map::new();
+    for channel in channels.iter().filter(|c| c.starts_with("presence-")) {
+        info.insert(
+            channel.clone(),
+            json!({"user_count": user_count(app, channel).await?}),
+        );
+    }
+    Ok(json!({"channels": info}))
+}
+
+async fn user_count(app: &App, channel: &str) -> Result<u64, Failed> {
+    let members = app
+        .broker
+        .presence_members(channel, 0)
+        .await
+        .map_err(|_| unavailable())?;
+    Ok(members.count)
+}
+
+/// Channels with a listener somewhere in the fleet.
+async fn occupied(app: &App) -> Result<Vec<String>, Failed> {
+    match app.broker.occupied().await.map_err(|_| unavailable())? {
+        Some(channels) => Ok(channels),
+        None => Ok(app.hub.channels()),
+    }
+}
