@@ -87,6 +87,17 @@ impl App {
 }
 
 /// Facts about the TCP connection a request arrived on.
+impl App {
+    /// A presence channel's members: the count, and at most
+    /// `presence.max_listed`.
+    pub(crate) async fn members(
+        &self,
+        channel: &str,
+    ) -> Result<crate::broker::Members, crate::refusal::Refusal> {
+        crate::presence::members(&self.broker, &self.config.presence, channel).await
+    }
+}
+
 #[derive(Clone, Debug)]
 pub(crate) struct ConnInfo {
     /// The client's address.

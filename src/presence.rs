@@ -15,12 +15,12 @@
 //! the others' next beat or read once its `ttl` has passed.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::app::App;
-use crate::broker::{Held, Members};
+use crate::broker::{Broker, Held, Members, Rosters};
+use crate::config::PresenceConfig;
 use crate::protocol::SocketId;
 use crate::refusal::Refusal;
 
@@ -28,7 +28,7 @@ use crate::refusal::Refusal;
 /// channel stays, empty, until a beat told the store so.
 #[derive(Default)]
 pub(crate) struct Presence {
-    held: Mutex<HashMap<String, HashMap<String, (u64, String)>>>,
+    held: Mutex<Rosters>,
 }
 
 /// This process's id in the store: the instance part of its socket ids.
@@ -37,7 +37,7 @@ fn instance() -> u32 {
 }
 
 impl Presence {
-    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<String, (u64, String)>>> {
+    fn held(&self) -> std::sync::MutexGuard<'_, Rosters> {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -67,54 +67,56 @@ impl Presence {
     }
 }
 
-/// A connection's membership of a presence channel: dropping it leaves.
-pub(crate) struct Member {
-    app: Arc<App>,
-    channel: String,
-    user: String,
-}
-
-impl Member {
-    /// The channel joined.
-    pub(crate) fn channel(&self) -> &str {
-        &self.channel
+impl Presence {
+    /// Joins `channel` as `user` (with `info`, JSON) for the connection
+    /// `socket` (which does not hear its own `member_added`), and reads the
+    /// members, this user included. On an error nothing is held.
+    pub(crate) async fn join(
+        &self,
+        broker: &Broker,
+        config: &PresenceConfig,
+        channel: &str,
+        user: &str,
+        info: &str,
+        socket: SocketId,
+    ) -> Result<Members, Refusal> {
+        self.hold(channel, user, info);
+        let joined = broker
+            .presence_join(channel, instance(), config.ttl, user, 1, info, Some(socket))
+            .await;
+        if let Err(e) = joined {
+            // The next beat tells the store whatever this left there.
+            self.release(channel, user);
+            tracing::warn!(error = %e, %channel, "presence: cannot join");
+            return Err(Refusal::Unavailable);
+        }
+        match members(broker, config, channel).await {
+            Ok(members) => Ok(members),
+            Err(refusal) => {
+                self.leave(broker, channel, user).await;
+                Err(refusal)
+            }
+        }
     }
-}
 
-/// Joins `channel` as `user` (with `info`, JSON) for the connection
-/// `socket` (which does not hear its own `member_added`), and reads the
-/// members, this user included.
-pub(crate) async fn join(
-    app: &Arc<App>,
-    channel: &str,
-    user: &str,
-    info: &str,
-    socket: SocketId,
-) -> Result<(Member, Members), Refusal> {
-    app.presence.hold(channel, user, info);
-    let member = Member {
-        app: Arc::clone(app),
-        channel: channel.to_owned(),
-        user: user.to_owned(),
-    };
-    let ttl = app.config.presence.ttl;
-    let joined = app
-        .broker
-        .presence_join(channel, instance(), ttl, user, 1, info, Some(socket))
-        .await;
-    if let Err(e) = joined {
-        tracing::warn!(error = %e, %channel, "presence: cannot join");
-        return Err(Refusal::Unavailable);
+    /// One connection of `user` leaves `channel`.
+    pub(crate) async fn leave(&self, broker: &Broker, channel: &str, user: &str) {
+        self.release(channel, user);
+        if let Err(e) = broker.presence_leave(channel, instance(), user).await {
+            // The next beat tells the store what this process holds.
+            tracing::warn!(error = %e, %channel, "presence: cannot leave, the next beat will");
+        }
     }
-    let members = members(app, channel).await?;
-    Ok((member, members))
 }
 
 /// `channel`'s members: the count, and at most `presence.max_listed`.
-pub(crate) async fn members(app: &App, channel: &str) -> Result<Members, Refusal> {
-    let limit = app.config.presence.max_listed;
-    app.broker
-        .presence_members(channel, limit)
+pub(crate) async fn members(
+    broker: &Broker,
+    config: &PresenceConfig,
+    channel: &str,
+) -> Result<Members, Refusal> {
+    broker
+        .presence_members(channel, config.max_listed)
         .await
         .map_err(|e| {
             tracing::warn!(error = %e, %channel, "presence: cannot read members");
@@ -122,71 +124,57 @@ pub(crate) async fn members(app: &App, channel: &str) -> Result<Members, Refusal
         })
 }
 
-impl Drop for Member {
-    fn drop(&mut self) {
-        self.app.presence.release(&self.channel, &self.user);
-        let app = Arc::clone(&self.app);
-        let channel = std::mem::take(&mut self.channel);
-        let user = std::mem::take(&mut self.user);
-        self.app.tasks.spawn(async move {
-            if let Err(e) = app.broker.presence_leave(&channel, instance(), &user).await {
-                // The next beat tells the store what this process holds.
-                tracing::warn!(error = %e, %channel, "presence: cannot leave, the next beat will");
-            }
-        });
-    }
-}
-
 /// Beats until `stop`: every `presence.heartbeat`, tells the store what
 /// this process holds in each channel.
-pub(crate) async fn run(app: Arc<App>, stop: CancellationToken) {
-    let mut every = tokio::time::interval(app.config.presence.heartbeat);
+pub(crate) async fn run(
+    presence: &Presence,
+    broker: &Broker,
+    config: &PresenceConfig,
+    stop: CancellationToken,
+) {
+    let mut every = tokio::time::interval(config.heartbeat);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = every.tick() => beat(&app).await,
+            _ = every.tick() => presence.beat(broker, config.ttl).await,
         }
     }
 }
 
-/// One beat over every channel held.
-async fn beat(app: &App) {
-    let snapshot: Vec<(String, Vec<Held>)> = app
-        .presence
-        .held()
-        .iter()
-        .map(|(channel, users)| {
-            let held = users
-                .iter()
-                .map(|(user, (connections, info))| Held {
-                    user: user.clone(),
-                    connections: *connections,
-                    info: info.clone(),
-                })
-                .collect();
-            (channel.clone(), held)
-        })
-        .collect();
-    let ttl = app.config.presence.ttl;
-    for (channel, held) in snapshot {
-        match app
-            .broker
-            .presence_sync(&channel, instance(), ttl, &held)
-            .await
-        {
-            Ok(changed) => {
-                if changed > 0 {
-                    tracing::info!(%channel, changed, "presence: the store was corrected");
-                }
-                if held.is_empty() {
-                    let mut now = app.presence.held();
-                    if now.get(&channel).is_some_and(HashMap::is_empty) {
-                        now.remove(&channel);
+impl Presence {
+    /// One beat over every channel held.
+    async fn beat(&self, broker: &Broker, ttl: std::time::Duration) {
+        let snapshot: Vec<(String, Vec<Held>)> = self
+            .held()
+            .iter()
+            .map(|(channel, users)| {
+                let held = users
+                    .iter()
+                    .map(|(user, (connections, info))| Held {
+                        user: user.clone(),
+                        connections: *connections,
+                        info: info.clone(),
+                    })
+                    .collect();
+                (channel.clone(), held)
+            })
+            .collect();
+        for (channel, held) in snapshot {
+            match broker.presence_sync(&channel, instance(), ttl, &held).await {
+                Ok(changed) => {
+                    if changed > 0 {
+                        tracing::info!(%channel, changed, "presence: the store was corrected");
+                    }
+                    if held.is_empty() {
+                        let mut now = self.held();
+                        if now.get(&channel).is_some_and(HashMap::is_empty) {
+                            now.remove(&channel);
+                        }
                     }
                 }
+                Err(e) => tracing::warn!(error = %e, %channel, "presence: beat failed"),
             }
-            Err(e) => tracing::warn!(error = %e, %channel, "presence: beat failed"),
         }
     }
 }

@@ -208,10 +208,12 @@ fn launch(config: Config, parts: Parts, listener: TcpListener) -> anyhow::Result
     let clock_app = Arc::clone(&app);
     let stop_clock = stop_background.clone();
     background.spawn(async move { clock_app.lifecycle.run_clock(tick, stop_clock).await });
-    background.spawn(crate::presence::run(
-        Arc::clone(&app),
-        stop_background.clone(),
-    ));
+    let beat_app = Arc::clone(&app);
+    let stop_beats = stop_background.clone();
+    background.spawn(async move {
+        let app = &beat_app;
+        crate::presence::run(&app.presence, &app.broker, &app.config.presence, stop_beats).await
+    });
     let sigterm = CancellationToken::new();
     let done = tokio::spawn(run(
         app,
@@ -399,7 +401,7 @@ async fn route(app: Arc<App>, req: Request<Incoming>, info: ConnInfo) -> Respons
             Box::pin(crate::transport::pusher::handle(app, req, info, &key)).await
         }
         (_, path) if path.starts_with("/apps/") && !app.pusher.is_empty() => {
-            Box::pin(crate::pusher::api::handle(app, req)).await
+            Box::pin(crate::api::pusher::handle(app, req)).await
         }
         (&Method::GET, "/") if app.config.dev => {
             let mut r = Response::new(full(DEMO_PAGE));

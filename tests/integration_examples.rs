@@ -451,6 +451,7 @@ fn rule(pattern: &str, subscribe: Subscribe, history: bool) -> ChannelRule {
             ttl: Duration::from_secs(3600),
         }),
         event_field: None,
+        presence: false,
     }
 }
 

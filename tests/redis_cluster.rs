@@ -42,6 +42,7 @@ fn cluster_config(cluster: &RedisCluster) -> crier::config::Config {
             ttl: Duration::from_secs(3600),
         }),
         event_field: None,
+        presence: false,
     };
     config.channels = vec![rule("hist:*", true), rule("public:*", false)];
     config

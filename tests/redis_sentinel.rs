@@ -73,6 +73,7 @@ fn history_rule() -> ChannelRule {
             ttl: Duration::from_secs(3600),
         }),
         event_field: None,
+        presence: false,
     }
 }
 

@@ -48,6 +48,7 @@ fn tls_config(redis: &RedisServer, dir: &Path) -> Config {
             ttl: Duration::from_secs(3600),
         }),
         event_field: None,
+        presence: false,
     };
     config.channels = vec![rule("hist:*", true), rule("public:*", false)];
     config
@@ -151,6 +152,7 @@ async fn session_cookies_are_read_from_a_tls_session_store() {
         subscribe: Subscribe::User,
         history: None,
         event_field: None,
+        presence: false,
     }];
     config.auth.session = Some(SessionConfig {
         secrets: vec!["keyboard cat".into()],

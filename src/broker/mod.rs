@@ -26,7 +26,7 @@ mod presence;
 mod redis;
 mod target;
 
-pub(crate) use self::presence::{Held, Members};
+pub(crate) use self::presence::{Held, Members, Rosters};
 use self::redis::RedisBroker;
 use memory::MemoryBroker;
 

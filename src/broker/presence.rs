@@ -32,11 +32,13 @@ pub(crate) struct Held {
     pub(crate) info: String,
 }
 
+/// Channel → user → (connections, info JSON).
+pub(crate) type Rosters = HashMap<String, HashMap<String, (u64, String)>>;
+
 /// Presence in process memory: one instance, so no beats and no sweeps.
 #[derive(Default)]
 pub(crate) struct MemoryPresence {
-    /// Channel → user → (connections, info).
-    channels: Mutex<HashMap<String, HashMap<String, (u64, String)>>>,
+    channels: Mutex<Rosters>,
 }
 
 impl MemoryPresence {

@@ -1,14 +1,14 @@
 //! The Pusher Channels protocol, for apps written against pusher-js,
 //! laravel-echo and the Pusher server SDKs: the apps served
-//! (`[[pusher.apps]]`), their signatures ([`sign`]) and the HTTP API
-//! ([`api`]). The WebSocket framing is [`crate::transport::pusher`].
+//! (`[[pusher.apps]]`), their signatures ([`sign`]) and channel kinds.
+//! The WebSocket framing is [`crate::transport::pusher`], the HTTP API
+//! [`crate::api::pusher`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::PusherApp;
 
-pub(crate) mod api;
 pub(crate) mod sign;
 
 /// The configured apps, found by key (WebSocket) or id (HTTP API).

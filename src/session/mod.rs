@@ -35,11 +35,11 @@ use crate::lifecycle::Bell;
 use crate::limits::Admitted;
 use crate::link::Outlet;
 use crate::metrics::Transport;
-use crate::presence::Member;
 use crate::protocol::{Filter, Kind, Publication, SocketId};
 use crate::refusal::Refusal;
 
 mod admit;
+mod member;
 mod queue;
 mod rate;
 mod resume;
@@ -50,6 +50,7 @@ pub(crate) use queue::ConnId;
 pub(crate) use rate::{Commands, Verdict};
 pub(crate) use resume::Tracker;
 
+use member::Member;
 use queue::{Mail, Mailbox};
 use resume::Budget;
 use subscriptions::Subscriptions;
@@ -473,11 +474,10 @@ impl Session {
         info: &str,
     ) -> Result<Members, Refusal> {
         if self.members.iter().any(|m| m.channel() == channel) {
-            return crate::presence::members(&self.app, channel).await;
+            return self.app.members(channel).await;
         }
         let socket = self.socket_id();
-        let (member, members) =
-            crate::presence::join(&self.app, channel, user, info, socket).await?;
+        let (member, members) = Member::join(&self.app, channel, user, info, socket).await?;
         self.members.push(member);
         Ok(members)
     }

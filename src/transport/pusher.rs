@@ -416,7 +416,7 @@ impl Conn {
         } else if self.app.policy.is_presence(&channel) {
             // A presence channel subscribed without joining (crier's own
             // rules can make any channel one): the members, read only.
-            if let Ok(members) = crate::presence::members(&self.app, &channel).await {
+            if let Ok(members) = self.app.members(&channel).await {
                 data = presence_data(&members);
             }
         }

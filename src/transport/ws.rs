@@ -330,7 +330,7 @@ impl Conn {
             return self.refuse(&Refusal::BadRequest(reason), id).await;
         }
         let app = Arc::clone(self.app());
-        match crate::presence::members(&app, channel).await {
+        match app.members(channel).await {
             Ok(members) => {
                 self.send(reply::presence(channel, members.count, &members.listed, id))
                     .await

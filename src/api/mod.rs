@@ -1,8 +1,12 @@
-//! `POST /api/publish`: publishing over HTTP, for apps without a Redis client
-//! and for the embedded memory broker.
+//! The HTTP APIs for apps. `POST /api/publish`: publishing over HTTP, for
+//! apps without a Redis client and for the embedded memory broker;
+//! `GET /api/presence`: a presence channel's members. The Pusher HTTP API
+//! is [`pusher`].
 //!
 //! Body: `{"channel": "x", "data": <any JSON>}`; `data` is published verbatim,
 //! exactly as `PUBLISH x '<data>'` would. Keys are compared in constant time.
+
+pub(crate) mod pusher;
 
 use std::sync::Arc;
 
@@ -130,7 +134,7 @@ pub(crate) async fn presence(
             format!("`{channel}` is not a presence channel (no rule with presence = true)");
         return refused(&Refusal::BadRequest(reason));
     }
-    match crate::presence::members(&app, &channel).await {
+    match app.members(&channel).await {
         Ok(members) => {
             let listed: Vec<serde_json::Value> = members
                 .listed

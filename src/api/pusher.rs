@@ -167,9 +167,7 @@ async fn answer(app: &App, req: Request<Incoming>) -> Result<Value, Failed> {
             if !name.starts_with("presence-") {
                 return Err(Failed::bad("users are only listed for presence channels"));
             }
-            let members = crate::presence::members(app, name)
-                .await
-                .map_err(|_| unavailable())?;
+            let members = app.members(name).await.map_err(|_| unavailable())?;
             let users: Vec<Value> = members
                 .listed
                 .iter()

@@ -1,0 +1,411 @@
+//! The Pusher Channels protocol, spoken to the ecosystem's real, unmodified
+//! libraries: pusher-js (in Node) as the client, the `pusher` server SDK
+//! for triggers, channel authorization and the HTTP API, against crier
+//! instances on a real Redis.
+//!
+//! Needs node and `npm ci --prefix tests/pusher` (done by `.ci/run`).
+
+// Tests and their helpers fail by panicking; the no-panic lints are for crier.
+#![allow(clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::crier::{test_config, Instance, Process, WAIT};
+use common::redis::RedisServer;
+use common::ws::WsClient;
+use crier::config::{ChannelRule, Config, HistoryRule, PusherApp, Subscribe};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+
+const APP_ID: &str = "1001";
+const KEY: &str = "app-key";
+const SECRET: &str = "app-secret-of-16-bytes";
+
+fn rule(pattern: &str, subscribe: Subscribe) -> ChannelRule {
+    ChannelRule {
+        pattern: pattern.into(),
+        subscribe,
+        history: None,
+        event_field: None,
+        presence: false,
+    }
+}
+
+/// Rules as a Laravel app's migration guide has them: public `orders`,
+/// signed `private-orders.*` and `presence-*`, history on `cache-*`.
+fn pusher_config(redis: &RedisServer) -> Config {
+    let mut config = test_config(Some(redis.url()));
+    let mut cache = rule("cache-*", Subscribe::Anyone);
+    cache.history = Some(HistoryRule {
+        size: 10,
+        ttl: Duration::from_secs(600),
+    });
+    config.channels = vec![
+        rule("orders", Subscribe::Anyone),
+        rule("private-orders.*", Subscribe::Claim),
+        rule("presence-*", Subscribe::Claim),
+        cache,
+    ];
+    config.pusher.apps = vec![PusherApp {
+        id: APP_ID.into(),
+        key: KEY.into(),
+        secret: SECRET.into(),
+        client_events: true,
+    }];
+    config.presence.heartbeat = Duration::from_millis(300);
+    config.presence.ttl = Duration::from_secs(1);
+    config
+}
+
+/// The same configuration as a file, for a crier child process.
+fn pusher_toml(redis: &RedisServer) -> String {
+    format!(
+        r#"
+[redis]
+url = "{}"
+linger = "200ms"
+[[channels]]
+pattern = "orders"
+subscribe = "anyone"
+[[channels]]
+pattern = "private-orders.*"
+subscribe = "claim"
+[[channels]]
+pattern = "presence-*"
+subscribe = "claim"
+[[pusher.apps]]
+id = "{APP_ID}"
+key = "{KEY}"
+secret = "{SECRET}"
+client_events = true
+[presence]
+heartbeat = "300ms"
+ttl = "1s"
+"#,
+        redis.url()
+    )
+}
+
+fn repo(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// tests/pusher/driver.mjs: pusher-js clients and the server SDK in one
+/// Node process, a JSON line per command and per thing seen.
+struct Driver {
+    child: Child,
+    stdin: ChildStdin,
+    seen: Arc<Mutex<Vec<Value>>>,
+    notify: Arc<tokio::sync::Notify>,
+}
+
+impl Driver {
+    async fn start() -> Driver {
+        assert!(
+            repo("tests/pusher/node_modules/pusher-js/package.json").exists(),
+            "run `npm ci --prefix tests/pusher` (node and npm needed)"
+        );
+        let mut child = Command::new("node")
+            .arg(repo("tests/pusher/driver.mjs"))
+            .envs([("APP_ID", APP_ID), ("APP_KEY", KEY), ("APP_SECRET", SECRET)])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node runs tests/pusher/driver.mjs");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = child.stdout.take().expect("stdout");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let (sink, wake) = (seen.clone(), notify.clone());
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let v: Value = serde_json::from_str(&line).unwrap_or(json!({"raw": line}));
+                sink.lock().expect("lock").push(v);
+                wake.notify_waiters();
+            }
+        });
+        let driver = Driver {
+            child,
+            stdin,
+            seen,
+            notify,
+        };
+        driver.wait(|v| v["type"] == "ready").await;
+        driver
+    }
+
+    async fn send(&mut self, command: Value) {
+        let line = format!("{command}\n");
+        self.stdin
+            .write_all(line.as_bytes())
+            .await
+            .expect("driver stdin");
+    }
+
+    /// The first line matching `f`, waiting for it.
+    async fn wait(&self, f: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let notified = self.notify.notified();
+            if let Some(v) = self.seen.lock().expect("lock").iter().find(|v| f(v)) {
+                return v.clone();
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                let seen = self.seen.lock().expect("lock").clone();
+                panic!("the driver never reported what the test waits for; it saw: {seen:#?}");
+            }
+        }
+    }
+
+    /// How many lines seen so far match `f`.
+    fn count(&self, f: impl Fn(&Value) -> bool) -> usize {
+        self.seen
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|v| f(v))
+            .count()
+    }
+
+    async fn connect(&mut self, client: &str, port: u16, user: &str) -> String {
+        self.send(json!({"op": "connect", "client": client, "port": port, "user": user}))
+            .await;
+        let state = self
+            .wait(|v| v["client"] == client && v["state"] == "connected")
+            .await;
+        state["socket_id"].as_str().expect("socket id").to_owned()
+    }
+
+    async fn subscribe(&mut self, client: &str, channel: &str) -> Value {
+        self.send(json!({"op": "subscribe", "client": client, "channel": channel}))
+            .await;
+        self.wait(|v| {
+            v["client"] == client
+                && v["channel"] == channel
+                && (v["type"] == "subscribed" || v["type"] == "subscription_error")
+        })
+        .await
+    }
+
+    async fn trigger(&mut self, tag: &str, command: Value) -> Value {
+        let mut command = command;
+        command["op"] = json!("trigger");
+        command["tag"] = json!(tag);
+        self.send(command).await;
+        self.wait(|v| v["type"] == "triggered" && v["tag"] == tag)
+            .await
+    }
+
+    async fn get(&mut self, tag: &str, port: u16, path: &str, params: Value) -> Value {
+        let command =
+            json!({"op": "get", "tag": tag, "port": port, "path": path, "params": params});
+        self.send(command).await;
+        self.wait(|v| v["type"] == "got" && v["tag"] == tag).await
+    }
+
+    fn event(&self, client: &str, channel: &str, event: &str) -> impl Fn(&Value) -> bool {
+        let (client, channel, event) = (client.to_owned(), channel.to_owned(), event.to_owned());
+        move |v: &Value| {
+            v["type"] == "event"
+                && v["client"] == client
+                && v["channel"] == channel
+                && v["event"] == event
+        }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+fn port(addr: &str) -> u16 {
+    addr.rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port")
+}
+
+#[tokio::test]
+async fn pusher_js_hears_sdk_triggers_and_redis_publishes() {
+    let redis = RedisServer::start().await;
+    let crier = Instance::start(pusher_config(&redis)).await;
+    let port = port(&crier.addr);
+    let mut d = Driver::start().await;
+    d.connect("a", port, "u1").await;
+    assert_eq!(d.subscribe("a", "orders").await["type"], "subscribed");
+
+    let sent = d
+        .trigger("sdk", json!({"port": port, "channels": ["orders"], "event": "order.created", "data": {"id": 5}}))
+        .await;
+    assert_eq!(sent["status"], 200, "{sent}");
+    let got = d.wait(d.event("a", "orders", "order.created")).await;
+    assert_eq!(got["data"], json!({"id": 5}));
+
+    // An app publishing to Redis directly: plain PUBLISH and crier_publish.
+    redis
+        .publish("orders", r#"{"type":"order.shipped","id":6}"#)
+        .await;
+    let got = d.wait(d.event("a", "orders", "order.shipped")).await;
+    assert_eq!(got["data"], json!({"type": "order.shipped", "id": 6}));
+    redis
+        .fcall_publish("orders", r#"{"type":"order.paid","id":7}"#)
+        .await;
+    let got = d.wait(d.event("a", "orders", "order.paid")).await;
+    assert_eq!(got["data"]["id"], 7);
+    crier.shutdown().await;
+}
+
+#[tokio::test]
+async fn private_channels_need_the_apps_signature_and_crier_rules_still_apply() {
+    let redis = RedisServer::start().await;
+    let crier = Instance::start(pusher_config(&redis)).await;
+    let port = port(&crier.addr);
+    let mut d = Driver::start().await;
+    d.connect("a", port, "u1").await;
+
+    // Signed by the app's auth endpoint (the SDK's authorizeChannel).
+    assert_eq!(
+        d.subscribe("a", "private-orders.1").await["type"],
+        "subscribed"
+    );
+    // The endpoint answers with a forged signature.
+    let forged = d.subscribe("a", "private-orders.forged").await;
+    assert_eq!(forged["type"], "subscription_error", "{forged}");
+    assert_eq!(forged["data"]["status"], 401);
+    // Correctly signed, but no rule allows it: deny by default.
+    let unruled = d.subscribe("a", "private-invoices.1").await;
+    assert_eq!(unruled["type"], "subscription_error", "{unruled}");
+    assert_eq!(unruled["data"]["status"], 403);
+    // A public channel no rule allows.
+    let public = d.subscribe("a", "secrets").await;
+    assert_eq!(public["data"]["status"], 403, "{public}");
+
+    // Events reach the admitted channel only.
+    d.trigger(
+        "t",
+        json!({"port": port, "channels": ["private-orders.1"], "event": "paid", "data": "x"}),
+    )
+    .await;
+    d.wait(d.event("a", "private-orders.1", "paid")).await;
+
+    // Without any signature (a hand-written client).
+    let mut raw = WsClient::connect(&format!("ws://{}/app/{KEY}?protocol=7", crier.addr)).await;
+    let hello = raw.recv_json(WAIT).await;
+    assert_eq!(hello["event"], "pusher:connection_established");
+    raw.send_json(json!({"event": "pusher:subscribe", "data": {"channel": "private-orders.2"}}))
+        .await;
+    let refused = raw.recv_json(WAIT).await;
+    assert_eq!(refused["event"], "pusher:subscription_error", "{refused}");
+    let data: Value =
+        serde_json::from_str(refused["data"].as_str().expect("string data")).expect("json");
+    assert_eq!(data["status"], 401);
+
+    // An unknown app key: pusher:error 4001, and the close says the same.
+    let mut unknown = WsClient::connect(&format!("ws://{}/app/nope?protocol=7", crier.addr)).await;
+    let (code, _, frames) = unknown.expect_close(WAIT).await;
+    assert_eq!(code, 4001);
+    assert_eq!(frames[0]["data"]["code"], 4001, "{frames:?}");
+    crier.shutdown().await;
+}
+
+#[tokio::test]
+async fn presence_is_right_across_instances_and_a_killed_one_is_forgotten() {
+    let redis = RedisServer::start().await;
+    let a = Instance::start(pusher_config(&redis)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("crier.toml");
+    std::fs::write(&file, pusher_toml(&redis)).expect("write config");
+    let mut b = Process::start(&["--config", file.to_str().expect("path")], &[]).await;
+    let (pa, pb) = (port(&a.addr), port(&b.addr));
+    let room = "presence-room";
+    let mut d = Driver::start().await;
+
+    d.connect("c1", pa, "u1").await;
+    let first = d.subscribe("c1", room).await;
+    assert_eq!(first["members"], json!(["u1"]), "{first}");
+    d.connect("c2", pb, "u2").await;
+    let second = d.subscribe("c2", room).await;
+    assert_eq!(second["members"], json!(["u1", "u2"]), "{second}");
+    d.wait(|v| v["client"] == "c1" && v["type"] == "member_added" && v["user"] == "u2")
+        .await;
+    // u1 again, on the other instance: a member already.
+    d.connect("c3", pb, "u1").await;
+    let third = d.subscribe("c3", room).await;
+    assert_eq!(third["members"], json!(["u1", "u2"]), "{third}");
+
+    // A client event from c1 (on a) reaches c2 and c3 (on b), with who
+    // sent it, and not c1.
+    d.send(json!({"op": "client_event", "client": "c1", "channel": room, "event": "client-typing", "data": {"n": 1}}))
+        .await;
+    d.wait(d.event("c2", room, "client-typing")).await;
+    d.wait(d.event("c3", room, "client-typing")).await;
+
+    // c3 leaves: u1 is still there through c1.
+    d.send(json!({"op": "disconnect", "client": "c3"})).await;
+    // A marker published after everything above: once every client has it,
+    // every presence event before it has arrived too.
+    d.trigger(
+        "marker",
+        json!({"port": pa, "channels": [room], "event": "marker", "data": "{}"}),
+    )
+    .await;
+    d.wait(d.event("c1", room, "marker")).await;
+    d.wait(d.event("c2", room, "marker")).await;
+    let added =
+        |user: &'static str| move |v: &Value| v["type"] == "member_added" && v["user"] == user;
+    assert_eq!(d.count(added("u2")), 1, "one member_added for u2, to c1");
+    // u1 was there before anyone else; c3 joining as u1 again adds nobody.
+    assert_eq!(
+        d.count(added("u1")),
+        0,
+        "no member_added for a second connection"
+    );
+    assert_eq!(d.count(|v| v["type"] == "member_removed"), 0, "nobody left");
+    assert_eq!(
+        d.count(d.event("c1", room, "client-typing")),
+        0,
+        "not echoed"
+    );
+    let typing = d.wait(d.event("c2", room, "client-typing")).await;
+    assert_eq!(typing["data"], json!({"n": 1}));
+
+    let listed = d
+        .get("users", pa, &format!("/channels/{room}/users"), json!({}))
+        .await;
+    assert_eq!(
+        listed["body"]["users"].as_array().map(Vec::len),
+        Some(2),
+        "{listed}"
+    );
+
+    // b is killed (c2 on it): u2 is removed within ttl + heartbeat.
+    let pid = b.child.id().expect("running");
+    let killed = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .await
+        .expect("kill");
+    assert!(killed.success());
+    let _ = b.child.wait().await;
+    let removed = d
+        .wait(|v| v["client"] == "c1" && v["type"] == "member_removed" && v["user"] == "u2")
+        .await;
+    assert_eq!(removed["channel"], room);
+    let listed = d
+        .get("after", pa, &format!("/channels/{room}/users"), json!({}))
+        .await;
+    assert_eq!(listed["body"]["users"], json!([{"id": "u1"}]), "{listed}");
+    drop(b);
+    a.shutdown().await;
+}
