@@ -409,3 +409,271 @@ async fn presence_is_right_across_instances_and_a_killed_one_is_forgotten() {
     drop(b);
     a.shutdown().await;
 }
+
+/// A raw Pusher connection (a hand-written client): its socket id.
+async fn raw_pusher(addr: &str, key: &str) -> (WsClient, String) {
+    let mut ws = WsClient::connect(&format!("ws://{addr}/app/{key}?protocol=7")).await;
+    let hello = ws.recv_json(WAIT).await;
+    assert_eq!(hello["event"], "pusher:connection_established", "{hello}");
+    let data: Value = serde_json::from_str(hello["data"].as_str().expect("string")).expect("json");
+    let socket = data["socket_id"].as_str().expect("socket_id").to_owned();
+    (ws, socket)
+}
+
+/// The next frame whose `event` is `event`, skipping others.
+async fn next_event(ws: &mut WsClient, event: &str) -> Value {
+    loop {
+        let v = ws.recv_json(WAIT).await;
+        if v["event"] == event {
+            return v;
+        }
+    }
+}
+
+/// A channel authorization as the app's endpoint makes it.
+fn channel_auth(key: &str, secret: &str, socket: &str, channel: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("hmac");
+    mac.update(format!("{socket}:{channel}").as_bytes());
+    let sig: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{key}:{sig}")
+}
+
+#[tokio::test]
+async fn client_events_are_refused_on_public_channels_when_disabled_and_over_the_rate() {
+    let redis = RedisServer::start().await;
+    let mut config = pusher_config(&redis);
+    config.pusher.client_events_per_second = 3;
+    config.pusher.apps.push(PusherApp {
+        id: "1002".into(),
+        key: "quiet-key".into(),
+        secret: "quiet-secret-of-16-bytes".into(),
+        client_events: false,
+    });
+    let crier = Instance::start(config).await;
+
+    let (mut ws, socket) = raw_pusher(&crier.addr, KEY).await;
+    ws.send_json(json!({"event": "pusher:subscribe", "data": {"channel": "orders"}}))
+        .await;
+    next_event(&mut ws, "pusher_internal:subscription_succeeded").await;
+    ws.send_json(json!({"event": "client-hi", "channel": "orders", "data": {}}))
+        .await;
+    let refused = next_event(&mut ws, "pusher:error").await;
+    let message = refused["data"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("private and presence"), "{refused}");
+
+    // Over the rate: the fourth event in a burst of five is refused, 4301.
+    let channel = "private-orders.9";
+    let auth = channel_auth(KEY, SECRET, &socket, channel);
+    ws.send_json(json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": auth}}))
+        .await;
+    next_event(&mut ws, "pusher_internal:subscription_succeeded").await;
+    for n in 0..5 {
+        ws.send_json(json!({"event": "client-n", "channel": channel, "data": {"n": n}}))
+            .await;
+    }
+    let limited = next_event(&mut ws, "pusher:error").await;
+    assert_eq!(limited["data"]["code"], 4301, "{limited}");
+
+    // An app whose client events are off.
+    let (mut quiet, socket) = raw_pusher(&crier.addr, "quiet-key").await;
+    let auth = channel_auth("quiet-key", "quiet-secret-of-16-bytes", &socket, channel);
+    quiet
+        .send_json(json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": auth}}))
+        .await;
+    next_event(&mut quiet, "pusher_internal:subscription_succeeded").await;
+    quiet
+        .send_json(json!({"event": "client-hi", "channel": channel, "data": {}}))
+        .await;
+    let refused = next_event(&mut quiet, "pusher:error").await;
+    let message = refused["data"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("disabled"), "{refused}");
+    crier.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_http_api_batches_excludes_the_sender_counts_users_and_checks_signatures() {
+    let redis = RedisServer::start().await;
+    let crier = Instance::start(pusher_config(&redis)).await;
+    let port = port(&crier.addr);
+    let lobby = "presence-lobby";
+    let mut d = Driver::start().await;
+    let sender = d.connect("a", port, "u1").await;
+    d.connect("b", port, "u2").await;
+    for client in ["a", "b"] {
+        assert_eq!(d.subscribe(client, "orders").await["type"], "subscribed");
+        assert_eq!(d.subscribe(client, lobby).await["type"], "subscribed");
+    }
+
+    // `socket_id`: everyone but the sender.
+    let sent = d
+        .trigger("excl", json!({"port": port, "channels": ["orders"], "event": "mine", "data": "1", "socket_id": sender}))
+        .await;
+    assert_eq!(sent["status"], 200, "{sent}");
+    // A batch of two, then a marker: once `a` has the marker it would have
+    // had `mine` too.
+    let batch = json!([
+        {"channel": "orders", "name": "b1", "data": "{\"n\":1}"},
+        {"channel": lobby, "name": "b2", "data": "{\"n\":2}"},
+    ]);
+    let sent = d
+        .trigger("batch", json!({"port": port, "batch": batch}))
+        .await;
+    assert_eq!(sent["status"], 200, "{sent}");
+    d.wait(d.event("b", "orders", "mine")).await;
+    assert_eq!(
+        d.wait(d.event("a", "orders", "b1")).await["data"],
+        json!({"n": 1})
+    );
+    assert_eq!(
+        d.wait(d.event("b", lobby, "b2")).await["data"],
+        json!({"n": 2})
+    );
+    d.trigger(
+        "marker",
+        json!({"port": port, "channels": ["orders"], "event": "marker", "data": "{}"}),
+    )
+    .await;
+    d.wait(d.event("a", "orders", "marker")).await;
+    assert_eq!(
+        d.count(d.event("a", "orders", "mine")),
+        0,
+        "the sender is excluded"
+    );
+
+    // `info=user_count` on a trigger, and the channel listings.
+    let sent = d
+        .trigger("info", json!({"port": port, "channels": [lobby], "event": "x", "data": "{}", "info": "user_count"}))
+        .await;
+    assert_eq!(sent["body"]["channels"][lobby]["user_count"], 2, "{sent}");
+    let listed = d
+        .get(
+            "presence",
+            port,
+            "/channels",
+            json!({"filter_by_prefix": "presence-", "info": "user_count"}),
+        )
+        .await;
+    assert_eq!(
+        listed["body"],
+        json!({"channels": {lobby: {"user_count": 2}}}),
+        "{listed}"
+    );
+    let all = d.get("all", port, "/channels", json!({})).await;
+    assert_eq!(
+        all["body"],
+        json!({"channels": {"orders": {}, lobby: {}}}),
+        "{all}"
+    );
+    let one = d
+        .get(
+            "one",
+            port,
+            &format!("/channels/{lobby}"),
+            json!({"info": "user_count"}),
+        )
+        .await;
+    assert_eq!(
+        one["body"],
+        json!({"occupied": true, "user_count": 2}),
+        "{one}"
+    );
+    let empty = d
+        .get("empty", port, "/channels/nobody-here", json!({}))
+        .await;
+    assert_eq!(empty["body"], json!({"occupied": false}), "{empty}");
+
+    // A wrong secret, and a clock ten minutes and more off either way: 401,
+    // and nothing is published.
+    for (tag, extra) in [
+        ("secret", json!({"secret": "not-the-app-secret-at-all"})),
+        ("past", json!({"clock_offset_ms": -700_000})),
+        ("future", json!({"clock_offset_ms": 700_000})),
+    ] {
+        let mut command =
+            json!({"port": port, "channels": ["orders"], "event": "forged", "data": "{}"});
+        for (k, v) in extra.as_object().expect("object") {
+            command[k] = v.clone();
+        }
+        let refused = d.trigger(tag, command).await;
+        assert_eq!(refused["status"], 401, "{tag}: {refused}");
+    }
+    d.trigger(
+        "marker2",
+        json!({"port": port, "channels": ["orders"], "event": "marker2", "data": "{}"}),
+    )
+    .await;
+    d.wait(d.event("a", "orders", "marker2")).await;
+    assert_eq!(d.count(d.event("a", "orders", "forged")), 0);
+    crier.shutdown().await;
+}
+
+#[tokio::test]
+async fn cache_channels_send_their_last_event_or_a_cache_miss() {
+    let redis = RedisServer::start().await;
+    let crier = Instance::start(pusher_config(&redis)).await;
+    redis
+        .fcall_publish("cache-price", r#"{"type":"price","v":1}"#)
+        .await;
+    redis
+        .fcall_publish("cache-price", r#"{"type":"price","v":2}"#)
+        .await;
+    let mut d = Driver::start().await;
+    d.connect("a", port(&crier.addr), "u1").await;
+    assert_eq!(d.subscribe("a", "cache-price").await["type"], "subscribed");
+    let last = d.wait(d.event("a", "cache-price", "price")).await;
+    assert_eq!(last["data"]["v"], 2, "{last}");
+    assert_eq!(d.subscribe("a", "cache-empty").await["type"], "subscribed");
+    d.wait(|v| v["type"] == "cache_miss" && v["channel"] == "cache-empty")
+        .await;
+    // Only the last one was sent.
+    assert_eq!(d.count(d.event("a", "cache-price", "price")), 1);
+    crier.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_draining_instance_tells_pusher_clients_to_reconnect_with_4200() {
+    let redis = RedisServer::start().await;
+    let crier = Instance::start(pusher_config(&redis)).await;
+    let (mut ws, _) = raw_pusher(&crier.addr, KEY).await;
+    let shutdown = tokio::spawn(crier.shutdown());
+    let (code, _, frames) = ws.expect_close(WAIT).await;
+    assert_eq!(code, 4200, "{frames:?}");
+    assert!(
+        frames
+            .iter()
+            .any(|f| f["event"] == "pusher:error" && f["data"]["code"] == 4200),
+        "{frames:?}"
+    );
+    shutdown.await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn presence_works_on_the_memory_broker_too() {
+    let mut config = pusher_config(&RedisServer::start().await);
+    config.redis.url = None;
+    let crier = Instance::start(config).await;
+    let port = port(&crier.addr);
+    let mut d = Driver::start().await;
+    d.connect("a", port, "u1").await;
+    d.connect("b", port, "u2").await;
+    assert_eq!(
+        d.subscribe("a", "presence-m").await["members"],
+        json!(["u1"])
+    );
+    assert_eq!(
+        d.subscribe("b", "presence-m").await["members"],
+        json!(["u1", "u2"])
+    );
+    d.wait(|v| v["client"] == "a" && v["type"] == "member_added" && v["user"] == "u2")
+        .await;
+    d.send(json!({"op": "disconnect", "client": "b"})).await;
+    d.wait(|v| v["client"] == "a" && v["type"] == "member_removed" && v["user"] == "u2")
+        .await;
+    crier.shutdown().await;
+}

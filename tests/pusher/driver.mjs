@@ -6,10 +6,11 @@
 //
 // Commands:
 //   {"op":"connect","client":"a","port":…,"key":…,"user":"u1"?}
-//   {"op":"subscribe","client":"a","channel":…}
+//   {"op":"subscribe","client":"a","channel":…,"bind"?:["client-x"]}
 //   {"op":"unsubscribe","client":"a","channel":…}
 //   {"op":"client_event","client":"a","channel":…,"event":"client-x","data":{…}}
-//   {"op":"trigger","port":…,"channels":[…],"event":…,"data":…,"socket_id"?:…,"batch"?:[…]}
+//   {"op":"trigger","port":…,"channels":[…],"event":…,"data":…,"socket_id"?:…,"info"?:…,
+//    "batch"?:[…],"secret"?:…,"clock_offset_ms"?:…}
 //   {"op":"get","port":…,"path":…,"params":{…}}
 //   {"op":"disconnect","client":"a"}
 import http from 'node:http';
@@ -78,6 +79,10 @@ function subscribe(cmd) {
   channel.bind('pusher:subscription_error', (data) => out({ client: cmd.client, type: 'subscription_error', channel: cmd.channel, data }));
   channel.bind('pusher:member_added', (m) => out({ client: cmd.client, type: 'member_added', channel: cmd.channel, user: m.id }));
   channel.bind('pusher:member_removed', (m) => out({ client: cmd.client, type: 'member_removed', channel: cmd.channel, user: m.id }));
+  // Events bound by name get the metadata pusher-js passes (user_id).
+  for (const name of cmd.bind || []) {
+    channel.bind(name, (data, meta) => out({ client: cmd.client, type: 'bound', channel: cmd.channel, event: name, data, user_id: meta && meta.user_id }));
+  }
   channel.bind('pusher:cache_miss', () => out({ client: cmd.client, type: 'cache_miss', channel: cmd.channel }));
   channel.bind_global((event, data, meta) => {
     if (event.startsWith('pusher:')) return;
@@ -96,6 +101,9 @@ async function run(cmd) {
     }
     case 'disconnect': return clients.get(cmd.client).client.disconnect();
     case 'trigger': {
+      // A client whose clock is off: the SDK signs with Date.now().
+      const realNow = Date.now;
+      if (cmd.clock_offset_ms) Date.now = () => realNow() + cmd.clock_offset_ms;
       const sdk = server(cmd.port);
       const sdkOf = cmd.secret ? new PusherServer({ appId, key, secret: cmd.secret, host: '127.0.0.1', port: String(cmd.port), useTLS: false }) : sdk;
       try {
@@ -105,6 +113,8 @@ async function run(cmd) {
         return out({ type: 'triggered', tag: cmd.tag, status: res.status, body: await res.json() });
       } catch (e) {
         return out({ type: 'triggered', tag: cmd.tag, status: e.status, body: e.body });
+      } finally {
+        Date.now = realNow;
       }
     }
     case 'get': {
