@@ -55,6 +55,12 @@ pub async fn http_get(url: &str) -> (StatusCode, String) {
     read_whole(url, response, conn).await
 }
 
+/// GET `url` with extra `headers` (e.g. an API key) on a fresh connection.
+pub async fn http_get_with(url: &str, headers: &[(&str, &str)]) -> (StatusCode, String) {
+    let (response, conn) = send_request(Method::GET, url, headers, Bytes::new()).await;
+    read_whole(url, response, conn).await
+}
+
 /// POST `body` to `url` with extra `headers` (e.g. content type, auth) on a
 /// fresh connection; returns the status and the whole body.
 pub async fn http_post(url: &str, headers: &[(&str, &str)], body: &str) -> (StatusCode, String) {
