@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
@@ -56,6 +56,8 @@ struct Args {
 enum Transport {
     Ws,
     Sse,
+    /// The Pusher protocol (`/app/{key}`), as pusher-js speaks it.
+    Pusher,
 }
 
 fn parse_args() -> Args {
@@ -86,7 +88,8 @@ fn parse_args() -> Args {
                 a.transport = match value().as_str() {
                     "ws" => Transport::Ws,
                     "sse" => Transport::Sse,
-                    _ => usage("--transport ws|sse"),
+                    "pusher" => Transport::Pusher,
+                    _ => usage("--transport ws|sse|pusher"),
                 }
             }
             "--memory" => a.memory = true,
@@ -98,6 +101,9 @@ fn parse_args() -> Args {
     if a.channels == 0 || a.clients == 0 || a.rate == 0 {
         usage("counts and rate must be > 0");
     }
+    if a.floor && a.transport == Transport::Pusher {
+        usage("--floor speaks crier's /ws and /sse only; compare pusher with --transport ws");
+    }
     if a.floor && (a.history || a.memory) {
         usage("--floor serves plain PUBLISH from Redis: not with --history or --memory");
     }
@@ -107,7 +113,7 @@ fn parse_args() -> Args {
 fn usage(why: &str) -> ! {
     eprintln!(
         "bench: {why}\nusage: bench [--clients N] [--channels N] [--messages N] [--rate PER_SEC_PER_CHANNEL] \
-         [--payload BYTES] [--transport ws|sse] [--history] [--memory] [--floor]"
+         [--payload BYTES] [--transport ws|sse|pusher] [--history] [--memory] [--floor]"
     );
     std::process::exit(2)
 }
@@ -154,10 +160,12 @@ impl Histogram {
     }
 }
 
-/// Pulls `"t":<micros>` out of a delivered frame without a JSON parse.
+/// Pulls `"t":<micros>` out of a delivered frame without a JSON parse
+/// (also `\"t\":`, inside a Pusher event's data string).
 fn sent_at(frame: &[u8]) -> Option<u64> {
-    let pos = frame.windows(4).position(|w| w == b"\"t\":")?;
-    let digits: Vec<u8> = frame[pos + 4..]
+    let pos = frame.windows(4).position(|w| w == b"\"t\":").map(|p| p + 4);
+    let pos = pos.or_else(|| frame.windows(4).position(|w| w == b"t\\\":").map(|p| p + 4))?;
+    let digits: Vec<u8> = frame[pos..]
         .iter()
         .take_while(|b| b.is_ascii_digit())
         .copied()
@@ -220,6 +228,9 @@ async fn start_crier(redis: Option<u16>, args: &Args) -> Crier {
         text.push_str("history = { size = 1000, ttl = \"1h\" }\n");
     }
     text.push_str("[publish]\napi_keys = [\"bench-key-0123456789\"]\n");
+    text.push_str(
+        "[[pusher.apps]]\nid = \"1\"\nkey = \"bench\"\nsecret = \"bench-secret-0123456789\"\n",
+    );
     text.push_str(&format!(
         "[limits]\nmax_connections = {}\nqueue_size = 1024\n",
         args.clients + 100
@@ -356,6 +367,39 @@ async fn ws_client(addr: String, channel: String, hist: Arc<Histogram>, received
     }
 }
 
+/// A Pusher protocol client: connects, subscribes, and times each event.
+async fn pusher_client(
+    addr: String,
+    channel: String,
+    hist: Arc<Histogram>,
+    received: Arc<AtomicU64>,
+) {
+    let url = format!("ws://{addr}/app/bench?protocol=7&client=bench&version=1");
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .expect("pusher connect");
+    let subscribe = format!(r#"{{"event":"pusher:subscribe","data":{{"channel":"{channel}"}}}}"#);
+    let mut subscribed = false;
+    while let Some(Ok(msg)) = ws.next().await {
+        let tokio_tungstenite::tungstenite::Message::Text(text) = msg else {
+            continue;
+        };
+        if !subscribed {
+            if text.as_str().contains("pusher:connection_established") {
+                let message = tokio_tungstenite::tungstenite::Message::text(subscribe.clone());
+                ws.send(message).await.expect("subscribe");
+            } else if text.as_str().contains("subscription_succeeded") {
+                subscribed = true;
+            }
+            continue;
+        }
+        if let Some(t) = sent_at(text.as_bytes()) {
+            hist.record(now_micros().saturating_sub(t));
+            received.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 async fn sse_client(addr: String, channel: String, hist: Arc<Histogram>, received: Arc<AtomicU64>) {
     let mut s = TcpStream::connect(&addr).await.expect("sse connect");
     let req = format!(
@@ -421,6 +465,7 @@ async fn main() {
             match transport {
                 Transport::Ws => ws_client(addr, channel, hist, received).await,
                 Transport::Sse => sse_client(addr, channel, hist, received).await,
+                Transport::Pusher => pusher_client(addr, channel, hist, received).await,
             }
         }));
     }

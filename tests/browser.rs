@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::browser::installed;
 use common::crier::{Process, WAIT};
 use common::redis::RedisServer;
 use common::unique;
@@ -35,14 +36,6 @@ use tokio::process::Command;
 use tokio::sync::watch;
 
 const MESSAGES: u64 = 120;
-
-fn installed(program: &str) -> bool {
-    std::process::Command::new("sh")
-        .args(["-c", &format!("command -v {program}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

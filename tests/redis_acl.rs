@@ -1,7 +1,8 @@
 //! crier as a Redis ACL user restricted to its own keys, created with the
 //! exact `ACL SETUSER` line docs/configuration.md gives: relay, history,
-//! resume, the canary and the publish API all work, and Redis logs no
-//! denial (`ACL LOG` stays empty).
+//! resume, the canary, the publish API, presence and the Pusher HTTP API's
+//! channel listing all work, and Redis logs no denial (`ACL LOG` stays
+//! empty).
 
 // Tests and their helpers fail by panicking; the no-panic lints are for crier.
 #![allow(clippy::expect_used, clippy::panic)]
@@ -20,6 +21,13 @@ use http::StatusCode;
 
 const PASSWORD: &str = "acl-test-password-0123";
 const API_KEY: &str = "acl-test-publish-key-0123456789";
+const PUSHER_SECRET: &str = "acl-test-pusher-secret-0123";
+
+/// HMAC-SHA256 under the Pusher app's secret, as hex (what its server SDKs
+/// sign with).
+fn hmac_hex(text: &str) -> String {
+    common::pusher::hmac_hex(PUSHER_SECRET, text)
+}
 
 /// The `ACL SETUSER crier …` line of docs/configuration.md, as words.
 fn documented_acl_line() -> Vec<String> {
@@ -65,7 +73,15 @@ async fn the_documented_acl_user_runs_everything_without_a_denial() {
         event_field: None,
         presence: false,
     };
-    config.channels = vec![rule("hist:*", true), rule("public:*", false)];
+    let mut presence = rule("presence-*", false);
+    presence.subscribe = Subscribe::Claim;
+    config.channels = vec![rule("hist:*", true), rule("public:*", false), presence];
+    config.pusher.apps = vec![crier::config::PusherApp {
+        id: "1".into(),
+        key: "acl-key".into(),
+        secret: PUSHER_SECRET.into(),
+        client_events: false,
+    }];
     // Ready means the canary went round: PUBLISH and SUBSCRIBE as `crier`.
     let crier = Instance::start(config).await;
     let clients = redis.cli(&["CLIENT", "LIST"]).await;
@@ -127,6 +143,48 @@ async fn the_documented_acl_user_runs_everything_without_a_denial() {
         .await;
     assert!(id.trim().contains('-'), "a history id: {id}");
     assert_eq!(ws.recv_type("message", WAIT).await["data"]["n"], 4);
+
+    // Presence (the crier_presence_* functions) and the Pusher channel
+    // listing (PUBSUB CHANNELS), as `crier`.
+    let mut pusher = WsClient::connect(&crier.ws("/app/acl-key?protocol=7")).await;
+    let hello = pusher.recv_json(WAIT).await;
+    let data: serde_json::Value =
+        serde_json::from_str(hello["data"].as_str().expect("data")).expect("json");
+    let socket = data["socket_id"].as_str().expect("socket id").to_owned();
+    let channel = unique("presence-acl");
+    let channel_data = r#"{"user_id":"u1"}"#;
+    let auth = format!(
+        "acl-key:{}",
+        hmac_hex(&format!("{socket}:{channel}:{channel_data}"))
+    );
+    pusher
+        .send_json(serde_json::json!({"event": "pusher:subscribe", "data": {
+            "channel": channel, "auth": auth, "channel_data": channel_data}}))
+        .await;
+    let joined = pusher.recv_json(WAIT).await;
+    assert_eq!(
+        joined["event"], "pusher_internal:subscription_succeeded",
+        "{joined}"
+    );
+    assert!(
+        joined["data"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(r#""count":1"#),
+        "{joined}"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let query = format!("auth_key=acl-key&auth_timestamp={now}&auth_version=1.0");
+    let signature = hmac_hex(&format!("GET\n/apps/1/channels\n{query}"));
+    let url = crier.http(&format!(
+        "/apps/1/channels?{query}&auth_signature={signature}"
+    ));
+    let (status, body) = common::http_get(&url).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.contains(&channel), "{body}");
 
     let denials = redis.cli(&["ACL", "LOG"]).await;
     assert_eq!(denials.trim(), "", "Redis denied crier something");

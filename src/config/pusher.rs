@@ -14,8 +14,9 @@ pub struct PusherConfig {
     /// endpoints (`/app/{key}`, `/apps/{id}/…`) answer 404.
     pub apps: Vec<PusherApp>,
     /// How long a client may stay silent before it pings (sent to clients
-    /// in `pusher:connection_established`); a client silent for twice as
-    /// long is closed.
+    /// in `pusher:connection_established`). crier itself pings every
+    /// `ws.ping_interval` and closes a client silent for `ws.idle_timeout`
+    /// (4201).
     #[serde(with = "humantime_serde")]
     pub activity_timeout: Duration,
     /// `client-*` events a connection may send per second (Pusher's limit

@@ -36,6 +36,15 @@ pub fn express_cookie_value(id: &str, secret: &str) -> String {
     percent_encoding::utf8_percent_encode(&express_signed(id, secret), URI_COMPONENT).to_string()
 }
 
+/// Whether `program` is on the PATH.
+pub fn installed(program: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// A child process killed when the test lets go of it, pass or fail.
 pub struct Killed(pub Child);
 

@@ -175,3 +175,4 @@ pub(crate) async fn read_whole(
 pub mod browser;
 pub mod cluster;
 pub mod crier;
+pub mod pusher;

@@ -1,0 +1,244 @@
+//! The Pusher ecosystem's real, unmodified libraries for tests:
+//! tests/pusher/driver.mjs runs pusher-js clients and the `pusher` server
+//! SDK in one Node process, a JSON line per command and per thing seen;
+//! and the crier configuration a Laravel app's migration guide gives.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crier::config::{ChannelRule, Config, HistoryRule, PusherApp, Subscribe};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::process::{Child, ChildStdin, Command};
+
+use super::crier::{test_config, WAIT};
+use super::redis::RedisServer;
+
+pub const APP_ID: &str = "1001";
+pub const KEY: &str = "app-key";
+pub const SECRET: &str = "app-secret-of-16-bytes";
+
+pub fn rule(pattern: &str, subscribe: Subscribe) -> ChannelRule {
+    ChannelRule {
+        pattern: pattern.into(),
+        subscribe,
+        history: None,
+        event_field: None,
+        presence: false,
+    }
+}
+
+/// Rules as a Laravel app's migration guide has them: public `orders`,
+/// signed `private-orders.*` and `presence-*`, history on `cache-*`.
+pub fn pusher_config(redis: &RedisServer) -> Config {
+    let mut config = test_config(Some(redis.url()));
+    let mut cache = rule("cache-*", Subscribe::Anyone);
+    cache.history = Some(HistoryRule {
+        size: 10,
+        ttl: Duration::from_secs(600),
+    });
+    config.channels = vec![
+        rule("orders", Subscribe::Anyone),
+        rule("private-orders.*", Subscribe::Claim),
+        rule("presence-*", Subscribe::Claim),
+        cache,
+    ];
+    config.pusher.apps = vec![PusherApp {
+        id: APP_ID.into(),
+        key: KEY.into(),
+        secret: SECRET.into(),
+        client_events: true,
+    }];
+    config.presence.heartbeat = Duration::from_millis(300);
+    config.presence.ttl = Duration::from_secs(1);
+    config
+}
+
+/// The same configuration as a file, for a crier child process.
+pub fn pusher_toml(redis: &RedisServer) -> String {
+    format!(
+        r#"
+[redis]
+url = "{}"
+linger = "200ms"
+[[channels]]
+pattern = "orders"
+subscribe = "anyone"
+[[channels]]
+pattern = "private-orders.*"
+subscribe = "claim"
+[[channels]]
+pattern = "presence-*"
+subscribe = "claim"
+[[pusher.apps]]
+id = "{APP_ID}"
+key = "{KEY}"
+secret = "{SECRET}"
+client_events = true
+[presence]
+heartbeat = "300ms"
+ttl = "1s"
+"#,
+        redis.url()
+    )
+}
+
+fn repo(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// tests/pusher/driver.mjs: pusher-js clients and the server SDK in one
+/// Node process, a JSON line per command and per thing seen.
+pub struct Driver {
+    child: Child,
+    stdin: ChildStdin,
+    seen: Arc<Mutex<Vec<Value>>>,
+    notify: Arc<tokio::sync::Notify>,
+}
+
+impl Driver {
+    pub async fn start() -> Driver {
+        assert!(
+            repo("tests/pusher/node_modules/pusher-js/package.json").exists(),
+            "run `npm ci --prefix tests/pusher` (node and npm needed)"
+        );
+        let mut child = Command::new("node")
+            .arg(repo("tests/pusher/driver.mjs"))
+            .envs([("APP_ID", APP_ID), ("APP_KEY", KEY), ("APP_SECRET", SECRET)])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node runs tests/pusher/driver.mjs");
+        let stdin = child.stdin.take().expect("stdin");
+        let stdout = child.stdout.take().expect("stdout");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let (sink, wake) = (seen.clone(), notify.clone());
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let v: Value = serde_json::from_str(&line).unwrap_or(json!({"raw": line}));
+                sink.lock().expect("lock").push(v);
+                wake.notify_waiters();
+            }
+        });
+        let driver = Driver {
+            child,
+            stdin,
+            seen,
+            notify,
+        };
+        driver.wait(|v| v["type"] == "ready").await;
+        driver
+    }
+
+    pub async fn send(&mut self, command: Value) {
+        let line = format!("{command}\n");
+        self.stdin
+            .write_all(line.as_bytes())
+            .await
+            .expect("driver stdin");
+    }
+
+    /// The first line matching `f`, waiting for it.
+    pub async fn wait(&self, f: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let notified = self.notify.notified();
+            if let Some(v) = self.seen.lock().expect("lock").iter().find(|v| f(v)) {
+                return v.clone();
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                let seen = self.seen.lock().expect("lock").clone();
+                panic!("the driver never reported what the test waits for; it saw: {seen:#?}");
+            }
+        }
+    }
+
+    /// How many lines seen so far match `f`.
+    pub fn count(&self, f: impl Fn(&Value) -> bool) -> usize {
+        self.seen
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|v| f(v))
+            .count()
+    }
+
+    pub async fn connect(&mut self, client: &str, port: u16, user: &str) -> String {
+        self.send(json!({"op": "connect", "client": client, "port": port, "user": user}))
+            .await;
+        let state = self
+            .wait(|v| v["client"] == client && v["state"] == "connected")
+            .await;
+        state["socket_id"].as_str().expect("socket id").to_owned()
+    }
+
+    pub async fn subscribe(&mut self, client: &str, channel: &str) -> Value {
+        self.send(json!({"op": "subscribe", "client": client, "channel": channel}))
+            .await;
+        self.wait(|v| {
+            v["client"] == client
+                && v["channel"] == channel
+                && (v["type"] == "subscribed" || v["type"] == "subscription_error")
+        })
+        .await
+    }
+
+    pub async fn trigger(&mut self, tag: &str, command: Value) -> Value {
+        let mut command = command;
+        command["op"] = json!("trigger");
+        command["tag"] = json!(tag);
+        self.send(command).await;
+        self.wait(|v| v["type"] == "triggered" && v["tag"] == tag)
+            .await
+    }
+
+    pub async fn get(&mut self, tag: &str, port: u16, path: &str, params: Value) -> Value {
+        let command =
+            json!({"op": "get", "tag": tag, "port": port, "path": path, "params": params});
+        self.send(command).await;
+        self.wait(|v| v["type"] == "got" && v["tag"] == tag).await
+    }
+
+    pub fn event(&self, client: &str, channel: &str, event: &str) -> impl Fn(&Value) -> bool {
+        let (client, channel, event) = (client.to_owned(), channel.to_owned(), event.to_owned());
+        move |v: &Value| {
+            v["type"] == "event"
+                && v["client"] == client
+                && v["channel"] == channel
+                && v["event"] == event
+        }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+    }
+}
+
+pub fn port(addr: &str) -> u16 {
+    addr.rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port")
+}
+
+/// HMAC-SHA256 of `text` under `secret`, as hex: what an app's Pusher
+/// auth endpoint and its server SDK sign with (`key:` + this is a channel
+/// authorization).
+pub fn hmac_hex(secret: &str, text: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("hmac");
+    mac.update(text.as_bytes());
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
