@@ -10,12 +10,19 @@
 //! This process keeps what it holds — channel → user → connections and
 //! info — and, every `presence.heartbeat`, tells the store exactly that
 //! ([`run`]). The beat keeps its members alive for `presence.ttl`, and
-//! corrects whatever a failed join or leave left wrong; an instance that
-//! stops beating (killed, cut off from Redis) has its members removed by
-//! the others' next beat or read once its `ttl` has passed.
+//! corrects whatever a failed join or leave left wrong (or a Redis that
+//! lost its data); an instance that stops beating (killed, cut off from
+//! Redis) has its members removed by the others' next beat or read of the
+//! channel once its `ttl` has passed.
+//!
+//! A channel's joins, leaves and beats run one at a time in this process
+//! (a lock per channel, striped): a beat always tells the store what the
+//! process holds once its earlier joins and leaves are done, never a
+//! snapshot a join overtook.
 
-use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -24,11 +31,27 @@ use crate::config::PresenceConfig;
 use crate::protocol::SocketId;
 use crate::refusal::Refusal;
 
+/// Locks a channel's writes hash to: enough that unrelated channels
+/// rarely wait on each other.
+const STRIPES: usize = 64;
+
 /// What this process holds: channel → user → (connections, info). A
 /// channel stays, empty, until a beat told the store so.
-#[derive(Default)]
 pub(crate) struct Presence {
     held: Mutex<Rosters>,
+    /// Orders each channel's writes to the store (see the module docs).
+    stripes: Box<[tokio::sync::Mutex<()>]>,
+    hasher: RandomState,
+}
+
+impl Default for Presence {
+    fn default() -> Self {
+        Self {
+            held: Mutex::default(),
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            hasher: RandomState::new(),
+        }
+    }
 }
 
 /// This process's id in the store: the instance part of its socket ids.
@@ -39,6 +62,11 @@ fn instance() -> u32 {
 impl Presence {
     fn held(&self) -> std::sync::MutexGuard<'_, Rosters> {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The lock ordering `channel`'s writes.
+    fn stripe(&self, channel: &str) -> &tokio::sync::Mutex<()> {
+        &self.stripes[self.hasher.hash_one(channel) as usize % self.stripes.len()]
     }
 
     /// Counts one more connection of `user` here.
@@ -65,9 +93,23 @@ impl Presence {
             }
         }
     }
-}
 
-impl Presence {
+    /// What this process holds in `channel`, for a beat.
+    fn held_in(&self, channel: &str) -> Option<Vec<Held>> {
+        let held = self.held();
+        let users = held.get(channel)?;
+        Some(
+            users
+                .iter()
+                .map(|(user, (connections, info))| Held {
+                    user: user.clone(),
+                    connections: *connections,
+                    info: info.clone(),
+                })
+                .collect(),
+        )
+    }
+
     /// Joins `channel` as `user` (with `info`, JSON) for the connection
     /// `socket` (which does not hear its own `member_added`), and reads the
     /// members, this user included. On an error nothing is held.
@@ -80,13 +122,19 @@ impl Presence {
         info: &str,
         socket: SocketId,
     ) -> Result<Members, Refusal> {
-        self.hold(channel, user, info);
-        let joined = broker
-            .presence_join(channel, instance(), config.ttl, user, 1, info, Some(socket))
-            .await;
+        let joined = {
+            let _order = self.stripe(channel).lock().await;
+            self.hold(channel, user, info);
+            let joined = broker
+                .presence_join(channel, instance(), config.ttl, user, 1, info, Some(socket))
+                .await;
+            if joined.is_err() {
+                // The next beat tells the store whatever this left there.
+                self.release(channel, user);
+            }
+            joined
+        };
         if let Err(e) = joined {
-            // The next beat tells the store whatever this left there.
-            self.release(channel, user);
             tracing::warn!(error = %e, %channel, "presence: cannot join");
             return Err(Refusal::Unavailable);
         }
@@ -101,10 +149,33 @@ impl Presence {
 
     /// One connection of `user` leaves `channel`.
     pub(crate) async fn leave(&self, broker: &Broker, channel: &str, user: &str) {
+        let _order = self.stripe(channel).lock().await;
         self.release(channel, user);
         if let Err(e) = broker.presence_leave(channel, instance(), user).await {
             // The next beat tells the store what this process holds.
             tracing::warn!(error = %e, %channel, "presence: cannot leave, the next beat will");
+        }
+    }
+
+    /// One beat over every channel held.
+    async fn beat(&self, broker: &Broker, ttl: Duration) {
+        let channels: Vec<String> = self.held().keys().cloned().collect();
+        for channel in channels {
+            let _order = self.stripe(&channel).lock().await;
+            let Some(held) = self.held_in(&channel) else {
+                continue;
+            };
+            match broker.presence_sync(&channel, instance(), ttl, &held).await {
+                Ok(changed) => {
+                    if changed > 0 {
+                        tracing::info!(%channel, changed, "presence: the store was corrected");
+                    }
+                    if held.is_empty() {
+                        self.held().remove(&channel);
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, %channel, "presence: beat failed"),
+            }
         }
     }
 }
@@ -138,43 +209,6 @@ pub(crate) async fn run(
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = every.tick() => presence.beat(broker, config.ttl).await,
-        }
-    }
-}
-
-impl Presence {
-    /// One beat over every channel held.
-    async fn beat(&self, broker: &Broker, ttl: std::time::Duration) {
-        let snapshot: Vec<(String, Vec<Held>)> = self
-            .held()
-            .iter()
-            .map(|(channel, users)| {
-                let held = users
-                    .iter()
-                    .map(|(user, (connections, info))| Held {
-                        user: user.clone(),
-                        connections: *connections,
-                        info: info.clone(),
-                    })
-                    .collect();
-                (channel.clone(), held)
-            })
-            .collect();
-        for (channel, held) in snapshot {
-            match broker.presence_sync(&channel, instance(), ttl, &held).await {
-                Ok(changed) => {
-                    if changed > 0 {
-                        tracing::info!(%channel, changed, "presence: the store was corrected");
-                    }
-                    if held.is_empty() {
-                        let mut now = self.held();
-                        if now.get(&channel).is_some_and(HashMap::is_empty) {
-                            now.remove(&channel);
-                        }
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, %channel, "presence: beat failed"),
-            }
         }
     }
 }

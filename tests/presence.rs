@@ -151,3 +151,52 @@ async fn members_join_and_leave_across_instances_and_the_api_agrees() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+#[tokio::test]
+async fn member_lists_are_bounded_and_counts_exact() {
+    let redis = RedisServer::start().await;
+    let mut config = config(&redis);
+    config.presence.max_listed = 2;
+    let crier = Instance::start(config).await;
+    let room = unique("room:big");
+    let mut clients = Vec::new();
+    for user in ["u1", "u2", "u3", "u4"] {
+        clients.push(member(&crier, Some(user), &room).await);
+    }
+    let answer = members_of(&mut clients[0], &room).await;
+    assert_eq!(answer["count"], 4, "{answer}");
+    assert_eq!(
+        answer["members"].as_array().map(Vec::len),
+        Some(2),
+        "{answer}"
+    );
+    crier.shutdown().await;
+}
+
+#[tokio::test]
+async fn members_come_back_after_redis_loses_them() {
+    let mut redis = RedisServer::start().await;
+    let crier = Instance::start(config(&redis)).await;
+    let room = unique("room:restart");
+    let _alice = member(&crier, Some("alice"), &room).await;
+    let _bob = member(&crier, Some("bob"), &room).await;
+    let url = format!("{}?channel={}", crier.http("/api/presence"), room);
+    let auth = format!("Bearer {API_KEY}");
+    let count = || async {
+        let (status, body) = http_get_with(&url, &[("authorization", &auth)]).await;
+        (status == StatusCode::OK)
+            .then(|| serde_json::from_str::<Value>(&body).ok())
+            .flatten()
+            .map(|v| v["count"].clone())
+    };
+    assert_eq!(count().await, Some(json!(2)));
+
+    // A restart without persistence: the presence keys are gone. The next
+    // beat tells Redis again who this instance holds.
+    redis.restart().await;
+    common::eventually("the members are back in Redis", WAIT, || async {
+        count().await == Some(json!(2))
+    })
+    .await;
+    crier.shutdown().await;
+}

@@ -117,7 +117,7 @@ async fn presence_is_right_across_instances_and_a_killed_one_is_forgotten() {
     let first = d.subscribe("c1", room).await;
     assert_eq!(first["members"], json!(["u1"]), "{first}");
     d.connect("c2", pb, "u2").await;
-    let second = d.subscribe("c2", room).await;
+    let second = d.subscribe_binding("c2", room, &["client-typing"]).await;
     assert_eq!(second["members"], json!(["u1", "u2"]), "{second}");
     d.wait(|v| v["client"] == "c1" && v["type"] == "member_added" && v["user"] == "u2")
         .await;
@@ -161,6 +161,11 @@ async fn presence_is_right_across_instances_and_a_killed_one_is_forgotten() {
     );
     let typing = d.wait(d.event("c2", room, "client-typing")).await;
     assert_eq!(typing["data"], json!({"n": 1}));
+    // On a presence channel it says who sent it (pusher-js's metadata).
+    let bound = d
+        .wait(|v| v["type"] == "bound" && v["client"] == "c2" && v["event"] == "client-typing")
+        .await;
+    assert_eq!(bound["user_id"], "u1", "{bound}");
 
     let listed = d
         .get("users", pa, &format!("/channels/{room}/users"), json!({}))

@@ -1082,7 +1082,7 @@ mod tests {
     #[test]
     fn redaction_hides_secrets() {
         let cfg = load_str(
-            "[redis]\nurl = \"redis://app:hunter2hunter2@r:6379\"\npassword = \"second-hunter2\"\n[publish]\napi_keys = [\"0123456789abcdef-secret\"]\n",
+            "[redis]\nurl = \"redis://app:hunter2hunter2@r:6379\"\npassword = \"second-hunter2\"\n[publish]\napi_keys = [\"0123456789abcdef-secret\"]\n[[pusher.apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"pusher-secret-hunter2\"\n",
             &[],
         )
         .expect("valid");
@@ -1090,6 +1090,7 @@ mod tests {
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(!shown.contains("second-hunter2"), "{shown}");
         assert!(!shown.contains("0123456789abcdef-secret"), "{shown}");
+        assert!(!shown.contains("pusher-secret"), "{shown}");
         assert!(shown.contains("redis://app:<redacted>@r:6379"), "{shown}");
         // What is printed loads back.
         let back: Config = toml::from_str(&shown).expect("printed config parses");

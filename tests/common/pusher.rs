@@ -179,8 +179,20 @@ impl Driver {
     }
 
     pub async fn subscribe(&mut self, client: &str, channel: &str) -> Value {
-        self.send(json!({"op": "subscribe", "client": client, "channel": channel}))
-            .await;
+        self.subscribe_binding(client, channel, &[]).await
+    }
+
+    /// [`Driver::subscribe`], with `events` bound by name: each is reported
+    /// as a `bound` line with the metadata pusher-js passes (`user_id`).
+    pub async fn subscribe_binding(
+        &mut self,
+        client: &str,
+        channel: &str,
+        events: &[&str],
+    ) -> Value {
+        let command =
+            json!({"op": "subscribe", "client": client, "channel": channel, "bind": events});
+        self.send(command).await;
         self.wait(|v| {
             v["client"] == client
                 && v["channel"] == channel
