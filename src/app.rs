@@ -42,7 +42,11 @@ pub(crate) struct App {
     pub replay_bytes: Arc<Semaphore>,
     /// Streams held, in all, per IP and per user.
     pub limits: ConnectionLimits,
-    /// The presence this process holds (see [`crate::presence`]).
+    /// This running crier's number, fleet-wide: the instance part of its
+    /// socket ids, and its name in the presence store. Random at start
+    /// (one process may run several, as tests do).
+    pub instance: u32,
+    /// The presence this instance holds (see [`crate::presence`]).
     pub presence: crate::presence::Presence,
     /// The Pusher apps served, by key and by id.
     pub pusher: crate::pusher::Apps,
@@ -61,6 +65,7 @@ impl App {
         metrics: Metrics,
     ) -> Self {
         let lifecycle = Lifecycle::new(config.shutdown.drain);
+        let instance = crate::protocol::SocketId::new_instance();
         let limits = ConnectionLimits::new(&config.limits);
         let replay_bytes = Arc::new(Semaphore::new(
             config
@@ -79,7 +84,8 @@ impl App {
             origins,
             replay_bytes,
             limits,
-            presence: Default::default(),
+            instance,
+            presence: crate::presence::Presence::new(instance),
             pusher: crate::pusher::Apps::new(&config.pusher.apps),
             config,
         }

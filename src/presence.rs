@@ -42,21 +42,21 @@ pub(crate) struct Presence {
     /// Orders each channel's writes to the store (see the module docs).
     stripes: Box<[tokio::sync::Mutex<()>]>,
     hasher: RandomState,
+    /// This instance's id in the store (the instance part of its socket
+    /// ids).
+    instance: u32,
 }
 
-impl Default for Presence {
-    fn default() -> Self {
+impl Presence {
+    /// The presence of the crier instance `instance`.
+    pub(crate) fn new(instance: u32) -> Self {
         Self {
+            instance,
             held: Mutex::default(),
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             hasher: RandomState::new(),
         }
     }
-}
-
-/// This process's id in the store: the instance part of its socket ids.
-fn instance() -> u32 {
-    SocketId::of(0).instance
 }
 
 impl Presence {
@@ -126,7 +126,15 @@ impl Presence {
             let _order = self.stripe(channel).lock().await;
             self.hold(channel, user, info);
             let joined = broker
-                .presence_join(channel, instance(), config.ttl, user, 1, info, Some(socket))
+                .presence_join(
+                    channel,
+                    self.instance,
+                    config.ttl,
+                    user,
+                    1,
+                    info,
+                    Some(socket),
+                )
                 .await;
             if joined.is_err() {
                 // The next beat tells the store whatever this left there.
@@ -151,7 +159,7 @@ impl Presence {
     pub(crate) async fn leave(&self, broker: &Broker, channel: &str, user: &str) {
         let _order = self.stripe(channel).lock().await;
         self.release(channel, user);
-        if let Err(e) = broker.presence_leave(channel, instance(), user).await {
+        if let Err(e) = broker.presence_leave(channel, self.instance, user).await {
             // The next beat tells the store what this process holds.
             tracing::warn!(error = %e, %channel, "presence: cannot leave, the next beat will");
         }
@@ -165,7 +173,10 @@ impl Presence {
             let Some(held) = self.held_in(&channel) else {
                 continue;
             };
-            match broker.presence_sync(&channel, instance(), ttl, &held).await {
+            match broker
+                .presence_sync(&channel, self.instance, ttl, &held)
+                .await
+            {
                 Ok(changed) => {
                     if changed > 0 {
                         tracing::info!(%channel, changed, "presence: the store was corrected");

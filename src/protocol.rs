@@ -73,6 +73,7 @@ pub enum Kind {
 }
 
 /// A connection, fleet-wide: Pusher's `socket_id`, `<instance>.<conn>`.
+/// The instance is random per running crier (see `App::instance`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct SocketId {
     /// Random per process.
@@ -82,11 +83,9 @@ pub struct SocketId {
 }
 
 impl SocketId {
-    /// The id of connection `conn` of this process.
-    pub fn of(conn: u64) -> Self {
-        static INSTANCE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-        let instance = *INSTANCE.get_or_init(|| rand::random::<u32>() % 1_000_000_000);
-        Self { instance, conn }
+    /// A fresh instance number: random, nine digits at most.
+    pub fn new_instance() -> u32 {
+        rand::random::<u32>() % 1_000_000_000
     }
 }
 

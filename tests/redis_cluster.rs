@@ -569,3 +569,78 @@ async fn a_dropped_node_connection_is_repaired_from_history() {
     drop(seen);
     reader.abort();
 }
+
+#[tokio::test]
+async fn presence_and_pusher_events_work_on_every_shard() {
+    use common::pusher::{port, Driver};
+    let _one = common::cluster::ONE_AT_A_TIME.lock().await;
+    let cluster = RedisCluster::start(3, 0).await;
+    let config = || {
+        let mut config = cluster_config(&cluster);
+        common::pusher::with_pusher(&mut config);
+        config
+    };
+    let a = Instance::start(config()).await;
+    let b = Instance::start(config()).await;
+    let (pa, pb) = (port(&a.addr), port(&b.addr));
+    let rooms = one_per_shard(&cluster, "presence-shard").await;
+    let mut d = Driver::start().await;
+    d.connect("c1", pa, "u1").await;
+    d.connect("c2", pb, "u2").await;
+    for room in &rooms {
+        assert_eq!(
+            d.subscribe("c1", room).await["members"],
+            serde_json::json!(["u1"])
+        );
+        let second = d.subscribe("c2", room).await;
+        assert_eq!(
+            second["members"],
+            serde_json::json!(["u1", "u2"]),
+            "{room}: {second}"
+        );
+        d.wait(|v| {
+            v["client"] == "c1" && v["type"] == "member_added" && v["channel"] == room.as_str()
+        })
+        .await;
+        // A client event crosses instances on this shard too.
+        d.send(
+            serde_json::json!({"op": "client_event", "client": "c2", "channel": room,
+            "event": "client-hi", "data": {}}),
+        )
+        .await;
+        d.wait(d.event("c1", room, "client-hi")).await;
+        // The SDK's trigger, through crier_publish on the channel's shard.
+        let sent = d
+            .trigger(
+                room,
+                serde_json::json!({"port": pb, "channels": [room], "event": "e", "data": "{}"}),
+            )
+            .await;
+        assert_eq!(sent["status"], 200, "{sent}");
+        d.wait(d.event("c1", room, "e")).await;
+    }
+    let listed = d
+        .get(
+            "list",
+            pa,
+            "/channels",
+            serde_json::json!({"filter_by_prefix": "presence-", "info": "user_count"}),
+        )
+        .await;
+    for room in &rooms {
+        assert_eq!(
+            listed["body"]["channels"][room]["user_count"], 2,
+            "{listed}"
+        );
+    }
+    d.send(serde_json::json!({"op": "disconnect", "client": "c2"}))
+        .await;
+    for room in &rooms {
+        d.wait(|v| {
+            v["client"] == "c1" && v["type"] == "member_removed" && v["channel"] == room.as_str()
+        })
+        .await;
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -229,7 +229,10 @@ impl Session {
 
     /// The connection's id across the fleet (Pusher's `socket_id`).
     pub(crate) fn socket_id(&self) -> SocketId {
-        SocketId::of(self.id())
+        SocketId {
+            instance: self.app.instance,
+            conn: self.id(),
+        }
     }
 
     /// The shared state the session runs in.

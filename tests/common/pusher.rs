@@ -34,17 +34,25 @@ pub fn rule(pattern: &str, subscribe: Subscribe) -> ChannelRule {
 /// signed `private-orders.*` and `presence-*`, history on `cache-*`.
 pub fn pusher_config(redis: &RedisServer) -> Config {
     let mut config = test_config(Some(redis.url()));
+    with_pusher(&mut config);
+    config
+}
+
+/// Adds [`pusher_config`]'s rules (before the config's own), app and
+/// short presence beats to `config`.
+pub fn with_pusher(config: &mut Config) {
     let mut cache = rule("cache-*", Subscribe::Anyone);
     cache.history = Some(HistoryRule {
         size: 10,
         ttl: Duration::from_secs(600),
     });
-    config.channels = vec![
+    let rules = [
         rule("orders", Subscribe::Anyone),
         rule("private-orders.*", Subscribe::Claim),
         rule("presence-*", Subscribe::Claim),
         cache,
     ];
+    config.channels.splice(0..0, rules);
     config.pusher.apps = vec![PusherApp {
         id: APP_ID.into(),
         key: KEY.into(),
@@ -53,7 +61,6 @@ pub fn pusher_config(redis: &RedisServer) -> Config {
     }];
     config.presence.heartbeat = Duration::from_millis(300);
     config.presence.ttl = Duration::from_secs(1);
-    config
 }
 
 /// The same configuration as a file, for a crier child process.
