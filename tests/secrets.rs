@@ -21,6 +21,7 @@ const SESSION_SECRET: &str = "session-secret-SECRET-1";
 const API_KEY: &str = "publish-key-SECRET-0123456789";
 const WRONG_KEY: &str = "wrong-publish-key-SECRET-9876";
 const SESSION_ID: &str = "sessionidSECRETabcdef0123456789";
+const PUSHER_SECRET: &str = "pusher-secret-SECRET-0123";
 
 fn token(user: &str, exp: u64, secret: &str) -> String {
     let claims = json!({"sub": user, "exp": exp});
@@ -62,6 +63,15 @@ async fn no_secret_reaches_a_log_line_or_check_config() {
 [[channels]]
 pattern = "user:{{user}}"
 subscribe = "user"
+
+[[channels]]
+pattern = "private-*"
+subscribe = "claim"
+
+[[pusher.apps]]
+id = "1"
+key = "pusher-key"
+secret = "{PUSHER_SECRET}"
 
 [publish]
 api_keys = ["{API_KEY}"]
@@ -141,7 +151,41 @@ drain = "1s"
         common::http_post(&publish, &[("authorization", &bearer(WRONG_KEY))], body).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
 
-    drop((ok, query, ws));
+    // Pusher: a signed subscription and a forged one, a signed HTTP API
+    // request and one with a bad signature.
+    let mut pusher = WsClient::connect(&format!("ws://{}/app/pusher-key", crier.addr)).await;
+    let hello = pusher.recv_json(WAIT).await;
+    let data: serde_json::Value =
+        serde_json::from_str(hello["data"].as_str().expect("data")).expect("json");
+    let socket = data["socket_id"].as_str().expect("socket id").to_owned();
+    let signed = common::pusher::hmac_hex(PUSHER_SECRET, &format!("{socket}:private-a"));
+    let forged_sig = common::pusher::hmac_hex("guess", &format!("{socket}:private-b"));
+    for (channel, sig) in [("private-a", &signed), ("private-b", &forged_sig)] {
+        let auth = format!("pusher-key:{sig}");
+        pusher
+            .send_json(
+                json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": auth}}),
+            )
+            .await;
+        let answer = pusher.recv_json(WAIT).await;
+        assert_eq!(answer["channel"], channel, "{answer}");
+    }
+    let api_query = format!("auth_key=pusher-key&auth_timestamp={now}&auth_version=1.0");
+    let api_sig = common::pusher::hmac_hex(
+        PUSHER_SECRET,
+        &format!("GET\n/apps/1/channels\n{api_query}"),
+    );
+    for (sig, expected) in [
+        (&api_sig, StatusCode::OK),
+        (&forged_sig, StatusCode::UNAUTHORIZED),
+    ] {
+        let url = crier.http(&format!(
+            "/apps/1/channels?{api_query}&auth_signature={sig}"
+        ));
+        assert_eq!(common::http_get(&url).await.0, expected);
+    }
+
+    drop((ok, query, ws, pusher));
     crier.sigterm().await;
     let status = tokio::time::timeout(WAIT, crier.child.wait())
         .await
@@ -184,6 +228,10 @@ drain = "1s"
         cookie.clone(),
         encoded(&cookie),
         forged_cookie.clone(),
+        PUSHER_SECRET.to_string(),
+        signed.clone(),
+        forged_sig.clone(),
+        api_sig.clone(),
     ];
     for secret in &secrets {
         assert!(

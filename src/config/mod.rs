@@ -935,6 +935,39 @@ mod tests {
     }
 
     #[test]
+    fn pusher_apps_and_presence_are_checked_field_by_field() {
+        let app = |id: &str, key: &str, secret: &str| {
+            format!("[[pusher.apps]]\nid = \"{id}\"\nkey = \"{key}\"\nsecret = \"{secret}\"\n")
+        };
+        let ok = app("1", "k", "a-secret-of-16-bytes");
+        assert!(load_str(&ok, &[]).is_ok());
+        for (toml, field) in [
+            (app("1", "k", "short"), "pusher.apps[0].secret"),
+            (app("", "k", "a-secret-of-16-bytes"), "pusher.apps[0].id"),
+            (
+                app("1", "k/x", "a-secret-of-16-bytes"),
+                "pusher.apps[0].key",
+            ),
+            (
+                format!("{ok}{}", app("2", "k", "another-secret-16-bytes")),
+                "pusher.apps[1].id",
+            ),
+            (
+                "[presence]\nheartbeat = \"10s\"\nttl = \"5s\"\n".into(),
+                "presence.ttl",
+            ),
+            ("[presence]\nmax_listed = 0\n".into(), "presence.max_listed"),
+            (
+                "[pusher]\nclient_events_per_second = 0\n".into(),
+                "pusher.client_events_per_second",
+            ),
+        ] {
+            let e = load_str(&toml, &[]).unwrap_err().to_string();
+            assert!(e.contains(field), "{toml} → {e}");
+        }
+    }
+
+    #[test]
     fn unknown_fields_suggest_the_nearest_without_nested_quotes() {
         let e = load_str("[limits]\nqueue_sise = 3\n", &[])
             .unwrap_err()
