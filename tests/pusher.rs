@@ -456,3 +456,38 @@ async fn presence_works_on_the_memory_broker_too() {
         .await;
     crier.shutdown().await;
 }
+
+#[tokio::test]
+async fn malformed_messages_get_a_clear_error_and_the_connection_stays_usable() {
+    let redis = RedisServer::start().await;
+    let crier = Instance::start(pusher_config(&redis)).await;
+    let (mut ws, _) = raw_pusher(&crier.addr, KEY).await;
+    for (bad, expected) in [
+        ("not json", "not a Pusher message"),
+        (r#"{"data":{}}"#, "not a Pusher message"),
+        (
+            r#"{"event":"pusher:subscribe","data":{"chanel":"orders"}}"#,
+            "bad pusher:subscribe",
+        ),
+        (r#"{"event":"pusher:nonsense"}"#, "unsupported event"),
+        (r#"{"event":"client-x","data":{}}"#, "needs a channel"),
+    ] {
+        ws.send_text(bad).await;
+        let error = next_event(&mut ws, "pusher:error").await;
+        let message = error["data"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(expected), "{bad} → {error}");
+    }
+    // Still usable: a subscription and an event.
+    ws.send_json(json!({"event": "pusher:subscribe", "data": {"channel": "orders"}}))
+        .await;
+    next_event(&mut ws, "pusher_internal:subscription_succeeded").await;
+    ws.send_json(json!({"event": "pusher:ping", "data": {}}))
+        .await;
+    next_event(&mut ws, "pusher:pong").await;
+    redis.publish("orders", r#"{"type":"still","n":1}"#).await;
+    let event = next_event(&mut ws, "still").await;
+    assert_eq!(event["channel"], "orders");
+    let data: Value = serde_json::from_str(event["data"].as_str().expect("string")).expect("json");
+    assert_eq!(data["n"], 1);
+    crier.shutdown().await;
+}
