@@ -2,12 +2,10 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
-use http_body_util::{BodyExt, Full};
 
 use crate::config::{
     config_path, process_env, Config, ConfigError, LogFormat, LogOverride, Overrides, RedisOverride,
@@ -181,53 +179,28 @@ async fn publish_http(
     let url = url::Url::parse(base)
         .and_then(|u| u.join("api/publish"))
         .with_context(|| format!("--api {base}: not a URL"))?;
-    let tls = match url.scheme() {
-        "http" => false,
-        "https" => true,
-        other => bail!("--api {base}: use an http:// or https:// URL, not {other}://"),
-    };
-    // The name to connect to and to check the certificate against.
-    let host = match url.host().context("--api: URL has no host")? {
-        url::Host::Domain(name) => name.to_owned(),
-        url::Host::Ipv4(ip) => ip.to_string(),
-        url::Host::Ipv6(ip) => ip.to_string(),
-    };
-    let port = url
-        .port_or_known_default()
-        .unwrap_or(if tls { 443 } else { 80 });
-    let authority = match url.port() {
-        Some(port) => format!("{}:{port}", url.host_str().unwrap_or(&host)),
-        None => url.host_str().unwrap_or(&host).to_owned(),
-    };
+    if !matches!(url.scheme(), "http" | "https") {
+        bail!(
+            "--api {base}: use an http:// or https:// URL, not {}://",
+            url.scheme()
+        );
+    }
     let data: serde_json::Value = serde_json::from_str(payload)
         .unwrap_or_else(|_| serde_json::Value::String(payload.to_owned()));
     let body = serde_json::json!({"channel": channel, "data": data}).to_string();
-    let mut request = http::Request::post(url.path())
-        .header(http::header::HOST, authority)
-        .header(http::header::CONTENT_TYPE, "application/json");
+    let mut request =
+        http::Request::post("/").header(http::header::CONTENT_TYPE, "application/json");
     if let Some(key) = api_key {
         request = request.header(http::header::AUTHORIZATION, format!("Bearer {key}"));
     }
-    let request = request.body(Full::new(Bytes::from(body)))?;
-
-    let stream = tokio::net::TcpStream::connect((host.as_str(), port))
+    let client = crate::outbound::Client::new("--ca-file", api.ca_file, PUBLISH_TIMEOUT, 64 * 1024)
+        .map_err(anyhow::Error::msg)?;
+    let answer = client
+        .send(&url, request, Bytes::from(body))
         .await
-        .with_context(|| format!("cannot connect to {host}:{port}"))?;
-    let response = if tls {
-        let connector = tls_connector(api.ca_file)?;
-        let name = rustls::pki_types::ServerName::try_from(host.clone())
-            .with_context(|| format!("--api: `{host}` is not a valid TLS server name"))?;
-        let stream = connector
-            .connect(name, stream)
-            .await
-            .with_context(|| format!("TLS with {host}:{port} failed"))?;
-        exchange(stream, request).await?
-    } else {
-        exchange(stream, request).await?
-    };
-    let status = response.status();
-    let text = response.into_body().collect().await?.to_bytes();
-    let text = String::from_utf8_lossy(&text);
+        .map_err(|e| anyhow::anyhow!("{base}: {e}"))?;
+    let status = answer.status;
+    let text = String::from_utf8_lossy(&answer.body);
     if status.is_success() {
         let id = serde_json::from_str::<serde_json::Value>(&text)
             .ok()
@@ -250,53 +223,5 @@ async fn publish_http(
     }
 }
 
-/// One HTTP/1.1 request on `stream`.
-async fn exchange<S>(
-    stream: S,
-    request: http::Request<Full<Bytes>>,
-) -> anyhow::Result<http::Response<hyper::body::Incoming>>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    Ok(sender.send_request(request).await?)
-}
-
-/// TLS for `--api https://…`: rustls with the ring provider, trusting the
-/// system's roots (or `SSL_CERT_FILE`'s) and the certificates in `ca_file`.
-fn tls_connector(ca_file: Option<&std::path::Path>) -> anyhow::Result<tokio_rustls::TlsConnector> {
-    use rustls::pki_types::{pem::PemObject, CertificateDer};
-    let mut roots = rustls::RootCertStore::empty();
-    // Unreadable system certificates are skipped; an empty store is
-    // reported below.
-    let system = rustls_native_certs::load_native_certs();
-    roots.add_parsable_certificates(system.certs);
-    if let Some(path) = ca_file {
-        let certs = CertificateDer::pem_file_iter(path)
-            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .with_context(|| {
-                format!("--ca-file {}: cannot read PEM certificates", path.display())
-            })?;
-        if certs.is_empty() {
-            bail!("--ca-file {}: no certificate in it", path.display());
-        }
-        for cert in certs {
-            roots.add(cert).with_context(|| {
-                format!("--ca-file {}: not a usable CA certificate", path.display())
-            })?;
-        }
-    }
-    if roots.is_empty() {
-        bail!("no trusted CA certificates: none found on this system; pass --ca-file or set SSL_CERT_FILE");
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("TLS set-up")?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
-}
+/// How long `crier publish --api` waits for the whole exchange.
+const PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);

@@ -27,6 +27,7 @@ pub(crate) mod limits;
 pub(crate) mod link;
 pub mod metrics;
 pub(crate) mod origin;
+pub(crate) mod outbound;
 pub(crate) mod policy;
 pub(crate) mod presence;
 pub mod protocol;

@@ -67,6 +67,11 @@ pub struct Inner {
     pub recovered_messages: IntCounter,
     /// `gap` notices sent (history could not cover a disconnect).
     pub gaps: IntCounter,
+    /// Fetches of the identity provider's key set, by result (`ok`,
+    /// `error`).
+    pub jwks_fetches: IntCounterVec,
+    /// Keys in the key set in use.
+    pub jwks_keys: IntGauge,
 }
 
 impl std::ops::Deref for Metrics {
@@ -166,6 +171,15 @@ impl Metrics {
                 &["reason"],
             )
             .expect("metric"),
+            jwks_fetches: IntCounterVec::new(
+                Opts::new(
+                    "crier_jwks_fetches_total",
+                    "Fetches of the identity provider's key set (JWKS), by result.",
+                ),
+                &["result"],
+            )
+            .expect("metric"),
+            jwks_keys: gauge("crier_jwks_keys", "Keys in the JWKS key set in use."),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -184,6 +198,8 @@ impl Metrics {
             Box::new(inner.pubsub_lag.clone()),
             Box::new(inner.recovered_messages.clone()),
             Box::new(inner.gaps.clone()),
+            Box::new(inner.jwks_fetches.clone()),
+            Box::new(inner.jwks_keys.clone()),
         ];
         for c in collectors {
             inner.registry.register(c).expect("register metric");

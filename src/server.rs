@@ -208,6 +208,9 @@ fn launch(config: Config, parts: Parts, listener: TcpListener) -> anyhow::Result
     let clock_app = Arc::clone(&app);
     let stop_clock = stop_background.clone();
     background.spawn(async move { clock_app.lifecycle.run_clock(tick, stop_clock).await });
+    if let Some(jwks) = app.auth.jwks() {
+        background.spawn(Arc::clone(jwks).run(stop_background.clone()));
+    }
     let beat_app = Arc::clone(&app);
     let stop_beats = stop_background.clone();
     background.spawn(async move {

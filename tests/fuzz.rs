@@ -270,7 +270,7 @@ fn bearer_tokens_verify_only_when_genuine_and_well_formed() {
         secret: Some(SECRET.into()),
         ..JwtConfig::default()
     };
-    let verifier = JwtVerifier::new(&jwt).expect("verifier");
+    let verifier = JwtVerifier::new(&jwt, Metrics::new()).expect("verifier");
     let mut config = Config::default();
     config.auth.jwt = Some(jwt);
     let auth = Authenticator::new(&config, Metrics::new()).expect("authenticator");
@@ -299,10 +299,10 @@ fn bearer_tokens_verify_only_when_genuine_and_well_formed() {
                 h.insert(http::header::AUTHORIZATION, value);
                 prop_assert!(!matches!(auth.from_request(&h, &uri).await, Ok(Some(_))), "{header:?}");
             }
-            prop_assert!(verifier.verify(&token).is_err(), "{token:?}");
+            prop_assert!(verifier.verify(&token).await.is_err(), "{token:?}");
             let claims = json!({"sub": sub, "exp": exp});
             let signed = encode(&Header::new(Algorithm::HS256), &claims, &key).expect("sign");
-            let verified = verifier.verify(&signed);
+            let verified = verifier.verify(&signed).await;
             // jsonwebtoken allows `leeway` (5 s) past `exp`: around now, a
             // token may or may not verify; well ahead of now, it must.
             let in_range = |e: f64| e <= 253_402_300_799.0;

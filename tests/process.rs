@@ -662,18 +662,7 @@ async fn dev_mode_second_ctrl_c_exits_at_once() {
 /// and the CA's PEM.
 async fn tls_endpoint(backend: String) -> (u16, String) {
     let ca = common::pki::Ca::new("crier test CA");
-    let leaf = ca.leaf(&["localhost"]);
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("protocols")
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![leaf.cert_der.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf.key.serialize_der().into()),
-        )
-        .expect("server config");
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let acceptor = ca.leaf(&["localhost"]).acceptor();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");

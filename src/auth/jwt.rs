@@ -5,6 +5,7 @@
 //! with the RSA public key) are refused by construction: each algorithm
 //! family has its own key, and a family without a configured key is refused.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -12,14 +13,18 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
 use serde_json::{Map, Value};
 
+use super::jwks::{Jwks, Lookup};
 use super::{time, Failure, Principal};
 use crate::config::JwtConfig;
+use crate::metrics::Metrics;
 
 /// A verifier built once from `[auth.jwt]`.
 pub struct JwtVerifier {
     algorithms: Vec<Algorithm>,
     hmac: Option<DecodingKey>,
     public: Option<(AlgorithmFamily, DecodingKey)>,
+    /// The IdP's key set, when configured.
+    jwks: Option<Arc<Jwks>>,
     issuer: Option<String>,
     audience: Option<String>,
     leeway: Duration,
@@ -29,7 +34,7 @@ pub struct JwtVerifier {
 
 impl JwtVerifier {
     /// Loads keys; the error names the offending field.
-    pub fn new(config: &JwtConfig) -> Result<Self, String> {
+    pub fn new(config: &JwtConfig, metrics: Metrics) -> Result<Self, String> {
         if config.algorithms.is_empty() {
             return Err("auth.jwt.algorithms: list at least one algorithm".into());
         }
@@ -48,9 +53,11 @@ impl JwtVerifier {
             .map(|a| a.family())
             .filter(|f| *f != AlgorithmFamily::Hmac)
             .collect();
-        if public_families.windows(2).any(|w| w[0] != w[1]) {
+        let jwks = Jwks::new(config, &algorithms, metrics)?.map(Arc::new);
+        if jwks.is_none() && public_families.windows(2).any(|w| w[0] != w[1]) {
             return Err(
-                "auth.jwt.algorithms: one public key serves one family (RS*, ES* or EdDSA), not several"
+                "auth.jwt.algorithms: one public key serves one family (RS*, ES* or EdDSA), not \
+                 several (a jwks_url may serve several)"
                     .into(),
             );
         }
@@ -83,6 +90,7 @@ impl JwtVerifier {
             (false, _) => None,
         };
         let public = match (public_families.first(), &config.public_key_file) {
+            (Some(_), None) if jwks.is_some() => None,
             (Some(family), Some(path)) => {
                 let pem = std::fs::read(path).map_err(|e| {
                     format!(
@@ -100,7 +108,9 @@ impl JwtVerifier {
             }
             (Some(_), None) => {
                 return Err(
-                    "auth.jwt.public_key_file: required by the RS, ES and EdDSA algorithms".into(),
+                    "auth.jwt.public_key_file: required by the RS, ES and EdDSA algorithms \
+                     (or jwks_url)"
+                        .into(),
                 )
             }
             (None, _) => None,
@@ -109,6 +119,7 @@ impl JwtVerifier {
             algorithms,
             hmac,
             public,
+            jwks,
             issuer: config.issuer.clone(),
             audience: config.audience.clone(),
             leeway: config.leeway,
@@ -117,18 +128,52 @@ impl JwtVerifier {
         })
     }
 
-    /// Verifies `token` and turns its claims into a principal.
-    pub fn verify(&self, token: &str) -> Result<Principal, Failure> {
-        let alg = self.allowed_alg(token)?;
-        let key = if alg.family() == AlgorithmFamily::Hmac {
-            self.hmac.as_ref()
-        } else {
-            self.public
+    /// The IdP's key set, to keep fresh ([`Jwks::run`]).
+    pub fn jwks(&self) -> Option<&Arc<Jwks>> {
+        self.jwks.as_ref()
+    }
+
+    /// The key for a token signed with `alg` naming `kid`: the secret for
+    /// HMAC; the key set's key with that `kid` (fetching the set again
+    /// once if it has none), else the configured public key.
+    async fn key_for(&self, alg: Algorithm, kid: Option<&str>) -> Result<KeyRef<'_>, Failure> {
+        if alg.family() == AlgorithmFamily::Hmac {
+            return self
+                .hmac
                 .as_ref()
-                .filter(|(family, _)| *family == alg.family())
-                .map(|(_, key)| key)
+                .map(KeyRef::Own)
+                .ok_or(Failure::BadAlgorithm);
         }
-        .ok_or(Failure::BadAlgorithm)?;
+        if let Some(jwks) = &self.jwks {
+            let mut found = jwks.find(kid, alg);
+            if matches!(found, Lookup::Unknown) {
+                // Fetched now, or by another lookup a moment ago: look
+                // again either way.
+                jwks.refresh_for_unknown_kid().await;
+                found = jwks.find(kid, alg);
+            }
+            match found {
+                Lookup::Found(key) => return Ok(KeyRef::Shared(key)),
+                Lookup::WrongAlgorithm => return Err(Failure::BadAlgorithm),
+                Lookup::Unknown if self.public.is_none() => return Err(Failure::UnknownKey),
+                Lookup::Unknown => {}
+            }
+        }
+        self.public
+            .as_ref()
+            .filter(|(family, _)| *family == alg.family())
+            .map(|(_, key)| KeyRef::Own(key))
+            .ok_or(Failure::BadAlgorithm)
+    }
+
+    /// Verifies `token` and turns its claims into a principal.
+    pub async fn verify(&self, token: &str) -> Result<Principal, Failure> {
+        let (alg, kid) = self.allowed_alg(token)?;
+        let key = self.key_for(alg, kid.as_deref()).await?;
+        let key: &DecodingKey = match &key {
+            KeyRef::Own(key) => key,
+            KeyRef::Shared(key) => key,
+        };
 
         let mut validation = Validation::new(alg);
         validation.leeway = self.leeway.as_secs();
@@ -196,9 +241,10 @@ impl JwtVerifier {
         })
     }
 
-    /// The token's `alg`, if it is on the allow-list. Read by hand so that
-    /// names jsonwebtoken does not know (`none`) are refused the same way.
-    fn allowed_alg(&self, token: &str) -> Result<Algorithm, Failure> {
+    /// The token's `alg`, if it is on the allow-list, and its `kid`. Read
+    /// by hand so that names jsonwebtoken does not know (`none`) are
+    /// refused the same way.
+    fn allowed_alg(&self, token: &str) -> Result<(Algorithm, Option<String>), Failure> {
         let header = token.split('.').next().ok_or(Failure::Malformed)?;
         let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(header.trim_end_matches('='))
@@ -209,10 +255,17 @@ impl JwtVerifier {
             .and_then(Value::as_str)
             .ok_or(Failure::Malformed)?;
         let alg: Algorithm = name.parse().map_err(|_| Failure::BadAlgorithm)?;
+        let kid = header.get("kid").and_then(Value::as_str).map(str::to_owned);
         if self.algorithms.contains(&alg) {
-            Ok(alg)
+            Ok((alg, kid))
         } else {
             Err(Failure::BadAlgorithm)
         }
     }
+}
+
+/// A verification key: the verifier's own, or one of the key set's.
+enum KeyRef<'a> {
+    Own(&'a DecodingKey),
+    Shared(Arc<DecodingKey>),
 }

@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 
 pub mod cookie;
+pub mod jwks;
 mod jwt;
 mod time;
 
@@ -119,6 +120,9 @@ pub enum Failure {
     BadAudience,
     /// `exp` or the user claim is missing.
     MissingClaim,
+    /// The token names a key (`kid`) the IdP's key set does not have,
+    /// even after fetching it again.
+    UnknownKey,
     /// A time (`exp`, `nbf`, `iat`, a session's expiry) that is not a
     /// number of seconds between 1970 and 9999.
     InvalidClaim,
@@ -148,6 +152,7 @@ impl Failure {
             Failure::BadAudience => "bad_audience",
             Failure::MissingClaim => "missing_claim",
             Failure::InvalidClaim => "invalid_claim",
+            Failure::UnknownKey => "unknown_key",
             Failure::UnknownSession => "unknown_session",
             Failure::NotLoggedIn => "not_logged_in",
             Failure::NotAccepted => "not_accepted",
@@ -171,7 +176,11 @@ impl Authenticator {
     /// names the offending field.
     pub fn new(config: &Config, metrics: Metrics) -> Result<Self, String> {
         let auth = &config.auth;
-        let jwt = auth.jwt.as_ref().map(JwtVerifier::new).transpose()?;
+        let jwt = auth
+            .jwt
+            .as_ref()
+            .map(|jwt| JwtVerifier::new(jwt, metrics.clone()))
+            .transpose()?;
         let session = auth
             .session
             .as_ref()
@@ -195,7 +204,7 @@ impl Authenticator {
     pub fn check(config: &Config) -> Result<(), String> {
         let auth = &config.auth;
         if let Some(jwt) = &auth.jwt {
-            JwtVerifier::new(jwt)?;
+            JwtVerifier::new(jwt, Metrics::new())?;
         }
         if let Some(session) = &auth.session {
             CookieStore::check(session, &config.redis)?;
@@ -223,7 +232,7 @@ impl Authenticator {
     async fn identify(&self, headers: &HeaderMap, uri: &Uri) -> Result<Option<Principal>, Failure> {
         if let Some(value) = headers.get(http::header::AUTHORIZATION) {
             let token = bearer(value).ok_or(Failure::Malformed)?;
-            return self.jwt_verify(token).map(Some);
+            return self.jwt_verify(token).await.map(Some);
         }
         if let Some(store) = &self.session {
             if let Some(id) = store.session_id(headers) {
@@ -232,23 +241,32 @@ impl Authenticator {
         }
         if self.query_token {
             if let Some(token) = crate::http::query_param(uri, "token") {
-                return self.jwt_verify(&token).map(Some);
+                return self.jwt_verify(&token).await.map(Some);
             }
         }
         Ok(None)
     }
 
     /// Verifies a token from a WebSocket `auth` message.
-    pub fn verify_token(&self, token: &str) -> Result<Principal, Failure> {
-        let result = self.jwt_verify(token);
+    pub async fn verify_token(&self, token: &str) -> Result<Principal, Failure> {
+        let result = self.jwt_verify(token).await;
         if let Err(failure) = &result {
             self.count(*failure);
         }
         result
     }
 
-    fn jwt_verify(&self, token: &str) -> Result<Principal, Failure> {
-        self.jwt.as_ref().ok_or(Failure::NotAccepted)?.verify(token)
+    async fn jwt_verify(&self, token: &str) -> Result<Principal, Failure> {
+        self.jwt
+            .as_ref()
+            .ok_or(Failure::NotAccepted)?
+            .verify(token)
+            .await
+    }
+
+    /// The IdP's key set, when configured: the server keeps it fresh.
+    pub fn jwks(&self) -> Option<&Arc<jwks::Jwks>> {
+        self.jwt.as_ref().and_then(|jwt| jwt.jwks())
     }
 
     /// Counts a refusal by reason.

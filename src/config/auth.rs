@@ -46,7 +46,8 @@ pub struct JwtConfig {
     /// Allowed algorithms; a token whose `alg` is not listed is refused
     /// (so `none` and HS/RS confusion never get through). HS256, HS384,
     /// HS512 need `secret` or `secret_file`; RS256/384/512, ES256/384 and
-    /// EdDSA need `public_key_file`.
+    /// EdDSA need `public_key_file` or `jwks_url` (which may serve several
+    /// families at once: `["RS256", "ES256"]`).
     pub algorithms: Vec<String>,
     /// Shared secret for the HS algorithms.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -57,6 +58,31 @@ pub struct JwtConfig {
     /// PEM public key for the RS, ES and EdDSA algorithms.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub public_key_file: Option<PathBuf>,
+    /// The identity provider's key set (JWKS), e.g.
+    /// `https://idp/realms/x/protocol/openid-connect/certs`: fetched at
+    /// start, keys chosen by the token's `kid`, refreshed every
+    /// `jwks_refresh` (sooner when the answer's `Cache-Control: max-age`
+    /// is shorter, never more often than every 10 s) and when a token
+    /// names an unknown `kid` (at most once per 10 s, however many such
+    /// tokens come). The last good set is kept while the IdP fails.
+    /// `http://` is accepted for in-cluster IdPs (with a warning).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwks_url: Option<String>,
+    /// How often the key set is fetched again.
+    #[serde(with = "humantime_serde")]
+    pub jwks_refresh: Duration,
+    /// The shortest wait between two fetches caused by tokens naming an
+    /// unknown `kid`: bounds what a flood of forged `kid`s costs the IdP
+    /// (one request per interval).
+    #[serde(with = "humantime_serde")]
+    pub jwks_unknown_kid_interval: Duration,
+    /// CA certificates (PEM) to trust for `jwks_url`, besides the system's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwks_ca_file: Option<PathBuf>,
+    /// Find `jwks_url` in `<issuer>/.well-known/openid-configuration`
+    /// (`jwks_uri`) instead of configuring it; needs `issuer`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub issuer_discovery: bool,
     /// Required `iss`, when set.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub issuer: Option<String>,
@@ -80,6 +106,11 @@ impl Default for JwtConfig {
             secret: None,
             secret_file: None,
             public_key_file: None,
+            jwks_url: None,
+            jwks_refresh: Duration::from_secs(300),
+            jwks_unknown_kid_interval: Duration::from_secs(10),
+            jwks_ca_file: None,
+            issuer_discovery: false,
             issuer: None,
             audience: None,
             leeway: Duration::from_secs(5),

@@ -489,6 +489,12 @@ impl Config {
                     .into(),
             );
         }
+        if let Some(jwt) = &self.auth.jwt {
+            let jwks = jwt.jwks_url.is_some() || jwt.issuer_discovery;
+            if jwks && jwt.jwks_refresh.is_zero() {
+                return bad("auth.jwt.jwks_refresh", "must be longer than 0s".into());
+            }
+        }
         if self.auth.query_token && self.auth.jwt.is_none() {
             return bad("auth.query_token", "needs [auth.jwt]".into());
         }

@@ -498,11 +498,12 @@ impl Session {
     /// user (a token for another is refused), counts against that user's
     /// connection limit, and loses every channel the new credential no
     /// longer grants.
-    pub(crate) fn authenticate(&mut self, token: &str) -> Result<Authenticated, Refusal> {
+    pub(crate) async fn authenticate(&mut self, token: &str) -> Result<Authenticated, Refusal> {
         let principal = self
             .app
             .auth
             .verify_token(token)
+            .await
             .map_err(|failure| Refusal::Unauthorized(failure.reason()))?;
         if let (Some(current), Some(new)) = (&self.watch.principal().user, &principal.user) {
             if current != new {

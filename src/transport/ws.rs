@@ -271,7 +271,7 @@ impl Conn {
     }
 
     async fn authenticate(&mut self, token: &str, id: &Option<Value>) -> Result<(), Gone> {
-        match self.session.authenticate(token) {
+        match self.session.authenticate(token).await {
             Ok(done) => {
                 let text = reply::authenticated(done.user.as_deref(), done.expires_in, id);
                 self.send(text).await?;

@@ -175,4 +175,5 @@ pub(crate) async fn read_whole(
 pub mod browser;
 pub mod cluster;
 pub mod crier;
+pub mod idp;
 pub mod pusher;

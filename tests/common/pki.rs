@@ -59,6 +59,23 @@ impl Ca {
     }
 }
 
+impl Leaf {
+    /// A TLS server presenting this certificate (rustls, ring).
+    pub fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocols")
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![self.cert_der.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(self.key.serialize_der().into()),
+            )
+            .expect("server config");
+        tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+    }
+}
+
 /// Writes `pem` to `dir/name` and returns the path.
 pub fn write(dir: &Path, name: &str, pem: &str) -> PathBuf {
     let path = dir.join(name);
