@@ -72,6 +72,9 @@ pub struct Inner {
     pub jwks_fetches: IntCounterVec,
     /// Keys in the key set in use.
     pub jwks_keys: IntGauge,
+    /// Calls to the app's session webhook, by result (`ok`, `refused`,
+    /// `error`).
+    pub webhook_calls: IntCounterVec,
 }
 
 impl std::ops::Deref for Metrics {
@@ -180,6 +183,14 @@ impl Metrics {
             )
             .expect("metric"),
             jwks_keys: gauge("crier_jwks_keys", "Keys in the JWKS key set in use."),
+            webhook_calls: IntCounterVec::new(
+                Opts::new(
+                    "crier_webhook_calls_total",
+                    "Calls to the app's session webhook, by result (error: crier refused as unavailable).",
+                ),
+                &["result"],
+            )
+            .expect("metric"),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -200,6 +211,7 @@ impl Metrics {
             Box::new(inner.gaps.clone()),
             Box::new(inner.jwks_fetches.clone()),
             Box::new(inner.jwks_keys.clone()),
+            Box::new(inner.webhook_calls.clone()),
         ];
         for c in collectors {
             inner.registry.register(c).expect("register metric");

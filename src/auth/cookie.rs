@@ -152,7 +152,7 @@ impl CookieStore {
         Ok(Principal {
             user: Some(user),
             expires_at,
-            session: Some(SessionRef { id: id.to_owned() }),
+            session: Some(SessionRef::Store(id.to_owned())),
             ..Principal::default()
         })
     }
@@ -168,7 +168,7 @@ pub fn express_signature(value: &str, secret: &str) -> String {
 }
 
 /// The first cookie named `name` across all `Cookie` headers.
-fn find_cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+pub(super) fn find_cookie(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get_all(http::header::COOKIE)
         .iter()

@@ -21,6 +21,7 @@ pub mod cookie;
 pub mod jwks;
 mod jwt;
 mod time;
+pub mod webhook;
 
 pub use cookie::CookieStore;
 pub use jwt::JwtVerifier;
@@ -86,10 +87,14 @@ pub(crate) fn matches_a_secret<S: AsRef<[u8]>>(
     bool::from(found)
 }
 
-/// A session id to recheck. Not `Debug`-printable: it is a bearer secret.
+/// A login to recheck: a session id in the Redis store, or what the
+/// webhook was given. Not `Debug`-printable: it is a bearer secret.
 #[derive(Clone)]
-pub struct SessionRef {
-    id: String,
+pub enum SessionRef {
+    /// A session id in the app's Redis session store.
+    Store(String),
+    /// The credential the app's webhook identified.
+    Webhook(Arc<webhook::Credential>),
 }
 
 impl std::fmt::Debug for SessionRef {
@@ -166,6 +171,7 @@ impl Failure {
 pub struct Authenticator {
     jwt: Option<JwtVerifier>,
     session: Option<CookieStore>,
+    webhook: Option<webhook::Webhook>,
     query_token: bool,
     expiring_notice: Duration,
     metrics: Metrics,
@@ -189,9 +195,15 @@ impl Authenticator {
         if auth.query_token && jwt.is_none() {
             return Err("auth.query_token: needs [auth.jwt]".into());
         }
+        let webhook = auth
+            .webhook
+            .as_ref()
+            .map(|hook| webhook::Webhook::new(hook, metrics.clone()))
+            .transpose()?;
         Ok(Self {
             jwt,
             session,
+            webhook,
             query_token: auth.query_token,
             expiring_notice: auth.expiring_notice,
             metrics,
@@ -209,6 +221,9 @@ impl Authenticator {
         if let Some(session) = &auth.session {
             CookieStore::check(session, &config.redis)?;
         }
+        if let Some(hook) = &auth.webhook {
+            webhook::Webhook::new(hook, Metrics::new())?;
+        }
         if auth.query_token && auth.jwt.is_none() {
             return Err("auth.query_token: needs [auth.jwt]".into());
         }
@@ -221,22 +236,38 @@ impl Authenticator {
         &self,
         headers: &HeaderMap,
         uri: &Uri,
+        peer: std::net::IpAddr,
     ) -> Result<Option<Principal>, Failure> {
-        let result = self.identify(headers, uri).await;
+        let result = self.identify(headers, uri, peer).await;
         if let Err(failure) = &result {
             self.count(*failure);
         }
         result
     }
 
-    async fn identify(&self, headers: &HeaderMap, uri: &Uri) -> Result<Option<Principal>, Failure> {
-        if let Some(value) = headers.get(http::header::AUTHORIZATION) {
+    async fn identify(
+        &self,
+        headers: &HeaderMap,
+        uri: &Uri,
+        peer: std::net::IpAddr,
+    ) -> Result<Option<Principal>, Failure> {
+        // A bearer token goes to the JWT verifier, or to the app when it
+        // takes them (`Authorization` forwarded) and no verifier is set.
+        let hook_takes_bearer =
+            self.jwt.is_none() && self.webhook.as_ref().is_some_and(|h| h.takes_bearer());
+        if let (Some(value), false) = (headers.get(http::header::AUTHORIZATION), hook_takes_bearer)
+        {
             let token = bearer(value).ok_or(Failure::Malformed)?;
             return self.jwt_verify(token).await.map(Some);
         }
         if let Some(store) = &self.session {
             if let Some(id) = store.session_id(headers) {
                 return store.load(&id?).await.map(Some);
+            }
+        }
+        if let Some(hook) = &self.webhook {
+            if let Some(credential) = hook.credential(headers, peer) {
+                return hook.identify(Arc::new(credential)).await.map(Some);
             }
         }
         if self.query_token {
@@ -327,15 +358,16 @@ impl Watch {
 
     /// A fresh credential (WebSocket `auth`): the clock starts again.
     pub fn replace(&mut self, principal: Principal) {
-        self.recheck = match (&principal.session, &self.auth.session) {
-            (Some(_), Some(store)) => {
-                let every = store.recheck();
-                let mut interval = tokio::time::interval_at(Instant::now() + every, every);
-                interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                Some(interval)
-            }
+        let every = match (&principal.session, &self.auth.session, &self.auth.webhook) {
+            (Some(SessionRef::Store(_)), Some(store), _) => Some(store.recheck()),
+            (Some(SessionRef::Webhook(_)), _, Some(hook)) => Some(hook.recheck()),
             _ => None,
         };
+        self.recheck = every.map(|every| {
+            let mut interval = tokio::time::interval_at(Instant::now() + every, every);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            interval
+        });
         self.principal = principal;
         self.notified = false;
         self.reading = None;
@@ -373,13 +405,15 @@ impl Watch {
     }
 
     fn start_read(&self) -> Option<SessionRead> {
-        let session = self.principal.session.as_ref()?;
+        let session = self.principal.session.clone()?;
         let auth = Arc::clone(&self.auth);
-        let id = session.id.clone();
         Some(Box::pin(async move {
-            match &auth.session {
-                Some(store) => store.load(&id).await,
-                None => Err(Failure::NotAccepted),
+            match (session, &auth.session, &auth.webhook) {
+                (SessionRef::Store(id), Some(store), _) => store.load(&id).await,
+                (SessionRef::Webhook(credential), _, Some(hook)) => {
+                    hook.recheck_now(credential).await
+                }
+                _ => Err(Failure::NotAccepted),
             }
         }))
     }

@@ -26,6 +26,77 @@ pub struct AuthConfig {
     /// Absent: cookies are ignored.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session: Option<SessionConfig>,
+    /// The app's own session, asked through a webhook: any framework.
+    /// Absent: not asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook: Option<WebhookConfig>,
+}
+
+/// How the webhook is called.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum WebhookMethod {
+    /// `POST`, with `{"ip", "origin"}` as its body.
+    Post,
+    /// `GET`, without a body.
+    Get,
+}
+
+/// `[auth.webhook]`: for a connection with no bearer token, crier asks the
+/// app who the client is, forwarding the configured cookies and headers
+/// (and the client's address and origin). The app answers
+/// `200 {"user": "42", "channels": […], "expires_at": <unix seconds>,
+/// "info": {…}}`, or 401/403. Answers are cached per credential; when the
+/// app cannot answer, crier refuses (503), never lets anyone in.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhookConfig {
+    /// The app's endpoint, `https://` (or `http://` inside a trusted
+    /// network).
+    pub url: String,
+    /// `POST` (default) or `GET`.
+    pub method: WebhookMethod,
+    /// Cookies of the client's request forwarded to the app (as a
+    /// `Cookie` header), e.g. `["_myapp_session"]`.
+    pub forward_cookies: Vec<String>,
+    /// Headers of the client's request forwarded to the app, e.g.
+    /// `["Authorization"]`.
+    pub forward_headers: Vec<String>,
+    /// How long an answer is reused for the same credential.
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
+    /// How long a refusal (401/403) is reused.
+    #[serde(with = "humantime_serde")]
+    pub negative_cache_ttl: Duration,
+    /// How long one call may take.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Calls in flight at once, at most (more wait, within `timeout`).
+    pub max_concurrency: usize,
+    /// How often an open connection asks again (a logout in the app
+    /// closes it within this time).
+    #[serde(with = "humantime_serde")]
+    pub recheck: Duration,
+    /// CA certificates (PEM) to trust for `url`, besides the system's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for WebhookConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            method: WebhookMethod::Post,
+            forward_cookies: Vec::new(),
+            forward_headers: Vec::new(),
+            cache_ttl: Duration::from_secs(30),
+            negative_cache_ttl: Duration::from_secs(5),
+            timeout: Duration::from_secs(5),
+            max_concurrency: 64,
+            recheck: Duration::from_secs(30),
+            ca_file: None,
+        }
+    }
 }
 
 impl Default for AuthConfig {
@@ -35,6 +106,7 @@ impl Default for AuthConfig {
             expiring_notice: Duration::from_secs(60),
             jwt: None,
             session: None,
+            webhook: None,
         }
     }
 }

@@ -29,7 +29,7 @@ mod channels;
 mod pusher;
 mod redis;
 
-pub use self::auth::{AuthConfig, JwtConfig, SessionConfig, Signing};
+pub use self::auth::{AuthConfig, JwtConfig, SessionConfig, Signing, WebhookConfig, WebhookMethod};
 pub use self::channels::{ChannelRule, HistoryRule, Subscribe};
 pub use self::pusher::{PresenceConfig, PusherApp, PusherConfig};
 pub use self::redis::{ClusterConfig, RedisConfig, RedisTlsConfig, SentinelConfig};
@@ -493,6 +493,29 @@ impl Config {
             let jwks = jwt.jwks_url.is_some() || jwt.issuer_discovery;
             if jwks && jwt.jwks_refresh.is_zero() {
                 return bad("auth.jwt.jwks_refresh", "must be longer than 0s".into());
+            }
+        }
+        if let Some(hook) = &self.auth.webhook {
+            if hook.forward_cookies.is_empty() && hook.forward_headers.is_empty() {
+                return bad(
+                    "auth.webhook.forward_cookies",
+                    "name the cookies (or forward_headers) that identify a client to the app"
+                        .into(),
+                );
+            }
+            if hook.max_concurrency == 0 {
+                return bad(
+                    "auth.webhook.max_concurrency",
+                    "must be greater than 0".into(),
+                );
+            }
+            for (field, value) in [
+                ("auth.webhook.timeout", hook.timeout),
+                ("auth.webhook.recheck", hook.recheck),
+            ] {
+                if value.is_zero() {
+                    return bad(field, "must be longer than 0s".into());
+                }
             }
         }
         if self.auth.query_token && self.auth.jwt.is_none() {

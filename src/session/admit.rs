@@ -33,7 +33,7 @@ pub(crate) async fn admit(
     if origin == Verdict::Refused {
         return Err(Refusal::Forbidden("origin not allowed"));
     }
-    let principal = match app.auth.from_request(headers, uri).await {
+    let principal = match app.auth.from_request(headers, uri, peer).await {
         Ok(found) => found.unwrap_or_default(),
         Err(Failure::StoreUnavailable) => return Err(Refusal::SessionStoreUnavailable),
         Err(failure) => return Err(Refusal::Unauthorized(failure.reason())),
