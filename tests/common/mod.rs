@@ -172,6 +172,7 @@ pub(crate) async fn read_whole(
     (status, text)
 }
 
+pub mod app;
 pub mod browser;
 pub mod cluster;
 pub mod crier;
