@@ -22,6 +22,9 @@ const API_KEY: &str = "publish-key-SECRET-0123456789";
 const WRONG_KEY: &str = "wrong-publish-key-SECRET-9876";
 const SESSION_ID: &str = "sessionidSECRETabcdef0123456789";
 const PUSHER_SECRET: &str = "pusher-secret-SECRET-0123";
+const WEBHOOK_COOKIE: &str = "webhook-cookie-SECRET-4567";
+const ANSWER_SECRET: &str = "webhook-answer-SECRET-89";
+const NONSENSE_SECRET: &str = "webhook-nonsense-SECRET-10";
 
 fn token(user: &str, exp: u64, secret: &str) -> String {
     let claims = json!({"sub": user, "exp": exp});
@@ -53,6 +56,18 @@ async fn no_secret_reaches_a_log_line_or_check_config() {
     redis
         .cli(&["SET", &format!("sess:{SESSION_ID}"), &session.to_string()])
         .await;
+
+    // The app behind [auth.webhook]: its answers carry secrets too.
+    let app = common::app::App::start().await;
+    app.login(
+        WEBHOOK_COOKIE,
+        json!({"user": "42", "info": {"note": ANSWER_SECRET}}),
+    );
+    app.login(
+        "nonsense",
+        json!({"user": "42", "channels": NONSENSE_SECRET}),
+    );
+    let app_url = app.url.clone();
 
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("crier.toml");
@@ -86,10 +101,15 @@ secret = "{JWT_SECRET}"
 [auth.session]
 secrets = ["{SESSION_SECRET}"]
 
+[auth.webhook]
+url = "{app_url}"
+forward_cookies = ["{app_cookie}"]
+
 [shutdown]
 grace = "0s"
 drain = "1s"
-"#
+"#,
+            app_cookie = common::app::COOKIE,
         ),
     )
     .expect("write config");
@@ -185,6 +205,18 @@ drain = "1s"
         assert_eq!(common::http_get(&url).await.0, expected);
     }
 
+    // The session webhook: a known cookie, an unknown one, and an answer
+    // crier cannot use (its value must not reach the log either).
+    for (session, expected) in [
+        (WEBHOOK_COOKIE, StatusCode::OK),
+        ("unknown-session", StatusCode::UNAUTHORIZED),
+        ("nonsense", StatusCode::SERVICE_UNAVAILABLE),
+    ] {
+        let header = format!("{}={session}", common::app::COOKIE);
+        let r = sse::connect(&sse_url, &[("cookie", &header)]).await;
+        assert_eq!(r.status, expected, "{session}");
+    }
+
     drop((ok, query, ws, pusher));
     crier.sigterm().await;
     let status = tokio::time::timeout(WAIT, crier.child.wait())
@@ -229,6 +261,9 @@ drain = "1s"
         encoded(&cookie),
         forged_cookie.clone(),
         PUSHER_SECRET.to_string(),
+        WEBHOOK_COOKIE.to_string(),
+        ANSWER_SECRET.to_string(),
+        NONSENSE_SECRET.to_string(),
         signed.clone(),
         forged_sig.clone(),
         api_sig.clone(),

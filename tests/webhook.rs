@@ -199,3 +199,61 @@ async fn when_the_app_is_down_crier_refuses_and_never_lets_anyone_in() {
     assert_eq!(response.status, StatusCode::SERVICE_UNAVAILABLE);
     crier.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_forwarded_authorization_header_goes_to_the_app_when_crier_verifies_no_tokens() {
+    let app = App::start().await;
+    app.login("unused", json!({"user": "x"}));
+    let mut config = config(&app);
+    if let Some(hook) = &mut config.auth.webhook {
+        hook.forward_cookies = Vec::new();
+        hook.forward_headers = vec!["Authorization".into()];
+    }
+    let crier = Instance::start(config).await;
+    // The app knows no bearer token: 401, and it was asked with the header.
+    let response = sse::connect(
+        &crier.sse_url(&["public:a"]),
+        &[("authorization", "Bearer app-token-1")],
+    )
+    .await;
+    assert_eq!(response.status, StatusCode::UNAUTHORIZED);
+    let (headers, _) = app.last_call().expect("a call");
+    assert_eq!(
+        headers.get("authorization").and_then(|v| v.to_str().ok()),
+        Some("Bearer app-token-1")
+    );
+    assert!(
+        headers.get("cookie").is_none(),
+        "no cookie configured, none sent"
+    );
+    crier.shutdown().await;
+}
+
+#[tokio::test]
+async fn check_config_names_a_bad_webhook_setting() {
+    let dir = tempfile::tempdir().expect("dir");
+    for (extra, field) in [
+        ("url = \"ftp://app/session\"\nforward_cookies = [\"s\"]", "auth.webhook.url"),
+        ("url = \"not a url\"\nforward_cookies = [\"s\"]", "auth.webhook.url"),
+        (
+            "url = \"https://app/session\"\nforward_cookies = [\"s\"]\nca_file = \"/nonexistent/ca.pem\"",
+            "auth.webhook.ca_file",
+        ),
+        ("url = \"https://app/session\"", "auth.webhook.forward_cookies"),
+        (
+            "url = \"https://app/session\"\nforward_headers = [\"bad header\"]",
+            "auth.webhook.forward_headers[0]",
+        ),
+    ] {
+        let file = dir.path().join("crier.toml");
+        std::fs::write(&file, format!("[auth.webhook]\n{extra}\n")).expect("config");
+        let out = common::crier::crier_command()
+            .args(["check-config", "--config", file.to_str().expect("path")])
+            .output()
+            .await
+            .expect("check-config");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{extra}: {stderr}");
+        assert!(stderr.contains(field), "{extra}: names {field}: {stderr}");
+    }
+}

@@ -292,8 +292,15 @@ impl Webhook {
             401 | 403 => return Err(Failure::UnknownSession),
             other => return Err(unavailable(format!("the app answered {other}"))),
         }
-        let answer: Answer = serde_json::from_slice(&answer.body)
-            .map_err(|e| unavailable(format!("the app's answer is not {{\"user\": …}}: {e}")))?;
+        // The error says where, never what: the answer is the app's secret.
+        let answer: Answer = serde_json::from_slice(&answer.body).map_err(|e| {
+            unavailable(format!(
+                "the app's answer is not {{\"user\": …}} ({:?} error at line {}, column {})",
+                e.classify(),
+                e.line(),
+                e.column()
+            ))
+        })?;
         let user = super::user_id(Some(&answer.user))
             .ok_or_else(|| unavailable("the app's answer has no usable `user`".into()))?;
         let expires_at: Option<SystemTime> =

@@ -640,8 +640,12 @@ impl Config {
         for app in &mut shown.pusher.apps {
             app.secret = REDACTED.into();
         }
+        if let Some(hook) = &mut shown.auth.webhook {
+            hook.url = redact_url(&hook.url);
+        }
         if let Some(jwt) = &mut shown.auth.jwt {
             jwt.secret = jwt.secret.as_ref().map(|_| REDACTED.into());
+            jwt.jwks_url = jwt.jwks_url.as_deref().map(redact_url);
         }
         if let Some(session) = &mut shown.auth.session {
             session.secrets = vec![REDACTED.into(); session.secrets.len()];
