@@ -56,9 +56,21 @@ impl Instance {
 
     /// Starts without waiting for readiness.
     pub async fn start_unready(config: Config) -> Instance {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        Self::start_unready_on(config, listener)
+    }
+
+    /// Starts on `listener`, bound beforehand (when something started
+    /// earlier must know crier's address), and waits until ready.
+    pub async fn start_on(config: Config, listener: TcpListener) -> Instance {
+        let instance = Self::start_unready_on(config, listener);
+        instance.wait_ready().await;
+        instance
+    }
+
+    fn start_unready_on(config: Config, listener: TcpListener) -> Instance {
         super::panics::watch();
         let panics_before = super::panics::count();
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let running = crier::serve(config, listener).expect("crier starts");
         let addr = running.addr().to_string();
         Instance {
