@@ -65,12 +65,25 @@ impl Running {
 }
 
 /// The credentials this instance accepts, for the start-up line.
-fn auth_modes(config: &Config) -> &'static str {
-    match (config.auth.jwt.is_some(), config.auth.session.is_some()) {
-        (true, true) => "jwt,session",
-        (true, false) => "jwt",
-        (false, true) => "session",
-        (false, false) => "none",
+fn auth_modes(config: &Config) -> String {
+    let auth = &config.auth;
+    let jwks = auth
+        .jwt
+        .as_ref()
+        .is_some_and(|j| j.jwks_url.is_some() || j.issuer_discovery);
+    let modes: Vec<&str> = [
+        (auth.jwt.is_some() && !jwks, "jwt"),
+        (jwks, "jwt+jwks"),
+        (auth.session.is_some(), "session"),
+        (auth.webhook.is_some(), "webhook"),
+    ]
+    .into_iter()
+    .filter_map(|(on, name)| on.then_some(name))
+    .collect();
+    if modes.is_empty() {
+        "none".into()
+    } else {
+        modes.join(",")
     }
 }
 

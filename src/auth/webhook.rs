@@ -57,7 +57,7 @@ pub struct Credential {
 struct Answer {
     user: Value,
     #[serde(default)]
-    channels: Vec<String>,
+    channels: Option<Vec<String>>,
     #[serde(default)]
     expires_at: Option<Value>,
     #[serde(default)]
@@ -316,7 +316,7 @@ impl Webhook {
         Ok(Principal {
             user: Some(user),
             claims: answer.info.unwrap_or_default(),
-            grants: answer.channels,
+            grants: answer.channels.unwrap_or_default(),
             expires_at,
             session: None,
         })

@@ -581,20 +581,22 @@ impl Config {
     /// not stop the start (a deliberately closed instance is legitimate).
     pub fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
-        if self.auth.jwt.is_none() {
-            for (i, rule) in self.channels.iter().enumerate() {
-                if rule.subscribe == Subscribe::Claim && self.pusher.apps.is_empty() {
-                    warnings.push(format!(
-                        "channels[{i}]: subscribe = \"claim\" needs [auth.jwt] or [[pusher.apps]] \
-                         (the grant is a bearer token's channels claim, or a Pusher app's \
-                         signature): this rule can never match"
-                    ));
-                } else if rule.pattern.contains("{claim.") {
-                    warnings.push(format!(
-                        "channels[{i}]: `{{claim.…}}` in the pattern needs [auth.jwt] (claims come \
-                         from bearer tokens): this rule can never match"
-                    ));
-                }
+        // Grants and claims come from bearer tokens, the app's webhook, and
+        // (grants only) Pusher signatures.
+        let claims = self.auth.jwt.is_some() || self.auth.webhook.is_some();
+        let grants = claims || !self.pusher.apps.is_empty();
+        for (i, rule) in self.channels.iter().enumerate() {
+            if rule.subscribe == Subscribe::Claim && !grants {
+                warnings.push(format!(
+                    "channels[{i}]: subscribe = \"claim\" needs [auth.jwt], [auth.webhook] or \
+                     [[pusher.apps]] (the grant is a token's channels claim, the webhook's \
+                     channels, or a Pusher app's signature): this rule can never match"
+                ));
+            } else if rule.pattern.contains("{claim.") && !claims {
+                warnings.push(format!(
+                    "channels[{i}]: `{{claim.…}}` in the pattern needs [auth.jwt] or [auth.webhook] \
+                     (claims come from bearer tokens or the webhook's info): this rule can never match"
+                ));
             }
         }
         if self.channels.is_empty() && !self.dev {
@@ -1097,6 +1099,12 @@ mod tests {
         );
         let cfg = load_str(&with_jwt, &[]).expect("valid");
         assert_eq!(cfg.warnings(), Vec::<String>::new());
+        // The webhook's `channels` and `info` grant them too.
+        let with_webhook = format!(
+            "{rules}[auth.webhook]\nurl = \"https://app/session\"\nforward_cookies = [\"s\"]\n"
+        );
+        let cfg = load_str(&with_webhook, &[]).expect("valid");
+        assert!(cfg.warnings().is_empty(), "{:?}", cfg.warnings());
     }
 
     /// Which of them applies to a channel is tested with the policy.
