@@ -373,3 +373,36 @@ async fn express_recipe_page_listens_cross_origin_in_chromium() {
     assert_eq!(closed["reason"], "expired", "{report}");
     crier.shutdown().await;
 }
+
+/// docs/authentication.md quotes each recipe's webhook route: every code
+/// block it shows under **Flask** and **Express** must be in the file the
+/// tests above run, verbatim.
+#[test]
+fn the_documented_recipes_are_the_tested_files() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("docs/authentication.md")).expect("doc");
+    for (heading, fence, file) in [
+        (
+            "**Flask**",
+            "```python\n",
+            "examples/integration/webhook_flask.py",
+        ),
+        (
+            "**Express**",
+            "```js\n",
+            "examples/integration/webhook-express.mjs",
+        ),
+    ] {
+        let source = std::fs::read_to_string(root.join(file)).expect("recipe");
+        let after = &doc[doc
+            .find(heading)
+            .unwrap_or_else(|| panic!("{heading} in the doc"))..];
+        let start = after.find(fence).expect("a code block") + fence.len();
+        let block = &after[start..start + after[start..].find("```").expect("its end")];
+        assert!(block.lines().count() >= 5, "{heading}: {block}");
+        assert!(
+            source.contains(block),
+            "{heading}: the doc's block is not in {file} verbatim:\n{block}"
+        );
+    }
+}
