@@ -35,8 +35,10 @@ use crate::config::{WebhookConfig, WebhookMethod};
 use crate::metrics::Metrics;
 use crate::outbound::Client;
 
-/// Cached answers kept at most; past it, stale ones go first.
-const MAX_CACHED: usize = 100_000;
+/// Cached answers kept at most (each holds the forwarded credential and
+/// the principal, about a kilobyte); past it, stale ones go first, and
+/// if all are fresh (a flood of distinct cookies), all go.
+const MAX_CACHED: usize = 10_000;
 /// The largest answer read.
 const MAX_ANSWER: usize = 64 * 1024;
 
