@@ -257,3 +257,35 @@ async fn check_config_names_a_bad_webhook_setting() {
         assert!(stderr.contains(field), "{extra}: names {field}: {stderr}");
     }
 }
+
+#[tokio::test]
+async fn connections_sharing_a_cookie_share_its_rechecks() {
+    let app = App::start().await;
+    app.login("shared", json!({"user": "5"}));
+    app.login("alone", json!({"user": "6"}));
+    let crier = Instance::start(config(&app)).await;
+    // A connection with a cookie of its own is the clock: it asks once per
+    // tick. Twenty connections sharing one cookie must not ask twenty
+    // times per tick.
+    let _alone = sse::connect(&crier.sse_url(&["user:6"]), &[("cookie", &cookie("alone"))]).await;
+    let mut shared = Vec::new();
+    for _ in 0..20 {
+        let response = sse::connect(
+            &crier.sse_url(&["user:5"]),
+            &[("cookie", &cookie("shared"))],
+        )
+        .await;
+        assert_eq!(response.status, StatusCode::OK);
+        shared.push(response);
+    }
+    common::eventually("ten rechecks of the lone connection", WAIT, || async {
+        app.calls_for("alone") >= 10
+    })
+    .await;
+    let (alone, together) = (app.calls_for("alone"), app.calls_for("shared"));
+    assert!(
+        together <= 2 * alone + 2,
+        "20 connections with one cookie made {together} calls while one alone made {alone}"
+    );
+    crier.shutdown().await;
+}

@@ -14,8 +14,11 @@
 //!   that is not one), crier fails closed: the connection is refused as
 //!   unavailable (503), never let in anonymously;
 //!   `crier_webhook_calls_total{result="error"}` counts it.
-//! - An open connection asks again every `recheck` (a fresh call, shared
-//!   with any in flight): a logout in the app ends it.
+//! - An open connection asks again every half `recheck`, and takes an
+//!   answer no older than half `recheck`: connections sharing a credential
+//!   (tabs, reconnects) share its rechecks, at most two calls per
+//!   credential per `recheck` however many they are, and a logout in the
+//!   app still ends every one of them within `recheck`.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -120,9 +123,10 @@ impl Webhook {
         })
     }
 
-    /// How often an open connection asks again.
+    /// How often an open connection asks again: every half `recheck`,
+    /// taking answers no older than that (see [`Webhook::recheck_now`]).
     pub fn recheck(&self) -> Duration {
-        self.config.recheck
+        self.config.recheck / 2
     }
 
     /// Whether the webhook is asked for requests bearing a token
@@ -174,16 +178,23 @@ impl Webhook {
     /// Who `credential` is: from the cache, or from the app (one call for
     /// every lookup of it meanwhile).
     pub async fn identify(&self, credential: Arc<Credential>) -> Result<Principal, Failure> {
-        self.lookup(credential, false).await
+        self.lookup(credential, None).await
     }
 
-    /// Asks the app again (an open connection's recheck): a fresh call,
-    /// or the one in flight.
+    /// Asks again for an open connection: an answer at most half
+    /// `recheck` old, or a new call (or the one in flight). Rechecks come
+    /// every half `recheck`, so a logout is seen within `recheck`.
     pub async fn recheck_now(&self, credential: Arc<Credential>) -> Result<Principal, Failure> {
-        self.lookup(credential, true).await
+        self.lookup(credential, Some(self.config.recheck / 2)).await
     }
 
-    async fn lookup(&self, credential: Arc<Credential>, fresh: bool) -> Result<Principal, Failure> {
+    /// `max_age`: the oldest answer a recheck takes (else the cache's own
+    /// time to live).
+    async fn lookup(
+        &self,
+        credential: Arc<Credential>,
+        max_age: Option<Duration>,
+    ) -> Result<Principal, Failure> {
         let slot = {
             let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
             let reusable = cache
@@ -191,7 +202,10 @@ impl Webhook {
                 .filter(|slot| match slot.outcome.get() {
                     // In flight: join it.
                     None => true,
-                    Some((result, at)) => !fresh && at.elapsed() < self.ttl(result),
+                    Some((result, at)) => {
+                        let ttl = self.ttl(result);
+                        at.elapsed() < max_age.map_or(ttl, |age| age.min(ttl))
+                    }
                 });
             match reusable {
                 Some(slot) => Arc::clone(slot),

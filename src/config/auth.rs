@@ -73,8 +73,9 @@ pub struct WebhookConfig {
     pub timeout: Duration,
     /// Calls in flight at once, at most (more wait, within `timeout`).
     pub max_concurrency: usize,
-    /// How often an open connection asks again (a logout in the app
-    /// closes it within this time).
+    /// A logout in the app closes open connections within this time: each
+    /// asks again every half `recheck`, taking an answer at most that old
+    /// (so one credential's connections share their calls).
     #[serde(with = "humantime_serde")]
     pub recheck: Duration,
     /// CA certificates (PEM) to trust for `url`, besides the system's.

@@ -24,6 +24,8 @@ pub const COOKIE: &str = "_myapp_session";
 struct State {
     sessions: Mutex<HashMap<String, Value>>,
     calls: AtomicUsize,
+    /// Calls per session cookie value.
+    calls_for: Mutex<HashMap<String, usize>>,
     down: AtomicBool,
     /// What the last call carried: its headers and body.
     last: Mutex<Option<(http::HeaderMap, Value)>>,
@@ -83,6 +85,12 @@ impl App {
         self.state.calls.load(Ordering::SeqCst)
     }
 
+    /// Calls that brought the session cookie `session`.
+    pub fn calls_for(&self, session: &str) -> usize {
+        let calls = self.state.calls_for.lock().expect("lock");
+        calls.get(session).copied().unwrap_or(0)
+    }
+
     /// The headers and JSON body of the last call.
     pub fn last_call(&self) -> Option<(http::HeaderMap, Value)> {
         self.state.last.lock().expect("lock").clone()
@@ -117,6 +125,14 @@ async fn answer(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> 
                 .find(|(k, _)| *k == COOKIE)
                 .map(|(_, v)| v.to_owned())
         });
+    if let Some(s) = &session {
+        *state
+            .calls_for
+            .lock()
+            .expect("lock")
+            .entry(s.clone())
+            .or_insert(0) += 1;
+    }
     let found = session.and_then(|s| state.sessions.lock().expect("lock").get(&s).cloned());
     match found {
         Some(answer) => reply(StatusCode::OK, answer),
