@@ -42,6 +42,10 @@ impl Member {
     pub(super) fn channel(&self) -> &str {
         &self.channel
     }
+
+    pub(super) fn user(&self) -> &str {
+        &self.user
+    }
 }
 
 impl Drop for Member {

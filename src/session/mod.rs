@@ -467,6 +467,14 @@ impl Session {
         })
     }
 
+    /// The user this connection joined the presence channel `channel` as.
+    pub(crate) fn member(&self, channel: &str) -> Option<&str> {
+        self.members
+            .iter()
+            .find(|m| m.channel() == channel)
+            .map(Member::user)
+    }
+
     /// Joins the presence channel `channel`, subscribed already, as `user`
     /// with `info` (JSON), and reads its members. Joining again answers
     /// the members and counts nothing twice.

@@ -11,7 +11,6 @@
 //! 4009 not allowed, 4100 over capacity or too slow (reconnect later),
 //! 4200 reconnect now (drain), 4201 silent too long.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -33,9 +32,6 @@ use crate::pusher::{is_cache, sign, ChannelKind};
 use crate::refusal::Refusal;
 use crate::session::{admit, Admission, Event, Session, Verdict, Wire};
 use crate::transport::websocket::{text_frame, upgrade, Message, WebSocket};
-
-/// Publications written per flush (as in [`super::ws`]).
-const WRITE_BATCH: usize = 64;
 
 /// Pusher's close codes (and `pusher:error` codes).
 mod code {
@@ -117,10 +113,20 @@ async fn refuse_connection(app: &App, stream: TcpStream, code: u16, message: &st
         app.metrics.slow_client_disconnects.clone(),
     );
     let mut socket = WebSocket::new(link, app.config.limits.max_message_bytes, Vec::new());
-    let error = json!({"event": "pusher:error", "data": {"code": code, "message": message}});
-    if socket.send(error.to_string().as_bytes()).await.is_ok() {
+    close_with_error(&mut socket, code, message).await;
+}
+
+/// `pusher:error` with `code`, then the close frame with the same code.
+async fn close_with_error(socket: &mut WebSocket, code: u16, message: &str) {
+    if socket.send(&error_frame(Some(code), message)).await.is_ok() {
         socket.close(code, message).await;
     }
+}
+
+/// A `pusher:error` event.
+fn error_frame(code: Option<u16>, message: &str) -> Vec<u8> {
+    let error = json!({"event": "pusher:error", "data": {"code": code, "message": message}});
+    error.to_string().into_bytes()
 }
 
 async fn serve(
@@ -157,17 +163,13 @@ async fn serve(
         pusher_app,
         session,
         socket,
-        channels: HashMap::new(),
         client_events,
         span,
     };
     tracing::debug!(parent: &conn.span, "pusher connection opened");
     if let Ok((code, reason)) = conn.serve().await {
         tracing::debug!(parent: &conn.span, code, reason, "closing pusher connection");
-        let error = json!({"event": "pusher:error", "data": {"code": code, "message": reason}});
-        if conn.socket.send(error.to_string().as_bytes()).await.is_ok() {
-            conn.socket.close(code, reason).await;
-        }
+        close_with_error(&mut conn.socket, code, reason).await;
     }
     tracing::debug!(parent: &conn.span, "pusher connection closed");
 }
@@ -180,9 +182,6 @@ struct Conn {
     pusher_app: Arc<PusherApp>,
     session: Session,
     socket: WebSocket,
-    /// Subscribed channels, with the user id a presence channel was joined
-    /// as.
-    channels: HashMap<String, Option<String>>,
     client_events: crate::session::Commands,
     span: tracing::Span,
 }
@@ -231,7 +230,7 @@ impl Conn {
             tokio::select! {
                 biased;
                 event = self.session.next() => match event {
-                    Event::Deliver(first) => self.deliver(first).await?,
+                    Event::Deliver(first) => self.socket.deliver(&mut self.session, first, frame).await?,
                     // Pusher has no refresh: the connection ends with it.
                     Event::Expiring { .. } => {}
                     Event::Expired => {
@@ -322,7 +321,6 @@ impl Conn {
             },
             "pusher:unsubscribe" => {
                 if let Some(channel) = data.get("channel").and_then(Value::as_str) {
-                    self.channels.remove(channel);
                     self.session.unsubscribe(channel);
                 }
                 Ok(())
@@ -403,7 +401,6 @@ impl Conn {
             return self.refused(&channel, &refusal).await;
         }
         let mut data = "{}".to_owned();
-        let mut user = None;
         if let Some((user_id, info)) = member {
             match self.session.join(&channel, &user_id, &info).await {
                 Ok(members) => data = presence_data(&members),
@@ -412,7 +409,6 @@ impl Conn {
                     return self.refused(&channel, &refusal).await;
                 }
             }
-            user = Some(user_id);
         } else if self.app.policy.is_presence(&channel) {
             // A presence channel subscribed without joining (crier's own
             // rules can make any channel one): the members, read only.
@@ -420,7 +416,6 @@ impl Conn {
                 data = presence_data(&members);
             }
         }
-        self.channels.insert(channel.clone(), user);
         self.send_event(
             "pusher_internal:subscription_succeeded",
             Some(&channel),
@@ -443,11 +438,13 @@ impl Conn {
         let Some(channel) = channel else {
             return self.error(None, "a client event needs a channel").await;
         };
-        let Some(user) = self.channels.get(&channel).cloned() else {
+        if !self.session.is_subscribed(&channel) {
             return self
                 .error(None, "client events go to a subscribed channel")
                 .await;
-        };
+        }
+        // On a presence channel, who the sender joined as.
+        let user = self.session.member(&channel).map(str::to_owned);
         let kind = ChannelKind::of(&channel);
         if !kind.signed() {
             return self
@@ -511,8 +508,7 @@ impl Conn {
 
     /// `pusher:error` without closing.
     async fn error(&mut self, code: Option<u16>, message: &str) -> Result<(), Gone> {
-        let error = json!({"event": "pusher:error", "data": {"code": code, "message": message}});
-        self.socket.send(error.to_string().as_bytes()).await
+        self.socket.send(&error_frame(code, message)).await
     }
 
     /// Sends a protocol event whose data is `data` (JSON, sent as a
@@ -528,18 +524,6 @@ impl Conn {
             message["channel"] = json!(channel);
         }
         self.socket.send(message.to_string().as_bytes()).await
-    }
-
-    /// Writes `first` and whatever else is ready, with one write.
-    async fn deliver(&mut self, first: Arc<Publication>) -> Result<(), Gone> {
-        self.socket.link.out.extend_from_slice(&frame(&first));
-        for _ in 1..WRITE_BATCH {
-            let Some(p) = self.session.try_next() else {
-                break;
-            };
-            self.socket.link.out.extend_from_slice(&frame(&p));
-        }
-        self.socket.link.flush().await
     }
 }
 

@@ -15,10 +15,15 @@ use tokio::net::TcpStream;
 use crate::app::App;
 use crate::http::{full, rejected, Body};
 use crate::link::{Gone, Link};
+use crate::protocol::Publication;
 use crate::refusal::Refusal;
+use crate::session::Session;
 use crate::stall::StallGuard;
 use crate::transport::rfc6455::{self, Error, Frame, Reader};
 
+/// Publications written per flush: enough to batch syscalls under load,
+/// few enough that a burst does not delay reading the client.
+const WRITE_BATCH: usize = 64;
 /// How long a closing connection waits for the client's close frame.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
@@ -166,6 +171,25 @@ impl WebSocket {
     /// Writes `text` as a text frame, with whatever is buffered.
     pub(crate) async fn send(&mut self, text: &[u8]) -> Result<(), Gone> {
         self.push(text);
+        self.link.flush().await
+    }
+
+    /// Writes `first` and whatever else the session has ready (up to a
+    /// batch), each as `frame` encodes it once per publication, with one
+    /// write.
+    pub(crate) async fn deliver(
+        &mut self,
+        session: &mut Session,
+        first: Arc<Publication>,
+        frame: fn(&Publication) -> bytes::Bytes,
+    ) -> Result<(), Gone> {
+        self.link.out.extend_from_slice(&frame(&first));
+        for _ in 1..WRITE_BATCH {
+            let Some(p) = session.try_next() else {
+                break;
+            };
+            self.link.out.extend_from_slice(&frame(&p));
+        }
         self.link.flush().await
     }
 

@@ -30,10 +30,6 @@ use crate::refusal::Refusal;
 use crate::session::{admit, Admission, Event, Session, Verdict, Wire};
 use crate::transport::websocket::{text_frame, upgrade, Message, WebSocket};
 
-/// Publications written per flush: enough to batch syscalls under load,
-/// few enough that a burst does not delay reading the client.
-const WRITE_BATCH: usize = 64;
-
 /// Close codes crier sends (RFC 6455 section 7.4, and its own 4001).
 mod code {
     pub(super) const AWAY: u16 = 1001;
@@ -144,7 +140,9 @@ impl Conn {
             tokio::select! {
                 biased;
                 event = self.session.next() => match event {
-                    Event::Deliver(first) => self.deliver(first).await?,
+                    // Each frame is encoded once per publication, shared by
+                    // every recipient (the bytes direct writes send too).
+                    Event::Deliver(first) => self.socket.deliver(&mut self.session, first, frame).await?,
                     Event::Expiring { in_secs } => self.send(reply::expiring(in_secs)).await?,
                     Event::Expired => {
                         tracing::info!(parent: &self.span, "credential ended, closing");
@@ -218,20 +216,6 @@ impl Conn {
                 }
             }
         }
-    }
-
-    /// Writes `first` and whatever else is ready, with one write.
-    async fn deliver(&mut self, first: Arc<Publication>) -> Result<(), Gone> {
-        // Each frame is encoded once per publication, shared by every
-        // recipient (the same bytes direct writes send).
-        self.socket.link.out.extend_from_slice(&frame(&first));
-        for _ in 1..WRITE_BATCH {
-            let Some(p) = self.session.try_next() else {
-                break;
-            };
-            self.socket.link.out.extend_from_slice(&frame(&p));
-        }
-        self.flush().await
     }
 
     async fn command(&mut self, text: &str) -> Result<(), Gone> {
