@@ -184,7 +184,11 @@ impl Session {
         let limits = &app.config.limits;
         let counter = app.metrics.slow_client_disconnects.clone();
         let id = queue::next_id();
-        let mailbox = Arc::new(Mailbox::new(limits.queue_size, counter));
+        let me = SocketId {
+            instance: app.instance,
+            conn: id,
+        };
+        let mailbox = Arc::new(Mailbox::new(limits.queue_size, counter, Some(me)));
         let bell = Arc::downgrade(&mailbox) as Weak<dyn Bell>;
         app.lifecycle.attach(id, bell, wire.heartbeat);
         let span = tracing::info_span!(
@@ -342,24 +346,22 @@ impl Session {
 
     /// The next replayed message; once none is left, the replay budget is
     /// given back (everything replayed has been handed to the writer).
+    /// Live publications that exclude this connection never reach its
+    /// mailbox; replayed ones are judged here.
     fn next_replayed(&mut self) -> Option<Arc<Publication>> {
         loop {
             let Some(p) = self.replay.as_mut()?.queue.pop_front() else {
                 self.replay = None;
                 return None;
             };
-            if self.accept(&p) {
+            if p.exclude != Some(self.socket_id()) && self.accept(&p) {
                 return Some(p);
             }
         }
     }
 
-    /// Whether `p` is new for this connection and not meant for all but
-    /// it; counts it as delivered.
+    /// Whether `p` is new for this connection; counts it as delivered.
     fn accept(&mut self, p: &Publication) -> bool {
-        if p.exclude.is_some_and(|s| s == self.socket_id()) {
-            return false;
-        }
         let new = self.tracker.accept(p);
         if new && p.kind == Kind::Message {
             self.delivered.inc();

@@ -14,7 +14,8 @@
 //! socket through the connection's [`Outlet`] (when the hub allows it, see
 //! [`crate::hub`]), with no queue and no wake-up. Taking anything from the
 //! queue closes the outlet again, under the same lock, so a direct write
-//! never overtakes a queued one.
+//! never overtakes a queued one. A publication that excludes this
+//! connection (a Pusher sender's own event) is not taken at all.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,7 +28,7 @@ use prometheus::IntCounter;
 use crate::hub::Sink;
 use crate::lifecycle::{Bell, Signal};
 use crate::link::{Direct, Outlet};
-use crate::protocol::{Kind, Publication};
+use crate::protocol::{Kind, Publication, SocketId};
 
 /// Unique id of a client connection within this process.
 pub(crate) type ConnId = u64;
@@ -73,6 +74,9 @@ pub(super) struct Mailbox {
     capacity: usize,
     /// `crier_slow_client_disconnects_total`, counted once per connection.
     counter: IntCounter,
+    /// The connection, fleet-wide: publications excluding it (a Pusher
+    /// sender's own event) are not taken.
+    me: Option<SocketId>,
 }
 
 #[derive(Default)]
@@ -86,8 +90,9 @@ struct State {
 
 impl Mailbox {
     /// A mailbox holding up to `capacity` publications.
-    pub(super) fn new(capacity: usize, counter: IntCounter) -> Self {
+    pub(super) fn new(capacity: usize, counter: IntCounter, me: Option<SocketId>) -> Self {
         Self {
+            me,
             state: Mutex::new(State::default()),
             straight: OnceLock::new(),
             slow: AtomicBool::new(false),
@@ -227,12 +232,10 @@ fn take_all(queue: &mut VecDeque<Arc<Publication>>, batch: &mut VecDeque<Arc<Pub
 
 impl Sink for Mailbox {
     fn offer(&self, publication: &Arc<Publication>, direct: bool) -> bool {
-        if self.is_slow() {
+        let excluded = self.me.is_some_and(|me| publication.exclude == Some(me));
+        if self.is_slow() || excluded {
             return false;
         }
-        // Only what every listener gets goes direct: a publication that
-        // excludes a connection is judged by the connection's task.
-        let direct = direct && publication.exclude.is_none();
         if let (true, None, Some(s)) = (direct, publication.id, self.straight.get()) {
             // Straight to the socket only behind nothing queued. The write
             // holds no lock of the mailbox: a hub thread preempted mid-write
@@ -294,7 +297,7 @@ mod tests {
     #[tokio::test]
     async fn an_overflow_marks_the_connection_slow_once() {
         let counter = IntCounter::new("slow", "test").expect("counter");
-        let mailbox = Mailbox::new(2, counter.clone());
+        let mailbox = Mailbox::new(2, counter.clone(), None);
         assert_ne!(next_id(), next_id(), "ids are unique");
         let taken: Vec<_> = (0..4)
             .map(|i| mailbox.offer(&publication(i), true))
@@ -307,10 +310,33 @@ mod tests {
         assert!(batch.is_empty(), "a slow connection delivers nothing more");
     }
 
+    #[test]
+    fn a_publication_excluding_the_connection_is_not_taken() {
+        let counter = IntCounter::new("slow", "test").expect("counter");
+        let me = SocketId {
+            instance: 7,
+            conn: 1,
+        };
+        let mailbox = Mailbox::new(8, counter, Some(me));
+        let from = |socket: SocketId| {
+            let payload = crate::protocol::envelope("client-x", Some(socket), None, r#"{"n":1}"#);
+            Arc::new(Publication::new("private-c", &payload))
+        };
+        assert!(!mailbox.offer(&from(me), true), "its own event");
+        assert!(
+            mailbox.offer(&from(SocketId { conn: 2, ..me }), true),
+            "another's"
+        );
+        assert!(mailbox.offer(&publication(0), true), "everyone's");
+        let mut batch = VecDeque::new();
+        mailbox.take(&mut batch);
+        assert_eq!(batch.len(), 2);
+    }
+
     #[tokio::test]
     async fn one_wake_up_takes_everything_queued_and_signals_come_in_order() {
         let counter = IntCounter::new("slow", "test").expect("counter");
-        let mailbox = Arc::new(Mailbox::new(8, counter));
+        let mailbox = Arc::new(Mailbox::new(8, counter, None));
         let mut batch = VecDeque::new();
         let waiter = {
             let mailbox = Arc::clone(&mailbox);
@@ -355,7 +381,7 @@ mod tests {
         let counter = IntCounter::new("slow", "test").expect("counter");
         let link =
             crate::link::Link::new(server, std::time::Duration::from_secs(5), counter.clone());
-        let mailbox = Mailbox::new(8, counter);
+        let mailbox = Mailbox::new(8, counter, None);
         let delivered = IntCounter::new("delivered", "test").expect("counter");
         mailbox.attach(link.outlet(), |p| p.sse.clone(), delivered.clone());
         let mut batch = VecDeque::new();
