@@ -561,6 +561,15 @@ pub mod reply {
         listed: &[(String, String)],
         id: &Option<Value>,
     ) -> String {
+        let mut v = members(channel, count, listed);
+        v["type"] = json!("presence");
+        with_id(v, id)
+    }
+
+    /// A presence channel's members, as the `presence` reply and
+    /// `GET /api/presence` give them: `{"channel", "count", "members":
+    /// [{"user", "info"}]}` (`listed`: user id and info JSON).
+    pub(crate) fn members(channel: &str, count: u64, listed: &[(String, String)]) -> Value {
         let listed: Vec<Value> = listed
             .iter()
             .map(|(user, info)| {
@@ -568,8 +577,7 @@ pub mod reply {
                 json!({"user": user, "info": info})
             })
             .collect();
-        let v = json!({"type": "presence", "channel": channel, "count": count, "members": listed});
-        with_id(v, id)
+        json!({"channel": channel, "count": count, "members": listed})
     }
 
     /// Answer to `ping`.

@@ -58,18 +58,7 @@ async fn try_publish(
     info: &ConnInfo,
 ) -> Result<Option<crate::history::StreamId>, Refusal> {
     authorize(app, &req, info)?;
-    let limit = app.config.publish.max_body_bytes;
-    let body = Limited::new(req.into_body(), limit)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                Refusal::TooLarge("body larger than publish.max_body_bytes".into())
-            } else {
-                Refusal::BadRequest(format!("cannot read body: {e}"))
-            }
-        })?
-        .to_bytes();
+    let body = read_body(app, req).await?;
     let request: PublishRequest = serde_json::from_slice(&body).map_err(|e| {
         Refusal::BadRequest(format!(
             "expected {{\"channel\": \"name\", \"data\": <json>}}: {e}"
@@ -83,6 +72,22 @@ async fn try_publish(
         .map_err(|e| {
             tracing::warn!(error = %e, "publish failed");
             Refusal::Unavailable
+        })
+}
+
+/// A request's body, at most `publish.max_body_bytes`.
+pub(crate) async fn read_body(app: &App, req: Request<Incoming>) -> Result<bytes::Bytes, Refusal> {
+    let limit = app.config.publish.max_body_bytes;
+    Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+        .map(|body| body.to_bytes())
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                Refusal::TooLarge("body larger than publish.max_body_bytes".into())
+            } else {
+                Refusal::BadRequest(format!("cannot read body: {e}"))
+            }
         })
 }
 
@@ -136,17 +141,7 @@ pub(crate) async fn presence(
     }
     match app.members(&channel).await {
         Ok(members) => {
-            let listed: Vec<serde_json::Value> = members
-                .listed
-                .iter()
-                .map(|(user, info)| {
-                    let info: serde_json::Value =
-                        serde_json::from_str(info).unwrap_or(serde_json::Value::Null);
-                    serde_json::json!({"user": user, "info": info})
-                })
-                .collect();
-            let body =
-                serde_json::json!({"channel": channel, "count": members.count, "members": listed});
+            let body = crate::protocol::reply::members(&channel, members.count, &members.listed);
             json(StatusCode::OK, &body)
         }
         Err(refusal) => refused(&refusal),

@@ -17,15 +17,13 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 use crate::app::App;
-use crate::config::PusherApp;
-use crate::http::{json, Body};
+use crate::http::{json, status_of, Body};
 use crate::policy::validate_channel;
 use crate::protocol::{envelope, SocketId};
 use crate::pusher::sign::{self, Unsigned};
@@ -90,7 +88,9 @@ async fn answer(app: &App, req: Request<Incoming>) -> Result<Value, Failed> {
                 .collect()
         })
         .unwrap_or_default();
-    let body = read_body(app, req).await?;
+    let body = super::read_body(app, req)
+        .await
+        .map_err(|refusal| Failed(status_of(&refusal), refusal.reason().into_owned()))?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -114,7 +114,7 @@ async fn answer(app: &App, req: Request<Incoming>) -> Result<Value, Failed> {
         (&Method::POST, ["events"]) => {
             let trigger: Trigger = serde_json::from_slice(&body)
                 .map_err(|e| Failed::bad(format!("expected an event: {e}")))?;
-            trigger_one(app, &pusher_app, trigger).await
+            trigger_one(app, trigger).await
         }
         (&Method::POST, ["batch_events"]) => {
             let batch: Batch = serde_json::from_slice(&body)
@@ -124,7 +124,7 @@ async fn answer(app: &App, req: Request<Incoming>) -> Result<Value, Failed> {
             }
             let mut answers = Vec::with_capacity(batch.batch.len());
             for trigger in batch.batch {
-                answers.push(trigger_one(app, &pusher_app, trigger).await?);
+                answers.push(trigger_one(app, trigger).await?);
             }
             Ok(json!({"batch": answers}))
         }
@@ -186,27 +186,8 @@ fn unavailable() -> Failed {
     )
 }
 
-async fn read_body(app: &App, req: Request<Incoming>) -> Result<bytes::Bytes, Failed> {
-    let limit = app.config.publish.max_body_bytes;
-    Limited::new(req.into_body(), limit)
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                Failed(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body larger than publish.max_body_bytes".into(),
-                )
-            } else {
-                Failed::bad(format!("cannot read body: {e}"))
-            }
-        })
-}
-
 /// Publishes one event to each of its channels.
-async fn trigger_one(app: &App, pusher_app: &PusherApp, t: Trigger) -> Result<Value, Failed> {
-    let _ = pusher_app;
+async fn trigger_one(app: &App, t: Trigger) -> Result<Value, Failed> {
     let channels = match (t.channels, t.channel) {
         (Some(channels), None) => channels,
         (None, Some(channel)) => vec![channel],
