@@ -161,6 +161,46 @@ pub(crate) fn envelope(
     out
 }
 
+/// The fields of an envelope before its data:
+/// `{"type":…,"channel":…[,"event":…][,"id":"…"][,"user_id":…],"data":`.
+struct Head<'a> {
+    kind: &'a str,
+    channel: &'a str,
+    event: Option<&'a str>,
+    id: Option<StreamId>,
+    user_id: Option<&'a str>,
+}
+
+impl Head<'_> {
+    /// The whole envelope, its data written by `data` (about `size`
+    /// bytes), and where the data starts in it.
+    fn write(&self, size: usize, data: impl FnOnce(&mut Vec<u8>)) -> (Vec<u8>, usize) {
+        let mut env = Vec::with_capacity(size + self.channel.len() + 96);
+        env.extend_from_slice(br#"{"type":""#);
+        env.extend_from_slice(self.kind.as_bytes());
+        env.extend_from_slice(br#"","channel":"#);
+        push_json_string(&mut env, self.channel);
+        if let Some(event) = self.event {
+            env.extend_from_slice(br#","event":"#);
+            push_json_string(&mut env, event);
+        }
+        if let Some(id) = self.id {
+            env.extend_from_slice(br#","id":""#);
+            env.extend_from_slice(id.to_string().as_bytes());
+            env.push(b'"');
+        }
+        if let Some(user) = self.user_id {
+            env.extend_from_slice(br#","user_id":"#);
+            push_json_string(&mut env, user);
+        }
+        env.extend_from_slice(br#","data":"#);
+        let data_at = env.len();
+        data(&mut env);
+        env.push(b'}');
+        (env, data_at)
+    }
+}
+
 /// The presence events' names (Pusher's).
 pub(crate) const MEMBER_ADDED: &str = "pusher_internal:member_added";
 pub(crate) const MEMBER_REMOVED: &str = "pusher_internal:member_removed";
@@ -192,26 +232,20 @@ impl Publication {
             .and_then(Value::as_str)
             .map(str::to_owned);
 
-        let mut env = Vec::with_capacity(payload.len() + channel.len() + 96);
-        env.extend_from_slice(br#"{"type":"message","channel":"#);
-        push_json_string(&mut env, channel);
-        if let Some(event) = &event {
-            env.extend_from_slice(br#","event":"#);
-            push_json_string(&mut env, event);
-        }
-        if let Some(id) = id {
-            env.extend_from_slice(br#","id":""#);
-            env.extend_from_slice(id.to_string().as_bytes());
-            env.push(b'"');
-        }
-        env.extend_from_slice(br#","data":"#);
-        let data_at = env.len();
-        if parsed.is_some() {
-            env.extend_from_slice(trim_ascii(payload));
-        } else {
-            push_json_string(&mut env, &String::from_utf8_lossy(payload));
-        }
-        env.push(b'}');
+        let head = Head {
+            kind: "message",
+            channel,
+            event: event.as_deref(),
+            id,
+            user_id: None,
+        };
+        let (env, data_at) = head.write(payload.len(), |env| {
+            if parsed.is_some() {
+                env.extend_from_slice(trim_ascii(payload));
+            } else {
+                push_json_string(env, &String::from_utf8_lossy(payload));
+            }
+        });
         Self::encoded(channel, event, id, Kind::Message, env, data_at)
     }
 
@@ -232,40 +266,22 @@ impl Publication {
             .flatten()
             .filter(|text| serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok());
         let data = inner.as_deref().map_or(raw, str::trim);
-        let mut env = Vec::with_capacity(data.len() + channel.len() + meta.event.len() + 64);
-        let event = match kind {
-            Kind::Join => {
-                env.extend_from_slice(br#"{"type":"join","channel":"#);
-                Some("join".to_owned())
-            }
-            Kind::Leave => {
-                env.extend_from_slice(br#"{"type":"leave","channel":"#);
-                Some("leave".to_owned())
-            }
-            _ => {
-                env.extend_from_slice(br#"{"type":"message","channel":"#);
-                Some(meta.event)
-            }
+        // A join or leave is its own type; a message names its event.
+        let (type_name, event) = match kind {
+            Kind::Join => ("join", None),
+            Kind::Leave => ("leave", None),
+            _ => ("message", Some(meta.event.as_str())),
         };
-        push_json_string(&mut env, channel);
-        if kind == Kind::Message {
-            env.extend_from_slice(br#","event":"#);
-            push_json_string(&mut env, event.as_deref().unwrap_or_default());
-        }
-        if let Some(id) = id {
-            env.extend_from_slice(br#","id":""#);
-            env.extend_from_slice(id.to_string().as_bytes());
-            env.push(b'"');
-        }
-        if let Some(user) = &meta.user_id {
-            env.extend_from_slice(br#","user_id":"#);
-            push_json_string(&mut env, user);
-        }
-        env.extend_from_slice(br#","data":"#);
-        let data_at = env.len();
-        env.extend_from_slice(data.as_bytes());
-        env.push(b'}');
-        let mut p = Self::encoded(channel, event, id, kind, env, data_at);
+        let head = Head {
+            kind: type_name,
+            channel,
+            event,
+            id,
+            user_id: meta.user_id.as_deref(),
+        };
+        let (env, data_at) = head.write(data.len(), |env| env.extend_from_slice(data.as_bytes()));
+        let event = event.unwrap_or(type_name).to_owned();
+        let mut p = Self::encoded(channel, Some(event), id, kind, env, data_at);
         p.exclude = meta.exclude.and_then(|s| s.parse().ok());
         p.user_id = meta.user_id.map(Into::into);
         p
