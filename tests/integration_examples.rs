@@ -16,7 +16,7 @@
 mod common;
 
 use std::convert::Infallible;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,8 +25,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use common::crier::{test_config, Instance, WAIT};
 use common::redis::RedisServer;
-use common::unique;
 use common::ws::WsClient;
+use common::{check_runs, repo, unique};
 use crier::config::{ChannelRule, Config, HistoryRule, JwtConfig, SessionConfig, Subscribe};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -48,10 +48,6 @@ const SHOWN: &[&str] = &[
     "examples/integration/browser/sse.js",
     "examples/integration/browser/ws.js",
 ];
-
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
 
 fn read(path: &str) -> String {
     std::fs::read_to_string(repo(path)).unwrap_or_else(|e| panic!("read {path}: {e}"))
@@ -169,19 +165,6 @@ fn the_guide_configurations_pass_check_config() {
 
 // ---------------------------------------------------------------------------
 // Publishers: the docs' Python and Node scripts against Redis + crier.
-
-/// Runs `program args` from the repository root; panics with `hint` if the
-/// program cannot run at all.
-fn check_runs(program: &str, args: &[&str], hint: &str) {
-    let ok = std::process::Command::new(program)
-        .args(args)
-        .current_dir(repo("."))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "{hint}");
-}
 
 /// A publisher script publishes a plain PUBLISH and a `crier_publish` on a
 /// history channel, under crier's `channel_prefix`; a WebSocket client of

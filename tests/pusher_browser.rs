@@ -17,7 +17,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,6 +25,7 @@ use common::browser::installed;
 use common::crier::Instance;
 use common::pusher::{hmac_hex, Driver, KEY, SECRET};
 use common::redis::RedisServer;
+use common::repo;
 use crier::config::Config;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -43,10 +43,6 @@ const CSRF: &str = "csrf-of-the-page";
 const PAGE_USER: &str = r#"{"user_id":"7","user_info":{"name":"Ada"}}"#;
 /// How long the page may take to start Chromium, load and connect.
 const PAGE_WAIT: Duration = Duration::from_secs(30);
-
-fn repo(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
-}
 
 /// tests/pusher.rs's configuration, with the page's origin allowed.
 fn pusher_config(redis: &RedisServer, page_origin: String) -> Config {

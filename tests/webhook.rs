@@ -10,22 +10,12 @@ mod common;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::app::{App, COOKIE};
-use common::crier::{test_config, Instance, WAIT};
+use common::crier::{rule, test_config, Instance, WAIT};
 use common::sse;
 use common::ws::WsClient;
-use crier::config::{ChannelRule, Config, Subscribe, WebhookConfig};
+use crier::config::{Config, Subscribe, WebhookConfig};
 use http::StatusCode;
 use serde_json::json;
-
-fn rule(pattern: &str, subscribe: Subscribe) -> ChannelRule {
-    ChannelRule {
-        pattern: pattern.into(),
-        subscribe,
-        history: None,
-        event_field: None,
-        presence: false,
-    }
-}
 
 fn config(app: &App) -> Config {
     let mut config = test_config(None);
@@ -245,16 +235,7 @@ async fn check_config_names_a_bad_webhook_setting() {
             "auth.webhook.forward_headers[0]",
         ),
     ] {
-        let file = dir.path().join("crier.toml");
-        std::fs::write(&file, format!("[auth.webhook]\n{extra}\n")).expect("config");
-        let out = common::crier::crier_command()
-            .args(["check-config", "--config", file.to_str().expect("path")])
-            .output()
-            .await
-            .expect("check-config");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(64), "{extra}: {stderr}");
-        assert!(stderr.contains(field), "{extra}: names {field}: {stderr}");
+        common::crier::check_config_refuses(dir.path(), &format!("[auth.webhook]\n{extra}\n"), field).await;
     }
 }
 

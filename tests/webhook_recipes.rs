@@ -14,16 +14,16 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use common::browser::{chromium, installed, DevTools};
-use common::crier::{test_config, Instance, WAIT};
+use common::crier::{rule, test_config, Instance, WAIT};
 use common::sse;
-use crier::config::{ChannelRule, Config, Subscribe, WebhookConfig};
+use common::{check_runs, repo};
+use crier::config::{Config, Subscribe, WebhookConfig};
 use http::{Method, StatusCode};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -36,20 +36,6 @@ const COOKIE: &str = "_myapp_session";
 const API_KEY: &str = "k-webhook-recipes-5c1e9a";
 /// How often open connections ask the app again: a logout ends them within it.
 const RECHECK: Duration = Duration::from_millis(300);
-
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
-
-fn rule(pattern: &str, subscribe: Subscribe) -> ChannelRule {
-    ChannelRule {
-        pattern: pattern.into(),
-        subscribe,
-        history: None,
-        event_field: None,
-        presence: false,
-    }
-}
 
 /// crier asking the app at `webhook` about `_myapp_session`: each user hears
 /// `user:<id>`, and the teams the app grants.
@@ -130,18 +116,6 @@ impl RecipeApp {
     fn output(&self) -> Vec<String> {
         self.output.lock().expect("output").clone()
     }
-}
-
-/// Runs `program args`; panics with `hint` if it cannot run or fails.
-fn check_runs(program: &str, args: &[&str], hint: &str) {
-    let ok = std::process::Command::new(program)
-        .args(args)
-        .current_dir(repo("."))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "{hint}");
 }
 
 /// POSTs a form to the app; the status and the `name=value` of the session

@@ -36,6 +36,32 @@ pub fn test_config(redis_url: Option<String>) -> Config {
     config
 }
 
+/// A rule: `pattern`, who may `subscribe`, no history, no presence.
+pub fn rule(pattern: &str, subscribe: Subscribe) -> ChannelRule {
+    ChannelRule {
+        pattern: pattern.into(),
+        subscribe,
+        history: None,
+        event_field: None,
+        presence: false,
+    }
+}
+
+/// `crier check-config` on `toml` (written in `dir`) must exit 64 and
+/// name `field`.
+pub async fn check_config_refuses(dir: &std::path::Path, toml: &str, field: &str) {
+    let file = dir.join("crier.toml");
+    std::fs::write(&file, toml).expect("config");
+    let out = crier_command()
+        .args(["check-config", "--config", file.to_str().expect("path")])
+        .output()
+        .await
+        .expect("check-config");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{toml}: {stderr}");
+    assert!(stderr.contains(field), "{toml}: names {field}: {stderr}");
+}
+
 /// One in-process crier.
 pub struct Instance {
     running: Option<Running>,

@@ -74,6 +74,24 @@ pub async fn http_post(url: &str, headers: &[(&str, &str)], body: &str) -> (Stat
     read_whole(url, response, conn).await
 }
 
+/// `path` in the repository.
+pub fn repo(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// Runs `program args` from the repository root; panics with `hint` if the
+/// program cannot run at all or fails.
+pub fn check_runs(program: &str, args: &[&str], hint: &str) {
+    let ok = std::process::Command::new(program)
+        .args(args)
+        .current_dir(repo("."))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "{hint}");
+}
+
 /// A name no other test (or earlier run) uses, so tests sharing a Redis or a
 /// crier instance never hear each other: `unique("public:t")` gives e.g.
 /// `public:t-1234-7-1f3a9c`.

@@ -3,32 +3,22 @@
 //! SDK in one Node process, a JSON line per command and per thing seen;
 //! and the crier configuration a Laravel app's migration guide gives.
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crier::config::{ChannelRule, Config, HistoryRule, PusherApp, Subscribe};
+use crier::config::{Config, HistoryRule, PusherApp, Subscribe};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 
-use super::crier::{test_config, WAIT};
+use super::crier::{rule, test_config, WAIT};
 use super::redis::RedisServer;
+use super::repo;
 
 pub const APP_ID: &str = "1001";
 pub const KEY: &str = "app-key";
 pub const SECRET: &str = "app-secret-of-16-bytes";
-
-pub fn rule(pattern: &str, subscribe: Subscribe) -> ChannelRule {
-    ChannelRule {
-        pattern: pattern.into(),
-        subscribe,
-        history: None,
-        event_field: None,
-        presence: false,
-    }
-}
 
 /// Rules as a Laravel app's migration guide has them: public `orders`,
 /// signed `private-orders.*` and `presence-*`, history on `cache-*`.
@@ -90,10 +80,6 @@ ttl = "1s"
 "#,
         redis.url()
     )
-}
-
-fn repo(path: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
 /// tests/pusher/driver.mjs: pusher-js clients and the server SDK in one
