@@ -8,8 +8,8 @@
 use hmac::{Hmac, Mac};
 use md5::{Digest, Md5};
 use sha2::Sha256;
-use subtle::ConstantTimeEq;
 
+use crate::auth::matches_a_secret;
 use crate::config::PusherApp;
 
 /// How far an HTTP API request's `auth_timestamp` may be from now.
@@ -60,7 +60,7 @@ pub(crate) fn verify_channel_auth(
 ) -> Result<(), &'static str> {
     let auth = auth.ok_or("no `auth` given: a private or presence channel needs a signature")?;
     let expected = channel_auth(app, socket_id, channel, channel_data);
-    if auth.len() == expected.len() && bool::from(auth.as_bytes().ct_eq(expected.as_bytes())) {
+    if matches_a_secret(auth.as_bytes(), [&expected]) {
         Ok(())
     } else {
         Err("invalid signature")
@@ -120,7 +120,7 @@ pub(crate) fn verify_request(
     if get("auth_version") != Some("1.0") {
         return Err(Unsigned::Missing("auth_version must be 1.0"));
     }
-    if !bool::from(key.as_bytes().ct_eq(app.key.as_bytes())) {
+    if !matches_a_secret(key.as_bytes(), [&app.key]) {
         return Err(Unsigned::WrongKey);
     }
     if now.abs_diff(timestamp) > MAX_CLOCK_SKEW_SECS {
@@ -141,9 +141,7 @@ pub(crate) fn verify_request(
     let params: Vec<String> = signed.iter().map(|(k, v)| format!("{k}={v}")).collect();
     let text = format!("{method}\n{path}\n{}", params.join("&"));
     let expected = hmac_hex(&app.secret, &text);
-    if signature.len() == expected.len()
-        && bool::from(signature.as_bytes().ct_eq(expected.as_bytes()))
-    {
+    if matches_a_secret(signature.as_bytes(), [&expected]) {
         Ok(())
     } else {
         Err(Unsigned::BadSignature)
