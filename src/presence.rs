@@ -126,15 +126,7 @@ impl Presence {
             let _order = self.stripe(channel).lock().await;
             self.hold(channel, user, info);
             let joined = broker
-                .presence_join(
-                    channel,
-                    self.instance,
-                    config.ttl,
-                    user,
-                    1,
-                    info,
-                    Some(socket),
-                )
+                .presence_join(channel, self.instance, config.ttl, user, info, Some(socket))
                 .await;
             if joined.is_err() {
                 // The next beat tells the store whatever this left there.

@@ -109,26 +109,22 @@ impl Broker {
         }
     }
 
-    /// Adds `connections` of `user` (with `info`, JSON) held by `instance`
+    /// Adds a connection of `user` (with `info`, JSON) held by `instance`
     /// to `channel`; `member_added`, if this is the user's first anywhere,
     /// skips the connection `exclude`. Returns the user's connections
     /// anywhere.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn presence_join(
         &self,
         channel: &str,
         instance: u32,
         ttl: Duration,
         user: &str,
-        connections: u64,
         info: &str,
         exclude: Option<SocketId>,
     ) -> Result<u64, BrokerError> {
         match self {
             Broker::Memory(b) => {
-                let delta = i64::try_from(connections).unwrap_or(i64::MAX);
-                let (total, announce) =
-                    b.presence.adjust(channel, user, delta, Some(info), exclude);
+                let (total, announce) = b.presence.adjust(channel, user, 1, Some(info), exclude);
                 if let Some(payload) = announce {
                     b.relay(channel, &payload);
                 }
@@ -137,13 +133,12 @@ impl Broker {
             Broker::Redis(b) => {
                 let exclude = exclude.map(|s| s.to_string()).unwrap_or_default();
                 let (instance, ttl) = (instance.to_string(), ttl.as_millis().to_string());
-                let connections = connections.to_string();
                 let args: [&[u8]; 7] = [
                     channel.as_bytes(),
                     instance.as_bytes(),
                     ttl.as_bytes(),
                     user.as_bytes(),
-                    connections.as_bytes(),
+                    b"1",
                     info.as_bytes(),
                     exclude.as_bytes(),
                 ];
