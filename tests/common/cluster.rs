@@ -9,6 +9,14 @@ use tokio::time::{sleep, Instant};
 
 use super::redis::free_port;
 
+/// A node gets this many ports to start on (another process may take one
+/// between the probe and Redis binding it).
+const PORT_ATTEMPTS: usize = 5;
+
+/// The highest port a cluster node may use: its cluster bus is on the
+/// port + 10000, which must exist too.
+const MAX_NODE_PORT: u16 = 55_535;
+
 /// How long the cluster gets to agree on its slots.
 const FORMATION_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -19,6 +27,54 @@ pub struct Node {
 }
 
 impl Node {
+    /// A cluster-enabled `redis-server` answering PING, on a free port
+    /// whose cluster bus port (+10000) is free and valid too; a node that
+    /// exits (its port taken meanwhile) is started again on another.
+    async fn start(dir: &std::path::Path) -> Node {
+        for attempt in 1..=PORT_ATTEMPTS {
+            let port = node_port();
+            let node_dir = dir.join(port.to_string());
+            std::fs::create_dir(&node_dir).expect("node dir");
+            let log_path = node_dir.join("redis.log");
+            let log = std::fs::File::create(&log_path).expect("log");
+            let child = Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&node_dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(log.try_clone().expect("log")))
+                .stderr(Stdio::from(log))
+                .spawn()
+                .expect("spawn redis-server");
+            let mut node = Node {
+                port,
+                child: Some(child),
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if ping(port).await {
+                    return node;
+                }
+                let exited = node
+                    .child
+                    .as_mut()
+                    .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+                if exited || Instant::now() >= deadline {
+                    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                    assert!(
+                        attempt < PORT_ATTEMPTS,
+                        "a cluster node did not start:\n{log}"
+                    );
+                    break;
+                }
+                sleep(Duration::from_millis(20)).await;
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
     /// `redis://127.0.0.1:PORT`
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
@@ -37,6 +93,28 @@ impl Drop for Node {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A free port for a node, with its cluster bus port free as well.
+fn node_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port <= MAX_NODE_PORT
+            && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+        {
+            return port;
+        }
+    }
+}
+
+/// Whether the node on `port` answers PING.
+async fn ping(port: u16) -> bool {
+    tokio::process::Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "PING"])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "PONG")
 }
 
 /// See the module documentation.
@@ -59,35 +137,9 @@ impl RedisCluster {
             .expect("temp dir");
         let mut nodes = Vec::new();
         for _ in 0..primaries * (1 + replicas) {
-            let port = free_port();
-            let node_dir = dir.path().join(port.to_string());
-            std::fs::create_dir(&node_dir).expect("node dir");
-            let log = std::fs::File::create(node_dir.join("redis.log")).expect("log");
-            let child = Command::new("redis-server")
-                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
-                .args(["--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(&node_dir)
-                .stdin(Stdio::null())
-                .stdout(Stdio::from(log.try_clone().expect("log")))
-                .stderr(Stdio::from(log))
-                .spawn()
-                .expect("spawn redis-server");
-            nodes.push(Node {
-                port,
-                child: Some(child),
-            });
+            nodes.push(Node::start(dir.path()).await);
         }
         let cluster = RedisCluster { nodes, _dir: dir };
-        for node in &cluster.nodes {
-            super::eventually(
-                "a cluster node answers PING",
-                Duration::from_secs(10),
-                || async { cluster.cli(node.port, &["PING"]).await.trim() == "PONG" },
-            )
-            .await;
-        }
         let addresses: Vec<String> = cluster
             .nodes
             .iter()
