@@ -195,14 +195,17 @@ pub fn legacy_stream_key(prefix: &str, channel: &str) -> String {
     format!("{prefix}crier:h:{channel}")
 }
 
-/// The Lua source of the `crier` function library (src/crier.lua) for
+/// The Lua source of a deployment's function library (src/crier.lua) for
 /// these rules: which channels keep history (first matching rule, as for
 /// subscriptions) with which size and TTL. Placeholders in patterns match
-/// any non-empty text.
+/// any non-empty text. `suffix` ends the library's and every function's
+/// name (see `broker::library`); the `@META@` placeholder of its header
+/// line is left for the caller, which fingerprints the rest.
 ///
-/// Apps call `FCALL crier_publish 1 <channel> <payload>`; crier itself
-/// (and apps restricted by ACLs) pass the channel's [`stream_key`] instead
-/// of the channel, and then every key the function touches is declared.
+/// Apps call `FCALL crier_publish<suffix> 1 <channel> <payload>`; crier
+/// itself (and apps restricted by ACLs) pass the channel's [`stream_key`]
+/// instead of the channel, and then every key the function touches is
+/// declared.
 ///
 /// On Redis Cluster (`sharded`) it publishes with `SPUBLISH` on the
 /// channel's own shard, where crier `SSUBSCRIBE`s.
@@ -210,6 +213,7 @@ pub fn function_library(
     prefix: &str,
     rules: &[(String, Option<HistoryRule>)],
     sharded: bool,
+    suffix: &str,
 ) -> String {
     let mut table = String::new();
     for (pattern, history) in rules {
@@ -224,6 +228,7 @@ pub fn function_library(
         .replace("@PREFIX@", &lua_string(prefix))
         .replace("@RULES@", &table)
         .replace("@PUBLISH@", if sharded { "SPUBLISH" } else { "PUBLISH" })
+        .replace("@SUFFIX@", suffix)
 }
 
 /// A crier channel pattern as an anchored Lua pattern: literal text escaped,

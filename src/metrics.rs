@@ -75,6 +75,9 @@ pub struct Inner {
     /// Calls to the app's session webhook, by result (`ok`, `refused`,
     /// `error`).
     pub webhook_calls: IntCounterVec,
+    /// Who holds this deployment's Redis function library: 1 on the
+    /// current state (`own`, `newer`, `conflict`, `unchecked`, `error`).
+    pub redis_library: IntGaugeVec,
 }
 
 impl std::ops::Deref for Metrics {
@@ -191,6 +194,16 @@ impl Metrics {
                 &["result"],
             )
             .expect("metric"),
+            redis_library: IntGaugeVec::new(
+                Opts::new(
+                    "crier_redis_library",
+                    "1 on who holds this deployment's Redis function library: own, newer (a newer \
+                     configuration of the deployment), conflict (another deployment: not ready), \
+                     unchecked, error.",
+                ),
+                &["state"],
+            )
+            .expect("metric"),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -212,6 +225,7 @@ impl Metrics {
             Box::new(inner.jwks_fetches.clone()),
             Box::new(inner.jwks_keys.clone()),
             Box::new(inner.webhook_calls.clone()),
+            Box::new(inner.redis_library.clone()),
         ];
         for c in collectors {
             inner.registry.register(c).expect("register metric");

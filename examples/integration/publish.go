@@ -31,6 +31,8 @@ func main() {
 	defer rdb.Close()
 	channel := getenv("CHANNEL", "public:orders")
 	prefix := os.Getenv("CHANNEL_PREFIX") // crier's redis.channel_prefix, if set
+	// With a channel_prefix the function is crier_publish_<name> (crier logs it at start).
+	function := getenv("CRIER_FUNCTION", "crier_publish")
 
 	// 1. Plain PUBLISH: live only, no id, not kept.
 	payload, _ := json.Marshal(map[string]any{"type": "order.created", "id": 1})
@@ -44,7 +46,7 @@ func main() {
 	//    the channel's history when its rule has one; returns the message id,
 	//    or nil (redis.Nil) on a channel without history.
 	payload, _ = json.Marshal(map[string]any{"type": "order.created", "id": 2})
-	id, err := rdb.FCall(ctx, "crier_publish", []string{channel}, payload).Text()
+	id, err := rdb.FCall(ctx, function, []string{channel}, payload).Text()
 	if errors.Is(err, redis.Nil) {
 		id = "none (no history on this channel)"
 	} else if err != nil {

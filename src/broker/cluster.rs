@@ -275,7 +275,7 @@ impl Supervisor {
         };
         self.redis.use_cluster(conn.clone());
         // FUNCTION LOAD goes to every primary.
-        if let Err(e) = self.redis.load_library().await {
+        if let Err(e) = self.redis.check_library(&self.metrics).await {
             tracing::error!(error = %e, "cannot load the crier function library on the cluster: no history until it is loaded");
         }
         let mut conn = conn;
@@ -341,12 +341,17 @@ impl Supervisor {
                     }
                     let redis = self.redis.clone();
                     let maps = self.maps_tx.clone();
+                    let metrics = self.metrics.clone();
+                    if !self.redis.library_ok.load(std::sync::atomic::Ordering::Acquire) && self.health.is_up() {
+                        self.health.set(false, &self.metrics);
+                    }
                     tokio::spawn(async move {
                         if let Some(map) = slot_map(&redis).await {
                             let _ = maps.send(map);
                         }
-                        // Also repairs a library lost on the canary's shard.
-                        let _ = redis.ensure_library().await;
+                        // Also repairs a library lost on the canary's shard,
+                        // and finds another configuration's.
+                        let _ = redis.check_library(&metrics).await;
                         for cmd in publish {
                             let _ = redis.query::<i64>(cmd).await;
                         }
@@ -405,7 +410,11 @@ impl Supervisor {
                 if let Some(canary) = self.canaries.get_mut(&name) {
                     canary.answered(payload, &self.metrics);
                     if self.canaries.values().all(|c| !c.overdue()) {
-                        self.health.set(true, &self.metrics);
+                        let library_ok = self
+                            .redis
+                            .library_ok
+                            .load(std::sync::atomic::Ordering::Acquire);
+                        self.health.set(library_ok, &self.metrics);
                     }
                     return;
                 }
@@ -490,6 +499,9 @@ impl Supervisor {
                 // too: FUNCTION LOAD goes to every primary.
                 let redis = self.redis.clone();
                 tokio::spawn(async move {
+                    if !redis.holds_library() {
+                        return;
+                    }
                     if let Err(e) = redis.load_library().await {
                         tracing::warn!(error = %e, "cannot load the crier function library on the new primaries");
                     }

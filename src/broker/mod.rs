@@ -21,6 +21,7 @@ use crate::protocol::Publication;
 
 use crate::redis_client as client;
 mod cluster;
+mod library;
 mod memory;
 mod presence;
 mod redis;
@@ -137,6 +138,14 @@ pub(crate) enum BrokerError {
          library when it connects), or pass --config with the service's configuration"
     )]
     NoLibrary,
+    /// Another deployment's library holds this deployment's function
+    /// names (`broker::library`): calling them would publish with its
+    /// prefix and rules.
+    #[error(
+        "the function library {library} belongs to another deployment (channel_prefix {theirs:?}): \
+         give this deployment another channel_prefix"
+    )]
+    LibraryConflict { library: String, theirs: String },
 }
 
 /// Whether the broker currently delivers publications; backs `/readyz`.

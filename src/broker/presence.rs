@@ -68,7 +68,10 @@ impl MemoryPresence {
         }
         let entry = members.entry(user.to_owned()).or_insert((0, "null".into()));
         entry.0 = now;
-        if let Some(info) = info {
+        // One record per user and channel, whatever the protocol: a join
+        // without info (crier's own, `null`) never erases a Pusher
+        // member's.
+        if let Some(info) = info.filter(|i| *i != "null") {
             entry.1 = info.to_owned();
         }
         let data = format!(r#"{{"user_id":{id},"user_info":{}}}"#, entry.1);

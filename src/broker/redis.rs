@@ -35,6 +35,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::library::{self, Holder, Library};
 use super::target::Target;
 use super::{BrokerError, BrokerHealth, ChannelStart, Control, Fanout, Wiring};
 use crate::config::Config;
@@ -84,7 +85,18 @@ pub(super) struct Redis {
     /// Told when Redis answers as a replica would: the primary moved.
     demoted: Arc<tokio::sync::Notify>,
     settings: ConnectionManagerConfig,
-    library: Arc<str>,
+    /// This deployment's function library (`broker::library`).
+    library: Arc<Library>,
+    /// Who held it at the last check: log lines and the metric change
+    /// with it; a conflict refuses every `FCALL` (they would run another
+    /// deployment's functions).
+    holder: Arc<std::sync::Mutex<Option<Result<Holder, String>>>>,
+    /// The library is usable (checked with every canary): an instance
+    /// whose apps' `FCALL crier_publish` would fail, or would reach
+    /// another deployment, is not ready.
+    pub(super) library_ok: Arc<AtomicBool>,
+    /// How long a configuration's last note counts it as running.
+    stale: Duration,
     prefix: String,
     timeout: Duration,
     /// Load `library` when an `FCALL` finds the function missing.
@@ -127,7 +139,6 @@ impl RedisBroker {
             control,
             channels: HashMap::new(),
             health: health.clone(),
-            library_ok: Arc::new(AtomicBool::new(true)),
             metrics,
             stop,
         };
@@ -171,11 +182,7 @@ impl Redis {
     pub(super) fn new(config: &Config) -> Self {
         let redis_config = &config.redis;
         let cluster = redis_config.cluster.is_some();
-        let library = history::function_library(
-            &redis_config.channel_prefix,
-            &Policy::history_rules(&config.channels),
-            cluster,
-        );
+        let library = Library::new(config, std::time::SystemTime::now());
         Redis {
             conn: Arc::default(),
             cluster,
@@ -185,7 +192,10 @@ impl Redis {
                 .set_response_timeout(Some(redis_config.connect_timeout))
                 .set_number_of_retries(2)
                 .set_max_delay(redis_config.reconnect_max),
-            library: library.into(),
+            library: Arc::new(library),
+            holder: Arc::default(),
+            library_ok: Arc::new(AtomicBool::new(true)),
+            stale: (redis_config.canary_interval * 10).max(Duration::from_secs(30)),
             prefix: redis_config.channel_prefix.clone(),
             timeout: redis_config.connect_timeout,
             load_when_missing: true,
@@ -233,9 +243,16 @@ impl Redis {
         keys: &[String],
         args: &[&[u8]],
     ) -> Result<T, BrokerError> {
+        if let Some(Ok(Holder::Conflict(theirs))) = self.last_holder() {
+            return Err(BrokerError::LibraryConflict {
+                library: self.library.name.clone(),
+                theirs: theirs.prefix,
+            });
+        }
+        let name = self.library.function(name);
         let call = || {
             let mut cmd = redis::cmd("FCALL");
-            cmd.arg(name).arg(keys.len()).arg(keys);
+            cmd.arg(&name).arg(keys.len()).arg(keys);
             for a in args {
                 cmd.arg(*a);
             }
@@ -292,8 +309,103 @@ impl Redis {
 
     pub(super) async fn load_library(&self) -> Result<(), BrokerError> {
         let mut cmd = redis::cmd("FUNCTION");
-        cmd.arg("LOAD").arg("REPLACE").arg(self.library.as_bytes());
+        cmd.arg("LOAD")
+            .arg("REPLACE")
+            .arg(self.library.source().as_bytes());
         self.query::<String>(cmd).await.map(|_| ())
+    }
+
+    fn last_holder(&self) -> Option<Result<Holder, String>> {
+        self.holder.lock().ok().and_then(|h| h.clone())
+    }
+
+    /// Whether this configuration's library is the one in Redis (or could
+    /// not be checked): only then may crier load it on a new primary.
+    pub(super) fn holds_library(&self) -> bool {
+        matches!(
+            self.last_holder(),
+            None | Some(Ok(Holder::Own | Holder::Unchecked))
+        )
+    }
+
+    /// Checks (and where this configuration should, loads) the library
+    /// ([`library::reconcile`]), says what changed since the last check
+    /// (log line, `crier_redis_library{state}`), and keeps
+    /// [`Self::library_ok`]. Returns what it found.
+    pub(super) async fn check_library(&self, metrics: &Metrics) -> Result<Holder, BrokerError> {
+        let found = library::reconcile(self, &self.library, self.stale).await;
+        let now = found
+            .as_ref()
+            .map(Clone::clone)
+            .map_err(ToString::to_string);
+        let before = self
+            .holder
+            .lock()
+            .ok()
+            .and_then(|mut h| h.replace(now.clone()));
+        self.library_ok.store(
+            matches!(now, Ok(Holder::Own | Holder::Newer(_) | Holder::Unchecked)),
+            Ordering::Release,
+        );
+        for state in ["own", "newer", "conflict", "unchecked", "error"] {
+            let on = match &now {
+                Ok(h) => h.label() == state,
+                Err(_) => state == "error",
+            };
+            metrics
+                .redis_library
+                .with_label_values(&[state])
+                .set(i64::from(on));
+        }
+        if before.as_ref() != Some(&now) {
+            self.say(before.as_ref(), &now);
+        }
+        found
+    }
+
+    /// One log line per change of who holds the library.
+    fn say(&self, before: Option<&Result<Holder, String>>, now: &Result<Holder, String>) {
+        let ours = self.library.meta();
+        let name = &self.library.name;
+        match now {
+            Ok(Holder::Own) if before.is_none() => tracing::info!(
+                library = %name,
+                "function library loaded: apps publish with history through FCALL {} 1 <channel> <payload>",
+                self.library.function("crier_publish"),
+            ),
+            Ok(Holder::Own) => tracing::info!(
+                library = %name,
+                rules = %ours.rules,
+                "this configuration holds the function library again"
+            ),
+            Ok(Holder::Unchecked) => tracing::warn!(
+                library = %name,
+                "cannot read the function library (Redis < 7, or the ACL user lacks FUNCTION LIST                  and HGETALL): crier cannot tell whether another configuration holds it"
+            ),
+            Ok(Holder::Newer(theirs)) => tracing::warn!(
+                library = %name,
+                ours.rules = %ours.rules,
+                ours.started = ours.started,
+                theirs.rules = %theirs.rules,
+                theirs.started = theirs.started,
+                theirs.version = %theirs.version,
+                "a newer configuration of this deployment holds the function library: its history                  rules apply until its instances are gone. Expected during a rollout; if it lasts,                  two deployments share channel_prefix {:?}: give each its own",
+                ours.prefix,
+            ),
+            Ok(Holder::Conflict(theirs)) => tracing::error!(
+                library = %name,
+                "the function library {name} belongs to another deployment (channel_prefix {:?},                  crier {}), not to this one (channel_prefix {:?}): crier will not replace it;                  give one of the two another channel_prefix. Not ready, and publishing with                  history is refused",
+                theirs.prefix,
+                theirs.version,
+                ours.prefix,
+            ),
+            Err(e) => tracing::error!(
+                library = %name,
+                error = %e,
+                "the crier function library is missing from Redis and cannot be loaded: apps' \
+                 FCALL crier_publish fails; not ready"
+            ),
+        }
     }
 
     /// Whether apps can `FCALL crier_publish`: the library is there, or was
@@ -442,9 +554,6 @@ struct Supervisor {
     /// Every channel the hub wants.
     channels: HashMap<String, Channel>,
     health: BrokerHealth,
-    /// The function library is in Redis (checked with every canary): an
-    /// instance whose apps' `FCALL crier_publish` would fail is not ready.
-    library_ok: Arc<AtomicBool>,
     metrics: Metrics,
     stop: CancellationToken,
 }
@@ -499,7 +608,8 @@ impl Supervisor {
         }
     }
 
-    /// Loads the function library on the multiplexed connection. Right
+    /// Checks the function library on the multiplexed connection, loading
+    /// it where this configuration should ([`Redis::check_library`]). Right
     /// after an outage that connection may not have noticed it yet (its
     /// first command fails with a broken pipe and starts its reconnect), or
     /// Redis may still be loading its data: those are retried for up to
@@ -510,8 +620,8 @@ impl Supervisor {
         let deadline = Instant::now() + self.connect_timeout;
         let mut attempt = 0;
         loop {
-            let e = match self.redis.load_library().await {
-                Ok(()) => return,
+            let e = match self.redis.check_library(&self.metrics).await {
+                Ok(_) => return,
                 Err(e) => e,
             };
             let transient = match &e {
@@ -533,7 +643,7 @@ impl Supervisor {
                 }
                 // No answer in time.
                 BrokerError::Protocol(_) => true,
-                BrokerError::NoLibrary => false,
+                BrokerError::NoLibrary | BrokerError::LibraryConflict { .. } => false,
             };
             if !transient || Instant::now() >= deadline {
                 tracing::error!(error = %e, "cannot load the crier function library: no history until it is loaded");
@@ -640,7 +750,7 @@ impl Supervisor {
                         // A canary came back: this connection delivers (and
                         // the library was checked just before it was sent).
                         canary.answered(msg.get_payload_bytes(), &self.metrics);
-                        self.health.set(self.library_ok.load(Ordering::Acquire), &self.metrics);
+                        self.health.set(self.redis.library_ok.load(Ordering::Acquire), &self.metrics);
                         continue;
                     }
                     let Some(channel) = msg.get_channel_name().strip_prefix(self.prefix.as_str()) else {
@@ -655,7 +765,7 @@ impl Supervisor {
                         tracing::warn!("canary not received back: connected but not receiving, not ready");
                         self.health.set(false, &self.metrics);
                     }
-                    if !self.library_ok.load(Ordering::Acquire) && self.health.is_up() {
+                    if !self.redis.library_ok.load(Ordering::Acquire) && self.health.is_up() {
                         self.health.set(false, &self.metrics);
                     }
                     // Still nothing after a few intervals: this connection is
@@ -666,7 +776,7 @@ impl Supervisor {
                     }
                     if let Some(seq) = canary.next() {
                         let redis = self.redis.clone();
-                        let library_ok = Arc::clone(&self.library_ok);
+                        let metrics = self.metrics.clone();
                         let (target, config) = (self.target.clone(), self.config.clone());
                         let current = self.address.clone();
                         let timeout = self.connect_timeout;
@@ -677,7 +787,8 @@ impl Supervisor {
                         tokio::spawn(async move {
                             // Redis can lose the library (FUNCTION FLUSH) with
                             // nothing crier does failing: only apps' FCALLs
-                            // would. Check (and reload) with every canary.
+                            // would; another configuration may have loaded its
+                            // own. Check (and reload) with every canary.
                             redis.check_role().await;
                             // The sentinels moved the primary (`+switch-master`)
                             // while the old one still answers as a primary.
@@ -686,17 +797,7 @@ impl Supervisor {
                                     redis.demoted.notify_one();
                                 }
                             }
-                            let checked = redis.ensure_library().await;
-                            let was_ok = library_ok.swap(checked.is_ok(), Ordering::AcqRel);
-                            match (&checked, was_ok) {
-                                (Err(e), true) => tracing::error!(
-                                    error = %e,
-                                    "the crier function library is missing from Redis and cannot be \
-                                     loaded: apps' FCALL crier_publish fails; not ready"
-                                ),
-                                (Ok(()), false) => tracing::info!("the crier function library is back"),
-                                _ => {}
-                            }
+                            let _ = redis.check_library(&metrics).await;
                             redis.query::<i64>(cmd).await
                         });
                     }

@@ -180,19 +180,31 @@ impl RedisServer {
     /// `FCALL crier_publish 1 <channel> <payload>`: what an app calls to
     /// publish with history. Returns the message id (None: no history).
     pub async fn fcall_publish(&self, channel: &str, payload: &str) -> Option<String> {
+        self.fcall_publish_as("crier_publish", channel, payload)
+            .await
+            .expect("FCALL crier_publish")
+    }
+
+    /// `FCALL <function> 1 <channel> <payload>`: a deployment with a
+    /// `channel_prefix` names its functions `crier_publish_<name>`.
+    pub async fn fcall_publish_as(
+        &self,
+        function: &str,
+        channel: &str,
+        payload: &str,
+    ) -> ::redis::RedisResult<Option<String>> {
         let client = ::redis::Client::open(self.url()).expect("redis url");
         let mut conn = client
             .get_multiplexed_async_connection()
             .await
             .expect("connect to redis");
         ::redis::cmd("FCALL")
-            .arg("crier_publish")
+            .arg(function)
             .arg(1)
             .arg(channel)
             .arg(payload)
             .query_async(&mut conn)
             .await
-            .expect("FCALL crier_publish")
     }
 
     /// A publisher calling `crier_publish` every `every` with `{"n":N}` for
