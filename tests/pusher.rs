@@ -14,7 +14,7 @@ use common::crier::{Instance, Process, WAIT};
 use common::pusher::{port, pusher_config, pusher_toml, Driver, KEY, SECRET};
 use common::redis::RedisServer;
 use common::ws::WsClient;
-use crier::config::PusherApp;
+use crier::config::{PusherApp, Subscribe};
 use serde_json::{json, Value};
 use tokio::process::Command;
 
@@ -233,7 +233,13 @@ async fn client_events_are_refused_on_public_channels_when_disabled_and_over_the
         key: "quiet-key".into(),
         secret: "quiet-secret-of-16-bytes".into(),
         client_events: false,
+        namespace: "quiet:".into(),
     });
+    // The quiet app's channels are `quiet:…` among crier's.
+    config.channels.push(common::crier::rule(
+        "quiet:private-orders.*",
+        Subscribe::Claim,
+    ));
     let crier = Instance::start(config).await;
 
     let (mut ws, socket) = raw_pusher(&crier.addr, KEY).await;
@@ -489,5 +495,327 @@ async fn malformed_messages_get_a_clear_error_and_the_connection_stays_usable() 
     assert_eq!(event["channel"], "orders");
     let data: Value = serde_json::from_str(event["data"].as_str().expect("string")).expect("json");
     assert_eq!(data["n"], 1);
+    crier.shutdown().await;
+}
+
+/// Two apps (1001 without a namespace, 1002 in `app2:`) on two instances
+/// of one Redis, with the same channel names: events, client events,
+/// cache, members and channel listings of one never reach the other; and
+/// crier's own channels are listed by neither.
+#[tokio::test]
+async fn two_apps_on_two_instances_see_nothing_of_each_other() {
+    let (id2, key2, secret2) = ("1002", "other-key", "other-secret-of-16-bytes");
+    let redis = RedisServer::start().await;
+    let mut config = pusher_config(&redis);
+    config.pusher.apps.push(PusherApp {
+        id: id2.into(),
+        key: key2.into(),
+        secret: secret2.into(),
+        client_events: true,
+        namespace: "app2:".into(),
+    });
+    let mut cache = common::crier::rule("app2:cache-*", Subscribe::Anyone);
+    cache.history = config.channels[3].history;
+    config.channels.extend([
+        common::crier::rule("app2:private-orders.*", Subscribe::Claim),
+        common::crier::rule("app2:presence-*", Subscribe::Claim),
+        cache,
+    ]);
+    let x = Instance::start(config.clone()).await;
+    let y = Instance::start(config).await;
+    let (px, py) = (port(&x.addr), port(&y.addr));
+    let mut one = Driver::start().await;
+    let mut two = Driver::start_as(id2, key2, secret2).await;
+    let (private, room, cached) = ("private-orders.1", "presence-room", "cache-news");
+
+    // The same names in both apps, each signed by its own app; app 1's
+    // clients on x and y, app 2's on y.
+    one.connect("a", px, "u1").await;
+    one.connect("b", py, "u1b").await;
+    two.connect("c", py, "u2").await;
+    for client in ["a", "b"] {
+        assert_eq!(one.subscribe(client, private).await["type"], "subscribed");
+    }
+    assert_eq!(two.subscribe("c", private).await["type"], "subscribed");
+    assert_eq!(one.subscribe("a", "orders").await["type"], "subscribed");
+    assert_eq!(one.subscribe("a", room).await["members"], json!(["u1"]));
+    let joined = two.subscribe("c", room).await;
+    assert_eq!(
+        joined["members"],
+        json!(["u2"]),
+        "app 1's u1 is not in app 2's room: {joined}"
+    );
+
+    // Events from each app's SDK, and a client event of app 1.
+    let sent = two
+        .trigger(
+            "t2",
+            json!({"port": py, "channels": [private, room], "event": "from-2", "data": "{}"}),
+        )
+        .await;
+    assert_eq!(sent["status"], 200, "{sent}");
+    one.send(json!({"op": "client_event", "client": "a", "channel": private, "event": "client-hi", "data": {"n": 1}}))
+        .await;
+    one.wait(one.event("b", private, "client-hi")).await;
+    let sent = one
+        .trigger("t1", json!({"port": px, "channels": [private, room, cached], "event": "from-1", "data": "{}"}))
+        .await;
+    assert_eq!(sent["status"], 200, "{sent}");
+    one.wait(one.event("a", private, "from-1")).await;
+    one.wait(one.event("a", room, "from-1")).await;
+    two.wait(two.event("c", private, "from-2")).await;
+    two.wait(two.event("c", room, "from-2")).await;
+    // Markers published after everything above, on each app's channels:
+    // once each client has its own, anything leaked would be there too.
+    two.trigger(
+        "m2",
+        json!({"port": px, "channels": [private, room], "event": "marker", "data": "{}"}),
+    )
+    .await;
+    one.trigger(
+        "m1",
+        json!({"port": py, "channels": [private, room], "event": "marker", "data": "{}"}),
+    )
+    .await;
+    for client in ["a", "b"] {
+        one.wait(one.event(client, private, "marker")).await;
+    }
+    one.wait(one.event("a", room, "marker")).await;
+    two.wait(two.event("c", private, "marker")).await;
+    two.wait(two.event("c", room, "marker")).await;
+    let markers = |v: &Value| v["type"] == "event" && v["event"] == "marker";
+    assert_eq!(one.count(markers), 3, "app 1 hears only its own markers");
+    assert_eq!(two.count(markers), 2, "app 2 hears only its own markers");
+    assert_eq!(
+        one.count(|v| v["event"] == "from-2"),
+        0,
+        "app 2's from-2 reached app 1"
+    );
+    for event in ["from-1", "client-hi"] {
+        assert_eq!(
+            two.count(|v| v["event"] == event),
+            0,
+            "app 1's {event} reached app 2"
+        );
+    }
+    assert_eq!(
+        one.count(|v| v["type"] == "member_added"),
+        0,
+        "u2 is not app 1's"
+    );
+    assert_eq!(
+        two.count(|v| v["type"] == "member_added"),
+        0,
+        "u1 is not app 2's"
+    );
+
+    // Cache: app 1's last event on `cache-news` is not app 2's.
+    let (mut raw, _) = raw_pusher(&y.addr, key2).await;
+    raw.send_json(json!({"event": "pusher:subscribe", "data": {"channel": cached}}))
+        .await;
+    next_event(&mut raw, "pusher_internal:subscription_succeeded").await;
+    let miss = next_event(&mut raw, "pusher:cache_miss").await;
+    assert_eq!(miss["channel"], cached, "{miss}");
+
+    // Listings: each app's own channels, by their Pusher names; neither
+    // lists crier's own `public:…` channel a /ws client holds.
+    let mut native = WsClient::connect(&x.ws("/ws")).await;
+    let native_channel = common::unique("public:native");
+    assert_eq!(
+        native.subscribe(&native_channel, 1).await["type"],
+        "subscribed"
+    );
+    let listed = |v: &Value| {
+        let mut names: Vec<String> = v["body"]["channels"]
+            .as_object()
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    let mine = one.get("l1", px, "/channels", json!({})).await;
+    assert_eq!(
+        listed(&mine),
+        ["orders", "presence-room", "private-orders.1"],
+        "{mine}"
+    );
+    let theirs = two.get("l2", py, "/channels", json!({})).await;
+    assert_eq!(
+        listed(&theirs),
+        ["cache-news", "presence-room", "private-orders.1"],
+        "app 2's raw client holds its cache-news: {theirs}"
+    );
+    let users = two
+        .get("u2", px, &format!("/channels/{room}/users"), json!({}))
+        .await;
+    assert_eq!(users["body"]["users"], json!([{"id": "u2"}]), "{users}");
+    let users = one
+        .get("u1", py, &format!("/channels/{room}/users"), json!({}))
+        .await;
+    assert_eq!(users["body"]["users"], json!([{"id": "u1"}]), "{users}");
+    let info = two.get("o2", px, "/channels/orders", json!({})).await;
+    assert_eq!(
+        info["body"]["occupied"], false,
+        "app 1's `orders` is not app 2's: {info}"
+    );
+    drop(native);
+    x.shutdown().await;
+    y.shutdown().await;
+}
+
+/// A presence channel authorization for `channel_data`, as the app's
+/// endpoint makes it.
+fn presence_auth(key: &str, secret: &str, socket: &str, channel: &str, data: &str) -> String {
+    let sig = common::pusher::hmac_hex(secret, &format!("{socket}:{channel}:{data}"));
+    format!("{key}:{sig}")
+}
+
+/// Joins `channel` on a raw connection with `channel_data`: the
+/// `subscription_succeeded` or `subscription_error` frame.
+async fn join_raw(addr: &str, channel: &str, data: &str) -> (WsClient, Value) {
+    let (mut ws, socket) = raw_pusher(addr, KEY).await;
+    let auth = presence_auth(KEY, SECRET, &socket, channel, data);
+    ws.send_json(json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": auth, "channel_data": data}}))
+        .await;
+    loop {
+        let v = ws.recv_json(WAIT).await;
+        if v["event"] == "pusher_internal:subscription_succeeded"
+            || v["event"] == "pusher:subscription_error"
+        {
+            return (ws, v);
+        }
+    }
+}
+
+/// Presence members are bounded: `user_info` up to 1,024 bytes of JSON
+/// and ids that are non-empty strings (or numbers) of up to 128 bytes;
+/// one more byte, or any other id, is refused with status 400 and joins
+/// nobody. A member's info is one record whatever the protocol: crier's
+/// own `/ws` join of the same user keeps the Pusher member's info.
+#[tokio::test]
+async fn presence_members_are_bounded_and_one_record_per_user() {
+    let redis = RedisServer::start().await;
+    let mut config = pusher_config(&redis);
+    // `presence-*` also for crier's own signed-in clients.
+    config.channels[2] = common::crier::rule("presence-*", Subscribe::Anyone);
+    config.channels[2].presence = true;
+    let secret = "a-jwt-secret-of-at-least-32-bytes!!";
+    config.auth.jwt = Some(crier::config::JwtConfig {
+        algorithms: vec!["HS256".into()],
+        secret: Some(secret.into()),
+        ..crier::config::JwtConfig::default()
+    });
+    let crier = Instance::start(config).await;
+    let room = &common::unique("presence-bounds");
+    let status = |v: &Value| -> Value {
+        let data: Value =
+            serde_json::from_str(v["data"].as_str().unwrap_or("{}")).unwrap_or_default();
+        data["status"].clone()
+    };
+
+    // user_info: 1,024 bytes of JSON (`"` + 1,022 + `"`) joins; 1,025 does not.
+    let info = |n: usize| format!("\"{}\"", "i".repeat(n - 2));
+    let data = |id: &str, info: &str| format!(r#"{{"user_id":{id},"user_info":{info}}}"#);
+    let (_at_cap, ok) = join_raw(&crier.addr, room, &data("\"cap\"", &info(1024))).await;
+    assert_eq!(
+        ok["event"], "pusher_internal:subscription_succeeded",
+        "{ok}"
+    );
+    let (_over, refused) = join_raw(&crier.addr, room, &data("\"over\"", &info(1025))).await;
+    assert_eq!(refused["event"], "pusher:subscription_error", "{refused}");
+    assert_eq!(status(&refused), 400, "{refused}");
+    // Ids: 128 bytes join, 129 do not; nor null, "", objects, booleans.
+    let long = |n: usize| format!("\"{}\"", "u".repeat(n));
+    let (_long_ok, ok) = join_raw(&crier.addr, room, &data(&long(128), "null")).await;
+    assert_eq!(
+        ok["event"], "pusher_internal:subscription_succeeded",
+        "{ok}"
+    );
+    for id in [
+        long(129),
+        "null".into(),
+        "\"\"".into(),
+        "{}".into(),
+        "true".into(),
+    ] {
+        let (_ws, refused) = join_raw(&crier.addr, room, &data(&id, "null")).await;
+        assert_eq!(
+            refused["event"], "pusher:subscription_error",
+            "{id}: {refused}"
+        );
+        assert_eq!(status(&refused), 400, "{id}: {refused}");
+    }
+    let (_seven, ok) = join_raw(&crier.addr, room, &data("7", r#"{"name":"Seven"}"#)).await;
+    assert_eq!(
+        ok["event"], "pusher_internal:subscription_succeeded",
+        "{ok}"
+    );
+
+    // The same user 7 through crier's own protocol, with no info: the
+    // member stays one, with the Pusher info.
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 3600;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": "7", "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("sign");
+    let bearer = format!("Bearer {token}");
+    let mut own = WsClient::try_connect(&crier.ws("/ws"), &[("authorization", &bearer)])
+        .await
+        .expect("connect");
+    assert_eq!(own.subscribe(room, 1).await["type"], "subscribed");
+    let (_late, seen) = join_raw(&crier.addr, room, &data("\"late\"", "null")).await;
+    let presence: Value = serde_json::from_str(seen["data"].as_str().expect("data")).expect("json");
+    assert_eq!(
+        presence["presence"]["hash"]["7"],
+        json!({"name": "Seven"}),
+        "{presence}"
+    );
+    assert_eq!(
+        presence["presence"]["count"], 4,
+        "cap, 128 u's, 7, late: {presence}"
+    );
+    crier.shutdown().await;
+}
+
+/// `batch_events` is checked whole before anything is published: a
+/// batch whose second event is bad (a reserved name) is refused (400,
+/// naming it) and its first event reaches nobody.
+#[tokio::test]
+async fn a_batch_with_a_bad_event_publishes_nothing() {
+    let redis = RedisServer::start().await;
+    let crier = Instance::start(pusher_config(&redis)).await;
+    let port = port(&crier.addr);
+    let mut d = Driver::start().await;
+    d.connect("a", port, "u1").await;
+    assert_eq!(d.subscribe("a", "orders").await["type"], "subscribed");
+    let batch = json!([
+        {"channel": "orders", "name": "first", "data": "{}"},
+        {"channel": "orders", "name": "pusher:second", "data": "{}"},
+    ]);
+    let sent = d
+        .trigger("bad", json!({"port": port, "batch": batch}))
+        .await;
+    assert_eq!(sent["status"], 400, "{sent}");
+    assert!(
+        sent.to_string().contains("batch[1]"),
+        "the answer names the bad event: {sent}"
+    );
+    d.trigger(
+        "marker",
+        json!({"port": port, "channels": ["orders"], "event": "marker", "data": "{}"}),
+    )
+    .await;
+    d.wait(d.event("a", "orders", "marker")).await;
+    assert_eq!(
+        d.count(d.event("a", "orders", "first")),
+        0,
+        "nothing of the bad batch"
+    );
     crier.shutdown().await;
 }

@@ -81,6 +81,7 @@ async fn the_documented_acl_user_runs_everything_without_a_denial() {
         key: "acl-key".into(),
         secret: PUSHER_SECRET.into(),
         client_events: false,
+        namespace: String::new(),
     }];
     // Ready means the canary went round: PUBLISH and SUBSCRIBE as `crier`.
     let crier = Instance::start(config).await;

@@ -12,6 +12,11 @@
 //! Events are published through crier's normal path (Redis or the memory
 //! broker, history where a rule keeps it), so every instance delivers
 //! them, to Pusher clients and crier's own alike.
+//!
+//! An app reaches only its own channels: names in requests are Pusher
+//! names, in the app's namespace among crier's (`pusher::crier_channel`),
+//! and listings show only the app's channels (`pusher::app_channel`),
+//! never another app's or crier's own.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -23,10 +28,11 @@ use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 use crate::app::App;
+use crate::config::PusherApp;
 use crate::http::{json, status_of, Body};
-use crate::policy::validate_channel;
 use crate::protocol::{envelope, SocketId};
 use crate::pusher::sign::{self, Unsigned};
+use crate::pusher::{app_channel, crier_channel, valid_name};
 
 /// Channels one event may go to (Pusher's limit).
 const MAX_CHANNELS: usize = 100;
@@ -114,7 +120,8 @@ async fn answer(app: &App, req: Request<Incoming>) -> Result<Value, Failed> {
         (&Method::POST, ["events"]) => {
             let trigger: Trigger = serde_json::from_slice(&body)
                 .map_err(|e| Failed::bad(format!("expected an event: {e}")))?;
-            trigger_one(app, trigger).await
+            let event = Event::checked(&pusher_app, trigger)?;
+            event.publish(app).await
         }
         (&Method::POST, ["batch_events"]) => {
             let batch: Batch = serde_json::from_slice(&body)
@@ -122,9 +129,21 @@ async fn answer(app: &App, req: Request<Incoming>) -> Result<Value, Failed> {
             if batch.batch.len() > MAX_BATCH {
                 return Err(Failed::bad(format!("at most {MAX_BATCH} events per batch")));
             }
-            let mut answers = Vec::with_capacity(batch.batch.len());
-            for trigger in batch.batch {
-                answers.push(trigger_one(app, trigger).await?);
+            // Every event checked before any is published: a batch with
+            // a bad event publishes nothing, so a client that fixes it
+            // and retries sends each event once.
+            let events = batch
+                .batch
+                .into_iter()
+                .enumerate()
+                .map(|(i, t)| {
+                    Event::checked(&pusher_app, t)
+                        .map_err(|Failed(status, why)| Failed(status, format!("batch[{i}]: {why}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut answers = Vec::with_capacity(events.len());
+            for event in events {
+                answers.push(event.publish(app).await?);
             }
             Ok(json!({"batch": answers}))
         }
@@ -135,25 +154,29 @@ async fn answer(app: &App, req: Request<Incoming>) -> Result<Value, Failed> {
                 return Err(Failed::bad(why));
             }
             let mut channels = Map::new();
-            for name in occupied(app).await? {
+            for channel in occupied(app).await? {
+                let Some(name) = app_channel(&pusher_app, &channel) else {
+                    continue;
+                };
                 if !name.starts_with(prefix) {
                     continue;
                 }
                 let mut info = json!({});
                 if wants_users {
-                    info["user_count"] = json!(user_count(app, &name).await?);
+                    info["user_count"] = json!(user_count(app, &channel).await?);
                 }
-                channels.insert(name, info);
+                channels.insert(name.to_owned(), info);
             }
             Ok(json!({"channels": channels}))
         }
         (&Method::GET, ["channels", name]) => {
+            let channel = named(&pusher_app, name)?;
             let presence = name.starts_with("presence-");
             let count = match presence {
-                true => user_count(app, name).await?,
+                true => user_count(app, &channel).await?,
                 false => 0,
             };
-            let occupied = count > 0 || occupied(app).await?.iter().any(|c| c == name);
+            let occupied = count > 0 || occupied(app).await?.contains(&channel);
             let mut info = json!({"occupied": occupied});
             if wants_users {
                 if !presence {
@@ -164,10 +187,11 @@ async fn answer(app: &App, req: Request<Incoming>) -> Result<Value, Failed> {
             Ok(info)
         }
         (&Method::GET, ["channels", name, "users"]) => {
+            let channel = named(&pusher_app, name)?;
             if !name.starts_with("presence-") {
                 return Err(Failed::bad("users are only listed for presence channels"));
             }
-            let members = app.members(name).await.map_err(|_| unavailable())?;
+            let members = app.members(&channel).await.map_err(|_| unavailable())?;
             let users: Vec<Value> = members
                 .listed
                 .iter()
@@ -186,62 +210,89 @@ fn unavailable() -> Failed {
     )
 }
 
-/// Publishes one event to each of its channels.
-async fn trigger_one(app: &App, t: Trigger) -> Result<Value, Failed> {
-    let channels = match (t.channels, t.channel) {
-        (Some(channels), None) => channels,
-        (None, Some(channel)) => vec![channel],
-        _ => return Err(Failed::bad("give `channels` (a list) or `channel`")),
-    };
-    if channels.is_empty() || channels.len() > MAX_CHANNELS {
-        return Err(Failed::bad(format!(
-            "between 1 and {MAX_CHANNELS} channels"
-        )));
+/// An app's channel among crier's, from its Pusher name in a request.
+fn named(pusher_app: &PusherApp, name: &str) -> Result<String, Failed> {
+    valid_name(name).map_err(|why| Failed::bad(format!("bad channel `{name}`: {why}")))?;
+    Ok(crier_channel(pusher_app, name))
+}
+
+/// One event, checked whole and ready to publish: its channels (crier's
+/// names, in the app's namespace) and its payload.
+struct Event {
+    channels: Vec<String>,
+    payload: Vec<u8>,
+    wants_users: bool,
+}
+
+impl Event {
+    fn checked(pusher_app: &PusherApp, t: Trigger) -> Result<Self, Failed> {
+        let names = match (t.channels, t.channel) {
+            (Some(channels), None) => channels,
+            (None, Some(channel)) => vec![channel],
+            _ => return Err(Failed::bad("give `channels` (a list) or `channel`")),
+        };
+        if names.is_empty() || names.len() > MAX_CHANNELS {
+            return Err(Failed::bad(format!(
+                "between 1 and {MAX_CHANNELS} channels"
+            )));
+        }
+        if t.name.is_empty() || t.name.len() > MAX_NAME {
+            return Err(Failed::bad(format!(
+                "an event name of 1 to {MAX_NAME} bytes"
+            )));
+        }
+        if t.name.starts_with("pusher:") || t.name.starts_with("pusher_internal:") {
+            return Err(Failed::bad(
+                "event names starting with `pusher` are reserved",
+            ));
+        }
+        let channels = names
+            .iter()
+            .map(|name| named(pusher_app, name))
+            .collect::<Result<Vec<_>, _>>()?;
+        let exclude = match t.socket_id.as_deref() {
+            None => None,
+            Some(id) => Some(
+                id.parse::<SocketId>()
+                    .map_err(|_| Failed::bad(format!("bad socket_id `{id}`")))?,
+            ),
+        };
+        Ok(Event {
+            channels,
+            payload: envelope(&t.name, exclude, None, t.data.get()),
+            wants_users: t
+                .info
+                .as_deref()
+                .is_some_and(|i| i.split(',').any(|x| x == "user_count")),
+        })
     }
-    if t.name.is_empty() || t.name.len() > MAX_NAME {
-        return Err(Failed::bad(format!(
-            "an event name of 1 to {MAX_NAME} bytes"
-        )));
+
+    /// Publishes to each channel; the answer Pusher gives (`user_count`
+    /// of the presence channels with `info=user_count`).
+    async fn publish(self, app: &App) -> Result<Value, Failed> {
+        for channel in &self.channels {
+            app.broker
+                .publish(channel, &self.payload)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "pusher event not published");
+                    unavailable()
+                })?;
+        }
+        app.metrics.api_publications.inc();
+        if !self.wants_users {
+            return Ok(json!({}));
+        }
+        let mut info = Map::new();
+        for channel in &self.channels {
+            let name = crate::pusher::local_name(channel);
+            if name.starts_with("presence-") {
+                let count = user_count(app, channel).await?;
+                info.insert(name.to_owned(), json!({"user_count": count}));
+            }
+        }
+        Ok(json!({"channels": info}))
     }
-    if t.name.starts_with("pusher:") || t.name.starts_with("pusher_internal:") {
-        return Err(Failed::bad(
-            "event names starting with `pusher` are reserved",
-        ));
-    }
-    for channel in &channels {
-        validate_channel(channel)
-            .map_err(|why| Failed::bad(format!("bad channel `{channel}`: {why}")))?;
-    }
-    let exclude = match t.socket_id.as_deref() {
-        None => None,
-        Some(id) => Some(
-            id.parse::<SocketId>()
-                .map_err(|_| Failed::bad(format!("bad socket_id `{id}`")))?,
-        ),
-    };
-    let payload = envelope(&t.name, exclude, None, t.data.get());
-    for channel in &channels {
-        app.broker.publish(channel, &payload).await.map_err(|e| {
-            tracing::warn!(error = %e, "pusher event not published");
-            unavailable()
-        })?;
-    }
-    app.metrics.api_publications.inc();
-    let wants_users = t
-        .info
-        .as_deref()
-        .is_some_and(|i| i.split(',').any(|x| x == "user_count"));
-    if !wants_users {
-        return Ok(json!({}));
-    }
-    let mut info = Map::new();
-    for channel in channels.iter().filter(|c| c.starts_with("presence-")) {
-        info.insert(
-            channel.clone(),
-            json!({"user_count": user_count(app, channel).await?}),
-        );
-    }
-    Ok(json!({"channels": info}))
 }
 
 async fn user_count(app: &App, channel: &str) -> Result<u64, Failed> {

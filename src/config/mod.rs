@@ -564,6 +564,29 @@ impl Config {
             if !seen.insert(("id", app.id.clone())) || !seen.insert(("key", app.key.clone())) {
                 return bad(&field("id"), "two apps share an id or a key".into());
             }
+            let ns = &app.namespace;
+            let allowed = |c: char| c.is_ascii_alphanumeric() || "_-.:".contains(c);
+            if !ns.is_empty() && (!ns.ends_with(':') || ns.len() > 64 || !ns.chars().all(allowed)) {
+                return bad(
+                    &field("namespace"),
+                    format!(
+                        "must end with `:` (at most 64 ASCII letters, digits, `_`, `-`, `.` \
+                         and `:`), e.g. \"{}:\"",
+                        app.id
+                    ),
+                );
+            }
+            if !seen.insert(("namespace", ns.clone())) {
+                let why = match ns.is_empty() {
+                    true => format!(
+                        "two apps without a namespace would share every channel: give this app \
+                         one, e.g. namespace = \"{}:\"",
+                        app.id
+                    ),
+                    false => "two apps share a namespace (and so every channel)".into(),
+                };
+                return bad(&field("namespace"), why);
+            }
         }
         for (i, key) in self.publish.api_keys.iter().enumerate() {
             if key.len() < 16 {
@@ -976,6 +999,14 @@ mod tests {
         };
         let ok = app("1", "k", "a-secret-of-16-bytes");
         assert!(load_str(&ok, &[]).is_ok());
+        let two = format!(
+            "{ok}{}namespace = \"app2:\"\n",
+            app("2", "k2", "another-secret-16-bytes")
+        );
+        assert!(
+            load_str(&two, &[]).is_ok(),
+            "one app without a namespace, one with"
+        );
         for (toml, field) in [
             (app("1", "k", "short"), "pusher.apps[0].secret"),
             (app("", "k", "a-secret-of-16-bytes"), "pusher.apps[0].id"),
@@ -986,6 +1017,25 @@ mod tests {
             (
                 format!("{ok}{}", app("2", "k", "another-secret-16-bytes")),
                 "pusher.apps[1].id",
+            ),
+            (
+                format!("{ok}{}", app("2", "k2", "another-secret-16-bytes")),
+                "pusher.apps[1].namespace",
+            ),
+            (
+                format!(
+                    "{ok}namespace = \"a:\"\n{}namespace = \"a:\"\n",
+                    app("2", "k2", "another-secret-16-bytes")
+                ),
+                "pusher.apps[1].namespace",
+            ),
+            (
+                format!("{ok}namespace = \"app1\"\n"),
+                "pusher.apps[0].namespace",
+            ),
+            (
+                format!("{ok}namespace = \"a b:\"\n"),
+                "pusher.apps[0].namespace",
             ),
             (
                 "[presence]\nheartbeat = \"10s\"\nttl = \"5s\"\n".into(),

@@ -39,6 +39,16 @@ pub struct PusherApp {
     /// `client-*` events to each other.
     #[serde(default)]
     pub client_events: bool,
+    /// Where the app's channels live among crier's: the app's channel `X`
+    /// is crier's channel `<namespace>X`, for channel rules, history,
+    /// presence, Redis publishers and crier's own `/ws` and `/sse`
+    /// clients. Each app's channels are its own: no two apps share a
+    /// namespace, and at most one app has the empty one (its channels are
+    /// crier's, by the same names). A namespace ends with `:`, which
+    /// Pusher channel names cannot contain, so no app reaches another's
+    /// channels, nor crier's own channels with a `:` in their name.
+    #[serde(default)]
+    pub namespace: String,
 }
 
 impl Default for PusherConfig {

@@ -43,6 +43,49 @@ impl Apps {
     }
 }
 
+/// Longest Pusher channel name (Pusher's limit).
+const MAX_NAME: usize = 164;
+
+/// Whether `name` is a channel name Pusher accepts: 1 to 164 of ASCII
+/// letters, digits and `_ - = @ , . ;`. No `:`, so an app's channels never
+/// reach another app's namespace nor crier's own `user:42`-style channels.
+pub(crate) fn valid_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_NAME {
+        return Err(format!("a channel name of 1 to {MAX_NAME} bytes"));
+    }
+    match name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "_-=@,.;".contains(*c)))
+    {
+        Some(c) => Err(format!(
+            "`{}` is not allowed in a channel name (letters, digits and _-=@,.; only)",
+            c.escape_default()
+        )),
+        None => Ok(()),
+    }
+}
+
+/// An app's channel among crier's: `<namespace><name>` (see
+/// [`PusherApp::namespace`]).
+pub(crate) fn crier_channel(app: &PusherApp, name: &str) -> String {
+    format!("{}{name}", app.namespace)
+}
+
+/// The app's own name of a crier channel, when the channel is one of the
+/// app's: in its namespace, and a valid Pusher name after it.
+pub(crate) fn app_channel<'a>(app: &PusherApp, channel: &'a str) -> Option<&'a str> {
+    channel
+        .strip_prefix(app.namespace.as_str())
+        .filter(|name| valid_name(name).is_ok())
+}
+
+/// The name a Pusher client knows a crier channel by: what follows the
+/// last `:` (an app's namespace ends with one, and Pusher names have
+/// none), so one shared frame serves every listener of the channel.
+pub(crate) fn local_name(channel: &str) -> &str {
+    channel.rsplit_once(':').map_or(channel, |(_, name)| name)
+}
+
 /// The channel kinds of the protocol, by name prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ChannelKind {
@@ -85,4 +128,36 @@ pub(crate) fn is_cache(channel: &str) -> bool {
     ]
     .iter()
     .any(|p| channel.starts_with(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn apps_map_their_channels_into_their_namespace_and_back() {
+        let app = |namespace: &str| PusherApp {
+            id: "1".into(),
+            key: "k".into(),
+            secret: "s".repeat(16),
+            client_events: false,
+            namespace: namespace.into(),
+        };
+        let (plain, second) = (app(""), app("app2:"));
+        assert_eq!(crier_channel(&plain, "private-a"), "private-a");
+        assert_eq!(crier_channel(&second, "private-a"), "app2:private-a");
+        assert_eq!(app_channel(&second, "app2:private-a"), Some("private-a"));
+        // Not the app's: another namespace, or a crier channel with a `:`.
+        assert_eq!(app_channel(&second, "private-a"), None);
+        assert_eq!(app_channel(&plain, "app2:private-a"), None);
+        assert_eq!(app_channel(&plain, "user:alice"), None);
+        assert_eq!(local_name("app2:private-a"), "private-a");
+        assert_eq!(local_name("orders"), "orders");
+        assert!(valid_name("presence-room.1;x=y@z,w").is_ok());
+        assert!(valid_name(&"a".repeat(164)).is_ok());
+        for bad in ["", "user:alice", "a b", "é", "#server-to-user-1"] {
+            assert!(valid_name(bad).is_err(), "{bad}");
+        }
+        assert!(valid_name(&"a".repeat(165)).is_err());
+    }
 }

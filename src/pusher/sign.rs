@@ -158,6 +158,7 @@ mod tests {
             key: key.into(),
             secret: secret.into(),
             client_events: false,
+            namespace: String::new(),
         }
     }
 

@@ -28,7 +28,7 @@ use crate::http::{rejected, status_of, Body};
 use crate::link::{Gone, Link};
 use crate::metrics::Transport;
 use crate::protocol::{envelope, Encoding, Kind, Publication};
-use crate::pusher::{is_cache, sign, ChannelKind};
+use crate::pusher::{self, is_cache, sign, ChannelKind};
 use crate::refusal::Refusal;
 use crate::session::{admit, Admission, Event, Session, Verdict, Wire};
 use crate::transport::websocket::{text_frame, upgrade, Message, WebSocket};
@@ -321,7 +321,8 @@ impl Conn {
             },
             "pusher:unsubscribe" => {
                 if let Some(channel) = data.get("channel").and_then(Value::as_str) {
-                    self.session.unsubscribe(channel);
+                    let channel = pusher::crier_channel(&self.pusher_app, channel);
+                    self.session.unsubscribe(&channel);
                 }
                 Ok(())
             }
@@ -339,8 +340,17 @@ impl Conn {
         }
     }
 
+    /// `pusher:subscribe`. `channel` is the app's name; its crier channel
+    /// (`named`) is in the app's namespace: what the session, the rules,
+    /// history and presence see.
     async fn subscribe(&mut self, request: Subscribe) -> Result<(), Gone> {
         let channel = request.channel;
+        if let Err(reason) = pusher::valid_name(&channel) {
+            return self
+                .subscription_error(&channel, "SubscriptionError", &reason, 400)
+                .await;
+        }
+        let named = pusher::crier_channel(&self.pusher_app, &channel);
         let kind = ChannelKind::of(&channel);
         let socket_id = self.session.socket_id().to_string();
         if kind == ChannelKind::Encrypted {
@@ -377,10 +387,12 @@ impl Conn {
                     .await;
             }
             (ChannelKind::Presence, Some(data)) => {
-                match serde_json::from_str::<ChannelData>(data) {
-                    Ok(data) => Some(member_of(data)),
-                    Err(_) => {
-                        let reason = "channel_data must be {\"user_id\": …, \"user_info\": …}";
+                let member = serde_json::from_str::<ChannelData>(data)
+                    .map_err(|_| "channel_data must be {\"user_id\": …, \"user_info\": …}")
+                    .and_then(member_of);
+                match member {
+                    Ok(member) => Some(member),
+                    Err(reason) => {
                         return self
                             .subscription_error(&channel, "AuthError", reason, 400)
                             .await;
@@ -390,29 +402,29 @@ impl Conn {
             _ => None,
         };
         let since = match is_cache(&channel) {
-            true => last_event_position(&Arc::clone(&self.app), &channel).await,
+            true => last_event_position(&Arc::clone(&self.app), &named).await,
             false => None,
         };
         let subscribed = match kind.signed() {
-            true => self.session.subscribe_signed(&channel, since).await,
-            false => self.session.subscribe(&channel, None, since, false).await,
+            true => self.session.subscribe_signed(&named, since).await,
+            false => self.session.subscribe(&named, None, since, false).await,
         };
         if let Err(refusal) = subscribed {
             return self.refused(&channel, &refusal).await;
         }
         let mut data = "{}".to_owned();
         if let Some((user_id, info)) = member {
-            match self.session.join(&channel, &user_id, &info).await {
+            match self.session.join(&named, &user_id, &info).await {
                 Ok(members) => data = presence_data(&members),
                 Err(refusal) => {
-                    self.session.unsubscribe(&channel);
+                    self.session.unsubscribe(&named);
                     return self.refused(&channel, &refusal).await;
                 }
             }
-        } else if self.app.policy.is_presence(&channel) {
+        } else if self.app.policy.is_presence(&named) {
             // A presence channel subscribed without joining (crier's own
             // rules can make any channel one): the members, read only.
-            if let Ok(members) = self.app.members(&channel).await {
+            if let Ok(members) = self.app.members(&named).await {
                 data = presence_data(&members);
             }
         }
@@ -438,6 +450,7 @@ impl Conn {
         let Some(channel) = channel else {
             return self.error(None, "a client event needs a channel").await;
         };
+        let channel = pusher::crier_channel(&self.pusher_app, &channel);
         if !self.session.is_subscribed(&channel) {
             return self
                 .error(None, "client events go to a subscribed channel")
@@ -445,7 +458,7 @@ impl Conn {
         }
         // On a presence channel, who the sender joined as.
         let user = self.session.member(&channel).map(str::to_owned);
-        let kind = ChannelKind::of(&channel);
+        let kind = ChannelKind::of(pusher::local_name(&channel));
         if !kind.signed() {
             return self
                 .error(
@@ -547,15 +560,29 @@ async fn last_event_position(app: &App, channel: &str) -> Option<StreamId> {
     (found.entries.first().map(|(id, _)| *id) == Some(last)).then_some(before)
 }
 
+/// Longest presence member id, in bytes.
+pub(crate) const MAX_USER_ID: usize = 128;
+/// Largest presence `user_info`, as JSON (Pusher's limit): every member
+/// list carries it, up to `presence.max_listed` times.
+pub(crate) const MAX_USER_INFO: usize = 1024;
+
 /// A presence member from its signed `channel_data`: the user id as a
-/// string (apps sign numbers too), and the info as JSON.
-fn member_of(data: ChannelData) -> (String, String) {
+/// string (apps sign numbers too; nothing else is an id), and the info
+/// as JSON, each within its bound.
+fn member_of(data: ChannelData) -> Result<(String, String), &'static str> {
     let user = match data.user_id {
-        Value::String(s) => s,
-        other => other.to_string(),
+        Value::String(s) if !s.is_empty() => s,
+        Value::Number(n) => n.to_string(),
+        _ => return Err("channel_data's user_id must be a non-empty string or a number"),
     };
+    if user.len() > MAX_USER_ID {
+        return Err("channel_data's user_id is over 128 bytes");
+    }
     let info = data.user_info.unwrap_or(Value::Null).to_string();
-    (user, info)
+    if info.len() > MAX_USER_INFO {
+        return Err("channel_data's user_info is over 1024 bytes (as JSON)");
+    }
+    Ok((user, info))
 }
 
 /// `subscription_succeeded`'s data for a presence channel.
@@ -587,7 +614,7 @@ fn frame(p: &Publication) -> Bytes {
         text.extend_from_slice(br#"{"event":"#);
         let _ = serde_json::to_writer(&mut text, p.pusher_event());
         text.extend_from_slice(br#","channel":"#);
-        let _ = serde_json::to_writer(&mut text, &p.channel);
+        let _ = serde_json::to_writer(&mut text, pusher::local_name(&p.channel));
         text.extend_from_slice(br#","data":"#);
         if data.starts_with('"') {
             text.extend_from_slice(data.as_bytes());

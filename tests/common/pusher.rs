@@ -48,6 +48,7 @@ pub fn with_pusher(config: &mut Config) {
         key: KEY.into(),
         secret: SECRET.into(),
         client_events: true,
+        namespace: String::new(),
     }];
     config.presence.heartbeat = Duration::from_millis(300);
     config.presence.ttl = Duration::from_secs(1);
@@ -93,13 +94,19 @@ pub struct Driver {
 
 impl Driver {
     pub async fn start() -> Driver {
+        Self::start_as(APP_ID, KEY, SECRET).await
+    }
+
+    /// A driver for another app: its clients connect with `key`, its
+    /// auth endpoint and SDK sign with `secret`, its SDK calls `id`.
+    pub async fn start_as(id: &str, key: &str, secret: &str) -> Driver {
         assert!(
             repo("tests/pusher/node_modules/pusher-js/package.json").exists(),
             "run `npm ci --prefix tests/pusher` (node and npm needed)"
         );
         let mut child = Command::new("node")
             .arg(repo("tests/pusher/driver.mjs"))
-            .envs([("APP_ID", APP_ID), ("APP_KEY", KEY), ("APP_SECRET", SECRET)])
+            .envs([("APP_ID", id), ("APP_KEY", key), ("APP_SECRET", secret)])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
