@@ -443,6 +443,37 @@ async fn discovery_naming_another_issuer_is_refused() {
     );
 }
 
+/// A certificate for another name, on the IdP, is logged with rustls's own
+/// word for it (docs/operations.md tells operators to search for it).
+#[tokio::test]
+async fn a_certificate_for_another_name_is_logged_as_not_valid_for_name() {
+    let idp = Idp::start(true).await;
+    let key = SigningKey::ec("k1");
+    idp.set_keys(&[&key]);
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = common::pki::write(dir.path(), "idp-ca.pem", idp.ca_pem.as_deref().expect("CA"));
+    // The certificate names localhost; crier is sent to 127.0.0.1.
+    let (crier, _) = jwks_process(
+        dir.path(),
+        &format!(
+            "algorithms = [\"ES256\"]\njwks_url = \"{}\"\njwks_ca_file = \"{}\"",
+            idp.jwks_url().replace("localhost", "127.0.0.1"),
+            ca.display()
+        ),
+    )
+    .await;
+    common::eventually("the failed fetch is logged", WAIT, || async {
+        crier.log_text().contains("JWKS fetch failed")
+    })
+    .await;
+    let log = crier.log_text();
+    let failed = log
+        .lines()
+        .find(|l| l.contains("JWKS fetch failed"))
+        .unwrap_or_else(|| panic!("the fetch failure is logged: {log}"));
+    assert!(failed.contains("NotValidForName"), "{failed}");
+}
+
 #[tokio::test]
 async fn check_config_names_a_bad_jwks_setting() {
     let dir = tempfile::tempdir().expect("dir");
