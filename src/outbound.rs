@@ -102,10 +102,16 @@ impl Client {
             )?;
             let name = rustls::pki_types::ServerName::try_from(host.clone())
                 .map_err(|_| format!("`{host}` is not a valid TLS server name"))?;
-            let stream = connector
-                .connect(name, stream)
-                .await
-                .map_err(|e| format!("TLS with {host}:{port} failed: {e}"))?;
+            let stream =
+                connector
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| match rustls_error(&e) {
+                        // rustls's prose leaves out the variant names
+                        // (`NotValidForName`, `Expired`) operators search for.
+                        Some(tls) => format!("TLS with {host}:{port} failed: {e} ({tls:?})"),
+                        None => format!("TLS with {host}:{port} failed: {e}"),
+                    })?;
             one_request(stream, request).await?
         } else {
             one_request(stream, request).await?
@@ -128,6 +134,11 @@ impl Client {
             body,
         })
     }
+}
+
+/// The rustls error tokio-rustls carries in a failed handshake's I/O error.
+fn rustls_error(e: &std::io::Error) -> Option<&rustls::Error> {
+    e.get_ref()?.downcast_ref::<rustls::Error>()
 }
 
 /// One HTTP/1.1 request on `stream`.

@@ -3,6 +3,9 @@
 //! credentials, so the broker, `crier publish` and the session store all
 //! connect the same way.
 
+use std::error::Error;
+use std::sync::Arc;
+
 use redis::{ConnectionAddr, IntoConnectionInfo, TlsCertificates};
 
 use crate::config::{RedisConfig, RedisTlsConfig};
@@ -80,4 +83,36 @@ pub(crate) fn certificates(files: &RedisTlsConfig) -> Result<TlsCertificates, St
         client_tls,
         root_cert,
     })
+}
+
+/// `e` for a log line, followed by the rustls error underneath it in
+/// rustls's own words (`InvalidCertificate(NotValidForNameContext { … })`,
+/// `ExpiredContext`, `UnknownIssuer`): redis-rs shows rustls's prose,
+/// which leaves out the variant names docs/operations.md tells operators to
+/// search the log for.
+pub(crate) fn describe(e: &redis::RedisError) -> String {
+    match rustls_cause(e) {
+        Some(tls) => format!("{e} ({tls:?})"),
+        None => e.to_string(),
+    }
+}
+
+/// The rustls error in `e`'s chain: redis-rs keeps the I/O error (in an
+/// `Arc`) whose payload tokio-rustls made the rustls error.
+fn rustls_cause<'a>(e: &'a (dyn Error + 'static)) -> Option<&'a rustls::Error> {
+    if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+        return Some(tls);
+    }
+    if let Some(io) = e.downcast_ref::<std::io::Error>() {
+        if let Some(inner) = io.get_ref() {
+            return rustls_cause(inner);
+        }
+    }
+    if let Some(shared) = e.downcast_ref::<Arc<dyn Error + Send + Sync>>() {
+        return rustls_cause(shared.as_ref());
+    }
+    if let Some(shared) = e.downcast_ref::<Arc<std::io::Error>>() {
+        return rustls_cause(shared.as_ref());
+    }
+    e.source().and_then(rustls_cause)
 }

@@ -900,3 +900,36 @@ async fn placeholder_values_cannot_reach_into_another_users_channels() {
         );
     }
 }
+
+/// Issue 20: an RSA `public_key_file` under 2048 bits (RFC 7518 §3.3) is
+/// a configuration error naming the field (exit 64); the 2048-bit fixture
+/// passes the same check.
+#[tokio::test]
+async fn an_rsa_public_key_under_2048_bits_is_a_configuration_error() {
+    let dir = tempfile::tempdir().expect("dir");
+    let toml = |key: &str| {
+        format!(
+            "[auth.jwt]\nalgorithms = [\"RS256\"]\npublic_key_file = \"{}\"\n",
+            fixture_path(key).display()
+        )
+    };
+    common::crier::check_config_refuses(
+        dir.path(),
+        &toml("rsa1024_public.pem"),
+        "auth.jwt.public_key_file",
+    )
+    .await;
+    let file = dir.path().join("good.toml");
+    std::fs::write(&file, toml("rsa_public.pem")).expect("config");
+    let out = common::crier::crier_command()
+        .args(["check-config", "--config", file.to_str().expect("path")])
+        .output()
+        .await
+        .expect("check-config");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "2048 bits: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

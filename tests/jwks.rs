@@ -279,6 +279,201 @@ async fn issuer_discovery_finds_the_key_set() {
     crier.shutdown().await;
 }
 
+/// The real binary with `[auth.jwt]` = `jwt_toml` (its log is read), a
+/// `user:{user}` rule; returns it and its `/sse?channel=user:42` URL.
+async fn jwks_process(dir: &std::path::Path, jwt_toml: &str) -> (Process, String) {
+    let file = dir.join("crier.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[channels]]\npattern = \"user:{{user}}\"\nsubscribe = \"user\"\n[auth.jwt]\n{jwt_toml}\n"
+        ),
+    )
+    .expect("config");
+    let crier = Process::start(&["--config", file.to_str().expect("path")], &[]).await;
+    let url = crier.http(&format!("/sse?channel={CHANNEL}"));
+    (crier, url)
+}
+
+/// `crier_jwks_fetches_total{result}` of the process.
+async fn fetches_metric(crier: &Process, result: &str) -> f64 {
+    let (_, text) = common::http_get(&crier.http("/metrics")).await;
+    common::crier::metric_value(
+        &text,
+        &format!("crier_jwks_fetches_total{{result=\"{result}\"}}"),
+    )
+}
+
+/// Issue 20: three tokens naming three new kids, presented at once while
+/// the IdP accepts requests and never answers, used to queue one fetch
+/// each (answered after 1, 2 and 3 fetch timeouts). They share the fetch
+/// in flight: the IdP sees one request, and all three are answered when
+/// it times out.
+#[tokio::test]
+async fn unknown_kids_presented_together_share_one_fetch_while_the_idp_hangs() {
+    let idp = Idp::start(false).await;
+    let key = SigningKey::ec("k1");
+    idp.set_keys(&[&key]);
+    let dir = tempfile::tempdir().expect("dir");
+    let mut config = jwks_config(&idp, dir.path(), &["ES256"]);
+    if let Some(jwt) = &mut config.auth.jwt {
+        // No interval: every lookup may ask for a fetch (as with the
+        // defaults, where a fetch may take its 10 s timeout and the
+        // interval is 10 s too); only sharing the one in flight bounds them.
+        jwt.jwks_timeout = Duration::from_secs(1);
+        jwt.jwks_unknown_kid_interval = Duration::ZERO;
+    }
+    let crier = Instance::start(config).await;
+    let url = crier.sse_url(&[CHANNEL]);
+    assert_eq!(
+        try_token(&url, &key.sign(&claims())).await.0,
+        StatusCode::OK,
+        "the key set was fetched"
+    );
+
+    idp.set_mode(Mode::Hang);
+    let before = idp.fetches();
+    let burst: Vec<_> = (0..3)
+        .map(|i| {
+            let (url, token) = (
+                url.clone(),
+                key.sign_as(Some(&format!("new-{i}-{}", rand_suffix())), &claims()),
+            );
+            tokio::spawn(async move { try_token(&url, &token).await })
+        })
+        .collect();
+    for task in burst {
+        let (status, reason) = task.await.expect("request");
+        assert_eq!(
+            (status, reason.as_deref()),
+            (StatusCode::UNAUTHORIZED, Some("unknown_key"))
+        );
+    }
+    let fetched = idp.fetches() - before;
+    assert_eq!(
+        fetched, 1,
+        "all three answered after one fetch of the hanging IdP ({fetched} fetches: each waited for its own)"
+    );
+    crier.shutdown().await;
+}
+
+/// Issue 20: RSA keys under 2048 bits (RFC 7518 §3.3) are skipped from a
+/// key set, with a log line naming the kid and the size; the rest of the
+/// set works, a 2048-bit key included.
+#[tokio::test]
+async fn rsa_keys_under_2048_bits_are_skipped_from_a_key_set() {
+    let idp = Idp::start(false).await;
+    let small = SigningKey::rsa_fixture("rsa1024_private.pem", "rsa-1024");
+    let good = SigningKey::rsa("rsa-2048");
+    idp.set_keys(&[&small, &good]);
+    let dir = tempfile::tempdir().expect("dir");
+    let (crier, url) = jwks_process(
+        dir.path(),
+        &format!(
+            "algorithms = [\"RS256\"]\njwks_url = \"{}\"\nissuer = \"test-idp\"",
+            idp.jwks_url()
+        ),
+    )
+    .await;
+    common::eventually("the key set is fetched", WAIT, || async {
+        fetches_metric(&crier, "ok").await >= 1.0
+    })
+    .await;
+    assert_eq!(
+        try_token(&url, &good.sign(&claims())).await,
+        (StatusCode::OK, None),
+        "the 2048-bit key works"
+    );
+    assert_eq!(
+        try_token(&url, &small.sign(&claims())).await,
+        (StatusCode::UNAUTHORIZED, Some("unknown_key".into())),
+        "the 1024-bit key is not used"
+    );
+    let log = crier.log_text();
+    let skipped = log
+        .lines()
+        .find(|l| l.contains("rsa-1024"))
+        .unwrap_or_else(|| panic!("a log line names the skipped kid: {log}"));
+    assert!(skipped.contains("1024"), "and its size: {skipped}");
+}
+
+/// Issue 20: an OpenID configuration whose `issuer` is not the configured
+/// one (OpenID Connect Discovery §4.3) is refused like a failed fetch: no
+/// key set is loaded from it, and the log names both issuers.
+#[tokio::test]
+async fn discovery_naming_another_issuer_is_refused() {
+    let idp = Idp::start(false).await;
+    let key = SigningKey::ec("k1");
+    idp.set_keys(&[&key]);
+    let impostor = "https://impostor.example";
+    idp.set_discovery_issuer(impostor);
+    let dir = tempfile::tempdir().expect("dir");
+    let (crier, url) = jwks_process(
+        dir.path(),
+        &format!(
+            "algorithms = [\"ES256\"]\nissuer_discovery = true\nissuer = \"{}\"",
+            idp.base
+        ),
+    )
+    .await;
+    common::eventually("the refused discovery is logged", WAIT, || async {
+        crier.log_text().contains(impostor)
+    })
+    .await;
+    assert!(
+        fetches_metric(&crier, "error").await >= 1.0,
+        "counted as failed"
+    );
+    let mut claims = claims();
+    claims["iss"] = json!(idp.base);
+    assert_eq!(
+        try_token(&url, &key.sign(&claims)).await,
+        (StatusCode::UNAUTHORIZED, Some("unknown_key".into()))
+    );
+    assert_eq!(fetches_metric(&crier, "ok").await, 0.0, "no key set loaded");
+    assert_eq!(idp.fetches(), 0, "the key set it names was never fetched");
+    let log = crier.log_text();
+    let refused = log
+        .lines()
+        .find(|l| l.contains(impostor))
+        .unwrap_or_else(|| panic!("a log line names the document's issuer: {log}"));
+    assert!(
+        refused.contains(&idp.base),
+        "and the configured one: {refused}"
+    );
+}
+
+/// A certificate for another name, on the IdP, is logged with rustls's own
+/// word for it (docs/operations.md tells operators to search for it).
+#[tokio::test]
+async fn a_certificate_for_another_name_is_logged_as_not_valid_for_name() {
+    let idp = Idp::start(true).await;
+    let key = SigningKey::ec("k1");
+    idp.set_keys(&[&key]);
+    let dir = tempfile::tempdir().expect("dir");
+    let ca = common::pki::write(dir.path(), "idp-ca.pem", idp.ca_pem.as_deref().expect("CA"));
+    // The certificate names localhost; crier is sent to 127.0.0.1.
+    let (crier, _) = jwks_process(
+        dir.path(),
+        &format!(
+            "algorithms = [\"ES256\"]\njwks_url = \"{}\"\njwks_ca_file = \"{}\"",
+            idp.jwks_url().replace("localhost", "127.0.0.1"),
+            ca.display()
+        ),
+    )
+    .await;
+    common::eventually("the failed fetch is logged", WAIT, || async {
+        crier.log_text().contains("JWKS fetch failed")
+    })
+    .await;
+    let log = crier.log_text();
+    let failed = log
+        .lines()
+        .find(|l| l.contains("JWKS fetch failed"))
+        .unwrap_or_else(|| panic!("the fetch failure is logged: {log}"));
+    assert!(failed.contains("NotValidForName"), "{failed}");
+}
+
 #[tokio::test]
 async fn check_config_names_a_bad_jwks_setting() {
     let dir = tempfile::tempdir().expect("dir");

@@ -139,6 +139,50 @@ async fn an_untrusted_certificate_keeps_crier_unready_and_is_logged() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
 }
 
+/// Issue 20: a certificate for another name, and an expired one, are
+/// logged with the words docs/operations.md and docs/configuration.md tell
+/// operators to search for (rustls's `NotValidForName`, `Expired`), and
+/// keep `/readyz` at 503.
+#[tokio::test]
+async fn certificate_problems_are_logged_with_rustls_words() {
+    let ca = Ca::new("crier test CA");
+    let cases = [
+        ("NotValidForName", ca.leaf(&["redis.elsewhere.example"])),
+        ("Expired", ca.expired_leaf(&["127.0.0.1", "localhost"])),
+    ];
+    for (word, leaf) in cases {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tls = Tls {
+            cert_file: write(dir.path(), "redis.pem", &leaf.cert_pem),
+            key_file: write(dir.path(), "redis.key", &leaf.key_pem),
+            ca_file: write(dir.path(), "ca.pem", &ca.pem()),
+            auth_clients: false,
+        };
+        let redis = RedisServer::start_tls(tls).await;
+        let config = dir.path().join("crier.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[redis]\nurl = \"{}\"\n[redis.tls]\nca_file = \"{}\"\n[[channels]]\npattern = \"public:*\"\nsubscribe = \"anyone\"\n",
+                redis.tls_url(),
+                dir.path().join("ca.pem").display()
+            ),
+        )
+        .expect("config");
+        let crier = Process::start(&["--config", &config.to_string_lossy()], &[]).await;
+        common::eventually(&format!("`{word}` in the log"), WAIT, || {
+            let log = crier.log_text();
+            async move {
+                log.lines()
+                    .any(|l| l.contains("cannot connect to redis") && l.contains(word))
+            }
+        })
+        .await;
+        let (status, body) = common::http_get(&crier.http("/readyz")).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{word}: {body}");
+    }
+}
+
 /// Issue 10, acceptance 1: express-session cookies are read from a session
 /// store reached over TLS.
 #[tokio::test]

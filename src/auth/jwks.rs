@@ -7,15 +7,23 @@
 //! - A token naming a `kid` the set lacks triggers one fetch (the IdP
 //!   rotated), at most once per `jwks_unknown_kid_interval` (10 s) whatever
 //!   the number of such tokens: a flood of forged `kid`s costs the IdP one
-//!   request per interval. Concurrent lookups wait for the same fetch.
+//!   request per interval. Concurrent lookups share the fetch in flight,
+//!   so a hanging IdP costs each of them one `jwks_timeout` at most, not
+//!   one per lookup queued before it.
+//! - With `issuer_discovery`, the OpenID configuration must name exactly
+//!   the configured issuer (OpenID Connect Discovery §4.3): a document
+//!   naming another is refused like a failed fetch, or whoever answers for
+//!   that URL could pick the keys crier trusts for the issuer.
 //! - A fetch that fails or answers garbage keeps the last good set, and
 //!   says so in the log and in `crier_jwks_fetches_total{result="error"}`.
 //! - Only signing keys of the RSA, EC and OKP types are taken (never a
 //!   symmetric `oct` key). The verifier checks the token's `alg` against
 //!   the allow-list first, then against the key: its type, and its own
 //!   `alg` when it names one (a key published for ES384 never verifies an
-//!   ES256 token).
+//!   ES256 token). RSA keys under 2048 bits (RFC 7518 §3.3) are skipped,
+//!   and logged.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,8 +43,6 @@ pub const MIN_REFRESH: Duration = Duration::from_secs(10);
 /// How soon a failed fetch is tried again (unless `jwks_refresh` is
 /// shorter).
 const RETRY: Duration = Duration::from_secs(30);
-/// How long one fetch may take.
-const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest key set read.
 const MAX_BYTES: usize = 1024 * 1024;
 
@@ -71,6 +77,11 @@ pub struct Jwks {
     unknown_kid_interval: Duration,
     /// When the last fetch started; held while a fetch runs.
     fetching: tokio::sync::Mutex<Option<Instant>>,
+    /// Fetches finished so far. A lookup that sees it change while it
+    /// waits for `fetching` waited for a fetch in flight, which answered
+    /// it: starting another then would queue one fetch per lookup behind
+    /// an IdP that hangs.
+    finished: AtomicU64,
     metrics: Metrics,
 }
 
@@ -104,10 +115,13 @@ impl Jwks {
                     .into(),
             );
         }
+        if config.jwks_timeout.is_zero() {
+            return Err("auth.jwt.jwks_timeout: must be more than 0".into());
+        }
         let client = Client::new(
             "auth.jwt.jwks_ca_file",
             config.jwks_ca_file.as_deref(),
-            FETCH_TIMEOUT,
+            config.jwks_timeout,
             MAX_BYTES,
         )?;
         Ok(Some(Self {
@@ -122,6 +136,7 @@ impl Jwks {
             refresh: config.jwks_refresh,
             unknown_kid_interval: config.jwks_unknown_kid_interval,
             fetching: tokio::sync::Mutex::new(None),
+            finished: AtomicU64::new(0),
             metrics,
         }))
     }
@@ -149,9 +164,14 @@ impl Jwks {
 
     /// A token named a `kid` the set lacks: fetch again, unless a fetch
     /// started less than `jwks_unknown_kid_interval` ago (then the set is as
-    /// fresh as it gets). Waits for a fetch in flight either way.
+    /// fresh as it gets). A fetch in flight is waited for and shared: it is
+    /// as recent as any this lookup could start.
     pub(crate) async fn refresh_for_unknown_kid(&self) {
+        let seen = self.finished.load(Ordering::Acquire);
         let mut last = self.fetching.lock().await;
+        if self.finished.load(Ordering::Acquire) != seen {
+            return;
+        }
         if last.is_some_and(|t| t.elapsed() < self.unknown_kid_interval) {
             return;
         }
@@ -176,7 +196,9 @@ impl Jwks {
 
     /// One fetch; returns when to fetch next. Call with `fetching` held.
     async fn fetch(&self, why: &str) -> Duration {
-        match self.try_fetch().await {
+        let result = self.try_fetch().await;
+        self.finished.fetch_add(1, Ordering::Release);
+        match result {
             Ok((keys, max_age)) => {
                 self.metrics.jwks_fetches.with_label_values(&["ok"]).inc();
                 self.metrics.jwks_keys.set(keys.len() as i64);
@@ -240,6 +262,21 @@ impl Jwks {
         let answer = self.get(&url).await?;
         let config: serde_json::Value =
             serde_json::from_slice(&answer.body).map_err(|e| format!("{url}: not JSON: {e}"))?;
+        // OpenID Connect Discovery §4.3: exactly the issuer asked for.
+        match config["issuer"].as_str() {
+            Some(named) if named == issuer => {}
+            Some(named) => {
+                return Err(format!(
+                    "{url}: the document names the issuer `{named}`, not the configured `{issuer}` \
+                     (they must be equal, character for character)"
+                ))
+            }
+            None => {
+                return Err(format!(
+                    "{url}: no issuer (the configured one is `{issuer}`)"
+                ))
+            }
+        }
         let jwks_uri = config["jwks_uri"]
             .as_str()
             .ok_or_else(|| format!("{url}: no jwks_uri"))?;
@@ -288,6 +325,17 @@ impl Jwks {
             let Ok(key) = DecodingKey::from_jwk(jwk) else {
                 continue;
             };
+            if family == AlgorithmFamily::Rsa {
+                let bits = super::jwt::rsa_bits(&key).unwrap_or(0);
+                if bits < super::jwt::MIN_RSA_BITS {
+                    tracing::warn!(
+                        kid = jwk.common.key_id.as_deref().unwrap_or(""),
+                        bits,
+                        "JWKS: an RSA key under 2048 bits is skipped (RFC 7518 §3.3)"
+                    );
+                    continue;
+                }
+            }
             keys.push(Key {
                 kid: jwk.common.key_id.clone(),
                 family,

@@ -10,13 +10,60 @@ use std::time::Duration;
 
 use base64::Engine;
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
+use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, DecodingKeyKind, Validation};
 use serde_json::{Map, Value};
 
 use super::jwks::{Jwks, Lookup};
 use super::{time, Failure, Principal};
 use crate::config::JwtConfig;
 use crate::metrics::Metrics;
+
+/// The smallest RSA modulus crier verifies with (RFC 7518 §3.3: "a key
+/// of size 2048 bits or larger MUST be used"); smaller ones are factorable
+/// by whoever means to forge tokens.
+pub(crate) const MIN_RSA_BITS: usize = 2048;
+
+/// The size of an RSA public key's modulus, in bits: from a JWK's `n`, or
+/// from the PKCS#1 `RSAPublicKey` DER a PEM holds (`SEQUENCE { INTEGER n,
+/// INTEGER e }`). `None` when it is neither.
+pub(crate) fn rsa_bits(key: &DecodingKey) -> Option<usize> {
+    let modulus = match key.kind() {
+        DecodingKeyKind::RsaModulusExponent { n, .. } => n.as_slice(),
+        DecodingKeyKind::SecretOrDer(der) => {
+            let (tag, body, _) = der_item(der)?;
+            if tag != 0x30 {
+                return None;
+            }
+            let (tag, n, _) = der_item(body)?;
+            if tag != 0x02 {
+                return None;
+            }
+            n
+        }
+    };
+    let start = modulus.iter().position(|b| *b != 0)?;
+    let significant = &modulus[start..];
+    Some(significant.len() * 8 - significant[0].leading_zeros() as usize)
+}
+
+/// One DER item of `bytes`: its tag, its contents and what follows.
+fn der_item(bytes: &[u8]) -> Option<(u8, &[u8], &[u8])> {
+    let (&tag, rest) = bytes.split_first()?;
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let count = usize::from(first & 0x7f);
+        if count == 0 || count > 4 || rest.len() < count {
+            return None;
+        }
+        let len = rest[..count]
+            .iter()
+            .fold(0usize, |len, b| (len << 8) | usize::from(*b));
+        (len, &rest[count..])
+    };
+    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+}
 
 /// A verifier built once from `[auth.jwt]`.
 pub struct JwtVerifier {
@@ -104,6 +151,15 @@ impl JwtVerifier {
                     _ => DecodingKey::from_ed_pem(&pem),
                 }
                 .map_err(|e| format!("auth.jwt.public_key_file: not a usable PEM key ({e})"))?;
+                if *family == AlgorithmFamily::Rsa {
+                    let bits = rsa_bits(&key).unwrap_or(0);
+                    if bits < MIN_RSA_BITS {
+                        return Err(format!(
+                            "auth.jwt.public_key_file: an RSA key of {bits} bits; RS algorithms \
+                             need at least {MIN_RSA_BITS} (RFC 7518 §3.3)"
+                        ));
+                    }
+                }
                 Some((*family, key))
             }
             (Some(_), None) => {
@@ -268,4 +324,39 @@ impl JwtVerifier {
 enum KeyRef<'a> {
     Own(&'a DecodingKey),
     Shared(Arc<DecodingKey>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        std::fs::read(format!(
+            "{}/tests/fixtures/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .expect("fixture")
+    }
+
+    #[test]
+    fn rsa_key_sizes_are_read_from_pem_and_jwk() {
+        let pem = |name| DecodingKey::from_rsa_pem(&fixture(name)).expect("PEM");
+        assert_eq!(rsa_bits(&pem("rsa_public.pem")), Some(2048));
+        assert_eq!(rsa_bits(&pem("rsa1024_public.pem")), Some(1024));
+        // A modulus with its leading zero octet (as DER writes it), and
+        // one whose top bit is not set.
+        let mut n = vec![0u8, 0x80];
+        n.extend([0u8; 255]);
+        assert_eq!(
+            rsa_bits(&DecodingKey::from_rsa_raw_components(&n, &[1, 0, 1])),
+            Some(2048)
+        );
+        let mut short = vec![1u8];
+        short.extend([0u8; 255]);
+        assert_eq!(
+            rsa_bits(&DecodingKey::from_rsa_raw_components(&short, &[1, 0, 1])),
+            Some(2041)
+        );
+        assert_eq!(rsa_bits(&DecodingKey::from_secret(b"not a key")), None);
+    }
 }

@@ -256,7 +256,7 @@ impl Supervisor {
             match result {
                 Ok(Ok(conn)) => break conn,
                 Ok(Err(e)) if failures % 20 == 0 => {
-                    tracing::warn!(error = %e, attempt = failures + 1, "cannot connect to the redis cluster")
+                    tracing::warn!(error = %crate::redis_client::describe(&e), attempt = failures + 1, "cannot connect to the redis cluster")
                 }
                 Err(_) if failures % 20 == 0 => {
                     tracing::warn!(

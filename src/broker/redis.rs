@@ -676,7 +676,9 @@ impl Supervisor {
                             primary.address, self.connect_timeout
                         )
                     })?
-                    .map_err(|e| format!("{}: {e}", primary.address))?;
+                    .map_err(|e| {
+                        format!("{}: {}", primary.address, crate::redis_client::describe(&e))
+                    })?;
             Ok::<_, String>((primary, pubsub))
         };
         let (primary, pubsub) = tokio::select! {

@@ -126,7 +126,7 @@ async fn ask_sentinels(
             let mut conn = client
                 .get_multiplexed_async_connection()
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| client::describe(&e))?;
             let addr: Option<(String, u16)> = redis::cmd("SENTINEL")
                 .arg("get-master-addr-by-name")
                 .arg(&sentinel.master)
@@ -160,7 +160,7 @@ async fn role(client: &redis::Client) -> Result<String, String> {
     let mut conn = client
         .get_multiplexed_async_connection()
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| client::describe(&e))?;
     let reply: Vec<redis::Value> = redis::cmd("ROLE")
         .query_async(&mut conn)
         .await

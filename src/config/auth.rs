@@ -149,6 +149,11 @@ pub struct JwtConfig {
     /// (one request per interval).
     #[serde(with = "humantime_serde")]
     pub jwks_unknown_kid_interval: Duration,
+    /// How long one fetch of the key set (or of the OpenID configuration)
+    /// may take. Tokens naming an unknown `kid` wait for it at most this
+    /// long, however many come at once: they share the fetch in flight.
+    #[serde(with = "humantime_serde")]
+    pub jwks_timeout: Duration,
     /// CA certificates (PEM) to trust for `jwks_url`, besides the system's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwks_ca_file: Option<PathBuf>,
@@ -182,6 +187,7 @@ impl Default for JwtConfig {
             jwks_url: None,
             jwks_refresh: Duration::from_secs(300),
             jwks_unknown_kid_interval: Duration::from_secs(10),
+            jwks_timeout: Duration::from_secs(10),
             jwks_ca_file: None,
             issuer_discovery: false,
             issuer: None,

@@ -28,6 +28,9 @@ pub enum Mode {
     Down,
     /// 200 with a body that is not a key set.
     Garbage,
+    /// The request is read (and counted), never answered: an IdP that
+    /// hangs.
+    Hang,
 }
 
 struct State {
@@ -35,6 +38,8 @@ struct State {
     mode: Mutex<Mode>,
     fetches: AtomicUsize,
     base: Mutex<String>,
+    /// The `issuer` the OpenID configuration names, when not `base`.
+    discovery_issuer: Mutex<Option<String>>,
 }
 
 /// See the module documentation.
@@ -68,6 +73,7 @@ impl Idp {
             mode: Mutex::new(Mode::Serve),
             fetches: AtomicUsize::new(0),
             base: Mutex::new(base.clone()),
+            discovery_issuer: Mutex::new(None),
         });
         let served = Arc::clone(&state);
         tokio::spawn(async move {
@@ -76,7 +82,12 @@ impl Idp {
                 tokio::spawn(async move {
                     let service = service_fn(move |req| {
                         let state = Arc::clone(&state);
-                        async move { Ok::<_, Infallible>(answer(&state, req)) }
+                        async move {
+                            match answer(&state, req) {
+                                Some(response) => Ok::<_, Infallible>(response),
+                                None => std::future::pending().await,
+                            }
+                        }
                     });
                     let http = hyper::server::conn::http1::Builder::new();
                     match acceptor {
@@ -118,13 +129,20 @@ impl Idp {
         *self.state.mode.lock().expect("lock") = mode;
     }
 
+    /// The OpenID configuration names `issuer` instead of this IdP's base
+    /// URL (an impostor, or a misconfigured proxy in front of the IdP).
+    pub fn set_discovery_issuer(&self, issuer: &str) {
+        *self.state.discovery_issuer.lock().expect("lock") = Some(issuer.to_owned());
+    }
+
     /// How many times `/certs` was asked for.
     pub fn fetches(&self) -> usize {
         self.state.fetches.load(Ordering::SeqCst)
     }
 }
 
-fn answer(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// The answer to `req`; `None`: never answered ([`Mode::Hang`]).
+fn answer(state: &State, req: Request<Incoming>) -> Option<Response<Full<Bytes>>> {
     let reply = |status: StatusCode, body: String| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;
@@ -138,20 +156,27 @@ fn answer(state: &State, req: Request<Incoming>) -> Response<Full<Bytes>> {
         "/certs" => {
             state.fetches.fetch_add(1, Ordering::SeqCst);
             match *state.mode.lock().expect("lock") {
-                Mode::Down => reply(StatusCode::SERVICE_UNAVAILABLE, "down".into()),
-                Mode::Garbage => reply(StatusCode::OK, "<html>not a key set</html>".into()),
+                Mode::Down => Some(reply(StatusCode::SERVICE_UNAVAILABLE, "down".into())),
+                Mode::Garbage => Some(reply(StatusCode::OK, "<html>not a key set</html>".into())),
+                Mode::Hang => None,
                 Mode::Serve => {
                     let keys = state.keys.lock().expect("lock").clone();
-                    reply(StatusCode::OK, json!({"keys": keys}).to_string())
+                    Some(reply(StatusCode::OK, json!({"keys": keys}).to_string()))
                 }
             }
         }
         "/.well-known/openid-configuration" => {
             let base = state.base.lock().expect("lock").clone();
-            let config = json!({"issuer": base, "jwks_uri": format!("{base}/certs")});
-            reply(StatusCode::OK, config.to_string())
+            let issuer = state
+                .discovery_issuer
+                .lock()
+                .expect("lock")
+                .clone()
+                .unwrap_or_else(|| base.clone());
+            let config = json!({"issuer": issuer, "jwks_uri": format!("{base}/certs")});
+            Some(reply(StatusCode::OK, config.to_string()))
         }
-        _ => reply(StatusCode::NOT_FOUND, "{}".into()),
+        _ => Some(reply(StatusCode::NOT_FOUND, "{}".into())),
     }
 }
 
@@ -171,13 +196,15 @@ impl SigningKey {
         Self::with(kid, Algorithm::ES256, encoding)
     }
 
-    /// The RSA fixture key (RS256).
+    /// The RSA fixture key (2048 bits, RS256).
     pub fn rsa(kid: &str) -> SigningKey {
-        let pem = std::fs::read(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/rsa_private.pem"
-        ))
-        .expect("RSA fixture");
+        Self::rsa_fixture("rsa_private.pem", kid)
+    }
+
+    /// The RSA key in `tests/fixtures/{file}` (RS256).
+    pub fn rsa_fixture(file: &str, kid: &str) -> SigningKey {
+        let pem =
+            std::fs::read(super::repo(&format!("tests/fixtures/{file}"))).expect("RSA fixture");
         let encoding = EncodingKey::from_rsa_pem(&pem).expect("RSA PEM");
         Self::with(kid, Algorithm::RS256, encoding)
     }

@@ -40,10 +40,23 @@ impl Ca {
 
     /// A certificate for `names` (DNS names or IP addresses), signed here.
     pub fn leaf(&self, names: &[&str]) -> Leaf {
+        self.leaf_with(names, false)
+    }
+
+    /// A certificate for `names` that expired years ago (valid in 2020).
+    pub fn expired_leaf(&self, names: &[&str]) -> Leaf {
+        self.leaf_with(names, true)
+    }
+
+    fn leaf_with(&self, names: &[&str], expired: bool) -> Leaf {
         let key = KeyPair::generate().expect("leaf key");
         let mut params =
             CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
                 .expect("leaf params");
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        }
         params
             .distinguished_name
             .push(DnType::CommonName, names.first().copied().unwrap_or("leaf"));
