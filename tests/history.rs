@@ -597,3 +597,66 @@ async fn a_message_the_subscription_skipped_is_recovered_in_order() {
     );
     assert_eq!(n(ws.recv_json(WAIT).await), (json!("message"), json!(3)));
 }
+
+/// Issue 20: a resume on a Redis that refuses writes past `maxmemory`
+/// (`noeviction`), its history full of 20 KB messages. The stream's first
+/// bytes must be its HTTP head: the socket left hyper before hyper had
+/// written the head, and the client got a chunk with no status line
+/// (9 tries in 20). Read as raw bytes, as a proxy would.
+#[tokio::test]
+async fn a_resume_on_a_full_redis_starts_with_the_http_head_every_time() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let redis =
+        RedisServer::start_with_args(&["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"])
+            .await;
+    let crier = Instance::start(history_config(Some(&redis))).await;
+    let ch = unique("hist:m");
+    let client = ::redis::Client::open(redis.url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis");
+    let payload = format!(r#"{{"pad":"{}"}}"#, "x".repeat(20 * 1024));
+    let mut refused = 0;
+    for _ in 0..400 {
+        let published: Result<Option<String>, _> = ::redis::cmd("FCALL")
+            .arg("crier_publish")
+            .arg(1)
+            .arg(&ch)
+            .arg(&payload)
+            .query_async(&mut conn)
+            .await;
+        refused += usize::from(published.is_err());
+    }
+    assert!(refused > 0, "Redis filled up and refused writes (OOM)");
+
+    let mut cursor = crier::history::Cursor::default();
+    cursor.0.insert(ch.clone(), "1-0".parse().expect("id"));
+    let request = format!(
+        "GET /sse?channel={ch}&last_event_id={} HTTP/1.1\r\nhost: crier\r\n\
+         accept: text/event-stream\r\n\r\n",
+        cursor.encode()
+    );
+    for attempt in 1..=20 {
+        let mut socket = tokio::net::TcpStream::connect(&crier.addr)
+            .await
+            .expect("connect");
+        socket.write_all(request.as_bytes()).await.expect("request");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while got.len() < 32 {
+            let n = tokio::time::timeout(WAIT, socket.read(&mut buf))
+                .await
+                .expect("crier answers")
+                .expect("read");
+            assert!(n > 0, "try {attempt}: closed after {got:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+        let start = String::from_utf8_lossy(&got[..32]).into_owned();
+        assert!(
+            start.starts_with("HTTP/1.1 200 OK\r\n"),
+            "try {attempt}: the stream starts with its head, not {start:?}"
+        );
+    }
+}
