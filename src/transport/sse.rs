@@ -71,6 +71,7 @@ async fn open<B>(
         heartbeat: app.config.sse.heartbeat,
         idle_timeout: None,
         replay_overhead: cursor_bytes(&query.channels),
+        replay_bytes: |p| p.sse.len(),
         peer: info.peer,
     };
     let mut session = Session::open(Arc::clone(&app), admission, wire);
