@@ -357,11 +357,33 @@ async fn connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr, builder:
             }
         }
     }
-    // A stream's head is encoded: once hyper has flushed it (its writes
-    // went through the guard and its flush reached the socket), the socket
+    // A stream's head is encoded: once hyper has flushed it, the socket
     // leaves hyper for the stream's own task.
-    let flushed = std::future::poll_fn(|cx| {
-        if !stall.flushed() && Pin::new(&mut conn).poll(cx).is_ready() {
+    let Some(takeover) = handoff.take() else {
+        return;
+    };
+    if !head_written(&mut conn, &stall).await {
+        return;
+    }
+    if let Some(parts) = conn.into_parts() {
+        takeover(parts.io.into_inner().into_inner());
+    }
+}
+
+/// Drives `conn`, whose response head hyper has just encoded into its own
+/// buffer (the stream's body signalled), until that head is on the socket:
+/// hyper's writes went through the guard and a flush, which hyper makes only
+/// once its buffer is empty, reached the socket after the head was encoded.
+/// `false`: the connection ended first. Only then may the socket leave
+/// hyper: hyper's write buffer does not come with it, and a head still in
+/// it would be lost, the client getting a body with no status line.
+async fn head_written<C: Future + Unpin>(conn: &mut C, stall: &StallTimeout) -> bool {
+    // A flush from before the head was encoded (the request's, or one the
+    // head's first write did not follow because the socket was full) says
+    // nothing about the head.
+    stall.expect_flush();
+    std::future::poll_fn(|cx| {
+        if !stall.flushed() && Pin::new(&mut *conn).poll(cx).is_ready() {
             return Poll::Ready(false);
         }
         if stall.flushed() {
@@ -369,13 +391,8 @@ async fn connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr, builder:
         } else {
             Poll::Pending
         }
-    });
-    let (Some(takeover), true) = (handoff.take(), flushed.await) else {
-        return;
-    };
-    if let Some(parts) = conn.into_parts() {
-        takeover(parts.io.into_inner().into_inner());
-    }
+    })
+    .await
 }
 
 async fn route(app: Arc<App>, req: Request<Incoming>, info: ConnInfo) -> Response<Body> {
@@ -452,6 +469,132 @@ fn readyz(app: &App) -> Response<Body> {
 mod tests {
     use super::*;
     use crate::config::Overrides;
+    use crate::link::HandoffBody;
+    use http_body_util::BodyExt;
+    use std::sync::Mutex;
+    use std::task::{Context, Waker};
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+    /// A client's connection as crier's side sees it: the requests arrive
+    /// at once, and the socket takes one write, then is full (it takes
+    /// nothing) until the test says it drained.
+    #[derive(Default)]
+    struct Socket {
+        requests: Vec<u8>,
+        state: Arc<Mutex<Wire>>,
+    }
+
+    #[derive(Default)]
+    struct Wire {
+        written: Vec<u8>,
+        writes_taken: usize,
+        drained: bool,
+        waker: Option<Waker>,
+    }
+
+    impl Wire {
+        fn drain(&mut self) {
+            self.drained = true;
+            if let Some(waker) = self.waker.take() {
+                waker.wake();
+            }
+        }
+    }
+
+    impl AsyncRead for Socket {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            if self.requests.is_empty() {
+                // An open connection whose client says nothing more.
+                return Poll::Pending;
+            }
+            let requests = std::mem::take(&mut self.requests);
+            buf.put_slice(&requests);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Socket {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let mut wire = self.state.lock().expect("wire");
+            if wire.writes_taken >= 1 && !wire.drained {
+                wire.waker = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            wire.writes_taken += 1;
+            wire.written.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Issue 20: a stream's socket left hyper with its head still in
+    /// hyper's buffer (the socket was momentarily full when hyper wrote it,
+    /// and an earlier flush was taken for the head's), so the client got
+    /// body chunks with no status line. Here a first response on the
+    /// keep-alive connection is flushed, then the stream's head meets a
+    /// full socket: the socket must not leave hyper before the head is on it.
+    #[tokio::test]
+    async fn a_stream_leaves_hyper_only_once_its_head_is_on_the_socket() {
+        let state = Arc::new(Mutex::new(Wire::default()));
+        let socket = Socket {
+            requests: b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n\
+                        GET /sse HTTP/1.1\r\nhost: x\r\n\r\n"
+                .to_vec(),
+            state: Arc::clone(&state),
+        };
+        let stall = StallTimeout::new(Duration::from_secs(5));
+        let handoff = Arc::new(Handoff::default());
+        let service_handoff = Arc::clone(&handoff);
+        let service = service_fn(move |req: Request<Incoming>| {
+            let handoff = Arc::clone(&service_handoff);
+            async move {
+                let response: Response<Body> = if req.uri().path() == "/sse" {
+                    Response::new(HandoffBody(handoff).boxed_unsync())
+                } else {
+                    Response::new(full("ok\n"))
+                };
+                Ok::<_, Infallible>(response)
+            }
+        });
+        let guarded = StallGuard::new(socket, stall.clone());
+        let mut conn = http1::Builder::new().serve_connection(TokioIo::new(guarded), service);
+        tokio::select! {
+            _ = &mut conn => panic!("the connection ended"),
+            () = handoff.signalled() => {}
+        }
+        let before = String::from_utf8_lossy(&state.lock().expect("wire").written).into_owned();
+        assert!(
+            before.starts_with("HTTP/1.1 200 OK\r\n") && before.matches("HTTP/1.1").count() == 1,
+            "only the first response is out: {before:?}"
+        );
+        let (written, ()) = tokio::join!(head_written(&mut conn, &stall), async {
+            state.lock().expect("wire").drain();
+        });
+        assert!(written, "the connection is still open");
+        drop(conn.into_parts());
+        let wire = state.lock().expect("wire");
+        let text = String::from_utf8_lossy(&wire.written);
+        assert_eq!(
+            text.matches("HTTP/1.1 200 OK\r\n").count(),
+            2,
+            "the stream's head went out before the socket left hyper: {text:?}"
+        );
+    }
 
     /// A configuration that loads: `Config::validate` has nothing against
     /// it, only building the parts can refuse it.

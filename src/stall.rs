@@ -31,7 +31,11 @@ pub(crate) struct StallTimeout(Arc<Shared>);
 struct Shared {
     limit_ms: AtomicU64,
     /// True when a flush of the guarded socket succeeded after the last
-    /// write: whoever writes through the guard (hyper) holds nothing back.
+    /// write, and after the last [`StallTimeout::expect_flush`]: whoever
+    /// writes through the guard (hyper) holds nothing back. False at first:
+    /// a writer may already hold bytes it has not passed down (hyper encodes
+    /// a response head into its own buffer before it writes it), and
+    /// "nothing written yet" must never pass for "everything written".
     flushed: AtomicBool,
 }
 
@@ -40,7 +44,7 @@ impl StallTimeout {
     pub(crate) fn new(limit: Duration) -> Self {
         Self(Arc::new(Shared {
             limit_ms: AtomicU64::new(millis(limit)),
-            flushed: AtomicBool::new(true),
+            flushed: AtomicBool::new(false),
         }))
     }
 
@@ -52,6 +56,16 @@ impl StallTimeout {
     /// a writer calls its socket's flush only once its own buffer is empty.
     pub(crate) fn flushed(&self) -> bool {
         self.0.flushed.load(Ordering::Acquire)
+    }
+
+    /// The writer above has buffered bytes the guard has not seen yet (a
+    /// response head hyper just encoded): [`StallTimeout::flushed`] is false
+    /// until its next successful flush, which hyper makes only once its own
+    /// buffer is written out. Without this, a flush from before the head
+    /// (or from a previous response on the connection) would still count,
+    /// and a socket taken from hyper then would lose the head.
+    pub(crate) fn expect_flush(&self) {
+        self.wrote(false);
     }
 
     fn wrote(&self, flushed: bool) {
@@ -190,6 +204,27 @@ mod tests {
         let error = guarded.write_all(&[2; 64]).await.expect_err("stalls");
         assert_eq!(error.kind(), io::ErrorKind::TimedOut);
         assert!(is_stall(&error));
+    }
+
+    #[tokio::test]
+    async fn flushed_only_after_a_write_and_a_flush_since_the_last_expect_flush() {
+        let (client, _reader) = tokio::io::duplex(64);
+        let timeout = StallTimeout::new(Duration::from_secs(5));
+        let mut guarded = StallGuard::new(client, timeout.clone());
+        assert!(
+            !timeout.flushed(),
+            "nothing written is not everything flushed"
+        );
+        guarded.write_all(b"head").await.expect("write");
+        assert!(!timeout.flushed(), "written, not yet flushed");
+        guarded.flush().await.expect("flush");
+        assert!(timeout.flushed());
+        // The writer above buffered more (a new head): a flush from before
+        // no longer counts.
+        timeout.expect_flush();
+        assert!(!timeout.flushed());
+        guarded.flush().await.expect("flush");
+        assert!(timeout.flushed());
     }
 
     #[tokio::test]

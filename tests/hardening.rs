@@ -318,9 +318,11 @@ async fn replay_is_capped_per_connection_and_per_process() {
     assert_eq!(seen, ["gap"]);
     drop(crier);
 
-    // Bytes, per connection: one 10 KB message fits in 40 KB, two do not.
+    // Bytes, per connection: one 10 KB message fits in 15 KB, two do not
+    // (a client receives each message once, as its own wire protocol's
+    // encoding: that is what the budget counts).
     let mut by_bytes = config(Some(&redis));
-    by_bytes.limits.max_replay_bytes = 40_000;
+    by_bytes.limits.max_replay_bytes = 15_000;
     let crier = Instance::start(by_bytes).await;
     let channel = unique("hist:bytes");
     let first = redis
@@ -342,7 +344,7 @@ async fn replay_is_capped_per_connection_and_per_process() {
     // Bytes, per process: the same single message does not fit in a
     // process-wide budget smaller than it.
     let mut by_process = config(Some(&redis));
-    by_process.limits.max_replay_bytes_total = 15_000;
+    by_process.limits.max_replay_bytes_total = 8_000;
     let crier = Instance::start(by_process).await;
     let channel = unique("hist:process");
     let first = redis
@@ -567,7 +569,7 @@ async fn replay_memory_held_by_a_stalled_client_is_released_when_it_goes() {
     let redis = RedisServer::start().await;
     let mut cfg = config(Some(&redis));
     cfg.limits.max_replay_bytes = 64 << 20;
-    cfg.limits.max_replay_bytes_total = 30 << 20;
+    cfg.limits.max_replay_bytes_total = 15 << 20;
     let crier = Instance::start(cfg).await;
     let channel = unique("hist:held");
     let first = redis
@@ -582,7 +584,7 @@ async fn replay_memory_held_by_a_stalled_client_is_released_when_it_goes() {
     }
     let since = cursor(&channel, &first);
 
-    // A: resumes (about 20 MB of replay), reads the head, then stops.
+    // A: resumes (about 10 MB of replay), reads the head, then stops.
     let stalled = stalled_sse(&crier, &channel, &format!("Last-Event-ID: {since}\r\n")).await;
 
     // B: the same resume does not fit beside A's.

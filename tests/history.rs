@@ -597,3 +597,160 @@ async fn a_message_the_subscription_skipped_is_recovered_in_order() {
     );
     assert_eq!(n(ws.recv_json(WAIT).await), (json!("message"), json!(3)));
 }
+
+/// Issue 20: a resume on a Redis that refuses writes past `maxmemory`
+/// (`noeviction`), its history full of 20 KB messages. The stream's first
+/// bytes must be its HTTP head: the socket left hyper before hyper had
+/// written the head, and the client got a chunk with no status line
+/// (9 tries in 20). Read as raw bytes, as a proxy would.
+#[tokio::test]
+async fn a_resume_on_a_full_redis_starts_with_the_http_head_every_time() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let redis =
+        RedisServer::start_with_args(&["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"])
+            .await;
+    let crier = Instance::start(history_config(Some(&redis))).await;
+    let ch = unique("hist:m");
+    let client = ::redis::Client::open(redis.url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis");
+    let payload = format!(r#"{{"pad":"{}"}}"#, "x".repeat(20 * 1024));
+    let mut refused = 0;
+    for _ in 0..400 {
+        let published: Result<Option<String>, _> = ::redis::cmd("FCALL")
+            .arg("crier_publish")
+            .arg(1)
+            .arg(&ch)
+            .arg(&payload)
+            .query_async(&mut conn)
+            .await;
+        refused += usize::from(published.is_err());
+    }
+    assert!(refused > 0, "Redis filled up and refused writes (OOM)");
+
+    let mut cursor = crier::history::Cursor::default();
+    cursor.0.insert(ch.clone(), "1-0".parse().expect("id"));
+    let request = format!(
+        "GET /sse?channel={ch}&last_event_id={} HTTP/1.1\r\nhost: crier\r\n\
+         accept: text/event-stream\r\n\r\n",
+        cursor.encode()
+    );
+    for attempt in 1..=20 {
+        let mut socket = tokio::net::TcpStream::connect(&crier.addr)
+            .await
+            .expect("connect");
+        socket.write_all(request.as_bytes()).await.expect("request");
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while got.len() < 32 {
+            let n = tokio::time::timeout(WAIT, socket.read(&mut buf))
+                .await
+                .expect("crier answers")
+                .expect("read");
+            assert!(n > 0, "try {attempt}: closed after {got:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+        let start = String::from_utf8_lossy(&got[..32]).into_owned();
+        assert!(
+            start.starts_with("HTTP/1.1 200 OK\r\n"),
+            "try {attempt}: the stream starts with its head, not {start:?}"
+        );
+    }
+}
+
+/// `count` messages of about `size` bytes on `ch` with `crier_publish`,
+/// pipelined on one connection, all kept in history.
+async fn publish_big(redis: &RedisServer, ch: &str, from: usize, count: usize, size: usize) {
+    let client = ::redis::Client::open(redis.url()).expect("redis url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to redis");
+    let mut pipe = ::redis::pipe();
+    for n in from..from + count {
+        let payload = format!(r#"{{"n":{n},"pad":"{}"}}"#, "x".repeat(size));
+        pipe.cmd("FCALL")
+            .arg("crier_publish")
+            .arg(1)
+            .arg(ch)
+            .arg(payload);
+    }
+    let ids: Vec<Option<String>> = pipe.query_async(&mut conn).await.expect("FCALL");
+    assert!(ids.iter().all(Option::is_some), "every one kept in history");
+}
+
+/// Issue 20: `max_replay_bytes` (4 MiB by default) is what a client
+/// receives. Each message reaches a client in one encoding (its WebSocket
+/// frame or its SSE event, never both), so a 2.8 MiB resume is replayed
+/// whole on either transport; the budget still holds for a resume over it.
+#[tokio::test]
+async fn a_resume_within_max_replay_bytes_is_replayed_whole_on_ws_and_sse() {
+    let redis = RedisServer::start().await;
+    let crier = Instance::start(history_config(Some(&redis))).await;
+    assert_eq!(
+        crier::config::Config::default().limits.max_replay_bytes,
+        4 << 20
+    );
+    let ch = unique("hist:budget");
+    let since = redis
+        .fcall_publish(&ch, r#"{"n":0}"#)
+        .await
+        .expect("history id");
+    // 140 × 20 KB: about 2.8 MiB as frames, and as much again as SSE events.
+    publish_big(&redis, &ch, 1, 140, 20 * 1024).await;
+
+    let mut ws = WsClient::connect(&crier.ws("/ws")).await;
+    ws.recv_type("welcome", WAIT).await;
+    ws.send_json(json!({"type": "subscribe", "channel": ch, "since": since, "id": 1}))
+        .await;
+    let reply = ws.recv_json(WAIT).await;
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+    assert_eq!(reply["recovered"], true, "the whole resume fits: {reply}");
+    for n in 1..=140 {
+        let got = ws.recv_json(WAIT).await;
+        assert_eq!(
+            (got["type"].as_str(), got["data"]["n"].as_u64()),
+            (Some("message"), Some(n)),
+            "replayed in order, no gap"
+        );
+    }
+
+    let mut cursor = crier::history::Cursor::default();
+    cursor.0.insert(ch.clone(), since.parse().expect("id"));
+    let mut sse = sse::connect(
+        &crier.sse_url(&[&ch]),
+        &[("last-event-id", &cursor.encode())],
+    )
+    .await
+    .into_events();
+    for n in 1..=140 {
+        let got = sse.next_message(WAIT).await.expect("stream open").json();
+        assert_eq!(
+            (got["type"].as_str(), got["data"]["n"].as_u64()),
+            (Some("message"), Some(n)),
+            "replayed in order, no gap"
+        );
+    }
+
+    // 80 more: 220 × 20 KB (4.3 MiB) no longer fits, and the client hears so.
+    publish_big(&redis, &ch, 141, 80, 20 * 1024).await;
+    ws.send_json(json!({"type": "unsubscribe", "channel": ch, "id": 2}))
+        .await;
+    ws.recv_type("unsubscribed", WAIT).await;
+    ws.send_json(json!({"type": "subscribe", "channel": ch, "since": since, "id": 3}))
+        .await;
+    let reply = ws.recv_type("subscribed", WAIT).await;
+    assert_eq!(reply["recovered"], false, "over the budget: {reply}");
+    assert_eq!(ws.recv_json(WAIT).await["type"], "gap");
+    let mut over = sse::connect(
+        &crier.sse_url(&[&ch]),
+        &[("last-event-id", &cursor.encode())],
+    )
+    .await
+    .into_events();
+    let first = over.next_message(WAIT).await.expect("stream open").json();
+    assert_eq!(first["type"], "gap", "over the budget: {first}");
+}

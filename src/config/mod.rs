@@ -131,7 +131,8 @@ pub struct LimitsConfig {
     /// goes live (an SSE request, or one WebSocket `subscribe`). A channel
     /// whose missed messages do not fit gets a `gap` instead.
     pub max_replay_messages: usize,
-    /// The same in bytes (payloads plus envelopes and SSE cursors).
+    /// The same in bytes, as the client receives them: each message once,
+    /// in its wire protocol's encoding (envelope, and for SSE its cursor).
     pub max_replay_bytes: usize,
     /// Bytes of replay this process holds for all its connections at once
     /// (waiting to be written to clients); a resume that does not fit gets a

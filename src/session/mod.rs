@@ -95,8 +95,13 @@ pub(crate) struct Wire {
     /// Close a client silent for this long, and rate its commands:
     /// protocols where clients talk.
     pub(crate) idle_timeout: Option<Duration>,
-    /// Bytes each replayed message costs on the wire besides its payload.
+    /// Bytes each replayed message costs on the wire besides its encoding
+    /// (SSE: its cursor line).
     pub(crate) replay_overhead: usize,
+    /// A publication's bytes as this connection's wire protocol sends it:
+    /// the client receives that one encoding, never the others, so the
+    /// replay budget counts only it.
+    pub(crate) replay_bytes: fn(&Publication) -> usize,
     /// The client's address, for logs.
     pub(crate) peer: SocketAddr,
 }
@@ -165,8 +170,9 @@ pub(crate) struct Session {
     watch: Watch,
     tracker: Tracker,
     replay: Option<Box<Replay>>,
-    /// Bytes each replayed message costs on the wire besides its payload.
+    /// What each replayed message costs on the wire (see [`Wire`]).
     replay_overhead: usize,
+    replay_bytes: fn(&Publication) -> usize,
     admitted: Admitted,
     drain: Drain,
     /// For protocols where clients talk: out of line, so a stream that
@@ -210,6 +216,7 @@ impl Session {
             tracker: Tracker::default(),
             replay: None,
             replay_overhead: wire.replay_overhead,
+            replay_bytes: wire.replay_bytes,
             admitted: admission.admitted,
             drain: Drain::Waiting,
             talk: wire.idle_timeout.map(|idle_timeout| {
@@ -442,7 +449,7 @@ impl Session {
             Some(replay) => (replay.queue, replay.budget),
             None => (
                 VecDeque::new(),
-                Budget::new(&self.app, self.replay_overhead),
+                Budget::new(&self.app, self.replay_bytes, self.replay_overhead),
             ),
         };
         let mut opened = resume::open(

@@ -73,21 +73,27 @@ impl Tracker {
 pub(super) struct Budget {
     messages: usize,
     bytes: usize,
-    /// Bytes each replayed message costs on top of its payload (envelope,
-    /// and for SSE the cursor line).
+    /// A replayed message's bytes as the connection's wire protocol sends
+    /// it: the one encoding its client receives, not every encoding a
+    /// publication may have.
+    encoded: fn(&Publication) -> usize,
+    /// Bytes each replayed message costs on top of its encoding (for SSE,
+    /// the cursor line).
     per_message: usize,
     instance: Arc<Semaphore>,
     held: Option<OwnedSemaphorePermit>,
 }
 
 impl Budget {
-    /// The per-connection limits of `app`; `per_message` is the wire
-    /// protocol's own overhead per replayed message.
-    pub(super) fn new(app: &App, per_message: usize) -> Self {
+    /// The per-connection limits of `app`; `encoded` is a message's size as
+    /// the wire protocol sends it, `per_message` that protocol's own
+    /// overhead per replayed message.
+    pub(super) fn new(app: &App, encoded: fn(&Publication) -> usize, per_message: usize) -> Self {
         let limits = &app.config.limits;
         Self {
             messages: limits.max_replay_messages,
             bytes: limits.max_replay_bytes,
+            encoded,
             per_message,
             instance: Arc::clone(&app.replay_bytes),
             held: None,
@@ -98,7 +104,7 @@ impl Budget {
     /// nothing) when it does not fit.
     fn take(&mut self, replay: &[Arc<Publication>]) -> bool {
         let bytes = replay.iter().fold(0usize, |sum, p| {
-            sum.saturating_add(p.frame.len() + p.sse.len() + self.per_message)
+            sum.saturating_add((self.encoded)(p) + self.per_message)
         });
         if replay.len() > self.messages || bytes > self.bytes {
             return false;

@@ -143,6 +143,8 @@ async fn serve(
         heartbeat: ws_config.ping_interval,
         idle_timeout: Some(ws_config.idle_timeout),
         replay_overhead: 0,
+        // Pusher's own form: made now, and sent as made (cached).
+        replay_bytes: |p| frame(p).len(),
         peer,
     };
     let link = Link::new(

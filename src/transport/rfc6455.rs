@@ -20,6 +20,19 @@ const BINARY: u8 = 0x2;
 const CONTINUATION: u8 = 0x0;
 
 /// Appends one complete, unmasked frame to `out`.
+/// The bytes of a frame carrying `len` bytes of payload: what
+/// [`encode`] writes, counted without writing it.
+pub(crate) fn frame_len(len: usize) -> usize {
+    let head = if len < 126 {
+        2
+    } else if u16::try_from(len).is_ok() {
+        4
+    } else {
+        10
+    };
+    head + len
+}
+
 pub(crate) fn encode(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
     out.push(0x80 | opcode);
     let len = payload.len();

@@ -24,7 +24,7 @@ use http_body_util::BodyExt;
 use crate::app::{App, ConnInfo};
 use crate::history::Cursor;
 use crate::http::{rejected, Body, StreamQuery};
-use crate::link::{Gone, HandoffBody, Link};
+use crate::link::{Gone, HandoffBody, Link, Out};
 use crate::metrics::Transport;
 use crate::origin::add_cors;
 use crate::protocol::{sse, Encoding, Publication};
@@ -71,6 +71,7 @@ async fn open<B>(
         heartbeat: app.config.sse.heartbeat,
         idle_timeout: None,
         replay_overhead: cursor_bytes(&query.channels),
+        replay_bytes: |p| p.sse.len(),
         peer: info.peer,
     };
     let mut session = Session::open(Arc::clone(&app), admission, wire);
@@ -196,7 +197,7 @@ impl Live {
 
     /// Leaves room for the chunk-size line (a batch is framed in place,
     /// without moving it).
-    fn open_chunk(&self, out: &mut Vec<u8>) {
+    fn open_chunk(&self, out: &mut Out) {
         if self.chunked {
             out.extend_from_slice(&[b' '; CHUNK_HEAD]);
         }
@@ -206,7 +207,7 @@ impl Live {
     /// line just before it, the chunk's end after it. Returns where the
     /// bytes to send start. An empty batch (only a direct write's rest to
     /// send) is no chunk at all: an empty chunk would end the body.
-    fn close_chunk(&self, out: &mut Vec<u8>) -> usize {
+    fn close_chunk(&self, out: &mut Out) -> usize {
         if !self.chunked {
             return 0;
         }
@@ -217,7 +218,7 @@ impl Live {
         }
         let head = format!("{len:x}\r\n");
         let at = CHUNK_HEAD - head.len();
-        out[at..CHUNK_HEAD].copy_from_slice(head.as_bytes());
+        out.own()[at..CHUNK_HEAD].copy_from_slice(head.as_bytes());
         out.extend_from_slice(b"\r\n");
         at
     }
@@ -225,7 +226,7 @@ impl Live {
     /// Waits for the session's next event and appends it, with every
     /// publication already queued behind it (up to a batch). `false`: the
     /// stream ends now, without a last word (the client is too slow).
-    async fn next_batch(&mut self, out: &mut Vec<u8>, span: &tracing::Span) -> bool {
+    async fn next_batch(&mut self, out: &mut Out, span: &tracing::Span) -> bool {
         match self.session.next().await {
             Event::Deliver(p) => {
                 self.emit(out, &p);
@@ -260,16 +261,17 @@ impl Live {
     }
 
     /// Appends a publication. A history message goes out as its shared
-    /// event bytes plus this stream's own `id:` cursor line.
-    fn emit(&self, out: &mut Vec<u8>, p: &Publication) {
+    /// event bytes plus this stream's own `id:` cursor line. The shared
+    /// bytes are queued by reference, not copied (see [`crate::link`]).
+    fn emit(&self, out: &mut Out, p: &Publication) {
         if p.id.is_none() {
-            out.extend_from_slice(&p.sse);
+            out.push(p.sse.clone());
             return;
         }
-        out.extend_from_slice(&p.sse_open());
+        out.push(p.sse_open());
         let tracker = self.session.tracker();
         if tracker.is_only(&p.channel) {
-            out.extend_from_slice(&p.single_cursor_line());
+            out.push(p.single_cursor_line());
         } else {
             out.extend_from_slice(format!("id: {}\n\n", tracker.cursor().encode()).as_bytes());
         }

@@ -148,14 +148,14 @@ impl WebSocket {
                 Frame::Text(text) => return Ok(Some(Message::Text(text))),
                 Frame::Binary => return Ok(Some(Message::Binary)),
                 Frame::Ping(payload) => {
-                    rfc6455::encode(&mut self.link.out, rfc6455::PONG, &payload);
+                    rfc6455::encode(self.link.out.own(), rfc6455::PONG, &payload);
                     self.link.flush().await?;
                 }
                 Frame::Pong => {}
                 Frame::Close(code) => {
                     let payload = code.map(u16::to_be_bytes);
                     let payload: &[u8] = payload.as_ref().map_or(&[], |p| p);
-                    rfc6455::encode(&mut self.link.out, rfc6455::CLOSE, payload);
+                    rfc6455::encode(self.link.out.own(), rfc6455::CLOSE, payload);
                     let _ = self.link.flush().await;
                     return Err(Gone);
                 }
@@ -165,7 +165,7 @@ impl WebSocket {
 
     /// Buffers `text` as a text frame.
     pub(crate) fn push(&mut self, text: &[u8]) {
-        rfc6455::encode(&mut self.link.out, rfc6455::TEXT, text);
+        rfc6455::encode(self.link.out.own(), rfc6455::TEXT, text);
     }
 
     /// Writes `text` as a text frame, with whatever is buffered.
@@ -176,26 +176,27 @@ impl WebSocket {
 
     /// Writes `first` and whatever else the session has ready (up to a
     /// batch), each as `frame` encodes it once per publication, with one
-    /// write.
+    /// write. The frames are queued by reference, not copied: a client
+    /// that stops reading holds the bytes every recipient shares.
     pub(crate) async fn deliver(
         &mut self,
         session: &mut Session,
         first: Arc<Publication>,
         frame: fn(&Publication) -> bytes::Bytes,
     ) -> Result<(), Gone> {
-        self.link.out.extend_from_slice(&frame(&first));
+        self.link.out.push(frame(&first));
         for _ in 1..WRITE_BATCH {
             let Some(p) = session.try_next() else {
                 break;
             };
-            self.link.out.extend_from_slice(&frame(&p));
+            self.link.out.push(frame(&p));
         }
         self.link.flush().await
     }
 
     /// Sends a ping frame.
     pub(crate) async fn ping(&mut self) -> Result<(), Gone> {
-        rfc6455::encode(&mut self.link.out, rfc6455::PING, b"");
+        rfc6455::encode(self.link.out.own(), rfc6455::PING, b"");
         self.link.flush().await
     }
 
@@ -205,7 +206,7 @@ impl WebSocket {
     /// and a reset discards our close frame on its side: a browser would
     /// then report 1006 instead of our code.
     pub(crate) async fn close(&mut self, code: u16, reason: &str) {
-        rfc6455::encode_close(&mut self.link.out, code, reason);
+        rfc6455::encode_close(self.link.out.own(), code, reason);
         if self.link.flush().await.is_err() {
             return;
         }

@@ -28,6 +28,7 @@ use crate::metrics::Transport;
 use crate::protocol::{event_filter, reply, Command, Encoding, Publication};
 use crate::refusal::Refusal;
 use crate::session::{admit, Admission, Event, Session, Verdict, Wire};
+use crate::transport::rfc6455;
 use crate::transport::websocket::{text_frame, upgrade, Message, WebSocket};
 
 /// Close codes crier sends (RFC 6455 section 7.4, and its own 4001).
@@ -87,6 +88,7 @@ async fn serve(
         heartbeat: ws_config.ping_interval,
         idle_timeout: Some(ws_config.idle_timeout),
         replay_overhead: 0,
+        replay_bytes: |p| rfc6455::frame_len(p.frame.len()),
         peer,
     };
     let link = Link::new(

@@ -64,6 +64,12 @@ impl RedisServer {
         Self::start_with(None, Vec::new()).await
     }
 
+    /// A server started with more `redis-server` arguments
+    /// (`["--maxmemory", "4mb"]`).
+    pub async fn start_with_args(args: &[&str]) -> RedisServer {
+        Self::start_with(None, args.iter().map(|a| (*a).to_owned()).collect()).await
+    }
+
     /// A replica of `primary`, once its replication link is up.
     pub async fn start_replica(primary: &RedisServer) -> RedisServer {
         let args = vec![
