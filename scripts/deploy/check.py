@@ -529,11 +529,13 @@ def cmd_deployments(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- (g) crier.toml
 
 
-# Memory per connection and for the process itself (docs/performance.md:
-# 14.9 KiB per SSE connection with history, 10.8 KiB per WebSocket, sized
-# at 17 for headroom; about 8 MiB idle, the rest of the margin is for
-# messages in flight).
-KIB_PER_CONNECTION = 17
+# The sizing rule (docs/deployment.md, "Sizing"): a budget per connection
+# (crier's RSS, about 5 KiB per idle WebSocket and 3.5 KiB per idle SSE
+# connection, docs/performance.md; the kernel's socket buffers, 2-4 KiB per
+# idle TCP socket; headroom for messages in flight) and for the process
+# itself (about 8 MiB idle, the rest for messages in flight). Step k keeps
+# every document on these figures.
+KIB_PER_CONNECTION = 16
 PROCESS_MIB = 32
 DEFAULT_MAX_CONNECTIONS = 100_000  # src/config/mod.rs
 
@@ -737,7 +739,7 @@ def ingress_rules(docs: list[dict]) -> list[tuple[str | None, list[tuple[str, st
     ingresses = [d for d in docs if d["kind"] == "Ingress"]
     if len(ingresses) != 1:
         return []
-    return [(r.get("host"), [(p["path"], p["pathType"]) for p in r["http"]["paths"]]) for r in ingresses[0]["spec"]["rules"]]
+    return [(r.get("host"), [(p["path"], p["pathType"]) for p in r["http"]["paths"]]) for r in ingresses[0]["spec"].get("rules") or []]
 
 
 def redis_cli_lines(notes: str) -> list[str]:
@@ -760,14 +762,21 @@ def cmd_user_values(args: argparse.Namespace) -> None:
         "ingress:\n  enabled: true\n  paths: [/sse]\n  hosts: [d.example.org, {host: e.example.org, paths: [/ws]}]\n":
             [("d.example.org", [("/sse", "Prefix")]), ("e.example.org", [("/ws", "Prefix")])],
     }
+    import helm_python
+
     for text, want in cases.items():
         values = yaml.safe_load(text)
-        got = ingress_rules(manifests_of(render(values)))
+        try:
+            got = ingress_rules(manifests_of(render(values)))
+        except helm_python.HelmError as e:
+            fail(f"ingress {json.dumps(values['ingress'], separators=(',', ':'))} does not render: "
+                 f"{str(e).strip().splitlines()[-1].strip()}")
+            continue
         check(got == want, f"ingress {json.dumps(values['ingress'], separators=(',', ':'))} -> "
               + "; ".join(f"{h or '(any host)'}: {' '.join(p for p, _ in ps)}" for h, ps in got)
               + ("" if got == want else f" (want {want})"))
     defaults = read_values(CHART / "values.yaml")["ingress"]
-    check([(p["path"], p.get("pathType", "Prefix")) for p in defaults["paths"]] == six,
+    check([(p["path"], p.get("pathType", "Prefix")) for p in defaults.get("paths", [])] == six,
           f"values.yaml ingress.paths is the six paths {' '.join(INGRESS_PATHS)}")
     # NOTES: redis-cli gets --tls (and the CA, the client certificate) for rediss://, and not for redis://.
     notes_cases = (
@@ -870,6 +879,81 @@ def cmd_render_chart_output(args: argparse.Namespace) -> None:
         check("check-config on the rendered crier.toml: exit 0" in err, "... and crier check-config accepted its crier.toml")
     else:
         print("  SKIP render-chart ran no crier check-config (no crier binary built)")
+    finish()
+
+
+# ---------------------------------------------------------------- (k) one memory-per-connection figure family
+
+# The one figure family, stated everywhere memory per connection is: crier's
+# measured RSS per idle connection (docs/performance.md, issue 12: 5 KiB per
+# WebSocket, 3.5 KiB per SSE connection), the kernel's socket memory that
+# RSS does not show (2-4 KiB per idle TCP socket), and the sizing budget
+# KIB_PER_CONNECTION (with PROCESS_MIB for the process: see check_memory).
+MEMORY_FIGURES = {"5", "3.5", "2–4", str(KIB_PER_CONNECTION)}
+MEMORY_FILES = ["README.md", "docs/*.md", "deploy/**/*", "helm/crier/**/*"]
+# docs/performance.md's dated sections record what earlier builds measured:
+# history, not sizing. Their headings carry the date or say so.
+HISTORY_HEADING = re.compile(r"^#{2,}\s.*(\(\d{4}-\d{2}-\d{2}|Changes measured)", re.M)
+NUM = r"(\d+(?:\.\d+)?(?:\s*[–-]\s*\d+(?:\.\d+)?)?)"
+MEMORY_PATTERNS = [
+    # "5 KiB per WebSocket", "3.5 KiB per idle SSE connection", "16 KiB per connection", "2–4 KiB per idle TCP socket"
+    re.compile(NUM + r"\s*KiB\s+(?:of\s+\S+(?:\s+\S+)?\s+)?(?:each\s+|a\s+|per\s+)(?:\S+\s+){0,3}?"
+               r"(?:connections?|WebSockets?|SSE|Pusher|sockets?|clients?|streams?)\b", re.I),
+    # "20,000 x 17 KiB", "max_connections × 15 KiB", "20,000 connections x 17 KiB"
+    re.compile(r"(?:\d[\d,]*|max_connections|connections)\s*(?:connections\s*)?(?:x|×|\*)\s*" + NUM + r"\s*KiB", re.I),
+    # "sized at 17 KiB", "budgets 15 KiB", "budget of 16 KiB"
+    re.compile(r"\b(?:sized|sizing|budget(?:s|ed)?)\s+(?:at\s+|of\s+|on\s+)?" + NUM + r"\s*KiB", re.I),
+]
+
+
+def memory_figures(text: str) -> list[tuple[str, str]]:
+    """(figure, the words around it) for every per-connection memory figure in a text."""
+    flat = re.sub(r"\s*\n\s*(?:#\s*|//\s*)?", " ", text)  # wrapped lines and comment markers: one line
+    found = {}
+    for pattern in MEMORY_PATTERNS:
+        for m in pattern.finditer(flat):
+            figure = re.sub(r"\s*[–-]\s*", "–", m.group(1))
+            found.setdefault(m.start(1), (figure, flat[max(0, m.start() - 30):m.end() + 10].strip()))
+    return [found[k] for k in sorted(found)]
+
+
+def cmd_memory_figures(args: argparse.Namespace) -> None:
+    """grep finds one memory-per-connection figure family in README, docs, deploy/ and helm/."""
+    # The check's own patterns first: they must catch the old families and leave unrelated sizes alone.
+    caught = ["about 12 KiB per WebSocket and 17 KiB per SSE connection", "About 10 KiB per WebSocket, 23 KiB per SSE connection",
+              "20,000 x 17 KiB = 332 MiB", "*max_connections × 15 KiB + 32 MiB", "The sizing rule below budgets 15 KiB",
+              "sized at 17 KiB for queued messages", "3,000 x 17 KiB (an SSE", "20,000 connections x 17 KiB"]
+    ignored = ["a request head of at most 32 KiB", "a query string of at most 16 KiB, `events` filters of at most 32",
+               "WebSocket frame | `limits.max_message_bytes` (64 KiB)", "WebSocket read buffer 4 KiB instead of 128 KiB",
+               "--maxmemory 200mb", "over 64 KiB | **503**"]
+    missed = [t for t in caught if not memory_figures(t)]
+    wrong = [t for t in ignored if memory_figures(t)]
+    check(not missed and not wrong, f"the patterns catch {len(caught)} per-connection statements of the old families "
+          f"and none of {len(ignored)} unrelated sizes" + (f": missed {missed}, wrongly caught {wrong}" if missed or wrong else ""))
+    files = sorted({p for g in MEMORY_FILES for p in Path(".").glob(g) if p.is_file() and p.suffix in
+                    (".md", ".yaml", ".yml", ".toml", ".json", ".txt", ".tpl")})
+    seen: dict[str, int] = {}
+    for f in files:
+        text = f.read_text()
+        if f.as_posix() == "docs/performance.md":
+            parts = re.split(r"(?=^#{2,}\s)", text, flags=re.M)
+            text = "".join(p for p in parts if not HISTORY_HEADING.match(p))
+        for figure, where in memory_figures(text):
+            seen[figure] = seen.get(figure, 0) + 1
+            if figure not in MEMORY_FIGURES:
+                fail(f"{f}: {figure} KiB per connection is not of the family "
+                     f"{', '.join(sorted(MEMORY_FIGURES))} KiB: ...{where}...")
+    check(not [x for x in failures if "is not of the family" in x],
+          f"{len(files)} files: every per-connection memory figure is one of {', '.join(sorted(MEMORY_FIGURES))} KiB "
+          f"(found {', '.join(f'{k} KiB x{v}' for k, v in sorted(seen.items()))})")
+    rule = f"{KIB_PER_CONNECTION} KiB per connection"
+    sizing = Path("docs/deployment.md").read_text()
+    check(rule in re.sub(r"\s+", " ", sizing) and f"{PROCESS_MIB} MiB" in sizing,
+          f"docs/deployment.md states the sizing rule: {rule} + {PROCESS_MIB} MiB (what step g checks)")
+    for f in ("README.md", "docs/operations.md", "docs/performance.md", "deploy/crier.toml", "deploy/deployment.yaml",
+              "helm/crier/values.yaml"):
+        check(str(KIB_PER_CONNECTION) in [fig for fig, _ in memory_figures(Path(f).read_text())],
+              f"{f} gives the {KIB_PER_CONNECTION} KiB budget")
     finish()
 
 
@@ -1002,6 +1086,8 @@ def main() -> None:
     p.add_argument("--namespace", required=True)
     p.add_argument("--host", required=True)
     p.set_defaults(func=cmd_render_chart_output)
+    p = sub.add_parser("memory-figures")
+    p.set_defaults(func=cmd_memory_figures)
     p = sub.add_parser("dashboard")
     p.add_argument("file")
     p.set_defaults(func=cmd_dashboard)
