@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -528,11 +529,13 @@ def cmd_deployments(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- (g) crier.toml
 
 
-# Memory per connection and for the process itself (docs/performance.md:
-# 14.9 KiB per SSE connection with history, 10.8 KiB per WebSocket, sized
-# at 17 for headroom; about 8 MiB idle, the rest of the margin is for
-# messages in flight).
-KIB_PER_CONNECTION = 17
+# The sizing rule (docs/deployment.md, "Sizing"): a budget per connection
+# (crier's RSS, about 5 KiB per idle WebSocket and 3.5 KiB per idle SSE
+# connection, docs/performance.md; the kernel's socket buffers, 2-4 KiB per
+# idle TCP socket; headroom for messages in flight) and for the process
+# itself (about 8 MiB idle, the rest for messages in flight). Step k keeps
+# every document on these figures.
+KIB_PER_CONNECTION = 16
 PROCESS_MIB = 32
 DEFAULT_MAX_CONNECTIONS = 100_000  # src/config/mod.rs
 
@@ -590,6 +593,46 @@ def throwaway_tls_files(directory: Path) -> dict[str, Path] | None:
     return {"ca_file": directory / "ca.crt", "cert_file": directory / "tls.crt", "key_file": directory / "tls.key"}
 
 
+def find_crier() -> Path | None:
+    """The most recently built of the release and debug binaries, in ./target or $CARGO_TARGET_DIR."""
+    dirs = [Path("target")] + ([Path(os.environ["CARGO_TARGET_DIR"])] if os.environ.get("CARGO_TARGET_DIR") else [])
+    built = [d / p / "crier" for d in dirs for p in ("release", "debug")]
+    built = [p for p in built if p.is_file() and os.access(p, os.X_OK)]
+    return max(built, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def check_config_env(cfg: dict, tls_files: dict[str, Path] | None) -> tuple[dict[str, str], dict[str, str]]:
+    """The environment crier check-config runs in for this crier.toml, and the placeholder passwords in it."""
+    # A clean environment: only the secrets the Secret would provide, as
+    # placeholders, when the file enables a feature that needs them.
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp")}
+    jwt = cfg.get("auth", {}).get("jwt")
+    if jwt is not None and not any(k in jwt for k in ("secret", "secret_file", "public_key_file")):
+        env["CRIER_AUTH__JWT__SECRET"] = "placeholder-jwt-secret-of-32-bytes-or-more"
+    session = cfg.get("auth", {}).get("session")
+    if session is not None and session.get("signing", "express") == "express" and not session.get("secrets"):
+        env["CRIER_AUTH__SESSION__SECRETS"] = '["placeholder-session-secret"]'
+    # Passwords of an ACL user and of the sentinels come from the Secret
+    # too; giving them checks that crier takes those variable names.
+    redis = cfg.get("redis", {})
+    passwords = {}
+    if redis.get("username") and "password" not in redis:
+        passwords["CRIER_REDIS__PASSWORD"] = "placeholder-redis-password"
+    if "sentinel" in redis and "password" not in redis["sentinel"]:
+        passwords["CRIER_REDIS__SENTINEL__PASSWORD"] = "placeholder-sentinel-password"
+    env |= passwords
+    # crier check-config reads the [redis.tls] files, which exist only in
+    # the pod (the Secret's mount). The simplest robust way: a throwaway
+    # CA and client certificate made with openssl, given as
+    # CRIER_REDIS__TLS__* variables, which win over the file like any
+    # CRIER_* variable; the rendered paths themselves are checked against
+    # the Deployment's mount in step f.
+    for key in redis.get("tls", {}):
+        if key in ("ca_file", "cert_file", "key_file") and tls_files:
+            env[f"CRIER_REDIS__TLS__{key.upper()}"] = str(tls_files[key])
+    return env, passwords
+
+
 def cmd_toml(args: argparse.Namespace) -> None:
     """Every crier.toml parses with tomllib, integers are integers, and crier check-config accepts it."""
     rendered_dir = Path(args.rendered)
@@ -619,9 +662,7 @@ def cmd_toml(args: argparse.Namespace) -> None:
     dep = next(d for d in docs if d["kind"] == "Deployment")
     tomls.append(("chart/odd-values", config_toml(docs, dep, crier_container(dep, "crier"))))
 
-    # The most recently built of the release and debug binaries.
-    built = [p for p in (Path("target/release/crier"), Path("target/debug/crier")) if p.is_file() and os.access(p, os.X_OK)]
-    crier = max(built, key=lambda p: p.stat().st_mtime, default=None)
+    crier = find_crier()
     if crier is None:
         print("  SKIP crier check-config: no target/release/crier or target/debug/crier built (cargo build to enable)")
     else:
@@ -663,37 +704,12 @@ def cmd_toml(args: argparse.Namespace) -> None:
             continue
         file = out / (label.replace("/", "-") + ".toml")
         file.write_text(text)
-        # A clean environment: only the secrets the Secret would provide, as
-        # placeholders, when the file enables a feature that needs them.
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp")}
-        jwt = cfg.get("auth", {}).get("jwt")
-        if jwt is not None and not any(k in jwt for k in ("secret", "secret_file", "public_key_file")):
-            env["CRIER_AUTH__JWT__SECRET"] = "placeholder-jwt-secret-of-32-bytes-or-more"
-        session = cfg.get("auth", {}).get("session")
-        if session is not None and session.get("signing", "express") == "express" and not session.get("secrets"):
-            env["CRIER_AUTH__SESSION__SECRETS"] = '["placeholder-session-secret"]'
-        # Passwords of an ACL user and of the sentinels come from the Secret
-        # too; giving them checks that crier takes those variable names.
         redis = cfg.get("redis", {})
-        passwords = {}
-        if redis.get("username") and "password" not in redis:
-            passwords["CRIER_REDIS__PASSWORD"] = "placeholder-redis-password"
-        if "sentinel" in redis and "password" not in redis["sentinel"]:
-            passwords["CRIER_REDIS__SENTINEL__PASSWORD"] = "placeholder-sentinel-password"
-        env |= passwords
-        # crier check-config reads the [redis.tls] files, which exist only in
-        # the pod (the Secret's mount). The simplest robust way: a throwaway
-        # CA and client certificate made with openssl, given as
-        # CRIER_REDIS__TLS__* variables, which win over the file like any
-        # CRIER_* variable; the rendered paths themselves are checked against
-        # the Deployment's mount in step f.
         tls = redis.get("tls", {})
         if tls and tls_files is None:
             fail(f"{label}: no throwaway TLS files for [redis.tls]: crier check-config not run")
             continue
-        for key in tls:
-            if key in ("ca_file", "cert_file", "key_file"):
-                env[f"CRIER_REDIS__TLS__{key.upper()}"] = str(tls_files[key])
+        env, passwords = check_config_env(cfg, tls_files)
         proc = subprocess.run([str(crier), "check-config", "--config", str(file)], env=env, capture_output=True, text=True)
         given = sorted(k for k in env if k.startswith("CRIER_"))
         check(proc.returncode == 0,
@@ -711,6 +727,233 @@ def cmd_toml(args: argparse.Namespace) -> None:
             check(both.returncode == 64 and "redis.sentinel" in both.stderr,
                   f"{label}: with CRIER_REDIS__URL also set (a Secret left over from a url setup), crier check-config "
                   f"exit {both.returncode} (must be 64): {both.stderr.strip().splitlines()[0] if both.stderr.strip() else ''}")
+    finish()
+
+
+# ---------------------------------------------------------------- (j) a user's values: ingress hosts, NOTES, render-chart
+
+INGRESS_PATHS = ["/sse", "/ws", "/api/publish", "/api/presence", "/app", "/apps"]
+
+
+def ingress_rules(docs: list[dict]) -> list[tuple[str | None, list[tuple[str, str]]]]:
+    ingresses = [d for d in docs if d["kind"] == "Ingress"]
+    if len(ingresses) != 1:
+        return []
+    return [(r.get("host"), [(p["path"], p["pathType"]) for p in r["http"]["paths"]]) for r in ingresses[0]["spec"].get("rules") or []]
+
+
+def redis_cli_lines(notes: str) -> list[str]:
+    return [line.strip() for line in notes.splitlines() if "redis-cli" in line and ("PUBLISH" in line or "FCALL" in line)]
+
+
+def cmd_user_values(args: argparse.Namespace) -> None:
+    """What a user's values file gets: the default ingress paths on hosts given without paths, and a
+    redis-cli hint with --tls for a rediss:// Redis."""
+    six = [(p, "Prefix") for p in INGRESS_PATHS]
+    cases = {
+        "ingress:\n  enabled: true\n  hosts: [events.example.org]\n": [("events.example.org", six)],
+        "ingress:\n  enabled: true\n  hosts:\n    - host: a.example.org\n    - b.example.org\n":
+            [("a.example.org", six), ("b.example.org", six)],
+        "ingress:\n  enabled: true\n  hosts: []\n": [(None, six)],
+        # Values written for the chart before: hosts that list their paths keep exactly those.
+        "ingress:\n  enabled: true\n  hosts:\n    - host: c.example.org\n      paths:\n        - path: /sse\n"
+        "          pathType: Prefix\n        - path: /ws\n          pathType: Exact\n":
+            [("c.example.org", [("/sse", "Prefix"), ("/ws", "Exact")])],
+        "ingress:\n  enabled: true\n  paths: [/sse]\n  hosts: [d.example.org, {host: e.example.org, paths: [/ws]}]\n":
+            [("d.example.org", [("/sse", "Prefix")]), ("e.example.org", [("/ws", "Prefix")])],
+    }
+    import helm_python
+
+    for text, want in cases.items():
+        values = yaml.safe_load(text)
+        try:
+            got = ingress_rules(manifests_of(render(values)))
+        except helm_python.HelmError as e:
+            fail(f"ingress {json.dumps(values['ingress'], separators=(',', ':'))} does not render: "
+                 f"{str(e).strip().splitlines()[-1].strip()}")
+            continue
+        check(got == want, f"ingress {json.dumps(values['ingress'], separators=(',', ':'))} -> "
+              + "; ".join(f"{h or '(any host)'}: {' '.join(p for p, _ in ps)}" for h, ps in got)
+              + ("" if got == want else f" (want {want})"))
+    defaults = read_values(CHART / "values.yaml")["ingress"]
+    check([(p["path"], p.get("pathType", "Prefix")) for p in defaults.get("paths", [])] == six,
+          f"values.yaml ingress.paths is the six paths {' '.join(INGRESS_PATHS)}")
+    # NOTES: redis-cli gets --tls (and the CA, the client certificate) for rediss://, and not for redis://.
+    notes_cases = (
+        ({"redis": {"url": "rediss://r.example.com:6380"}}, "--tls", None),
+        ({"redis": {"url": "rediss://r.example.com:6380", "tls": {"secretName": "redis-ca"}}}, "--tls --cacert ca.crt", "redis-ca"),
+        ({"redis": {"url": "rediss://r:6380", "tls": {"secretName": "redis-ca", "clientCertificate": True}}},
+         "--tls --cacert ca.crt --cert tls.crt --key tls.key", "redis-ca"),
+        ({"config": {"redis": {"url": "rediss://r:6380", "tls": {"ca_file": "/etc/ssl/ca.pem"}}}}, "--tls --cacert ca.crt", None),
+        ({"config": {"redis": {"sentinel": {"master": "m", "nodes": ["rediss://s:26379"]}}}}, "--tls", None),
+        ({"redis": {"url": "redis://redis:6379"}}, "", None),
+    )
+    for values, options, secret in notes_cases:
+        notes = render(values)["crier/templates/NOTES.txt"]
+        lines = redis_cli_lines(notes)
+        want = f"redis-cli {options} ".replace("  ", " ")
+        good = len(lines) == 2 and all(l.startswith(want) and (options or "--tls" not in l) for l in lines)
+        if secret:
+            good = good and f"get secret {secret} " in notes
+        check(good, f"NOTES with {json.dumps(values, separators=(',', ':'))}: `{want.strip()} PUBLISH|FCALL`"
+              + (f", how to get ca.crt from Secret {secret}" if secret else "")
+              + ("" if good else f" (found {lines})"))
+    finish()
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    """Helm's merge of values files: maps merge key by key, anything else (lists too) is replaced."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def cmd_render_values(args: argparse.Namespace) -> None:
+    """scripts/render-chart: the chart rendered with the user's values files, manifests on stdout."""
+    import helm_python
+
+    values: dict = {}
+    for f in args.values:
+        try:
+            values = deep_merge(values, read_values(Path(f)))
+        except (OSError, yaml.YAMLError) as e:
+            print(f"render-chart: {f}: {e}", file=sys.stderr)
+            sys.exit(1)
+    try:
+        rendered = render(values, name=args.name, namespace=args.namespace)
+    except helm_python.HelmError as e:
+        print(f"render-chart: the chart does not render with {', '.join(args.values)}:\n{str(e).strip()}", file=sys.stderr)
+        sys.exit(1)
+    notes = ""
+    for path in sorted(rendered):
+        text = rendered[path]
+        if path.endswith("NOTES.txt"):
+            notes = text
+            continue
+        if not text.strip() or not path.endswith((".yaml", ".yml")):
+            continue
+        sys.stdout.write(f"---\n# Source: {path}\n{text.strip()}\n")
+    sys.stdout.flush()
+    docs = manifests_of(rendered)
+    kinds = ", ".join(sorted(d["kind"] for d in docs))
+    print(f"render-chart: {len(docs)} objects ({kinds}), release {args.name}, namespace {args.namespace}", file=sys.stderr)
+    if args.notes:
+        print(notes, file=sys.stderr)
+    if args.no_check_config:
+        return
+    crier = find_crier() or (Path(shutil.which("crier")) if shutil.which("crier") else None)
+    if crier is None:
+        print("render-chart: crier check-config skipped: no crier binary (cargo build, or crier on PATH)", file=sys.stderr)
+        return
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    text = config_toml(docs, dep, crier_container(dep, "crier"))
+    cfg = tomllib.loads(text)
+    with tempfile.TemporaryDirectory() as tmp:
+        tls_files = throwaway_tls_files(Path(tmp)) if cfg.get("redis", {}).get("tls") else None
+        env, _ = check_config_env(cfg, tls_files)
+        file = Path(tmp) / "crier.toml"
+        file.write_text(text)
+        proc = subprocess.run([str(crier), "check-config", "--config", str(file)], env=env, capture_output=True, text=True)
+    given = sorted(k for k in env if k.startswith("CRIER_"))
+    print(f"render-chart: {crier} check-config on the rendered crier.toml: exit {proc.returncode}"
+          + (f" (with placeholder {', '.join(given)}, as from the Secret or the mounted files)" if given else "")
+          + ("" if proc.returncode == 0 else f"\n{proc.stderr.strip()}"), file=sys.stderr)
+    if proc.returncode != 0:
+        sys.exit(proc.returncode)
+
+
+def cmd_render_chart_output(args: argparse.Namespace) -> None:
+    """What scripts/render-chart printed for the sample values file (see step j)."""
+    docs = load_docs(Path(args.stdout).read_text())
+    err = Path(args.stderr).read_text()
+    kinds = sorted(d["kind"] for d in docs)
+    check({"Deployment", "Service", "ConfigMap", "Ingress"} <= set(kinds), f"render-chart printed the manifests: {', '.join(kinds)}")
+    check(all(d["metadata"].get("namespace") in (None, args.namespace) for d in docs)
+          and all(d["metadata"]["name"].startswith(args.name) for d in docs),
+          f"... for release {args.name} in namespace {args.namespace}")
+    rules = ingress_rules(docs)
+    check(rules == [(args.host, [(p, "Prefix") for p in INGRESS_PATHS])],
+          f"... with the sample's host {args.host} and the six default paths ({rules})")
+    if "check-config" in err and "skipped" not in err:
+        check("check-config on the rendered crier.toml: exit 0" in err, "... and crier check-config accepted its crier.toml")
+    else:
+        print("  SKIP render-chart ran no crier check-config (no crier binary built)")
+    finish()
+
+
+# ---------------------------------------------------------------- (k) one memory-per-connection figure family
+
+# The one figure family, stated everywhere memory per connection is: crier's
+# measured RSS per idle connection (docs/performance.md, issue 12: 5 KiB per
+# WebSocket, 3.5 KiB per SSE connection), the kernel's socket memory that
+# RSS does not show (2-4 KiB per idle TCP socket), and the sizing budget
+# KIB_PER_CONNECTION (with PROCESS_MIB for the process: see check_memory).
+MEMORY_FIGURES = {"5", "3.5", "2–4", str(KIB_PER_CONNECTION)}
+MEMORY_FILES = ["README.md", "docs/*.md", "deploy/**/*", "helm/crier/**/*"]
+# docs/performance.md's dated sections record what earlier builds measured:
+# history, not sizing. Their headings carry the date or say so.
+HISTORY_HEADING = re.compile(r"^#{2,}\s.*(\(\d{4}-\d{2}-\d{2}|Changes measured)", re.M)
+NUM = r"(\d+(?:\.\d+)?(?:\s*[–-]\s*\d+(?:\.\d+)?)?)"
+MEMORY_PATTERNS = [
+    # "5 KiB per WebSocket", "3.5 KiB per idle SSE connection", "16 KiB per connection", "2–4 KiB per idle TCP socket"
+    re.compile(NUM + r"\s*KiB\s+(?:of\s+\S+(?:\s+\S+)?\s+)?(?:each\s+|a\s+|per\s+)(?:\S+\s+){0,3}?"
+               r"(?:connections?|WebSockets?|SSE|Pusher|sockets?|clients?|streams?)\b", re.I),
+    # "20,000 x 17 KiB", "max_connections × 15 KiB", "20,000 connections x 17 KiB"
+    re.compile(r"(?:\d[\d,]*|max_connections|connections)\s*(?:connections\s*)?(?:x|×|\*)\s*" + NUM + r"\s*KiB", re.I),
+    # "sized at 17 KiB", "budgets 15 KiB", "budget of 16 KiB"
+    re.compile(r"\b(?:sized|sizing|budget(?:s|ed)?)\s+(?:at\s+|of\s+|on\s+)?" + NUM + r"\s*KiB", re.I),
+]
+
+
+def memory_figures(text: str) -> list[tuple[str, str]]:
+    """(figure, the words around it) for every per-connection memory figure in a text."""
+    flat = re.sub(r"\s*\n\s*(?:#\s*|//\s*)?", " ", text)  # wrapped lines and comment markers: one line
+    found = {}
+    for pattern in MEMORY_PATTERNS:
+        for m in pattern.finditer(flat):
+            figure = re.sub(r"\s*[–-]\s*", "–", m.group(1))
+            found.setdefault(m.start(1), (figure, flat[max(0, m.start() - 30):m.end() + 10].strip()))
+    return [found[k] for k in sorted(found)]
+
+
+def cmd_memory_figures(args: argparse.Namespace) -> None:
+    """grep finds one memory-per-connection figure family in README, docs, deploy/ and helm/."""
+    # The check's own patterns first: they must catch the old families and leave unrelated sizes alone.
+    caught = ["about 12 KiB per WebSocket and 17 KiB per SSE connection", "About 10 KiB per WebSocket, 23 KiB per SSE connection",
+              "20,000 x 17 KiB = 332 MiB", "*max_connections × 15 KiB + 32 MiB", "The sizing rule below budgets 15 KiB",
+              "sized at 17 KiB for queued messages", "3,000 x 17 KiB (an SSE", "20,000 connections x 17 KiB"]
+    ignored = ["a request head of at most 32 KiB", "a query string of at most 16 KiB, `events` filters of at most 32",
+               "WebSocket frame | `limits.max_message_bytes` (64 KiB)", "WebSocket read buffer 4 KiB instead of 128 KiB",
+               "--maxmemory 200mb", "over 64 KiB | **503**"]
+    missed = [t for t in caught if not memory_figures(t)]
+    wrong = [t for t in ignored if memory_figures(t)]
+    check(not missed and not wrong, f"the patterns catch {len(caught)} per-connection statements of the old families "
+          f"and none of {len(ignored)} unrelated sizes" + (f": missed {missed}, wrongly caught {wrong}" if missed or wrong else ""))
+    files = sorted({p for g in MEMORY_FILES for p in Path(".").glob(g) if p.is_file() and p.suffix in
+                    (".md", ".yaml", ".yml", ".toml", ".json", ".txt", ".tpl")})
+    seen: dict[str, int] = {}
+    for f in files:
+        text = f.read_text()
+        if f.as_posix() == "docs/performance.md":
+            parts = re.split(r"(?=^#{2,}\s)", text, flags=re.M)
+            text = "".join(p for p in parts if not HISTORY_HEADING.match(p))
+        for figure, where in memory_figures(text):
+            seen[figure] = seen.get(figure, 0) + 1
+            if figure not in MEMORY_FIGURES:
+                fail(f"{f}: {figure} KiB per connection is not of the family "
+                     f"{', '.join(sorted(MEMORY_FIGURES))} KiB: ...{where}...")
+    check(not [x for x in failures if "is not of the family" in x],
+          f"{len(files)} files: every per-connection memory figure is one of {', '.join(sorted(MEMORY_FIGURES))} KiB "
+          f"(found {', '.join(f'{k} KiB x{v}' for k, v in sorted(seen.items()))})")
+    rule = f"{KIB_PER_CONNECTION} KiB per connection"
+    sizing = Path("docs/deployment.md").read_text()
+    check(rule in re.sub(r"\s+", " ", sizing) and f"{PROCESS_MIB} MiB" in sizing,
+          f"docs/deployment.md states the sizing rule: {rule} + {PROCESS_MIB} MiB (what step g checks)")
+    for f in ("README.md", "docs/operations.md", "docs/performance.md", "deploy/crier.toml", "deploy/deployment.yaml",
+              "helm/crier/values.yaml"):
+        check(str(KIB_PER_CONNECTION) in [fig for fig, _ in memory_figures(Path(f).read_text())],
+              f"{f} gives the {KIB_PER_CONNECTION} KiB budget")
     finish()
 
 
@@ -827,6 +1070,24 @@ def main() -> None:
         p.add_argument("--kustomize-redis-tls", required=True)
         p.add_argument("--out", default=tempfile.gettempdir())
         p.set_defaults(func=func)
+    p = sub.add_parser("user-values")
+    p.set_defaults(func=cmd_user_values)
+    p = sub.add_parser("render-values", help="scripts/render-chart")
+    p.add_argument("values", nargs="+", help="values files, merged in order like helm -f")
+    p.add_argument("--name", default=RELEASE)
+    p.add_argument("--namespace", default="default")
+    p.add_argument("--notes", action="store_true", help="also print NOTES.txt (to stderr)")
+    p.add_argument("--no-check-config", action="store_true")
+    p.set_defaults(func=cmd_render_values)
+    p = sub.add_parser("render-chart-output")
+    p.add_argument("--stdout", required=True)
+    p.add_argument("--stderr", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--namespace", required=True)
+    p.add_argument("--host", required=True)
+    p.set_defaults(func=cmd_render_chart_output)
+    p = sub.add_parser("memory-figures")
+    p.set_defaults(func=cmd_memory_figures)
     p = sub.add_parser("dashboard")
     p.add_argument("file")
     p.set_defaults(func=cmd_dashboard)

@@ -247,3 +247,64 @@ drain), else grace + drain + terminationGracePeriodMarginSeconds.
 {{- $listen := get $config "listen" | default "0.0.0.0:8080" }}
 {{- splitList ":" $listen | last | int }}
 {{- end }}
+
+{{/*
+The Ingress rules as a dict {"rules": [{"host": "...", "paths": [{"path", "pathType"}]}]}.
+Each ingress.hosts entry is a host name ("events.example.com") or a map
+{host, paths}; an entry without paths (or with an empty list) gets
+ingress.paths, the default list. A path is "/sse" (Prefix) or {path,
+pathType}. No hosts at all: one rule for any host, with ingress.paths.
+*/}}
+{{- define "crier.ingressRules" -}}
+{{- $ingress := .Values.ingress | default dict }}
+{{- $default := $ingress.paths | default list }}
+{{- $hosts := $ingress.hosts | default (list "") }}
+{{- $rules := list }}
+{{- range $entry := $hosts }}
+{{- $host := "" }}
+{{- $paths := $default }}
+{{- if kindIs "string" $entry }}
+{{- $host = $entry }}
+{{- else }}
+{{- $host = get $entry "host" | default "" }}
+{{- $paths = get $entry "paths" | default $default }}
+{{- end }}
+{{- $normalized := list }}
+{{- range $p := $paths }}
+{{- if kindIs "string" $p }}
+{{- $normalized = append $normalized (dict "path" $p "pathType" "Prefix") }}
+{{- else }}
+{{- $normalized = append $normalized (dict "path" (get $p "path") "pathType" (get $p "pathType" | default "Prefix")) }}
+{{- end }}
+{{- end }}
+{{- if not $normalized }}
+{{- fail (printf "ingress.hosts: %q has no paths and ingress.paths is empty: nothing to route" $host) }}
+{{- end }}
+{{- $rules = append $rules (dict "host" $host "paths" $normalized) }}
+{{- end }}
+{{- toJson (dict "rules" $rules) }}
+{{- end }}
+
+{{/*
+redis-cli and its TLS options for crier's Redis, from the rendered
+configuration: "--tls" when the URL (or a Sentinel or Cluster node) is
+rediss://, "--cacert ca.crt" when a CA is configured, "--cert tls.crt --key
+tls.key" with a client certificate. Returns a dict {"cli", "tls", "ca", "cert"}.
+*/}}
+{{- define "crier.redisCli" -}}
+{{- $config := include "crier.config" . | fromJson }}
+{{- $redis := get $config "redis" | default dict }}
+{{- $urls := list (get $redis "url" | default "") }}
+{{- with get $redis "sentinel" }}{{ $urls = concat $urls (get . "nodes" | default list) }}{{ end }}
+{{- with get $redis "cluster" }}{{ $urls = concat $urls (get . "nodes" | default list) }}{{ end }}
+{{- $tls := false }}
+{{- range $urls }}{{ if hasPrefix "rediss://" (toString .) }}{{ $tls = true }}{{ end }}{{ end }}
+{{- $files := get $redis "tls" | default dict }}
+{{- $cli := "redis-cli" }}
+{{- if $tls }}
+{{- $cli = printf "%s --tls" $cli }}
+{{- if get $files "ca_file" }}{{ $cli = printf "%s --cacert ca.crt" $cli }}{{ end }}
+{{- if get $files "cert_file" }}{{ $cli = printf "%s --cert tls.crt --key tls.key" $cli }}{{ end }}
+{{- end }}
+{{- toJson (dict "cli" $cli "tls" $tls "ca" (get $files "ca_file" | default "") "cert" (get $files "cert_file" | default "")) }}
+{{- end }}
