@@ -323,7 +323,7 @@ impl Publication {
         env: Vec<u8>,
         data_at: usize,
     ) -> Self {
-        let sse = sse_event(event.as_deref(), &env);
+        let sse = sse_event(sse_name(kind, event.as_deref()).as_deref(), &env);
         // The envelope is built from valid UTF-8 pieces only.
         let frame = match String::from_utf8(env) {
             Ok(s) => Utf8Bytes::from(s),
@@ -370,6 +370,31 @@ impl Publication {
     /// an `id:` line (a zero-copy slice).
     pub fn sse_open(&self) -> Bytes {
         self.sse.slice(..self.sse.len().saturating_sub(1))
+    }
+}
+
+/// SSE event names a published event may not take as they are: the
+/// EventSource's own (`error` and `open` would fire its built-in
+/// `onerror` and `onopen`, `message` is what an unnamed event is and
+/// fires `onmessage`) and crier's own notices on SSE.
+pub const RESERVED_SSE_EVENTS: [&str; 8] = [
+    "error", "open", "message", "gap", "expiring", "expired", "join", "leave",
+];
+/// What a reserved name is sent as: `app.error`, listenable with
+/// `addEventListener("app.error", …)`. The envelope keeps the name.
+const RESERVED_SSE_PREFIX: &str = "app.";
+
+/// The `event:` name of a publication on SSE: a message's event type
+/// (`app.<type>` for a reserved one, none for an empty one), or crier's
+/// own name for its notices (`gap`, `join`, `leave`).
+fn sse_name(kind: Kind, event: Option<&str>) -> Option<std::borrow::Cow<'_, str>> {
+    let event = event?;
+    match kind {
+        Kind::Message if event.trim_matches(['\r', '\n']).is_empty() => None,
+        Kind::Message if RESERVED_SSE_EVENTS.contains(&event) => {
+            Some(format!("{RESERVED_SSE_PREFIX}{event}").into())
+        }
+        _ => Some(event.into()),
     }
 }
 
@@ -744,6 +769,32 @@ mod tests {
         assert_eq!(p.event, None);
         let p = Publication::message("c", None, br#"{"event":3}"#, "/event");
         assert_eq!(p.event, None);
+    }
+
+    #[test]
+    fn reserved_sse_event_names_are_sent_under_app_dot() {
+        for reserved in RESERVED_SSE_EVENTS {
+            let p = Publication::new("c", format!(r#"{{"type":"{reserved}"}}"#).as_bytes());
+            let head = format!("event: app.{reserved}\n");
+            assert!(
+                p.sse.starts_with(head.as_bytes()),
+                "{reserved}: {:?}",
+                p.sse
+            );
+            assert!(
+                p.frame.contains(&format!(r#""event":"{reserved}""#)),
+                "{}",
+                p.frame
+            );
+        }
+        let p = Publication::new("c", br#"{"type":"\r\n"}"#);
+        assert!(
+            p.sse.starts_with(b"data: "),
+            "no empty event name: {:?}",
+            p.sse
+        );
+        let g = Publication::gap("c");
+        assert!(g.sse.starts_with(b"event: gap\n"));
     }
 
     #[test]

@@ -436,3 +436,67 @@ async fn demo_page_in_sse_mode_shows_events_of_any_type() {
     ids.sort_unstable();
     assert_eq!(ids, vec![4242, 4343], "each event once: {shown:?}");
 }
+
+/// Issue 21.2: events whose type is one of the EventSource's own names
+/// (`error`, `open`, `message`) reach a real Chromium's listeners as
+/// `app.error`, `app.open` and `app.message`; `onerror` and `onopen` are
+/// not called for them, nor `onmessage`.
+#[tokio::test]
+async fn reserved_event_types_reach_sse_listeners_under_app_names() {
+    if !installed("chromium") {
+        eprintln!(
+            "\n*** SKIPPED reserved_event_types_reach_sse_listeners_under_app_names: `chromium` \
+             is not installed (bash scripts/test installs it) ***\n"
+        );
+        return;
+    }
+    let crier = Process::start(&["--dev"], &[]).await;
+    let channel = unique("public:reserved");
+    let profile = tempfile::tempdir().expect("profile");
+    let _chromium = common::browser::chromium(&crier.http("/"), profile.path());
+    let mut page = common::browser::DevTools::attach(profile.path()).await;
+    page.wait_for(
+        "the demo page (not the blank tab before it)",
+        "location.protocol === 'http:' && document.readyState === 'complete'",
+    )
+    .await;
+    page.eval(&format!(
+        r#"window.t = {{ errors: 0, opens: 0, got: [] }};
+        const es = new EventSource("/sse?channel={channel}");
+        es.onopen = () => t.opens++;
+        es.onerror = () => t.errors++;
+        es.onmessage = (e) => t.got.push("onmessage:" + JSON.parse(e.data).event);
+        for (const name of ["app.error", "app.open", "app.message", "done"]) {{
+          es.addEventListener(name, (e) => t.got.push(name + ":" + JSON.parse(e.data).event));
+        }}
+        window.reserved = es; 1"#
+    ))
+    .await;
+    page.wait_for("the stream open", "t.opens === 1").await;
+    for event in ["error", "open", "message", "done"] {
+        let body = serde_json::json!({"channel": channel, "data": {"type": event}}).to_string();
+        let (status, answer) = common::http_post(
+            &crier.http("/api/publish"),
+            &[("content-type", "application/json")],
+            &body,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+    }
+    page.wait_for("the last event", "t.got.some(g => g.startsWith('done'))")
+        .await;
+    let seen = page.eval("JSON.stringify(t)").await;
+    let seen: Value = serde_json::from_str(seen.as_str().expect("text")).expect("JSON");
+    assert_eq!(
+        seen["got"],
+        serde_json::json!([
+            "app.error:error",
+            "app.open:open",
+            "app.message:message",
+            "done:done"
+        ]),
+        "{seen}"
+    );
+    assert_eq!(seen["errors"], 0, "onerror not called: {seen}");
+    assert_eq!(seen["opens"], 1, "onopen once, for the stream: {seen}");
+}

@@ -23,6 +23,16 @@ const RESTART_DEADLINE: Duration = Duration::from_secs(10);
 /// the test instead of hanging it.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A test's own Redis connection waits up to [`COMMAND_TIMEOUT`], not
+/// redis-rs's default 500 ms answer timeout: a test runtime that is busy
+/// with a thousand readers on a loaded 2-core machine (CI) can take longer
+/// than that to read an answer Redis sent at once.
+fn patient() -> ::redis::AsyncConnectionConfig {
+    ::redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(COMMAND_TIMEOUT))
+        .set_response_timeout(Some(COMMAND_TIMEOUT))
+}
+
 /// A `redis-server` child bound to `127.0.0.1:port`, killed on drop.
 pub struct RedisServer {
     /// Fixed for the server's lifetime so `restart` comes back where clients
@@ -201,7 +211,7 @@ impl RedisServer {
     ) -> ::redis::RedisResult<Option<String>> {
         let client = ::redis::Client::open(self.url()).expect("redis url");
         let mut conn = client
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&patient())
             .await
             .expect("connect to redis");
         ::redis::cmd("FCALL")
@@ -292,7 +302,9 @@ impl RedisServer {
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd, what: &str) -> T {
         let result = timeout(COMMAND_TIMEOUT, async {
             let client = redis::Client::open(self.url())?;
-            let mut con = client.get_multiplexed_async_connection().await?;
+            let mut con = client
+                .get_multiplexed_async_connection_with_config(&patient())
+                .await?;
             cmd.query_async::<T>(&mut con).await
         })
         .await;

@@ -17,6 +17,7 @@
 // browser give up; then this opens a new EventSource after a backoff, passing
 // the cursor as ?last_event_id=.
 window.crierSSE = function (url, channels, handlers) {
+  const RESERVED = ["error", "open", "message", "gap", "expiring", "expired", "join", "leave"];
   const h = handlers;
   const query = channels.map((c) => "channel=" + encodeURIComponent(c)).join("&");
   let es = null, cursor = "", failures = 0, timer = null, stopped = false;
@@ -32,7 +33,8 @@ window.crierSSE = function (url, channels, handlers) {
       fn(JSON.parse(e.data));
     });
     on("message", h.message);                   // payloads without a "type"
-    for (const name of h.events || []) on(name, h.message);
+    // An event type the EventSource (or crier) uses itself comes as "app.<type>".
+    for (const name of h.events || []) on(RESERVED.includes(name) ? "app." + name : name, h.message);
     on("gap", (gap) => h.refetch(gap.channel));
     on("expiring", (notice) => h.expiring && h.expiring(notice.in_secs));
     on("expired", () => h.expired && h.expired()); // the stream ends; the browser retries
