@@ -112,6 +112,10 @@ pub(crate) fn query_param(uri: &http::Uri, name: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
+/// The `since` that starts a subscription at the oldest message still in
+/// the channel's history (SSE `?since=oldest`, WebSocket `"since":"oldest"`).
+pub const OLDEST: &str = "oldest";
+
 /// The channels and event filter a `/sse` or `/ws` request asks for.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct StreamQuery {
@@ -119,6 +123,9 @@ pub struct StreamQuery {
     pub channels: Vec<String>,
     /// `events=a,b`: only these event types.
     pub events: Option<Filter>,
+    /// `since=oldest`: channels without a position in the client's
+    /// cursor start at the oldest message still in their history.
+    pub from_oldest: bool,
 }
 
 impl StreamQuery {
@@ -132,8 +139,15 @@ impl StreamQuery {
         let mut channels = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let mut events: Option<Vec<String>> = None;
+        let mut from_oldest = false;
         for (key, value) in url::form_urlencoded::parse(raw.as_bytes()) {
             match &*key {
+                "since" if value == OLDEST => from_oldest = true,
+                "since" => {
+                    return Err(format!(
+                        "since: `{OLDEST}` is the one value (a position comes as Last-Event-ID)"
+                    ))
+                }
                 "channel" if seen.insert(value.clone()) => channels.push(value.into_owned()),
                 "events" => {
                     let list = events.get_or_insert_with(Vec::new);
@@ -153,6 +167,7 @@ impl StreamQuery {
         }
         Ok(StreamQuery {
             channels,
+            from_oldest,
             events: events.map(event_filter).transpose()?,
         })
     }

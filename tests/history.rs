@@ -754,3 +754,93 @@ async fn a_resume_within_max_replay_bytes_is_replayed_whole_on_ws_and_sse() {
     let first = over.next_message(WAIT).await.expect("stream open").json();
     assert_eq!(first["type"], "gap", "over the budget: {first}");
 }
+
+/// Issue 21.3: a late subscriber asks for an operation's history without
+/// a hand-built cursor: `?since=oldest` on SSE, `"since":"oldest"` on
+/// WebSocket (and `/ws?since=oldest` for query channels). Each gets every
+/// message still in history, then live ones; on a channel that trimmed
+/// its history, what is left and no `gap` (nothing it was owed is lost).
+#[tokio::test]
+async fn a_late_subscriber_starts_at_the_oldest_message_still_in_history() {
+    let redis = RedisServer::start().await;
+    let crier = Instance::start(history_config(Some(&redis))).await;
+    let ch = unique("hist:late");
+    for n in 1..=5 {
+        redis.fcall_publish(&ch, &format!(r#"{{"n":{n}}}"#)).await;
+    }
+
+    let mut sse = sse::connect(&format!("{}&since=oldest", crier.sse_url(&[&ch])), &[])
+        .await
+        .into_events();
+    let mut ws = WsClient::connect(&crier.ws("/ws")).await;
+    ws.recv_type("welcome", WAIT).await;
+    ws.send_json(json!({"type": "subscribe", "channel": ch, "since": "oldest", "id": 1}))
+        .await;
+    let reply = ws.recv_json(WAIT).await;
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+    assert_eq!(reply["recovered"], true, "{reply}");
+    let mut query_ws =
+        WsClient::connect(&crier.ws(&format!("/ws?channel={ch}&since=oldest"))).await;
+    query_ws.recv_type("subscribed", WAIT).await;
+    redis.fcall_publish(&ch, r#"{"n":6}"#).await;
+    let mut on_sse = Vec::new();
+    let (mut on_ws, mut on_query_ws) = (Vec::new(), Vec::new());
+    for _ in 1..=6 {
+        on_sse.push(next_n(&mut sse).await.1);
+        on_ws.push(
+            ws.recv_type("message", WAIT).await["data"]["n"]
+                .as_u64()
+                .expect("n"),
+        );
+        on_query_ws.push(
+            query_ws.recv_type("message", WAIT).await["data"]["n"]
+                .as_u64()
+                .expect("n"),
+        );
+    }
+    let all: Vec<u64> = (1..=6).collect();
+    assert_eq!(on_sse, all, "SSE: history, then live");
+    assert_eq!(on_ws, all, "WebSocket: history, then live");
+    assert_eq!(
+        on_query_ws, all,
+        "WebSocket query channel: history, then live"
+    );
+
+    // A channel whose history was trimmed: what is left, and no gap.
+    let trimmed = unique("trim:late");
+    for n in 1..=300 {
+        redis
+            .fcall_publish(&trimmed, &format!(r#"{{"n":{n}}}"#))
+            .await;
+    }
+    let mut ws = WsClient::connect(&crier.ws("/ws")).await;
+    ws.recv_type("welcome", WAIT).await;
+    ws.send_json(json!({"type": "subscribe", "channel": trimmed, "since": "oldest", "id": 2}))
+        .await;
+    let reply = ws.recv_json(WAIT).await;
+    assert_eq!(reply["recovered"], true, "{reply}");
+    redis.fcall_publish(&trimmed, r#"{"n":301}"#).await;
+    let mut kept = Vec::new();
+    loop {
+        let m = ws.recv_json(WAIT).await;
+        assert_ne!(m["type"], "gap", "oldest is no loss: {m}");
+        let n = m["data"]["n"].as_u64().expect("n");
+        kept.push(n);
+        if n == 301 {
+            break;
+        }
+    }
+    assert!(
+        kept.len() < 300 && kept.len() >= 5,
+        "trimmed to about 5: {kept:?}"
+    );
+    assert!(
+        kept.windows(2).all(|w| w[1] == w[0] + 1),
+        "in order: {kept:?}"
+    );
+
+    // Anything else after `since=` is refused, naming the one value.
+    let (status, body) = common::http_get(&format!("{}&since=0", crier.sse_url(&[&ch]))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("oldest"), "{body}");
+}

@@ -152,6 +152,11 @@ pub(super) async fn open(
     since: Option<StreamId>,
     resuming: bool,
 ) -> Result<Opened, Refusal> {
+    // `since=oldest` (`StreamId::ZERO`): every message still in history.
+    // What trimming removed before it is not a loss to this client, and a
+    // channel without history has nothing to replay.
+    let from_oldest = since == Some(StreamId::ZERO);
+    let since = since.filter(|_| !from_oldest || app.policy.history_of(channel).is_some());
     let Some(_) = app.policy.history_of(channel) else {
         subs.add(channel, events, ChannelStart::default()).await?;
         let gap = since.is_some() || resuming;
@@ -217,7 +222,7 @@ pub(super) async fn open(
         .map(Arc::new)
         .collect();
     let fits = recovery.entries.len() < fetch && budget.take(&replay);
-    if recovery.gap || !fits {
+    if (recovery.gap && !from_oldest) || !fits {
         // The client resyncs: only what comes after the channel's newest
         // message is still to be delivered.
         let newest = recovery

@@ -22,7 +22,7 @@ use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 
 use crate::app::{App, ConnInfo};
-use crate::history::Cursor;
+use crate::history::{Cursor, StreamId};
 use crate::http::{rejected, Body, StreamQuery};
 use crate::link::{Gone, HandoffBody, Link, Out};
 use crate::metrics::Transport;
@@ -76,7 +76,10 @@ async fn open<B>(
     };
     let mut session = Session::open(Arc::clone(&app), admission, wire);
     for channel in &query.channels {
-        let since = cursor.as_ref().and_then(|c| c.0.get(channel).copied());
+        let since = cursor
+            .as_ref()
+            .and_then(|c| c.0.get(channel).copied())
+            .or(query.from_oldest.then_some(StreamId::ZERO));
         let resuming = cursor.is_some();
         let events = query.events.clone();
         session.subscribe(channel, events, since, resuming).await?;

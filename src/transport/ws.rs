@@ -135,7 +135,8 @@ impl Conn {
         self.send(reply::welcome(self.session.id())).await?;
         for channel in query.channels {
             let span = self.span.clone();
-            let subscribe = self.subscribe(channel, query.events.clone(), None, None);
+            let since = query.from_oldest.then(|| crate::http::OLDEST.to_owned());
+            let subscribe = self.subscribe(channel, query.events.clone(), since, None);
             Box::pin(subscribe.instrument(span)).await?;
         }
         loop {
@@ -277,13 +278,18 @@ impl Conn {
         since: Option<String>,
         id: Option<Value>,
     ) -> Result<(), Gone> {
-        let since = match since.as_deref().map(str::parse::<StreamId>) {
+        let since = match since.as_deref() {
             None => None,
-            Some(Ok(since)) => Some(since),
-            Some(Err(())) => {
-                let reason = "bad `since`: expected a message id like 1700000000000-0";
-                return self.refuse(&Refusal::BadRequest(reason.into()), &id).await;
-            }
+            // From the oldest message still in the channel's history.
+            Some(crate::http::OLDEST) => Some(StreamId::ZERO),
+            Some(text) => match text.parse::<StreamId>() {
+                Ok(since) => Some(since),
+                Err(()) => {
+                    let reason =
+                        "bad `since`: expected a message id like 1700000000000-0, or \"oldest\"";
+                    return self.refuse(&Refusal::BadRequest(reason.into()), &id).await;
+                }
+            },
         };
         // The replay, if any, comes out of the session before anything
         // else, and before the next command is read: that bounds what a
