@@ -435,6 +435,37 @@ async fn demo_page_in_sse_mode_shows_events_of_any_type() {
     let mut ids: Vec<u64> = shown.iter().filter_map(|d| d["id"].as_u64()).collect();
     ids.sort_unstable();
     assert_eq!(ids, vec![4242, 4343], "each event once: {shown:?}");
+
+    // Issue 21.8: the first event of a new name is shown in its place, not
+    // after the events that followed it.
+    for (event, n) in [("order.shipped", 5000), ("order.created", 5001)] {
+        let body = serde_json::json!({"channel": channel, "data": {"type": event, "id": n}});
+        let (status, answer) = common::http_post(
+            &crier.http("/api/publish"),
+            &[("content-type", "application/json")],
+            &body.to_string(),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{answer}");
+    }
+    page.wait_for(
+        "both new events on the page",
+        &format!("{entries}.filter(e => /500[01]/.test(e.textContent)).length === 2"),
+    )
+    .await;
+    let order = page
+        .eval(&format!(
+            "{entries}.map(e => e.textContent).filter(t => /\\b500[01]\\b/.test(t)).map(t => t.includes('5000') ? 5000 : 5001)"
+        ))
+        .await;
+    let newest_first = page
+        .eval("document.getElementById('newest-first').checked")
+        .await;
+    let expected = match newest_first.as_bool() {
+        Some(true) => serde_json::json!([5001, 5000]),
+        _ => serde_json::json!([5000, 5001]),
+    };
+    assert_eq!(order, expected, "in publication order");
 }
 
 /// Issue 21.2: events whose type is one of the EventSource's own names
