@@ -9,7 +9,7 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse_args();
-    if let Some(Command::Completions { shell }) = cli.command {
+    if let Some(Command::Completions { shell, .. }) = cli.command {
         // Needs no configuration: it must work anywhere.
         Cli::completions(shell, &mut std::io::stdout());
         return ExitCode::SUCCESS;

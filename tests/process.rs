@@ -917,3 +917,127 @@ async fn healthz_answers_at_the_fd_limit() {
     assert!(failures.len() <= 2, "{failures:#?}");
     drop(open);
 }
+
+/// Issue 21.8: outside dev mode the first Ctrl-C says that a second one
+/// exits at once, and the second does, long before the grace period ends.
+#[tokio::test]
+async fn second_ctrl_c_exits_at_once_outside_dev_mode() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A grace period no test waits out: exiting at all means "at once".
+    let config = write_config(
+        &dir,
+        "[[channels]]\npattern = \"public:*\"\nsubscribe = \"anyone\"\n\
+         [shutdown]\ngrace = \"10m\"\ndrain = \"10m\"\n",
+    );
+    let mut crier = Process::start(&["--config", &config], &[]).await;
+    let pid = crier.child.id().expect("running").to_string();
+    let interrupt = || async {
+        let status = tokio::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .await
+            .expect("run kill");
+        assert!(status.success());
+    };
+    interrupt().await;
+    let log = crier.log.clone();
+    common::eventually("the Ctrl-C hint", WAIT, || {
+        let log = log.clone();
+        async move {
+            !log_lines(&log, |v| {
+                message_is(v, "shutting down; press Ctrl-C again to exit now")
+            })
+            .is_empty()
+        }
+    })
+    .await;
+    interrupt().await;
+    let status = tokio::time::timeout(WAIT, crier.child.wait())
+        .await
+        .expect("exits before the 10-minute grace period")
+        .expect("wait");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        crier
+            .log_text()
+            .contains("second signal: exiting without completing the drain"),
+        "{}",
+        crier.log_text()
+    );
+}
+
+/// Issue 21.8: `crier completions --help` offers no configuration flags
+/// (the script needs none); the commands that load configuration do.
+#[tokio::test]
+async fn completions_help_offers_no_configuration_flags() {
+    let (code, help, stderr) = run_crier(&["completions", "--help"], &[]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(help.contains("<SHELL>"), "{help}");
+    for flag in ["--config", "--redis-url"] {
+        assert!(!help.contains(flag), "{flag} offered: {help}");
+    }
+    for command in ["check-config", "publish"] {
+        let (_, help, _) = run_crier(&[command, "--help"], &[]).await;
+        for flag in ["--config", "--redis-url"] {
+            assert!(help.contains(flag), "{command} lacks {flag}: {help}");
+        }
+    }
+}
+
+/// Issue 21.8: `allowed_origins = ["*"]` is refused saying why and what
+/// to write instead.
+#[tokio::test]
+async fn a_wildcard_origin_is_refused_with_the_reason_and_the_fix() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(&dir, &format!("allowed_origins = [\"*\"]\n{CONFIG}"));
+    let (code, _, stderr) = run_crier(&["check-config", "--config", &config], &[]).await;
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("allowed_origins[0]: `*` would let any web site"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("browsers refuse `*` on requests with credentials"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("\"https://app.example.com\""), "{stderr}");
+    assert!(stderr.contains("--dev"), "{stderr}");
+}
+
+/// Issue 21.8: history beyond what a resume replays is a warning, in
+/// `check-config` and at start.
+#[tokio::test]
+async fn history_larger_than_the_replay_is_a_warning() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        &dir,
+        "[[channels]]\npattern = \"hist:*\"\nsubscribe = \"anyone\"\n\
+         history = { size = 20000, ttl = \"10m\" }\n[limits]\nmax_connections = 500\n",
+    );
+    let warning = "channels[0].history.size = 20000 keeps more than can be replayed";
+    let (code, _, stderr) = run_crier(&["check-config", "--config", &config], &[]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains(&format!("crier: warning: {warning}")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("keep history.size at most 10000"),
+        "{stderr}"
+    );
+    let crier = Process::start(&["--config", &config], &[]).await;
+    let log = crier.log.clone();
+    common::eventually("the start-up warning", WAIT, || {
+        let log = log.clone();
+        async move {
+            !log_lines(&log, |v| {
+                v["level"] == "WARN"
+                    && v["fields"]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with(warning))
+            })
+            .is_empty()
+        }
+    })
+    .await;
+}

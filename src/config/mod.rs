@@ -622,6 +622,22 @@ impl Config {
                 ));
             }
         }
+        // A resume replays at most max_replay_messages; a client that missed
+        // more gets a gap. History kept beyond that is never replayed.
+        let replay = self.limits.max_replay_messages;
+        for (i, rule) in self.channels.iter().enumerate() {
+            if let Some(size) = rule
+                .history
+                .map(|h| h.size)
+                .filter(|&size| size > replay as u64)
+            {
+                warnings.push(format!(
+                    "channels[{i}].history.size = {size} keeps more than can be replayed: a \
+                     resume replays at most limits.max_replay_messages ({replay}) messages and \
+                     a client that missed more gets a gap; keep history.size at most {replay}"
+                ));
+            }
+        }
         if self.channels.is_empty() && !self.dev {
             warnings.push(
                 "no [[channels]] rules: every subscription will be refused (deny by default); \
@@ -1182,6 +1198,32 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("channels[0].event_field"), "{e}");
+    }
+
+    #[test]
+    fn history_beyond_what_is_replayed_is_a_warning() {
+        let rule = |size: usize| {
+            format!(
+                "[[channels]]\npattern = \"a:*\"\nsubscribe = \"anyone\"\n\
+                 history = {{ size = {size}, ttl = \"1h\" }}\n"
+            )
+        };
+        let cfg = load_str(&rule(20_000), &[]).expect("valid");
+        assert_eq!(
+            cfg.warnings(),
+            vec![
+                "channels[0].history.size = 20000 keeps more than can be replayed: a resume \
+                 replays at most limits.max_replay_messages (10000) messages and a client that \
+                 missed more gets a gap; keep history.size at most 10000"
+                    .to_owned()
+            ]
+        );
+        assert!(load_str(&rule(10_000), &[])
+            .expect("valid")
+            .warnings()
+            .is_empty());
+        let raised = format!("{}[limits]\nmax_replay_messages = 20000\n", rule(20_000));
+        assert!(load_str(&raised, &[]).expect("valid").warnings().is_empty());
     }
 
     #[test]
