@@ -1041,3 +1041,44 @@ async fn history_larger_than_the_replay_is_a_warning() {
     })
     .await;
 }
+
+/// Issue 21.5: a `CRIER_*` variable that is not a configuration key is
+/// named, with the spelling meant when there is one; a list is shown in
+/// list form, without echoing the (maybe secret) value.
+#[tokio::test]
+async fn unknown_crier_variables_are_named_with_the_fix() {
+    for (var, value, says) in [
+        (
+            "CRIER_URL",
+            "http://127.0.0.1:8080",
+            "CRIER_URL is not a configuration key: crier reads every CRIER_* variable",
+        ),
+        (
+            "CRIER_REDIS_URL",
+            "redis://127.0.0.1:6379",
+            "CRIER_REDIS_URL is not a configuration key; did you mean CRIER_REDIS__URL?",
+        ),
+        (
+            "CRIER_AUTH__SESSION__SECRETS",
+            "session-secret-hunter2",
+            "CRIER_AUTH__SESSION__SECRETS must be a list, e.g. CRIER_AUTH__SESSION__SECRETS='[\"…\"]'",
+        ),
+    ] {
+        for args in [&["check-config"][..], &["--listen", "127.0.0.1:0"][..]] {
+            let (code, _, stderr) = run_crier(args, &[(var, value)]).await;
+            assert_eq!(code, Some(64), "{var} {args:?}: {stderr}");
+            assert!(stderr.contains(says), "{var} {args:?}: {stderr}");
+            assert!(!stderr.contains("hunter2"), "{stderr}");
+        }
+    }
+    // The variables crier itself defines are still fine.
+    let (code, _, stderr) = run_crier(
+        &["check-config"],
+        &[
+            ("CRIER_API_KEY", "k"),
+            ("CRIER_REDIS__URL", "redis://r:6379"),
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
+}

@@ -727,12 +727,66 @@ fn env_provider(env: impl IntoIterator<Item = (String, String)>) -> impl figment
     EnvVars(dict)
 }
 
+/// The name of the `CRIER_*` layer in errors.
+const ENV_SOURCE: &str = "CRIER_* environment variables";
+
+/// The variable that sets the key at `path`: `["redis", "url"]` →
+/// `CRIER_REDIS__URL`.
+fn env_var(path: &[String]) -> String {
+    format!("CRIER_{}", path.join("__").to_ascii_uppercase())
+}
+
+/// An error in the `CRIER_*` layer, said in terms of the variable: the
+/// person reading it set a variable, not a key, and a `CRIER_*` variable
+/// meant for something else (a script's `CRIER_URL`) must be named to be
+/// found. `None`: the general wording does (it names the key).
+fn describe_env_error(path: &[String], kind: &figment::error::Kind) -> Option<String> {
+    use figment::error::Kind;
+    let var = env_var(path);
+    match kind {
+        Kind::UnknownField(found, expected) => {
+            // `CRIER_REDIS_URL`: one `_` where nesting needs `__`.
+            let split = found.match_indices('_').find_map(|(i, _)| {
+                let (outer, inner) = (&found[..i], &found[i + 1..]);
+                (expected.contains(&outer) && !inner.is_empty())
+                    .then(|| format!("{outer}__{inner}"))
+            });
+            let near = split.or_else(|| closest(found, expected).map(str::to_owned));
+            Some(match near {
+                Some(key) => {
+                    let mut meant = path[..path.len().saturating_sub(1)].to_vec();
+                    meant.push(key);
+                    format!(
+                        "{var} is not a configuration key; did you mean {}? (crier reads \
+                         every CRIER_* variable as configuration; nested keys are joined \
+                         with `__`: redis.url is CRIER_REDIS__URL)",
+                        env_var(&meant)
+                    )
+                }
+                None => format!(
+                    "{var} is not a configuration key: crier reads every CRIER_* variable as \
+                     configuration (except CRIER_CONFIG and CRIER_API_KEY); if it is meant \
+                     for something else, such as a script, unset it where crier runs or \
+                     rename it"
+                ),
+            })
+        }
+        // Never the value itself: it may be a secret.
+        Kind::InvalidType(_, expected) if expected == "a sequence" => Some(format!(
+            "{}: {var} must be a list, e.g. {var}='[\"…\"]' (TOML array syntax, quoted for \
+             the shell; several: '[\"a\", \"b\"]')",
+            key_path(path)
+        )),
+        _ => None,
+    }
+}
+
 /// The `CRIER_*` layer, named so errors say where a bad value came from.
 struct EnvVars(figment::value::Dict);
 
 impl figment::Provider for EnvVars {
     fn metadata(&self) -> figment::Metadata {
-        figment::Metadata::named("CRIER_* environment variables")
+        figment::Metadata::named(ENV_SOURCE)
     }
 
     fn data(
@@ -761,6 +815,13 @@ fn insert_nested(dict: &mut figment::value::Dict, path: &[&str], value: figment:
 }
 
 fn describe_figment_error(e: figment::Error) -> String {
+    let from_env = e.metadata.as_ref().is_some_and(|m| m.name == ENV_SOURCE);
+    if let Some(said) = from_env
+        .then(|| describe_env_error(&e.path, &e.kind))
+        .flatten()
+    {
+        return said;
+    }
     let key = key_path(&e.path);
     let source = match &e.metadata {
         Some(m) => match &m.source {
@@ -1104,6 +1165,56 @@ mod tests {
             e.contains("channels[0].subscribe: unknown value `anyon`; did you mean `anyone`?"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn unknown_variables_are_named_with_the_spelling_meant() {
+        let e = load_str("", &[("CRIER_URL", "http://localhost:8080")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("CRIER_URL is not a configuration key: crier reads every CRIER_*")
+                && e.contains("unset it where crier runs"),
+            "{e}"
+        );
+        assert!(!e.contains("did you mean"), "{e}");
+        let e = load_str("", &[("CRIER_REDIS_URL", "redis://r:6379")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                "CRIER_REDIS_URL is not a configuration key; did you mean CRIER_REDIS__URL?"
+            ),
+            "{e}"
+        );
+        let e = load_str("", &[("CRIER_LIMITS__QUEUE_SISE", "3")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("did you mean CRIER_LIMITS__QUEUE_SIZE?"), "{e}");
+        let e = load_str("", &[("CRIER_AUTH__SESSION__SECRETS", "hunter2-secret")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                "auth.session.secrets: CRIER_AUTH__SESSION__SECRETS must be a list, \
+                 e.g. CRIER_AUTH__SESSION__SECRETS='[\"…\"]'"
+            ),
+            "{e}"
+        );
+        assert!(!e.contains("hunter2"), "the value is never shown: {e}");
+        // The variables that are not keys still pass, and lists load.
+        let cfg = load_str(
+            "",
+            &[
+                ("CRIER_CONFIG", "x"),
+                ("CRIER_API_KEY", "k"),
+                ("CRIER_AUTH__SESSION__SECRETS", "[\"s1\", \"s2\"]"),
+                ("CRIER_AUTH__SESSION__REDIS_URL", "redis://r:6379"),
+            ],
+        )
+        .expect("valid");
+        let session = cfg.auth.session.expect("session");
+        assert_eq!(session.secrets, ["s1", "s2"]);
     }
 
     #[test]
