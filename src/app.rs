@@ -110,4 +110,7 @@ pub(crate) struct ConnInfo {
     pub peer: SocketAddr,
     /// Where a stream takes the connection out of hyper.
     pub handoff: Arc<crate::link::Handoff>,
+    /// The socket's share of the descriptor budget: a stream that takes
+    /// the socket over keeps a copy for as long as it holds the socket.
+    pub slot: crate::fdlimit::Slot,
 }

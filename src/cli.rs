@@ -60,6 +60,14 @@ pub enum Command {
         /// The shell.
         #[arg(value_enum)]
         shell: clap_complete::Shell,
+        /// Stands in for the global `--config`, hidden: the script needs no
+        /// configuration, so `crier completions --help` does not offer it.
+        /// (clap gives a subcommand no global flag whose id it defines.)
+        #[arg(long, hide = true, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The same for `--redis-url`.
+        #[arg(long, hide = true, value_name = "URL")]
+        redis_url: Option<String>,
     },
     /// Publish one event, to Redis or to a running crier's HTTP API.
     Publish {

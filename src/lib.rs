@@ -19,6 +19,7 @@ pub mod auth;
 pub(crate) mod broker;
 pub mod cli;
 pub mod config;
+pub mod fdlimit;
 pub mod history;
 pub mod http;
 pub(crate) mod hub;

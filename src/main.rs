@@ -9,7 +9,7 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = Cli::parse_args();
-    if let Some(Command::Completions { shell }) = cli.command {
+    if let Some(Command::Completions { shell, .. }) = cli.command {
         // Needs no configuration: it must work anywhere.
         Cli::completions(shell, &mut std::io::stdout());
         return ExitCode::SUCCESS;
@@ -23,7 +23,9 @@ fn main() -> ExitCode {
     };
     if matches!(cli.command, Some(Command::CheckConfig { .. })) {
         print!("{}", config.to_redacted_toml());
-        for warning in config.warnings() {
+        let fds = crier::fdlimit::current();
+        let fd_warning = fds.and_then(|limits| crier::fdlimit::warning(&config, &limits));
+        for warning in config.warnings().into_iter().chain(fd_warning) {
             eprintln!("crier: warning: {warning}");
         }
         eprintln!("crier: configuration is valid");
@@ -77,16 +79,21 @@ fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let dev = config.dev;
+    raise_fd_limit();
     // Listen for signals before serving: one that arrives right after the
     // start-up line must drain, not kill the process (the default action).
     let mut signals = Signals::install()?;
+    let grace = config.shutdown.grace;
     let running = crier::start(config).await?;
-    signals.next().await;
+    let first = signals.next().await;
     running.shutdown();
-    if dev {
-        tracing::info!("draining; press Ctrl-C again to exit now");
-    }
+    // Someone at a terminal waits out the grace period (5 s by default)
+    // with nothing on screen otherwise: say that there is a way out.
+    let again = match first {
+        Signal::Interrupt => "press Ctrl-C again",
+        Signal::Terminate => "send SIGTERM again",
+    };
+    tracing::info!(?grace, "shutting down; {again} to exit now");
     // A second signal means "now": skip the drain.
     tokio::select! {
         _ = running.stopped() => {}
@@ -114,11 +121,40 @@ impl Signals {
         })
     }
 
-    async fn next(&mut self) {
+    async fn next(&mut self) -> Signal {
         tokio::select! {
-            _ = self.term.recv() => tracing::info!("SIGTERM received"),
-            _ = self.interrupt.recv() => tracing::info!("interrupt received"),
+            _ = self.term.recv() => {
+                tracing::info!("SIGTERM received");
+                Signal::Terminate
+            }
+            _ = self.interrupt.recv() => {
+                tracing::info!("interrupt received");
+                Signal::Interrupt
+            }
         }
+    }
+}
+
+/// Which signal asked crier to stop.
+enum Signal {
+    Terminate,
+    Interrupt,
+}
+
+/// Raises the open-file soft limit to the hard limit before anything is
+/// opened: each connection is a descriptor, and container runtimes often
+/// start processes with a soft limit of 1,024 while allowing far more.
+/// Whether the hard limit itself is enough is said at start (see
+/// `crier::fdlimit::warning`).
+fn raise_fd_limit() {
+    match crier::fdlimit::raise() {
+        Ok(limits) if limits.before < limits.soft => tracing::info!(
+            from = limits.before,
+            to = limits.soft,
+            "open-file limit raised to the hard limit"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("{e}"),
     }
 }
 

@@ -24,6 +24,19 @@ pub(crate) struct OriginPattern {
 impl OriginPattern {
     /// Parses an entry; the error says what is wrong with it.
     pub(crate) fn parse(raw: &str) -> Result<Self, String> {
+        if raw.trim() == "*" {
+            // CORS answers to SSE carry credentials (cookies, bearer
+            // tokens), and browsers refuse `*` with credentials; echoing
+            // any origin instead would let every site read a signed-in
+            // user's events.
+            return Err(
+                "`*` would let any web site read a signed-in user's events (and browsers \
+                 refuse `*` on requests with credentials): list the origins of your pages, \
+                 e.g. [\"https://app.example.com\", \"https://*.example.com\"], or run \
+                 with --dev (dev = true) on your machine, which allows any origin"
+                    .into(),
+            );
+        }
         let (scheme, host) = raw
             .split_once("://")
             .ok_or_else(|| format!("`{raw}`: expected scheme://host[:port]"))?;

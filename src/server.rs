@@ -27,12 +27,14 @@ use crate::app::{App, ConnInfo};
 use crate::auth::Authenticator;
 use crate::broker::Broker;
 use crate::config::{Config, ConfigError};
+use crate::fdlimit::{Admit, Budget, Slot};
 use crate::http::{full, text, Body};
 use crate::hub::Hub;
 use crate::link::Handoff;
 use crate::metrics::Metrics;
 use crate::origin::Origins;
 use crate::policy::Policy;
+use crate::refusal::Refusal;
 use crate::stall::{StallGuard, StallTimeout};
 use crate::transport::{sse, ws};
 
@@ -211,6 +213,15 @@ fn launch(config: Config, parts: Parts, listener: TcpListener) -> anyhow::Result
     for warning in config.warnings() {
         tracing::warn!("{warning}");
     }
+    // `main` has raised the soft limit by now: the budget is what is left.
+    let fds = crate::fdlimit::current();
+    if let Some(warning) = fds.and_then(|l| crate::fdlimit::warning(&config, &l)) {
+        tracing::warn!("{warning}");
+    }
+    let budget = Budget::new(
+        fds.map_or(u64::MAX, |l| l.soft),
+        crate::fdlimit::reserve(&config),
+    );
 
     let app = Arc::new(App::new(
         config, hub, broker, policy, auth, origins, metrics,
@@ -234,6 +245,7 @@ fn launch(config: Config, parts: Parts, listener: TcpListener) -> anyhow::Result
     let done = tokio::spawn(run(
         app,
         listener,
+        budget,
         sigterm.clone(),
         background,
         stop_background,
@@ -248,11 +260,12 @@ fn launch(config: Config, parts: Parts, listener: TcpListener) -> anyhow::Result
 async fn run(
     app: Arc<App>,
     listener: TcpListener,
+    budget: Budget,
     sigterm: CancellationToken,
     background: TaskTracker,
     stop_background: CancellationToken,
 ) {
-    let accepting = tokio::spawn(accept_loop(Arc::clone(&app), listener));
+    let accepting = tokio::spawn(accept_loop(Arc::clone(&app), listener, budget));
 
     sigterm.cancelled().await;
     let shutdown = &app.config.shutdown;
@@ -283,7 +296,13 @@ async fn run(
 }
 
 /// Accepts until the drain begins. One bad connection never stops it.
-async fn accept_loop(app: Arc<App>, listener: TcpListener) {
+///
+/// Every socket takes a slot of the descriptor `budget` (see
+/// [`crate::fdlimit`]); one accepted with no slot free is answered by
+/// [`overflow`], so `/healthz` answers even at the limit. Should accept
+/// still fail for want of descriptors (or memory), the loop backs off and
+/// says so at most once per [`AcceptErrors::REPORT_EVERY`].
+async fn accept_loop(app: Arc<App>, listener: TcpListener, budget: Budget) {
     // HTTP/1.1 only: what browsers speak to crier (TLS, and with it HTTP/2,
     // ends at the ingress), and the upgrade WebSocket needs. Leaving out
     // hyper-util's HTTP/2 detection saves memory on every connection.
@@ -293,33 +312,152 @@ async fn accept_loop(app: Arc<App>, listener: TcpListener) {
         .header_read_timeout(app.config.ws.handshake_timeout)
         .max_header_size(crate::http::MAX_HEAD_BYTES);
     let drain = app.lifecycle.drain_started().clone();
+    let mut errors = AcceptErrors::default();
     loop {
         let (stream, peer) = tokio::select! {
             _ = drain.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
+                Err(e) if is_connection_error(&e) => {
+                    // That client gave up before we took it: nothing to wait for.
+                    tracing::debug!(error = %e, "accept: connection already gone");
+                    continue;
+                }
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    let (pause, report) = errors.failed(std::time::Instant::now());
+                    if let Some(failures) = report {
+                        let hint = if is_out_of_descriptors(&e) {
+                            "out of file descriptors: raise the open-file limit or lower \
+                             limits.max_connections"
+                        } else {
+                            "backing off"
+                        };
+                        tracing::warn!(error = %e, failures, backoff = ?pause, "accept failed: {hint}");
+                    }
+                    tokio::select! {
+                        _ = drain.cancelled() => return,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
                     continue;
                 }
             },
         };
-        let _ = stream.set_nodelay(true);
-        let task = connection(Arc::clone(&app), stream, peer, builder.clone());
-        app.tasks.spawn(task);
+        errors.accepted();
+        match budget.admit() {
+            Admit::Serve(slot) => {
+                let _ = stream.set_nodelay(true);
+                let task = connection(Arc::clone(&app), stream, peer, slot, builder.clone());
+                app.tasks.spawn(task);
+            }
+            Admit::Overflow(permit) => {
+                app.tasks.spawn(overflow(Arc::clone(&app), stream, permit));
+            }
+            Admit::Close => drop(stream),
+        }
     }
+}
+
+/// Errors of one connection that ended before it was accepted.
+fn is_connection_error(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        e.kind(),
+        ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::ConnectionRefused
+    )
+}
+
+/// `EMFILE` (this process's limit) or `ENFILE` (the system's).
+fn is_out_of_descriptors(e: &std::io::Error) -> bool {
+    // The same numbers on Linux and the BSDs.
+    const ENFILE: i32 = 23;
+    const EMFILE: i32 = 24;
+    matches!(e.raw_os_error(), Some(ENFILE | EMFILE))
+}
+
+/// Accept failures in a row: how long to back off (10 ms doubling to 1 s,
+/// as pingora does) and when to say so. A process at its descriptor limit
+/// fails every accept until a connection closes; one log line per failure
+/// would flood the log, so one line per [`Self::REPORT_EVERY`] carries the
+/// count since the last.
+#[derive(Debug, Default)]
+struct AcceptErrors {
+    /// The next pause; zero after a successful accept.
+    backoff: Duration,
+    /// Failures not yet reported.
+    unreported: u64,
+    /// When the last line was logged.
+    reported: Option<std::time::Instant>,
+}
+
+impl AcceptErrors {
+    const FIRST: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_secs(1);
+    const REPORT_EVERY: Duration = Duration::from_secs(10);
+
+    /// One more failure at `now`: the pause before the next accept, and
+    /// the number of failures to report now, if it is time.
+    fn failed(&mut self, now: std::time::Instant) -> (Duration, Option<u64>) {
+        self.backoff = (self.backoff * 2).clamp(Self::FIRST, Self::MAX);
+        self.unreported += 1;
+        let due = self
+            .reported
+            .is_none_or(|at| now.saturating_duration_since(at) >= Self::REPORT_EVERY);
+        let report = due.then(|| {
+            self.reported = Some(now);
+            std::mem::take(&mut self.unreported)
+        });
+        (self.backoff, report)
+    }
+
+    /// An accept went through: the next failure starts the backoff again
+    /// (the report interval stays).
+    fn accepted(&mut self) {
+        self.backoff = Duration::ZERO;
+    }
+}
+
+/// How long a socket accepted beyond the descriptor budget may stay.
+const OVERFLOW_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Serves one socket accepted beyond the descriptor budget: `/healthz` and
+/// `/readyz` as usual, so probes do not restart a pod that is merely full,
+/// and 503 for everything else; then the connection closes.
+async fn overflow(app: Arc<App>, stream: TcpStream, _permit: tokio::sync::OwnedSemaphorePermit) {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .keep_alive(false)
+        .header_read_timeout(OVERFLOW_TIMEOUT)
+        .max_header_size(crate::http::MAX_HEAD_BYTES);
+    let service = service_fn(move |req: Request<Incoming>| {
+        let app = Arc::clone(&app);
+        async move {
+            Ok::<_, Infallible>(match (req.method(), req.uri().path()) {
+                (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+                (&Method::GET, "/readyz") => readyz(&app),
+                _ => crate::http::rejected(&app.metrics, &Refusal::AtCapacity),
+            })
+        }
+    });
+    let conn = builder.serve_connection(TokioIo::new(stream), service);
+    let _ = tokio::time::timeout(OVERFLOW_TIMEOUT, conn).await;
 }
 
 /// Serves one TCP connection with hyper, until it ends or a stream takes
 /// it over (see [`crate::link`]).
-async fn connection(app: Arc<App>, stream: TcpStream, peer: SocketAddr, builder: http1::Builder) {
+async fn connection(
+    app: Arc<App>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    slot: Slot,
+    builder: http1::Builder,
+) {
     let stall = StallTimeout::new(app.config.sse.write_timeout);
     let handoff = Arc::new(Handoff::default());
     let info = ConnInfo {
         peer,
         handoff: Arc::clone(&handoff),
+        slot,
     };
     let drain = app.lifecycle.drain_started().clone();
     let service_app = Arc::clone(&app);
@@ -603,6 +741,30 @@ mod tests {
         let path = dir.path().join("crier.toml");
         std::fs::write(&path, toml).expect("write config");
         Config::load(Some(&path), std::iter::empty(), &Overrides::default()).expect("loads")
+    }
+
+    /// At the descriptor limit every accept fails until a connection
+    /// closes: the pause doubles from 10 ms to 1 s, and one line per 10 s
+    /// carries the count, not one line per failure.
+    #[test]
+    fn accept_failures_back_off_and_are_reported_with_a_count() {
+        let start = std::time::Instant::now();
+        let mut errors = AcceptErrors::default();
+        let (pause, report) = errors.failed(start);
+        assert_eq!((pause, report), (Duration::from_millis(10), Some(1)));
+        let mut pauses = Vec::new();
+        for i in 1..=200u32 {
+            let (pause, report) = errors.failed(start + Duration::from_millis(i.into()));
+            assert_eq!(report, None, "failure {i} reported");
+            pauses.push(pause);
+        }
+        assert_eq!(pauses[0], Duration::from_millis(20));
+        assert_eq!(*pauses.last().expect("some"), Duration::from_secs(1));
+        let (_, report) = errors.failed(start + Duration::from_secs(10));
+        assert_eq!(report, Some(201), "the failures since the last line");
+        errors.accepted();
+        let (pause, report) = errors.failed(start + Duration::from_secs(11));
+        assert_eq!((pause, report), (Duration::from_millis(10), None));
     }
 
     #[tokio::test]

@@ -129,6 +129,58 @@ async fn sse_with_token(
     (status, body["error"].as_str().map(str::to_owned))
 }
 
+/// Issue 21.8: a token in the URL while query tokens are off is not read;
+/// the 401 says so and names the key that turns them on.
+#[tokio::test]
+async fn a_query_token_while_they_are_off_gets_a_hint() {
+    let crier = Instance::start(jwt_config(&["HS256"], None)).await;
+    let token = sign(Algorithm::HS256, &claims("42", now() + 600));
+    let url = crier.http(&format!("/sse?channel=user:42&token={token}"));
+    let response = sse::connect(&url, &[]).await;
+    assert_eq!(response.status, StatusCode::UNAUTHORIZED);
+    let challenge = response
+        .headers
+        .get("www-authenticate")
+        .map(|v| v.to_str().expect("ascii").to_string())
+        .expect("401 carries WWW-Authenticate");
+    let body: Value = serde_json::from_str(&response.body_text().await).expect("json body");
+    let reason = body["reason"].as_str().expect("reason");
+    assert!(
+        reason.starts_with("missing: ?token= is ignored"),
+        "{reason}"
+    );
+    assert!(reason.contains("auth.query_token = true"), "{reason}");
+    assert!(challenge.contains(reason), "{challenge}");
+    // The same on WebSocket.
+    let refused = WsClient::try_connect(
+        &crier.ws(&format!("/ws?channel=user:42&token={token}")),
+        &[],
+    )
+    .await
+    .err()
+    .expect("refused");
+    let tungstenite::Error::Http(response) = refused else {
+        panic!("{refused:?}")
+    };
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default()).into_owned();
+    assert!(body.contains("auth.query_token = true"), "{body}");
+    // Without a token in the URL: the plain reason.
+    let response = sse::connect(&crier.sse_url(&["user:42"]), &[]).await;
+    let body: Value = serde_json::from_str(&response.body_text().await).expect("json body");
+    assert_eq!(body["reason"], "missing");
+    // With query tokens on, the token is read.
+    let mut config = jwt_config(&["HS256"], None);
+    config.auth.query_token = true;
+    let on = Instance::start(config).await;
+    let response = sse::connect(
+        &on.http(&format!("/sse?channel=user:42&token={token}")),
+        &[],
+    )
+    .await;
+    assert_eq!(response.status, StatusCode::OK);
+}
+
 /// Acceptance 1: HS256, RS256 and ES256 tokens; every way a token can be
 /// wrong is refused with its reason, and nothing is subscribed.
 #[tokio::test]

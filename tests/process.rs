@@ -223,8 +223,12 @@ async fn no_channel_rules_warns_at_start_and_in_check_config() {
     })
     .await;
 
-    // With a rule, neither says anything.
-    let ruled = write_config(&dir, CONFIG);
+    // With a rule, neither says anything (and with max_connections within
+    // any open-file limit, see `a_hard_fd_limit_below_max_connections_is_a_warning`).
+    let ruled = write_config(
+        &dir,
+        &format!("{CONFIG}\n[limits]\nmax_connections = 500\n"),
+    );
     let (code, _, stderr) = run_crier(&["check-config", "--config", &ruled], &[]).await;
     assert_eq!(code, Some(0), "{stderr}");
     assert!(!stderr.contains("warning"), "{stderr}");
@@ -759,4 +763,322 @@ async fn publish_over_https_with_a_ca_file() {
         stderr.to_lowercase().contains("certificate"),
         "says why: {stderr}"
     );
+}
+
+/// Issue 21.1: started with a soft open-file limit of 256 and a hard limit
+/// of 20,000, crier raises its soft limit and holds 1,000 WebSockets.
+#[tokio::test]
+async fn soft_fd_limit_is_raised_to_hold_a_thousand_websockets() {
+    // The test's own 1,000 client sockets.
+    rlimit::increase_nofile_limit(4_000).expect("raise the test's open-file limit");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        &dir,
+        &format!("{CONFIG}\n[limits]\nmax_connections = 5000\n"),
+    );
+    let crier = Process::start_command(
+        common::crier::limited_crier_command(256, 20_000),
+        &["--config", &config],
+        &[],
+    )
+    .await;
+    let raised = log_lines(&crier.log, |v| {
+        message_is(v, "open-file limit raised to the hard limit")
+    });
+    assert_eq!(raised.len(), 1, "{}", crier.log_text());
+    assert_eq!(raised[0]["fields"]["from"], 256);
+    assert_eq!(raised[0]["fields"]["to"], 20_000);
+
+    let channel = unique("public:fds");
+    let url = format!("ws://{}/ws?channel={channel}", crier.addr);
+    let mut clients = Vec::new();
+    // In batches: a burst of 1,000 handshakes would only test the backlog.
+    for _ in 0..10 {
+        let batch = futures_util::future::join_all((0..100).map(|_| {
+            let url = url.clone();
+            async move {
+                let mut ws = common::ws::WsClient::try_connect(&url, &[])
+                    .await
+                    .expect("connected");
+                ws.recv_type("welcome", WAIT).await;
+                ws
+            }
+        }))
+        .await;
+        clients.extend(batch);
+    }
+    assert_eq!(clients.len(), 1000);
+    let (status, _) = common::http_get(&crier.http("/healthz")).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+/// Issue 21.1: a hard open-file limit below `limits.max_connections` (plus
+/// crier's own 64) is a warning, at start and in `check-config`.
+#[tokio::test]
+async fn a_hard_fd_limit_below_max_connections_is_a_warning() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        &dir,
+        &format!("{CONFIG}\n[limits]\nmax_connections = 5000\n"),
+    );
+    let warning = "the open-file limit (hard 1000) is below limits.max_connections (5000) \
+                   plus 64 for crier itself: at most 936 connections";
+
+    let out = common::crier::limited_crier_command(1000, 1000)
+        .args(["check-config", "--config", &config])
+        .output()
+        .await
+        .expect("check-config");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains(&format!("crier: warning: {warning}")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("at least 5064"), "{stderr}");
+
+    let crier = Process::start_command(
+        common::crier::limited_crier_command(1000, 1000),
+        &["--config", &config],
+        &[],
+    )
+    .await;
+    let log = crier.log.clone();
+    common::eventually("the start-up warning", WAIT, || {
+        let log = log.clone();
+        async move {
+            !log_lines(&log, |v| {
+                v["level"] == "WARN"
+                    && v["fields"]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains(warning))
+            })
+            .is_empty()
+        }
+    })
+    .await;
+
+    // A hard limit with room says nothing.
+    let out = common::crier::limited_crier_command(1000, 6000)
+        .args(["check-config", "--config", &config])
+        .output()
+        .await
+        .expect("check-config");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("open-file limit"), "{stderr}");
+}
+
+/// Issue 21.1: at its open-file limit (soft = hard = 128) and with 200
+/// WebSockets trying to connect, crier refuses what it cannot hold, keeps
+/// answering `/healthz`, and logs no flood of accept failures.
+#[tokio::test]
+async fn healthz_answers_at_the_fd_limit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(&dir, CONFIG);
+    let crier = Process::start_command(
+        common::crier::limited_crier_command(128, 128),
+        &["--config", &config],
+        &[],
+    )
+    .await;
+    let channel = unique("public:full");
+    let url = format!("ws://{}/ws?channel={channel}", crier.addr);
+    let attempts = futures_util::future::join_all((0..200).map(|_| {
+        let url = url.clone();
+        async move {
+            let mut ws = common::ws::WsClient::try_connect(&url, &[]).await.ok()?;
+            ws.recv_type("welcome", WAIT).await;
+            Some(ws)
+        }
+    }))
+    .await;
+    let open: Vec<_> = attempts.into_iter().flatten().collect();
+    assert!(!open.is_empty(), "some connections are held");
+    assert!(open.len() < 200, "not all fit: {}", open.len());
+
+    // With every connection still open, the probe is answered.
+    for _ in 0..3 {
+        let (status, body) = common::http_get(&crier.http("/healthz")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    // And a stream beyond the limit is told so.
+    let refused = common::ws::WsClient::try_connect(&url, &[]).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        }
+        other => panic!("expected 503, got {:?}", other.map(|_| "a connection")),
+    }
+    let failures = log_lines(&crier.log, |v| {
+        v["fields"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("accept failed"))
+    });
+    assert!(failures.len() <= 2, "{failures:#?}");
+    drop(open);
+}
+
+/// Issue 21.8: outside dev mode the first Ctrl-C says that a second one
+/// exits at once, and the second does, long before the grace period ends.
+#[tokio::test]
+async fn second_ctrl_c_exits_at_once_outside_dev_mode() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A grace period no test waits out: exiting at all means "at once".
+    let config = write_config(
+        &dir,
+        "[[channels]]\npattern = \"public:*\"\nsubscribe = \"anyone\"\n\
+         [shutdown]\ngrace = \"10m\"\ndrain = \"10m\"\n",
+    );
+    let mut crier = Process::start(&["--config", &config], &[]).await;
+    let pid = crier.child.id().expect("running").to_string();
+    let interrupt = || async {
+        let status = tokio::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .await
+            .expect("run kill");
+        assert!(status.success());
+    };
+    interrupt().await;
+    let log = crier.log.clone();
+    common::eventually("the Ctrl-C hint", WAIT, || {
+        let log = log.clone();
+        async move {
+            !log_lines(&log, |v| {
+                message_is(v, "shutting down; press Ctrl-C again to exit now")
+            })
+            .is_empty()
+        }
+    })
+    .await;
+    interrupt().await;
+    let status = tokio::time::timeout(WAIT, crier.child.wait())
+        .await
+        .expect("exits before the 10-minute grace period")
+        .expect("wait");
+    assert!(status.success(), "{status:?}");
+    assert!(
+        crier
+            .log_text()
+            .contains("second signal: exiting without completing the drain"),
+        "{}",
+        crier.log_text()
+    );
+}
+
+/// Issue 21.8: `crier completions --help` offers no configuration flags
+/// (the script needs none); the commands that load configuration do.
+#[tokio::test]
+async fn completions_help_offers_no_configuration_flags() {
+    let (code, help, stderr) = run_crier(&["completions", "--help"], &[]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(help.contains("<SHELL>"), "{help}");
+    for flag in ["--config", "--redis-url"] {
+        assert!(!help.contains(flag), "{flag} offered: {help}");
+    }
+    for command in ["check-config", "publish"] {
+        let (_, help, _) = run_crier(&[command, "--help"], &[]).await;
+        for flag in ["--config", "--redis-url"] {
+            assert!(help.contains(flag), "{command} lacks {flag}: {help}");
+        }
+    }
+}
+
+/// Issue 21.8: `allowed_origins = ["*"]` is refused saying why and what
+/// to write instead.
+#[tokio::test]
+async fn a_wildcard_origin_is_refused_with_the_reason_and_the_fix() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(&dir, &format!("allowed_origins = [\"*\"]\n{CONFIG}"));
+    let (code, _, stderr) = run_crier(&["check-config", "--config", &config], &[]).await;
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("allowed_origins[0]: `*` would let any web site"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("browsers refuse `*` on requests with credentials"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("\"https://app.example.com\""), "{stderr}");
+    assert!(stderr.contains("--dev"), "{stderr}");
+}
+
+/// Issue 21.8: history beyond what a resume replays is a warning, in
+/// `check-config` and at start.
+#[tokio::test]
+async fn history_larger_than_the_replay_is_a_warning() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(
+        &dir,
+        "[[channels]]\npattern = \"hist:*\"\nsubscribe = \"anyone\"\n\
+         history = { size = 20000, ttl = \"10m\" }\n[limits]\nmax_connections = 500\n",
+    );
+    let warning = "channels[0].history.size = 20000 keeps more than can be replayed";
+    let (code, _, stderr) = run_crier(&["check-config", "--config", &config], &[]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains(&format!("crier: warning: {warning}")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("keep history.size at most 10000"),
+        "{stderr}"
+    );
+    let crier = Process::start(&["--config", &config], &[]).await;
+    let log = crier.log.clone();
+    common::eventually("the start-up warning", WAIT, || {
+        let log = log.clone();
+        async move {
+            !log_lines(&log, |v| {
+                v["level"] == "WARN"
+                    && v["fields"]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with(warning))
+            })
+            .is_empty()
+        }
+    })
+    .await;
+}
+
+/// Issue 21.5: a `CRIER_*` variable that is not a configuration key is
+/// named, with the spelling meant when there is one; a list is shown in
+/// list form, without echoing the (maybe secret) value.
+#[tokio::test]
+async fn unknown_crier_variables_are_named_with_the_fix() {
+    for (var, value, says) in [
+        (
+            "CRIER_URL",
+            "http://127.0.0.1:8080",
+            "CRIER_URL is not a configuration key: crier reads every CRIER_* variable",
+        ),
+        (
+            "CRIER_REDIS_URL",
+            "redis://127.0.0.1:6379",
+            "CRIER_REDIS_URL is not a configuration key; did you mean CRIER_REDIS__URL?",
+        ),
+        (
+            "CRIER_AUTH__SESSION__SECRETS",
+            "session-secret-hunter2",
+            "CRIER_AUTH__SESSION__SECRETS must be a list, e.g. CRIER_AUTH__SESSION__SECRETS='[\"…\"]'",
+        ),
+    ] {
+        for args in [&["check-config"][..], &["--listen", "127.0.0.1:0"][..]] {
+            let (code, _, stderr) = run_crier(args, &[(var, value)]).await;
+            assert_eq!(code, Some(64), "{var} {args:?}: {stderr}");
+            assert!(stderr.contains(says), "{var} {args:?}: {stderr}");
+            assert!(!stderr.contains("hunter2"), "{stderr}");
+        }
+    }
+    // The variables crier itself defines are still fine.
+    let (code, _, stderr) = run_crier(
+        &["check-config"],
+        &[
+            ("CRIER_API_KEY", "k"),
+            ("CRIER_REDIS__URL", "redis://r:6379"),
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{stderr}");
 }

@@ -251,7 +251,7 @@ async fn express_recipe_page_listens_cross_origin_in_chromium() {
     let crier_url = format!("http://{}", listener.local_addr().expect("addr"));
     let app = RecipeApp::start(
         &["node", "examples/integration/webhook-express.mjs"],
-        &[("CRIER_URL", &crier_url)],
+        &[("EVENTS_URL", &crier_url)],
     )
     .await;
     let mut config = config(&app.url("/crier/session"));

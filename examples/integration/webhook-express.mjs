@@ -2,7 +2,9 @@
 // Express 5 app with express-session: crier forwards the browser's
 // `_myapp_session` cookie to POST /crier/session and the app answers who
 // that is.
-//   PORT=3000 CRIER_URL=http://127.0.0.1:8080 node webhook-express.mjs
+//   PORT=3000 EVENTS_URL=http://127.0.0.1:8080 node webhook-express.mjs
+// (EVENTS_URL, not CRIER_*: crier reads every CRIER_* variable as its
+// configuration and refuses one it does not know.)
 // crier.toml:
 //   [auth.webhook]
 //   url = "http://127.0.0.1:3000/crier/session"
@@ -11,7 +13,7 @@ import express from "express";
 import session from "express-session";
 
 const PORT = Number(process.env.PORT ?? process.argv[2] ?? 3000);
-const CRIER_URL = process.env.CRIER_URL ?? process.argv[3] ?? "http://127.0.0.1:8080";
+const EVENTS_URL = process.env.EVENTS_URL ?? process.argv[3] ?? "http://127.0.0.1:8080";
 const LOGIN_HOURS = 8;
 
 // Stand-ins for your user database: who exists, and their teams (each
@@ -73,7 +75,7 @@ app.get("/", (req, res) => {
 <p><button id="login">Log in as alice</button> <button id="logout">Log out</button></p>
 <pre id="log"></pre>
 <script>
-const CRIER = ${JSON.stringify(CRIER_URL).replaceAll("<", "\\u003c")};
+const CRIER = ${JSON.stringify(EVENTS_URL).replaceAll("<", "\\u003c")};
 const demo = (window.demo = { sse: [], ws: [], close() {} });
 const show = (transport, what) => {
   demo[transport].push(what);

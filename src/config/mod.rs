@@ -623,6 +623,22 @@ impl Config {
                 ));
             }
         }
+        // A resume replays at most max_replay_messages; a client that missed
+        // more gets a gap. History kept beyond that is never replayed.
+        let replay = self.limits.max_replay_messages;
+        for (i, rule) in self.channels.iter().enumerate() {
+            if let Some(size) = rule
+                .history
+                .map(|h| h.size)
+                .filter(|&size| size > replay as u64)
+            {
+                warnings.push(format!(
+                    "channels[{i}].history.size = {size} keeps more than can be replayed: a \
+                     resume replays at most limits.max_replay_messages ({replay}) messages and \
+                     a client that missed more gets a gap; keep history.size at most {replay}"
+                ));
+            }
+        }
         if self.channels.is_empty() && !self.dev {
             warnings.push(
                 "no [[channels]] rules: every subscription will be refused (deny by default); \
@@ -712,12 +728,66 @@ fn env_provider(env: impl IntoIterator<Item = (String, String)>) -> impl figment
     EnvVars(dict)
 }
 
+/// The name of the `CRIER_*` layer in errors.
+const ENV_SOURCE: &str = "CRIER_* environment variables";
+
+/// The variable that sets the key at `path`: `["redis", "url"]` →
+/// `CRIER_REDIS__URL`.
+fn env_var(path: &[String]) -> String {
+    format!("CRIER_{}", path.join("__").to_ascii_uppercase())
+}
+
+/// An error in the `CRIER_*` layer, said in terms of the variable: the
+/// person reading it set a variable, not a key, and a `CRIER_*` variable
+/// meant for something else (a script's `CRIER_URL`) must be named to be
+/// found. `None`: the general wording does (it names the key).
+fn describe_env_error(path: &[String], kind: &figment::error::Kind) -> Option<String> {
+    use figment::error::Kind;
+    let var = env_var(path);
+    match kind {
+        Kind::UnknownField(found, expected) => {
+            // `CRIER_REDIS_URL`: one `_` where nesting needs `__`.
+            let split = found.match_indices('_').find_map(|(i, _)| {
+                let (outer, inner) = (&found[..i], &found[i + 1..]);
+                (expected.contains(&outer) && !inner.is_empty())
+                    .then(|| format!("{outer}__{inner}"))
+            });
+            let near = split.or_else(|| closest(found, expected).map(str::to_owned));
+            Some(match near {
+                Some(key) => {
+                    let mut meant = path[..path.len().saturating_sub(1)].to_vec();
+                    meant.push(key);
+                    format!(
+                        "{var} is not a configuration key; did you mean {}? (crier reads \
+                         every CRIER_* variable as configuration; nested keys are joined \
+                         with `__`: redis.url is CRIER_REDIS__URL)",
+                        env_var(&meant)
+                    )
+                }
+                None => format!(
+                    "{var} is not a configuration key: crier reads every CRIER_* variable as \
+                     configuration (except CRIER_CONFIG and CRIER_API_KEY); if it is meant \
+                     for something else, such as a script, unset it where crier runs or \
+                     rename it"
+                ),
+            })
+        }
+        // Never the value itself: it may be a secret.
+        Kind::InvalidType(_, expected) if expected == "a sequence" => Some(format!(
+            "{}: {var} must be a list, e.g. {var}='[\"…\"]' (TOML array syntax, quoted for \
+             the shell; several: '[\"a\", \"b\"]')",
+            key_path(path)
+        )),
+        _ => None,
+    }
+}
+
 /// The `CRIER_*` layer, named so errors say where a bad value came from.
 struct EnvVars(figment::value::Dict);
 
 impl figment::Provider for EnvVars {
     fn metadata(&self) -> figment::Metadata {
-        figment::Metadata::named("CRIER_* environment variables")
+        figment::Metadata::named(ENV_SOURCE)
     }
 
     fn data(
@@ -746,6 +816,13 @@ fn insert_nested(dict: &mut figment::value::Dict, path: &[&str], value: figment:
 }
 
 fn describe_figment_error(e: figment::Error) -> String {
+    let from_env = e.metadata.as_ref().is_some_and(|m| m.name == ENV_SOURCE);
+    if let Some(said) = from_env
+        .then(|| describe_env_error(&e.path, &e.kind))
+        .flatten()
+    {
+        return said;
+    }
     let key = key_path(&e.path);
     let source = match &e.metadata {
         Some(m) => match &m.source {
@@ -1092,6 +1169,56 @@ mod tests {
     }
 
     #[test]
+    fn unknown_variables_are_named_with_the_spelling_meant() {
+        let e = load_str("", &[("CRIER_URL", "http://localhost:8080")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("CRIER_URL is not a configuration key: crier reads every CRIER_*")
+                && e.contains("unset it where crier runs"),
+            "{e}"
+        );
+        assert!(!e.contains("did you mean"), "{e}");
+        let e = load_str("", &[("CRIER_REDIS_URL", "redis://r:6379")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                "CRIER_REDIS_URL is not a configuration key; did you mean CRIER_REDIS__URL?"
+            ),
+            "{e}"
+        );
+        let e = load_str("", &[("CRIER_LIMITS__QUEUE_SISE", "3")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("did you mean CRIER_LIMITS__QUEUE_SIZE?"), "{e}");
+        let e = load_str("", &[("CRIER_AUTH__SESSION__SECRETS", "hunter2-secret")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(
+                "auth.session.secrets: CRIER_AUTH__SESSION__SECRETS must be a list, \
+                 e.g. CRIER_AUTH__SESSION__SECRETS='[\"…\"]'"
+            ),
+            "{e}"
+        );
+        assert!(!e.contains("hunter2"), "the value is never shown: {e}");
+        // The variables that are not keys still pass, and lists load.
+        let cfg = load_str(
+            "",
+            &[
+                ("CRIER_CONFIG", "x"),
+                ("CRIER_API_KEY", "k"),
+                ("CRIER_AUTH__SESSION__SECRETS", "[\"s1\", \"s2\"]"),
+                ("CRIER_AUTH__SESSION__REDIS_URL", "redis://r:6379"),
+            ],
+        )
+        .expect("valid");
+        let session = cfg.auth.session.expect("session");
+        assert_eq!(session.secrets, ["s1", "s2"]);
+    }
+
+    #[test]
     fn paths_are_written_one_way() {
         let path = |p: &[&str]| key_path(&p.iter().map(|s| s.to_string()).collect::<Vec<_>>());
         assert_eq!(
@@ -1183,6 +1310,32 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("channels[0].event_field"), "{e}");
+    }
+
+    #[test]
+    fn history_beyond_what_is_replayed_is_a_warning() {
+        let rule = |size: usize| {
+            format!(
+                "[[channels]]\npattern = \"a:*\"\nsubscribe = \"anyone\"\n\
+                 history = {{ size = {size}, ttl = \"1h\" }}\n"
+            )
+        };
+        let cfg = load_str(&rule(20_000), &[]).expect("valid");
+        assert_eq!(
+            cfg.warnings(),
+            vec![
+                "channels[0].history.size = 20000 keeps more than can be replayed: a resume \
+                 replays at most limits.max_replay_messages (10000) messages and a client that \
+                 missed more gets a gap; keep history.size at most 10000"
+                    .to_owned()
+            ]
+        );
+        assert!(load_str(&rule(10_000), &[])
+            .expect("valid")
+            .warnings()
+            .is_empty());
+        let raised = format!("{}[limits]\nmax_replay_messages = 20000\n", rule(20_000));
+        assert!(load_str(&raised, &[]).expect("valid").warnings().is_empty());
     }
 
     #[test]

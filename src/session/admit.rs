@@ -43,7 +43,7 @@ pub(crate) async fn admit(
         return Err(Refusal::TooManySubscriptions { limit });
     }
     for channel in channels {
-        may_subscribe(app, channel, &principal)?;
+        may_subscribe(app, channel, &principal).map_err(|r| query_token_hint(app, uri, r))?;
     }
     let gauge = app.metrics.connections(transport).clone();
     let admitted = app.limits.admit(peer, principal.user.as_deref(), gauge)?;
@@ -52,6 +52,25 @@ pub(crate) async fn admit(
         admitted,
         origin,
     })
+}
+
+/// What an anonymous client refused for want of credentials is told when
+/// it sent `?token=` while query tokens are off: otherwise a bare `missing`
+/// leaves it wondering why its token was not read. Starts with `missing`,
+/// the reason clients already know.
+pub(crate) const QUERY_TOKEN_OFF: &str = "missing: ?token= is ignored while auth.query_token is \
+     off; send the token as Authorization: Bearer, or set auth.query_token = true";
+
+/// [`QUERY_TOKEN_OFF`] in place of a plain `missing`, when it applies.
+fn query_token_hint(app: &App, uri: &Uri, refusal: Refusal) -> Refusal {
+    match refusal {
+        Refusal::Unauthorized(_)
+            if !app.config.auth.query_token && crate::http::query_param(uri, "token").is_some() =>
+        {
+            Refusal::Unauthorized(QUERY_TOKEN_OFF)
+        }
+        other => other,
+    }
 }
 
 /// May `who` hear `channel`? The channel rules decide; an anonymous client

@@ -94,7 +94,7 @@ where
         }
     };
     let task_app = Arc::clone(&app);
-    upgrade(&app, req, move |stream, early| async move {
+    upgrade(&app, req, info.slot, move |stream, early| async move {
         match admitted {
             Ok((admission, pusher_app)) => {
                 serve(task_app, stream, early, pusher_app, info.peer, admission).await;

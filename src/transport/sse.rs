@@ -107,9 +107,14 @@ async fn open<B>(
     let stall = app.config.sse.write_timeout;
     let slow = app.metrics.slow_client_disconnects.clone();
     let task_app = Arc::clone(&app);
+    // The socket's descriptor slot goes where the socket goes.
+    let slot = info.slot.clone();
     info.handoff.offer(Box::new(move |stream| {
         let link = Link::new(stream, stall, slow);
-        task_app.tasks.spawn(live.run(link));
+        task_app.tasks.spawn(async move {
+            let _slot = slot;
+            live.run(link).await
+        });
     }));
     let body = HandoffBody(Arc::clone(&info.handoff)).boxed_unsync();
     let mut response = Response::new(body);

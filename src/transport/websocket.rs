@@ -13,6 +13,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::app::App;
+use crate::fdlimit::Slot;
 use crate::http::{full, rejected, Body};
 use crate::link::{Gone, Link};
 use crate::protocol::Publication;
@@ -30,7 +31,12 @@ const CLOSE_LINGER: Duration = Duration::from_secs(1);
 /// Answers a WebSocket handshake with 101 and runs `serve` on the socket
 /// (with what the client sent right behind its handshake) once hyper lets
 /// it go; or answers why not.
-pub(crate) fn upgrade<B, F, Fut>(app: &Arc<App>, mut req: Request<B>, serve: F) -> Response<Body>
+pub(crate) fn upgrade<B, F, Fut>(
+    app: &Arc<App>,
+    mut req: Request<B>,
+    slot: Slot,
+    serve: F,
+) -> Response<Body>
 where
     B: Send + 'static,
     F: FnOnce(TcpStream, Vec<u8>) -> Fut + Send + 'static,
@@ -46,6 +52,8 @@ where
     let upgrade = hyper::upgrade::on(&mut req);
     let handshake = app.config.ws.handshake_timeout;
     app.tasks.spawn(async move {
+        // The socket's descriptor slot goes where the socket goes.
+        let _slot = slot;
         let upgraded = match tokio::time::timeout(handshake, upgrade).await {
             Ok(Ok(upgraded)) => upgraded,
             Ok(Err(e)) => return tracing::debug!(error = %e, "websocket upgrade failed"),

@@ -67,7 +67,7 @@ where
         Err(refusal) => return rejected(&app.metrics, &refusal),
     };
     let task_app = Arc::clone(&app);
-    upgrade(&app, req, move |stream, early| {
+    upgrade(&app, req, info.slot, move |stream, early| {
         serve(task_app, stream, early, query, info.peer, admission)
     })
 }

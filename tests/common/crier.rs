@@ -225,6 +225,20 @@ pub fn crier_command() -> Command {
     cmd
 }
 
+/// The real `crier` binary run with an open-file limit of `soft`/`hard`
+/// (util-linux `prlimit`, which sets the limit and then execs crier: the
+/// child's PID is crier's), hermetic like [`crier_command`].
+pub fn limited_crier_command(soft: u64, hard: u64) -> Command {
+    let mut cmd = Command::new("prlimit");
+    cmd.arg(format!("--nofile={soft}:{hard}"))
+        .arg("--")
+        .arg(env!("CARGO_BIN_EXE_crier"));
+    for key in inherited_crier_vars() {
+        cmd.env_remove(key);
+    }
+    cmd
+}
+
 /// The caller's `CRIER_*` variables, for commands that end up running crier
 /// (a shell line in the docs): remove them so the test is hermetic.
 pub fn inherited_crier_vars() -> Vec<std::ffi::OsString> {
@@ -248,7 +262,11 @@ impl Process {
     /// Runs `crier ARGS` (on `--listen 127.0.0.1:0` unless ARGS name an
     /// address) with `envs` and waits for its "listening" line.
     pub async fn start(args: &[&str], envs: &[(&str, &str)]) -> Process {
-        let mut cmd = crier_command();
+        Self::start_command(crier_command(), args, envs).await
+    }
+
+    /// [`Process::start`] with `cmd` (see [`limited_crier_command`]).
+    pub async fn start_command(mut cmd: Command, args: &[&str], envs: &[(&str, &str)]) -> Process {
         cmd.args(args);
         if !args.contains(&"--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
