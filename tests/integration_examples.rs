@@ -189,7 +189,7 @@ async fn publisher_reaches_a_websocket_client(command: &[&str]) {
             .env("REDIS_URL", redis.url())
             .env("CHANNEL", &channel)
             .env("CHANNEL_PREFIX", "app1:")
-            .env("CRIER_FUNCTION", "crier_publish_app1")
+            .env("PUBLISH_FUNCTION", "crier_publish_app1")
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .output(),

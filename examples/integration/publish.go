@@ -32,7 +32,7 @@ func main() {
 	channel := getenv("CHANNEL", "public:orders")
 	prefix := os.Getenv("CHANNEL_PREFIX") // crier's redis.channel_prefix, if set
 	// With a channel_prefix the function is crier_publish_<name> (crier logs it at start).
-	function := getenv("CRIER_FUNCTION", "crier_publish")
+	function := getenv("PUBLISH_FUNCTION", "crier_publish")
 
 	// 1. Plain PUBLISH: live only, no id, not kept.
 	payload, _ := json.Marshal(map[string]any{"type": "order.created", "id": 1})

@@ -6,7 +6,7 @@ const redis = new Redis(process.env.REDIS_URL ?? "redis://127.0.0.1:6379");
 const channel = process.env.CHANNEL ?? "public:orders";
 const prefix = process.env.CHANNEL_PREFIX ?? ""; // crier's redis.channel_prefix, if set
 // With a channel_prefix the function is crier_publish_<name> (crier logs it at start).
-const fn = process.env.CRIER_FUNCTION ?? "crier_publish";
+const fn = process.env.PUBLISH_FUNCTION ?? "crier_publish";
 
 // 1. Plain PUBLISH: live only. Clients connected now get it; it has no id and
 //    is not kept, so a client that was away never sees it.

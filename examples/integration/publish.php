@@ -11,7 +11,7 @@ if (isset($url['pass'])) {
 $channel = getenv('CHANNEL') ?: 'public:orders';
 $prefix = getenv('CHANNEL_PREFIX') ?: ''; // crier's redis.channel_prefix, if set
 // With a channel_prefix the function is crier_publish_<name> (crier logs it at start).
-$function = getenv('CRIER_FUNCTION') ?: 'crier_publish';
+$function = getenv('PUBLISH_FUNCTION') ?: 'crier_publish';
 
 // 1. Plain PUBLISH: live only, no id, not kept.
 $reached = $redis->publish($prefix . $channel, json_encode(['type' => 'order.created', 'id' => 1]));

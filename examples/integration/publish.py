@@ -10,7 +10,7 @@ r = redis.Redis.from_url(os.environ.get("REDIS_URL", "redis://127.0.0.1:6379"),
 channel = os.environ.get("CHANNEL", "public:orders")
 prefix = os.environ.get("CHANNEL_PREFIX", "")  # crier's redis.channel_prefix, if set
 # With a channel_prefix the function is crier_publish_<name> (crier logs it at start).
-function = os.environ.get("CRIER_FUNCTION", "crier_publish")
+function = os.environ.get("PUBLISH_FUNCTION", "crier_publish")
 
 # 1. Plain PUBLISH: live only. Clients connected now get it; it has no id and
 #    is not kept, so a client that was away never sees it.

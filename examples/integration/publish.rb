@@ -7,7 +7,7 @@ redis = Redis.new(url: ENV.fetch("REDIS_URL", "redis://127.0.0.1:6379"))
 channel = ENV.fetch("CHANNEL", "public:orders")
 prefix = ENV.fetch("CHANNEL_PREFIX", "") # crier's redis.channel_prefix, if set
 # With a channel_prefix the function is crier_publish_<name> (crier logs it at start).
-function = ENV.fetch("CRIER_FUNCTION", "crier_publish")
+function = ENV.fetch("PUBLISH_FUNCTION", "crier_publish")
 
 # 1. Plain PUBLISH: live only, no id, not kept.
 reached = redis.publish(prefix + channel, { type: "order.created", id: 1 }.to_json)
