@@ -21,6 +21,7 @@ use crate::protocol::Publication;
 
 use crate::redis_client as client;
 mod cluster;
+mod failure;
 mod library;
 mod memory;
 mod presence;

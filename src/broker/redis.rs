@@ -35,6 +35,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::failure::{classify, RedisFailure};
 use super::library::{self, Holder, Library};
 use super::target::Target;
 use super::{BrokerError, BrokerHealth, ChannelStart, Control, Fanout, Wiring};
@@ -226,7 +227,7 @@ impl Redis {
             .await
         {
             Ok(id) => Ok(id.and_then(|id| id.parse().ok())),
-            Err(BrokerError::Redis(e)) if e.to_string().contains("unknown command") => {
+            Err(BrokerError::Redis(e)) if classify(&e) == RedisFailure::NoSuchCommand => {
                 let mut cmd = redis::cmd("PUBLISH");
                 cmd.arg(format!("{}{channel}", self.prefix)).arg(payload);
                 self.query::<i64>(cmd).await.map(|_| None)
@@ -259,7 +260,7 @@ impl Redis {
             cmd
         };
         match self.query(call()).await {
-            Err(BrokerError::Redis(e)) if e.to_string().contains("Function not found") => {
+            Err(BrokerError::Redis(e)) if classify(&e) == RedisFailure::NoSuchFunction => {
                 if !self.load_when_missing {
                     return Err(BrokerError::NoLibrary);
                 }
@@ -282,10 +283,7 @@ impl Redis {
             return Err(BrokerError::Protocol("no Redis primary found yet".into()));
         };
         match tokio::time::timeout(self.timeout, conn.query(&cmd)).await {
-            Ok(Err(e))
-                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
-                    || e.to_string().contains("READONLY") =>
-            {
+            Ok(Err(e)) if classify(&e) == RedisFailure::ReadOnly => {
                 self.demoted.notify_one();
                 Err(e.into())
             }
@@ -416,7 +414,7 @@ impl Redis {
             .fcall::<String>("crier_position", &[self.stream_key("crier:check")], &[])
             .await
         {
-            Err(BrokerError::Redis(e)) if e.to_string().contains("unknown command") => Ok(()),
+            Err(BrokerError::Redis(e)) if classify(&e) == RedisFailure::NoSuchCommand => Ok(()),
             other => other.map(|_| ()),
         }
     }
@@ -625,22 +623,13 @@ impl Supervisor {
                 Err(e) => e,
             };
             let transient = match &e {
-                BrokerError::Redis(e) => {
-                    if e.to_string().contains("unknown command") {
+                BrokerError::Redis(e) => match classify(e) {
+                    RedisFailure::NoSuchCommand => {
                         tracing::error!(error = %e, "cannot load the crier function library (Redis >= 7 needed): no history");
                         return;
                     }
-                    e.is_io_error()
-                        || e.is_connection_dropped()
-                        || e.is_timeout()
-                        || matches!(
-                            e.kind(),
-                            redis::ErrorKind::Server(
-                                redis::ServerErrorKind::BusyLoading
-                                    | redis::ServerErrorKind::TryAgain
-                            )
-                        )
-                }
+                    failure => failure == RedisFailure::Transient,
+                },
                 // No answer in time.
                 BrokerError::Protocol(_) => true,
                 BrokerError::NoLibrary | BrokerError::LibraryConflict { .. } => false,
