@@ -36,8 +36,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::command::Redis;
 use super::failure::classify;
-use super::redis::Redis;
 use super::BrokerError;
 use crate::config::Config;
 use crate::history;
