@@ -14,24 +14,23 @@
 //! and, once that is confirmed, recovered — from history since the last
 //! message relayed, or with a `gap`. Recovering before the resubscription
 //! would lose what comes in between.
+//!
+//! This file is the Cluster's supervisor: its connection, subscriptions,
+//! slot map and per-shard canaries. The relay to the hub (shared with the
+//! one-node supervisor) is `broker::relay`; commands, `broker::command`.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
 
-use rand::Rng;
 use redis::cluster::ClusterClientBuilder;
 use redis::{ProtocolVersion, PushInfo, PushKind, Value};
 use tokio::sync::{mpsc, watch};
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::redis::{backoff, Canary, Redis, RedisBroker, Relay};
-use super::{BrokerError, BrokerHealth, ChannelStart, Control, Fanout, Wiring};
+use super::command::Redis;
+use super::supervision::{backoff, Canary, Supervision};
+use super::{BrokerError, ChannelStart, Control};
 use crate::config::{Config, RedisConfig};
-use crate::history::{self, StreamId};
-use crate::metrics::Metrics;
-use crate::policy::Policy;
+use crate::history;
 
 /// Which primary serves each slot range: `(first, last, address)`, from
 /// `CLUSTER SLOTS`.
@@ -84,17 +83,6 @@ fn primaries(map: &SlotMap) -> Vec<&str> {
     all
 }
 
-/// What the supervisor knows of one channel.
-struct Channel {
-    /// Kept: the hub waits on it for the subscription to be confirmed.
-    _ready: watch::Sender<bool>,
-    /// For history channels: the newest id relayed, where recovery resumes.
-    last: Option<StreamId>,
-    history: bool,
-    /// A node was lost since this channel last recovered.
-    pending: bool,
-}
-
 /// A cluster client for `[redis.cluster]`, with `[redis]`'s credentials
 /// and, for `rediss://` seeds, its TLS files; with `pushes`, RESP3 and the
 /// sender that subscriptions deliver to.
@@ -130,62 +118,30 @@ fn client(
     Ok(builder.build()?)
 }
 
-/// Starts a broker on the Redis Cluster of `config`.
-pub(super) fn start(
-    config: &Config,
-    wiring: Wiring,
-    tasks: &TaskTracker,
-    stop: CancellationToken,
-) -> Result<RedisBroker, BrokerError> {
-    let redis = Redis::new(config);
-    let health = wiring.health.clone();
-    spawn(config, wiring, redis.clone(), tasks, stop)?;
-    Ok(RedisBroker { redis, health })
-}
-
-/// One publication from outside a running crier (`crier publish`) to a
-/// Redis Cluster: see [`super::publish_once`].
-pub(super) async fn publish_once(
-    config: &Config,
-    channel: &str,
-    payload: &[u8],
-) -> Result<Option<StreamId>, BrokerError> {
+/// The command connection of one publication from outside a running crier
+/// to a Redis Cluster: see [`super::publish_once`].
+pub(super) async fn connect_once(config: &Config) -> Result<Redis, BrokerError> {
     let client = client(&config.redis, None)?;
     let conn = tokio::time::timeout(config.redis.connect_timeout, client.get_async_connection())
         .await
         .map_err(|_| BrokerError::Protocol("the redis cluster did not answer in time".into()))??;
-    let mut redis = Redis::new(config);
+    let redis = Redis::once(config);
     redis.use_cluster(conn);
-    redis.load_when_missing = !config.channels.is_empty();
-    redis.publish(channel, payload).await
+    Ok(redis)
 }
 
-/// Starts the cluster supervisor for `redis`.
-fn spawn(
-    config: &Config,
-    wiring: Wiring,
-    redis: Redis,
+/// Starts the cluster supervisor.
+pub(super) fn spawn(
+    config: &RedisConfig,
+    duty: Supervision,
     tasks: &TaskTracker,
-    stop: CancellationToken,
 ) -> Result<(), BrokerError> {
-    let redis_config = &config.redis;
     let (push_tx, pushes) = mpsc::unbounded_channel::<PushInfo>();
     let (maps_tx, maps) = mpsc::unbounded_channel::<SlotMap>();
-    let client = client(redis_config, Some(push_tx))?;
-    let prefix = redis_config.channel_prefix.clone();
-    // Each shard's canary is this name with a hash tag that lands on it.
-    let canary = format!("{prefix}crier:canary:{:016x}", rand::rng().random::<u64>());
-    let Wiring {
-        hub,
-        policy,
-        control,
-        health,
-        metrics,
-    } = wiring;
-    health.set(false, &metrics);
-    let supervisor = Supervisor {
+    let client = client(config, Some(push_tx))?;
+    let supervisor = ClusterSupervisor {
+        duty,
         client,
-        redis,
         pushes,
         maps_tx,
         maps,
@@ -193,27 +149,17 @@ fn spawn(
         settling: Vec::new(),
         settle_rounds: 0,
         repaired: HashMap::new(),
-        prefix,
-        canary,
         canaries: HashMap::new(),
-        canary_interval: redis_config.canary_interval,
-        connect_timeout: redis_config.connect_timeout,
-        reconnect_max: redis_config.reconnect_max,
-        hub,
-        policy,
-        control,
-        channels: HashMap::new(),
-        health,
-        metrics,
-        stop,
     };
     tasks.spawn(supervisor.run());
     Ok(())
 }
 
-struct Supervisor {
+/// The Cluster's supervisor: owns the cluster connection's subscriptions
+/// and pushes (see the module documentation).
+struct ClusterSupervisor {
+    duty: Supervision,
     client: redis::cluster::ClusterClient,
-    redis: Redis,
     pushes: mpsc::UnboundedReceiver<PushInfo>,
     /// Slot maps read with the canaries, for this task to compare.
     maps_tx: mpsc::UnboundedSender<SlotMap>,
@@ -225,32 +171,22 @@ struct Supervisor {
     settle_rounds: u8,
     /// When each canary's shard was last repaired (see `repair_shard`).
     repaired: HashMap<String, tokio::time::Instant>,
-    prefix: String,
-    /// The canaries' common name; see [`canary_for`].
-    canary: String,
-    /// One canary per primary, on a channel of one of its slots: a shard
-    /// that does not deliver makes the instance not ready.
+    /// One canary per primary, on a channel of one of its slots (named
+    /// after the common one, see [`canary_for`]): a shard that does not
+    /// deliver makes the instance not ready.
     canaries: HashMap<String, Canary>,
-    canary_interval: Duration,
-    connect_timeout: Duration,
-    reconnect_max: Duration,
-    hub: Arc<dyn Fanout>,
-    policy: Arc<Policy>,
-    control: mpsc::UnboundedReceiver<Control>,
-    channels: HashMap<String, Channel>,
-    health: BrokerHealth,
-    metrics: Metrics,
-    stop: CancellationToken,
 }
 
-impl Supervisor {
+impl ClusterSupervisor {
     async fn run(mut self) {
         let mut failures = 0u32;
         let conn = loop {
-            let attempt =
-                tokio::time::timeout(self.connect_timeout, self.client.get_async_connection());
+            let attempt = tokio::time::timeout(
+                self.duty.connect_timeout,
+                self.client.get_async_connection(),
+            );
             let result = tokio::select! {
-                _ = self.stop.cancelled() => return,
+                _ = self.duty.stop.cancelled() => return,
                 r = attempt => r,
             };
             match result {
@@ -266,34 +202,34 @@ impl Supervisor {
                 }
                 _ => {}
             }
-            let delay = backoff(failures, self.reconnect_max);
+            let delay = backoff(failures, self.duty.reconnect_max);
             failures = failures.saturating_add(1);
             tokio::select! {
-                _ = self.stop.cancelled() => return,
+                _ = self.duty.stop.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
             }
         };
-        self.redis.use_cluster(conn.clone());
+        self.duty.redis.use_cluster(conn.clone());
         // FUNCTION LOAD goes to every primary.
-        if let Err(e) = self.redis.check_library(&self.metrics).await {
+        if let Err(e) = self.duty.redis.check_library(&self.duty.metrics).await {
             tracing::error!(error = %e, "cannot load the crier function library on the cluster: no history until it is loaded");
         }
         let mut conn = conn;
-        if let Some(map) = slot_map(&self.redis).await {
+        if let Some(map) = slot_map(&self.duty.redis).await {
             self.place_canaries(&map, &mut conn).await;
             self.topology = Some(map);
         }
         tracing::info!(shards = self.canaries.len(), "redis cluster connected");
         self.serve(conn).await;
-        self.health.set(false, &self.metrics);
+        self.duty.health.set(false, &self.duty.metrics);
     }
 
     async fn serve(&mut self, mut conn: redis::cluster_async::ClusterConnection) {
-        let mut tick = tokio::time::interval(self.canary_interval / 2);
+        let mut tick = tokio::time::interval(self.duty.canary_interval / 2);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = self.stop.cancelled() => return,
+                _ = self.duty.stop.cancelled() => return,
                 map = self.maps.recv() => {
                     if let Some(map) = map {
                         self.on_slot_map(map, &mut conn).await;
@@ -303,15 +239,15 @@ impl Supervisor {
                     let Some(push) = push else { return };
                     self.on_push(push, &mut conn).await;
                 }
-                request = self.control.recv() => {
+                request = self.duty.control.recv() => {
                     let Some(request) = request else { return };
                     match request {
                         Control::Subscribe { channel, ready, start } => {
                             self.subscribe(&mut conn, channel, ready, start).await;
                         }
                         Control::Unsubscribe { channel } => {
-                            self.channels.remove(&channel);
-                            let key = self.key(&channel);
+                            self.duty.relay.forget(&channel);
+                            let key = self.duty.relay.key(&channel);
                             let _ = conn.sunsubscribe(&key).await;
                             let _ = conn.unsubscribe(&key).await;
                         }
@@ -324,9 +260,9 @@ impl Supervisor {
                         .filter(|(_, c)| c.overdue())
                         .map(|(name, _)| name.clone())
                         .collect();
-                    if !overdue.is_empty() && self.health.is_up() {
+                    if !overdue.is_empty() && self.duty.health.is_up() {
                         tracing::warn!(canaries = ?overdue, "a shard's canary is not back: not ready");
-                        self.health.set(false, &self.metrics);
+                        self.duty.health.set(false, &self.duty.metrics);
                     }
                     for canary in overdue {
                         self.repair_shard(&canary, &mut conn).await;
@@ -339,11 +275,11 @@ impl Supervisor {
                             publish.push(cmd);
                         }
                     }
-                    let redis = self.redis.clone();
+                    let redis = self.duty.redis.clone();
                     let maps = self.maps_tx.clone();
-                    let metrics = self.metrics.clone();
-                    if !self.redis.library_ok.load(std::sync::atomic::Ordering::Acquire) && self.health.is_up() {
-                        self.health.set(false, &self.metrics);
+                    let metrics = self.duty.metrics.clone();
+                    if !self.duty.redis.library_ok.load(std::sync::atomic::Ordering::Acquire) && self.duty.health.is_up() {
+                        self.duty.health.set(false, &self.duty.metrics);
                     }
                     tokio::spawn(async move {
                         if let Some(map) = slot_map(&redis).await {
@@ -368,11 +304,7 @@ impl Supervisor {
         ready: watch::Sender<bool>,
         start: ChannelStart,
     ) {
-        let ChannelStart {
-            history,
-            position: last,
-        } = start;
-        let key = self.key(&channel);
+        let key = self.duty.relay.key(&channel);
         let sharded = conn.ssubscribe(&key).await;
         let plain = conn.subscribe(&key).await;
         match (sharded, plain) {
@@ -383,15 +315,7 @@ impl Supervisor {
                 tracing::warn!(%channel, error = %e, "cluster subscribe failed");
             }
         }
-        self.channels.insert(
-            channel,
-            Channel {
-                _ready: ready,
-                last,
-                history,
-                pending: false,
-            },
-        );
+        self.duty.relay.want(channel, ready, start);
     }
 
     async fn on_push(
@@ -408,26 +332,22 @@ impl Supervisor {
             (PushKind::Message | PushKind::SMessage, Some(name)) => {
                 let payload = push.data.get(1).and_then(bytes).unwrap_or_default();
                 if let Some(canary) = self.canaries.get_mut(&name) {
-                    canary.answered(payload, &self.metrics);
+                    canary.answered(payload, &self.duty.metrics);
                     if self.canaries.values().all(|c| !c.overdue()) {
                         let library_ok = self
+                            .duty
                             .redis
                             .library_ok
                             .load(std::sync::atomic::Ordering::Acquire);
-                        self.health.set(library_ok, &self.metrics);
+                        self.duty.health.set(library_ok, &self.duty.metrics);
                     }
                     return;
                 }
-                let Some(channel) = name.strip_prefix(self.prefix.as_str()) else {
-                    return;
-                };
-                let (id, payload) = history::split_marked(payload);
-                let channel = channel.to_owned();
-                self.relay(&channel).live(id, payload).await;
+                self.duty.relay.message(&name, payload).await;
             }
             (PushKind::Disconnection, _) => {
                 tracing::warn!("a redis cluster node connection was lost: recovering each channel once it is resubscribed");
-                for channel in self.channels.values_mut() {
+                for channel in self.duty.relay.wanted() {
                     channel.pending = true;
                 }
             }
@@ -437,9 +357,9 @@ impl Supervisor {
             // The shard gave the channel's slot away (a failover, a
             // reshard) and dropped the subscription: subscribe again, on
             // the new owner, and recover once it is confirmed.
-            (PushKind::SUnsubscribe, Some(name)) if self.wants(&name) => {
+            (PushKind::SUnsubscribe, Some(name)) if self.duty.relay.by_key(&name).is_some() => {
                 tracing::info!(channel = %name, "sharded subscription moved: subscribing on the new owner");
-                if let Some(channel) = self.channel_mut(&name) {
+                if let Some(channel) = self.duty.relay.by_key(&name) {
                     channel.pending = true;
                 }
                 if let Err(e) = self.resubscribe(conn, &name).await {
@@ -453,18 +373,14 @@ impl Supervisor {
     }
 
     async fn recover(&mut self, key: &str, sharded: bool) {
-        let Some(name) = key.strip_prefix(self.prefix.as_str()) else {
-            return;
-        };
-        let Some(channel) = self.channels.get_mut(name) else {
+        let Some(channel) = self.duty.relay.by_key(key) else {
             return;
         };
         if !channel.pending || (channel.history && !sharded) {
             return;
         }
         channel.pending = false;
-        let name = name.to_owned();
-        self.relay(&name).recover().await;
+        self.duty.relay.recover_key(key).await;
     }
 
     /// A slot map read with a canary: every channel (and the canary) whose
@@ -486,18 +402,14 @@ impl Supervisor {
                 let slot = history::slot(key);
                 owner(&old, slot) != owner(&new, slot)
             };
-            self.settling = self
-                .channels
-                .keys()
-                .map(|name| self.key(name))
-                .filter(|key| moved(key))
-                .collect();
+            self.settling = self.duty.relay.keys();
+            self.settling.retain(|key| moved(key));
             self.settle_rounds = SETTLE_ROUNDS;
             last_round = false;
             if primaries(&old) != primaries(&new) {
                 // A primary added (or a replica promoted) gets the library
                 // too: FUNCTION LOAD goes to every primary.
-                let redis = self.redis.clone();
+                let redis = self.duty.redis.clone();
                 tokio::spawn(async move {
                     if !redis.holds_library() {
                         return;
@@ -526,7 +438,7 @@ impl Supervisor {
         self.place_canaries(&new, conn).await;
         let first_round = self.settle_rounds == SETTLE_ROUNDS && !last_round;
         for key in self.settling.clone() {
-            let Some(channel) = self.channel_mut(&key) else {
+            let Some(channel) = self.duty.relay.by_key(&key) else {
                 continue;
             };
             // History channels recover exactly every round (from the last
@@ -554,7 +466,7 @@ impl Supervisor {
     ) {
         let wanted: Vec<String> = primaries(map)
             .iter()
-            .filter_map(|primary| canary_for(&self.canary, map, primary))
+            .filter_map(|primary| canary_for(&self.duty.canary, map, primary))
             .collect();
         let gone: Vec<String> = self
             .canaries
@@ -575,7 +487,7 @@ impl Supervisor {
             match self.resubscribe(conn, &name).await {
                 Ok(()) => {
                     self.canaries
-                        .insert(name, Canary::new(self.canary_interval));
+                        .insert(name, Canary::new(self.duty.canary_interval));
                 }
                 Err(e) => tracing::warn!(canary = %name, error = %e, "cannot subscribe a canary"),
             }
@@ -596,14 +508,14 @@ impl Supervisor {
         if self
             .repaired
             .get(canary)
-            .is_some_and(|at| now.duration_since(*at) < self.canary_interval)
+            .is_some_and(|at| now.duration_since(*at) < self.duty.canary_interval)
         {
             return;
         }
         self.repaired.insert(canary.to_owned(), now);
         // One quick attempt each: a shard that is down is not waited for
         // here (the relay of the others goes on); the next interval retries.
-        let limit = self.canary_interval.min(self.connect_timeout);
+        let limit = self.duty.canary_interval.min(self.duty.connect_timeout);
         let once = |conn: &mut redis::cluster_async::ClusterConnection, key: String| {
             let mut conn = conn.clone();
             async move {
@@ -618,12 +530,8 @@ impl Supervisor {
         }
         let Some(map) = &self.topology else { return };
         let shard = owner(map, history::slot(canary)).map(str::to_owned);
-        let keys: Vec<String> = self
-            .channels
-            .keys()
-            .map(|name| self.key(name))
-            .filter(|key| owner(map, history::slot(key)).map(str::to_owned) == shard)
-            .collect();
+        let mut keys = self.duty.relay.keys();
+        keys.retain(|key| owner(map, history::slot(key)).map(str::to_owned) == shard);
         if !keys.is_empty() {
             tracing::info!(
                 channels = keys.len(),
@@ -631,24 +539,13 @@ impl Supervisor {
             );
         }
         for key in keys {
-            if let Some(channel) = self.channel_mut(&key) {
+            if let Some(channel) = self.duty.relay.by_key(&key) {
                 channel.pending = true;
             }
             if once(conn, key.clone()).await {
                 self.recover(&key, true).await;
             }
         }
-    }
-
-    /// Whether `key` (a Redis channel name) is one the hub still wants.
-    fn wants(&self, key: &str) -> bool {
-        key.strip_prefix(self.prefix.as_str())
-            .is_some_and(|name| self.channels.contains_key(name))
-    }
-
-    fn channel_mut(&mut self, key: &str) -> Option<&mut Channel> {
-        let name = key.strip_prefix(self.prefix.as_str())?;
-        self.channels.get_mut(name)
     }
 
     /// `SSUBSCRIBE` again, retrying while the cluster settles (the slot map
@@ -665,29 +562,10 @@ impl Supervisor {
                 Err(e) if attempt >= 20 => return Err(e),
                 Err(_) => {
                     attempt += 1;
-                    tokio::time::sleep(backoff(attempt.min(4), self.reconnect_max)).await;
+                    tokio::time::sleep(backoff(attempt.min(4), self.duty.reconnect_max)).await;
                 }
             }
         }
-    }
-
-    /// `channel`'s relay.
-    fn relay<'a>(&'a mut self, channel: &'a str) -> Relay<'a> {
-        Relay {
-            hub: &*self.hub,
-            policy: &self.policy,
-            redis: &self.redis,
-            metrics: &self.metrics,
-            state: self
-                .channels
-                .get_mut(channel)
-                .map(|c| (&mut c.last, c.history)),
-            channel,
-        }
-    }
-
-    fn key(&self, channel: &str) -> String {
-        format!("{}{channel}", self.prefix)
     }
 }
 

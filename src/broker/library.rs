@@ -36,7 +36,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::redis::Redis;
+use super::command::Redis;
+use super::failure::classify;
 use super::BrokerError;
 use crate::config::Config;
 use crate::history;
@@ -290,7 +291,7 @@ pub(super) async fn reconcile(
         Ok(found) => found,
         // Redis < 7, or an ACL user without FUNCTION LIST: check by
         // calling, as crier before 0.3 did.
-        Err(BrokerError::Redis(e)) if refused(&e) => {
+        Err(BrokerError::Redis(e)) if classify(&e).refused() => {
             return redis.ensure_library().await.map(|()| Holder::Unchecked);
         }
         Err(e) => return Err(e),
@@ -305,7 +306,7 @@ pub(super) async fn reconcile(
     }
     let newest = match newest_is_ours(redis, library, stale).await {
         Ok(newest) => newest,
-        Err(BrokerError::Redis(e)) if refused(&e) => true,
+        Err(BrokerError::Redis(e)) if classify(&e).refused() => true,
         Err(e) => return Err(e),
     };
     match found {
@@ -314,15 +315,6 @@ pub(super) async fn reconcile(
         // while a newer one runs: ours until it puts its own back.
         _ => redis.load_library().await.map(|()| Holder::Own),
     }
-}
-
-/// Redis has no such command, or the ACL user may not run it.
-fn refused(e: &redis::RedisError) -> bool {
-    let text = e.to_string();
-    text.contains("unknown command")
-        || text.contains("unknown subcommand")
-        || text.contains("NOPERM")
-        || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoPerm)
 }
 
 #[cfg(test)]

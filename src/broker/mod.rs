@@ -5,6 +5,13 @@
 //! requests as [`Control`] messages and hand each publication to a
 //! [`Fanout`] (the hub). A broker task never waits on a client: a fan-out
 //! only pushes into bounded queues.
+//!
+//! The Redis side, by concern: `command` (the command connection),
+//! `relay` (channels wanted, and the one path to the hub: live, recovered
+//! or a gap), `supervision` (canary, backoff, what supervisors share), the
+//! two supervisors `redis` (one node or a Sentinel-managed primary) and
+//! `cluster`, `target` (finding the primary), `failure` (Redis errors by
+//! kind), `library` (the function library) and `presence`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,14 +28,18 @@ use crate::protocol::Publication;
 
 use crate::redis_client as client;
 mod cluster;
+mod command;
+mod failure;
 mod library;
 mod memory;
 mod presence;
 mod redis;
+mod relay;
+mod supervision;
 mod target;
 
+use self::command::RedisBroker;
 pub(crate) use self::presence::{Held, Members, Rosters};
-use self::redis::RedisBroker;
 use memory::MemoryBroker;
 
 /// One publication from outside a running crier (`crier publish`): the
@@ -42,11 +53,12 @@ pub(crate) async fn publish_once(
     channel: &str,
     payload: &[u8],
 ) -> Result<Option<StreamId>, BrokerError> {
-    if config.redis.cluster.is_some() {
-        cluster::publish_once(config, channel, payload).await
+    let redis = if config.redis.cluster.is_some() {
+        cluster::connect_once(config).await?
     } else {
-        self::redis::publish_once(config, channel, payload).await
-    }
+        self::redis::connect_once(config).await?
+    };
+    redis.publish(channel, payload).await
 }
 
 /// Where the configured Redis is, for logs (no password): the URL, or the
@@ -201,13 +213,20 @@ impl Broker {
             health,
             metrics,
         };
-        Ok(if config.redis.cluster.is_some() {
-            Broker::Redis(cluster::start(config, wiring, tasks, stop)?)
-        } else if config.redis.is_configured() {
-            Broker::Redis(RedisBroker::start(config, wiring, tasks, stop)?)
+        if !config.redis.is_configured() && config.redis.cluster.is_none() {
+            return Ok(Broker::Memory(MemoryBroker::start(wiring, tasks, stop)));
+        }
+        // One command connection, whatever the topology; the supervisor
+        // that owns the pub/sub side runs apart.
+        let redis = command::Redis::new(config);
+        let health = wiring.health.clone();
+        let duty = supervision::Supervision::new(&config.redis, wiring, redis.clone(), stop);
+        if config.redis.cluster.is_some() {
+            cluster::spawn(&config.redis, duty, tasks)?;
         } else {
-            Broker::Memory(MemoryBroker::start(wiring, tasks, stop))
-        })
+            self::redis::spawn(&config.redis, duty, tasks)?;
+        }
+        Ok(Broker::Redis(RedisBroker { redis, health }))
     }
 
     /// Publishes `payload` on `channel` (no prefix: the broker adds it),

@@ -244,7 +244,7 @@ impl Broker {
     }
 }
 
-impl super::redis::Redis {
+impl super::command::Redis {
     /// `FCALL` of a presence function with `channel`'s presence keys.
     async fn presence<T: redis::FromRedisValue>(
         &self,
