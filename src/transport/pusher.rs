@@ -31,17 +31,20 @@ use crate::protocol::{envelope, Encoding, Kind, Publication};
 use crate::pusher::{self, is_cache, sign, ChannelKind};
 use crate::refusal::Refusal;
 use crate::session::{admit, Admission, Event, Session, Verdict, Wire};
-use crate::transport::websocket::{text_frame, upgrade, Message, WebSocket};
+use crate::transport::websocket::{text_frame, upgrade, Close, CloseCode, Message, WebSocket};
 
-/// Pusher's close codes (and `pusher:error` codes).
+/// Pusher's close codes, which `pusher:error` repeats.
 mod code {
-    pub(super) const UNKNOWN_APP: u16 = 4001;
-    pub(super) const UNAUTHORIZED: u16 = 4009;
-    pub(super) const OVER_CAPACITY: u16 = 4100;
-    pub(super) const RECONNECT: u16 = 4200;
-    pub(super) const PONG_TIMEOUT: u16 = 4201;
+    use crate::transport::websocket::CloseCode;
+
+    pub(super) const UNKNOWN_APP: CloseCode = CloseCode(4001);
+    pub(super) const UNAUTHORIZED: CloseCode = CloseCode(4009);
+    pub(super) const OVER_CAPACITY: CloseCode = CloseCode(4100);
+    pub(super) const RECONNECT: CloseCode = CloseCode(4200);
+    pub(super) const PONG_TIMEOUT: CloseCode = CloseCode(4201);
+    pub(super) const TOO_BIG: CloseCode = CloseCode::TOO_BIG;
+    /// A `pusher:error` code only: the connection stays.
     pub(super) const CLIENT_EVENT_RATE: u16 = 4301;
-    pub(super) const TOO_BIG: u16 = 1009;
 }
 
 /// Answers `GET /app/{key}`: 101, then either the protocol or, for an
@@ -105,8 +108,8 @@ where
 }
 
 /// Tells a connection it may not stay, and closes it.
-async fn refuse_connection(app: &App, stream: TcpStream, code: u16, message: &str) {
-    tracing::info!(code, message, "pusher connection refused");
+async fn refuse_connection(app: &App, stream: TcpStream, code: CloseCode, message: &str) {
+    tracing::info!(code = code.0, message, "pusher connection refused");
     let link = Link::new(
         stream,
         app.config.ws.write_timeout,
@@ -117,8 +120,12 @@ async fn refuse_connection(app: &App, stream: TcpStream, code: u16, message: &st
 }
 
 /// `pusher:error` with `code`, then the close frame with the same code.
-async fn close_with_error(socket: &mut WebSocket, code: u16, message: &str) {
-    if socket.send(&error_frame(Some(code), message)).await.is_ok() {
+async fn close_with_error(socket: &mut WebSocket, code: CloseCode, message: &str) {
+    if socket
+        .send(&error_frame(Some(code.0), message))
+        .await
+        .is_ok()
+    {
         socket.close(code, message).await;
     }
 }
@@ -170,14 +177,11 @@ async fn serve(
     };
     tracing::debug!(parent: &conn.span, "pusher connection opened");
     if let Ok((code, reason)) = conn.serve().await {
-        tracing::debug!(parent: &conn.span, code, reason, "closing pusher connection");
+        tracing::debug!(parent: &conn.span, code = code.0, reason, "closing pusher connection");
         close_with_error(&mut conn.socket, code, reason).await;
     }
     tracing::debug!(parent: &conn.span, "pusher connection closed");
 }
-
-/// A close to send: code and reason.
-type Close = (u16, &'static str);
 
 struct Conn {
     app: Arc<App>,
@@ -280,7 +284,7 @@ impl Conn {
                     return Ok(Some((code::TOO_BIG, "message too large")));
                 }
                 Some(Message::Broken(code, reason)) => {
-                    tracing::info!(code, reason, "websocket protocol error, closing");
+                    tracing::info!(code = code.0, reason, "websocket protocol error, closing");
                     return Ok(Some((code, reason)));
                 }
             };

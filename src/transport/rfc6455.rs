@@ -48,15 +48,38 @@ pub(crate) fn encode(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
     out.extend_from_slice(payload);
 }
 
+/// A WebSocket close status code: the one type every WebSocket protocol
+/// (`/ws`, the Pusher protocol) closes with. RFC 6455's codes are here;
+/// a protocol's own (4000–4999) are constants in its file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CloseCode(pub(crate) u16);
+
+impl CloseCode {
+    /// The server is going away, or the client went silent.
+    pub(crate) const GOING_AWAY: CloseCode = CloseCode(1001);
+    /// The client broke the protocol.
+    pub(crate) const PROTOCOL_ERROR: CloseCode = CloseCode(1002);
+    /// A text message that is not UTF-8.
+    pub(crate) const INVALID_DATA: CloseCode = CloseCode(1007);
+    /// The client broke a policy (a rate, a credential).
+    pub(crate) const POLICY: CloseCode = CloseCode(1008);
+    /// A message over the size limit.
+    pub(crate) const TOO_BIG: CloseCode = CloseCode(1009);
+    /// The server restarts: reconnect.
+    pub(crate) const RESTART: CloseCode = CloseCode(1012);
+    /// Overloaded, or the client too slow: try again later.
+    pub(crate) const TRY_AGAIN: CloseCode = CloseCode(1013);
+}
+
 /// Appends a close frame with `code` and `reason` (cut to fit a control
 /// frame's 125 bytes).
-pub(crate) fn encode_close(out: &mut Vec<u8>, code: u16, reason: &str) {
+pub(crate) fn encode_close(out: &mut Vec<u8>, code: CloseCode, reason: &str) {
     let mut end = reason.len().min(123);
     while !reason.is_char_boundary(end) {
         end -= 1;
     }
     let mut payload = Vec::with_capacity(2 + end);
-    payload.extend_from_slice(&code.to_be_bytes());
+    payload.extend_from_slice(&code.0.to_be_bytes());
     payload.extend_from_slice(&reason.as_bytes()[..end]);
     encode(out, CLOSE, &payload);
 }
@@ -94,11 +117,11 @@ pub(crate) enum Error {
 
 impl Error {
     /// The close code RFC 6455 gives this error.
-    pub(crate) fn close_code(&self) -> u16 {
+    pub(crate) fn close_code(&self) -> CloseCode {
         match self {
-            Error::TooLong { .. } => 1009,
-            Error::Protocol(_) => 1002,
-            Error::NotUtf8 => 1007,
+            Error::TooLong { .. } => CloseCode::TOO_BIG,
+            Error::Protocol(_) => CloseCode::PROTOCOL_ERROR,
+            Error::NotUtf8 => CloseCode::INVALID_DATA,
         }
     }
 }
@@ -304,7 +327,7 @@ mod tests {
             assert_eq!(out[0], 0x81);
         }
         let mut out = Vec::new();
-        encode_close(&mut out, 1013, &"é".repeat(100));
+        encode_close(&mut out, CloseCode::TRY_AGAIN, &"é".repeat(100));
         assert_eq!(out[1] as usize, out.len() - 2);
         assert!(
             out.len() - 2 <= 125,
@@ -375,7 +398,11 @@ mod tests {
                     Err(e) => break e,
                 }
             };
-            assert_eq!(error.close_code(), code, "{bytes:02x?}: {error:?}");
+            assert_eq!(
+                error.close_code(),
+                CloseCode(code),
+                "{bytes:02x?}: {error:?}"
+            );
         }
     }
 

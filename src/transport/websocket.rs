@@ -20,6 +20,7 @@ use crate::protocol::Publication;
 use crate::refusal::Refusal;
 use crate::session::Session;
 use crate::stall::StallGuard;
+pub(crate) use crate::transport::rfc6455::CloseCode;
 use crate::transport::rfc6455::{self, Error, Frame, Reader};
 
 /// Publications written per flush: enough to batch syscalls under load,
@@ -108,8 +109,12 @@ pub(crate) enum Message {
         max: usize,
     },
     /// A broken frame: close with this code and reason.
-    Broken(u16, &'static str),
+    Broken(CloseCode, &'static str),
 }
+
+/// A close to send: the code and the reason, the same for every
+/// WebSocket protocol.
+pub(crate) type Close = (CloseCode, &'static str);
 
 /// A WebSocket connection: the socket's [`Link`] and the frame reader.
 pub(crate) struct WebSocket {
@@ -213,7 +218,7 @@ impl WebSocket {
     /// the connection while the client still writes (a pong, a command),
     /// and a reset discards our close frame on its side: a browser would
     /// then report 1006 instead of our code.
-    pub(crate) async fn close(&mut self, code: u16, reason: &str) {
+    pub(crate) async fn close(&mut self, code: CloseCode, reason: &str) {
         rfc6455::encode_close(self.link.out.own(), code, reason);
         if self.link.flush().await.is_err() {
             return;

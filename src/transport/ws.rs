@@ -29,16 +29,19 @@ use crate::protocol::{event_filter, reply, Command, Encoding, Publication};
 use crate::refusal::Refusal;
 use crate::session::{admit, Admission, Event, Session, Verdict, Wire};
 use crate::transport::rfc6455;
-use crate::transport::websocket::{text_frame, upgrade, Message, WebSocket};
+use crate::transport::websocket::{text_frame, upgrade, Close, Message, WebSocket};
 
 /// Close codes crier sends (RFC 6455 section 7.4, and its own 4001).
 mod code {
-    pub(super) const AWAY: u16 = 1001;
-    pub(super) const POLICY: u16 = 1008;
-    pub(super) const TOO_BIG: u16 = 1009;
-    pub(super) const RESTART: u16 = 1012;
-    pub(super) const AGAIN: u16 = 1013;
-    pub(super) const EXPIRED: u16 = 4001;
+    use crate::transport::websocket::CloseCode;
+
+    pub(super) const AWAY: CloseCode = CloseCode::GOING_AWAY;
+    pub(super) const POLICY: CloseCode = CloseCode::POLICY;
+    pub(super) const TOO_BIG: CloseCode = CloseCode::TOO_BIG;
+    pub(super) const RESTART: CloseCode = CloseCode::RESTART;
+    pub(super) const AGAIN: CloseCode = CloseCode::TRY_AGAIN;
+    /// The credential ended (crier's own code).
+    pub(super) const EXPIRED: CloseCode = CloseCode(4001);
 }
 
 /// Answers a `/ws` request: an error status, or 101 and a connection task.
@@ -108,9 +111,6 @@ async fn serve(
     conn.run(query).await;
 }
 
-/// A close frame to send: code and reason.
-type Close = (u16, &'static str);
-
 struct Conn {
     session: Session,
     socket: WebSocket,
@@ -123,7 +123,7 @@ impl Conn {
     async fn run(mut self, query: StreamQuery) {
         tracing::debug!(parent: &self.span, "websocket opened");
         if let Ok((code, reason)) = self.serve(query).await {
-            tracing::debug!(parent: &self.span, code, reason, "closing websocket");
+            tracing::debug!(parent: &self.span, code = code.0, reason, "closing websocket");
             self.socket.close(code, reason).await;
         }
         tracing::debug!(parent: &self.span, "websocket closed");
@@ -194,7 +194,7 @@ impl Conn {
                     return Ok(Some((code::TOO_BIG, "message too large")));
                 }
                 Some(Message::Broken(code, reason)) => {
-                    tracing::info!(code, reason, "websocket protocol error, closing");
+                    tracing::info!(code = code.0, reason, "websocket protocol error, closing");
                     return Ok(Some((code, reason)));
                 }
                 Some(Message::Text(text)) => Some(text),
