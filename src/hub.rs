@@ -5,7 +5,9 @@
 //! listener's [`Sink`] (a connection's bounded queue, which refuses rather
 //! than waits when full), and the others carry on. The map is sharded so
 //! subscription churn on one channel does not stall fan-out on another, and
-//! no lock is held across an `.await`.
+//! no lock is held across an `.await`, nor across a write to a socket: a
+//! publication's listeners are picked under the shard's lock and offered it
+//! after the lock is released.
 //!
 //! The hub also drives the broker's subscriptions: the first local listener
 //! of a channel sends the broker a [`Control::Subscribe`], and a channel
@@ -231,24 +233,40 @@ impl Hub {
 
     /// Fans `publication` out to every local listener of its channel.
     /// Returns how many queues accepted it. Never blocks on a client.
+    ///
+    /// The listeners it goes to are picked under the shard's read lock and
+    /// offered the publication after the lock is released: an offer may
+    /// write to a socket (a direct write), and no lock of the hub is held
+    /// across a write, so a thread preempted mid-write holds up no
+    /// subscribe, unsubscribe or sweep of the shard. Nothing about a
+    /// connection's order depends on the shard's lock: a connection's
+    /// [`Sink`] orders its direct and queued writes by itself (see
+    /// `session/queue.rs` and `link::Outlet`), and publications of one
+    /// channel are dispatched one after another. An offer picked just
+    /// before an unsubscribe may still arrive after it, as one queued just
+    /// before it always could.
     pub(crate) fn dispatch(&self, publication: Publication) -> usize {
         self.metrics.messages_received.inc();
         let publication = Arc::new(publication);
-        let shard = read(self.shard(&publication.channel));
-        let Some(entry) = shard.get(&publication.channel) else {
-            return 0;
+        let (targets, fanout) = {
+            let shard = read(self.shard(&publication.channel));
+            let Some(entry) = shard.get(&publication.channel) else {
+                return 0;
+            };
+            let targets: Vec<Arc<dyn Sink>> = entry
+                .listeners
+                .iter()
+                .filter(|l| wanted(l.events.as_ref(), &publication))
+                .map(|l| Arc::clone(&l.sink))
+                .collect();
+            (targets, entry.listeners.len())
         };
         let started = Instant::now();
-        let direct = entry.listeners.len() <= DIRECT_FANOUT && self.direct_budget().allows(started);
-        let mut queued = 0;
-        for listener in &entry.listeners {
-            if !wanted(listener.events.as_ref(), &publication) {
-                continue;
-            }
-            if listener.sink.offer(&publication, direct) {
-                queued += 1;
-            }
-        }
+        let direct = fanout <= DIRECT_FANOUT && self.direct_budget().allows(started);
+        let queued = targets
+            .iter()
+            .filter(|sink| sink.offer(&publication, direct))
+            .count();
         if direct {
             self.direct_budget().used += started.elapsed();
         }

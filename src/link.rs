@@ -29,7 +29,7 @@ use std::io::{self, IoSlice};
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -260,15 +260,31 @@ impl<'a> Fill<'_, 'a> {
 /// took only part of closes it and leaves the rest for the task, which
 /// writes it before anything else. So bytes never interleave and order is
 /// kept.
+///
+/// The states, in [`Outlet::state`]: closed (0), [`OPEN`], and
+/// `OPEN | WRITING` or `WRITING` while a direct write is on the socket
+/// (`WRITING` alone: closed meanwhile, the write still ends). Only the task
+/// opens, and only with nothing of its own to write; only one writer at a
+/// time gets from `OPEN` to `OPEN | WRITING`; the task's own writes wait
+/// until `WRITING` is gone, parked (the writer wakes it), not spinning.
 pub(crate) struct Outlet {
     stream: TcpStream,
     /// [`OPEN`] and [`WRITING`]: no lock is held across a direct write, so
     /// a hub thread preempted mid-write stalls no other thread.
     state: AtomicU8,
+    /// What a direct write hands the task; touched only around a write,
+    /// never across one.
+    rest: Mutex<Rest>,
+}
+
+/// What a direct write hands over to the connection's task.
+#[derive(Default)]
+struct Rest {
     /// The rest of a direct write the socket did not take whole (a slice
-    /// of the shared bytes, not a copy); touched only while no direct
-    /// write can start.
-    unwritten: Mutex<Option<Bytes>>,
+    /// of the shared bytes, not a copy).
+    unwritten: Option<Bytes>,
+    /// The task, waiting in [`Outlet::close`] for a direct write to end.
+    closer: Option<Waker>,
 }
 
 /// Direct writes may start.
@@ -292,12 +308,12 @@ impl Outlet {
         Self {
             stream,
             state: AtomicU8::new(0),
-            unwritten: Mutex::new(None),
+            rest: Mutex::new(Rest::default()),
         }
     }
 
-    fn unwritten(&self) -> std::sync::MutexGuard<'_, Option<Bytes>> {
-        self.unwritten.lock().unwrap_or_else(|e| e.into_inner())
+    fn rest(&self) -> std::sync::MutexGuard<'_, Rest> {
+        self.rest.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Writes `bytes` if the outlet is open; never waits.
@@ -311,29 +327,44 @@ impl Outlet {
         }
         let written = match self.stream.try_write(bytes) {
             Ok(n) if n == bytes.len() => {
-                self.state.fetch_and(!WRITING, Ordering::Release);
+                let before = self.state.fetch_and(!WRITING, Ordering::AcqRel);
+                if before & OPEN == 0 {
+                    // Closed while writing: the task may be waiting.
+                    self.wake_closer(&mut self.rest());
+                }
                 return Direct::Written;
             }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
             // Broken: the task finds out on its own next write or read.
             Err(_) => {
+                let mut rest = self.rest();
                 self.state.store(0, Ordering::Release);
+                self.wake_closer(&mut rest);
                 return Direct::Refused;
             }
         };
         // Closed until the task has written the rest, before all else
         // (with the lock held, so an `open` cannot slip in between).
-        let mut unwritten = self.unwritten();
-        *unwritten = Some(bytes.slice(written..));
+        let mut rest = self.rest();
+        rest.unwritten = Some(bytes.slice(written..));
         self.state.store(0, Ordering::Release);
+        self.wake_closer(&mut rest);
         Direct::Left
+    }
+
+    /// A direct write ended after the outlet was closed: the task waiting
+    /// in [`Outlet::close`], if any, may go on.
+    fn wake_closer(&self, rest: &mut Rest) {
+        if let Some(closer) = rest.closer.take() {
+            closer.wake();
+        }
     }
 
     /// The task waits for mail with nothing to write: direct writes may go.
     pub(crate) fn open(&self) {
-        let unwritten = self.unwritten();
-        if unwritten.is_none() {
+        let rest = self.rest();
+        if rest.unwritten.is_none() {
             self.state.fetch_or(OPEN, Ordering::AcqRel);
         }
     }
@@ -345,17 +376,31 @@ impl Outlet {
 
     /// Whether a direct write left bytes for the task.
     pub(crate) fn has_unwritten(&self) -> bool {
-        self.unwritten().is_some()
+        self.rest().unwritten.is_some()
     }
 
-    /// Stops direct writes, waits for one in progress to end (yielding,
-    /// never blocking the thread), and takes what they left unwritten.
+    /// Stops direct writes, waits for one in progress to end (parked: the
+    /// writer wakes the task), and takes what they left unwritten.
     async fn close(&self) -> Option<Bytes> {
         self.hold();
-        while self.state.load(Ordering::Acquire) & WRITING != 0 {
-            tokio::task::yield_now().await;
-        }
-        self.unwritten().take()
+        poll_fn(|cx| {
+            let mut rest = self.rest();
+            // Read under the lock the writer takes to wake us once it is
+            // done: either it sees our waker, or we see it done.
+            if self.state.load(Ordering::Acquire) & WRITING != 0 {
+                if !rest
+                    .closer
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()))
+                {
+                    rest.closer = Some(cx.waker().clone());
+                }
+                return Poll::Pending;
+            }
+            rest.closer = None;
+            Poll::Ready(rest.unwritten.take())
+        })
+        .await
     }
 }
 

@@ -415,4 +415,354 @@ mod tests {
             "the queued ones count when the session takes them"
         );
     }
+
+    /// Runs [`stress::run`] with 1,000 seeds: every run a fresh connection,
+    /// two hub threads and the connection's task racing over the outlet.
+    /// A failure names its seed; `CRIER_OUTLET_SEED=<seed>` starts the
+    /// runs from it again (the same sizes, choices and pauses; the threads'
+    /// schedule is the machine's).
+    #[test]
+    fn the_outlet_loses_doubles_and_reorders_nothing_under_random_interleavings() {
+        const RUNS: u64 = 1_000;
+        let base = std::env::var("CRIER_OUTLET_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random::<u64>);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let mut seen = stress::Seen::default();
+        for run in 0..RUNS {
+            let seed = base.wrapping_add(run);
+            match runtime.block_on(stress::run(seed)) {
+                Ok(one) => seen.add(&one),
+                Err(e) => panic!("run {run} of {RUNS}, seed {seed}: {e}"),
+            }
+        }
+        eprintln!("{seen:?}");
+        // Every path of the outlet was taken, so the runs above tested it.
+        assert!(
+            seen.direct > 0 && seen.queued > 0 && seen.partial > 0 && seen.own > 0,
+            "base seed {base}: {seen:?}"
+        );
+    }
+
+    /// One randomized run of the outlet's state machine against a real
+    /// socket: see [`run`].
+    mod stress {
+        use super::*;
+        use crate::link::Link;
+        use rand::rngs::StdRng;
+        use rand::{Rng, SeedableRng};
+        use std::time::Duration;
+        use tokio::io::AsyncReadExt;
+        use tokio::net::{TcpSocket, TcpStream};
+        use tokio::sync::mpsc;
+
+        /// Publications written per flush at most (as the WebSocket's).
+        const WRITE_BATCH: usize = 64;
+        /// A run that has not ended by then has hung (a lost wake-up).
+        const HUNG: Duration = Duration::from_secs(60);
+
+        /// What a client asks of the connection's task, sent by the hub
+        /// threads at random moments so that it lands mid-write.
+        #[derive(Debug, Clone, Copy)]
+        enum Command {
+            /// A subscribe: direct writes stop, the task works a while
+            /// (offers queue meanwhile), then answers.
+            Subscribe,
+            /// A ping: the task answers at once.
+            Ping,
+            /// Direct writes stop until the task next parks, nothing said.
+            Hold,
+        }
+
+        /// Which paths a run took.
+        #[derive(Debug, Default)]
+        pub(super) struct Seen {
+            /// Publications written straight to the socket (whole or not).
+            pub(super) direct: u64,
+            /// Publications the task wrote from the queue.
+            pub(super) queued: u64,
+            /// Wake-ups to write what a partial direct write left.
+            pub(super) partial: u64,
+            /// The task's own writes (answers).
+            pub(super) own: u64,
+        }
+
+        impl Seen {
+            pub(super) fn add(&mut self, other: &Seen) {
+                self.direct += other.direct;
+                self.queued += other.queued;
+                self.partial += other.partial;
+                self.own += other.own;
+            }
+        }
+
+        /// A publication as the test's wire protocol writes it: one line.
+        fn encode(p: &Publication) -> Bytes {
+            Bytes::from(format!("{}\n", p.frame.as_str()))
+        }
+
+        /// The task's own answer number `n`: one line.
+        fn answer(n: u64) -> String {
+            format!("{{\"own\":{n}}}\n")
+        }
+
+        /// One connection: two hub threads offer publications of their own
+        /// channel (directly or not, at random, with random pauses, now
+        /// and then sending the task a [`Command`]); the connection's task
+        /// writes what it takes from its queue, answers commands and writes
+        /// what partial direct writes left, as a session does; the client
+        /// reads in random bites with small socket buffers, so that direct
+        /// writes are refused, partial and whole. The client must read
+        /// every publication exactly once, each channel's in order, and
+        /// every answer in order, with no byte out of place.
+        pub(super) async fn run(seed: u64) -> Result<Seen, String> {
+            let mut rng = StdRng::seed_from_u64(seed);
+            let (server, client) = pair().await.map_err(|e| format!("socket pair: {e}"))?;
+            let slow = IntCounter::new("slow", "test").map_err(|e| e.to_string())?;
+            let direct = IntCounter::new("direct", "test").map_err(|e| e.to_string())?;
+            let link = Link::new(server, HUNG, slow.clone());
+            let mailbox = Arc::new(Mailbox::new(1 << 20, slow, None));
+            mailbox.attach(link.outlet(), encode, direct.clone());
+
+            let channels: Vec<Vec<Arc<Publication>>> = ["a", "b"]
+                .iter()
+                .map(|channel| {
+                    (0..rng.random_range(5..40))
+                        .map(|n| {
+                            let pad = if rng.random_bool(0.03) {
+                                16 * 1024
+                            } else {
+                                rng.random_range(0..300)
+                            };
+                            let payload = format!(r#"{{"n":{n},"pad":"{}"}}"#, "x".repeat(pad));
+                            Arc::new(Publication::new(channel, payload.as_bytes()))
+                        })
+                        .collect()
+                })
+                .collect();
+            let total: usize = channels.iter().map(Vec::len).sum();
+            let expected: Vec<Vec<Bytes>> = channels
+                .iter()
+                .map(|c| c.iter().map(|p| encode(p)).collect())
+                .collect();
+
+            let (commands, received) = mpsc::unbounded_channel();
+            let hub: Vec<_> = channels
+                .into_iter()
+                .map(|publications| {
+                    let mailbox = Arc::clone(&mailbox);
+                    let commands = commands.clone();
+                    let rng = StdRng::seed_from_u64(rng.random());
+                    std::thread::spawn(move || offer(&mailbox, &publications, &commands, rng))
+                })
+                .collect();
+            drop(commands);
+            let reader = tokio::spawn(read_all(client, StdRng::seed_from_u64(rng.random())));
+            let task = serve(link, Arc::clone(&mailbox), received, rng);
+            let (own, partial) = match tokio::time::timeout(HUNG, task).await {
+                Ok(served) => served?,
+                Err(_) => return Err("the connection's task hung".into()),
+            };
+            for thread in hub {
+                thread
+                    .join()
+                    .map_err(|_| "a hub thread panicked".to_string())??;
+            }
+            let got = match tokio::time::timeout(HUNG, reader).await {
+                Ok(Ok(Ok(got))) => got,
+                Ok(Ok(Err(e))) => return Err(format!("reading: {e}")),
+                Ok(Err(e)) => return Err(format!("reader: {e}")),
+                Err(_) => return Err("the client's read hung".into()),
+            };
+            check(&got, &expected, own)?;
+            Ok(Seen {
+                direct: direct.get(),
+                queued: total as u64 - direct.get(),
+                partial,
+                own,
+            })
+        }
+
+        /// A hub thread: offers `publications` in order.
+        fn offer(
+            mailbox: &Mailbox,
+            publications: &[Arc<Publication>],
+            commands: &mpsc::UnboundedSender<Command>,
+            mut rng: StdRng,
+        ) -> Result<(), String> {
+            for p in publications {
+                if !mailbox.offer(p, rng.random_bool(0.85)) {
+                    return Err("an offer was refused".into());
+                }
+                match rng.random_range(0..100) {
+                    0..3 => {
+                        let _ = commands.send(Command::Subscribe);
+                    }
+                    3..6 => {
+                        let _ = commands.send(Command::Ping);
+                    }
+                    6..8 => {
+                        let _ = commands.send(Command::Hold);
+                    }
+                    8..25 => std::thread::yield_now(),
+                    25..45 => {
+                        for _ in 0..rng.random_range(0..5_000) {
+                            std::hint::spin_loop();
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Ok(())
+        }
+
+        /// The connection's task, as a session and its wire protocol run
+        /// it; returns how many answers it wrote and how many times it
+        /// woke for a partial direct write's rest.
+        async fn serve(
+            mut link: Link,
+            mailbox: Arc<Mailbox>,
+            mut commands: mpsc::UnboundedReceiver<Command>,
+            mut rng: StdRng,
+        ) -> Result<(u64, u64), String> {
+            let mut batch = VecDeque::new();
+            let mut own = 0;
+            let mut partial = 0;
+            let mut hub_running = true;
+            loop {
+                // `Session::try_next`, and a batch per write.
+                if let Some(first) = next_ready(&mailbox, &mut batch) {
+                    link.out.push(encode(&first));
+                    for _ in 1..rng.random_range(1..=WRITE_BATCH) {
+                        let Some(p) = next_ready(&mailbox, &mut batch) else {
+                            break;
+                        };
+                        link.out.push(encode(&p));
+                    }
+                    link.flush().await.map_err(|_| "write failed")?;
+                    continue;
+                }
+                if !hub_running {
+                    break;
+                }
+                tokio::select! {
+                    mail = poll_fn(|cx| mailbox.poll_next(cx, &mut batch)) => match mail {
+                        Mail::Publications => {}
+                        Mail::Unwritten => {
+                            partial += 1;
+                            link.flush().await.map_err(|_| "write failed")?;
+                        }
+                        other => return Err(format!("unexpected mail {other:?}")),
+                    },
+                    command = commands.recv() => match command {
+                        // Every offer has returned.
+                        None => hub_running = false,
+                        Some(Command::Hold) => mailbox.hold(),
+                        Some(command) => {
+                            if let Command::Subscribe = command {
+                                mailbox.hold();
+                                for _ in 0..rng.random_range(0..4) {
+                                    tokio::task::yield_now().await;
+                                }
+                            }
+                            link.out.extend_from_slice(answer(own).as_bytes());
+                            own += 1;
+                            link.flush().await.map_err(|_| "write failed")?;
+                        }
+                    },
+                }
+            }
+            // Whatever a partial direct write left, then the end.
+            link.flush().await.map_err(|_| "write failed")?;
+            link.finish();
+            Ok((own, partial))
+        }
+
+        /// The next publication ready for the task, without waiting.
+        fn next_ready(
+            mailbox: &Mailbox,
+            batch: &mut VecDeque<Arc<Publication>>,
+        ) -> Option<Arc<Publication>> {
+            if batch.is_empty() {
+                mailbox.take(batch);
+            }
+            batch.pop_front()
+        }
+
+        /// The client: reads until the end, in random bites, yielding at
+        /// random between them.
+        async fn read_all(mut client: TcpStream, mut rng: StdRng) -> std::io::Result<Vec<u8>> {
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                let bite = rng.random_range(1..=buf.len());
+                let n = client.read(&mut buf[..bite]).await?;
+                if n == 0 {
+                    return Ok(got);
+                }
+                got.extend_from_slice(&buf[..n]);
+                for _ in 0..rng.random_range(0..3) {
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+
+        /// Every line read must be the next publication of its channel or
+        /// the next answer, and nothing may be missing at the end.
+        fn check(got: &[u8], expected: &[Vec<Bytes>], answers: u64) -> Result<(), String> {
+            let mut next = vec![0; expected.len()];
+            let mut own = 0;
+            let mut at = 0;
+            while at < got.len() {
+                let end = got[at..]
+                    .iter()
+                    .position(|&b| b == b'\n')
+                    .map_or(got.len(), |i| at + i + 1);
+                let line = &got[at..end];
+                if line == answer(own).as_bytes() {
+                    own += 1;
+                } else if let Some(c) = (0..expected.len())
+                    .find(|&c| expected[c].get(next[c]).is_some_and(|e| e == line))
+                {
+                    next[c] += 1;
+                } else {
+                    let shown = String::from_utf8_lossy(&line[..line.len().min(80)]);
+                    return Err(format!(
+                        "byte {at}: {shown:?} is none of the next expected \
+                         (publication {next:?} of each channel, answer {own}): \
+                         lost, doubled, out of order or interleaved"
+                    ));
+                }
+                at = end;
+            }
+            let sent: Vec<usize> = expected.iter().map(Vec::len).collect();
+            if next != sent || own != answers {
+                return Err(format!(
+                    "the client read {next:?} publications of {sent:?} and {own} answers of {answers}"
+                ));
+            }
+            Ok(())
+        }
+
+        /// A connected pair on loopback with small socket buffers: crier's
+        /// end, and the client's.
+        async fn pair() -> std::io::Result<(TcpStream, TcpStream)> {
+            let listening = TcpSocket::new_v4()?;
+            listening.set_send_buffer_size(4096)?;
+            listening.bind("127.0.0.1:0".parse().map_err(std::io::Error::other)?)?;
+            let listener = listening.listen(1)?;
+            let connecting = TcpSocket::new_v4()?;
+            connecting.set_recv_buffer_size(4096)?;
+            let (client, accepted) = tokio::join!(
+                connecting.connect(listener.local_addr()?),
+                listener.accept()
+            );
+            Ok((accepted?.0, client?))
+        }
+    }
 }
