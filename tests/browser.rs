@@ -436,8 +436,10 @@ async fn demo_page_in_sse_mode_shows_events_of_any_type() {
     ids.sort_unstable();
     assert_eq!(ids, vec![4242, 4343], "each event once: {shown:?}");
 
-    // Issue 21.8: the first event of a new name is shown in its place, not
-    // after the events that followed it.
+    // Issue 21.8: a new name's first event is no longer held 300 ms behind
+    // the scout; it is shown when the scout sees it. The scout is another
+    // connection, so an EventSource event that follows it can still come
+    // first: no order is asserted across the two.
     for (event, n) in [("order.shipped", 5000), ("order.created", 5001)] {
         let body = serde_json::json!({"channel": channel, "data": {"type": event, "id": n}});
         let (status, answer) = common::http_post(
@@ -450,22 +452,15 @@ async fn demo_page_in_sse_mode_shows_events_of_any_type() {
     }
     page.wait_for(
         "both new events on the page",
-        &format!("{entries}.filter(e => /500[01]/.test(e.textContent)).length === 2"),
+        &format!("{entries}.filter(e => /\\b500[01]\\b/.test(e.textContent)).length === 2"),
     )
     .await;
-    let order = page
+    let shown = page
         .eval(&format!(
-            "{entries}.map(e => e.textContent).filter(t => /\\b500[01]\\b/.test(t)).map(t => t.includes('5000') ? 5000 : 5001)"
+            "{entries}.filter(e => /\\b500[01]\\b/.test(e.textContent)).length"
         ))
         .await;
-    let newest_first = page
-        .eval("document.getElementById('newest-first').checked")
-        .await;
-    let expected = match newest_first.as_bool() {
-        Some(true) => serde_json::json!([5001, 5000]),
-        _ => serde_json::json!([5000, 5001]),
-    };
-    assert_eq!(order, expected, "in publication order");
+    assert_eq!(shown, 2, "each once, the new name's first one included");
 }
 
 /// Issue 21.2: events whose type is one of the EventSource's own names
