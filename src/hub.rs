@@ -5,9 +5,9 @@
 //! listener's [`Sink`] (a connection's bounded queue, which refuses rather
 //! than waits when full), and the others carry on. The map is sharded so
 //! subscription churn on one channel does not stall fan-out on another, and
-//! no lock is held across an `.await`, nor across a write to a socket: a
-//! publication's listeners are picked under the shard's lock and offered it
-//! after the lock is released.
+//! no lock is held across an `.await`, nor across a write to a socket: the
+//! few listeners a publication is written to directly are picked under the
+//! shard's lock and offered it after the lock is released.
 //!
 //! The hub also drives the broker's subscriptions: the first local listener
 //! of a channel sends the broker a [`Control::Subscribe`], and a channel
@@ -234,42 +234,53 @@ impl Hub {
     /// Fans `publication` out to every local listener of its channel.
     /// Returns how many queues accepted it. Never blocks on a client.
     ///
-    /// The listeners it goes to are picked under the shard's read lock and
-    /// offered the publication after the lock is released: an offer may
-    /// write to a socket (a direct write), and no lock of the hub is held
-    /// across a write, so a thread preempted mid-write holds up no
-    /// subscribe, unsubscribe or sweep of the shard. Nothing about a
-    /// connection's order depends on the shard's lock: a connection's
-    /// [`Sink`] orders its direct and queued writes by itself (see
-    /// `session/queue.rs` and `link::Outlet`), and publications of one
+    /// A publication for few listeners (at most `DIRECT_FANOUT`, within
+    /// the direct-write budget) may be written straight to their sockets:
+    /// those listeners are picked under the shard's read lock and offered
+    /// it after the lock is released, so no lock of the hub is held across
+    /// a write and a thread preempted mid-write holds up no subscribe,
+    /// unsubscribe or sweep of the shard. Any other publication is only
+    /// queued, under the lock, without copying the listener list. Nothing
+    /// about a connection's order depends on the shard's lock: a
+    /// connection's [`Sink`] orders its direct and queued writes by itself
+    /// (see `session/queue.rs` and `link::Outlet`), and publications of one
     /// channel are dispatched one after another. An offer picked just
     /// before an unsubscribe may still arrive after it, as one queued just
     /// before it always could.
     pub(crate) fn dispatch(&self, publication: Publication) -> usize {
         self.metrics.messages_received.inc();
         let publication = Arc::new(publication);
-        let (targets, fanout) = {
+        let started = Instant::now();
+        let targets: Vec<Arc<dyn Sink>> = {
             let shard = read(self.shard(&publication.channel));
             let Some(entry) = shard.get(&publication.channel) else {
                 return 0;
             };
-            let targets: Vec<Arc<dyn Sink>> = entry
+            let direct =
+                entry.listeners.len() <= DIRECT_FANOUT && self.direct_budget().allows(started);
+            if !direct {
+                // Queued offers never touch a socket: offer under the lock,
+                // with no copy of the (possibly very long) listener list.
+                return entry
+                    .listeners
+                    .iter()
+                    .filter(|l| wanted(l.events.as_ref(), &publication))
+                    .filter(|l| l.sink.offer(&publication, false))
+                    .count();
+            }
+            entry
                 .listeners
                 .iter()
                 .filter(|l| wanted(l.events.as_ref(), &publication))
                 .map(|l| Arc::clone(&l.sink))
-                .collect();
-            (targets, entry.listeners.len())
+                .collect()
         };
-        let started = Instant::now();
-        let direct = fanout <= DIRECT_FANOUT && self.direct_budget().allows(started);
+        // A few listeners, written to directly: after releasing the lock.
         let queued = targets
             .iter()
-            .filter(|sink| sink.offer(&publication, direct))
+            .filter(|sink| sink.offer(&publication, true))
             .count();
-        if direct {
-            self.direct_budget().used += started.elapsed();
-        }
+        self.direct_budget().used += started.elapsed();
         queued
     }
 
