@@ -311,29 +311,12 @@ async fn a_rolling_change_of_history_rules_converges_without_loss() {
     let reply = client.subscribe(&channel, 1).await;
     assert_eq!(reply["type"], "subscribed", "{reply}");
     const TOTAL: u64 = 600;
-    let publisher = {
-        let url = redis.url();
-        let channel = channel.clone();
-        tokio::spawn(async move {
-            let client = ::redis::Client::open(url).expect("redis url");
-            let mut conn = client
-                .get_multiplexed_async_connection()
-                .await
-                .expect("connect");
-            let mut tick = tokio::time::interval(Duration::from_millis(5));
-            for n in 0..TOTAL {
-                tick.tick().await;
-                let _: Option<String> = ::redis::cmd("FCALL")
-                    .arg("crier_publish_r")
-                    .arg(1)
-                    .arg(&channel)
-                    .arg(format!(r#"{{"n":{n}}}"#))
-                    .query_async(&mut conn)
-                    .await
-                    .expect("FCALL crier_publish_r");
-            }
-        })
-    };
+    let publisher = redis.paced_publisher_as(
+        "crier_publish_r",
+        vec![channel.clone()],
+        TOTAL,
+        Duration::from_millis(5),
+    );
     let mut seen = Vec::new();
     let mut last_id = String::new();
     let take = |m: Value, seen: &mut Vec<u64>, last_id: &mut String| {

@@ -156,8 +156,9 @@ pub(super) async fn open(
     // What trimming removed before it is not a loss to this client, and a
     // channel without history has nothing to replay.
     let from_oldest = since == Some(StreamId::ZERO);
-    let since = since.filter(|_| !from_oldest || app.policy.history_of(channel).is_some());
-    let Some(_) = app.policy.history_of(channel) else {
+    let history = app.policy.history_of(channel);
+    let since = since.filter(|_| !from_oldest || history.is_some());
+    let Some(_) = history else {
         subs.add(channel, events, ChannelStart::default()).await?;
         let gap = since.is_some() || resuming;
         if gap {

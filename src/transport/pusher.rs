@@ -456,6 +456,7 @@ impl Conn {
         let Some(channel) = channel else {
             return self.error(None, "a client event needs a channel").await;
         };
+        let kind = ChannelKind::of(&channel);
         let channel = pusher::crier_channel(&self.pusher_app, &channel);
         if !self.session.is_subscribed(&channel) {
             return self
@@ -464,7 +465,6 @@ impl Conn {
         }
         // On a presence channel, who the sender joined as.
         let user = self.session.member(&channel).map(str::to_owned);
-        let kind = ChannelKind::of(pusher::local_name(&channel));
         if !kind.signed() {
             return self
                 .error(

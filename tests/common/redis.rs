@@ -231,11 +231,24 @@ impl RedisServer {
         total: u64,
         every: Duration,
     ) -> tokio::task::JoinHandle<()> {
+        self.paced_publisher_as("crier_publish", channels, total, every)
+    }
+
+    /// [`Self::paced_publisher`] through `function` (a deployment with a
+    /// `channel_prefix` calls `crier_publish_<name>`).
+    pub fn paced_publisher_as(
+        &self,
+        function: &str,
+        channels: Vec<String>,
+        total: u64,
+        every: Duration,
+    ) -> tokio::task::JoinHandle<()> {
         let url = self.url();
+        let function = function.to_owned();
         tokio::spawn(async move {
             let client = ::redis::Client::open(url).expect("redis url");
             let mut conn = client
-                .get_multiplexed_async_connection()
+                .get_multiplexed_async_connection_with_config(&patient())
                 .await
                 .expect("connect to redis");
             let mut tick = tokio::time::interval(every);
@@ -243,13 +256,13 @@ impl RedisServer {
                 tick.tick().await;
                 let channel = &channels[(n % channels.len() as u64) as usize];
                 let _: Option<String> = ::redis::cmd("FCALL")
-                    .arg("crier_publish")
+                    .arg(&function)
                     .arg(1)
                     .arg(channel)
                     .arg(format!(r#"{{"n":{n}}}"#))
                     .query_async(&mut conn)
                     .await
-                    .expect("FCALL crier_publish");
+                    .unwrap_or_else(|e| panic!("FCALL {function}: {e}"));
             }
         })
     }
