@@ -41,6 +41,21 @@ impl StreamId {
     pub fn skips_to(self, next: StreamId) -> bool {
         next > self && next.seq != self.seq.wrapping_add(1)
     }
+
+    /// The id just before this one: reading history after it starts with
+    /// this one. `None` for `0-0`.
+    pub fn before(self) -> Option<StreamId> {
+        match self.seq {
+            0 => Some(StreamId {
+                ms: self.ms.checked_sub(1)?,
+                seq: u64::MAX,
+            }),
+            seq => Some(StreamId {
+                ms: self.ms,
+                seq: seq - 1,
+            }),
+        }
+    }
 }
 
 impl fmt::Display for StreamId {

@@ -23,7 +23,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{ChannelStart, Control, Fanout};
+use crate::history::StreamId;
 use crate::metrics::Metrics;
+use crate::policy::Rule;
 use crate::protocol::{wanted, Filter, Publication};
 use crate::refusal::Refusal;
 
@@ -47,6 +49,9 @@ struct Listener {
 
 struct Channel {
     listeners: Vec<Listener>,
+    /// What the channel rules say about the channel, resolved when its
+    /// first listener subscribed: a publication reads its event field here.
+    rule: Arc<Rule>,
     /// When the last listener left; swept after the linger.
     idle_since: Option<Instant>,
     ready: watch::Receiver<bool>,
@@ -124,8 +129,8 @@ impl Hub {
         &self.shards[i]
     }
 
-    /// Adds connection `id` (its queue: `sink`) as a listener of `channel`
-    /// and waits until the broker delivers that channel, so that anything
+    /// Adds connection `id` (its queue: `sink`) as a listener of `channel`,
+    /// whose rule (resolved by the subscribe) is `rule`, and waits until the broker delivers that channel, so that anything
     /// published after this returns reaches the client. Subscribing again
     /// replaces the filter. On error a listener the connection already had
     /// stays as it was (the broker recovers it, or sends a `gap`, when it
@@ -137,6 +142,7 @@ impl Hub {
         sink: &Arc<dyn Sink>,
         events: Option<Filter>,
         start: ChannelStart,
+        rule: &Arc<Rule>,
     ) -> Result<(), Refusal> {
         let (mut ready, previous) = {
             let mut shard = write(self.shard(channel));
@@ -152,6 +158,7 @@ impl Hub {
                 self.metrics.channels.inc();
                 Channel {
                     listeners: Vec::new(),
+                    rule: Arc::clone(rule),
                     idle_since: None,
                     ready: rx,
                 }
@@ -248,14 +255,31 @@ impl Hub {
     /// before an unsubscribe may still arrive after it, as one queued just
     /// before it always could.
     pub(crate) fn dispatch(&self, publication: Publication) -> usize {
+        let channel = publication.channel.clone();
+        self.fan_out(&channel, |_| publication)
+    }
+
+    /// Fans a message of `channel` out to its local listeners, decoded
+    /// with the channel's rule as its first listener resolved it: a
+    /// publication never walks the channel rules, and one nobody here
+    /// listens to is not even decoded.
+    pub(crate) fn publish(&self, channel: &str, id: Option<StreamId>, payload: &[u8]) -> usize {
+        self.fan_out(channel, |rule| {
+            Publication::message(channel, id, payload, &rule.event_field)
+        })
+    }
+
+    /// See [`Hub::dispatch`]: `make` builds the publication from the
+    /// channel's rule, once a listener is known to exist.
+    fn fan_out(&self, channel: &str, make: impl FnOnce(&Rule) -> Publication) -> usize {
         self.metrics.messages_received.inc();
-        let publication = Arc::new(publication);
         let started = Instant::now();
-        let targets: Vec<Arc<dyn Sink>> = {
-            let shard = read(self.shard(&publication.channel));
-            let Some(entry) = shard.get(&publication.channel) else {
+        let (publication, targets): (_, Vec<Arc<dyn Sink>>) = {
+            let shard = read(self.shard(channel));
+            let Some(entry) = shard.get(channel) else {
                 return 0;
             };
+            let publication = Arc::new(make(&entry.rule));
             let direct =
                 entry.listeners.len() <= DIRECT_FANOUT && self.direct_budget().allows(started);
             if !direct {
@@ -268,12 +292,13 @@ impl Hub {
                     .filter(|l| l.sink.offer(&publication, false))
                     .count();
             }
-            entry
+            let targets = entry
                 .listeners
                 .iter()
                 .filter(|l| wanted(l.events.as_ref(), &publication))
                 .map(|l| Arc::clone(&l.sink))
-                .collect()
+                .collect();
+            (publication, targets)
         };
         // A few listeners, written to directly: after releasing the lock.
         let queued = targets
@@ -336,8 +361,17 @@ impl Hub {
 }
 
 impl Fanout for Hub {
+    fn publish(&self, channel: &str, id: Option<StreamId>, payload: &[u8]) -> usize {
+        Hub::publish(self, channel, id, payload)
+    }
+
     fn dispatch(&self, publication: Publication) -> usize {
         Hub::dispatch(self, publication)
+    }
+
+    fn rule(&self, channel: &str) -> Option<Arc<Rule>> {
+        let shard = read(self.shard(channel));
+        shard.get(channel).map(|entry| Arc::clone(&entry.rule))
     }
 }
 
@@ -357,6 +391,13 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+
+    /// The rule of a channel no rule names, in dev mode.
+    fn rule() -> Arc<Rule> {
+        crate::policy::Policy::new(&[], true)
+            .expect("no rules")
+            .rule_of("c")
+    }
     use crate::protocol::Kind;
 
     /// A hub whose broker confirms every subscription at once, as the memory
@@ -453,10 +494,10 @@ mod tests {
         let (slow, slow_sink) = recorder(2);
         let (fast, fast_sink) = recorder(100);
         let start = ChannelStart::default();
-        hub.subscribe("c", 1, &slow_sink, None, start)
+        hub.subscribe("c", 1, &slow_sink, None, start, &rule())
             .await
             .expect("subscribed");
-        hub.subscribe("c", 2, &fast_sink, None, start)
+        hub.subscribe("c", 2, &fast_sink, None, start, &rule())
             .await
             .expect("subscribed");
         let queued: Vec<_> = (0..5)
@@ -472,9 +513,16 @@ mod tests {
         let (hub, rx) = hub(Duration::ZERO);
         let mut log = confirm_all(rx);
         let (got, sink) = recorder(10);
-        hub.subscribe("c", 1, &sink, filter(&["keep"]), ChannelStart::default())
-            .await
-            .expect("subscribed");
+        hub.subscribe(
+            "c",
+            1,
+            &sink,
+            filter(&["keep"]),
+            ChannelStart::default(),
+            &rule(),
+        )
+        .await
+        .expect("subscribed");
         assert_eq!(log.recv().await.as_deref(), Some("sub c"));
         hub.dispatch(Publication::new("c", br#"{"type":"drop"}"#));
         hub.dispatch(Publication::new("c", br#"{"type":"keep"}"#));
@@ -501,10 +549,10 @@ mod tests {
         let _log = confirm_all(rx);
         let (got, sink) = recorder(10);
         let start = ChannelStart::default();
-        hub.subscribe("c", 1, &sink, filter(&["a"]), start)
+        hub.subscribe("c", 1, &sink, filter(&["a"]), start, &rule())
             .await
             .expect("subscribed");
-        hub.subscribe("c", 1, &sink, filter(&["b"]), start)
+        hub.subscribe("c", 1, &sink, filter(&["b"]), start, &rule())
             .await
             .expect("subscribed");
         assert_eq!(hub.metrics.subscriptions.get(), 1);
@@ -522,12 +570,12 @@ mod tests {
         let mut log = confirm_all(rx);
         let (_got, sink) = recorder(10);
         let start = ChannelStart::default();
-        hub.subscribe("c", 1, &sink, None, start)
+        hub.subscribe("c", 1, &sink, None, start, &rule())
             .await
             .expect("subscribed");
         hub.unsubscribe("c", 1);
         assert_eq!(hub.sweep(), 0, "still lingering");
-        hub.subscribe("c", 1, &sink, None, start)
+        hub.subscribe("c", 1, &sink, None, start, &rule())
             .await
             .expect("resubscribed");
         assert_eq!(log.recv().await.as_deref(), Some("sub c"));
@@ -554,12 +602,16 @@ mod tests {
             }
         };
         let start = ChannelStart::default();
-        let (added, ready) = tokio::join!(hub.subscribe("c", 1, &sink, None, start), confirm);
+        let plain = rule();
+        let added = hub.subscribe("c", 1, &sink, None, start, &plain);
+        let (added, ready) = tokio::join!(added, confirm);
         added.expect("subscribed");
         // The broker goes away: a re-subscribe (new filter) cannot be
         // confirmed and fails, but the subscription stays, filter and all.
         ready.send_replace(false);
-        let again = hub.subscribe("c", 1, &sink, filter(&["only"]), start).await;
+        let again = hub
+            .subscribe("c", 1, &sink, filter(&["only"]), start, &rule())
+            .await;
         assert_eq!(again, Err(Refusal::Unavailable));
         assert_eq!(hub.listeners("c"), 1);
         assert_eq!(hub.metrics.subscriptions.get(), 1);
@@ -582,7 +634,7 @@ mod tests {
         ));
         let (_got, sink) = recorder(10);
         assert_eq!(
-            hub.subscribe("c", 1, &sink, None, ChannelStart::default())
+            hub.subscribe("c", 1, &sink, None, ChannelStart::default(), &rule())
                 .await,
             Err(Refusal::Unavailable)
         );

@@ -3,6 +3,9 @@
 //! Deny by default: a channel that no `[[channels]]` rule matches is
 //! forbidden, and a refusal never says whether the channel exists.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use crate::auth::Failure;
 pub(crate) use crate::auth::Principal;
 use crate::config::{ChannelRule, HistoryRule, Subscribe};
@@ -165,18 +168,51 @@ impl Pattern {
     }
 }
 
-/// The compiled rule list.
+/// What the channel rules say about one channel: the first rule whose
+/// pattern fits it, resolved once when a connection subscribes and kept on
+/// the hub's entry for the channel, so a publication reads it there and
+/// never walks the rules.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Rule {
+    /// The history the channel keeps, if any.
+    pub(crate) history: Option<HistoryRule>,
+    /// The rule says `presence = true`.
+    presence: bool,
+    /// The JSON pointer naming the event type of the channel's payloads.
+    pub(crate) event_field: Box<str>,
+}
+
+impl Rule {
+    /// Whether `channel`, which this rule fits, tracks presence: a Pusher
+    /// `presence-` channel, or the rule says so.
+    pub(crate) fn tracks_presence(&self, channel: &str) -> bool {
+        self.presence || channel.starts_with("presence-")
+    }
+}
+
+/// One `[[channels]]` entry, compiled: its pattern, who may subscribe,
+/// and what it says about the channels it fits.
 #[derive(Debug, Clone)]
+struct Compiled {
+    pattern: Pattern,
+    subscribe: Subscribe,
+    /// The rule's own `event_field`, if it names one.
+    own_event_field: Option<String>,
+    rule: Arc<Rule>,
+}
+
+/// The compiled rule list: one list of rules, walked once per subscribe.
+#[derive(Debug)]
 pub(crate) struct Policy {
-    rules: Vec<(Pattern, Subscribe)>,
-    history: Vec<(Pattern, Option<HistoryRule>)>,
-    /// Rules that track presence.
-    presence: Vec<(Pattern, bool)>,
+    rules: Vec<Compiled>,
+    /// What applies to a channel no rule fits (dev mode lets anyone hear
+    /// it): no history, no presence, the default event field.
+    unmatched: Arc<Rule>,
     separators: Separators,
     allow_all: bool,
-    /// Rules that name their own event field, and the default.
-    event_fields: Vec<(Pattern, Option<String>)>,
-    event_field: String,
+    /// How many times the rules were walked for a channel: a subscribe
+    /// walks them once, a publication never (see [`Rule`]).
+    walks: AtomicUsize,
 }
 
 /// A channel this client may not hear: the same answer whether or not the
@@ -192,77 +228,69 @@ impl Policy {
     /// configuration error). `allow_all` (dev mode) lets anyone hear any
     /// channel.
     pub(crate) fn new(rules: &[ChannelRule], allow_all: bool) -> Result<Self, String> {
-        let parsed = rules
+        let default = crate::config::DEFAULT_EVENT_FIELD;
+        let rules = rules
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                Pattern::parse(&r.pattern)
-                    .map(|p| (p, r))
-                    .map_err(|e| format!("channels[{i}].pattern: {e}"))
+                let pattern = Pattern::parse(&r.pattern)
+                    .map_err(|e| format!("channels[{i}].pattern: {e}"))?;
+                Ok(Compiled {
+                    pattern,
+                    subscribe: r.subscribe,
+                    own_event_field: r.event_field.clone(),
+                    rule: Arc::new(Rule {
+                        history: r.history,
+                        presence: r.presence,
+                        event_field: r.event_field.as_deref().unwrap_or(default).into(),
+                    }),
+                })
             })
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, String>>()?;
         Ok(Self {
-            rules: parsed
-                .iter()
-                .map(|(p, r)| (p.clone(), r.subscribe))
-                .collect(),
-            history: parsed.iter().map(|(p, r)| (p.clone(), r.history)).collect(),
-            presence: parsed
-                .iter()
-                .map(|(p, r)| (p.clone(), r.presence))
-                .collect(),
-            separators: Separators::of(parsed.iter().map(|(p, _)| p)),
+            separators: Separators::of(rules.iter().map(|c| &c.pattern)),
+            rules,
+            unmatched: Arc::new(Rule {
+                history: None,
+                presence: false,
+                event_field: default.into(),
+            }),
             allow_all,
-            event_fields: parsed
-                .iter()
-                .map(|(p, r)| (p.clone(), r.event_field.clone()))
-                .collect(),
-            event_field: crate::config::DEFAULT_EVENT_FIELD.into(),
+            walks: AtomicUsize::new(0),
         })
     }
 
-    /// Sets the top-level `event_field` (default `/type`).
+    /// Sets the top-level `event_field` (default `/type`): the event field
+    /// of every rule that does not name its own.
     pub(crate) fn with_event_field(mut self, pointer: &str) -> Self {
-        self.event_field = pointer.to_owned();
-        if self.event_fields.iter().all(|(_, f)| f.is_none()) {
-            // No rule has its own: skip matching on every publication.
-            self.event_fields.clear();
+        for compiled in &mut self.rules {
+            if compiled.own_event_field.is_none() {
+                Arc::make_mut(&mut compiled.rule).event_field = pointer.into();
+            }
         }
+        Arc::make_mut(&mut self.unmatched).event_field = pointer.into();
         self
     }
 
-    /// The JSON pointer naming the event type of `channel`'s payloads: the
-    /// first rule fitting the channel decides, as for history
-    /// (placeholders read as any text); without its own, the default.
-    pub(crate) fn event_field_of(&self, channel: &str) -> &str {
-        self.fitting(&self.event_fields, channel)
-            .and_then(|f| f.as_deref())
-            .unwrap_or(&self.event_field)
-    }
-
-    /// The history kept for `channel`: the first rule whose pattern fits
-    /// it, reading placeholders as any text (as the Redis function does,
-    /// which knows nothing of principals).
-    pub(crate) fn history_of(&self, channel: &str) -> Option<HistoryRule> {
-        self.fitting(&self.history, channel).and_then(|h| *h)
-    }
-
-    /// Whether `channel` tracks presence: a Pusher `presence-` channel, or
-    /// one whose first fitting rule says `presence = true`.
-    pub(crate) fn is_presence(&self, channel: &str) -> bool {
-        channel.starts_with("presence-") || self.fitting(&self.presence, channel) == Some(&true)
-    }
-
-    /// What the first rule fitting `channel` says, reading placeholders as
-    /// any text.
-    fn fitting<'a, T>(&self, rules: &'a [(Pattern, T)], channel: &str) -> Option<&'a T> {
-        rules
+    /// What the rules say about `channel`: the first rule whose pattern
+    /// fits it, reading placeholders as any text (as the Redis function
+    /// does, which knows nothing of principals). For what is not a
+    /// subscribe (the HTTP API, the memory broker's history); a subscribe
+    /// asks [`Policy::resolve`], which decides and finds this in one walk.
+    pub(crate) fn rule_of(&self, channel: &str) -> Arc<Rule> {
+        self.walks.fetch_add(1, Ordering::Relaxed);
+        let fitting = self
+            .rules
             .iter()
-            .find(|(p, _)| {
-                p.matches(channel, &Principal::default(), &self.separators)
-                    || p.could_match(channel)
-            })
-            .map(|(_, t)| t)
+            .find(|c| self.fits(&c.pattern, channel))
+            .map(|c| &c.rule);
+        Arc::clone(fitting.unwrap_or(&self.unmatched))
+    }
+
+    /// Whether `pattern` fits `channel` for some principal.
+    fn fits(&self, pattern: &Pattern, channel: &str) -> bool {
+        pattern.matches(channel, &Principal::default(), &self.separators)
+            || pattern.could_match(channel)
     }
 
     /// `(pattern, history)` of every rule, for the Redis function library.
@@ -274,34 +302,60 @@ impl Policy {
     }
 
     /// May `who` subscribe to `channel`?
-    pub(crate) fn may_subscribe(&self, channel: &str, who: &Principal) -> Result<(), Refusal> {
+    #[cfg(test)]
+    fn may_subscribe(&self, channel: &str, who: &Principal) -> Result<(), Refusal> {
+        self.resolve(channel, who).map(drop)
+    }
+
+    /// Decides whether `who` may subscribe to `channel` and, if so, what
+    /// the rules say about it ([`Policy::rule_of`]), in one walk of the
+    /// rules: the first rule fitting the channel comes at or before the
+    /// first one matching for `who`.
+    pub(crate) fn resolve(&self, channel: &str, who: &Principal) -> Result<Arc<Rule>, Refusal> {
         validate_channel(channel)
             .map_err(|why| Refusal::BadRequest(format!("bad channel name: {why}")))?;
         if self.allow_all {
-            return Ok(());
+            return Ok(self.rule_of(channel));
         }
+        self.walks.fetch_add(1, Ordering::Relaxed);
+        let mut fitting = None;
         let mut decided = None;
         let mut needs_auth = false;
-        for (pattern, subscribe) in &self.rules {
+        for compiled in &self.rules {
+            let pattern = &compiled.pattern;
             if pattern.matches(channel, who, &self.separators) {
-                decided = Some(*subscribe);
+                decided = Some(compiled.subscribe);
+                fitting.get_or_insert(&compiled.rule);
                 break;
+            }
+            let could = pattern.could_match(channel);
+            if fitting.is_none()
+                && (could || pattern.matches(channel, &Principal::default(), &self.separators))
+            {
+                fitting = Some(&compiled.rule);
             }
             // `user:{user}` cannot apply to an anonymous client, but it
             // would to some signed-in one: if no later rule lets this
             // client in, credentials are what is missing.
-            needs_auth |= who.user.is_none() && pattern.could_match(channel);
+            needs_auth |= who.user.is_none() && could;
         }
         let Some(subscribe) = decided else {
             return Err(if needs_auth { NEEDS_AUTH } else { FORBIDDEN });
         };
-        match subscribe {
+        let allowed = match subscribe {
             Subscribe::Anyone => Ok(()),
             Subscribe::User if who.user.is_some() => Ok(()),
             Subscribe::Claim if who.grants.iter().any(|g| grant_covers(g, channel)) => Ok(()),
             Subscribe::User | Subscribe::Claim if who.user.is_none() => Err(NEEDS_AUTH),
             Subscribe::User | Subscribe::Claim => Err(FORBIDDEN),
-        }
+        };
+        allowed.map(|()| Arc::clone(fitting.unwrap_or(&self.unmatched)))
+    }
+
+    /// How many times the rules were walked so far.
+    #[cfg(test)]
+    pub(crate) fn walks(&self) -> usize {
+        self.walks.load(Ordering::Relaxed)
     }
 }
 
@@ -525,13 +579,14 @@ mod tests {
         let policy = Policy::new(&cfg.channels, false)
             .expect("valid rules")
             .with_event_field(&cfg.event_field);
-        assert_eq!(policy.event_field_of("laravel:orders"), "/event");
-        assert_eq!(
-            policy.event_field_of("user:42"),
-            "/meta/kind",
-            "placeholders as any text"
-        );
-        assert_eq!(policy.event_field_of("ops:1"), "/event_type", "the default");
+        let field = |channel: &str| policy.rule_of(channel).event_field.to_string();
+        assert_eq!(field("laravel:orders"), "/event");
+        assert_eq!(field("user:42"), "/meta/kind", "placeholders as any text");
+        assert_eq!(field("ops:1"), "/event_type", "the default");
+        // A subscriber's one walk finds the same rule it is let in by.
+        let who = user("42", serde_json::json!({}), &[]);
+        let resolved = policy.resolve("user:42", &who).expect("allowed");
+        assert_eq!(&*resolved.event_field, "/meta/kind");
     }
 
     #[test]

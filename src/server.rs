@@ -157,17 +157,20 @@ pub fn serve(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
     launch(config, parts, listener)
 }
 
-fn launch(config: Config, parts: Parts, listener: TcpListener) -> anyhow::Result<Running> {
+/// The shared state of a crier: hub, broker (started, with its tasks and
+/// the hub's sweeper on `background`) and the parts.
+fn assemble(
+    config: Config,
+    parts: Parts,
+    background: &TaskTracker,
+    stop_background: &CancellationToken,
+) -> anyhow::Result<Arc<App>> {
     let Parts {
         metrics,
         policy,
         auth,
         origins,
     } = parts;
-    let addr = listener.local_addr()?;
-    // Background parts (broker, sweeper) stop after every client has left.
-    let background = TaskTracker::new();
-    let stop_background = CancellationToken::new();
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let hub = Arc::new(Hub::new(
         control_tx,
@@ -181,10 +184,22 @@ fn launch(config: Config, parts: Parts, listener: TcpListener) -> anyhow::Result
         Arc::clone(&policy),
         control_rx,
         metrics.clone(),
-        &background,
+        background,
         stop_background.clone(),
     )?;
     background.spawn(Arc::clone(&hub).sweep_until(stop_background.clone()));
+    Ok(Arc::new(App::new(
+        config, hub, broker, policy, auth, origins, metrics,
+    )))
+}
+
+fn launch(config: Config, parts: Parts, listener: TcpListener) -> anyhow::Result<Running> {
+    let addr = listener.local_addr()?;
+    // Background parts (broker, sweeper) stop after every client has left.
+    let background = TaskTracker::new();
+    let stop_background = CancellationToken::new();
+    let app = assemble(config, parts, &background, &stop_background)?;
+    let config = &app.config;
     let redis = crate::broker::describe(&config.redis);
     // Where a browser on this machine finds the demo page.
     let demo = config.dev.then(|| {
@@ -199,10 +214,10 @@ fn launch(config: Config, parts: Parts, listener: TcpListener) -> anyhow::Result
     });
     tracing::info!(
         %addr,
-        broker = broker.kind(),
+        broker = app.broker.kind(),
         redis,
         channel_rules = config.channels.len(),
-        auth = auth_modes(&config),
+        auth = auth_modes(config),
         dev = config.dev,
         demo,
         "crier listening"
@@ -215,17 +230,14 @@ fn launch(config: Config, parts: Parts, listener: TcpListener) -> anyhow::Result
     }
     // `main` has raised the soft limit by now: the budget is what is left.
     let fds = crate::fdlimit::current();
-    if let Some(warning) = fds.and_then(|l| crate::fdlimit::warning(&config, &l)) {
+    if let Some(warning) = fds.and_then(|l| crate::fdlimit::warning(config, &l)) {
         tracing::warn!("{warning}");
     }
     let budget = Budget::new(
         fds.map_or(u64::MAX, |l| l.soft),
-        crate::fdlimit::reserve(&config),
+        crate::fdlimit::reserve(config),
     );
 
-    let app = Arc::new(App::new(
-        config, hub, broker, policy, auth, origins, metrics,
-    ));
     // Heartbeats are late by at most a quarter of the shortest period.
     let shortest = app.config.sse.heartbeat.min(app.config.ws.ping_interval);
     let tick = (shortest / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
@@ -818,5 +830,84 @@ mod tests {
         );
         assert!(check(&good).is_ok());
         assert!(Parts::build(&good).is_ok());
+    }
+}
+
+/// Issue 22: the channel rules are walked once per subscribe, and never
+/// per publication: the rule a subscribe resolves is kept on the hub's
+/// entry for the channel, and a publication is decoded with it there.
+#[cfg(test)]
+mod rule_walks {
+    use super::*;
+    use crate::metrics::Transport;
+    use crate::session::{admit, Event, Request, Session, Start, Wire};
+
+    #[tokio::test]
+    async fn a_subscribe_walks_the_rules_once_and_a_publication_never() {
+        let config: Config = toml::from_str(
+            "[[channels]]\npattern = \"ops:*\"\nsubscribe = \"anyone\"\nevent_field = \"/kind\"\n\
+             [[channels]]\npattern = \"news:*\"\nsubscribe = \"anyone\"\n\
+             history = { size = 10, ttl = \"1m\" }\nevent_field = \"/what\"\n",
+        )
+        .expect("config");
+        let background = TaskTracker::new();
+        let stop = CancellationToken::new();
+        let parts = Parts::build(&config).expect("parts");
+        let app = assemble(config, parts, &background, &stop).expect("app");
+        let uri: http::Uri = "/ws".parse().expect("uri");
+        let peer: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        let headers = http::HeaderMap::new();
+        let admitted = admit(&app, Transport::Ws, &headers, &uri, peer.ip(), &[]);
+        let wire = Wire {
+            transport: Transport::Ws,
+            heartbeat: Duration::from_secs(60),
+            idle_timeout: None,
+            replay_overhead: 0,
+            replay_bytes: |p| p.frame.len(),
+            peer,
+        };
+        let mut session = Session::open(Arc::clone(&app), admitted.await.expect("admitted"), wire);
+        let walks = || app.policy.walks();
+
+        let before = walks();
+        session
+            .subscribe(Request::new("ops:1"))
+            .await
+            .expect("ops:1");
+        assert_eq!(walks() - before, 1, "one walk for a subscribe");
+        let history = Request {
+            start: Start::Oldest,
+            ..Request::new("news:1")
+        };
+        session.subscribe(history).await.expect("news:1");
+        assert_eq!(walks() - before, 2, "one walk for a subscribe with history");
+
+        let subscribed = walks();
+        for n in 0..3 {
+            app.broker
+                .publish("ops:1", format!(r#"{{"kind":"k{n}"}}"#).as_bytes())
+                .await
+                .expect("published");
+            app.broker
+                .publish("news:1", format!(r#"{{"what":"w{n}"}}"#).as_bytes())
+                .await
+                .expect("published");
+        }
+        let mut events = Vec::new();
+        while events.len() < 6 {
+            match tokio::time::timeout(Duration::from_secs(5), session.next()).await {
+                Ok(Event::Deliver(p)) => events.push(p.event.clone().expect("an event type")),
+                Ok(other) => panic!("unexpected {other:?}"),
+                Err(_) => panic!("only {events:?} delivered"),
+            }
+        }
+        assert_eq!(
+            events,
+            ["k0", "w0", "k1", "w1", "k2", "w2"],
+            "each rule's event field"
+        );
+        assert_eq!(walks(), subscribed, "no walk for six publications");
+        drop(session);
+        stop.cancel();
     }
 }

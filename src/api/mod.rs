@@ -134,7 +134,7 @@ pub(crate) async fn presence(
     let Some(channel) = crate::http::query_param(req.uri(), "channel") else {
         return refused(&Refusal::BadRequest("missing `channel`".into()));
     };
-    if !app.policy.is_presence(&channel) {
+    if !app.policy.rule_of(&channel).tracks_presence(&channel) {
         let reason =
             format!("`{channel}` is not a presence channel (no rule with presence = true)");
         return refused(&Refusal::BadRequest(reason));

@@ -11,18 +11,34 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{BrokerHealth, Control, Fanout, Wiring};
+use crate::config::HistoryRule;
 use crate::history::{Recovery, StreamId};
 use crate::policy::Policy;
-use crate::protocol::Publication;
 
 /// See the module documentation.
 pub(crate) struct MemoryBroker {
     hub: Arc<dyn Fanout>,
     policy: Arc<Policy>,
-    logs: Mutex<HashMap<String, Log>>,
+    logs: Mutex<Logs>,
     pub(super) health: BrokerHealth,
     pub(super) presence: super::presence::MemoryPresence,
 }
+
+/// The channels' histories, and what the rules say about the channels
+/// published to: a publication must know whether its channel keeps history
+/// (in Redis, the function knows), and looks that up once per channel, not
+/// per publication.
+#[derive(Default)]
+struct Logs {
+    logs: HashMap<String, Log>,
+    /// Each channel's history rule, once looked up; cleared when it holds
+    /// [`MEMO`] channels, so that a stream of one-off channel names costs
+    /// a lookup each and no memory.
+    rules: HashMap<String, Option<HistoryRule>>,
+}
+
+/// Channels whose history rule [`Logs`] remembers, at most.
+const MEMO: usize = 4096;
 
 /// One channel's history.
 struct Log {
@@ -71,25 +87,13 @@ impl MemoryBroker {
     /// Appends to the channel's history (when it keeps one) and delivers to
     /// local listeners, under one lock so ids and delivery order agree.
     pub(crate) fn publish(&self, channel: &str, payload: &[u8]) -> Option<StreamId> {
-        let event_field = self.policy.event_field_of(channel);
-        let Some(rule) = self.policy.history_of(channel) else {
-            self.hub
-                .dispatch(Publication::message(channel, None, payload, event_field));
+        let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(rule) = logs.history_of(&self.policy, &*self.hub, channel) else {
+            drop(logs);
+            self.hub.publish(channel, None, payload);
             return None;
         };
-        let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
-        if live_log(&mut logs, channel, rule.ttl).is_none() {
-            logs.insert(
-                channel.to_owned(),
-                Log {
-                    entries: VecDeque::new(),
-                    last: StreamId::ZERO,
-                    deleted: StreamId::ZERO,
-                    touched: Instant::now(),
-                },
-            );
-        }
-        let log = logs.get_mut(channel)?;
+        let log = logs.live(channel, rule.ttl, true)?;
         let now = now_ms();
         let id = if now > log.last.ms {
             StreamId { ms: now, seq: 0 }
@@ -107,42 +111,35 @@ impl MemoryBroker {
         }
         log.last = id;
         log.touched = Instant::now();
-        self.hub.dispatch(Publication::message(
-            channel,
-            Some(id),
-            payload,
-            event_field,
-        ));
+        self.hub.publish(channel, Some(id), payload);
         Some(id)
     }
 
-    /// The newest id, or a position just before now for an empty channel.
     /// Relays `payload` to this process's clients, without history.
     pub(super) fn relay(&self, channel: &str, payload: &[u8]) {
-        let event_field = self.policy.event_field_of(channel);
-        self.hub
-            .dispatch(Publication::message(channel, None, payload, event_field));
+        self.hub.publish(channel, None, payload);
     }
 
-    pub(crate) fn position(&self, channel: &str) -> StreamId {
-        let ttl = self.ttl(channel);
+    /// The newest id, or a position just before now for an empty channel.
+    pub(crate) fn position(&self, channel: &str, history: HistoryRule) -> StreamId {
         let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
-        match live_log(&mut logs, channel, ttl) {
+        match logs.live(channel, history.ttl, false) {
             Some(log) => log.last,
             None => just_before_now(),
         }
     }
 
     /// Everything after `since`, and whether some of it is gone.
-    pub(crate) fn recover(&self, channel: &str, since: StreamId, limit: usize) -> Recovery {
-        let Some(rule) = self.policy.history_of(channel) else {
-            return Recovery {
-                entries: Vec::new(),
-                gap: true,
-            };
-        };
+    pub(crate) fn recover(
+        &self,
+        channel: &str,
+        history: HistoryRule,
+        since: StreamId,
+        limit: usize,
+    ) -> Recovery {
+        let rule = history;
         let mut logs = self.logs.lock().unwrap_or_else(|e| e.into_inner());
-        match live_log(&mut logs, channel, rule.ttl) {
+        match logs.live(channel, rule.ttl, false) {
             None => Recovery {
                 entries: Vec::new(),
                 gap: since.ms.saturating_add(rule.ttl.as_millis() as u64) < now_ms(),
@@ -159,27 +156,52 @@ impl MemoryBroker {
             },
         }
     }
-
-    fn ttl(&self, channel: &str) -> Duration {
-        self.policy
-            .history_of(channel)
-            .map_or(Duration::ZERO, |r| r.ttl)
-    }
 }
 
-/// The channel's log, unless its TTL ran out (then it is dropped).
-fn live_log<'a>(
-    logs: &'a mut HashMap<String, Log>,
-    channel: &str,
-    ttl: Duration,
-) -> Option<&'a mut Log> {
-    let expired = logs
-        .get(channel)
-        .is_some_and(|l| !ttl.is_zero() && l.touched.elapsed() > ttl);
-    if expired {
-        logs.remove(channel);
+impl Logs {
+    /// The history `channel` keeps: as remembered, or as the hub has it
+    /// for a channel listened to here, or else looked up, once per channel.
+    fn history_of(
+        &mut self,
+        policy: &Policy,
+        hub: &dyn Fanout,
+        channel: &str,
+    ) -> Option<HistoryRule> {
+        if let Some(rule) = self.rules.get(channel) {
+            return *rule;
+        }
+        if self.rules.len() >= MEMO {
+            self.rules.clear();
+        }
+        let rule = match hub.rule(channel) {
+            Some(rule) => rule.history,
+            None => policy.rule_of(channel).history,
+        };
+        self.rules.insert(channel.to_owned(), rule);
+        rule
     }
-    logs.get_mut(channel)
+
+    /// The channel's log, unless its TTL ran out (then it is dropped); a
+    /// new one when `create` says so.
+    fn live(&mut self, channel: &str, ttl: Duration, create: bool) -> Option<&mut Log> {
+        let expired = self
+            .logs
+            .get(channel)
+            .is_some_and(|l| !ttl.is_zero() && l.touched.elapsed() > ttl);
+        if expired {
+            self.logs.remove(channel);
+        }
+        if create && !self.logs.contains_key(channel) {
+            let log = Log {
+                entries: VecDeque::new(),
+                last: StreamId::ZERO,
+                deleted: StreamId::ZERO,
+                touched: Instant::now(),
+            };
+            self.logs.insert(channel.to_owned(), log);
+        }
+        self.logs.get_mut(channel)
+    }
 }
 
 fn now_ms() -> u64 {

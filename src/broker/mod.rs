@@ -20,10 +20,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Config;
+use crate::config::{Config, HistoryRule};
 use crate::history::{Recovery, StreamId};
 use crate::metrics::Metrics;
-use crate::policy::Policy;
+use crate::policy::{Policy, Rule};
 use crate::protocol::Publication;
 
 use crate::redis_client as client;
@@ -71,9 +71,18 @@ pub(crate) fn describe(config: &crate::config::RedisConfig) -> Option<String> {
 /// publication out to this instance's listeners. A trait so that the
 /// broker, below the hub, needs nothing of it.
 pub(crate) trait Fanout: Send + Sync {
-    /// Delivers `publication` to local listeners without waiting on any;
-    /// returns how many took it.
+    /// Delivers a message of `channel` to local listeners without waiting
+    /// on any, decoded by the channel's rule as the hub keeps it; returns
+    /// how many took it.
+    fn publish(&self, channel: &str, id: Option<StreamId>, payload: &[u8]) -> usize;
+
+    /// Delivers `publication` (a `gap` notice) to local listeners without
+    /// waiting on any; returns how many took it.
     fn dispatch(&self, publication: Publication) -> usize;
+
+    /// `channel`'s rule, as its first local listener resolved it, while it
+    /// has one.
+    fn rule(&self, channel: &str) -> Option<Arc<Rule>>;
 }
 
 /// The broker's commands, sent by the hub and handled in order.
@@ -245,9 +254,13 @@ impl Broker {
 
     /// Where a new listener of a history channel starts: the newest id, or
     /// just before now when the channel has no history yet.
-    pub(crate) async fn position(&self, channel: &str) -> Result<StreamId, BrokerError> {
+    pub(crate) async fn position(
+        &self,
+        channel: &str,
+        history: HistoryRule,
+    ) -> Result<StreamId, BrokerError> {
         match self {
-            Broker::Memory(b) => Ok(b.position(channel)),
+            Broker::Memory(b) => Ok(b.position(channel, history)),
             Broker::Redis(b) => b.redis.position(channel).await,
         }
     }
@@ -257,11 +270,12 @@ impl Broker {
     pub(crate) async fn recover(
         &self,
         channel: &str,
+        history: HistoryRule,
         since: StreamId,
         limit: usize,
     ) -> Result<Recovery, BrokerError> {
         match self {
-            Broker::Memory(b) => Ok(b.recover(channel, since, limit)),
+            Broker::Memory(b) => Ok(b.recover(channel, history, since, limit)),
             Broker::Redis(b) => b.redis.recover(channel, since, limit).await,
         }
     }

@@ -17,7 +17,6 @@ use super::command::Redis;
 use super::{ChannelStart, Fanout};
 use crate::history::{self, StreamId};
 use crate::metrics::Metrics;
-use crate::policy::Policy;
 use crate::protocol::Publication;
 
 /// Most messages recovered per channel after an outage.
@@ -41,7 +40,6 @@ pub(super) struct Wanted {
 /// The relay: the channels the hub wants, and where their messages go.
 pub(super) struct Relay {
     hub: Arc<dyn Fanout>,
-    policy: Arc<Policy>,
     redis: Redis,
     metrics: Metrics,
     /// The prefix of crier's channels in Redis.
@@ -50,16 +48,10 @@ pub(super) struct Relay {
 }
 
 impl Relay {
-    pub(super) fn new(
-        hub: Arc<dyn Fanout>,
-        policy: Arc<Policy>,
-        redis: Redis,
-        metrics: Metrics,
-    ) -> Self {
+    pub(super) fn new(hub: Arc<dyn Fanout>, redis: Redis, metrics: Metrics) -> Self {
         let prefix = redis.prefix().to_owned();
         Relay {
             hub,
-            policy,
             redis,
             metrics,
             prefix,
@@ -157,7 +149,6 @@ impl Relay {
     fn channel<'a>(&'a mut self, channel: &'a str) -> ChannelRelay<'a> {
         ChannelRelay {
             hub: &*self.hub,
-            policy: &self.policy,
             redis: &self.redis,
             metrics: &self.metrics,
             state: self.channels.get_mut(channel),
@@ -221,7 +212,6 @@ async fn missed(
 /// broker knows of it (none once the hub no longer wants it).
 struct ChannelRelay<'a> {
     hub: &'a dyn Fanout,
-    policy: &'a Policy,
     redis: &'a Redis,
     metrics: &'a Metrics,
     state: Option<&'a mut Wanted>,
@@ -238,9 +228,7 @@ impl ChannelRelay<'_> {
             }
             state.last = Some(id);
         }
-        let event_field = self.policy.event_field_of(self.channel);
-        self.hub
-            .dispatch(Publication::message(self.channel, id, payload, event_field));
+        self.hub.publish(self.channel, id, payload);
     }
 
     /// Tells the channel's listeners that messages were lost.

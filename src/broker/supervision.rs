@@ -45,7 +45,7 @@ impl Supervision {
     ) -> Self {
         let Wiring {
             hub,
-            policy,
+            policy: _,
             control,
             health,
             metrics,
@@ -57,7 +57,7 @@ impl Supervision {
             rand::rng().random::<u64>()
         );
         Supervision {
-            relay: Relay::new(hub, policy, redis.clone(), metrics.clone()),
+            relay: Relay::new(hub, redis.clone(), metrics.clone()),
             redis,
             control,
             health,

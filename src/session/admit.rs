@@ -2,6 +2,8 @@
 //! wire protocol, in order — the page's origin, the credentials, the
 //! channels named in the request, then connection limits.
 
+use std::sync::Arc;
+
 use http::{HeaderMap, Uri};
 
 use crate::app::App;
@@ -9,6 +11,7 @@ use crate::auth::{Failure, Principal};
 use crate::limits::Admitted;
 use crate::metrics::Transport;
 use crate::origin::Verdict;
+use crate::policy::Rule;
 use crate::refusal::Refusal;
 
 /// A connection that may open: who it is, its slot, and what its origin
@@ -18,6 +21,8 @@ pub(crate) struct Admission {
     pub(super) admitted: Admitted,
     /// The origin check's verdict.
     pub(crate) origin: Verdict,
+    /// The channels the request named, and their rules.
+    pub(super) rules: Vec<(String, Arc<Rule>)>,
 }
 
 /// Admits a `transport` request from `peer` for `channels`, or says why not.
@@ -42,15 +47,21 @@ pub(crate) async fn admit(
     if channels.len() > limit {
         return Err(Refusal::TooManySubscriptions { limit });
     }
-    for channel in channels {
-        may_subscribe(app, channel, &principal).map_err(|r| query_token_hint(app, uri, r))?;
-    }
+    let rules = channels
+        .iter()
+        .map(|channel| {
+            let rule = resolve(app, channel, &principal);
+            rule.map(|rule| (channel.clone(), rule))
+                .map_err(|r| query_token_hint(app, uri, r))
+        })
+        .collect::<Result<_, _>>()?;
     let gauge = app.metrics.connections(transport).clone();
     let admitted = app.limits.admit(peer, principal.user.as_deref(), gauge)?;
     Ok(Admission {
         principal,
         admitted,
         origin,
+        rules,
     })
 }
 
@@ -73,10 +84,11 @@ fn query_token_hint(app: &App, uri: &Uri, refusal: Refusal) -> Refusal {
     }
 }
 
-/// May `who` hear `channel`? The channel rules decide; an anonymous client
-/// refused for want of credentials counts as a `missing` auth failure.
-pub(super) fn may_subscribe(app: &App, channel: &str, who: &Principal) -> Result<(), Refusal> {
-    let decided = app.policy.may_subscribe(channel, who);
+/// May `who` hear `channel`, and what do the rules say of it? The channel
+/// rules decide; an anonymous client refused for want of credentials
+/// counts as a `missing` auth failure.
+pub(super) fn resolve(app: &App, channel: &str, who: &Principal) -> Result<Arc<Rule>, Refusal> {
+    let decided = app.policy.resolve(channel, who);
     if let Err(Refusal::Unauthorized(_)) = decided {
         app.auth.count(Failure::Missing);
     }

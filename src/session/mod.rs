@@ -35,6 +35,7 @@ use crate::lifecycle::Bell;
 use crate::limits::Admitted;
 use crate::link::Outlet;
 use crate::metrics::Transport;
+use crate::policy::Rule;
 use crate::protocol::{Filter, Kind, Publication, SocketId};
 use crate::refusal::Refusal;
 
@@ -106,14 +107,102 @@ pub(crate) struct Wire {
     pub(crate) peer: SocketAddr,
 }
 
-/// A subscription made: what a `subscribed` answer reports.
+/// A subscription asked for: see [`Session::subscribe`].
+#[derive(Debug)]
+pub(crate) struct Request {
+    /// The channel, as crier names it.
+    pub(crate) channel: String,
+    /// Only these event types, when given.
+    pub(crate) events: Option<Filter>,
+    /// Where to start in the channel.
+    pub(crate) start: Start,
+    /// What, besides the connection's credential, lets it hear the channel.
+    pub(crate) grant: Grant,
+    /// Whether and how the connection is one of a presence channel's
+    /// members.
+    pub(crate) presence: Presence,
+}
+
+impl Request {
+    /// `channel` from now on, granted by the credential, no presence.
+    pub(crate) fn new(channel: impl Into<String>) -> Self {
+        Self {
+            channel: channel.into(),
+            events: None,
+            start: Start::Now,
+            grant: Grant::Credential,
+            presence: Presence::None,
+        }
+    }
+}
+
+/// Where a subscription starts in its channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Start {
+    /// With what is published from now on.
+    Now,
+    /// After this message (a client's cursor): what came since is
+    /// replayed, or a `gap` says it is gone.
+    After(StreamId),
+    /// With the oldest message still in the channel's history
+    /// (`since=oldest`); a channel without history has nothing to replay.
+    Oldest,
+    /// With the channel's last message, if its history holds one (Pusher's
+    /// `cache-` channels): [`Subscribed::last_event`] says whether it did.
+    LastEvent,
+    /// The client comes back (SSE `Last-Event-ID`) with no position in
+    /// this channel: one without history gets a `gap` (what it missed is
+    /// gone); one with history starts now, or at its oldest message.
+    Returning {
+        /// `since=oldest` was asked too.
+        oldest: bool,
+    },
+}
+
+/// What lets a connection hear a channel, besides the rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Grant {
+    /// Its credential, as the rules read it.
+    Credential,
+    /// The app signed this channel for this connection (a Pusher channel
+    /// authorization): it grants the channel as a token's channels claim
+    /// would, so `claim` rules admit it.
+    Signature,
+}
+
+/// A subscriber's part in a presence channel.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Presence {
+    /// None.
+    None,
+    /// Join as this member (Pusher's signed `channel_data`).
+    Join {
+        /// The member's user id.
+        user: String,
+        /// What others see of it (JSON).
+        info: String,
+    },
+    /// When the channel tracks presence, join as the connection's user
+    /// (crier's protocol); an anonymous connection only listens.
+    AsUser,
+    /// When the channel tracks presence, read its members for the answer
+    /// without joining.
+    Watch,
+}
+
+/// A subscription made: what the protocol's answer reports.
+#[derive(Debug)]
 pub(crate) struct Subscribed {
     /// For a resume: whether everything missed will be replayed (false: a
     /// `gap` comes instead).
     pub(crate) recovered: Option<bool>,
     /// Where the connection starts in a history channel.
     pub(crate) position: Option<StreamId>,
+    /// For [`Start::LastEvent`]: whether the channel had a last event (it
+    /// comes out of [`Session::next`] first).
+    pub(crate) last_event: Option<bool>,
+    /// A presence channel's members, when joined or read.
+    pub(crate) members: Option<Members>,
 }
 
 /// A credential accepted by [`Session::authenticate`].
@@ -180,6 +269,9 @@ pub(crate) struct Session {
     talk: Option<Box<Talk>>,
     /// The presence channels joined.
     members: Vec<Member>,
+    /// The channels the connection's request named, resolved when it was
+    /// admitted: their subscribes do not walk the rules again.
+    admitted_rules: Vec<(String, Arc<Rule>)>,
     delivered: IntCounter,
     span: tracing::Span,
 }
@@ -227,6 +319,7 @@ impl Session {
                 })
             }),
             members: Vec::new(),
+            admitted_rules: admission.rules,
             delivered: app.metrics.delivered(wire.transport).clone(),
             span,
             app,
@@ -392,53 +485,24 @@ impl Session {
         }
     }
 
-    /// Subscribes `channel` (only `events`, when given), resuming after
-    /// `since`. `resuming` says the client is coming back without a
-    /// position in this channel (SSE `Last-Event-ID`): a channel without
-    /// history then gets a `gap`. What was missed comes out of
-    /// [`Session::next`] before anything live.
-    pub(crate) async fn subscribe(
-        &mut self,
-        channel: &str,
-        events: Option<Filter>,
-        since: Option<StreamId>,
-        resuming: bool,
-    ) -> Result<Subscribed, Refusal> {
-        self.subscribe_as(channel, events, since, resuming, false)
-            .await
-    }
-
-    /// Subscribes `channel` for a client the app signed it for (a Pusher
-    /// channel authorization): the signature grants the channel as a
-    /// token's channels claim would, so `claim` rules admit it.
-    pub(crate) async fn subscribe_signed(
-        &mut self,
-        channel: &str,
-        since: Option<StreamId>,
-    ) -> Result<Subscribed, Refusal> {
-        self.subscribe_as(channel, None, since, false, true).await
-    }
-
-    async fn subscribe_as(
-        &mut self,
-        channel: &str,
-        events: Option<Filter>,
-        since: Option<StreamId>,
-        resuming: bool,
-        signed: bool,
-    ) -> Result<Subscribed, Refusal> {
+    /// Subscribes as `request` says: the channel rules decide (walked once,
+    /// here), the channel starts where the request asks, and a presence
+    /// channel is joined (or its members read) as the request asks. What
+    /// the client missed comes out of [`Session::next`] before anything
+    /// live; nothing of the channel reaches the client before the answer
+    /// the protocol sends to this.
+    pub(crate) async fn subscribe(&mut self, request: Request) -> Result<Subscribed, Refusal> {
+        let Request {
+            channel,
+            events,
+            start,
+            grant,
+            presence,
+        } = request;
+        let channel = channel.as_str();
         // Nothing of the channel may reach the client before its answer.
         self.mailbox.hold();
-        let granted;
-        let who = if signed {
-            let mut with_grant = self.watch.principal().clone();
-            with_grant.grants.push(channel.to_owned());
-            granted = with_grant;
-            &granted
-        } else {
-            self.watch.principal()
-        };
-        admit::may_subscribe(&self.app, channel, who)?;
+        let rule = self.resolve(channel, grant)?;
         let limit = self.app.config.limits.max_subscriptions_per_connection;
         if !self.subs.contains(channel) && self.subs.channels().len() >= limit {
             return Err(Refusal::TooManySubscriptions { limit });
@@ -458,9 +522,9 @@ impl Session {
             &mut self.tracker,
             &mut budget,
             channel,
+            &rule,
             events,
-            since,
-            resuming,
+            start,
         )
         .await;
         if let Ok(opened) = &mut opened {
@@ -470,10 +534,59 @@ impl Session {
             self.replay = Some(Box::new(Replay { queue, budget }));
         }
         let opened = opened?;
+        let members = match self.presence(channel, &rule, presence).await {
+            Ok(members) => members,
+            Err(refusal) => {
+                self.unsubscribe(channel);
+                return Err(refusal);
+            }
+        };
         Ok(Subscribed {
             recovered: opened.recovered,
             position: opened.position,
+            last_event: opened.last_event,
+            members,
         })
+    }
+
+    /// May the connection hear `channel`, and what do the rules say of it:
+    /// one walk of the rules (none for a channel its admission resolved).
+    fn resolve(&mut self, channel: &str, grant: Grant) -> Result<Arc<Rule>, Refusal> {
+        if let Some(i) = self.admitted_rules.iter().position(|(c, _)| c == channel) {
+            return Ok(self.admitted_rules.swap_remove(i).1);
+        }
+        match grant {
+            Grant::Credential => admit::resolve(&self.app, channel, self.watch.principal()),
+            Grant::Signature => {
+                // The app's signature grants the channel as a token's
+                // channels claim would, so `claim` rules admit it.
+                let mut who = self.watch.principal().clone();
+                who.grants.push(channel.to_owned());
+                admit::resolve(&self.app, channel, &who)
+            }
+        }
+    }
+
+    /// Joins the presence channel `channel`, or reads its members, as
+    /// `presence` asks.
+    async fn presence(
+        &mut self,
+        channel: &str,
+        rule: &Rule,
+        presence: Presence,
+    ) -> Result<Option<Members>, Refusal> {
+        let tracked = rule.tracks_presence(channel);
+        match presence {
+            Presence::Join { user, info } => self.join(channel, &user, &info).await.map(Some),
+            Presence::AsUser if tracked => match self.user().map(str::to_owned) {
+                Some(user) => self.join(channel, &user, "null").await.map(Some),
+                None => Ok(None),
+            },
+            // Read only, and only for the answer: a failure to read them
+            // does not refuse the subscription.
+            Presence::Watch if tracked => Ok(self.app.members(channel).await.ok()),
+            Presence::AsUser | Presence::Watch | Presence::None => Ok(None),
+        }
     }
 
     /// The user this connection joined the presence channel `channel` as.
@@ -487,12 +600,7 @@ impl Session {
     /// Joins the presence channel `channel`, subscribed already, as `user`
     /// with `info` (JSON), and reads its members. Joining again answers
     /// the members and counts nothing twice.
-    pub(crate) async fn join(
-        &mut self,
-        channel: &str,
-        user: &str,
-        info: &str,
-    ) -> Result<Members, Refusal> {
+    async fn join(&mut self, channel: &str, user: &str, info: &str) -> Result<Members, Refusal> {
         if self.members.iter().any(|m| m.channel() == channel) {
             return self.app.members(channel).await;
         }
@@ -554,7 +662,7 @@ impl Session {
             .subs
             .channels()
             .iter()
-            .filter(|c| self.app.policy.may_subscribe(c, who).is_err())
+            .filter(|c| self.app.policy.resolve(c, who).is_err())
             .cloned()
             .collect();
         for channel in &revoked {

@@ -15,9 +15,11 @@ use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::subscriptions::Subscriptions;
+use super::Start;
 use crate::app::App;
 use crate::broker::ChannelStart;
 use crate::history::{Cursor, StreamId};
+use crate::policy::Rule;
 use crate::protocol::{wanted, Filter, Kind, Publication};
 use crate::refusal::Refusal;
 
@@ -130,16 +132,17 @@ pub(super) struct Opened {
     /// Missed messages (oldest first), or a gap notice. Send each through
     /// [`Tracker::accept`], as live messages.
     pub(super) replay: Vec<Arc<Publication>>,
-    /// For a resume (`since` given): whether everything missed was replayed.
+    /// For a resume (from a cursor): whether everything missed was replayed.
     pub(super) recovered: Option<bool>,
     /// Where this connection starts in the channel (before the replay).
     pub(super) position: Option<StreamId>,
+    /// For [`Start::LastEvent`]: whether the channel had a last event.
+    pub(super) last_event: Option<bool>,
 }
 
-/// Subscribes `channel`, resuming after `since` when given, within
-/// `budget`. `resuming` says the client is coming back (SSE
-/// `Last-Event-ID`), so a channel without history gets a gap notice: what
-/// it missed is gone. A subscribe that fails leaves a subscription the
+/// Subscribes `channel`, whose rule is `rule`, from `start`, within
+/// `budget`: one read of the channel's position and one of its history,
+/// whatever the start. A subscribe that fails leaves a subscription the
 /// connection already had as it was.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn open(
@@ -148,19 +151,17 @@ pub(super) async fn open(
     tracker: &mut Tracker,
     budget: &mut Budget,
     channel: &str,
+    rule: &Arc<Rule>,
     events: Option<Filter>,
-    since: Option<StreamId>,
-    resuming: bool,
+    start: Start,
 ) -> Result<Opened, Refusal> {
-    // `since=oldest` (`StreamId::ZERO`): every message still in history.
-    // What trimming removed before it is not a loss to this client, and a
-    // channel without history has nothing to replay.
-    let from_oldest = since == Some(StreamId::ZERO);
-    let history = app.policy.history_of(channel);
-    let since = since.filter(|_| !from_oldest || history.is_some());
-    let Some(_) = history else {
-        subs.add(channel, events, ChannelStart::default()).await?;
-        let gap = since.is_some() || resuming;
+    let Some(history) = rule.history else {
+        subs.add(channel, events, ChannelStart::default(), rule)
+            .await?;
+        // A client that had a position, or is coming back, missed what was
+        // published meanwhile; `since=oldest` asks for history, and a
+        // channel without it has nothing to replay.
+        let gap = matches!(start, Start::After(_) | Start::Returning { .. });
         if gap {
             app.metrics.gaps.inc();
         }
@@ -170,38 +171,46 @@ pub(super) async fn open(
             } else {
                 Vec::new()
             },
-            recovered: since.map(|_| false),
+            recovered: matches!(start, Start::After(_)).then_some(false),
             position: None,
+            last_event: (start == Start::LastEvent).then_some(false),
         });
     };
     // The channel's newest id: where a new listener starts, and the bound a
     // client's cursor must be within.
     let newest = app
         .broker
-        .position(channel)
+        .position(channel, history)
         .await
         .map_err(|_| Refusal::Unavailable)?;
     let existed = subs.contains(channel);
-    let start = ChannelStart {
+    let channel_start = ChannelStart {
         history: true,
         position: Some(newest),
     };
-    subs.add(channel, events.clone(), start).await?;
-    let start = match since {
+    subs.add(channel, events.clone(), channel_start, rule)
+        .await?;
+    // `since=oldest` (`StreamId::ZERO`): every message still in history.
+    // What trimming removed before it is not a loss to this client.
+    let from_oldest = matches!(start, Start::Oldest | Start::Returning { oldest: true });
+    let since = match start {
         // A cursor this channel never issued (another Redis, a restored
         // backup, a forged id): everything until now is unknown to the
         // client, and waiting for ids to catch up with it would drop every
         // live message meanwhile. Resync from now.
-        Some(since) if since > newest => {
+        Start::After(since) if since > newest => {
             tracing::debug!(%channel, %since, %newest, "cursor from the future: gap");
             return Ok(gap_at(app, tracker, channel, newest));
         }
-        Some(since) => since,
-        None => newest,
+        Start::After(since) => Some(since),
+        _ if from_oldest => Some(StreamId::ZERO),
+        Start::LastEvent => newest.before(),
+        _ => None,
     };
+    let from = since.unwrap_or(newest);
     // One more than the budget allows, to tell "all of it" from "more".
     let fetch = budget.messages.saturating_add(1);
-    let recovery = match app.broker.recover(channel, start, fetch).await {
+    let recovery = match app.broker.recover(channel, history, from, fetch).await {
         Ok(recovery) => recovery,
         Err(_) => {
             if !existed {
@@ -210,19 +219,25 @@ pub(super) async fn open(
             return Err(Refusal::Unavailable);
         }
     };
-    tracker.last.insert(channel.to_owned(), start);
+    // A cache channel's last event is the newest id, when history still
+    // holds it (a channel that never had one reports a position just
+    // before now). Anything after it came since, and is replayed too.
+    let last_event = (start == Start::LastEvent)
+        .then(|| recovery.entries.first().map(|(id, _)| *id) == Some(newest));
+    let position = match last_event {
+        Some(false) => newest,
+        _ => from,
+    };
+    tracker.last.insert(channel.to_owned(), position);
 
     // Delivered through the connection's tracker like live messages, so
     // the position advances as each one is actually sent.
-    let event_field = app.policy.event_field_of(channel);
-    let replay: Vec<_> = recovery
-        .entries
-        .iter()
-        .map(|(id, payload)| Publication::message(channel, Some(*id), payload, event_field))
-        .filter(|p| wanted(events.as_ref(), p))
-        .map(Arc::new)
-        .collect();
+    let replay = replayed(channel, rule, &events, &recovery.entries);
     let fits = recovery.entries.len() < fetch && budget.take(&replay);
+    let cursor = matches!(
+        start,
+        Start::After(_) | Start::Oldest | Start::Returning { oldest: true }
+    );
     if (recovery.gap && !from_oldest) || !fits {
         // The client resyncs: only what comes after the channel's newest
         // message is still to be delivered.
@@ -231,16 +246,34 @@ pub(super) async fn open(
             .last()
             .map_or(newest, |(id, _)| (*id).max(newest));
         return Ok(Opened {
-            recovered: since.map(|_| false),
+            recovered: cursor.then_some(false),
+            last_event: last_event.map(|_| false),
             ..gap_at(app, tracker, channel, newest)
         });
     }
     app.metrics.recovered_messages.inc_by(replay.len() as u64);
     Ok(Opened {
         replay,
-        recovered: since.map(|_| true),
-        position: Some(start),
+        recovered: cursor.then_some(true),
+        position: Some(position),
+        last_event,
     })
+}
+
+/// History entries as the publications a subscriber replays, keeping only
+/// the events it asked for.
+fn replayed(
+    channel: &str,
+    rule: &Rule,
+    events: &Option<Filter>,
+    entries: &[(StreamId, Vec<u8>)],
+) -> Vec<Arc<Publication>> {
+    entries
+        .iter()
+        .map(|(id, payload)| Publication::message(channel, Some(*id), payload, &rule.event_field))
+        .filter(|p| wanted(events.as_ref(), p))
+        .map(Arc::new)
+        .collect()
 }
 
 /// A `gap` for `channel`, this connection resuming after `newest`.
@@ -251,6 +284,7 @@ fn gap_at(app: &App, tracker: &mut Tracker, channel: &str, newest: StreamId) -> 
         replay: vec![Arc::new(Publication::gap(channel))],
         recovered: Some(false),
         position: Some(newest),
+        last_event: None,
     }
 }
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use super::queue::ConnId;
 use crate::broker::ChannelStart;
 use crate::hub::{Hub, Sink};
+use crate::policy::Rule;
 use crate::protocol::Filter;
 use crate::refusal::Refusal;
 
@@ -51,9 +52,10 @@ impl Subscriptions {
         channel: &str,
         events: Option<Filter>,
         start: ChannelStart,
+        rule: &Arc<Rule>,
     ) -> Result<(), Refusal> {
         self.hub
-            .subscribe(channel, self.id, &self.sink, events, start)
+            .subscribe(channel, self.id, &self.sink, events, start, rule)
             .await?;
         if !self.contains(channel) {
             self.channels.push(channel.to_owned());

@@ -22,14 +22,15 @@ use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 
 use crate::app::{App, ConnInfo};
-use crate::history::{Cursor, StreamId};
+use crate::history::Cursor;
 use crate::http::{rejected, Body, StreamQuery};
 use crate::link::{Gone, HandoffBody, Link, Out};
 use crate::metrics::Transport;
 use crate::origin::add_cors;
 use crate::protocol::{sse, Encoding, Publication};
 use crate::refusal::Refusal;
-use crate::session::{admit, Event, Session, Wire};
+use crate::session::Request as Subscription;
+use crate::session::{admit, Event, Session, Start, Wire};
 
 /// Answers a `/sse` request: an error status, or an endless event stream.
 pub(crate) async fn handle<B>(app: Arc<App>, req: Request<B>, info: ConnInfo) -> Response<Body> {
@@ -76,13 +77,19 @@ async fn open<B>(
     };
     let mut session = Session::open(Arc::clone(&app), admission, wire);
     for channel in &query.channels {
-        let since = cursor
-            .as_ref()
-            .and_then(|c| c.0.get(channel).copied())
-            .or(query.from_oldest.then_some(StreamId::ZERO));
-        let resuming = cursor.is_some();
-        let events = query.events.clone();
-        session.subscribe(channel, events, since, resuming).await?;
+        let oldest = query.from_oldest;
+        let start = match cursor.as_ref().map(|c| c.0.get(channel)) {
+            Some(Some(since)) => Start::After(*since),
+            Some(None) => Start::Returning { oldest },
+            None if oldest => Start::Oldest,
+            None => Start::Now,
+        };
+        let request = Subscription {
+            events: query.events.clone(),
+            start,
+            ..Subscription::new(channel.as_str())
+        };
+        session.subscribe(request).await?;
     }
     let span = session.span();
     span.in_scope(|| tracing::debug!(channels = ?query.channels, resumed = cursor.is_some(), "sse stream opened"));

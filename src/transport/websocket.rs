@@ -1,24 +1,37 @@
-//! A WebSocket connection after its handshake, for every protocol spoken
-//! over WebSocket (crier's own `/ws`, Pusher's `/app/{key}`): the upgrade,
-//! the socket taken out of hyper, control frames answered as RFC 6455
-//! asks, and the closing handshake. The protocols see text messages.
+//! The WebSocket driver: one connection loop for every wire protocol
+//! spoken over WebSocket (crier's own `/ws`, Pusher's `/app/{key}`).
+//!
+//! The driver owns the upgrade, the socket taken out of hyper, the
+//! connection's [`Session`] and its loop: publications written in batches
+//! (or by the hub directly), control frames answered as RFC 6455 asks, the
+//! command rate, the heartbeat and idle clocks, the drain, and the closing
+//! handshake. A protocol is a [`Protocol`]: how a publication looks as a
+//! frame, what to do with a text message, and what to tell a client that
+//! is refused or must go. Adding one is one file (docs/architecture.md).
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::net::SocketAddr;
+
+use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use hyper_tungstenite::tungstenite::handshake::derive_accept_key;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tracing::Instrument;
 
 use crate::app::App;
 use crate::fdlimit::Slot;
 use crate::http::{full, rejected, Body};
-use crate::link::{Gone, Link};
+pub(crate) use crate::link::Gone;
+use crate::link::Link;
+use crate::metrics::Transport;
 use crate::protocol::Publication;
 use crate::refusal::Refusal;
-use crate::session::Session;
+use crate::session::{Admission, Event, Session, Verdict, Wire};
 use crate::stall::StallGuard;
 pub(crate) use crate::transport::rfc6455::CloseCode;
 use crate::transport::rfc6455::{self, Error, Frame, Reader};
@@ -98,9 +111,9 @@ fn accept_key<B>(req: &Request<B>) -> Result<HeaderValue, &'static str> {
     HeaderValue::from_str(&derive_accept_key(key.as_bytes())).map_err(|_| "bad Sec-WebSocket-Key")
 }
 
-/// What the client sent, for the protocol to handle.
+/// What the client sent, as the driver reads it.
 #[derive(Debug)]
-pub(crate) enum Message {
+enum Message {
     Text(String),
     Binary,
     /// A frame over the size limit: close with 1009 after saying so.
@@ -112,25 +125,39 @@ pub(crate) enum Message {
     Broken(CloseCode, &'static str),
 }
 
-/// A close to send: the code and the reason, the same for every
-/// WebSocket protocol.
-pub(crate) type Close = (CloseCode, &'static str);
+/// A close to send: the code and the reason.
+pub(crate) type Close = (CloseCode, Cow<'static, str>);
+
+/// How a connection ends: the message to send first, if any, and the
+/// close frame.
+pub(crate) type Farewell = (Option<Vec<u8>>, Close);
 
 /// A WebSocket connection: the socket's [`Link`] and the frame reader.
-pub(crate) struct WebSocket {
-    pub(crate) link: Link,
+struct WebSocket {
+    link: Link,
     reader: Reader,
 }
 
 impl WebSocket {
-    pub(crate) fn new(link: Link, max_message: usize, early: Vec<u8>) -> Self {
+    /// The socket of an upgraded connection, and what its client sent
+    /// right behind its handshake.
+    fn open(app: &App, stream: TcpStream, early: Vec<u8>) -> Self {
+        let link = Link::new(
+            stream,
+            app.config.ws.write_timeout,
+            app.metrics.slow_client_disconnects.clone(),
+        );
+        Self::new(link, app.config.limits.max_message_bytes, early)
+    }
+
+    fn new(link: Link, max_message: usize, early: Vec<u8>) -> Self {
         let mut reader = Reader::new(max_message);
         reader.buf = early;
         Self { link, reader }
     }
 
     /// Reads what the socket has; `Gone` once the client has gone.
-    pub(crate) async fn read(&mut self) -> Result<(), Gone> {
+    async fn read(&mut self) -> Result<(), Gone> {
         match self.link.socket.read(&mut self.reader.buf).await {
             Ok(n) if n > 0 => Ok(()),
             _ => Err(Gone),
@@ -141,7 +168,7 @@ impl WebSocket {
     /// pong is written with the next flush, and flushed here). A close
     /// from the client is echoed (RFC 6455 5.5.1), and ends the
     /// connection: `Gone`.
-    pub(crate) async fn next(&mut self) -> Result<Option<Message>, Gone> {
+    async fn next(&mut self) -> Result<Option<Message>, Gone> {
         loop {
             let frame = match self.reader.next() {
                 Ok(Some(frame)) => frame,
@@ -177,12 +204,12 @@ impl WebSocket {
     }
 
     /// Buffers `text` as a text frame.
-    pub(crate) fn push(&mut self, text: &[u8]) {
+    fn push(&mut self, text: &[u8]) {
         rfc6455::encode(self.link.out.own(), rfc6455::TEXT, text);
     }
 
     /// Writes `text` as a text frame, with whatever is buffered.
-    pub(crate) async fn send(&mut self, text: &[u8]) -> Result<(), Gone> {
+    async fn send(&mut self, text: &[u8]) -> Result<(), Gone> {
         self.push(text);
         self.link.flush().await
     }
@@ -191,7 +218,7 @@ impl WebSocket {
     /// batch), each as `frame` encodes it once per publication, with one
     /// write. The frames are queued by reference, not copied: a client
     /// that stops reading holds the bytes every recipient shares.
-    pub(crate) async fn deliver(
+    async fn deliver(
         &mut self,
         session: &mut Session,
         first: Arc<Publication>,
@@ -208,7 +235,7 @@ impl WebSocket {
     }
 
     /// Sends a ping frame.
-    pub(crate) async fn ping(&mut self) -> Result<(), Gone> {
+    async fn ping(&mut self) -> Result<(), Gone> {
         rfc6455::encode(self.link.out.own(), rfc6455::PING, b"");
         self.link.flush().await
     }
@@ -218,7 +245,7 @@ impl WebSocket {
     /// the connection while the client still writes (a pong, a command),
     /// and a reset discards our close frame on its side: a browser would
     /// then report 1006 instead of our code.
-    pub(crate) async fn close(&mut self, code: CloseCode, reason: &str) {
+    async fn close(&mut self, code: CloseCode, reason: &str) {
         rfc6455::encode_close(self.link.out.own(), code, reason);
         if self.link.flush().await.is_err() {
             return;
@@ -245,4 +272,267 @@ pub(crate) fn text_frame(text: &[u8]) -> bytes::Bytes {
     let mut frame = Vec::with_capacity(text.len() + 10);
     rfc6455::encode(&mut frame, rfc6455::TEXT, text);
     bytes::Bytes::from(frame)
+}
+
+/// A wire protocol spoken over WebSocket: what its frames look like, and
+/// nothing else. The driver ([`serve`]) calls it; see the module
+/// documentation.
+pub(crate) trait Protocol: Send + 'static {
+    /// For metrics and logs.
+    const TRANSPORT: Transport;
+
+    /// A publication as one frame of this protocol. Made once per
+    /// publication and shared by every listener ([`Publication::on_wire`]):
+    /// the hub writes these bytes to idle connections directly.
+    fn frame(p: &Publication) -> Bytes;
+
+    /// The bytes a replayed publication costs on this wire: the replay
+    /// budget counts them.
+    fn replay_bytes(p: &Publication) -> usize {
+        Self::frame(p).len()
+    }
+
+    /// The connection is open: greet the client, subscribe what the
+    /// request named.
+    fn open(&mut self, conn: &mut Conn) -> impl Future<Output = Result<(), Gone>> + Send;
+
+    /// Handles one text message from the client (the driver has charged it
+    /// to the command rate).
+    fn message(
+        &mut self,
+        conn: &mut Conn,
+        text: String,
+    ) -> impl Future<Output = Result<(), Gone>> + Send;
+
+    /// A refusal the connection survives (a message too fast, a binary
+    /// frame), as the message telling the client.
+    fn refusal(&self, refusal: &Refusal) -> Vec<u8>;
+
+    /// The message telling the client its credential ends in `in_secs`,
+    /// if the protocol has one.
+    fn expiring(&self, in_secs: u64) -> Option<Vec<u8>>;
+
+    /// The protocol's own keep-alive message; `None`: a ping frame.
+    fn heartbeat(&self) -> Option<Vec<u8>>;
+
+    /// How the connection ends for `end`: the message to send first, if
+    /// any, and the close frame.
+    fn ending(&self, end: &End) -> Farewell;
+}
+
+/// Why the driver ends a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum End {
+    /// The credential expired, or its session was logged out.
+    Expired,
+    /// This instance drains: reconnect (elsewhere) after `after_ms`.
+    Reconnect {
+        /// The delay to suggest.
+        after_ms: u64,
+    },
+    /// The client fell behind: its queue overflowed.
+    Slow,
+    /// The client was silent for the idle timeout.
+    Idle,
+    /// A message over `limits.max_message_bytes`.
+    TooLong {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A frame RFC 6455 does not allow: close with this code and reason.
+    Broken(CloseCode, &'static str),
+    /// The client kept sending faster than the command rate.
+    Flooding,
+}
+
+/// An open WebSocket connection, as its protocol sees it: the session and
+/// a way to send messages.
+pub(crate) struct Conn {
+    /// The connection's session: subscriptions, credential, queue.
+    pub(crate) session: Session,
+    socket: WebSocket,
+    /// The connection's span: rare paths run in it, the delivery path
+    /// does not pay for entering it.
+    span: tracing::Span,
+}
+
+impl Conn {
+    /// The shared state the connection runs in.
+    pub(crate) fn app(&self) -> &Arc<App> {
+        self.session.app()
+    }
+
+    /// Writes `text` as a text frame, with whatever is buffered.
+    pub(crate) async fn send(&mut self, text: &[u8]) -> Result<(), Gone> {
+        self.socket.send(text).await
+    }
+
+    /// The connection's loop: returns how it ends, or `Gone` when the
+    /// socket is already unusable.
+    async fn run<P: Protocol>(&mut self, protocol: &mut P) -> Result<End, Gone> {
+        let span = self.span.clone();
+        Box::pin(protocol.open(self).instrument(span)).await?;
+        loop {
+            tokio::select! {
+                biased;
+                event = self.session.next() => match event {
+                    // Each frame is encoded once per publication, shared by
+                    // every recipient (the bytes direct writes send too).
+                    Event::Deliver(first) => {
+                        self.socket.deliver(&mut self.session, first, P::frame).await?;
+                    }
+                    Event::Expiring { in_secs } => {
+                        if let Some(text) = protocol.expiring(in_secs) {
+                            self.send(&text).await?;
+                        }
+                    }
+                    Event::Expired => return Ok(End::Expired),
+                    Event::Reconnect { after_ms } => return Ok(End::Reconnect { after_ms }),
+                    Event::Slow => return Ok(End::Slow),
+                    // A client whose queue overflowed still gets this
+                    // write, then the close saying why, unless it makes no
+                    // progress for the write timeout.
+                    Event::Flush => self.socket.link.flush().await?,
+                    Event::Heartbeat => match protocol.heartbeat() {
+                        Some(text) => self.send(&text).await?,
+                        None => self.socket.ping().await?,
+                    },
+                    Event::Idle => return Ok(End::Idle),
+                },
+                read = self.socket.read() => {
+                    read?;
+                    self.session.heard();
+                    // Boxed: a message's path (a subscribe reads Redis) is
+                    // deep and rare, and the connection's long-lived task
+                    // should not reserve room for it between messages.
+                    let span = self.span.clone();
+                    if let Some(end) = Box::pin(self.messages(protocol).instrument(span)).await? {
+                        return Ok(end);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles every complete message the client sent; returns how the
+    /// connection ends when it must.
+    async fn messages<P: Protocol>(&mut self, protocol: &mut P) -> Result<Option<End>, Gone> {
+        loop {
+            let text = match self.socket.next().await? {
+                None => return Ok(None),
+                Some(Message::TooLong { size, max }) => {
+                    return Ok(Some(End::TooLong { size, max }))
+                }
+                Some(Message::Broken(code, reason)) => return Ok(Some(End::Broken(code, reason))),
+                Some(Message::Text(text)) => Some(text),
+                Some(Message::Binary) => None,
+            };
+            match self.session.take_command() {
+                Verdict::Go => {}
+                Verdict::SlowDown => {
+                    self.send(&protocol.refusal(&Refusal::RateLimited)).await?;
+                    continue;
+                }
+                Verdict::Close => return Ok(Some(End::Flooding)),
+            }
+            match text {
+                Some(text) => protocol.message(self, text).await?,
+                None => {
+                    let refusal = Refusal::BadRequest("binary frames are not supported".into());
+                    self.send(&protocol.refusal(&refusal)).await?;
+                }
+            }
+        }
+    }
+}
+
+/// Answers a WebSocket handshake with 101 and serves protocol `P` on the
+/// socket, or, when `admitted` is a refusal, tells the client why (the
+/// message and close frame the protocol chose) and closes.
+pub(crate) fn handle<B, P>(
+    app: &Arc<App>,
+    req: Request<B>,
+    info: crate::app::ConnInfo,
+    admitted: Result<(Admission, P), Farewell>,
+) -> Response<Body>
+where
+    B: Send + 'static,
+    P: Protocol,
+{
+    let task_app = Arc::clone(app);
+    upgrade(app, req, info.slot, move |stream, early| async move {
+        let mut socket = WebSocket::open(&task_app, stream, early);
+        match admitted {
+            Ok((admission, protocol)) => {
+                serve(task_app, socket, info.peer, admission, protocol).await;
+            }
+            Err((message, (code, reason))) => {
+                tracing::info!(code = code.0, %reason, "websocket connection refused");
+                finish(&mut socket, message, code, &reason).await;
+            }
+        }
+    })
+}
+
+/// Serves one connection of protocol `P` until it closes.
+async fn serve<P: Protocol>(
+    app: Arc<App>,
+    socket: WebSocket,
+    peer: SocketAddr,
+    admission: Admission,
+    mut protocol: P,
+) {
+    let ws = &app.config.ws;
+    let wire = Wire {
+        transport: P::TRANSPORT,
+        heartbeat: ws.ping_interval,
+        idle_timeout: Some(ws.idle_timeout),
+        replay_overhead: 0,
+        replay_bytes: P::replay_bytes,
+        peer,
+    };
+    let session = Session::open(app, admission, wire);
+    session.attach(socket.link.outlet(), P::frame);
+    let span = session.span();
+    let mut conn = Conn {
+        session,
+        socket,
+        span,
+    };
+    tracing::debug!(parent: &conn.span, "websocket opened");
+    if let Ok(end) = conn.run(&mut protocol).await {
+        log_end(&conn.span, &end);
+        let (message, (code, reason)) = protocol.ending(&end);
+        tracing::debug!(parent: &conn.span, code = code.0, %reason, "closing websocket");
+        finish(&mut conn.socket, message, code, &reason).await;
+    }
+    tracing::debug!(parent: &conn.span, "websocket closed");
+}
+
+/// Sends `message`, if any, then the close frame.
+async fn finish(socket: &mut WebSocket, message: Option<Vec<u8>>, code: CloseCode, reason: &str) {
+    if let Some(message) = message {
+        if socket.send(&message).await.is_err() {
+            return;
+        }
+    }
+    socket.close(code, reason).await;
+}
+
+/// Says, in the connection's span, why it ends (a drain needs no line).
+fn log_end(span: &tracing::Span, end: &End) {
+    let _in = span.enter();
+    match end {
+        End::Expired => tracing::info!("credential ended, closing"),
+        End::Slow => tracing::info!("client too slow: queue full, closing"),
+        End::Idle => tracing::info!("client silent for too long, closing"),
+        End::TooLong { size, max } => tracing::info!(size, max, "message too large, closing"),
+        End::Broken(code, reason) => {
+            tracing::info!(code = code.0, reason, "websocket protocol error, closing");
+        }
+        End::Flooding => tracing::info!("command rate exceeded persistently, closing"),
+        End::Reconnect { .. } => {}
+    }
 }
