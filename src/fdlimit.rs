@@ -27,12 +27,12 @@ use crate::config::Config;
 /// `/proc` reads for `/metrics`, and the [`OVERFLOW`] connections that
 /// answer probes at the limit. The webhook's `max_concurrency` comes on
 /// top (see [`reserve`]).
-pub const RESERVE: u64 = 64;
+pub(crate) const RESERVE: u64 = 64;
 
 /// Connections accepted beyond the budget and answered by the minimal
 /// handler at once; more are closed as soon as they are accepted. Part of
 /// [`RESERVE`].
-pub const OVERFLOW: usize = 16;
+pub(crate) const OVERFLOW: usize = 16;
 
 /// What `RLIMIT_NOFILE` was and is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,7 +81,7 @@ pub fn raise() -> Result<Limits, String> {
 }
 
 /// Descriptors crier needs besides one per client connection.
-pub fn reserve(config: &Config) -> u64 {
+pub(crate) fn reserve(config: &Config) -> u64 {
     let webhook = config
         .auth
         .webhook

@@ -119,7 +119,7 @@ impl Cursor {
 
 /// What a channel's history holds after a position.
 #[derive(Debug, Default)]
-pub struct Recovery {
+pub(crate) struct Recovery {
     /// Messages after the position, oldest first: (id, payload).
     pub entries: Vec<(StreamId, Vec<u8>)>,
     /// Messages after the position were lost (trimmed, expired, or the
@@ -129,7 +129,7 @@ pub struct Recovery {
 
 /// Splits `\0<id>\0<payload>` (what `crier_publish` publishes) into id and
 /// payload. Anything else is a plain publication.
-pub fn split_marked(raw: &[u8]) -> (Option<StreamId>, &[u8]) {
+pub(crate) fn split_marked(raw: &[u8]) -> (Option<StreamId>, &[u8]) {
     let Some(rest) = raw.strip_prefix(b"\0") else {
         return (None, raw);
     };
@@ -148,7 +148,7 @@ pub fn split_marked(raw: &[u8]) -> (Option<StreamId>, &[u8]) {
 /// Whether `name` holds a Redis Cluster hash tag: the text between its first
 /// `{` and the first `}` after it, when not empty (what Redis hashes
 /// instead of the whole name).
-pub fn has_hash_tag(name: &str) -> bool {
+pub(crate) fn has_hash_tag(name: &str) -> bool {
     name.find('{')
         .and_then(|open| name[open + 1..].find('}'))
         .is_some_and(|len| len > 0)
@@ -156,7 +156,7 @@ pub fn has_hash_tag(name: &str) -> bool {
 
 /// Redis Cluster's slot of a key or channel name: CRC16/XMODEM of its hash
 /// tag, or of the whole name without one, modulo 16384.
-pub fn slot(key: &str) -> u16 {
+pub(crate) fn slot(key: &str) -> u16 {
     let hashed = key
         .find('{')
         .and_then(|open| {
@@ -194,7 +194,7 @@ pub fn stream_key(prefix: &str, channel: &str) -> String {
 
 /// The keys of a channel's presence (see `crier.lua`): conns, index,
 /// alive, users, info; in the channel's hash slot, as its stream is.
-pub fn presence_keys(prefix: &str, channel: &str) -> [String; 5] {
+pub(crate) fn presence_keys(prefix: &str, channel: &str) -> [String; 5] {
     let base = if has_hash_tag(&format!("{prefix}{channel}")) {
         format!("{prefix}crier:pt:{prefix}{channel}")
     } else {
@@ -224,7 +224,7 @@ pub fn legacy_stream_key(prefix: &str, channel: &str) -> String {
 ///
 /// On Redis Cluster (`sharded`) it publishes with `SPUBLISH` on the
 /// channel's own shard, where crier `SSUBSCRIBE`s.
-pub fn function_library(
+pub(crate) fn function_library(
     prefix: &str,
     rules: &[(String, Option<HistoryRule>)],
     sharded: bool,

@@ -13,15 +13,15 @@ use crate::protocol::{event_filter, Filter, MAX_EVENT_TYPES};
 use crate::refusal::Refusal;
 
 /// Every response body crier sends.
-pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+pub(crate) type Body = UnsyncBoxBody<Bytes, Infallible>;
 
 /// A complete body.
-pub fn full(bytes: impl Into<Bytes>) -> Body {
+pub(crate) fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).boxed_unsync()
 }
 
 /// A plain-text response.
-pub fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+pub(crate) fn text(status: StatusCode, body: &'static str) -> Response<Body> {
     let mut r = Response::new(full(body));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -32,7 +32,7 @@ pub fn text(status: StatusCode, body: &'static str) -> Response<Body> {
 }
 
 /// A JSON response.
-pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+pub(crate) fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     let mut r = Response::new(full(value.to_string()));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -101,7 +101,7 @@ pub const MAX_QUERY_BYTES: usize = 16 * 1024;
 
 /// Largest request head (request line and headers) crier reads: cookies and
 /// a bearer token fit; anything larger is answered 431 by hyper.
-pub const MAX_HEAD_BYTES: usize = 32 * 1024;
+pub(crate) const MAX_HEAD_BYTES: usize = 32 * 1024;
 
 /// The first `name=` parameter of `uri`'s query string, decoded: for the
 /// single values a request may carry there (`token`, `last_event_id`).
@@ -114,7 +114,7 @@ pub(crate) fn query_param(uri: &http::Uri, name: &str) -> Option<String> {
 
 /// The `since` that starts a subscription at the oldest message still in
 /// the channel's history (SSE `?since=oldest`, WebSocket `"since":"oldest"`).
-pub const OLDEST: &str = "oldest";
+pub(crate) const OLDEST: &str = "oldest";
 
 /// The channels and event filter a `/sse` or `/ws` request asks for.
 #[derive(Debug, Default, PartialEq, Eq)]

@@ -3,11 +3,13 @@
 //! of stateless instances.
 //!
 //! The data path, one module per box: `broker` → `hub` → `session` →
-//! `transport`, with [`protocol`] defining what goes over the wire, `policy`
+//! `transport`, with `protocol` defining what goes over the wire, `policy`
 //! deciding who hears what, and [`server`] assembling it all;
-//! docs/architecture.md draws the whole map. Public are only what the
-//! binary and the tests use: configuration, the server, the CLI, and the
-//! wire formats (protocol, history cursors and keys, credentials).
+//! docs/architecture.md draws the whole map. Public is only what the
+//! binary uses: [`config`], [`cli`], [`server`] and [`fdlimit`] (the
+//! open-file limit raised at start). The integration and fuzz tests reach
+//! the internals they need through one `#[doc(hidden)]` module, `testing`,
+//! which is not an API.
 
 // The compiler finds what nothing uses: every item is only as visible as
 // its users need, and everything public is documented.
@@ -15,29 +17,31 @@
 
 pub(crate) mod api;
 pub(crate) mod app;
-pub mod auth;
+pub(crate) mod auth;
 pub(crate) mod broker;
 pub mod cli;
 pub mod config;
 pub mod fdlimit;
-pub mod history;
-pub mod http;
+pub(crate) mod history;
+pub(crate) mod http;
 pub(crate) mod hub;
 pub(crate) mod lifecycle;
 pub(crate) mod limits;
 pub(crate) mod link;
-pub mod metrics;
+pub(crate) mod metrics;
 pub(crate) mod origin;
 pub(crate) mod outbound;
 pub(crate) mod policy;
 pub(crate) mod presence;
-pub mod protocol;
+pub(crate) mod protocol;
 pub(crate) mod pusher;
 pub(crate) mod redis_client;
 pub(crate) mod refusal;
 pub mod server;
 pub(crate) mod session;
 pub(crate) mod stall;
+#[doc(hidden)]
+pub mod testing;
 pub(crate) mod transport;
 
 pub use config::Config;

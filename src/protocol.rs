@@ -9,13 +9,12 @@ use hyper_tungstenite::tungstenite::Utf8Bytes;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::config::DEFAULT_EVENT_FIELD;
 use crate::history::StreamId;
 use crate::refusal::Refusal;
 
 /// One publication, parsed once and pre-encoded for both transports.
 #[derive(Debug)]
-pub struct Publication {
+pub(crate) struct Publication {
     /// The channel, without the Redis prefix.
     pub channel: String,
     /// The string at the payload's event field (`/type` unless
@@ -60,7 +59,7 @@ pub(crate) enum Encoding {
 
 /// What a publication tells the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     /// A published message.
     Message,
     /// Messages of this channel were lost (history could not cover an
@@ -75,7 +74,7 @@ pub enum Kind {
 /// A connection, fleet-wide: Pusher's `socket_id`, `<instance>.<conn>`.
 /// The instance is random per running crier (see `App::instance`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct SocketId {
+pub(crate) struct SocketId {
     /// Random per process.
     pub instance: u32,
     /// The connection within the process.
@@ -84,7 +83,7 @@ pub struct SocketId {
 
 impl SocketId {
     /// A fresh instance number: random, nine digits at most.
-    pub fn new_instance() -> u32 {
+    pub(crate) fn new_instance() -> u32 {
         rand::random::<u32>() % 1_000_000_000
     }
 }
@@ -211,15 +210,22 @@ impl Publication {
     /// The payload is embedded verbatim when it is JSON; anything else is
     /// carried as a JSON string (invalid UTF-8 replaced), so clients always
     /// get valid JSON.
-    /// Its event type is the payload's top-level `type`.
-    pub fn new(channel: &str, payload: &[u8]) -> Self {
-        Self::message(channel, None, payload, DEFAULT_EVENT_FIELD)
+    /// Its event type is the payload's top-level `type`. The unit tests'
+    /// shorthand for [`Publication::message`] without a history id.
+    #[cfg(test)]
+    pub(crate) fn new(channel: &str, payload: &[u8]) -> Self {
+        Self::message(channel, None, payload, crate::config::DEFAULT_EVENT_FIELD)
     }
 
     /// A message with its history id. Its event type is the string at
     /// `event_field`, a JSON pointer into the payload (`/type`,
     /// `/event_type`, `/meta/kind`), when there is one.
-    pub fn message(channel: &str, id: Option<StreamId>, payload: &[u8], event_field: &str) -> Self {
+    pub(crate) fn message(
+        channel: &str,
+        id: Option<StreamId>,
+        payload: &[u8],
+        event_field: &str,
+    ) -> Self {
         if payload.starts_with(ENVELOPE_HEAD.as_bytes()) {
             if let Ok(envelope) = serde_json::from_slice::<Envelope<'_>>(payload) {
                 return Self::enveloped(channel, id, envelope);
@@ -306,7 +312,7 @@ impl Publication {
     }
 
     /// The notice that messages of `channel` were lost.
-    pub fn gap(channel: &str) -> Self {
+    pub(crate) fn gap(channel: &str) -> Self {
         let mut env = Vec::with_capacity(channel.len() + 32);
         env.extend_from_slice(br#"{"type":"gap","channel":"#);
         push_json_string(&mut env, channel);
@@ -354,7 +360,7 @@ impl Publication {
 
     /// The `id:` line (and blank line) of a stream whose cursor holds only
     /// this channel, at this message.
-    pub fn single_cursor_line(&self) -> Bytes {
+    pub(crate) fn single_cursor_line(&self) -> Bytes {
         self.single_cursor
             .get_or_init(|| {
                 let mut cursor = crate::history::Cursor::default();
@@ -368,7 +374,7 @@ impl Publication {
 
     /// The SSE event without its final blank line, for writers that append
     /// an `id:` line (a zero-copy slice).
-    pub fn sse_open(&self) -> Bytes {
+    pub(crate) fn sse_open(&self) -> Bytes {
         self.sse.slice(..self.sse.len().saturating_sub(1))
     }
 }
@@ -377,7 +383,7 @@ impl Publication {
 /// EventSource's own (`error` and `open` would fire its built-in
 /// `onerror` and `onopen`, `message` is what an unnamed event is and
 /// fires `onmessage`) and crier's own notices on SSE.
-pub const RESERVED_SSE_EVENTS: [&str; 8] = [
+pub(crate) const RESERVED_SSE_EVENTS: [&str; 8] = [
     "error", "open", "message", "gap", "expiring", "expired", "join", "leave",
 ];
 /// What a reserved name is sent as: `app.error`, listenable with
@@ -403,7 +409,7 @@ fn sse_name(kind: Kind, event: Option<&str>) -> Option<std::borrow::Cow<'_, str>
 /// them — at CRLF, LF *or a bare CR* — so no byte of the data can end a
 /// field early. (The data is JSON, where a CR or LF can only be whitespace
 /// between tokens: rejoining with `\n` keeps its meaning.)
-pub fn sse_event(event: Option<&str>, data: &[u8]) -> Bytes {
+pub(crate) fn sse_event(event: Option<&str>, data: &[u8]) -> Bytes {
     let mut out = BytesMut::with_capacity(data.len() + 32);
     if let Some(event) = event {
         // A line break in the name would end the field early: drop them.
@@ -469,7 +475,7 @@ pub const MAX_EVENT_TYPE_LEN: usize = 128;
 /// The event types a client asked for (`events=a,b` or a subscribe's
 /// `events`), shared by every channel of a request rather than copied into
 /// each, and bounded so no request can make crier hold much for it.
-pub type Filter = std::sync::Arc<[String]>;
+pub(crate) type Filter = std::sync::Arc<[String]>;
 
 /// Builds a [`Filter`]; the error is the reason a client is told.
 pub fn event_filter(names: Vec<String>) -> Result<Filter, String> {
@@ -550,7 +556,7 @@ pub(crate) mod sse {
 
 /// Server replies, encoded as text frames. These are per-connection and rare,
 /// so building them with `json!` is fine.
-pub mod reply {
+pub(crate) mod reply {
     use super::*;
 
     fn with_id(mut v: Value, id: &Option<Value>) -> String {
@@ -561,14 +567,14 @@ pub mod reply {
     }
 
     /// First frame on every connection.
-    pub fn welcome(conn: u64) -> String {
+    pub(crate) fn welcome(conn: u64) -> String {
         json!({"type": "welcome", "conn": conn.to_string(), "version": crate::VERSION}).to_string()
     }
 
     /// A subscription is live. `recovered` answers a `since`: whether
     /// everything after it was delivered (false: a `gap` follows).
     /// `position` is where a later `since` may resume from.
-    pub fn subscribed(
+    pub(crate) fn subscribed(
         channel: &str,
         recovered: Option<bool>,
         position: Option<StreamId>,
@@ -585,13 +591,13 @@ pub mod reply {
     }
 
     /// A subscription ended at the client's request.
-    pub fn unsubscribed(channel: &str, id: &Option<Value>) -> String {
+    pub(crate) fn unsubscribed(channel: &str, id: &Option<Value>) -> String {
         with_id(json!({"type": "unsubscribed", "channel": channel}), id)
     }
 
     /// A subscription ended by crier: the connection's credential no
     /// longer grants the channel.
-    pub fn revoked(channel: &str, reason: &str) -> String {
+    pub(crate) fn revoked(channel: &str, reason: &str) -> String {
         json!({"type": "unsubscribed", "channel": channel, "reason": reason}).to_string()
     }
 
@@ -622,7 +628,7 @@ pub mod reply {
     }
 
     /// Answer to `ping`.
-    pub fn pong(id: &Option<Value>) -> String {
+    pub(crate) fn pong(id: &Option<Value>) -> String {
         with_id(json!({"type": "pong"}), id)
     }
 
@@ -636,12 +642,12 @@ pub mod reply {
     }
 
     /// The credential ends in `in_secs`: send a fresh one with `auth`.
-    pub fn expiring(in_secs: u64) -> String {
+    pub(crate) fn expiring(in_secs: u64) -> String {
         json!({"type": "expiring", "in_secs": in_secs}).to_string()
     }
 
     /// An `auth` command was accepted.
-    pub fn authenticated(
+    pub(crate) fn authenticated(
         user: Option<&str>,
         expires_in: Option<u64>,
         id: &Option<Value>,
@@ -653,7 +659,7 @@ pub mod reply {
     }
 
     /// This instance is draining: reconnect after `after_ms`.
-    pub fn reconnect(after_ms: u64) -> String {
+    pub(crate) fn reconnect(after_ms: u64) -> String {
         json!({"type": "reconnect", "after_ms": after_ms}).to_string()
     }
 }
@@ -661,6 +667,7 @@ pub mod reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DEFAULT_EVENT_FIELD;
 
     fn envelope(p: &Publication) -> Value {
         serde_json::from_str(p.frame.as_str()).expect("envelope is JSON")

@@ -14,12 +14,12 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crier::auth::{Authenticator, CookieStore, JwtVerifier};
 use crier::config::{Config, JwtConfig, SessionConfig};
-use crier::history::{Cursor, StreamId};
-use crier::http::{StreamQuery, MAX_QUERY_BYTES};
-use crier::metrics::Metrics;
-use crier::protocol::{event_filter, Command, MAX_EVENT_TYPES, MAX_EVENT_TYPE_LEN};
+use crier::testing::auth::{Authenticator, CookieStore, JwtVerifier};
+use crier::testing::history::{Cursor, StreamId};
+use crier::testing::http::{StreamQuery, MAX_QUERY_BYTES};
+use crier::testing::metrics::Metrics;
+use crier::testing::protocol::{event_filter, Command, MAX_EVENT_TYPES, MAX_EVENT_TYPE_LEN};
 use http::{HeaderMap, HeaderValue};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use proptest::prelude::*;
@@ -230,7 +230,7 @@ fn session_cookies_accept_only_genuine_signatures() {
     let sign = |id: &str, secret: &str| {
         let signed = format!(
             "s:{id}.{}",
-            crier::auth::cookie::express_signature(id, secret)
+            crier::testing::auth::express_signature(id, secret)
         );
         percent_encoding::utf8_percent_encode(&signed, percent_encoding::NON_ALPHANUMERIC)
             .to_string()
@@ -245,7 +245,7 @@ fn session_cookies_accept_only_genuine_signatures() {
         let forged = headers(&format!("connect.sid={}", sign(&id, "another secret"))).expect("ascii");
         prop_assert!(matches!(store.session_id(&forged), Some(Err(_))));
         // One character of the signature changed.
-        let mut tampered = crier::auth::cookie::express_signature(&id, "fuzz secret").into_bytes();
+        let mut tampered = crier::testing::auth::express_signature(&id, "fuzz secret").into_bytes();
         let i = flip % tampered.len();
         tampered[i] = if tampered[i] == b'A' { b'B' } else { b'A' };
         let tampered = format!("s:{id}.{}", String::from_utf8(tampered).expect("ascii"));

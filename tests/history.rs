@@ -232,7 +232,12 @@ async fn gaps_and_bad_cursors() {
         redis.fcall_publish(&ch, &format!(r#"{{"n":{n}}}"#)).await;
     }
     redis
-        .cli(&["XTRIM", &crier::history::stream_key("", &ch), "MAXLEN", "2"])
+        .cli(&[
+            "XTRIM",
+            &crier::testing::history::stream_key("", &ch),
+            "MAXLEN",
+            "2",
+        ])
         .await;
     let mut ws = WsClient::connect(&crier.ws("/ws")).await;
     ws.recv_type("welcome", WAIT).await;
@@ -463,7 +468,7 @@ async fn redis_restart_reloads_the_library_without_a_false_alarm() {
 async fn history_written_before_the_key_change_is_still_replayed() {
     let redis = RedisServer::start().await;
     let channel = unique("hist:upgrade");
-    let legacy = crier::history::legacy_stream_key("", &channel);
+    let legacy = crier::testing::history::legacy_stream_key("", &channel);
     // What crier < 0.2's crier_publish stored.
     let old_id = |n: u32| format!("{}-0", 1_000 + n);
     for n in 1..=3 {
@@ -477,7 +482,7 @@ async fn history_written_before_the_key_change_is_still_replayed() {
         .await
         .expect("id");
     let cursor = {
-        let mut c = crier::history::Cursor::default();
+        let mut c = crier::testing::history::Cursor::default();
         c.0.insert(channel.clone(), old_id(1).parse().expect("id"));
         c.encode()
     };
@@ -508,7 +513,7 @@ async fn a_resuming_subscribe_reads_position_and_history_once() {
         .fcall_publish(&channel, r#"{"n":2}"#)
         .await
         .expect("id");
-    let key = crier::history::stream_key("", &channel);
+    let key = crier::testing::history::stream_key("", &channel);
 
     let mut monitor = tokio::process::Command::new("redis-cli")
         .args([
@@ -584,7 +589,7 @@ async fn a_message_the_subscription_skipped_is_recovered_in_order() {
     // lapsed subscription misses.
     let (ms, seq) = first.split_once('-').expect("an id");
     let missed = format!("{ms}-{}", seq.parse::<u64>().expect("seq") + 1);
-    let key = crier::history::stream_key("", &channel);
+    let key = crier::testing::history::stream_key("", &channel);
     redis.cli(&["XADD", &key, &missed, "d", r#"{"n":2}"#]).await;
     redis
         .fcall_publish(&channel, r#"{"n":3}"#)
@@ -631,7 +636,7 @@ async fn a_resume_on_a_full_redis_starts_with_the_http_head_every_time() {
     }
     assert!(refused > 0, "Redis filled up and refused writes (OOM)");
 
-    let mut cursor = crier::history::Cursor::default();
+    let mut cursor = crier::testing::history::Cursor::default();
     cursor.0.insert(ch.clone(), "1-0".parse().expect("id"));
     let request = format!(
         "GET /sse?channel={ch}&last_event_id={} HTTP/1.1\r\nhost: crier\r\n\
@@ -718,7 +723,7 @@ async fn a_resume_within_max_replay_bytes_is_replayed_whole_on_ws_and_sse() {
         );
     }
 
-    let mut cursor = crier::history::Cursor::default();
+    let mut cursor = crier::testing::history::Cursor::default();
     cursor.0.insert(ch.clone(), since.parse().expect("id"));
     let mut sse = sse::connect(
         &crier.sse_url(&[&ch]),

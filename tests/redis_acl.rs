@@ -127,7 +127,7 @@ async fn the_documented_acl_user_runs_everything_without_a_denial() {
     );
 
     // An app limited like crier passes the stream key as the key.
-    let key = crier::history::stream_key("", &hist);
+    let key = crier::testing::history::stream_key("", &hist);
     let id = redis
         .cli(&[
             "--user",

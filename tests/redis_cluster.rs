@@ -88,7 +88,7 @@ async fn every_shard_relays_and_resumes_across_instances() {
 
     let mut sent = Vec::new();
     for (i, channel) in hist.iter().enumerate() {
-        let key = crier::history::stream_key("", channel);
+        let key = crier::testing::history::stream_key("", channel);
         let id = cluster
             .app(&[
                 "FCALL",
@@ -259,7 +259,7 @@ async fn recorded_client(
 
 /// The ids of `channel`'s history as the shard that owns it now holds it.
 async fn stored_ids(cluster: &RedisCluster, channel: &str) -> Vec<String> {
-    let key = crier::history::stream_key("", channel);
+    let key = crier::testing::history::stream_key("", channel);
     cluster
         .app(&["XRANGE", &key, "-", "+"])
         .await

@@ -87,7 +87,7 @@ fn publisher(
 ) -> (tokio::task::JoinHandle<()>, watch::Receiver<u32>) {
     let (tx, rx) = watch::channel(0);
     let task = tokio::spawn(async move {
-        let key = crier::history::stream_key("", &channel);
+        let key = crier::testing::history::stream_key("", &channel);
         let mut conn;
         for n in 1..=count {
             loop {
@@ -227,7 +227,7 @@ async fn a_sentinel_failover_loses_nothing() {
         new_primary,
         &[
             "XRANGE",
-            &crier::history::stream_key("", &channel),
+            &crier::testing::history::stream_key("", &channel),
             "-",
             "+",
         ],

@@ -39,7 +39,7 @@ use crate::metrics::Metrics;
 use crate::outbound::Client;
 
 /// The shortest refresh period a `max-age` can ask for.
-pub const MIN_REFRESH: Duration = Duration::from_secs(10);
+pub(crate) const MIN_REFRESH: Duration = Duration::from_secs(10);
 /// How soon a failed fetch is tried again (unless `jwks_refresh` is
 /// shorter).
 const RETRY: Duration = Duration::from_secs(30);

@@ -17,11 +17,11 @@ use tokio::time::{Instant, Interval};
 use crate::config::Config;
 use crate::metrics::Metrics;
 
-pub mod cookie;
-pub mod jwks;
+pub(crate) mod cookie;
+pub(crate) mod jwks;
 mod jwt;
 mod time;
-pub mod webhook;
+pub(crate) mod webhook;
 
 pub use cookie::CookieStore;
 pub use jwt::JwtVerifier;
@@ -311,7 +311,7 @@ impl Authenticator {
 
 /// What a connection must do about its credential.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AuthEvent {
+pub(crate) enum AuthEvent {
     /// The credential ends in `in_secs` seconds: the client should refresh.
     Expiring {
         /// Seconds left.
@@ -323,7 +323,7 @@ pub enum AuthEvent {
 
 /// Follows one connection's credential: its expiry, and for session logins
 /// a periodic re-read of the session (so a logout ends the connection).
-pub struct Watch {
+pub(crate) struct Watch {
     auth: Arc<Authenticator>,
     principal: Principal,
     notified: bool,
@@ -339,7 +339,7 @@ type SessionRead =
 
 impl Watch {
     /// Starts watching `principal`.
-    pub fn new(auth: Arc<Authenticator>, principal: Principal) -> Self {
+    pub(crate) fn new(auth: Arc<Authenticator>, principal: Principal) -> Self {
         let mut watch = Self {
             auth,
             principal: Principal::default(),
@@ -352,12 +352,12 @@ impl Watch {
     }
 
     /// The current principal.
-    pub fn principal(&self) -> &Principal {
+    pub(crate) fn principal(&self) -> &Principal {
         &self.principal
     }
 
     /// A fresh credential (WebSocket `auth`): the clock starts again.
-    pub fn replace(&mut self, principal: Principal) {
+    pub(crate) fn replace(&mut self, principal: Principal) {
         let every = match (&principal.session, &self.auth.session, &self.auth.webhook) {
             (Some(SessionRef::Store(_)), Some(store), _) => Some(store.recheck()),
             (Some(SessionRef::Webhook(_)), _, Some(hook)) => Some(hook.recheck()),
@@ -375,7 +375,7 @@ impl Watch {
 
     /// Resolves at the next thing the connection must act on; pending
     /// forever for an anonymous or never-expiring credential.
-    pub async fn next(&mut self) -> AuthEvent {
+    pub(crate) async fn next(&mut self) -> AuthEvent {
         if self.principal.expires_at.is_none() && self.recheck.is_none() {
             return std::future::pending().await;
         }

@@ -75,7 +75,7 @@ struct Slot {
 }
 
 /// See the module documentation.
-pub struct Webhook {
+pub(crate) struct Webhook {
     url: url::Url,
     config: WebhookConfig,
     forward_headers: Vec<HeaderName>,
@@ -87,7 +87,7 @@ pub struct Webhook {
 
 impl Webhook {
     /// From `[auth.webhook]`; the error names the field.
-    pub fn new(config: &WebhookConfig, metrics: Metrics) -> Result<Self, String> {
+    pub(crate) fn new(config: &WebhookConfig, metrics: Metrics) -> Result<Self, String> {
         let url = url::Url::parse(&config.url)
             .map_err(|e| format!("auth.webhook.url: `{}` is not a URL: {e}", config.url))?;
         if !matches!(url.scheme(), "http" | "https") {
@@ -125,19 +125,19 @@ impl Webhook {
 
     /// How often an open connection asks again: every half `recheck`,
     /// taking answers no older than that (see [`Webhook::recheck_now`]).
-    pub fn recheck(&self) -> Duration {
+    pub(crate) fn recheck(&self) -> Duration {
         self.config.recheck / 2
     }
 
     /// Whether the webhook is asked for requests bearing a token
     /// (`Authorization` is forwarded).
-    pub fn takes_bearer(&self) -> bool {
+    pub(crate) fn takes_bearer(&self) -> bool {
         self.forward_headers.contains(&http::header::AUTHORIZATION)
     }
 
     /// The credential a request brings, if it carries any of the forwarded
     /// cookies or headers.
-    pub fn credential(&self, headers: &HeaderMap, ip: IpAddr) -> Option<Credential> {
+    pub(crate) fn credential(&self, headers: &HeaderMap, ip: IpAddr) -> Option<Credential> {
         let cookies: Vec<String> = self
             .config
             .forward_cookies
@@ -177,14 +177,17 @@ impl Webhook {
 
     /// Who `credential` is: from the cache, or from the app (one call for
     /// every lookup of it meanwhile).
-    pub async fn identify(&self, credential: Arc<Credential>) -> Result<Principal, Failure> {
+    pub(crate) async fn identify(&self, credential: Arc<Credential>) -> Result<Principal, Failure> {
         self.lookup(credential, None).await
     }
 
     /// Asks again for an open connection: an answer at most half
     /// `recheck` old, or a new call (or the one in flight). Rechecks come
     /// every half `recheck`, so a logout is seen within `recheck`.
-    pub async fn recheck_now(&self, credential: Arc<Credential>) -> Result<Principal, Failure> {
+    pub(crate) async fn recheck_now(
+        &self,
+        credential: Arc<Credential>,
+    ) -> Result<Principal, Failure> {
         self.lookup(credential, Some(self.config.recheck / 2)).await
     }
 
