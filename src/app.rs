@@ -50,6 +50,28 @@ pub(crate) struct App {
     pub presence: crate::presence::Presence,
     /// The Pusher apps served, by key and by id.
     pub pusher: crate::pusher::Apps,
+    /// One more WebSocket protocol served, for a test (see
+    /// [`crate::testing`]).
+    pub mount: Option<Mount>,
+}
+
+/// Answers one request.
+pub(crate) type Handler = fn(
+    Arc<App>,
+    http::Request<hyper::body::Incoming>,
+    ConnInfo,
+) -> std::pin::Pin<
+    Box<dyn std::future::Future<Output = http::Response<crate::http::Body>> + Send>,
+>;
+
+/// A WebSocket protocol served on one more path: how a test runs a
+/// protocol of its own on the driver.
+#[derive(Clone, Copy)]
+pub(crate) struct Mount {
+    /// The path it answers, exactly.
+    pub(crate) path: &'static str,
+    /// Answers a request for it.
+    pub(crate) handle: Handler,
 }
 
 impl App {
@@ -87,6 +109,7 @@ impl App {
             instance,
             presence: crate::presence::Presence::new(instance),
             pusher: crate::pusher::Apps::new(&config.pusher.apps),
+            mount: None,
             config,
         }
     }

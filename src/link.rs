@@ -50,7 +50,7 @@ const MAX_SLICES: usize = 64;
 /// The connection is gone, or must be treated as gone (the client closed
 /// it, it failed, or the client stopped reading): stop at once.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Gone;
+pub struct Gone;
 
 /// See the module documentation.
 pub(crate) struct Link {

@@ -14,7 +14,7 @@ use crate::refusal::Refusal;
 
 /// One publication, parsed once and pre-encoded for both transports.
 #[derive(Debug)]
-pub(crate) struct Publication {
+pub struct Publication {
     /// The channel, without the Redis prefix.
     pub channel: String,
     /// The string at the payload's event field (`/type` unless
@@ -23,21 +23,21 @@ pub(crate) struct Publication {
     /// Its position in the channel's history, when the channel keeps one.
     pub id: Option<StreamId>,
     /// A message, or the notice that messages were lost.
-    pub kind: Kind,
+    pub(crate) kind: Kind,
     /// The envelope JSON: the WebSocket text frame, as is. Its `data` is
     /// its last field: the data is `frame[data_at..len - 1]`.
-    pub frame: Utf8Bytes,
+    pub(crate) frame: Utf8Bytes,
     /// Where the data starts in `frame`.
     data_at: usize,
     /// A connection that must not get it (the Pusher sender's
     /// `socket_id`): see [`Envelope`].
-    pub exclude: Option<SocketId>,
+    pub(crate) exclude: Option<SocketId>,
     /// Who sent it, for client events on a presence channel.
-    pub user_id: Option<Box<str>>,
+    pub(crate) user_id: Option<Box<str>>,
     /// The complete SSE event (`event:` and `data:` lines, blank line).
     /// With an id, the writer sends all but the last byte, then its own
     /// `id: <cursor>` line and the blank line.
-    pub sse: Bytes,
+    pub(crate) sse: Bytes,
     /// `id: <cursor>` + blank line for a stream whose only history channel
     /// is this one: encoded once, on first use, and shared.
     single_cursor: std::sync::OnceLock<Bytes>,
@@ -294,7 +294,7 @@ impl Publication {
     }
 
     /// The data as its JSON text.
-    pub(crate) fn data(&self) -> &str {
+    pub fn data(&self) -> &str {
         let frame: &str = &self.frame;
         frame
             .get(self.data_at..frame.len().saturating_sub(1))
@@ -475,7 +475,7 @@ pub const MAX_EVENT_TYPE_LEN: usize = 128;
 /// The event types a client asked for (`events=a,b` or a subscribe's
 /// `events`), shared by every channel of a request rather than copied into
 /// each, and bounded so no request can make crier hold much for it.
-pub(crate) type Filter = std::sync::Arc<[String]>;
+pub type Filter = std::sync::Arc<[String]>;
 
 /// Builds a [`Filter`]; the error is the reason a client is told.
 pub fn event_filter(names: Vec<String>) -> Result<Filter, String> {

@@ -8,7 +8,7 @@ use std::borrow::Cow;
 
 /// See the module documentation.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Refusal {
+pub enum Refusal {
     /// The request or command itself is wrong; the text says how.
     BadRequest(String),
     /// Missing or refused credentials; the text is the machine-readable
@@ -74,7 +74,7 @@ impl Refusal {
     }
 
     /// What the client is told, for a person reading it.
-    pub(crate) fn reason(&self) -> Cow<'static, str> {
+    pub fn reason(&self) -> Cow<'static, str> {
         match self {
             Refusal::BadRequest(text) | Refusal::TooLarge(text) => Cow::Owned(text.clone()),
             Refusal::Unauthorized(reason) | Refusal::Forbidden(reason) => Cow::Borrowed(reason),

@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::app::{App, ConnInfo};
+use crate::app::{App, ConnInfo, Mount};
 use crate::auth::Authenticator;
 use crate::broker::Broker;
 use crate::config::{Config, ConfigError};
@@ -148,13 +148,23 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
-    launch(config, parts, listener)
+    launch(config, parts, listener, None)
 }
 
 /// Serves on an already bound listener.
 pub fn serve(config: Config, listener: TcpListener) -> anyhow::Result<Running> {
+    serve_mounted(config, listener, None)
+}
+
+/// Serves on an already bound listener, with one more WebSocket protocol
+/// (for a test: see [`crate::testing`]).
+pub(crate) fn serve_mounted(
+    config: Config,
+    listener: TcpListener,
+    mount: Option<Mount>,
+) -> anyhow::Result<Running> {
     let parts = Parts::build(&config)?;
-    launch(config, parts, listener)
+    launch(config, parts, listener, mount)
 }
 
 /// The shared state of a crier: hub, broker (started, with its tasks and
@@ -164,6 +174,7 @@ fn assemble(
     parts: Parts,
     background: &TaskTracker,
     stop_background: &CancellationToken,
+    mount: Option<Mount>,
 ) -> anyhow::Result<Arc<App>> {
     let Parts {
         metrics,
@@ -188,17 +199,22 @@ fn assemble(
         stop_background.clone(),
     )?;
     background.spawn(Arc::clone(&hub).sweep_until(stop_background.clone()));
-    Ok(Arc::new(App::new(
-        config, hub, broker, policy, auth, origins, metrics,
-    )))
+    let mut app = App::new(config, hub, broker, policy, auth, origins, metrics);
+    app.mount = mount;
+    Ok(Arc::new(app))
 }
 
-fn launch(config: Config, parts: Parts, listener: TcpListener) -> anyhow::Result<Running> {
+fn launch(
+    config: Config,
+    parts: Parts,
+    listener: TcpListener,
+    mount: Option<Mount>,
+) -> anyhow::Result<Running> {
     let addr = listener.local_addr()?;
     // Background parts (broker, sweeper) stop after every client has left.
     let background = TaskTracker::new();
     let stop_background = CancellationToken::new();
-    let app = assemble(config, parts, &background, &stop_background)?;
+    let app = assemble(config, parts, &background, &stop_background, mount)?;
     let config = &app.config;
     let redis = crate::broker::describe(&config.redis);
     // Where a browser on this machine finds the demo page.
@@ -579,6 +595,13 @@ async fn route(app: Arc<App>, req: Request<Incoming>, info: ConnInfo) -> Respons
         ),
         (&Method::POST, "/api/publish") => Box::pin(crate::api::publish(app, req, info)).await,
         (&Method::GET, "/api/presence") => Box::pin(crate::api::presence(app, req, info)).await,
+        (&Method::GET, path) if app.mount.is_some_and(|m| m.path == path) => {
+            let handle = app.mount.map(|m| m.handle);
+            match handle {
+                Some(handle) => handle(app, req, info).await,
+                None => text(StatusCode::NOT_FOUND, "not found\n"),
+            }
+        }
         (&Method::GET, path) if path.starts_with("/app/") && !app.pusher.is_empty() => {
             let key = path["/app/".len()..].to_owned();
             Box::pin(crate::transport::pusher::handle(app, req, info, &key)).await
@@ -853,7 +876,7 @@ mod rule_walks {
         let background = TaskTracker::new();
         let stop = CancellationToken::new();
         let parts = Parts::build(&config).expect("parts");
-        let app = assemble(config, parts, &background, &stop).expect("app");
+        let app = assemble(config, parts, &background, &stop, None).expect("app");
         let uri: http::Uri = "/ws".parse().expect("uri");
         let peer: SocketAddr = "127.0.0.1:1".parse().expect("addr");
         let headers = http::HeaderMap::new();

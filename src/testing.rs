@@ -29,3 +29,53 @@ pub mod metrics {
 pub mod protocol {
     pub use crate::protocol::{event_filter, Command, MAX_EVENT_TYPES, MAX_EVENT_TYPE_LEN};
 }
+
+/// The WebSocket driver, for a protocol of a test's own: implement
+/// [`websocket::Protocol`] and serve it with [`websocket::serve`].
+pub mod websocket {
+    use std::sync::Arc;
+
+    pub use crate::broker::presence::Members;
+    pub use crate::metrics::Transport;
+    pub use crate::protocol::{Filter, Publication};
+    pub use crate::refusal::Refusal;
+    pub use crate::session::{Grant, Presence, Request, Session, Start, Subscribed};
+    pub use crate::transport::websocket::{
+        text_frame, Close, CloseCode, Conn, End, Farewell, Gone, Protocol,
+    };
+
+    use crate::app::{App, ConnInfo, Mount};
+    use crate::config::Config;
+    use crate::http::{rejected, Body};
+    use crate::server::Running;
+
+    /// Serves crier on `listener` as [`crate::serve`] does, and protocol
+    /// `P` (a new one per connection) on `path`, admitted as `/ws` is.
+    pub fn serve<P: Protocol + Default>(
+        config: Config,
+        listener: tokio::net::TcpListener,
+        path: &'static str,
+    ) -> anyhow::Result<Running> {
+        let mount = Mount {
+            path,
+            handle: |app, req, info| Box::pin(handle::<P>(app, req, info)),
+        };
+        crate::server::serve_mounted(config, listener, Some(mount))
+    }
+
+    async fn handle<P: Protocol + Default>(
+        app: Arc<App>,
+        req: http::Request<hyper::body::Incoming>,
+        info: ConnInfo,
+    ) -> http::Response<Body> {
+        let peer = info.peer.ip();
+        let admitted =
+            crate::session::admit(&app, P::TRANSPORT, req.headers(), req.uri(), peer, &[]);
+        match admitted.await {
+            Ok(admission) => {
+                crate::transport::websocket::handle(&app, req, info, Ok((admission, P::default())))
+            }
+            Err(refusal) => rejected(&app.metrics, &refusal),
+        }
+    }
+}

@@ -32,7 +32,7 @@ mod command;
 mod failure;
 mod library;
 mod memory;
-mod presence;
+pub(crate) mod presence;
 mod redis;
 mod relay;
 mod supervision;

@@ -17,11 +17,11 @@ use crate::protocol::{envelope, SocketId, MEMBER_ADDED, MEMBER_REMOVED};
 
 /// A channel's members, as one read answers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub(crate) struct Members {
+pub struct Members {
     /// How many users are in the channel.
-    pub(crate) count: u64,
+    pub count: u64,
     /// Some of them (all, up to the read's limit): user id and info (JSON).
-    pub(crate) listed: Vec<(String, String)>,
+    pub listed: Vec<(String, String)>,
 }
 
 /// One user an instance holds in a channel: for a beat.

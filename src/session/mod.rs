@@ -109,23 +109,23 @@ pub(crate) struct Wire {
 
 /// A subscription asked for: see [`Session::subscribe`].
 #[derive(Debug)]
-pub(crate) struct Request {
+pub struct Request {
     /// The channel, as crier names it.
-    pub(crate) channel: String,
+    pub channel: String,
     /// Only these event types, when given.
-    pub(crate) events: Option<Filter>,
+    pub events: Option<Filter>,
     /// Where to start in the channel.
-    pub(crate) start: Start,
+    pub start: Start,
     /// What, besides the connection's credential, lets it hear the channel.
-    pub(crate) grant: Grant,
+    pub grant: Grant,
     /// Whether and how the connection is one of a presence channel's
     /// members.
-    pub(crate) presence: Presence,
+    pub presence: Presence,
 }
 
 impl Request {
     /// `channel` from now on, granted by the credential, no presence.
-    pub(crate) fn new(channel: impl Into<String>) -> Self {
+    pub fn new(channel: impl Into<String>) -> Self {
         Self {
             channel: channel.into(),
             events: None,
@@ -138,7 +138,7 @@ impl Request {
 
 /// Where a subscription starts in its channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Start {
+pub enum Start {
     /// With what is published from now on.
     Now,
     /// After this message (a client's cursor): what came since is
@@ -161,7 +161,7 @@ pub(crate) enum Start {
 
 /// What lets a connection hear a channel, besides the rules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Grant {
+pub enum Grant {
     /// Its credential, as the rules read it.
     Credential,
     /// The app signed this channel for this connection (a Pusher channel
@@ -172,7 +172,7 @@ pub(crate) enum Grant {
 
 /// A subscriber's part in a presence channel.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Presence {
+pub enum Presence {
     /// None.
     None,
     /// Join as this member (Pusher's signed `channel_data`).
@@ -192,17 +192,17 @@ pub(crate) enum Presence {
 
 /// A subscription made: what the protocol's answer reports.
 #[derive(Debug)]
-pub(crate) struct Subscribed {
+pub struct Subscribed {
     /// For a resume: whether everything missed will be replayed (false: a
     /// `gap` comes instead).
-    pub(crate) recovered: Option<bool>,
+    pub recovered: Option<bool>,
     /// Where the connection starts in a history channel.
-    pub(crate) position: Option<StreamId>,
+    pub position: Option<StreamId>,
     /// For [`Start::LastEvent`]: whether the channel had a last event (it
     /// comes out of [`Session::next`] first).
-    pub(crate) last_event: Option<bool>,
+    pub last_event: Option<bool>,
     /// A presence channel's members, when joined or read.
-    pub(crate) members: Option<Members>,
+    pub members: Option<Members>,
 }
 
 /// A credential accepted by [`Session::authenticate`].
@@ -250,7 +250,7 @@ enum Drain {
 
 /// One client connection. See the module documentation. Dropping it
 /// unsubscribes every channel and frees the connection's slot.
-pub(crate) struct Session {
+pub struct Session {
     app: Arc<App>,
     mailbox: Arc<Mailbox>,
     /// Publications taken from the mailbox, still to deliver.
@@ -491,7 +491,7 @@ impl Session {
     /// the client missed comes out of [`Session::next`] before anything
     /// live; nothing of the channel reaches the client before the answer
     /// the protocol sends to this.
-    pub(crate) async fn subscribe(&mut self, request: Request) -> Result<Subscribed, Refusal> {
+    pub async fn subscribe(&mut self, request: Request) -> Result<Subscribed, Refusal> {
         let Request {
             channel,
             events,
@@ -612,7 +612,7 @@ impl Session {
 
     /// Ends the subscription to `channel`, if there is one (and its
     /// membership).
-    pub(crate) fn unsubscribe(&mut self, channel: &str) {
+    pub fn unsubscribe(&mut self, channel: &str) {
         self.members.retain(|m| m.channel() != channel);
         self.subs.remove(channel);
         self.tracker.forget(channel);

@@ -52,23 +52,23 @@ pub(crate) fn encode(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
 /// (`/ws`, the Pusher protocol) closes with. RFC 6455's codes are here;
 /// a protocol's own (4000–4999) are constants in its file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct CloseCode(pub(crate) u16);
+pub struct CloseCode(pub u16);
 
 impl CloseCode {
     /// The server is going away, or the client went silent.
-    pub(crate) const GOING_AWAY: CloseCode = CloseCode(1001);
+    pub const GOING_AWAY: CloseCode = CloseCode(1001);
     /// The client broke the protocol.
-    pub(crate) const PROTOCOL_ERROR: CloseCode = CloseCode(1002);
+    pub const PROTOCOL_ERROR: CloseCode = CloseCode(1002);
     /// A text message that is not UTF-8.
-    pub(crate) const INVALID_DATA: CloseCode = CloseCode(1007);
+    pub const INVALID_DATA: CloseCode = CloseCode(1007);
     /// The client broke a policy (a rate, a credential).
-    pub(crate) const POLICY: CloseCode = CloseCode(1008);
+    pub const POLICY: CloseCode = CloseCode(1008);
     /// A message over the size limit.
-    pub(crate) const TOO_BIG: CloseCode = CloseCode(1009);
+    pub const TOO_BIG: CloseCode = CloseCode(1009);
     /// The server restarts: reconnect.
-    pub(crate) const RESTART: CloseCode = CloseCode(1012);
+    pub const RESTART: CloseCode = CloseCode(1012);
     /// Overloaded, or the client too slow: try again later.
-    pub(crate) const TRY_AGAIN: CloseCode = CloseCode(1013);
+    pub const TRY_AGAIN: CloseCode = CloseCode(1013);
 }
 
 /// Appends a close frame with `code` and `reason` (cut to fit a control

@@ -26,14 +26,14 @@ use tracing::Instrument;
 use crate::app::App;
 use crate::fdlimit::Slot;
 use crate::http::{full, rejected, Body};
-pub(crate) use crate::link::Gone;
+pub use crate::link::Gone;
 use crate::link::Link;
 use crate::metrics::Transport;
 use crate::protocol::Publication;
 use crate::refusal::Refusal;
 use crate::session::{Admission, Event, Session, Verdict, Wire};
 use crate::stall::StallGuard;
-pub(crate) use crate::transport::rfc6455::CloseCode;
+pub use crate::transport::rfc6455::CloseCode;
 use crate::transport::rfc6455::{self, Error, Frame, Reader};
 
 /// Publications written per flush: enough to batch syscalls under load,
@@ -126,11 +126,11 @@ enum Message {
 }
 
 /// A close to send: the code and the reason.
-pub(crate) type Close = (CloseCode, Cow<'static, str>);
+pub type Close = (CloseCode, Cow<'static, str>);
 
 /// How a connection ends: the message to send first, if any, and the
 /// close frame.
-pub(crate) type Farewell = (Option<Vec<u8>>, Close);
+pub type Farewell = (Option<Vec<u8>>, Close);
 
 /// A WebSocket connection: the socket's [`Link`] and the frame reader.
 struct WebSocket {
@@ -268,7 +268,7 @@ impl WebSocket {
 }
 
 /// A publication's text as one WebSocket text frame.
-pub(crate) fn text_frame(text: &[u8]) -> bytes::Bytes {
+pub fn text_frame(text: &[u8]) -> bytes::Bytes {
     let mut frame = Vec::with_capacity(text.len() + 10);
     rfc6455::encode(&mut frame, rfc6455::TEXT, text);
     bytes::Bytes::from(frame)
@@ -277,7 +277,7 @@ pub(crate) fn text_frame(text: &[u8]) -> bytes::Bytes {
 /// A wire protocol spoken over WebSocket: what its frames look like, and
 /// nothing else. The driver ([`serve`]) calls it; see the module
 /// documentation.
-pub(crate) trait Protocol: Send + 'static {
+pub trait Protocol: Send + 'static {
     /// For metrics and logs.
     const TRANSPORT: Transport;
 
@@ -322,7 +322,7 @@ pub(crate) trait Protocol: Send + 'static {
 
 /// Why the driver ends a connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum End {
+pub enum End {
     /// The credential expired, or its session was logged out.
     Expired,
     /// This instance drains: reconnect (elsewhere) after `after_ms`.
@@ -349,9 +349,9 @@ pub(crate) enum End {
 
 /// An open WebSocket connection, as its protocol sees it: the session and
 /// a way to send messages.
-pub(crate) struct Conn {
+pub struct Conn {
     /// The connection's session: subscriptions, credential, queue.
-    pub(crate) session: Session,
+    pub session: Session,
     socket: WebSocket,
     /// The connection's span: rare paths run in it, the delivery path
     /// does not pay for entering it.
@@ -365,7 +365,7 @@ impl Conn {
     }
 
     /// Writes `text` as a text frame, with whatever is buffered.
-    pub(crate) async fn send(&mut self, text: &[u8]) -> Result<(), Gone> {
+    pub async fn send(&mut self, text: &[u8]) -> Result<(), Gone> {
         self.socket.send(text).await
     }
 

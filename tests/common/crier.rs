@@ -62,6 +62,9 @@ pub async fn check_config_refuses(dir: &std::path::Path, toml: &str, field: &str
     assert!(stderr.contains(field), "{toml}: names {field}: {stderr}");
 }
 
+/// How an in-process crier starts serving on a bound listener.
+pub type Serve = fn(Config, TcpListener) -> anyhow::Result<Running>;
+
 /// One in-process crier.
 pub struct Instance {
     running: Option<Running>,
@@ -94,10 +97,23 @@ impl Instance {
         instance
     }
 
+    /// Starts with `serve` in place of `crier::serve` (to serve a test's
+    /// own protocol too), and waits until ready.
+    pub async fn start_with(config: Config, serve: Serve) -> Instance {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let instance = Self::serving(config, listener, serve);
+        instance.wait_ready().await;
+        instance
+    }
+
     fn start_unready_on(config: Config, listener: TcpListener) -> Instance {
+        Self::serving(config, listener, crier::serve)
+    }
+
+    fn serving(config: Config, listener: TcpListener, serve: Serve) -> Instance {
         super::panics::watch();
         let panics_before = super::panics::count();
-        let running = crier::serve(config, listener).expect("crier starts");
+        let running = serve(config, listener).expect("crier starts");
         let addr = running.addr().to_string();
         Instance {
             running: Some(running),
