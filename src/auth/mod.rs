@@ -179,7 +179,9 @@ pub struct Authenticator {
 
 impl Authenticator {
     /// Loads keys and connects (lazily) to the session store. The error
-    /// names the offending field.
+    /// names the offending field. `config` has passed
+    /// [`Config::validate`] (the server validates before it builds its
+    /// parts): `auth.query_token` comes with `[auth.jwt]`.
     pub fn new(config: &Config, metrics: Metrics) -> Result<Self, String> {
         let auth = &config.auth;
         let jwt = auth
@@ -192,9 +194,6 @@ impl Authenticator {
             .as_ref()
             .map(|s| CookieStore::new(s, &config.redis))
             .transpose()?;
-        if auth.query_token && jwt.is_none() {
-            return Err("auth.query_token: needs [auth.jwt]".into());
-        }
         let webhook = auth
             .webhook
             .as_ref()
@@ -212,7 +211,8 @@ impl Authenticator {
 
     /// What [`Authenticator::new`] checks, without a runtime and without a
     /// session store connection (`crier check-config`): the JWT keys are
-    /// loaded, the session store's settings and Redis URL checked.
+    /// loaded, the session store's settings and Redis URL checked. Like
+    /// `new`, it takes a validated `config`.
     pub fn check(config: &Config) -> Result<(), String> {
         let auth = &config.auth;
         if let Some(jwt) = &auth.jwt {
@@ -223,9 +223,6 @@ impl Authenticator {
         }
         if let Some(hook) = &auth.webhook {
             webhook::Webhook::new(hook, Metrics::new())?;
-        }
-        if auth.query_token && auth.jwt.is_none() {
-            return Err("auth.query_token: needs [auth.jwt]".into());
         }
         Ok(())
     }
