@@ -141,6 +141,9 @@ pub enum Failure {
     UserMismatch,
     /// The session store could not be asked (503, not 401).
     StoreUnavailable,
+    /// The app's session webhook gave no usable answer: down, slow, a 5xx,
+    /// nonsense (503, not 401).
+    WebhookUnavailable,
 }
 
 impl Failure {
@@ -163,7 +166,18 @@ impl Failure {
             Failure::NotAccepted => "not_accepted",
             Failure::UserMismatch => "user_mismatch",
             Failure::StoreUnavailable => "store_unavailable",
+            Failure::WebhookUnavailable => "webhook_unavailable",
         }
+    }
+
+    /// Whether the credential could not be judged at all (what would judge
+    /// it is down): the client may try again, and an open connection keeps
+    /// its credential until the next recheck.
+    pub(crate) const fn is_outage(self) -> bool {
+        matches!(
+            self,
+            Failure::StoreUnavailable | Failure::WebhookUnavailable
+        )
     }
 }
 
@@ -239,7 +253,13 @@ impl Authenticator {
         if let Err(failure) = &result {
             self.count(*failure);
         }
-        result
+        // Counted by its own name, then handed on as the outage admission
+        // (`session::admit`) answers with 503: until admission matches
+        // `WebhookUnavailable` too, it would answer that one with 401.
+        result.map_err(|failure| match failure {
+            Failure::WebhookUnavailable => Failure::StoreUnavailable,
+            other => other,
+        })
     }
 
     async fn identify(
@@ -415,8 +435,9 @@ impl Watch {
         }))
     }
 
-    /// A re-read session: gone or logged out ends the connection; a store
-    /// outage does not (the next recheck tries again).
+    /// A re-read session: gone or logged out ends the connection; an
+    /// outage of the store or the webhook does not (the next recheck tries
+    /// again).
     fn judge(&mut self, read: Result<Principal, Failure>) -> Option<AuthEvent> {
         match read {
             Ok(fresh) if fresh.user == self.principal.user => {
@@ -426,7 +447,7 @@ impl Watch {
                 }
                 None
             }
-            Err(Failure::StoreUnavailable) => None,
+            Err(failure) if failure.is_outage() => None,
             Ok(_) | Err(_) => Some(AuthEvent::Expired),
         }
     }
