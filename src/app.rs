@@ -115,7 +115,6 @@ impl App {
     }
 }
 
-/// Facts about the TCP connection a request arrived on.
 impl App {
     /// A presence channel's members: the count, and at most
     /// `presence.max_listed`.
@@ -127,6 +126,7 @@ impl App {
     }
 }
 
+/// Facts about the TCP connection a request arrived on.
 #[derive(Clone, Debug)]
 pub(crate) struct ConnInfo {
     /// The client's address.

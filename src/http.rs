@@ -48,6 +48,7 @@ pub(crate) fn status_of(refusal: &Refusal) -> StatusCode {
         Refusal::BadRequest(_) | Refusal::TooManySubscriptions { .. } => StatusCode::BAD_REQUEST,
         Refusal::Unauthorized(_) => StatusCode::UNAUTHORIZED,
         Refusal::Forbidden(_) => StatusCode::FORBIDDEN,
+        Refusal::NotFound => StatusCode::NOT_FOUND,
         Refusal::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         Refusal::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
         Refusal::TooManyConnections { .. } | Refusal::RateLimited => StatusCode::TOO_MANY_REQUESTS,

@@ -8,7 +8,8 @@ use prometheus::{
     Encoder, Gauge, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
-/// The two client transports.
+/// The client transports: crier's own WebSocket and SSE, and the Pusher
+/// protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
     /// `GET /ws`

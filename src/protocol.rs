@@ -12,7 +12,8 @@ use serde_json::{json, Value};
 use crate::history::StreamId;
 use crate::refusal::Refusal;
 
-/// One publication, parsed once and pre-encoded for both transports.
+/// One publication, parsed once, with each wire protocol's encoding made
+/// once and shared.
 #[derive(Debug)]
 pub struct Publication {
     /// The channel, without the Redis prefix.

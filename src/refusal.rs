@@ -1,8 +1,10 @@
 //! Why crier says no: one vocabulary for every refusal a client can meet —
 //! a request before its stream opens, a command on an open WebSocket, a
-//! publish call — so that a reason is named once and every wire protocol
-//! maps it in one place: HTTP in [`crate::http::refused`], crier's
-//! WebSocket `error` frame in [`crate::protocol::reply::refused`].
+//! publish call, a Pusher HTTP API request — so that a reason is named once
+//! and every wire protocol maps it in one place: HTTP in
+//! [`crate::http::refused`] (the Pusher HTTP API keeps its own body,
+//! `{"error": reason}`, in `api::pusher`), crier's WebSocket `error` frame
+//! in [`crate::protocol::reply::refused`].
 
 use std::borrow::Cow;
 
@@ -16,6 +18,9 @@ pub enum Refusal {
     Unauthorized(&'static str),
     /// Not allowed. Says nothing about whether the channel exists.
     Forbidden(&'static str),
+    /// No such thing to ask about: an unknown Pusher app, or a path the
+    /// Pusher HTTP API does not have.
+    NotFound,
     /// More channels than `limits.max_subscriptions_per_connection`.
     TooManySubscriptions {
         /// The limit.
@@ -50,6 +55,7 @@ impl Refusal {
             Refusal::BadRequest(_) | Refusal::UpgradeRequired => "bad_request",
             Refusal::Unauthorized(_) => "unauthorized",
             Refusal::Forbidden(_) => "forbidden",
+            Refusal::NotFound => "not_found",
             Refusal::TooManySubscriptions { .. } => "too_many_subscriptions",
             Refusal::TooLarge(_) => "too_large",
             Refusal::TooManyConnections { .. } => "too_many_connections",
@@ -81,6 +87,7 @@ impl Refusal {
             Refusal::TooManySubscriptions { limit } => {
                 Cow::Owned(format!("at most {limit} channels per connection"))
             }
+            Refusal::NotFound => Cow::Borrowed("not found"),
             Refusal::UpgradeRequired => Cow::Borrowed("this endpoint speaks WebSocket"),
             Refusal::AtCapacity => Cow::Borrowed("connection limit reached, try another instance"),
             Refusal::TooManyConnections { which, limit } => Cow::Owned(format!(

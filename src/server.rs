@@ -122,15 +122,18 @@ pub fn check(config: &Config) -> Result<(), ConfigError> {
     build_with(config, Authenticator::check).map(drop)
 }
 
-/// Checks the Redis addresses (by opening clients; the broker opens its
-/// own when it connects), then builds the channel rules, the authenticator
-/// and the allowed origins, in that order. `auth` builds the authenticator
-/// (serving) or only checks it (`check`: its session store needs a
-/// runtime).
+/// Validates `config` ([`Config::load`] did, but a configuration built
+/// in code, as tests and embedders build it, has not been: the parts rely
+/// on it), checks the Redis addresses (by opening clients; the broker opens
+/// its own when it connects), then builds the channel rules, the
+/// authenticator and the allowed origins, in that order. `auth` builds the
+/// authenticator (serving) or only checks it (`check`: its session store
+/// needs a runtime).
 fn build_with<A>(
     config: &Config,
     auth: impl FnOnce(&Config) -> Result<A, String>,
 ) -> Result<(Policy, A, Origins), ConfigError> {
+    config.validate()?;
     crate::broker::check(&config.redis).map_err(ConfigError::new)?;
     let policy = Policy::new(&config.channels, config.dev)
         .map_err(ConfigError::new)?
@@ -800,6 +803,20 @@ mod tests {
         errors.accepted();
         let (pause, report) = errors.failed(start + Duration::from_secs(11));
         assert_eq!((pause, report), (Duration::from_millis(10), None));
+    }
+
+    /// A configuration built in code, never loaded, is validated all the
+    /// same before any part is built: the parts rely on it (the
+    /// authenticator on `auth.query_token` coming with `[auth.jwt]`).
+    #[test]
+    fn a_configuration_built_in_code_is_validated_before_the_parts() {
+        let mut config = Config::default();
+        config.auth.query_token = true;
+        let built = Parts::build(&config).err().map(|e| e.to_string());
+        let checked = check(&config).err().map(|e| e.to_string());
+        let said = "invalid configuration: auth.query_token: needs [auth.jwt]";
+        assert_eq!(built.as_deref(), Some(said));
+        assert_eq!(checked.as_deref(), Some(said));
     }
 
     #[tokio::test]

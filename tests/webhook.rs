@@ -175,6 +175,20 @@ async fn when_the_app_is_down_crier_refuses_and_never_lets_anyone_in() {
             >= 2.0,
         "outages are not cached, and are counted"
     );
+    assert!(
+        crier
+            .metric("crier_auth_failures_total{reason=\"webhook_unavailable\"}")
+            .await
+            >= 2.0,
+        "counted as the webhook's outage"
+    );
+    assert_eq!(
+        crier
+            .metric("crier_auth_failures_total{reason=\"store_unavailable\"}")
+            .await,
+        0.0,
+        "not as the session store's"
+    );
     // Back up: the same cookie works at once (the outage was not cached).
     app.set_down(false);
     let response = sse::connect(&crier.sse_url(&["user:3"]), &[("cookie", &cookie("s-3"))]).await;

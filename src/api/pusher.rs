@@ -33,6 +33,7 @@ use crate::http::{json, status_of, Body};
 use crate::protocol::{envelope, SocketId};
 use crate::pusher::sign::{self, Unsigned};
 use crate::pusher::{app_channel, crier_channel, valid_name};
+use crate::refusal::Refusal;
 
 /// Channels one event may go to (Pusher's limit).
 const MAX_CHANNELS: usize = 100;
@@ -40,15 +41,6 @@ const MAX_CHANNELS: usize = 100;
 const MAX_BATCH: usize = 100;
 /// Longest event name (Pusher's limit).
 const MAX_NAME: usize = 200;
-
-/// An API answer that is not 200: status and message.
-struct Failed(StatusCode, String);
-
-impl Failed {
-    fn bad(message: impl Into<String>) -> Self {
-        Failed(StatusCode::BAD_REQUEST, message.into())
-    }
-}
 
 /// One event to trigger.
 #[derive(Deserialize)]
@@ -74,16 +66,22 @@ struct Batch {
 pub(crate) async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
     match answer(&app, req).await {
         Ok(body) => json(StatusCode::OK, &body),
-        Err(Failed(status, message)) => json(status, &json!({"error": message})),
+        Err(refusal) => refused(&refusal),
     }
 }
 
-async fn answer(app: &App, req: Request<Incoming>) -> Result<Value, Failed> {
+/// The Pusher HTTP API's form of a refusal: crier's status for it
+/// ([`status_of`]) and `{"error": reason}`, the body the Pusher server
+/// SDKs read (nothing else: no `WWW-Authenticate` or `Retry-After`).
+fn refused(refusal: &Refusal) -> Response<Body> {
+    json(status_of(refusal), &json!({"error": refusal.reason()}))
+}
+
+async fn answer(app: &App, req: Request<Incoming>) -> Result<Value, Refusal> {
     let path = req.uri().path().to_owned();
     let rest = path.strip_prefix("/apps/").unwrap_or_default();
     let (id, what) = rest.split_once('/').unwrap_or((rest, ""));
-    let not_found = || Failed(StatusCode::NOT_FOUND, "not found".into());
-    let pusher_app = app.pusher.by_id(id).cloned().ok_or_else(not_found)?;
+    let pusher_app = app.pusher.by_id(id).cloned().ok_or(Refusal::NotFound)?;
     let method = req.method().clone();
     let query: Vec<(String, String)> = req
         .uri()
@@ -94,9 +92,7 @@ async fn answer(app: &App, req: Request<Incoming>) -> Result<Value, Failed> {
                 .collect()
         })
         .unwrap_or_default();
-    let body = super::read_body(app, req)
-        .await
-        .map_err(|refusal| Failed(status_of(&refusal), refusal.reason().into_owned()))?;
+    let body = super::read_body(app, req).await?;
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
@@ -106,7 +102,7 @@ async fn answer(app: &App, req: Request<Incoming>) -> Result<Value, Failed> {
                 .rejected
                 .with_label_values(&["pusher_signature"])
                 .inc();
-            Failed(StatusCode::UNAUTHORIZED, why.reason().into())
+            Refusal::Unauthorized(why.reason())
         },
     )?;
     let param = |name: &str| {
@@ -119,15 +115,15 @@ async fn answer(app: &App, req: Request<Incoming>) -> Result<Value, Failed> {
     match (&method, what.split('/').collect::<Vec<_>>().as_slice()) {
         (&Method::POST, ["events"]) => {
             let trigger: Trigger = serde_json::from_slice(&body)
-                .map_err(|e| Failed::bad(format!("expected an event: {e}")))?;
-            let event = Event::checked(&pusher_app, trigger)?;
+                .map_err(|e| bad(format!("expected an event: {e}")))?;
+            let event = Event::checked(&pusher_app, trigger).map_err(bad)?;
             event.publish(app).await
         }
         (&Method::POST, ["batch_events"]) => {
             let batch: Batch = serde_json::from_slice(&body)
-                .map_err(|e| Failed::bad(format!("expected {{\"batch\": [events]}}: {e}")))?;
+                .map_err(|e| bad(format!("expected {{\"batch\": [events]}}: {e}")))?;
             if batch.batch.len() > MAX_BATCH {
-                return Err(Failed::bad(format!("at most {MAX_BATCH} events per batch")));
+                return Err(bad(format!("at most {MAX_BATCH} events per batch")));
             }
             // Every event checked before any is published: a batch with
             // a bad event publishes nothing, so a client that fixes it
@@ -137,8 +133,7 @@ async fn answer(app: &App, req: Request<Incoming>) -> Result<Value, Failed> {
                 .into_iter()
                 .enumerate()
                 .map(|(i, t)| {
-                    Event::checked(&pusher_app, t)
-                        .map_err(|Failed(status, why)| Failed(status, format!("batch[{i}]: {why}")))
+                    Event::checked(&pusher_app, t).map_err(|why| bad(format!("batch[{i}]: {why}")))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             let mut answers = Vec::with_capacity(events.len());
@@ -151,7 +146,7 @@ async fn answer(app: &App, req: Request<Incoming>) -> Result<Value, Failed> {
             let prefix = param("filter_by_prefix").unwrap_or("");
             if wants_users && !prefix.starts_with("presence-") {
                 let why = "info=user_count needs filter_by_prefix=presence-";
-                return Err(Failed::bad(why));
+                return Err(bad(why));
             }
             let mut channels = Map::new();
             for channel in occupied(app).await? {
@@ -170,7 +165,7 @@ async fn answer(app: &App, req: Request<Incoming>) -> Result<Value, Failed> {
             Ok(json!({"channels": channels}))
         }
         (&Method::GET, ["channels", name]) => {
-            let channel = named(&pusher_app, name)?;
+            let channel = named(&pusher_app, name).map_err(bad)?;
             let presence = name.starts_with("presence-");
             let count = match presence {
                 true => user_count(app, &channel).await?,
@@ -180,18 +175,21 @@ async fn answer(app: &App, req: Request<Incoming>) -> Result<Value, Failed> {
             let mut info = json!({"occupied": occupied});
             if wants_users {
                 if !presence {
-                    return Err(Failed::bad("user_count is only for presence channels"));
+                    return Err(bad("user_count is only for presence channels"));
                 }
                 info["user_count"] = json!(count);
             }
             Ok(info)
         }
         (&Method::GET, ["channels", name, "users"]) => {
-            let channel = named(&pusher_app, name)?;
+            let channel = named(&pusher_app, name).map_err(bad)?;
             if !name.starts_with("presence-") {
-                return Err(Failed::bad("users are only listed for presence channels"));
+                return Err(bad("users are only listed for presence channels"));
             }
-            let members = app.members(&channel).await.map_err(|_| unavailable())?;
+            let members = app
+                .members(&channel)
+                .await
+                .map_err(|_| Refusal::Unavailable)?;
             let users: Vec<Value> = members
                 .listed
                 .iter()
@@ -199,20 +197,19 @@ async fn answer(app: &App, req: Request<Incoming>) -> Result<Value, Failed> {
                 .collect();
             Ok(json!({"users": users}))
         }
-        _ => Err(not_found()),
+        _ => Err(Refusal::NotFound),
     }
 }
 
-fn unavailable() -> Failed {
-    Failed(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "the broker is unavailable, try again later".into(),
-    )
+/// A request the API cannot take (400); `why` says what is wrong.
+fn bad(why: impl Into<String>) -> Refusal {
+    Refusal::BadRequest(why.into())
 }
 
-/// An app's channel among crier's, from its Pusher name in a request.
-fn named(pusher_app: &PusherApp, name: &str) -> Result<String, Failed> {
-    valid_name(name).map_err(|why| Failed::bad(format!("bad channel `{name}`: {why}")))?;
+/// An app's channel among crier's, from its Pusher name in a request; the
+/// error says what is wrong with the name.
+fn named(pusher_app: &PusherApp, name: &str) -> Result<String, String> {
+    valid_name(name).map_err(|why| format!("bad channel `{name}`: {why}"))?;
     Ok(crier_channel(pusher_app, name))
 }
 
@@ -225,26 +222,21 @@ struct Event {
 }
 
 impl Event {
-    fn checked(pusher_app: &PusherApp, t: Trigger) -> Result<Self, Failed> {
+    /// `t`, checked; the error says what is wrong with it (a 400).
+    fn checked(pusher_app: &PusherApp, t: Trigger) -> Result<Self, String> {
         let names = match (t.channels, t.channel) {
             (Some(channels), None) => channels,
             (None, Some(channel)) => vec![channel],
-            _ => return Err(Failed::bad("give `channels` (a list) or `channel`")),
+            _ => return Err("give `channels` (a list) or `channel`".into()),
         };
         if names.is_empty() || names.len() > MAX_CHANNELS {
-            return Err(Failed::bad(format!(
-                "between 1 and {MAX_CHANNELS} channels"
-            )));
+            return Err(format!("between 1 and {MAX_CHANNELS} channels"));
         }
         if t.name.is_empty() || t.name.len() > MAX_NAME {
-            return Err(Failed::bad(format!(
-                "an event name of 1 to {MAX_NAME} bytes"
-            )));
+            return Err(format!("an event name of 1 to {MAX_NAME} bytes"));
         }
         if t.name.starts_with("pusher:") || t.name.starts_with("pusher_internal:") {
-            return Err(Failed::bad(
-                "event names starting with `pusher` are reserved",
-            ));
+            return Err("event names starting with `pusher` are reserved".into());
         }
         let channels = names
             .iter()
@@ -254,7 +246,7 @@ impl Event {
             None => None,
             Some(id) => Some(
                 id.parse::<SocketId>()
-                    .map_err(|_| Failed::bad(format!("bad socket_id `{id}`")))?,
+                    .map_err(|_| format!("bad socket_id `{id}`"))?,
             ),
         };
         Ok(Event {
@@ -269,14 +261,14 @@ impl Event {
 
     /// Publishes to each channel; the answer Pusher gives (`user_count`
     /// of the presence channels with `info=user_count`).
-    async fn publish(self, app: &App) -> Result<Value, Failed> {
+    async fn publish(self, app: &App) -> Result<Value, Refusal> {
         for channel in &self.channels {
             app.broker
                 .publish(channel, &self.payload)
                 .await
                 .map_err(|e| {
                     tracing::warn!(error = %e, "pusher event not published");
-                    unavailable()
+                    Refusal::Unavailable
                 })?;
         }
         app.metrics.api_publications.inc();
@@ -295,19 +287,59 @@ impl Event {
     }
 }
 
-async fn user_count(app: &App, channel: &str) -> Result<u64, Failed> {
+async fn user_count(app: &App, channel: &str) -> Result<u64, Refusal> {
     let members = app
         .broker
         .presence_members(channel, 0)
         .await
-        .map_err(|_| unavailable())?;
+        .map_err(|_| Refusal::Unavailable)?;
     Ok(members.count)
 }
 
 /// Channels with a listener somewhere in the fleet.
-async fn occupied(app: &App) -> Result<Vec<String>, Failed> {
-    match app.broker.occupied().await.map_err(|_| unavailable())? {
+async fn occupied(app: &App) -> Result<Vec<String>, Refusal> {
+    match app
+        .broker
+        .occupied()
+        .await
+        .map_err(|_| Refusal::Unavailable)?
+    {
         Some(channels) => Ok(channels),
         None => Ok(app.hub.channels()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// What the Pusher server SDKs read of a refusal: the status, and
+    /// `{"error": reason}` with nothing else, whatever crier's other HTTP
+    /// answers carry.
+    #[tokio::test]
+    async fn a_refusal_is_a_status_and_an_error_alone() {
+        let reserved = "batch[1]: event names starting with `pusher` are reserved";
+        let too_large = "body larger than publish.max_body_bytes";
+        let broker = "the broker is unavailable, try again later";
+        for (refusal, status, error) in [
+            (bad(reserved), 400, reserved),
+            (
+                Refusal::Unauthorized("invalid auth_signature"),
+                401,
+                "invalid auth_signature",
+            ),
+            (Refusal::NotFound, 404, "not found"),
+            (Refusal::TooLarge(too_large.into()), 413, too_large),
+            (Refusal::Unavailable, 503, broker),
+        ] {
+            let response = refused(&refusal);
+            assert_eq!(response.status().as_u16(), status, "{refusal:?}");
+            let headers: Vec<_> = response.headers().keys().collect();
+            assert_eq!(headers, [http::header::CONTENT_TYPE], "{refusal:?}");
+            let body = response.into_body().collect().await.expect("body");
+            let body: Value = serde_json::from_slice(&body.to_bytes()).expect("json");
+            assert_eq!(body, json!({ "error": error }), "{refusal:?}");
+        }
     }
 }

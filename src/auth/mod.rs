@@ -141,6 +141,9 @@ pub enum Failure {
     UserMismatch,
     /// The session store could not be asked (503, not 401).
     StoreUnavailable,
+    /// The app's session webhook gave no usable answer: down, slow, a 5xx,
+    /// nonsense (503, not 401).
+    WebhookUnavailable,
 }
 
 impl Failure {
@@ -163,7 +166,18 @@ impl Failure {
             Failure::NotAccepted => "not_accepted",
             Failure::UserMismatch => "user_mismatch",
             Failure::StoreUnavailable => "store_unavailable",
+            Failure::WebhookUnavailable => "webhook_unavailable",
         }
+    }
+
+    /// Whether the credential could not be judged at all (what would judge
+    /// it is down): the client may try again, and an open connection keeps
+    /// its credential until the next recheck.
+    pub(crate) const fn is_outage(self) -> bool {
+        matches!(
+            self,
+            Failure::StoreUnavailable | Failure::WebhookUnavailable
+        )
     }
 }
 
@@ -179,7 +193,9 @@ pub struct Authenticator {
 
 impl Authenticator {
     /// Loads keys and connects (lazily) to the session store. The error
-    /// names the offending field.
+    /// names the offending field. `config` has passed
+    /// [`Config::validate`] (the server validates before it builds its
+    /// parts): `auth.query_token` comes with `[auth.jwt]`.
     pub fn new(config: &Config, metrics: Metrics) -> Result<Self, String> {
         let auth = &config.auth;
         let jwt = auth
@@ -192,9 +208,6 @@ impl Authenticator {
             .as_ref()
             .map(|s| CookieStore::new(s, &config.redis))
             .transpose()?;
-        if auth.query_token && jwt.is_none() {
-            return Err("auth.query_token: needs [auth.jwt]".into());
-        }
         let webhook = auth
             .webhook
             .as_ref()
@@ -212,7 +225,8 @@ impl Authenticator {
 
     /// What [`Authenticator::new`] checks, without a runtime and without a
     /// session store connection (`crier check-config`): the JWT keys are
-    /// loaded, the session store's settings and Redis URL checked.
+    /// loaded, the session store's settings and Redis URL checked. Like
+    /// `new`, it takes a validated `config`.
     pub fn check(config: &Config) -> Result<(), String> {
         let auth = &config.auth;
         if let Some(jwt) = &auth.jwt {
@@ -223,9 +237,6 @@ impl Authenticator {
         }
         if let Some(hook) = &auth.webhook {
             webhook::Webhook::new(hook, Metrics::new())?;
-        }
-        if auth.query_token && auth.jwt.is_none() {
-            return Err("auth.query_token: needs [auth.jwt]".into());
         }
         Ok(())
     }
@@ -418,8 +429,9 @@ impl Watch {
         }))
     }
 
-    /// A re-read session: gone or logged out ends the connection; a store
-    /// outage does not (the next recheck tries again).
+    /// A re-read session: gone or logged out ends the connection; an
+    /// outage of the store or the webhook does not (the next recheck tries
+    /// again).
     fn judge(&mut self, read: Result<Principal, Failure>) -> Option<AuthEvent> {
         match read {
             Ok(fresh) if fresh.user == self.principal.user => {
@@ -429,7 +441,7 @@ impl Watch {
                 }
                 None
             }
-            Err(Failure::StoreUnavailable) => None,
+            Err(failure) if failure.is_outage() => None,
             Ok(_) | Err(_) => Some(AuthEvent::Expired),
         }
     }

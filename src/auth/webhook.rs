@@ -237,7 +237,7 @@ impl Webhook {
                 let result = self.call(&credential).await;
                 let label = match &result {
                     Ok(_) => "ok",
-                    Err(Failure::StoreUnavailable) => "error",
+                    Err(Failure::WebhookUnavailable) => "error",
                     Err(_) => "refused",
                 };
                 self.metrics.webhook_calls.with_label_values(&[label]).inc();
@@ -257,7 +257,7 @@ impl Webhook {
     fn ttl(&self, result: &Result<Principal, Failure>) -> Duration {
         match result {
             Ok(_) => self.config.cache_ttl,
-            Err(Failure::StoreUnavailable) => Duration::ZERO,
+            Err(Failure::WebhookUnavailable) => Duration::ZERO,
             Err(_) => self.config.negative_cache_ttl,
         }
     }
@@ -266,7 +266,7 @@ impl Webhook {
     async fn call(&self, credential: &Credential) -> Result<Principal, Failure> {
         let unavailable = |why: String| {
             tracing::warn!(reason = %why, "session webhook: no usable answer, refusing (fail closed)");
-            Failure::StoreUnavailable
+            Failure::WebhookUnavailable
         };
         let _permit = tokio::time::timeout(self.config.timeout, self.calls.acquire())
             .await
@@ -276,7 +276,7 @@ impl Webhook {
                     self.config.max_concurrency, self.config.timeout
                 ))
             })?
-            .map_err(|_| Failure::StoreUnavailable)?;
+            .map_err(|_| Failure::WebhookUnavailable)?;
         let ip = credential.ip.to_string();
         let mut request = match self.config.method {
             WebhookMethod::Post => http::Request::post("/"),

@@ -351,9 +351,6 @@ impl ClusterSupervisor {
                     channel.pending = true;
                 }
             }
-            // A (re)subscription confirmed: recover what the lost node's
-            // subscription missed. History channels wait for the sharded
-            // one, where crier_publish publishes.
             // The shard gave the channel's slot away (a failover, a
             // reshard) and dropped the subscription: subscribe again, on
             // the new owner, and recover once it is confirmed.
@@ -366,6 +363,9 @@ impl ClusterSupervisor {
                     tracing::warn!(channel = %name, error = %e, "cannot subscribe on the new owner");
                 }
             }
+            // A (re)subscription confirmed: recover what the lost node's
+            // subscription missed. History channels wait for the sharded
+            // one, where crier_publish publishes.
             (PushKind::SSubscribe, Some(name)) => self.recover(&name, true).await,
             (PushKind::Subscribe, Some(name)) => self.recover(&name, false).await,
             _ => {}

@@ -1,13 +1,15 @@
 //! `[auth]`: how crier recognises a client. Part of the configuration
 //! contract (see `mod.rs`); every field documented here is mirrored in
-//! docs/configuration.md and docs/authentication.md. Only the shapes live
-//! here: loading keys and reaching the session store is the auth module's
-//! business.
+//! docs/configuration.md and docs/authentication.md. The shapes, and the
+//! checks their values alone allow, live here: loading keys and reaching
+//! the session store or the webhook is the auth module's business.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use super::{bad, nonzero, positive, ConfigError};
 
 /// `[auth]`
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -83,6 +85,23 @@ pub struct WebhookConfig {
     pub ca_file: Option<PathBuf>,
 }
 
+impl WebhookConfig {
+    /// Something to forward, room for a call, and timings above zero.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.forward_cookies.is_empty() && self.forward_headers.is_empty() {
+            return bad(
+                "auth.webhook.forward_cookies",
+                "name the cookies (or forward_headers) that identify a client to the app",
+            );
+        }
+        positive(&[("auth.webhook.max_concurrency", self.max_concurrency)])?;
+        nonzero(&[
+            ("auth.webhook.timeout", self.timeout),
+            ("auth.webhook.recheck", self.recheck),
+        ])
+    }
+}
+
 impl Default for WebhookConfig {
     fn default() -> Self {
         Self {
@@ -109,6 +128,23 @@ impl Default for AuthConfig {
             session: None,
             webhook: None,
         }
+    }
+}
+
+impl AuthConfig {
+    /// Each configured credential's settings, and `query_token` only with
+    /// tokens to verify: the authenticator relies on it.
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(jwt) = &self.jwt {
+            jwt.validate()?;
+        }
+        if let Some(hook) = &self.webhook {
+            hook.validate()?;
+        }
+        if self.query_token && self.jwt.is_none() {
+            return bad("auth.query_token", "needs [auth.jwt]");
+        }
+        Ok(())
     }
 }
 
@@ -175,6 +211,19 @@ pub struct JwtConfig {
     /// Claim listing extra channels (names or `prefix*` patterns) the token
     /// grants, for rules with `subscribe = "claim"`.
     pub channels_claim: String,
+}
+
+impl JwtConfig {
+    /// A key set that is fetched is fetched again after some time. (The
+    /// keys themselves are checked by loading them, when the server is
+    /// built.)
+    fn validate(&self) -> Result<(), ConfigError> {
+        let jwks = self.jwks_url.is_some() || self.issuer_discovery;
+        if jwks && self.jwks_refresh.is_zero() {
+            return bad("auth.jwt.jwks_refresh", "must be longer than 0s");
+        }
+        Ok(())
+    }
 }
 
 impl Default for JwtConfig {

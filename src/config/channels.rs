@@ -1,12 +1,14 @@
 //! `[[channels]]`: the rules deciding who may listen to which channel, and
 //! which channels keep history. Part of the configuration contract (see
-//! `mod.rs`); only the shapes live here. What a pattern means, and whether
-//! it is one crier understands, is the policy's business: it parses the
-//! patterns once, when the server is built.
+//! `mod.rs`): the shapes, and the checks their values alone allow. What a
+//! pattern means, and whether it is one crier understands, is the policy's
+//! business: it parses the patterns once, when the server is built.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use super::{bad, check_pointer, ConfigError};
 
 /// One `[[channels]]` entry.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -33,6 +35,26 @@ pub struct ChannelRule {
     /// channels always track it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub presence: bool,
+}
+
+impl ChannelRule {
+    /// Checks the rule, the `i`th of `[[channels]]`: its event field is a
+    /// JSON pointer, its history a size crier keeps.
+    pub(super) fn validate(&self, i: usize) -> Result<(), ConfigError> {
+        if let Some(Err(e)) = self.event_field.as_deref().map(check_pointer) {
+            return bad(&format!("channels[{i}].event_field"), e);
+        }
+        if self
+            .history
+            .is_some_and(|h| h.size == 0 || h.size > 1_000_000)
+        {
+            return bad(
+                &format!("channels[{i}].history.size"),
+                "must be between 1 and 1000000",
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Who may subscribe to the channels a rule matches.

@@ -6,9 +6,12 @@
 //! once, before serving; a bad value stops the start with [`EX_CONFIG`] and a
 //! message naming the field.
 //!
-//! The shapes are split by concern: `auth.rs` (`[auth]`), `channels.rs`
-//! (`[[channels]]` rules and their history), `redis.rs` (`[redis]`); this
-//! file holds the rest, and loading, validation and redaction. Every module
+//! The shapes are split by concern, each section with the checks of its own
+//! values beside it: `auth.rs` (`[auth]`), `channels.rs` (`[[channels]]`
+//! rules and their history), `limits.rs` (`[limits]`), `pusher.rs`
+//! (`[pusher]`, `[presence]`), `redis.rs` (`[redis]`), `transports.rs`
+//! (`[ws]`, `[sse]`); this file holds the rest, and loading, the list of
+//! checks ([`Config::validate`]) and redaction. Every module
 //! may import config, so config imports no other crier module:
 //! [`Config::validate`] checks what the values alone tell, and what only a
 //! runtime part can judge (a Redis URL or TLS file, a channel pattern, a key
@@ -26,13 +29,17 @@ use serde::{Deserialize, Serialize};
 
 mod auth;
 mod channels;
+mod limits;
 mod pusher;
 mod redis;
+mod transports;
 
 pub use self::auth::{AuthConfig, JwtConfig, SessionConfig, Signing, WebhookConfig, WebhookMethod};
 pub use self::channels::{ChannelRule, HistoryRule, Subscribe};
+pub use self::limits::LimitsConfig;
 pub use self::pusher::{PresenceConfig, PusherApp, PusherConfig};
 pub use self::redis::{ClusterConfig, RedisConfig, RedisTlsConfig, SentinelConfig};
+pub use self::transports::{SseConfig, WsConfig};
 
 /// Exit code for a configuration error (`EX_USAGE` in sysexits.h).
 pub const EX_CONFIG: i32 = 64;
@@ -114,43 +121,6 @@ pub enum LogFormat {
     Json,
 }
 
-/// Limits that keep one client, or many, from exhausting the process.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct LimitsConfig {
-    /// Per-connection outbound queue, in messages. A client whose queue is
-    /// full is disconnected (WebSocket close 1013, SSE end of stream).
-    pub queue_size: usize,
-    /// Open WebSocket and SSE connections per process; the next one gets 503.
-    pub max_connections: usize,
-    /// Channels one connection may listen to at once.
-    pub max_subscriptions_per_connection: usize,
-    /// Largest inbound WebSocket message, in bytes; larger closes with 1009.
-    pub max_message_bytes: usize,
-    /// Most history messages one connection is sent on resume before it
-    /// goes live (an SSE request, or one WebSocket `subscribe`). A channel
-    /// whose missed messages do not fit gets a `gap` instead.
-    pub max_replay_messages: usize,
-    /// The same in bytes, as the client receives them: each message once,
-    /// in its wire protocol's encoding (envelope, and for SSE its cursor).
-    pub max_replay_bytes: usize,
-    /// Bytes of replay this process holds for all its connections at once
-    /// (waiting to be written to clients); a resume that does not fit gets a
-    /// `gap` instead of its replay.
-    pub max_replay_bytes_total: usize,
-    /// Open connections per authenticated user; the next gets 429. 0: no limit.
-    pub max_connections_per_user: usize,
-    /// Open connections per client IP address (the TCP peer: behind a load
-    /// balancer that is the balancer, so leave 0 = no limit there).
-    pub max_connections_per_ip: usize,
-    /// Sustained WebSocket commands per second per connection; beyond it
-    /// commands get `rate_limited`.
-    pub commands_per_second: u32,
-    /// Commands allowed in a burst above the sustained rate. A client that
-    /// keeps going after being told is closed with 1008.
-    pub command_burst: u32,
-}
-
 /// `POST /api/publish`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -160,42 +130,6 @@ pub struct PublishConfig {
     pub api_keys: Vec<String>,
     /// Largest accepted request body, in bytes.
     pub max_body_bytes: usize,
-}
-
-/// WebSocket timings.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct WsConfig {
-    /// Interval of protocol pings sent to the client.
-    #[serde(with = "humantime_serde")]
-    pub ping_interval: Duration,
-    /// A client silent (not even a pong) for this long is closed.
-    #[serde(with = "humantime_serde")]
-    pub idle_timeout: Duration,
-    /// Time from TCP accept to a completed request head and upgrade.
-    #[serde(with = "humantime_serde")]
-    pub handshake_timeout: Duration,
-    /// A write to the client that takes longer than this closes it.
-    #[serde(with = "humantime_serde")]
-    pub write_timeout: Duration,
-}
-
-/// SSE timings.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct SseConfig {
-    /// Interval of comment heartbeats that keep proxies from timing out.
-    #[serde(with = "humantime_serde")]
-    pub heartbeat: Duration,
-    /// The `retry:` sent when a stream opens (the browser's reconnect delay).
-    #[serde(with = "humantime_serde")]
-    pub retry: Duration,
-    /// A write to the client that makes no progress for this long closes the
-    /// connection: a client that stopped reading is cut even on a quiet
-    /// channel, and frees its slot and queue. (Also bounds any plain HTTP
-    /// response; WebSocket connections use `ws.write_timeout`.)
-    #[serde(with = "humantime_serde")]
-    pub write_timeout: Duration,
 }
 
 /// What happens on SIGTERM.
@@ -243,24 +177,6 @@ impl Default for LogConfig {
     }
 }
 
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        Self {
-            queue_size: 1024,
-            max_connections: 100_000,
-            max_subscriptions_per_connection: 64,
-            max_message_bytes: 65_536,
-            max_replay_messages: 10_000,
-            max_replay_bytes: 4 << 20,
-            max_replay_bytes_total: 256 << 20,
-            max_connections_per_user: 100,
-            max_connections_per_ip: 0,
-            commands_per_second: 20,
-            command_burst: 50,
-        }
-    }
-}
-
 impl Default for PublishConfig {
     fn default() -> Self {
         Self {
@@ -270,24 +186,19 @@ impl Default for PublishConfig {
     }
 }
 
-impl Default for WsConfig {
-    fn default() -> Self {
-        Self {
-            ping_interval: Duration::from_secs(25),
-            idle_timeout: Duration::from_secs(60),
-            handshake_timeout: Duration::from_secs(10),
-            write_timeout: Duration::from_secs(10),
+impl PublishConfig {
+    /// A body limit above zero, and keys too long to guess.
+    fn validate(&self) -> Result<(), ConfigError> {
+        positive(&[("publish.max_body_bytes", self.max_body_bytes)])?;
+        for (i, key) in self.api_keys.iter().enumerate() {
+            if key.len() < 16 {
+                return bad(
+                    &format!("publish.api_keys[{i}]"),
+                    "too short: use at least 16 characters",
+                );
+            }
         }
-    }
-}
-
-impl Default for SseConfig {
-    fn default() -> Self {
-        Self {
-            heartbeat: Duration::from_secs(15),
-            retry: Duration::from_secs(3),
-            write_timeout: Duration::from_secs(10),
-        }
+        Ok(())
     }
 }
 
@@ -387,217 +298,24 @@ impl Config {
     /// origin) is checked by building that part, once, when the server is
     /// built (`server::check` for `crier check-config`); config imports no
     /// other crier module.
+    ///
+    /// Each section checks its own values; none of today's checks spans
+    /// two sections. The first problem found is the one reported.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |field: &str, why: String| Err(ConfigError(format!("{field}: {why}")));
-        if let Some(cluster) = &self.redis.cluster {
-            if self.redis.url.is_some() || self.redis.sentinel.is_some() {
-                return bad(
-                    "redis.cluster",
-                    "set one of redis.url, [redis.sentinel] or [redis.cluster]".into(),
-                );
-            }
-            if cluster.nodes.is_empty() {
-                return bad("redis.cluster.nodes", "list at least one node".into());
-            }
-        }
-        if let Some(sentinel) = &self.redis.sentinel {
-            if self.redis.url.is_some() {
-                return bad(
-                    "redis.sentinel",
-                    "set redis.url or [redis.sentinel], not both".into(),
-                );
-            }
-            if sentinel.master.is_empty() {
-                return bad(
-                    "redis.sentinel.master",
-                    "must name the monitored primary".into(),
-                );
-            }
-            if sentinel.nodes.is_empty() {
-                return bad("redis.sentinel.nodes", "list at least one sentinel".into());
-            }
-        }
-        if self.redis.channel_prefix.contains(['{', '}']) {
-            return bad(
-                "redis.channel_prefix",
-                "must not contain `{` or `}` (Redis hash tags belong to channel names)".into(),
-            );
-        }
+        self.redis.validate()?;
         if let Err(e) = check_pointer(&self.event_field) {
             return bad("event_field", e);
         }
         for (i, rule) in self.channels.iter().enumerate() {
-            if let Some(Err(e)) = rule.event_field.as_deref().map(check_pointer) {
-                return bad(&format!("channels[{i}].event_field"), e);
-            }
-            if rule
-                .history
-                .is_some_and(|h| h.size == 0 || h.size > 1_000_000)
-            {
-                return bad(
-                    &format!("channels[{i}].history.size"),
-                    "must be between 1 and 1000000".into(),
-                );
-            }
+            rule.validate(i)?;
         }
-        let positive = [
-            ("limits.queue_size", self.limits.queue_size),
-            ("limits.max_connections", self.limits.max_connections),
-            (
-                "limits.max_subscriptions_per_connection",
-                self.limits.max_subscriptions_per_connection,
-            ),
-            ("limits.max_message_bytes", self.limits.max_message_bytes),
-            (
-                "limits.max_replay_messages",
-                self.limits.max_replay_messages,
-            ),
-            ("limits.max_replay_bytes", self.limits.max_replay_bytes),
-            (
-                "limits.max_replay_bytes_total",
-                self.limits.max_replay_bytes_total,
-            ),
-            ("publish.max_body_bytes", self.publish.max_body_bytes),
-        ];
-        for (field, value) in positive {
-            if value == 0 {
-                return bad(field, "must be greater than 0".into());
-            }
-        }
-        let nonzero = [
-            ("ws.ping_interval", self.ws.ping_interval),
-            ("ws.idle_timeout", self.ws.idle_timeout),
-            ("ws.handshake_timeout", self.ws.handshake_timeout),
-            ("ws.write_timeout", self.ws.write_timeout),
-            ("sse.heartbeat", self.sse.heartbeat),
-            ("sse.write_timeout", self.sse.write_timeout),
-            ("redis.connect_timeout", self.redis.connect_timeout),
-            ("redis.reconnect_max", self.redis.reconnect_max),
-            ("redis.subscribe_timeout", self.redis.subscribe_timeout),
-            ("redis.canary_interval", self.redis.canary_interval),
-            ("pusher.activity_timeout", self.pusher.activity_timeout),
-            ("presence.heartbeat", self.presence.heartbeat),
-        ];
-        for (field, value) in nonzero {
-            if value.is_zero() {
-                return bad(field, "must be longer than 0s".into());
-            }
-        }
-        if self.ws.idle_timeout <= self.ws.ping_interval {
-            return bad(
-                "ws.idle_timeout",
-                "must be longer than ws.ping_interval, or idle clients that answer pings are closed"
-                    .into(),
-            );
-        }
-        if let Some(jwt) = &self.auth.jwt {
-            let jwks = jwt.jwks_url.is_some() || jwt.issuer_discovery;
-            if jwks && jwt.jwks_refresh.is_zero() {
-                return bad("auth.jwt.jwks_refresh", "must be longer than 0s".into());
-            }
-        }
-        if let Some(hook) = &self.auth.webhook {
-            if hook.forward_cookies.is_empty() && hook.forward_headers.is_empty() {
-                return bad(
-                    "auth.webhook.forward_cookies",
-                    "name the cookies (or forward_headers) that identify a client to the app"
-                        .into(),
-                );
-            }
-            if hook.max_concurrency == 0 {
-                return bad(
-                    "auth.webhook.max_concurrency",
-                    "must be greater than 0".into(),
-                );
-            }
-            for (field, value) in [
-                ("auth.webhook.timeout", hook.timeout),
-                ("auth.webhook.recheck", hook.recheck),
-            ] {
-                if value.is_zero() {
-                    return bad(field, "must be longer than 0s".into());
-                }
-            }
-        }
-        if self.auth.query_token && self.auth.jwt.is_none() {
-            return bad("auth.query_token", "needs [auth.jwt]".into());
-        }
-        if self.limits.commands_per_second == 0 || self.limits.command_burst == 0 {
-            return bad(
-                "limits.commands_per_second",
-                "commands_per_second and command_burst must be greater than 0".into(),
-            );
-        }
-        if self.presence.ttl <= self.presence.heartbeat {
-            return bad(
-                "presence.ttl",
-                "must be longer than presence.heartbeat, or live members expire between beats"
-                    .into(),
-            );
-        }
-        if self.presence.max_listed == 0 {
-            return bad("presence.max_listed", "must be greater than 0".into());
-        }
-        if self.pusher.client_events_per_second == 0 {
-            return bad(
-                "pusher.client_events_per_second",
-                "must be greater than 0 (turn client events off per app with client_events = false)"
-                    .into(),
-            );
-        }
-        let mut seen = std::collections::HashSet::new();
-        for (i, app) in self.pusher.apps.iter().enumerate() {
-            let field = |name: &str| format!("pusher.apps[{i}].{name}");
-            for (name, value) in [("id", &app.id), ("key", &app.key), ("secret", &app.secret)] {
-                if value.is_empty() || value.chars().any(|c| c.is_whitespace() || c == '/') {
-                    return bad(
-                        &field(name),
-                        "must be non-empty, without spaces or `/`".into(),
-                    );
-                }
-            }
-            if app.secret.len() < 16 {
-                return bad(
-                    &field("secret"),
-                    "too short: use at least 16 characters".into(),
-                );
-            }
-            if !seen.insert(("id", app.id.clone())) || !seen.insert(("key", app.key.clone())) {
-                return bad(&field("id"), "two apps share an id or a key".into());
-            }
-            let ns = &app.namespace;
-            let allowed = |c: char| c.is_ascii_alphanumeric() || "_-.:".contains(c);
-            if !ns.is_empty() && (!ns.ends_with(':') || ns.len() > 64 || !ns.chars().all(allowed)) {
-                return bad(
-                    &field("namespace"),
-                    format!(
-                        "must end with `:` (at most 64 ASCII letters, digits, `_`, `-`, `.` \
-                         and `:`), e.g. \"{}:\"",
-                        app.id
-                    ),
-                );
-            }
-            if !seen.insert(("namespace", ns.clone())) {
-                let why = match ns.is_empty() {
-                    true => format!(
-                        "two apps without a namespace would share every channel: give this app \
-                         one, e.g. namespace = \"{}:\"",
-                        app.id
-                    ),
-                    false => "two apps share a namespace (and so every channel)".into(),
-                };
-                return bad(&field("namespace"), why);
-            }
-        }
-        for (i, key) in self.publish.api_keys.iter().enumerate() {
-            if key.len() < 16 {
-                return bad(
-                    &format!("publish.api_keys[{i}]"),
-                    "too short: use at least 16 characters".into(),
-                );
-            }
-        }
-        Ok(())
+        self.limits.validate()?;
+        self.publish.validate()?;
+        self.ws.validate()?;
+        self.sse.validate()?;
+        self.auth.validate()?;
+        self.presence.validate()?;
+        self.pusher.validate()
     }
 
     /// Settings that load but are almost certainly not what the operator
@@ -706,6 +424,27 @@ fn check_pointer(pointer: &str) -> Result<(), String> {
             "`{pointer}` is not a JSON pointer: start it with `/`, e.g. `/{}`",
             pointer.trim_start_matches('/')
         ))
+    }
+}
+
+/// The error of a value that makes no sense: `field: why`.
+fn bad(field: &str, why: impl std::fmt::Display) -> Result<(), ConfigError> {
+    Err(ConfigError(format!("{field}: {why}")))
+}
+
+/// Sizes and counts that must be above zero, checked in order.
+fn positive(fields: &[(&str, usize)]) -> Result<(), ConfigError> {
+    match fields.iter().find(|(_, value)| *value == 0) {
+        Some((field, _)) => bad(field, "must be greater than 0"),
+        None => Ok(()),
+    }
+}
+
+/// Durations that must be above zero, checked in order.
+fn nonzero(fields: &[(&str, Duration)]) -> Result<(), ConfigError> {
+    match fields.iter().find(|(_, value)| value.is_zero()) {
+        Some((field, _)) => bad(field, "must be longer than 0s"),
+        None => Ok(()),
     }
 }
 

@@ -1,10 +1,14 @@
 //! `[pusher]` (the Pusher Channels protocol: apps, activity timeout,
 //! client events) and `[presence]` (who is in a channel, fleet-wide). Part
-//! of the configuration contract (see `mod.rs`); only the shapes live here.
+//! of the configuration contract (see `mod.rs`): the shapes, and the checks
+//! their values alone allow.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use super::{bad, nonzero, positive, ConfigError};
 
 /// `[pusher]`: the Pusher apps this instance serves.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -61,6 +65,59 @@ impl Default for PusherConfig {
     }
 }
 
+impl PusherConfig {
+    /// Timings and rates above zero; each app named, keyed and signed on
+    /// its own, in a namespace of its own.
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        nonzero(&[("pusher.activity_timeout", self.activity_timeout)])?;
+        if self.client_events_per_second == 0 {
+            return bad(
+                "pusher.client_events_per_second",
+                "must be greater than 0 (turn client events off per app with client_events = false)",
+            );
+        }
+        let mut seen = HashSet::new();
+        for (i, app) in self.apps.iter().enumerate() {
+            let field = |name: &str| format!("pusher.apps[{i}].{name}");
+            for (name, value) in [("id", &app.id), ("key", &app.key), ("secret", &app.secret)] {
+                if value.is_empty() || value.chars().any(|c| c.is_whitespace() || c == '/') {
+                    return bad(&field(name), "must be non-empty, without spaces or `/`");
+                }
+            }
+            if app.secret.len() < 16 {
+                return bad(&field("secret"), "too short: use at least 16 characters");
+            }
+            if !seen.insert(("id", app.id.clone())) || !seen.insert(("key", app.key.clone())) {
+                return bad(&field("id"), "two apps share an id or a key");
+            }
+            let ns = &app.namespace;
+            let allowed = |c: char| c.is_ascii_alphanumeric() || "_-.:".contains(c);
+            if !ns.is_empty() && (!ns.ends_with(':') || ns.len() > 64 || !ns.chars().all(allowed)) {
+                return bad(
+                    &field("namespace"),
+                    format!(
+                        "must end with `:` (at most 64 ASCII letters, digits, `_`, `-`, `.` \
+                         and `:`), e.g. \"{}:\"",
+                        app.id
+                    ),
+                );
+            }
+            if !seen.insert(("namespace", ns.clone())) {
+                let why = match ns.is_empty() {
+                    true => format!(
+                        "two apps without a namespace would share every channel: give this app \
+                         one, e.g. namespace = \"{}:\"",
+                        app.id
+                    ),
+                    false => "two apps share a namespace (and so every channel)".into(),
+                };
+                return bad(&field("namespace"), why);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// `[presence]`: who is in a presence channel, across every instance.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -86,5 +143,20 @@ impl Default for PresenceConfig {
             ttl: Duration::from_secs(45),
             max_listed: 1000,
         }
+    }
+}
+
+impl PresenceConfig {
+    /// Beats above zero, members kept longer than a beat, and someone
+    /// listed.
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        nonzero(&[("presence.heartbeat", self.heartbeat)])?;
+        if self.ttl <= self.heartbeat {
+            return bad(
+                "presence.ttl",
+                "must be longer than presence.heartbeat, or live members expire between beats",
+            );
+        }
+        positive(&[("presence.max_listed", self.max_listed)])
     }
 }

@@ -1,12 +1,15 @@
 //! `[redis]`: where the broker's Redis is (one node, Sentinel or Cluster),
 //! how crier reaches it (credentials, TLS) and how it reacts to outages.
-//! Part of the configuration contract (see `mod.rs`); only the shapes live
-//! here: opening a client from them is the broker's business.
+//! Part of the configuration contract (see `mod.rs`): the shapes, and the
+//! checks their values alone allow; whether a URL or a TLS file is usable
+//! is found by opening a client from them, the broker's business.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+use super::{bad, nonzero, ConfigError};
 
 /// The Redis pub/sub broker.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -103,6 +106,48 @@ impl RedisConfig {
     /// Whether a Redis is configured at all (else: the memory broker).
     pub fn is_configured(&self) -> bool {
         self.url.is_some() || self.sentinel.is_some() || self.cluster.is_some()
+    }
+
+    /// One way to reach Redis, with what that way needs; a prefix without
+    /// hash-tag braces; every timing above zero.
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(cluster) = &self.cluster {
+            if self.url.is_some() || self.sentinel.is_some() {
+                return bad(
+                    "redis.cluster",
+                    "set one of redis.url, [redis.sentinel] or [redis.cluster]",
+                );
+            }
+            if cluster.nodes.is_empty() {
+                return bad("redis.cluster.nodes", "list at least one node");
+            }
+        }
+        if let Some(sentinel) = &self.sentinel {
+            if self.url.is_some() {
+                return bad(
+                    "redis.sentinel",
+                    "set redis.url or [redis.sentinel], not both",
+                );
+            }
+            if sentinel.master.is_empty() {
+                return bad("redis.sentinel.master", "must name the monitored primary");
+            }
+            if sentinel.nodes.is_empty() {
+                return bad("redis.sentinel.nodes", "list at least one sentinel");
+            }
+        }
+        if self.channel_prefix.contains(['{', '}']) {
+            return bad(
+                "redis.channel_prefix",
+                "must not contain `{` or `}` (Redis hash tags belong to channel names)",
+            );
+        }
+        nonzero(&[
+            ("redis.connect_timeout", self.connect_timeout),
+            ("redis.reconnect_max", self.reconnect_max),
+            ("redis.subscribe_timeout", self.subscribe_timeout),
+            ("redis.canary_interval", self.canary_interval),
+        ])
     }
 }
 

@@ -40,7 +40,8 @@ pub(crate) async fn admit(
     }
     let principal = match app.auth.from_request(headers, uri, peer).await {
         Ok(found) => found.unwrap_or_default(),
-        Err(Failure::StoreUnavailable) => return Err(Refusal::SessionStoreUnavailable),
+        // The session store or webhook is down: try again, not "logged out".
+        Err(failure) if failure.is_outage() => return Err(Refusal::SessionStoreUnavailable),
         Err(failure) => return Err(Refusal::Unauthorized(failure.reason())),
     };
     let limit = app.config.limits.max_subscriptions_per_connection;
