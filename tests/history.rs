@@ -501,7 +501,6 @@ async fn history_written_before_the_key_change_is_still_replayed() {
 /// history once — seen in what Redis itself executes (`MONITOR`).
 #[tokio::test]
 async fn a_resuming_subscribe_reads_position_and_history_once() {
-    use tokio::io::AsyncBufReadExt;
     let redis = RedisServer::start().await;
     let crier = Instance::start(history_config(Some(&redis))).await;
     let channel = unique("hist:once");
@@ -515,23 +514,7 @@ async fn a_resuming_subscribe_reads_position_and_history_once() {
         .expect("id");
     let key = crier::testing::history::stream_key("", &channel);
 
-    let mut monitor = tokio::process::Command::new("redis-cli")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &redis.port().to_string(),
-            "MONITOR",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("redis-cli MONITOR");
-    let mut lines = tokio::io::BufReader::new(monitor.stdout.take().expect("stdout")).lines();
-    assert_eq!(
-        lines.next_line().await.expect("read").as_deref(),
-        Some("OK")
-    );
+    let mut monitor = redis.monitor().await;
 
     let mut ws = WsClient::connect(&crier.ws("/ws")).await;
     ws.recv_type("welcome", WAIT).await;
@@ -539,19 +522,10 @@ async fn a_resuming_subscribe_reads_position_and_history_once() {
         .await;
     assert_eq!(ws.recv_type("subscribed", WAIT).await["recovered"], true);
     assert_eq!(ws.recv_type("message", WAIT).await["data"]["n"], 2);
-    // A marker after the subscribe: every command before it has been seen.
-    redis.cli(&["ECHO", &format!("done-{channel}")]).await;
+    // Every command executed until now, after the subscribe.
     let quoted = format!("\"{key}\"");
     let (mut position, mut since) = (0, 0);
-    loop {
-        let line = tokio::time::timeout(WAIT, lines.next_line())
-            .await
-            .expect("MONITOR output")
-            .expect("read")
-            .expect("MONITOR running");
-        if line.contains(&format!("done-{channel}")) {
-            break;
-        }
+    for line in monitor.until_now().await {
         if line.contains(&quoted) {
             position += usize::from(line.contains("\"crier_position\""));
             since += usize::from(line.contains("\"crier_since\""));

@@ -421,6 +421,64 @@ async fn cache_channels_send_their_last_event_or_a_cache_miss() {
     crier.shutdown().await;
 }
 
+/// Issue 22, acceptance 3: a `cache-` subscribe makes one position read
+/// and one history read of its channel, whether it has a last event or
+/// not (the transport used to read both again to find the last event) —
+/// counted in what Redis executes (`MONITOR`).
+#[tokio::test]
+async fn a_cache_subscribe_reads_position_and_history_once() {
+    let redis = RedisServer::start().await;
+    let crier = Instance::start(pusher_config(&redis)).await;
+    for v in 1..=2 {
+        let event = format!(r#"{{"type":"rate","v":{v}}}"#);
+        redis.fcall_publish("cache-rate", &event).await.expect("id");
+    }
+    let mut monitor = redis.monitor().await;
+    let (mut ws, _) = raw_pusher(&crier.addr, KEY).await;
+    for channel in ["cache-rate", "cache-none"] {
+        ws.send_json(json!({"event": "pusher:subscribe", "data": {"channel": channel}}))
+            .await;
+    }
+    let mut frames = Vec::new();
+    let miss = loop {
+        let frame = ws.recv_json(WAIT).await;
+        if frame["event"] == "pusher:cache_miss" {
+            break frame;
+        }
+        frames.push(frame);
+    };
+    assert_eq!(miss["channel"], "cache-none", "{miss}");
+    let succeeded = |f: &&Value| f["event"] == "pusher_internal:subscription_succeeded";
+    let channels: Vec<&Value> = frames
+        .iter()
+        .filter(succeeded)
+        .map(|f| &f["channel"])
+        .collect();
+    assert_eq!(channels, ["cache-rate", "cache-none"], "{frames:?}");
+    let rates: Vec<&Value> = frames.iter().filter(|f| f["event"] == "rate").collect();
+    assert_eq!(rates.len(), 1, "the last event only: {frames:?}");
+    let data: Value = serde_json::from_str(rates[0]["data"].as_str().expect("data")).expect("json");
+    assert_eq!(data["v"], 2, "{frames:?}");
+
+    let executed = monitor.until_now().await;
+    for channel in ["cache-rate", "cache-none"] {
+        let key = format!("\"{}\"", crier::testing::history::stream_key("", channel));
+        let count = |function: &str| {
+            let function = format!("\"{function}\"");
+            executed
+                .iter()
+                .filter(|line| line.contains(&key) && line.contains(&function))
+                .count()
+        };
+        assert_eq!(
+            (count("crier_position"), count("crier_since")),
+            (1, 1),
+            "{channel}: crier_position and crier_since, once each: {executed:#?}"
+        );
+    }
+    crier.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_draining_instance_tells_pusher_clients_to_reconnect_with_4200() {
     let redis = RedisServer::start().await;

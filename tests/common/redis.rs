@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use tokio::io::AsyncBufReadExt;
 use tokio::time::{sleep, timeout, Instant};
 
 /// How long a freshly spawned server gets to answer PING.
@@ -272,6 +273,30 @@ impl RedisServer {
         let mut cmd = redis::cmd("PUBLISH");
         cmd.arg(channel).arg(payload);
         self.query(&cmd, "PUBLISH").await
+    }
+
+    /// Starts `MONITOR`: what Redis executes from now on, as
+    /// [`Monitor::until`] reads it.
+    pub async fn monitor(&self) -> Monitor {
+        let mut child = tokio::process::Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "MONITOR"])
+            .stdout(Stdio::piped())
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-cli MONITOR");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let ok = timeout(COMMAND_TIMEOUT, lines.next_line()).await;
+        assert_eq!(
+            ok.expect("MONITOR answers").expect("read").as_deref(),
+            Some("OK")
+        );
+        Monitor {
+            _child: child,
+            lines,
+            port: self.port,
+        }
     }
 
     /// Runs the real `redis-cli -h 127.0.0.1 -p PORT args...` and returns its
@@ -600,6 +625,43 @@ impl Drop for Sentinel {
     fn drop(&mut self) {
         if let Some(child) = self.child.take() {
             kill_and_reap(child);
+        }
+    }
+}
+
+/// A running `MONITOR` of one server (see [`RedisServer::monitor`]).
+pub struct Monitor {
+    _child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    port: u16,
+}
+
+impl Monitor {
+    /// Every command Redis executed since the monitor started (or since the
+    /// last call) up to now: a marker sent after them (`ECHO`) ends the
+    /// read, so nothing executed before this call is missed.
+    pub async fn until_now(&mut self) -> Vec<String> {
+        let marker = format!("monitor-marker-{}", super::unique("m"));
+        let port = self.port.to_string();
+        let echo = tokio::process::Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port, "ECHO", &marker])
+            .stdin(Stdio::null())
+            .output();
+        timeout(COMMAND_TIMEOUT, echo)
+            .await
+            .expect("ECHO in time")
+            .expect("ECHO");
+        let mut seen = Vec::new();
+        loop {
+            let line = timeout(COMMAND_TIMEOUT, self.lines.next_line())
+                .await
+                .expect("MONITOR output")
+                .expect("read")
+                .expect("MONITOR running");
+            if line.contains(&marker) {
+                return seen;
+            }
+            seen.push(line);
         }
     }
 }
