@@ -26,7 +26,6 @@
 
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll, Waker};
@@ -140,10 +139,8 @@ impl Link {
     /// the client reads everything before it sees the end).
     pub(crate) fn finish(self) {
         self.socket.0.hold();
-        let dup = self.socket.0.stream.as_fd().try_clone_to_owned();
-        if let Ok(fd) = dup {
-            let _ = std::net::TcpStream::from(fd).shutdown(std::net::Shutdown::Write);
-        }
+        let socket = socket2::SockRef::from(&self.socket.0.stream);
+        let _ = socket.shutdown(std::net::Shutdown::Write);
     }
 }
 

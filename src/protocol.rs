@@ -1,16 +1,15 @@
-//! The wire protocol: the envelope every client receives, the WebSocket
-//! commands clients send, and the replies crier sends back.
-//!
-//! A publication is encoded here exactly once; the resulting bytes are shared
-//! (reference-counted) by every recipient, whichever the transport.
+//! What every wire protocol shares: the publication, parsed once, with the
+//! envelope every crier client receives and the SSE event, each encoded
+//! once and shared (reference-counted) by every recipient; the event
+//! filter; socket ids. Each protocol's own vocabulary (crier's WebSocket
+//! commands and replies, SSE's notices, Pusher's events) lives in its file
+//! under `transport/`.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use hyper_tungstenite::tungstenite::Utf8Bytes;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::history::StreamId;
-use crate::refusal::Refusal;
 
 /// One publication, parsed once, with each wire protocol's encoding made
 /// once and shared.
@@ -27,7 +26,7 @@ pub struct Publication {
     pub(crate) kind: Kind,
     /// The envelope JSON: the WebSocket text frame, as is. Its `data` is
     /// its last field: the data is `frame[data_at..len - 1]`.
-    pub(crate) frame: Utf8Bytes,
+    pub(crate) frame: Box<str>,
     /// Where the data starts in `frame`.
     data_at: usize,
     /// A connection that must not get it (the Pusher sender's
@@ -333,8 +332,8 @@ impl Publication {
         let sse = sse_event(sse_name(kind, event.as_deref()).as_deref(), &env);
         // The envelope is built from valid UTF-8 pieces only.
         let frame = match String::from_utf8(env) {
-            Ok(s) => Utf8Bytes::from(s),
-            Err(e) => Utf8Bytes::from(String::from_utf8_lossy(e.as_bytes()).into_owned()),
+            Ok(s) => s.into_boxed_str(),
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into(),
         };
         Publication {
             channel: channel.to_owned(),
@@ -493,32 +492,6 @@ pub fn event_filter(names: Vec<String>) -> Result<Filter, String> {
     Ok(names.into())
 }
 
-/// A WebSocket command from a client, before its type is checked.
-///
-/// Kept loose on purpose so an `error` reply can echo the `id` of a command
-/// that is otherwise wrong.
-#[derive(Debug, Deserialize)]
-pub struct Command {
-    /// `subscribe`, `unsubscribe`, `ping`.
-    #[serde(rename = "type")]
-    pub kind: Option<String>,
-    /// Any JSON value, echoed in the reply.
-    #[serde(default)]
-    pub id: Option<Value>,
-    /// For `subscribe` and `unsubscribe`.
-    #[serde(default)]
-    pub channel: Option<String>,
-    /// For `subscribe`: only these event types.
-    #[serde(default)]
-    pub events: Option<Vec<String>>,
-    /// For `auth`: a bearer token.
-    #[serde(default)]
-    pub token: Option<String>,
-    /// For `subscribe`: resume after this message id of the channel.
-    #[serde(default)]
-    pub since: Option<String>,
-}
-
 /// Whether a listener with `events` (an event-type filter, or none) wants
 /// `p`. A `gap` concerns the whole channel: filters do not apply to it.
 pub(crate) fn wanted(events: Option<&Filter>, p: &Publication) -> bool {
@@ -530,139 +503,18 @@ pub(crate) fn wanted(events: Option<&Filter>, p: &Publication) -> bool {
         })
 }
 
-/// Server-Sent Events blocks crier sends besides publications.
-pub(crate) mod sse {
-    use bytes::Bytes;
-
-    /// A comment that keeps proxies from timing an idle stream out.
-    pub(crate) const HEARTBEAT: Bytes = Bytes::from_static(b": heartbeat\n\n");
-
-    /// The credential ended: the stream closes after this.
-    pub(crate) const EXPIRED: Bytes =
-        Bytes::from_static(b"event: expired\ndata: {\"type\":\"expired\"}\n\n");
-
-    /// The credential ends in `in_secs`.
-    pub(crate) fn expiring(in_secs: u64) -> Bytes {
-        Bytes::from(format!(
-            "event: expiring\ndata: {{\"type\":\"expiring\",\"in_secs\":{in_secs}}}\n\n"
-        ))
-    }
-
-    /// Reconnect after `ms` (sent when the instance drains, before the
-    /// stream ends).
-    pub(crate) fn retry(ms: u64) -> Bytes {
-        Bytes::from(format!("retry: {ms}\n\n"))
-    }
-}
-
-/// Server replies, encoded as text frames. These are per-connection and rare,
-/// so building them with `json!` is fine.
-pub(crate) mod reply {
-    use super::*;
-
-    fn with_id(mut v: Value, id: &Option<Value>) -> String {
-        if let (Some(id), Some(obj)) = (id, v.as_object_mut()) {
-            obj.insert("id".into(), id.clone());
-        }
-        v.to_string()
-    }
-
-    /// First frame on every connection.
-    pub(crate) fn welcome(conn: u64) -> String {
-        json!({"type": "welcome", "conn": conn.to_string(), "version": crate::VERSION}).to_string()
-    }
-
-    /// A subscription is live. `recovered` answers a `since`: whether
-    /// everything after it was delivered (false: a `gap` follows).
-    /// `position` is where a later `since` may resume from.
-    pub(crate) fn subscribed(
-        channel: &str,
-        recovered: Option<bool>,
-        position: Option<StreamId>,
-        id: &Option<Value>,
-    ) -> String {
-        let mut v = json!({"type": "subscribed", "channel": channel});
-        if let Some(recovered) = recovered {
-            v["recovered"] = json!(recovered);
-        }
-        if let Some(position) = position {
-            v["position"] = json!(position.to_string());
-        }
-        with_id(v, id)
-    }
-
-    /// A subscription ended at the client's request.
-    pub(crate) fn unsubscribed(channel: &str, id: &Option<Value>) -> String {
-        with_id(json!({"type": "unsubscribed", "channel": channel}), id)
-    }
-
-    /// A subscription ended by crier: the connection's credential no
-    /// longer grants the channel.
-    pub(crate) fn revoked(channel: &str, reason: &str) -> String {
-        json!({"type": "unsubscribed", "channel": channel, "reason": reason}).to_string()
-    }
-
-    /// The answer to a `presence` request.
-    pub(crate) fn presence(
-        channel: &str,
-        count: u64,
-        listed: &[(String, String)],
-        id: &Option<Value>,
-    ) -> String {
-        let mut v = members(channel, count, listed);
-        v["type"] = json!("presence");
-        with_id(v, id)
-    }
-
-    /// A presence channel's members, as the `presence` reply and
-    /// `GET /api/presence` give them: `{"channel", "count", "members":
-    /// [{"user", "info"}]}` (`listed`: user id and info JSON).
-    pub(crate) fn members(channel: &str, count: u64, listed: &[(String, String)]) -> Value {
-        let listed: Vec<Value> = listed
-            .iter()
-            .map(|(user, info)| {
-                let info: Value = serde_json::from_str(info).unwrap_or(Value::Null);
-                json!({"user": user, "info": info})
-            })
-            .collect();
-        json!({"channel": channel, "count": count, "members": listed})
-    }
-
-    /// Answer to `ping`.
-    pub(crate) fn pong(id: &Option<Value>) -> String {
-        with_id(json!({"type": "pong"}), id)
-    }
-
-    /// A refused or malformed command: crier's WebSocket form of every
-    /// [`Refusal`].
-    pub(crate) fn refused(refusal: &Refusal, id: &Option<Value>) -> String {
-        with_id(
-            json!({"type": "error", "code": refusal.code(), "reason": refusal.reason()}),
-            id,
-        )
-    }
-
-    /// The credential ends in `in_secs`: send a fresh one with `auth`.
-    pub(crate) fn expiring(in_secs: u64) -> String {
-        json!({"type": "expiring", "in_secs": in_secs}).to_string()
-    }
-
-    /// An `auth` command was accepted.
-    pub(crate) fn authenticated(
-        user: Option<&str>,
-        expires_in: Option<u64>,
-        id: &Option<Value>,
-    ) -> String {
-        with_id(
-            json!({"type": "authenticated", "user": user, "expires_in": expires_in}),
-            id,
-        )
-    }
-
-    /// This instance is draining: reconnect after `after_ms`.
-    pub(crate) fn reconnect(after_ms: u64) -> String {
-        json!({"type": "reconnect", "after_ms": after_ms}).to_string()
-    }
+/// A presence channel's members, as crier's `presence` reply and
+/// `GET /api/presence` give them: `{"channel", "count", "members":
+/// [{"user", "info"}]}` (`listed`: user id and info JSON).
+pub(crate) fn members_json(channel: &str, count: u64, listed: &[(String, String)]) -> Value {
+    let listed: Vec<Value> = listed
+        .iter()
+        .map(|(user, info)| {
+            let info: Value = serde_json::from_str(info).unwrap_or(Value::Null);
+            json!({"user": user, "info": info})
+        })
+        .collect();
+    json!({"channel": channel, "count": count, "members": listed})
 }
 
 #[cfg(test)]
@@ -671,7 +523,7 @@ mod tests {
     use crate::config::DEFAULT_EVENT_FIELD;
 
     fn envelope(p: &Publication) -> Value {
-        serde_json::from_str(p.frame.as_str()).expect("envelope is JSON")
+        serde_json::from_str(&p.frame).expect("envelope is JSON")
     }
 
     #[test]
@@ -679,7 +531,7 @@ mod tests {
         let p = Publication::new("public:a", br#" {"type":"greet","n":1.50} "#);
         assert_eq!(p.event.as_deref(), Some("greet"));
         assert_eq!(
-            p.frame.as_str(),
+            &*p.frame,
             r#"{"type":"message","channel":"public:a","event":"greet","data":{"type":"greet","n":1.50}}"#
         );
         assert_eq!(
@@ -693,7 +545,7 @@ mod tests {
         let p = Publication::new("c", b"hello \"world\"");
         assert_eq!(p.event, None);
         assert_eq!(envelope(&p)["data"], json!("hello \"world\""));
-        assert!(!p.frame.as_str().contains("event"));
+        assert!(!p.frame.contains("event"));
         assert!(p.sse.starts_with(b"data: "));
 
         let bad_utf8 = Publication::new("c", &[0xff, b'a']);
@@ -749,13 +601,13 @@ mod tests {
         let id: StreamId = "17-3".parse().expect("id");
         let p = Publication::message("c", Some(id), br#"{"type":"t"}"#, DEFAULT_EVENT_FIELD);
         assert_eq!(
-            p.frame.as_str(),
+            &*p.frame,
             r#"{"type":"message","channel":"c","event":"t","id":"17-3","data":{"type":"t"}}"#
         );
         assert!(p.sse_open().ends_with(b"}\n") && !p.sse_open().ends_with(b"\n\n"));
         let g = Publication::gap("c");
         assert_eq!(g.kind, Kind::Gap);
-        assert_eq!(g.frame.as_str(), r#"{"type":"gap","channel":"c"}"#);
+        assert_eq!(&*g.frame, r#"{"type":"gap","channel":"c"}"#);
         assert!(g.sse.starts_with(b"event: gap\ndata: "));
     }
 
@@ -803,18 +655,5 @@ mod tests {
         );
         let g = Publication::gap("c");
         assert!(g.sse.starts_with(b"event: gap\n"));
-    }
-
-    #[test]
-    fn replies_echo_ids() {
-        let refusal = Refusal::TooLarge("too big".into());
-        let e: Value =
-            serde_json::from_str(&reply::refused(&refusal, &Some(json!(7)))).expect("json");
-        assert_eq!(
-            e,
-            json!({"type":"error","code":"too_large","reason":"too big","id":7})
-        );
-        let p: Value = serde_json::from_str(&reply::pong(&None)).expect("json");
-        assert_eq!(p, json!({"type":"pong"}));
     }
 }

@@ -4,7 +4,7 @@
 //! and every wire protocol maps it in one place: HTTP in
 //! [`crate::http::refused`] (the Pusher HTTP API keeps its own body,
 //! `{"error": reason}`, in `api::pusher`), crier's WebSocket `error` frame
-//! in [`crate::protocol::reply::refused`].
+//! in `transport::ws`'s `reply::refused`.
 
 use std::borrow::Cow;
 

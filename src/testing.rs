@@ -27,7 +27,8 @@ pub mod metrics {
 
 /// WebSocket commands and the event filter.
 pub mod protocol {
-    pub use crate::protocol::{event_filter, Command, MAX_EVENT_TYPES, MAX_EVENT_TYPE_LEN};
+    pub use crate::protocol::{event_filter, MAX_EVENT_TYPES, MAX_EVENT_TYPE_LEN};
+    pub use crate::transport::ws::Command;
 }
 
 /// The WebSocket driver, for a protocol of a test's own: implement

@@ -141,7 +141,7 @@ pub(crate) async fn presence(
     }
     match app.members(&channel).await {
         Ok(members) => {
-            let body = crate::protocol::reply::members(&channel, members.count, &members.listed);
+            let body = crate::protocol::members_json(&channel, members.count, &members.listed);
             json(StatusCode::OK, &body)
         }
         Err(refusal) => refused(&refusal),

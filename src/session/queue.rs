@@ -364,7 +364,7 @@ mod tests {
         );
         assert_eq!(next(&mailbox, &mut batch).await, Mail::Publications);
         assert_eq!(batch.len(), 3, "all of them at once");
-        assert!(batch[0].frame.as_str().ends_with("\"data\":0}"), "in order");
+        assert!(batch[0].frame.ends_with("\"data\":0}"), "in order");
         assert_eq!(next(&mailbox, &mut batch).await, Mail::Heartbeat);
     }
 
@@ -404,7 +404,7 @@ mod tests {
         assert!(mailbox.offer(&publication(2), false));
         assert!(mailbox.offer(&publication(3), true));
         assert_eq!(next(&mailbox, &mut batch).await, Mail::Publications);
-        let order: Vec<_> = batch.iter().map(|p| p.frame.as_str().to_owned()).collect();
+        let order: Vec<_> = batch.iter().map(|p| p.frame.to_string()).collect();
         assert!(
             order[0].ends_with("\"data\":2}") && order[1].ends_with("\"data\":3}"),
             "{order:?}"
@@ -503,7 +503,7 @@ mod tests {
 
         /// A publication as the test's wire protocol writes it: one line.
         fn encode(p: &Publication) -> Bytes {
-            Bytes::from(format!("{}\n", p.frame.as_str()))
+            Bytes::from(format!("{}\n", &*p.frame))
         }
 
         /// The task's own answer number `n`: one line.

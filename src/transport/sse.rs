@@ -27,7 +27,7 @@ use crate::http::{rejected, Body, StreamQuery};
 use crate::link::{Gone, HandoffBody, Link, Out};
 use crate::metrics::Transport;
 use crate::origin::add_cors;
-use crate::protocol::{sse, Encoding, Publication};
+use crate::protocol::{Encoding, Publication};
 use crate::refusal::Refusal;
 use crate::session::Request as Subscription;
 use crate::session::{admit, Event, Session, Start, Wire};
@@ -252,16 +252,16 @@ impl Live {
                     self.emit(out, &p);
                 }
             }
-            Event::Expiring { in_secs } => out.extend_from_slice(&sse::expiring(in_secs)),
+            Event::Expiring { in_secs } => out.extend_from_slice(&notice::expiring(in_secs)),
             Event::Expired => {
                 tracing::info!(parent: span, "credential ended, closing stream");
                 self.done = true;
-                out.extend_from_slice(&sse::EXPIRED);
+                out.extend_from_slice(&notice::EXPIRED);
             }
             Event::Reconnect { after_ms } => {
                 tracing::debug!(parent: span, after_ms, "draining: client told to reconnect");
                 self.done = true;
-                out.extend_from_slice(&sse::retry(after_ms));
+                out.extend_from_slice(&notice::retry(after_ms));
             }
             Event::Slow => {
                 tracing::info!(parent: span, "client too slow: queue full, ending stream");
@@ -269,7 +269,7 @@ impl Live {
             }
             // SSE clients never talk, so never idle: keep proxies from
             // timing the stream out.
-            Event::Heartbeat | Event::Idle => out.extend_from_slice(&sse::HEARTBEAT),
+            Event::Heartbeat | Event::Idle => out.extend_from_slice(&notice::HEARTBEAT),
             Event::Flush => {}
         }
         true
@@ -316,4 +316,29 @@ fn chunk(p: &Publication) -> Bytes {
 /// A publication on a stream without chunks (HTTP/1.0), for direct writes.
 fn plain(p: &Publication) -> Bytes {
     p.sse.clone()
+}
+
+/// The SSE blocks crier sends besides publications.
+mod notice {
+    use bytes::Bytes;
+
+    /// A comment that keeps proxies from timing an idle stream out.
+    pub(super) const HEARTBEAT: Bytes = Bytes::from_static(b": heartbeat\n\n");
+
+    /// The credential ended: the stream closes after this.
+    pub(super) const EXPIRED: Bytes =
+        Bytes::from_static(b"event: expired\ndata: {\"type\":\"expired\"}\n\n");
+
+    /// The credential ends in `in_secs`.
+    pub(super) fn expiring(in_secs: u64) -> Bytes {
+        Bytes::from(format!(
+            "event: expiring\ndata: {{\"type\":\"expiring\",\"in_secs\":{in_secs}}}\n\n"
+        ))
+    }
+
+    /// Reconnect after `ms` (sent when the instance drains, before the
+    /// stream ends).
+    pub(super) fn retry(ms: u64) -> Bytes {
+        Bytes::from(format!("retry: {ms}\n\n"))
+    }
 }

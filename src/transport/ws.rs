@@ -18,7 +18,7 @@ use crate::app::{App, ConnInfo};
 use crate::history::StreamId;
 use crate::http::{rejected, Body, StreamQuery};
 use crate::metrics::Transport;
-use crate::protocol::{event_filter, reply, Command, Encoding, Publication};
+use crate::protocol::{event_filter, Encoding, Publication};
 use crate::refusal::Refusal;
 use crate::session::{admit, Presence, Request, Start};
 use crate::transport::rfc6455;
@@ -145,21 +145,29 @@ impl Protocol for Ws {
 
 /// One client command.
 async fn command(conn: &mut Conn, text: &str) -> Result<(), Gone> {
-    let cmd: Command = match serde_json::from_str(text) {
+    let mut cmd: Command = match serde_json::from_str(text) {
         Ok(cmd) => cmd,
         Err(e) => {
             let refusal = Refusal::BadRequest(format!("not a JSON command: {e}"));
             return refuse(conn, &refusal, &None).await;
         }
     };
-    let missing = |what: &str| Refusal::BadRequest(format!("missing {what}"));
-    match (cmd.kind.as_deref(), cmd.channel) {
-        (Some("subscribe"), Some(channel)) => {
-            let events = match cmd.events.map(event_filter).transpose() {
+    let id = cmd.id.take();
+    let op = match cmd.op() {
+        Ok(op) => op,
+        Err(refusal) => return refuse(conn, &refusal, &id).await,
+    };
+    match op {
+        Op::Subscribe {
+            channel,
+            events,
+            since,
+        } => {
+            let events = match events.map(event_filter).transpose() {
                 Ok(events) => events,
-                Err(reason) => return refuse(conn, &Refusal::BadRequest(reason), &cmd.id).await,
+                Err(reason) => return refuse(conn, &Refusal::BadRequest(reason), &id).await,
             };
-            let start = match cmd.since.as_deref() {
+            let start = match since.as_deref() {
                 None => Start::Now,
                 // From the oldest message still in the channel's history.
                 Some(crate::http::OLDEST) => Start::Oldest,
@@ -169,7 +177,7 @@ async fn command(conn: &mut Conn, text: &str) -> Result<(), Gone> {
                         let reason =
                             "bad `since`: expected a message id like 1700000000000-0, or \"oldest\"";
                         let refusal = Refusal::BadRequest(reason.into());
-                        return refuse(conn, &refusal, &cmd.id).await;
+                        return refuse(conn, &refusal, &id).await;
                     }
                 },
             };
@@ -179,27 +187,15 @@ async fn command(conn: &mut Conn, text: &str) -> Result<(), Gone> {
                 presence: Presence::AsUser,
                 ..Request::new(channel)
             };
-            subscribe(conn, request, cmd.id).await
+            subscribe(conn, request, id).await
         }
-        (Some("unsubscribe"), Some(channel)) => {
+        Op::Unsubscribe { channel } => {
             conn.session.unsubscribe(&channel);
-            send(conn, reply::unsubscribed(&channel, &cmd.id)).await
+            send(conn, reply::unsubscribed(&channel, &id)).await
         }
-        (Some("subscribe" | "unsubscribe"), None) => {
-            refuse(conn, &missing("channel"), &cmd.id).await
-        }
-        (Some("presence"), Some(channel)) => presence(conn, &channel, &cmd.id).await,
-        (Some("presence"), None) => refuse(conn, &missing("channel"), &cmd.id).await,
-        (Some("ping"), _) => send(conn, reply::pong(&cmd.id)).await,
-        (Some("auth"), _) => match cmd.token {
-            Some(token) => authenticate(conn, &token, &cmd.id).await,
-            None => refuse(conn, &missing("token"), &cmd.id).await,
-        },
-        (Some(other), _) => {
-            let refusal = Refusal::BadRequest(format!("unknown message type `{other}`"));
-            refuse(conn, &refusal, &cmd.id).await
-        }
-        (None, _) => refuse(conn, &missing("`type`"), &cmd.id).await,
+        Op::Presence { channel } => presence(conn, &channel, &id).await,
+        Op::Ping => send(conn, reply::pong(&id)).await,
+        Op::Auth { token } => authenticate(conn, &token, &id).await,
     }
 }
 
@@ -264,4 +260,230 @@ async fn refuse(conn: &mut Conn, refusal: &Refusal, id: &Option<Value>) -> Resul
 
 async fn send(conn: &mut Conn, text: String) -> Result<(), Gone> {
     conn.send(text.as_bytes()).await
+}
+
+/// A WebSocket command from a client, before its type is checked.
+///
+/// Kept loose on purpose so an `error` reply can echo the `id` of a command
+/// that is otherwise wrong.
+#[derive(Debug, serde::Deserialize)]
+pub struct Command {
+    /// `subscribe`, `unsubscribe`, `ping`.
+    #[serde(rename = "type")]
+    pub kind: Option<String>,
+    /// Any JSON value, echoed in the reply.
+    #[serde(default)]
+    pub id: Option<Value>,
+    /// For `subscribe` and `unsubscribe`.
+    #[serde(default)]
+    pub channel: Option<String>,
+    /// For `subscribe`: only these event types.
+    #[serde(default)]
+    pub events: Option<Vec<String>>,
+    /// For `auth`: a bearer token.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// For `subscribe`: resume after this message id of the channel.
+    #[serde(default)]
+    pub since: Option<String>,
+}
+
+/// A command, its type checked.
+#[derive(Debug)]
+enum Op {
+    Subscribe {
+        channel: String,
+        events: Option<Vec<String>>,
+        since: Option<String>,
+    },
+    Unsubscribe {
+        channel: String,
+    },
+    Presence {
+        channel: String,
+    },
+    Ping,
+    Auth {
+        token: String,
+    },
+}
+
+impl Command {
+    /// What the command asks, or why it is refused (its `id` taken out
+    /// first, for the reply).
+    fn op(self) -> Result<Op, Refusal> {
+        let missing = |what: &str| Refusal::BadRequest(format!("missing {what}"));
+        let channel = || self.channel.clone().ok_or_else(|| missing("channel"));
+        match self.kind.as_deref() {
+            Some("subscribe") => Ok(Op::Subscribe {
+                channel: channel()?,
+                events: self.events.clone(),
+                since: self.since.clone(),
+            }),
+            Some("unsubscribe") => Ok(Op::Unsubscribe {
+                channel: channel()?,
+            }),
+            Some("presence") => Ok(Op::Presence {
+                channel: channel()?,
+            }),
+            Some("ping") => Ok(Op::Ping),
+            Some("auth") => match &self.token {
+                Some(token) => Ok(Op::Auth {
+                    token: token.clone(),
+                }),
+                None => Err(missing("token")),
+            },
+            Some(other) => Err(Refusal::BadRequest(format!(
+                "unknown message type `{other}`"
+            ))),
+            None => Err(missing("`type`")),
+        }
+    }
+}
+
+/// crier's replies, each one text frame. They are per-connection and
+/// rare, so building them with `json!` is fine.
+mod reply {
+    use serde_json::{json, Value};
+
+    use crate::history::StreamId;
+    use crate::protocol::members_json;
+    use crate::refusal::Refusal;
+
+    fn with_id(mut v: Value, id: &Option<Value>) -> String {
+        if let (Some(id), Some(obj)) = (id, v.as_object_mut()) {
+            obj.insert("id".into(), id.clone());
+        }
+        v.to_string()
+    }
+
+    /// First frame on every connection.
+    pub(super) fn welcome(conn: u64) -> String {
+        json!({"type": "welcome", "conn": conn.to_string(), "version": crate::VERSION}).to_string()
+    }
+
+    /// A subscription is live. `recovered` answers a `since`: whether
+    /// everything after it was delivered (false: a `gap` follows).
+    /// `position` is where a later `since` may resume from.
+    pub(super) fn subscribed(
+        channel: &str,
+        recovered: Option<bool>,
+        position: Option<StreamId>,
+        id: &Option<Value>,
+    ) -> String {
+        let mut v = json!({"type": "subscribed", "channel": channel});
+        if let Some(recovered) = recovered {
+            v["recovered"] = json!(recovered);
+        }
+        if let Some(position) = position {
+            v["position"] = json!(position.to_string());
+        }
+        with_id(v, id)
+    }
+
+    /// A subscription ended at the client's request.
+    pub(super) fn unsubscribed(channel: &str, id: &Option<Value>) -> String {
+        with_id(json!({"type": "unsubscribed", "channel": channel}), id)
+    }
+
+    /// A subscription ended by crier: the connection's credential no
+    /// longer grants the channel.
+    pub(super) fn revoked(channel: &str, reason: &str) -> String {
+        json!({"type": "unsubscribed", "channel": channel, "reason": reason}).to_string()
+    }
+
+    /// The answer to a `presence` request.
+    pub(super) fn presence(
+        channel: &str,
+        count: u64,
+        listed: &[(String, String)],
+        id: &Option<Value>,
+    ) -> String {
+        let mut v = members_json(channel, count, listed);
+        v["type"] = json!("presence");
+        with_id(v, id)
+    }
+
+    /// Answer to `ping`.
+    pub(super) fn pong(id: &Option<Value>) -> String {
+        with_id(json!({"type": "pong"}), id)
+    }
+
+    /// A refused or malformed command: crier's WebSocket form of every
+    /// [`Refusal`].
+    pub(super) fn refused(refusal: &Refusal, id: &Option<Value>) -> String {
+        with_id(
+            json!({"type": "error", "code": refusal.code(), "reason": refusal.reason()}),
+            id,
+        )
+    }
+
+    /// The credential ends in `in_secs`: send a fresh one with `auth`.
+    pub(super) fn expiring(in_secs: u64) -> String {
+        json!({"type": "expiring", "in_secs": in_secs}).to_string()
+    }
+
+    /// An `auth` command was accepted.
+    pub(super) fn authenticated(
+        user: Option<&str>,
+        expires_in: Option<u64>,
+        id: &Option<Value>,
+    ) -> String {
+        with_id(
+            json!({"type": "authenticated", "user": user, "expires_in": expires_in}),
+            id,
+        )
+    }
+
+    /// This instance is draining: reconnect after `after_ms`.
+    pub(super) fn reconnect(after_ms: u64) -> String {
+        json!({"type": "reconnect", "after_ms": after_ms}).to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn replies_echo_ids() {
+        let refusal = Refusal::TooLarge("too big".into());
+        let e: Value =
+            serde_json::from_str(&reply::refused(&refusal, &Some(json!(7)))).expect("json");
+        assert_eq!(
+            e,
+            json!({"type":"error","code":"too_large","reason":"too big","id":7})
+        );
+        let p: Value = serde_json::from_str(&reply::pong(&None)).expect("json");
+        assert_eq!(p, json!({"type":"pong"}));
+    }
+
+    #[test]
+    fn commands_are_typed_before_they_run() {
+        let op = |text: &str| {
+            let mut cmd: Command = serde_json::from_str(text).expect("json");
+            cmd.id.take();
+            cmd.op().map_err(|r| r.reason().into_owned())
+        };
+        let subscribe = op(r#"{"type":"subscribe","channel":"a","since":"oldest"}"#);
+        assert!(
+            matches!(subscribe, Ok(Op::Subscribe { ref channel, ref since, .. }) if channel == "a" && since.as_deref() == Some("oldest")),
+            "{subscribe:?}"
+        );
+        assert_eq!(
+            op(r#"{"type":"unsubscribe"}"#).err().as_deref(),
+            Some("missing channel")
+        );
+        assert_eq!(
+            op(r#"{"type":"auth"}"#).err().as_deref(),
+            Some("missing token")
+        );
+        assert_eq!(op(r#"{"id":1}"#).err().as_deref(), Some("missing `type`"));
+        assert_eq!(
+            op(r#"{"type":"shout"}"#).err().as_deref(),
+            Some("unknown message type `shout`")
+        );
+        assert!(matches!(op(r#"{"type":"ping"}"#), Ok(Op::Ping)));
+    }
 }
