@@ -223,7 +223,7 @@ struct Crier {
 async fn start_crier(redis: Option<u16>, args: &Args) -> Crier {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("crier.toml");
-    let mut text = String::from("[[channels]]\npattern = \"bench:*\"\nsubscribe = \"anyone\"\n");
+    let mut text = String::from("[[channels]]\npattern = \"bench.*\"\nsubscribe = \"anyone\"\n");
     if args.history {
         text.push_str("history = { size = 1000, ttl = \"1h\" }\n");
     }
@@ -458,7 +458,7 @@ async fn main() {
             .await
             .expect("semaphore");
         let (addr, hist, received) = (crier.addr.clone(), hist.clone(), received.clone());
-        let channel = format!("bench:{}", i % args.channels);
+        let channel = format!("bench.{}", i % args.channels);
         let transport = args.transport;
         tasks.push(tokio::spawn(async move {
             drop(permit);
@@ -509,7 +509,7 @@ async fn main() {
                     } else {
                         pipe.cmd("PUBLISH");
                     }
-                    pipe.arg(format!("bench:{c}")).arg(payload);
+                    pipe.arg(format!("bench.{c}")).arg(payload);
                 }
                 let _: Vec<redis::Value> = pipe.query_async(&mut conn).await.expect("publish");
             }

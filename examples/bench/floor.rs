@@ -52,7 +52,7 @@ pub async fn serve(redis_port: u16) {
     let subscribed = Arc::new(AtomicU64::new(0));
     let client = redis::Client::open(format!("redis://127.0.0.1:{redis_port}")).expect("url");
     let mut pubsub = client.get_async_pubsub().await.expect("redis");
-    pubsub.psubscribe("bench:*").await.expect("psubscribe");
+    pubsub.psubscribe("bench.*").await.expect("psubscribe");
     tokio::spawn(async move {
         let mut messages = pubsub.on_message();
         while let Some(msg) = messages.next().await {
