@@ -1,5 +1,7 @@
-//! What every request handler shares: configuration, hub, broker, policy,
-//! metrics, lifecycle, and connection admission.
+//! What every request handler shares: the configuration and metrics, and
+//! three handles: delivery (hub, broker, rules, presence), the gate
+//! (credentials, origins, connection limits) and the process (its phase,
+//! tasks and number).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,42 +19,61 @@ use crate::metrics::Metrics;
 use crate::origin::Origins;
 use crate::policy::Policy;
 
-/// Shared state of one crier process.
+/// Shared state of one crier process, in a few handles: what a handler
+/// needs is the configuration and metrics, plus one or two of them.
 pub(crate) struct App {
     /// The effective configuration.
-    pub config: Config,
-    /// Channel → local listeners.
-    pub hub: Arc<Hub>,
-    /// Where publications come from and go to.
-    pub broker: Broker,
-    /// Channel rules.
-    pub policy: Arc<Policy>,
+    pub(crate) config: Config,
     /// The metrics registry.
-    pub metrics: Metrics,
-    /// Serving, shutting down, draining.
-    pub lifecycle: Lifecycle,
-    /// Tasks that must finish before the process exits (WebSocket sessions).
-    pub tasks: TaskTracker,
+    pub(crate) metrics: Metrics,
+    /// Where publications come from and go to, and the rules.
+    pub(crate) delivery: Delivery,
+    /// Who may connect, and what connections may hold.
+    pub(crate) gate: Gate,
+    /// This running crier: its number, its phase, its tasks.
+    pub(crate) process: Process,
+    /// The Pusher apps served, by key and by id.
+    pub(crate) pusher: crate::pusher::Apps,
+    /// One more WebSocket protocol served, for a test (see
+    /// [`crate::testing`]).
+    pub(crate) mount: Option<Mount>,
+}
+
+/// Where publications come from and go to.
+pub(crate) struct Delivery {
+    /// Channel → local listeners.
+    pub(crate) hub: Arc<Hub>,
+    /// Where publications come from and go to.
+    pub(crate) broker: Broker,
+    /// Channel rules.
+    pub(crate) policy: Arc<Policy>,
+    /// The presence this instance holds (see [`crate::presence`]).
+    pub(crate) presence: crate::presence::Presence,
+}
+
+/// Who may connect, and what connections may hold.
+pub(crate) struct Gate {
     /// Credentials.
-    pub auth: Arc<Authenticator>,
+    pub(crate) auth: Arc<Authenticator>,
     /// Allowed browser origins.
-    pub origins: Origins,
+    pub(crate) origins: Origins,
+    /// Streams held, in all, per IP and per user.
+    pub(crate) limits: ConnectionLimits,
     /// Bytes of resume replay held for clients, process-wide
     /// (`limits.max_replay_bytes_total`).
-    pub replay_bytes: Arc<Semaphore>,
-    /// Streams held, in all, per IP and per user.
-    pub limits: ConnectionLimits,
+    pub(crate) replay_bytes: Arc<Semaphore>,
+}
+
+/// This running crier.
+pub(crate) struct Process {
+    /// Serving, shutting down, draining.
+    pub(crate) lifecycle: Lifecycle,
+    /// Tasks that must finish before the process exits (WebSocket sessions).
+    pub(crate) tasks: TaskTracker,
     /// This running crier's number, fleet-wide: the instance part of its
     /// socket ids, and its name in the presence store. Random at start
     /// (one process may run several, as tests do).
-    pub instance: u32,
-    /// The presence this instance holds (see [`crate::presence`]).
-    pub presence: crate::presence::Presence,
-    /// The Pusher apps served, by key and by id.
-    pub pusher: crate::pusher::Apps,
-    /// One more WebSocket protocol served, for a test (see
-    /// [`crate::testing`]).
-    pub mount: Option<Mount>,
+    pub(crate) instance: u32,
 }
 
 /// Answers one request.
@@ -96,18 +117,24 @@ impl App {
                 .min(Semaphore::MAX_PERMITS),
         ));
         Self {
-            hub,
-            broker,
-            policy,
             metrics,
-            lifecycle,
-            tasks: TaskTracker::new(),
-            auth,
-            origins,
-            replay_bytes,
-            limits,
-            instance,
-            presence: crate::presence::Presence::new(instance),
+            delivery: Delivery {
+                hub,
+                broker,
+                policy,
+                presence: crate::presence::Presence::new(instance),
+            },
+            gate: Gate {
+                auth,
+                origins,
+                limits,
+                replay_bytes,
+            },
+            process: Process {
+                lifecycle,
+                tasks: TaskTracker::new(),
+                instance,
+            },
             pusher: crate::pusher::Apps::new(&config.pusher.apps),
             mount: None,
             config,
@@ -122,7 +149,7 @@ impl App {
         &self,
         channel: &str,
     ) -> Result<crate::broker::Members, crate::refusal::Refusal> {
-        crate::presence::members(&self.broker, &self.config.presence, channel).await
+        crate::presence::members(&self.delivery.broker, &self.config.presence, channel).await
     }
 }
 

@@ -233,7 +233,7 @@ fn launch(
     });
     tracing::info!(
         %addr,
-        broker = app.broker.kind(),
+        broker = app.delivery.broker.kind(),
         redis,
         channel_rules = config.channels.len(),
         auth = auth_modes(config),
@@ -262,15 +262,27 @@ fn launch(
     let tick = (shortest / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let clock_app = Arc::clone(&app);
     let stop_clock = stop_background.clone();
-    background.spawn(async move { clock_app.lifecycle.run_clock(tick, stop_clock).await });
-    if let Some(jwks) = app.auth.jwks() {
+    background.spawn(async move {
+        clock_app
+            .process
+            .lifecycle
+            .run_clock(tick, stop_clock)
+            .await
+    });
+    if let Some(jwks) = app.gate.auth.jwks() {
         background.spawn(Arc::clone(jwks).run(stop_background.clone()));
     }
     let beat_app = Arc::clone(&app);
     let stop_beats = stop_background.clone();
     background.spawn(async move {
         let app = &beat_app;
-        crate::presence::run(&app.presence, &app.broker, &app.config.presence, stop_beats).await
+        crate::presence::run(
+            &app.delivery.presence,
+            &app.delivery.broker,
+            &app.config.presence,
+            stop_beats,
+        )
+        .await
     });
     let sigterm = CancellationToken::new();
     let done = tokio::spawn(run(
@@ -301,22 +313,22 @@ async fn run(
     sigterm.cancelled().await;
     let shutdown = &app.config.shutdown;
     tracing::info!(grace = ?shutdown.grace, drain = ?shutdown.drain, "shutdown: not ready, still serving");
-    app.lifecycle.begin_shutdown();
+    app.process.lifecycle.begin_shutdown();
     tokio::time::sleep(shutdown.grace).await;
 
     tracing::info!("draining: clients are told to reconnect");
-    app.lifecycle.begin_drain();
+    app.process.lifecycle.begin_drain();
     let _ = accepting.await;
-    app.tasks.close();
+    app.process.tasks.close();
     // Every connection leaves by itself within the drain window; the margin
     // covers the last writes.
     let deadline = shutdown.drain + Duration::from_secs(1);
-    if tokio::time::timeout(deadline, app.tasks.wait())
+    if tokio::time::timeout(deadline, app.process.tasks.wait())
         .await
         .is_err()
     {
         tracing::warn!(
-            left = app.tasks.len(),
+            left = app.process.tasks.len(),
             "connections still open after the drain, closing them"
         );
     }
@@ -342,7 +354,7 @@ async fn accept_loop(app: Arc<App>, listener: TcpListener, budget: Budget) {
         .timer(TokioTimer::new())
         .header_read_timeout(app.config.ws.handshake_timeout)
         .max_header_size(crate::http::MAX_HEAD_BYTES);
-    let drain = app.lifecycle.drain_started().clone();
+    let drain = app.process.lifecycle.drain_started().clone();
     let mut errors = AcceptErrors::default();
     loop {
         let (stream, peer) = tokio::select! {
@@ -378,10 +390,12 @@ async fn accept_loop(app: Arc<App>, listener: TcpListener, budget: Budget) {
             Admit::Serve(slot) => {
                 let _ = stream.set_nodelay(true);
                 let task = connection(Arc::clone(&app), stream, peer, slot, builder.clone());
-                app.tasks.spawn(task);
+                app.process.tasks.spawn(task);
             }
             Admit::Overflow(permit) => {
-                app.tasks.spawn(overflow(Arc::clone(&app), stream, permit));
+                app.process
+                    .tasks
+                    .spawn(overflow(Arc::clone(&app), stream, permit));
             }
             Admit::Close => drop(stream),
         }
@@ -490,7 +504,7 @@ async fn connection(
         handoff: Arc::clone(&handoff),
         slot,
     };
-    let drain = app.lifecycle.drain_started().clone();
+    let drain = app.process.lifecycle.drain_started().clone();
     let service_app = Arc::clone(&app);
     let service = service_fn(move |req| {
         let app = Arc::clone(&service_app);
@@ -585,13 +599,13 @@ async fn route(app: Arc<App>, req: Request<Incoming>, info: ConnInfo) -> Respons
         // A plain `EventSource` needs no preflight; a fetch-based SSE client
         // sending `Authorization` or `Last-Event-ID` does.
         (&Method::OPTIONS, "/sse") => crate::origin::preflight(
-            &app.origins,
+            &app.gate.origins,
             req.headers(),
             "GET",
             "authorization, last-event-id, cache-control",
         ),
         (&Method::OPTIONS, "/api/publish") => crate::origin::preflight(
-            &app.origins,
+            &app.gate.origins,
             req.headers(),
             "POST",
             "authorization, content-type",
@@ -632,9 +646,9 @@ async fn route(app: Arc<App>, req: Request<Incoming>, info: ConnInfo) -> Respons
 }
 
 fn readyz(app: &App) -> Response<Body> {
-    if app.lifecycle.is_shutting_down() {
+    if app.process.lifecycle.is_shutting_down() {
         text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
-    } else if !app.broker.health().is_up() {
+    } else if !app.delivery.broker.health().is_up() {
         text(StatusCode::SERVICE_UNAVAILABLE, "broker unavailable\n")
     } else {
         text(StatusCode::OK, "ready\n")
@@ -907,7 +921,7 @@ mod rule_walks {
             peer,
         };
         let mut session = Session::open(Arc::clone(&app), admitted.await.expect("admitted"), wire);
-        let walks = || app.policy.walks();
+        let walks = || app.delivery.policy.walks();
 
         let before = walks();
         session
@@ -924,11 +938,13 @@ mod rule_walks {
 
         let subscribed = walks();
         for n in 0..3 {
-            app.broker
+            app.delivery
+                .broker
                 .publish("ops:1", format!(r#"{{"kind":"k{n}"}}"#).as_bytes())
                 .await
                 .expect("published");
-            app.broker
+            app.delivery
+                .broker
                 .publish("news:1", format!(r#"{{"what":"w{n}"}}"#).as_bytes())
                 .await
                 .expect("published");

@@ -36,7 +36,7 @@ pub(crate) async fn publish(
     req: Request<Incoming>,
     info: ConnInfo,
 ) -> Response<Body> {
-    let origin = app.origins.check(req.headers());
+    let origin = app.gate.origins.check(req.headers());
     let mut response = match try_publish(&app, req, &info).await {
         Ok(id) => {
             app.metrics.api_publications.inc();
@@ -66,7 +66,8 @@ async fn try_publish(
     })?;
     validate_channel(&request.channel)
         .map_err(|why| Refusal::BadRequest(format!("bad channel name: {why}")))?;
-    app.broker
+    app.delivery
+        .broker
         .publish(&request.channel, request.data.get().as_bytes())
         .await
         .map_err(|e| {
@@ -134,7 +135,12 @@ pub(crate) async fn presence(
     let Some(channel) = crate::http::query_param(req.uri(), "channel") else {
         return refused(&Refusal::BadRequest("missing `channel`".into()));
     };
-    if !app.policy.rule_of(&channel).tracks_presence(&channel) {
+    if !app
+        .delivery
+        .policy
+        .rule_of(&channel)
+        .tracks_presence(&channel)
+    {
         let reason =
             format!("`{channel}` is not a presence channel (no rule with presence = true)");
         return refused(&Refusal::BadRequest(reason));

@@ -263,7 +263,8 @@ impl Event {
     /// of the presence channels with `info=user_count`).
     async fn publish(self, app: &App) -> Result<Value, Refusal> {
         for channel in &self.channels {
-            app.broker
+            app.delivery
+                .broker
                 .publish(channel, &self.payload)
                 .await
                 .map_err(|e| {
@@ -289,6 +290,7 @@ impl Event {
 
 async fn user_count(app: &App, channel: &str) -> Result<u64, Refusal> {
     let members = app
+        .delivery
         .broker
         .presence_members(channel, 0)
         .await
@@ -299,13 +301,14 @@ async fn user_count(app: &App, channel: &str) -> Result<u64, Refusal> {
 /// Channels with a listener somewhere in the fleet.
 async fn occupied(app: &App) -> Result<Vec<String>, Refusal> {
     match app
+        .delivery
         .broker
         .occupied()
         .await
         .map_err(|_| Refusal::Unavailable)?
     {
         Some(channels) => Ok(channels),
-        None => Ok(app.hub.channels()),
+        None => Ok(app.delivery.hub.channels()),
     }
 }
 

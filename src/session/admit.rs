@@ -34,11 +34,11 @@ pub(crate) async fn admit(
     peer: std::net::IpAddr,
     channels: &[String],
 ) -> Result<Admission, Refusal> {
-    let origin = app.origins.check(headers);
+    let origin = app.gate.origins.check(headers);
     if origin == Verdict::Refused {
         return Err(Refusal::Forbidden("origin not allowed"));
     }
-    let principal = match app.auth.from_request(headers, uri, peer).await {
+    let principal = match app.gate.auth.from_request(headers, uri, peer).await {
         Ok(found) => found.unwrap_or_default(),
         // The session store or webhook is down: try again, not "logged out".
         Err(failure) if failure.is_outage() => return Err(Refusal::SessionStoreUnavailable),
@@ -57,7 +57,10 @@ pub(crate) async fn admit(
         })
         .collect::<Result<_, _>>()?;
     let gauge = app.metrics.connections(transport).clone();
-    let admitted = app.limits.admit(peer, principal.user.as_deref(), gauge)?;
+    let admitted = app
+        .gate
+        .limits
+        .admit(peer, principal.user.as_deref(), gauge)?;
     Ok(Admission {
         principal,
         admitted,
@@ -89,9 +92,9 @@ fn query_token_hint(app: &App, uri: &Uri, refusal: Refusal) -> Refusal {
 /// rules decide; an anonymous client refused for want of credentials
 /// counts as a `missing` auth failure.
 pub(super) fn resolve(app: &App, channel: &str, who: &Principal) -> Result<Arc<Rule>, Refusal> {
-    let decided = app.policy.resolve(channel, who);
+    let decided = app.delivery.policy.resolve(channel, who);
     if let Err(Refusal::Unauthorized(_)) = decided {
-        app.auth.count(Failure::Missing);
+        app.gate.auth.count(Failure::Missing);
     }
     decided
 }

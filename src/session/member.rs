@@ -28,8 +28,9 @@ impl Member {
     ) -> Result<(Member, Members), Refusal> {
         let config = &app.config.presence;
         let members = app
+            .delivery
             .presence
-            .join(&app.broker, config, channel, user, info, socket)
+            .join(&app.delivery.broker, config, channel, user, info, socket)
             .await?;
         let member = Member {
             app: Arc::clone(app),
@@ -53,8 +54,11 @@ impl Drop for Member {
         let app = Arc::clone(&self.app);
         let channel = std::mem::take(&mut self.channel);
         let user = std::mem::take(&mut self.user);
-        self.app.tasks.spawn(async move {
-            app.presence.leave(&app.broker, &channel, &user).await;
+        self.app.process.tasks.spawn(async move {
+            app.delivery
+                .presence
+                .leave(&app.delivery.broker, &channel, &user)
+                .await;
         });
     }
 }

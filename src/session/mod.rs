@@ -283,12 +283,12 @@ impl Session {
         let counter = app.metrics.slow_client_disconnects.clone();
         let id = queue::next_id();
         let me = SocketId {
-            instance: app.instance,
+            instance: app.process.instance,
             conn: id,
         };
         let mailbox = Arc::new(Mailbox::new(limits.queue_size, counter, Some(me)));
         let bell = Arc::downgrade(&mailbox) as Weak<dyn Bell>;
-        app.lifecycle.attach(id, bell, wire.heartbeat);
+        app.process.lifecycle.attach(id, bell, wire.heartbeat);
         let span = tracing::info_span!(
             "conn",
             conn.id = id,
@@ -301,10 +301,10 @@ impl Session {
             span.record("user", user.as_str());
         }
         Self {
-            subs: Subscriptions::new(Arc::clone(&app.hub), id, Arc::clone(&mailbox) as _),
+            subs: Subscriptions::new(Arc::clone(&app.delivery.hub), id, Arc::clone(&mailbox) as _),
             mailbox,
             batch: VecDeque::new(),
-            watch: Watch::new(Arc::clone(&app.auth), admission.principal),
+            watch: Watch::new(Arc::clone(&app.gate.auth), admission.principal),
             tracker: Tracker::default(),
             replay: None,
             replay_overhead: wire.replay_overhead,
@@ -334,7 +334,7 @@ impl Session {
     /// The connection's id across the fleet (Pusher's `socket_id`).
     pub(crate) fn socket_id(&self) -> SocketId {
         SocketId {
-            instance: self.app.instance,
+            instance: self.app.process.instance,
             conn: self.id(),
         }
     }
@@ -391,7 +391,7 @@ impl Session {
                     Mail::Slow => return Event::Slow,
                     Mail::Drain => {
                         if matches!(self.drain, Drain::Waiting) {
-                            let (wait, retry_ms) = self.app.lifecycle.my_turn();
+                            let (wait, retry_ms) = self.app.process.lifecycle.my_turn();
                             let at = Box::pin(tokio::time::sleep(wait));
                             self.drain = Drain::Leaving { at, retry_ms };
                         }
@@ -626,18 +626,19 @@ impl Session {
     pub(crate) async fn authenticate(&mut self, token: &str) -> Result<Authenticated, Refusal> {
         let principal = self
             .app
+            .gate
             .auth
             .verify_token(token)
             .await
             .map_err(|failure| Refusal::Unauthorized(failure.reason()))?;
         if let (Some(current), Some(new)) = (&self.watch.principal().user, &principal.user) {
             if current != new {
-                self.app.auth.count(Failure::UserMismatch);
+                self.app.gate.auth.count(Failure::UserMismatch);
                 return Err(Refusal::Unauthorized(Failure::UserMismatch.reason()));
             }
         }
         if let Some(user) = &principal.user {
-            self.app.limits.admit_user(&mut self.admitted, user)?;
+            self.app.gate.limits.admit_user(&mut self.admitted, user)?;
             self.span.record("user", user.as_str());
         }
         let expires_in = principal.expires_at.map(|t| {
@@ -662,7 +663,7 @@ impl Session {
             .subs
             .channels()
             .iter()
-            .filter(|c| self.app.policy.resolve(c, who).is_err())
+            .filter(|c| self.app.delivery.policy.resolve(c, who).is_err())
             .cloned()
             .collect();
         for channel in &revoked {
@@ -683,6 +684,6 @@ async fn leave(drain: &mut Drain) {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        self.app.lifecycle.detach(self.subs.id());
+        self.app.process.lifecycle.detach(self.subs.id());
     }
 }

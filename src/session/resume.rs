@@ -97,7 +97,7 @@ impl Budget {
             bytes: limits.max_replay_bytes,
             encoded,
             per_message,
-            instance: Arc::clone(&app.replay_bytes),
+            instance: Arc::clone(&app.gate.replay_bytes),
             held: None,
         }
     }
@@ -179,6 +179,7 @@ pub(super) async fn open(
     // The channel's newest id: where a new listener starts, and the bound a
     // client's cursor must be within.
     let newest = app
+        .delivery
         .broker
         .position(channel, history)
         .await
@@ -210,7 +211,12 @@ pub(super) async fn open(
     let from = since.unwrap_or(newest);
     // One more than the budget allows, to tell "all of it" from "more".
     let fetch = budget.messages.saturating_add(1);
-    let recovery = match app.broker.recover(channel, history, from, fetch).await {
+    let recovery = match app
+        .delivery
+        .broker
+        .recover(channel, history, from, fetch)
+        .await
+    {
         Ok(recovery) => recovery,
         Err(_) => {
             if !existed {

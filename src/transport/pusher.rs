@@ -281,7 +281,10 @@ impl Pusher {
             );
             if let Err(reason) = verified {
                 tracing::info!(%channel, reason, "pusher subscription refused");
-                conn.app().auth.count(crate::auth::Failure::BadSignature);
+                conn.app()
+                    .gate
+                    .auth
+                    .count(crate::auth::Failure::BadSignature);
                 return send(conn, refuse("AuthError", reason, 401)).await;
             }
         }
@@ -370,7 +373,7 @@ impl Pusher {
             &data.to_string(),
         );
         let app = Arc::clone(conn.app());
-        if let Err(e) = app.broker.publish_live(&channel, &payload).await {
+        if let Err(e) = app.delivery.broker.publish_live(&channel, &payload).await {
             tracing::warn!(error = %e, "client event not published");
             return error(conn, None, "the broker is unavailable, try again later").await;
         }

@@ -118,7 +118,7 @@ async fn open<B>(
     let slot = info.slot.clone();
     info.handoff.offer(Box::new(move |stream| {
         let link = Link::new(stream, stall, slow);
-        task_app.tasks.spawn(async move {
+        task_app.process.tasks.spawn(async move {
             let _slot = slot;
             live.run(link).await
         });

@@ -65,7 +65,7 @@ where
     };
     let upgrade = hyper::upgrade::on(&mut req);
     let handshake = app.config.ws.handshake_timeout;
-    app.tasks.spawn(async move {
+    app.process.tasks.spawn(async move {
         // The socket's descriptor slot goes where the socket goes.
         let _slot = slot;
         let upgraded = match tokio::time::timeout(handshake, upgrade).await {

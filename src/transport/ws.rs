@@ -236,7 +236,12 @@ async fn presence(conn: &mut Conn, channel: &str, id: &Option<Value>) -> Result<
         return refuse(conn, &refusal, id).await;
     }
     let app = Arc::clone(conn.app());
-    if !app.policy.rule_of(channel).tracks_presence(channel) {
+    if !app
+        .delivery
+        .policy
+        .rule_of(channel)
+        .tracks_presence(channel)
+    {
         let reason = format!("`{channel}` is not a presence channel");
         return refuse(conn, &Refusal::BadRequest(reason), id).await;
     }
