@@ -421,6 +421,47 @@ async fn cache_channels_send_their_last_event_or_a_cache_miss() {
     crier.shutdown().await;
 }
 
+/// A cache channel whose history keeps one message (the usual setting
+/// for a cache) sends that message: that history has trimmed what came
+/// before it, which is no loss to a client asking for the last event only.
+/// (Redis trims whole nodes of 100 entries: after 101 messages the stream
+/// holds the last one alone, and reports what came before it as gone.)
+#[tokio::test]
+async fn a_cache_channel_keeping_one_message_sends_it() {
+    let redis = RedisServer::start().await;
+    let mut config = pusher_config(&redis);
+    let mut one = common::crier::rule("cache-one", Subscribe::Anyone);
+    one.history = Some(crier::config::HistoryRule {
+        size: 1,
+        ttl: std::time::Duration::from_secs(600),
+    });
+    config.channels.insert(0, one);
+    let crier = Instance::start(config).await;
+    for v in 1..=101 {
+        let event = format!(r#"{{"type":"rate","v":{v}}}"#);
+        redis.fcall_publish("cache-one", &event).await.expect("id");
+    }
+    let key = crier::testing::history::stream_key("", "cache-one");
+    assert_eq!(
+        redis.cli(&["XLEN", &key]).await.trim(),
+        "1",
+        "trimmed to one"
+    );
+    let (mut ws, _) = raw_pusher(&crier.addr, KEY).await;
+    ws.send_json(json!({"event": "pusher:subscribe", "data": {"channel": "cache-one"}}))
+        .await;
+    let ok = next_event(&mut ws, "pusher_internal:subscription_succeeded").await;
+    assert_eq!(ok["channel"], "cache-one", "{ok}");
+    let next = ws.recv_json(WAIT).await;
+    assert_eq!(
+        next["event"], "rate",
+        "the last event, not a cache miss: {next}"
+    );
+    let data: Value = serde_json::from_str(next["data"].as_str().expect("data")).expect("json");
+    assert_eq!(data["v"], 101, "{next}");
+    crier.shutdown().await;
+}
+
 /// Issue 22, acceptance 3: a `cache-` subscribe makes one position read
 /// and one history read of its channel, whether it has a last event or
 /// not (the transport used to read both again to find the last event) —

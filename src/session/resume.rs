@@ -244,7 +244,11 @@ pub(super) async fn open(
         start,
         Start::After(_) | Start::Oldest | Start::Returning { oldest: true }
     );
-    if (recovery.gap && !from_oldest) || !fits {
+    // A gap means messages after the start are gone: nothing to a client
+    // asking from the oldest there is, or for the last event only (a
+    // history of one message always has one before its last).
+    let lost = recovery.gap && !from_oldest && last_event.is_none();
+    if lost || !fits {
         // The client resyncs: only what comes after the channel's newest
         // message is still to be delivered.
         let newest = recovery
