@@ -43,18 +43,55 @@ pub struct Publication {
     single_cursor: std::sync::OnceLock<Bytes>,
     /// The whole bytes each wire protocol writes, for direct writes:
     /// encoded once, on first use, and shared (see [`Encoding`]).
-    wire: [std::sync::OnceLock<Bytes>; 3],
+    wire: [std::sync::OnceLock<Bytes>; 5],
 }
 
 /// A wire protocol's complete encoding of a publication, cached on it.
 #[derive(Debug, Clone, Copy)]
-pub(crate) enum Encoding {
+pub enum Encoding {
     /// A WebSocket text frame.
     WsFrame = 0,
     /// An SSE event as one HTTP/1.1 chunk.
     SseChunk = 1,
     /// A Pusher protocol event as a WebSocket text frame.
     Pusher = 2,
+    /// [`Encoding::WsFrame`], compressed (permessage-deflate).
+    WsDeflated = 3,
+    /// [`Encoding::Pusher`], compressed (permessage-deflate).
+    PusherDeflated = 4,
+}
+
+/// How crier compresses a WebSocket message (`ws.compression_level`,
+/// `ws.compression_min_bytes`), for a connection that negotiated
+/// permessage-deflate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Deflate {
+    /// zlib's level, 1 (fastest) to 9 (smallest).
+    pub(crate) level: u32,
+    /// Messages shorter than this go uncompressed.
+    pub(crate) min_bytes: usize,
+}
+
+/// How one connection's publications become bytes: its wire protocol's
+/// encoding, made once per publication and shared by every connection
+/// that encodes alike (see [`Publication::on_wire`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Encoder {
+    /// The protocol's bytes, as every such connection gets them.
+    Plain(fn(&Publication) -> Bytes),
+    /// Compressed as `Deflate` says: a WebSocket that negotiated
+    /// permessage-deflate.
+    Deflated(fn(&Publication, Deflate) -> Bytes, Deflate),
+}
+
+impl Encoder {
+    /// `p` as this connection writes it.
+    pub(crate) fn encode(&self, p: &Publication) -> Bytes {
+        match *self {
+            Encoder::Plain(encode) => encode(p),
+            Encoder::Deflated(encode, deflate) => encode(p, deflate),
+        }
+    }
 }
 
 /// What a publication tells the client.

@@ -38,7 +38,7 @@ pub mod websocket {
 
     pub use crate::broker::presence::Members;
     pub use crate::metrics::Transport;
-    pub use crate::protocol::{Filter, Publication};
+    pub use crate::protocol::{Encoding, Filter, Publication};
     pub use crate::refusal::Refusal;
     pub use crate::session::{Grant, Presence, Request, Session, Start, Subscribed};
     pub use crate::transport::websocket::{

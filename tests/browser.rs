@@ -533,3 +533,94 @@ async fn reserved_event_types_reach_sse_listeners_under_app_names() {
     assert_eq!(seen["errors"], 0, "onerror not called: {seen}");
     assert_eq!(seen["opens"], 1, "onopen once, for the stream: {seen}");
 }
+
+/// Issue 23, acceptance 1: Chromium negotiates permessage-deflate with
+/// crier on `/ws` and on the Pusher endpoint (`WebSocket.extensions` is
+/// not empty), sends its own messages compressed, and receives every event
+/// intact.
+#[tokio::test]
+async fn chromium_negotiates_compression_on_both_websocket_endpoints() {
+    if !installed("chromium") {
+        eprintln!(
+            "\n*** SKIPPED chromium_negotiates_compression_on_both_websocket_endpoints: \
+             `chromium` is not installed (bash .ci/run installs it) ***\n"
+        );
+        return;
+    }
+    const KEY: &str = "test-api-key-0123456789";
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let page_port = listener.local_addr().expect("addr").port();
+    let mut config = common::crier::test_config(None);
+    common::pusher::with_pusher(&mut config);
+    config.publish.api_keys = vec![KEY.into()];
+    config.allowed_origins = vec![format!("http://127.0.0.1:{page_port}")];
+    let crier = common::crier::Instance::start(config).await;
+    let page = format!(
+        r#"<!doctype html><html><body><script>
+const state = {{ ws: null, pusher: null, wsReady: false, pusherReady: false, wsJobs: [], pusherJobs: [] }};
+const a = new WebSocket("ws://{crier}/ws");
+a.onopen = () => {{
+  state.ws = a.extensions;
+  a.send(JSON.stringify({{ type: "subscribe", channel: "public:big", id: 1 }}));
+}};
+a.onmessage = (e) => {{
+  const m = JSON.parse(e.data);
+  if (m.type === "subscribed") state.wsReady = true;
+  if (m.type === "message") state.wsJobs.push([m.data.job, m.data.lines.length]);
+}};
+const b = new WebSocket("ws://{crier}/app/{app_key}?protocol=7");
+b.onopen = () => {{ state.pusher = b.extensions; }};
+b.onmessage = (e) => {{
+  const m = JSON.parse(e.data);
+  if (m.event === "pusher:connection_established")
+    b.send(JSON.stringify({{ event: "pusher:subscribe", data: {{ channel: "orders" }} }}));
+  if (m.event === "pusher_internal:subscription_succeeded") state.pusherReady = true;
+  if (m.event === "log") {{ const d = JSON.parse(m.data); state.pusherJobs.push([d.job, d.lines.length]); }}
+}};
+setInterval(() => fetch("/results", {{ method: "POST", body: JSON.stringify(state) }}), 100);
+</script></body></html>"#,
+        crier = crier.addr,
+        app_key = common::pusher::KEY,
+    );
+    let (port, mut results) = test_server_on(page, listener).await;
+    let profile = tempfile::tempdir().expect("profile");
+    let _chromium =
+        common::browser::chromium(&format!("http://127.0.0.1:{port}/page"), profile.path());
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        results.wait_for(|v| v["wsReady"] == true && v["pusherReady"] == true),
+    )
+    .await
+    .expect("both sockets subscribed")
+    .expect("results");
+    let lines: Vec<String> = (0..20)
+        .map(|i| format!("step {i}: compiled module_{i}.rs in {i}ms"))
+        .collect();
+    for job in 1..=3 {
+        let data = serde_json::json!({"type": "log", "job": job, "lines": lines}).to_string();
+        for channel in ["public:big", "orders"] {
+            assert_eq!(crier.publish_api(channel, &data, Some(KEY)).await, 200);
+        }
+    }
+    let report = tokio::time::timeout(
+        Duration::from_secs(30),
+        results.wait_for(|v| {
+            v["wsJobs"].as_array().is_some_and(|j| j.len() == 3)
+                && v["pusherJobs"].as_array().is_some_and(|j| j.len() == 3)
+        }),
+    )
+    .await
+    .expect("every event arrived")
+    .expect("results")
+    .clone();
+    for socket in ["ws", "pusher"] {
+        let extensions = report[socket].as_str().unwrap_or_default();
+        assert!(
+            extensions.starts_with("permessage-deflate"),
+            "{socket}: {report}"
+        );
+    }
+    let intact = serde_json::json!([[1, 20], [2, 20], [3, 20]]);
+    assert_eq!(report["wsJobs"], intact, "{report}");
+    assert_eq!(report["pusherJobs"], intact, "{report}");
+}

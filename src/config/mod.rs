@@ -39,7 +39,7 @@ pub use self::channels::{ChannelRule, HistoryRule, Subscribe};
 pub use self::limits::LimitsConfig;
 pub use self::pusher::{PresenceConfig, PusherApp, PusherConfig};
 pub use self::redis::{ClusterConfig, RedisConfig, RedisTlsConfig, SentinelConfig};
-pub use self::transports::{SseConfig, WsConfig};
+pub use self::transports::{Compression, SseConfig, WsConfig};
 
 /// Exit code for a configuration error (`EX_USAGE` in sysexits.h).
 pub const EX_CONFIG: i32 = 64;

@@ -1,6 +1,6 @@
 //! `[ws]` and `[sse]`: the timings of WebSocket connections (crier's own
 //! and Pusher's) and of SSE streams: pings, heartbeats, how long a
-//! handshake or a write may take. Part of the configuration contract (see
+//! handshake or a write may take; and WebSocket compression. Part of the configuration contract (see
 //! `mod.rs`): the shapes, and the checks their values alone allow.
 
 use std::time::Duration;
@@ -25,6 +25,26 @@ pub struct WsConfig {
     /// A write to the client that takes longer than this closes it.
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
+    /// permessage-deflate (RFC 7692): `auto` compresses for every client
+    /// that offers it (browsers do), each publication once for all of
+    /// them; `off` never negotiates it.
+    pub compression: Compression,
+    /// Messages shorter than this go uncompressed, even to a client that
+    /// negotiated compression (it would gain little or nothing).
+    pub compression_min_bytes: usize,
+    /// zlib's level, 1 (fastest) to 9 (smallest). Paid once per
+    /// publication, not per client.
+    pub compression_level: u32,
+}
+
+/// Whether WebSocket connections compress (`ws.compression`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// permessage-deflate with every client that offers it.
+    Auto,
+    /// Never.
+    Off,
 }
 
 impl Default for WsConfig {
@@ -34,6 +54,9 @@ impl Default for WsConfig {
             idle_timeout: Duration::from_secs(60),
             handshake_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
+            compression: Compression::Auto,
+            compression_min_bytes: 256,
+            compression_level: 6,
         }
     }
 }
@@ -52,6 +75,12 @@ impl WsConfig {
             return bad(
                 "ws.idle_timeout",
                 "must be longer than ws.ping_interval, or idle clients that answer pings are closed",
+            );
+        }
+        if !(1..=9).contains(&self.compression_level) {
+            return bad(
+                "ws.compression_level",
+                "must be 1 (fastest) to 9 (smallest)",
             );
         }
         Ok(())

@@ -23,7 +23,6 @@ use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use prometheus::IntCounter;
 use tokio::time::Instant;
 
@@ -36,7 +35,7 @@ use crate::limits::Admitted;
 use crate::link::Outlet;
 use crate::metrics::Transport;
 use crate::policy::Rule;
-use crate::protocol::{Filter, Kind, Publication, SocketId};
+use crate::protocol::{Encoder, Filter, Kind, Publication, SocketId};
 use crate::refusal::Refusal;
 
 mod admit;
@@ -432,9 +431,9 @@ impl Session {
 
     /// The connection's socket, once the wire protocol has it: while the
     /// task waits with nothing to write, the hub may write publications
-    /// to it directly, encoded by `encode` (see [`crate::link::Outlet`]).
-    pub(crate) fn attach(&self, outlet: Arc<Outlet>, encode: fn(&Publication) -> Bytes) {
-        self.mailbox.attach(outlet, encode, self.delivered.clone());
+    /// to it directly, as `encoder` makes them (see [`crate::link::Outlet`]).
+    pub(crate) fn attach(&self, outlet: Arc<Outlet>, encoder: Encoder) {
+        self.mailbox.attach(outlet, encoder, self.delivered.clone());
     }
 
     /// Resolves once the connection's queue overflowed: a writer blocked

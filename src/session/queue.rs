@@ -22,13 +22,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 
-use bytes::Bytes;
 use prometheus::IntCounter;
 
 use crate::hub::Sink;
 use crate::lifecycle::{Bell, Signal};
 use crate::link::{Direct, Outlet};
-use crate::protocol::{Kind, Publication, SocketId};
+use crate::protocol::{Encoder, Kind, Publication, SocketId};
 
 /// Unique id of a client connection within this process.
 pub(crate) type ConnId = u64;
@@ -59,7 +58,7 @@ pub(super) enum Mail {
 struct Straight {
     outlet: Arc<Outlet>,
     /// The publication as this connection's wire protocol writes it.
-    encode: fn(&Publication) -> Bytes,
+    encoder: Encoder,
     /// `crier_messages_delivered_total` for this transport.
     delivered: IntCounter,
 }
@@ -106,16 +105,11 @@ impl Mailbox {
     }
 
     /// From now on, publications may be written straight to `outlet`,
-    /// encoded by `encode`.
-    pub(super) fn attach(
-        &self,
-        outlet: Arc<Outlet>,
-        encode: fn(&Publication) -> Bytes,
-        delivered: IntCounter,
-    ) {
+    /// as `encoder` makes them.
+    pub(super) fn attach(&self, outlet: Arc<Outlet>, encoder: Encoder, delivered: IntCounter) {
         let _ = self.straight.set(Straight {
             outlet,
-            encode,
+            encoder,
             delivered,
         });
     }
@@ -241,7 +235,7 @@ impl Sink for Mailbox {
             // holds no lock of the mailbox: a hub thread preempted mid-write
             // must not stall the connection's task, nor other writers.
             if self.state().queue.is_empty() {
-                let written = s.outlet.try_direct(&(s.encode)(publication));
+                let written = s.outlet.try_direct(&s.encoder.encode(publication));
                 if written != Direct::Refused && publication.kind == Kind::Message {
                     s.delivered.inc();
                 }
@@ -284,6 +278,7 @@ impl Bell for Mailbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
     use std::future::poll_fn;
 
     fn publication(i: usize) -> Arc<Publication> {
@@ -383,7 +378,11 @@ mod tests {
             crate::link::Link::new(server, std::time::Duration::from_secs(5), counter.clone());
         let mailbox = Mailbox::new(8, counter, None);
         let delivered = IntCounter::new("delivered", "test").expect("counter");
-        mailbox.attach(link.outlet(), |p| p.sse.clone(), delivered.clone());
+        mailbox.attach(
+            link.outlet(),
+            Encoder::Plain(|p| p.sse.clone()),
+            delivered.clone(),
+        );
         let mut batch = VecDeque::new();
 
         // Not parked yet: queued.
@@ -527,7 +526,7 @@ mod tests {
             let direct = IntCounter::new("direct", "test").map_err(|e| e.to_string())?;
             let link = Link::new(server, HUNG, slow.clone());
             let mailbox = Arc::new(Mailbox::new(1 << 20, slow, None));
-            mailbox.attach(link.outlet(), encode, direct.clone());
+            mailbox.attach(link.outlet(), Encoder::Plain(encode), direct.clone());
 
             let channels: Vec<Vec<Arc<Publication>>> = ["a", "b"]
                 .iter()

@@ -2,6 +2,7 @@
 //! client frames into calls on a [`crate::session::Session`] and the
 //! session's events into bytes. A new wire protocol is one more file here.
 
+pub(crate) mod deflate;
 pub(crate) mod pusher;
 pub(crate) mod rfc6455;
 pub(crate) mod sse;

@@ -161,6 +161,8 @@ struct ChannelData {
 impl Protocol for Pusher {
     const TRANSPORT: Transport = Transport::Pusher;
 
+    const DEFLATED: Option<Encoding> = Some(Encoding::PusherDeflated);
+
     fn frame(p: &Publication) -> Bytes {
         frame(p)
     }

@@ -1,4 +1,5 @@
-//! WebSocket framing (RFC 6455), server side, without extensions.
+//! WebSocket framing (RFC 6455), server side, with permessage-deflate
+//! (RFC 7692, see [`super::deflate`]) as its one extension.
 //!
 //! What a server needs and no more: frames it sends are unmasked and never
 //! fragmented, so writing one is a header in front of the payload, into the
@@ -16,10 +17,11 @@ pub(crate) const PING: u8 = 0x9;
 /// A pong.
 pub(crate) const PONG: u8 = 0xA;
 
+use super::deflate::InflateError;
+
 const BINARY: u8 = 0x2;
 const CONTINUATION: u8 = 0x0;
 
-/// Appends one complete, unmasked frame to `out`.
 /// The bytes of a frame carrying `len` bytes of payload: what
 /// [`encode`] writes, counted without writing it.
 pub(crate) fn frame_len(len: usize) -> usize {
@@ -33,8 +35,22 @@ pub(crate) fn frame_len(len: usize) -> usize {
     head + len
 }
 
+/// Appends one complete, unmasked frame to `out`.
 pub(crate) fn encode(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
-    out.push(0x80 | opcode);
+    encode_head(out, 0x80 | opcode, payload);
+}
+
+/// Appends one complete, unmasked frame whose payload is compressed
+/// (permessage-deflate: RSV1 set, RFC 7692 section 6).
+pub(crate) fn encode_rsv1(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    encode_head(out, 0x80 | RSV1 | opcode, payload);
+}
+
+/// The reserved bit permessage-deflate gives its meaning.
+pub(crate) const RSV1: u8 = 0x40;
+
+fn encode_head(out: &mut Vec<u8>, first: u8, payload: &[u8]) {
+    out.push(first);
     let len = payload.len();
     if len < 126 {
         out.push(len as u8);
@@ -113,6 +129,8 @@ pub(crate) enum Error {
     Protocol(&'static str),
     /// A text message that is not UTF-8 (close 1007).
     NotUtf8,
+    /// A compressed message that is not deflate data (close 1007).
+    BadDeflate,
 }
 
 impl Error {
@@ -121,7 +139,7 @@ impl Error {
         match self {
             Error::TooLong { .. } => CloseCode::TOO_BIG,
             Error::Protocol(_) => CloseCode::PROTOCOL_ERROR,
-            Error::NotUtf8 => CloseCode::INVALID_DATA,
+            Error::NotUtf8 | Error::BadDeflate => CloseCode::INVALID_DATA,
         }
     }
 }
@@ -131,9 +149,13 @@ impl Error {
 pub(crate) struct Reader {
     /// Bytes read and not yet parsed; empty (no allocation) between frames.
     pub(crate) buf: Vec<u8>,
-    /// A fragmented message so far: its opcode and payload.
-    partial: Option<(u8, Vec<u8>)>,
+    /// A fragmented message so far: its opcode, whether it is compressed,
+    /// and its payload.
+    partial: Option<(u8, bool, Vec<u8>)>,
     max: usize,
+    /// The connection negotiated permessage-deflate: RSV1 marks a
+    /// compressed message.
+    pub(crate) deflate: bool,
 }
 
 impl Reader {
@@ -143,6 +165,7 @@ impl Reader {
             buf: Vec::new(),
             partial: None,
             max,
+            deflate: false,
         }
     }
 
@@ -154,6 +177,7 @@ impl Reader {
             };
             let b0 = self.buf[0];
             let fin = b0 & 0x80 != 0;
+            let compressed = b0 & RSV1 != 0;
             let opcode = b0 & 0x0F;
             if self.buf.len() < header + len {
                 return Ok(None);
@@ -169,7 +193,7 @@ impl Reader {
                 *b ^= mask[i % 4];
             }
             self.consume(header + len);
-            if let Some(frame) = self.frame(fin, opcode, payload)? {
+            if let Some(frame) = self.frame(fin, opcode, compressed, payload)? {
                 return Ok(Some(frame));
             }
         }
@@ -182,8 +206,14 @@ impl Reader {
         if buf.len() < 2 {
             return Ok(None);
         }
-        if buf[0] & 0x70 != 0 {
+        let reserved = buf[0] & 0x70;
+        if reserved & !RSV1 != 0 || (reserved != 0 && !self.deflate) {
             return Err(Error::Protocol("reserved bits set without an extension"));
+        }
+        if reserved != 0 && matches!(buf[0] & 0x0F, CONTINUATION | CLOSE | PING | PONG) {
+            return Err(Error::Protocol(
+                "RSV1 is only for the first frame of a data message",
+            ));
         }
         if buf[1] & 0x80 == 0 {
             return Err(Error::Protocol("client frames must be masked"));
@@ -209,7 +239,7 @@ impl Reader {
             }
         }
         let so_far = match (&self.partial, opcode) {
-            (Some((_, partial)), CONTINUATION) => partial.len() as u64,
+            (Some((_, _, partial)), CONTINUATION) => partial.len() as u64,
             _ => 0,
         };
         let size = so_far.saturating_add(len);
@@ -234,9 +264,16 @@ impl Reader {
     }
 
     /// A frame's meaning: a message or control frame, or `None` for a
-    /// fragment that does not complete one.
-    fn frame(&mut self, fin: bool, opcode: u8, payload: Vec<u8>) -> Result<Option<Frame>, Error> {
-        let (opcode, payload) = match opcode {
+    /// fragment that does not complete one. A compressed message is
+    /// inflated once whole, never past the message limit.
+    fn frame(
+        &mut self,
+        fin: bool,
+        opcode: u8,
+        compressed: bool,
+        payload: Vec<u8>,
+    ) -> Result<Option<Frame>, Error> {
+        let (opcode, compressed, payload) = match opcode {
             PING => return Ok(Some(Frame::Ping(payload))),
             PONG => return Ok(Some(Frame::Pong)),
             CLOSE => return close(&payload).map(Some),
@@ -244,22 +281,32 @@ impl Reader {
                 return Err(Error::Protocol("new message inside a fragmented one"))
             }
             TEXT | BINARY if !fin => {
-                self.partial = Some((opcode, payload));
+                self.partial = Some((opcode, compressed, payload));
                 return Ok(None);
             }
-            TEXT | BINARY => (opcode, payload),
+            TEXT | BINARY => (opcode, compressed, payload),
             CONTINUATION => {
-                let Some((first, mut whole)) = self.partial.take() else {
+                let Some((first, compressed, mut whole)) = self.partial.take() else {
                     return Err(Error::Protocol("continuation without a message"));
                 };
                 whole.extend_from_slice(&payload);
                 if !fin {
-                    self.partial = Some((first, whole));
+                    self.partial = Some((first, compressed, whole));
                     return Ok(None);
                 }
-                (first, whole)
+                (first, compressed, whole)
             }
             _ => return Err(Error::Protocol("unknown opcode")),
+        };
+        let payload = match compressed {
+            false => payload,
+            true => super::deflate::inflate(&payload, self.max).map_err(|e| match e {
+                InflateError::TooLong(size) => Error::TooLong {
+                    size,
+                    max: self.max,
+                },
+                InflateError::Malformed => Error::BadDeflate,
+            })?,
         };
         if opcode == BINARY {
             return Ok(Some(Frame::Binary));

@@ -27,7 +27,7 @@ use crate::http::{rejected, Body, StreamQuery};
 use crate::link::{Gone, HandoffBody, Link, Out};
 use crate::metrics::Transport;
 use crate::origin::add_cors;
-use crate::protocol::{Encoding, Publication};
+use crate::protocol::{Encoder, Encoding, Publication};
 use crate::refusal::Refusal;
 use crate::session::Request as Subscription;
 use crate::session::{admit, Event, Session, Start, Wire};
@@ -174,7 +174,7 @@ impl Live {
     async fn run(mut self, mut link: Link) {
         let span = self.session.span();
         let encode = if self.chunked { chunk } else { plain };
-        self.session.attach(link.outlet(), encode);
+        self.session.attach(link.outlet(), Encoder::Plain(encode));
         loop {
             self.open_chunk(&mut link.out);
             if let Some(opening) = self.opening.take() {

@@ -24,15 +24,17 @@ use tokio::net::TcpStream;
 use tracing::Instrument;
 
 use crate::app::App;
+use crate::config::Compression;
 use crate::fdlimit::Slot;
 use crate::http::{full, rejected, Body};
 pub use crate::link::Gone;
 use crate::link::Link;
 use crate::metrics::Transport;
-use crate::protocol::Publication;
+use crate::protocol::{Deflate, Encoder, Encoding, Publication};
 use crate::refusal::Refusal;
 use crate::session::{Admission, Event, Session, Verdict, Wire};
 use crate::stall::StallGuard;
+use crate::transport::deflate;
 pub use crate::transport::rfc6455::CloseCode;
 use crate::transport::rfc6455::{self, Error, Frame, Reader};
 
@@ -42,13 +44,14 @@ const WRITE_BATCH: usize = 64;
 /// How long a closing connection waits for the client's close frame.
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
-/// Answers a WebSocket handshake with 101 and runs `serve` on the socket
-/// (with what the client sent right behind its handshake) once hyper lets
-/// it go; or answers why not.
-pub(crate) fn upgrade<B, F, Fut>(
+/// Answers a WebSocket handshake with 101 (accepting `extension`, if
+/// any) and runs `serve` on the socket (with what the client sent right
+/// behind its handshake) once hyper lets it go; or answers why not.
+fn upgrade<B, F, Fut>(
     app: &Arc<App>,
     mut req: Request<B>,
     slot: Slot,
+    extension: Option<&'static str>,
     serve: F,
 ) -> Response<Body>
 where
@@ -92,6 +95,12 @@ where
     headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    if let Some(extension) = extension {
+        headers.insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static(extension),
+        );
+    }
     response
 }
 
@@ -141,13 +150,17 @@ struct WebSocket {
 impl WebSocket {
     /// The socket of an upgraded connection, and what its client sent
     /// right behind its handshake.
-    fn open(app: &App, stream: TcpStream, early: Vec<u8>) -> Self {
+    /// `deflate`: the connection negotiated permessage-deflate, so a
+    /// client message may come compressed.
+    fn open(app: &App, stream: TcpStream, early: Vec<u8>, deflate: bool) -> Self {
         let link = Link::new(
             stream,
             app.config.ws.write_timeout,
             app.metrics.slow_client_disconnects.clone(),
         );
-        Self::new(link, app.config.limits.max_message_bytes, early)
+        let mut socket = Self::new(link, app.config.limits.max_message_bytes, early);
+        socket.reader.deflate = deflate;
+        socket
     }
 
     fn new(link: Link, max_message: usize, early: Vec<u8>) -> Self {
@@ -179,6 +192,7 @@ impl WebSocket {
                 Err(e) => {
                     let reason = match e {
                         Error::Protocol(reason) => reason,
+                        Error::BadDeflate => "malformed compressed message",
                         _ => "text frame is not UTF-8",
                     };
                     return Ok(Some(Message::Broken(e.close_code(), reason)));
@@ -215,21 +229,21 @@ impl WebSocket {
     }
 
     /// Writes `first` and whatever else the session has ready (up to a
-    /// batch), each as `frame` encodes it once per publication, with one
+    /// batch), each as `encoder` makes it once per publication, with one
     /// write. The frames are queued by reference, not copied: a client
     /// that stops reading holds the bytes every recipient shares.
     async fn deliver(
         &mut self,
         session: &mut Session,
         first: Arc<Publication>,
-        frame: fn(&Publication) -> bytes::Bytes,
+        encoder: Encoder,
     ) -> Result<(), Gone> {
-        self.link.out.push(frame(&first));
+        self.link.out.push(encoder.encode(&first));
         for _ in 1..WRITE_BATCH {
             let Some(p) = session.try_next() else {
                 break;
             };
-            self.link.out.push(frame(&p));
+            self.link.out.push(encoder.encode(&p));
         }
         self.link.flush().await
     }
@@ -285,6 +299,11 @@ pub trait Protocol: Send + 'static {
     /// publication and shared by every listener ([`Publication::on_wire`]):
     /// the hub writes these bytes to idle connections directly.
     fn frame(p: &Publication) -> Bytes;
+
+    /// Where this protocol's compressed frames are kept on a publication
+    /// (made once, shared by every connection that negotiated
+    /// permessage-deflate); `None`: compressed for each connection.
+    const DEFLATED: Option<Encoding> = None;
 
     /// The bytes a replayed publication costs on this wire: the replay
     /// budget counts them.
@@ -353,6 +372,9 @@ pub struct Conn {
     /// The connection's session: subscriptions, credential, queue.
     pub session: Session,
     socket: WebSocket,
+    /// How publications become frames on this connection (compressed, if
+    /// it negotiated permessage-deflate).
+    encoder: Encoder,
     /// The connection's span: rare paths run in it, the delivery path
     /// does not pay for entering it.
     span: tracing::Span,
@@ -381,7 +403,7 @@ impl Conn {
                     // Each frame is encoded once per publication, shared by
                     // every recipient (the bytes direct writes send too).
                     Event::Deliver(first) => {
-                        self.socket.deliver(&mut self.session, first, P::frame).await?;
+                        self.socket.deliver(&mut self.session, first, self.encoder).await?;
                     }
                     Event::Expiring { in_secs } => {
                         if let Some(text) = protocol.expiring(in_secs) {
@@ -450,7 +472,8 @@ impl Conn {
 
 /// Answers a WebSocket handshake with 101 and serves protocol `P` on the
 /// socket, or, when `admitted` is a refusal, tells the client why (the
-/// message and close frame the protocol chose) and closes.
+/// message and close frame the protocol chose) and closes. A client that
+/// offers permessage-deflate gets it while `ws.compression` is `auto`.
 pub(crate) fn handle<B, P>(
     app: &Arc<App>,
     req: Request<B>,
@@ -461,19 +484,47 @@ where
     B: Send + 'static,
     P: Protocol,
 {
+    let ws = &app.config.ws;
+    let offers = req.headers().get_all(header::SEC_WEBSOCKET_EXTENSIONS);
+    let offered = ws.compression == Compression::Auto && deflate::accepts(offers.iter());
+    let deflate = offered.then_some(Deflate {
+        level: ws.compression_level,
+        min_bytes: ws.compression_min_bytes,
+    });
+    let extension = deflate.map(|_| deflate::ACCEPTED);
     let task_app = Arc::clone(app);
-    upgrade(app, req, info.slot, move |stream, early| async move {
-        let mut socket = WebSocket::open(&task_app, stream, early);
-        match admitted {
-            Ok((admission, protocol)) => {
-                serve(task_app, socket, info.peer, admission, protocol).await;
+    upgrade(
+        app,
+        req,
+        info.slot,
+        extension,
+        move |stream, early| async move {
+            let mut socket = WebSocket::open(&task_app, stream, early, deflate.is_some());
+            match admitted {
+                Ok((admission, protocol)) => {
+                    serve(task_app, socket, info.peer, admission, protocol, deflate).await;
+                }
+                Err((message, (code, reason))) => {
+                    tracing::info!(code = code.0, %reason, "websocket connection refused");
+                    finish(&mut socket, message, code, &reason).await;
+                }
             }
-            Err((message, (code, reason))) => {
-                tracing::info!(code = code.0, %reason, "websocket connection refused");
-                finish(&mut socket, message, code, &reason).await;
-            }
-        }
-    })
+        },
+    )
+}
+
+/// A publication as protocol `P`'s frame.
+fn plain<P: Protocol>(p: &Publication) -> Bytes {
+    P::frame(p)
+}
+
+/// A publication as protocol `P`'s compressed frame: made once per
+/// publication where the protocol keeps it (see [`Protocol::DEFLATED`]).
+fn deflated<P: Protocol>(p: &Publication, settings: Deflate) -> Bytes {
+    match P::DEFLATED {
+        Some(slot) => p.on_wire(slot, |p| deflate::frame(&P::frame(p), settings)),
+        None => deflate::frame(&P::frame(p), settings),
+    }
 }
 
 /// Serves one connection of protocol `P` until it closes.
@@ -483,6 +534,7 @@ async fn serve<P: Protocol>(
     peer: SocketAddr,
     admission: Admission,
     mut protocol: P,
+    deflate: Option<Deflate>,
 ) {
     let ws = &app.config.ws;
     let wire = Wire {
@@ -493,15 +545,20 @@ async fn serve<P: Protocol>(
         replay_bytes: P::replay_bytes,
         peer,
     };
+    let encoder = match deflate {
+        Some(settings) => Encoder::Deflated(deflated::<P>, settings),
+        None => Encoder::Plain(plain::<P>),
+    };
     let session = Session::open(app, admission, wire);
-    session.attach(socket.link.outlet(), P::frame);
+    session.attach(socket.link.outlet(), encoder);
     let span = session.span();
     let mut conn = Conn {
         session,
         socket,
+        encoder,
         span,
     };
-    tracing::debug!(parent: &conn.span, "websocket opened");
+    tracing::debug!(parent: &conn.span, compressed = deflate.is_some(), "websocket opened");
     if let Ok(end) = conn.run(&mut protocol).await {
         log_end(&conn.span, &end);
         let (message, (code, reason)) = protocol.ending(&end);

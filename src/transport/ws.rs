@@ -78,6 +78,8 @@ impl Protocol for Ws {
         p.on_wire(Encoding::WsFrame, |p| text_frame(p.frame.as_bytes()))
     }
 
+    const DEFLATED: Option<Encoding> = Some(Encoding::WsDeflated);
+
     fn replay_bytes(p: &Publication) -> usize {
         rfc6455::frame_len(p.frame.len())
     }

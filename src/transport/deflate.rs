@@ -1,0 +1,317 @@
+//! permessage-deflate (RFC 7692), as crier speaks it: compressed once per
+//! publication, shared by every client that negotiated it.
+//!
+//! crier answers an offer with `server_no_context_takeover` and
+//! `client_no_context_takeover`: every message, each way, is compressed on
+//! its own. So one compressed frame of a publication serves every
+//! listener (no connection's history is in it), and a connection holds no
+//! compressor and no inflater between messages: an inflater exists only
+//! while a compressed client message is read, and what it inflates is
+//! capped by `limits.max_message_bytes`.
+
+use std::cell::RefCell;
+
+use bytes::Bytes;
+use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+use http::HeaderValue;
+
+use crate::protocol::Deflate;
+
+/// The extension's name in `Sec-WebSocket-Extensions`.
+const NAME: &str = "permessage-deflate";
+/// What crier answers an offer it accepts with.
+pub(crate) const ACCEPTED: &str =
+    "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
+/// The tail a sync flush ends a message with, which RFC 7692 leaves off
+/// the wire (section 7.2.1) and the reader puts back (section 7.2.2).
+const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
+
+/// Whether some offer in the request's `Sec-WebSocket-Extensions` headers
+/// is one crier accepts: `permessage-deflate` with parameters it can
+/// honour. crier's compressor always uses the largest window, so an offer
+/// that limits the server's window below 15 bits is declined (the client
+/// may list another offer after it); a parameter RFC 7692 does not define,
+/// or one given twice, declines its offer too (section 7.1).
+pub(crate) fn accepts<'a>(headers: impl Iterator<Item = &'a HeaderValue>) -> bool {
+    headers
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(acceptable)
+}
+
+/// One offer: `permessage-deflate; param[=value]; …`.
+fn acceptable(offer: &str) -> bool {
+    let mut parts = offer.split(';').map(str::trim);
+    if !parts
+        .next()
+        .is_some_and(|name| name.eq_ignore_ascii_case(NAME))
+    {
+        return false;
+    }
+    let mut seen: Vec<&str> = Vec::new();
+    for param in parts {
+        let (name, value) = match param.split_once('=') {
+            Some((name, value)) => (name.trim(), Some(value.trim().trim_matches('"'))),
+            None => (param, None),
+        };
+        if seen.contains(&name) {
+            return false;
+        }
+        seen.push(name);
+        let fine = match (name, value) {
+            ("server_no_context_takeover" | "client_no_context_takeover", None) => true,
+            // Ours is 15 bits, always: a smaller one cannot be honoured.
+            ("server_max_window_bits", Some(bits)) => bits == "15",
+            // The client's window: ours inflates any (an absent value
+            // only says the client supports the parameter).
+            ("client_max_window_bits", None) => true,
+            ("client_max_window_bits", Some(bits)) => {
+                bits.parse::<u8>().is_ok_and(|b| (8..=15).contains(&b))
+            }
+            _ => false,
+        };
+        if !fine {
+            return false;
+        }
+    }
+    true
+}
+
+thread_local! {
+    /// One compressor per thread, reset for each message: a compressor
+    /// holds hundreds of KiB, so making one per publication would cost more
+    /// than the compression.
+    static COMPRESSOR: RefCell<Option<(u32, Compress)>> = const { RefCell::new(None) };
+}
+
+/// `plain`, a whole text frame as crier writes it (unmasked, FIN), as the
+/// frame a client that negotiated permessage-deflate gets: the payload
+/// compressed on its own, RSV1 set; or `plain` itself when the payload is
+/// under `deflate.min_bytes` or does not shrink.
+pub(crate) fn frame(plain: &Bytes, deflate: Deflate) -> Bytes {
+    let Some((opcode, payload)) = payload_of(plain) else {
+        return plain.clone();
+    };
+    if payload.len() < deflate.min_bytes.max(1) {
+        return plain.clone();
+    }
+    let compressed = compress(payload, deflate.level);
+    if compressed.len() >= payload.len() {
+        return plain.clone();
+    }
+    let mut out = Vec::with_capacity(compressed.len() + 10);
+    super::rfc6455::encode_rsv1(&mut out, opcode, &compressed);
+    Bytes::from(out)
+}
+
+/// The opcode and payload of a frame crier wrote (unmasked, one frame).
+fn payload_of(frame: &[u8]) -> Option<(u8, &[u8])> {
+    let (&b0, rest) = frame.split_first()?;
+    let (&b1, rest) = rest.split_first()?;
+    let (len, rest) = match b1 & 0x7f {
+        126 => {
+            let n = rest.get(..2)?;
+            (
+                usize::from(u16::from_be_bytes([n[0], n[1]])),
+                rest.get(2..)?,
+            )
+        }
+        127 => {
+            let mut n = [0u8; 8];
+            n.copy_from_slice(rest.get(..8)?);
+            (usize::try_from(u64::from_be_bytes(n)).ok()?, rest.get(8..)?)
+        }
+        n => (usize::from(n), rest),
+    };
+    (rest.len() == len && b0 & 0x70 == 0).then_some((b0 & 0x0f, rest))
+}
+
+/// `payload` as one message's deflate data, without the sync flush's tail.
+fn compress(payload: &[u8], level: u32) -> Vec<u8> {
+    COMPRESSOR.with(|cell| {
+        let mut cell = cell.borrow_mut();
+        let compressor = match &mut *cell {
+            Some((at, compressor)) if *at == level => {
+                compressor.reset();
+                compressor
+            }
+            slot => {
+                &mut slot
+                    .insert((level, Compress::new(Compression::new(level), false)))
+                    .1
+            }
+        };
+        let mut out = Vec::with_capacity(payload.len() / 2 + 64);
+        let mut input = payload;
+        loop {
+            let before = compressor.total_in();
+            let status = compressor.compress_vec(input, &mut out, FlushCompress::Sync);
+            let taken = (compressor.total_in() - before) as usize;
+            input = &input[taken..];
+            let finished = input.is_empty() && out.ends_with(&TAIL);
+            match status {
+                Ok(_) if finished => break,
+                Ok(_) => out.reserve(out.capacity().max(64)),
+                // A compressor fed valid arguments does not fail; if it did,
+                // the message goes uncompressed-sized (never smaller), and
+                // `frame` sends it plain.
+                Err(_) => return payload.to_vec(),
+            }
+        }
+        out.truncate(out.len() - TAIL.len());
+        out
+    })
+}
+
+/// Why a compressed message cannot be read.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum InflateError {
+    /// It inflates past the limit: the size reached (over `max`).
+    TooLong(usize),
+    /// Not a deflate stream.
+    Malformed,
+}
+
+/// One compressed message, inflated with a fresh inflater (no context
+/// takeover), never past `max` bytes: a small frame that would inflate to
+/// gigabytes stops at `max + 1`.
+pub(crate) fn inflate(compressed: &[u8], max: usize) -> Result<Vec<u8>, InflateError> {
+    let mut inflater = Decompress::new(false);
+    let cap = max.saturating_add(1);
+    let mut out = Vec::with_capacity(compressed.len().saturating_mul(4).max(64).min(cap));
+    // The message, then the tail its sender left off.
+    for chunk in [compressed, &TAIL[..]] {
+        let mut input = chunk;
+        loop {
+            if out.len() == out.capacity() {
+                if out.len() >= cap {
+                    return Err(InflateError::TooLong(out.len()));
+                }
+                out.reserve((out.capacity() * 2).min(cap) - out.len());
+            }
+            let (before, made) = (inflater.total_in(), out.len());
+            let status = inflater
+                .decompress_vec(input, &mut out, FlushDecompress::Sync)
+                .map_err(|_| InflateError::Malformed)?;
+            let taken = (inflater.total_in() - before) as usize;
+            input = &input[taken..];
+            if out.len() > max {
+                return Err(InflateError::TooLong(out.len()));
+            }
+            let room = out.len() < out.capacity();
+            match status {
+                // The final block (a client may end a message with one).
+                Status::StreamEnd => break,
+                _ if input.is_empty() && room => break,
+                // Room to write and input left, yet nothing moved: the
+                // stream is stuck, not deflate.
+                _ if room && taken == 0 && out.len() == made => {
+                    return Err(InflateError::Malformed)
+                }
+                Status::Ok | Status::BufError => {}
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offer(value: &str) -> bool {
+        accepts([HeaderValue::from_str(value).expect("header")].iter())
+    }
+
+    #[test]
+    fn offers_crier_can_honour_are_accepted() {
+        assert!(offer("permessage-deflate"));
+        assert!(
+            offer("permessage-deflate; client_max_window_bits"),
+            "Chrome's"
+        );
+        assert!(offer(
+            "permessage-deflate; client_max_window_bits=10; server_no_context_takeover"
+        ));
+        assert!(offer("x-webkit-deflate-frame, permessage-deflate"));
+        assert!(
+            offer("permessage-deflate; server_max_window_bits=10, permessage-deflate"),
+            "the second offer"
+        );
+        assert!(!offer("permessage-deflate; server_max_window_bits=10"));
+        assert!(!offer("permessage-deflate; client_max_window_bits=16"));
+        assert!(!offer("permessage-deflate; mystery"));
+        assert!(!offer(
+            "permessage-deflate; client_no_context_takeover; client_no_context_takeover"
+        ));
+        assert!(!offer("x-webkit-deflate-frame"));
+        assert!(!accepts(std::iter::empty()));
+    }
+
+    fn text_frame(payload: &[u8]) -> Bytes {
+        let mut out = Vec::new();
+        crate::transport::rfc6455::encode(&mut out, crate::transport::rfc6455::TEXT, payload);
+        Bytes::from(out)
+    }
+
+    #[test]
+    fn a_frame_is_compressed_on_its_own_and_inflates_back() {
+        let json = (0..60)
+            .map(|i| format!(r#"{{"type":"progress","job":"build-{i}","step":{i},"of":60}}"#))
+            .collect::<Vec<_>>()
+            .join(",");
+        let plain = text_frame(json.as_bytes());
+        let settings = Deflate {
+            level: 6,
+            min_bytes: 64,
+        };
+        let deflated = frame(&plain, settings);
+        assert_eq!(deflated[0], 0xC1, "FIN, RSV1, text");
+        assert!(
+            deflated.len() * 3 < plain.len(),
+            "{} of {}",
+            deflated.len(),
+            plain.len()
+        );
+        let (_, payload) = payload_of_any(&deflated);
+        assert_eq!(inflate(payload, 1 << 20).as_deref(), Ok(json.as_bytes()));
+        // The same publication compresses to the same bytes each time: no
+        // context is carried from one message to the next.
+        assert_eq!(frame(&plain, settings), deflated);
+
+        let short = text_frame(br#"{"type":"tick"}"#);
+        assert_eq!(frame(&short, settings), short, "under min_bytes: plain");
+    }
+
+    /// A compressed frame's payload (RSV1 set, which `payload_of` refuses).
+    fn payload_of_any(frame: &[u8]) -> (u8, &[u8]) {
+        let len = usize::from(frame[1] & 0x7f);
+        match len {
+            126 => (frame[0], &frame[4..]),
+            127 => (frame[0], &frame[10..]),
+            _ => (frame[0], &frame[2..]),
+        }
+    }
+
+    #[test]
+    fn inflating_stops_at_the_limit_and_refuses_what_is_not_deflate() {
+        let bomb = compress(&vec![b'a'; 10 << 20], 9);
+        assert!(bomb.len() < 20_000, "{}", bomb.len());
+        match inflate(&bomb, 4096) {
+            Err(InflateError::TooLong(size)) => assert!(size <= 4097 * 2, "{size}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            inflate(&[0xff, 0xff, 0xff, 0x00, 0x12], 4096),
+            Err(InflateError::Malformed)
+        );
+        assert_eq!(
+            inflate(&compress(b"hello", 1), 5).as_deref(),
+            Ok(&b"hello"[..])
+        );
+        assert!(matches!(
+            inflate(&compress(b"hello!", 1), 5),
+            Err(InflateError::TooLong(_))
+        ));
+    }
+}

@@ -1,0 +1,374 @@
+//! Issue 23: permessage-deflate (RFC 7692) on crier's WebSocket endpoints,
+//! seen from a client that speaks the wire itself: what is negotiated,
+//! what arrives compressed and what not, what a compressed client message
+//! does, and how every kind of bad compressed input is closed.
+
+// Tests and their helpers fail by panicking; the no-panic lints are for crier.
+#![allow(clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::crier::{test_config, Instance, WAIT};
+use crier::config::Compression;
+use flate2::{Compress, Decompress, FlushCompress, FlushDecompress};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+const API_KEY: &str = "test-api-key-0123456789";
+const OFFER: &str = "permessage-deflate; client_max_window_bits";
+const TAIL: [u8; 4] = [0, 0, 0xff, 0xff];
+
+/// A WebSocket client written out by hand, so that it can send what no
+/// library would (compressed frames of its choosing, reserved bits).
+struct Raw {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    /// The response's `Sec-WebSocket-Extensions`, if any.
+    extensions: Option<String>,
+}
+
+/// One frame from the server: its first byte and payload.
+struct Frame {
+    b0: u8,
+    payload: Vec<u8>,
+}
+
+impl Frame {
+    fn compressed(&self) -> bool {
+        self.b0 & 0x40 != 0
+    }
+
+    /// The message's text, inflated if compressed.
+    fn text(&self) -> String {
+        let bytes = if self.compressed() {
+            inflate(&self.payload)
+        } else {
+            self.payload.clone()
+        };
+        String::from_utf8(bytes).expect("UTF-8")
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.text()).expect("JSON")
+    }
+
+    /// A close frame's code and reason.
+    fn close(&self) -> (u16, String) {
+        assert_eq!(self.b0 & 0x0f, 0x8, "a close frame");
+        let code = u16::from_be_bytes([self.payload[0], self.payload[1]]);
+        (
+            code,
+            String::from_utf8_lossy(&self.payload[2..]).into_owned(),
+        )
+    }
+}
+
+impl Raw {
+    async fn connect(addr: &str, path: &str, offer: Option<&str>) -> Raw {
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let extensions = offer
+            .map(|o| format!("Sec-WebSocket-Extensions: {o}\r\n"))
+            .unwrap_or_default();
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extensions}\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut raw = Raw {
+            stream,
+            buf: Vec::new(),
+            extensions: None,
+        };
+        let end = loop {
+            if let Some(end) = raw.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break end;
+            }
+            raw.fill().await;
+        };
+        let head = String::from_utf8(raw.buf[..end].to_vec()).expect("head");
+        raw.buf.drain(..end + 4);
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        raw.extensions = head.lines().find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("sec-websocket-extensions")
+                .then(|| value.trim().to_owned())
+        });
+        raw
+    }
+
+    async fn fill(&mut self) {
+        let mut chunk = [0u8; 16384];
+        let n = timeout(WAIT, self.stream.read(&mut chunk))
+            .await
+            .expect("the server answers in time")
+            .expect("read");
+        assert!(n > 0, "the server closed the socket");
+        self.buf.extend_from_slice(&chunk[..n]);
+    }
+
+    async fn frame(&mut self) -> Frame {
+        loop {
+            if self.buf.len() >= 2 {
+                let (len, head) = match self.buf[1] & 0x7f {
+                    126 if self.buf.len() >= 4 => (
+                        usize::from(u16::from_be_bytes([self.buf[2], self.buf[3]])),
+                        4,
+                    ),
+                    127 if self.buf.len() >= 10 => {
+                        let mut n = [0u8; 8];
+                        n.copy_from_slice(&self.buf[2..10]);
+                        (u64::from_be_bytes(n) as usize, 10)
+                    }
+                    126 | 127 => (usize::MAX, 0),
+                    n => (usize::from(n), 2),
+                };
+                if head > 0 && self.buf.len() >= head + len {
+                    let frame = Frame {
+                        b0: self.buf[0],
+                        payload: self.buf[head..head + len].to_vec(),
+                    };
+                    self.buf.drain(..head + len);
+                    return frame;
+                }
+            }
+            self.fill().await;
+        }
+    }
+
+    /// The next frame that is not a ping.
+    async fn message(&mut self) -> Frame {
+        loop {
+            let frame = self.frame().await;
+            if frame.b0 & 0x0f != 0x9 {
+                return frame;
+            }
+        }
+    }
+
+    /// Sends one masked frame whose first byte is `b0`.
+    async fn send(&mut self, b0: u8, payload: &[u8]) {
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        let mut frame = vec![b0];
+        match payload.len() {
+            n if n < 126 => frame.push(0x80 | n as u8),
+            n if n <= 0xffff => {
+                frame.push(0x80 | 126);
+                frame.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                frame.push(0x80 | 127);
+                frame.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        frame.extend_from_slice(&mask);
+        frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.stream.write_all(&frame).await.expect("send");
+    }
+
+    async fn send_json(&mut self, v: Value, compressed: bool) {
+        let text = v.to_string();
+        match compressed {
+            true => self.send(0xC1, &deflate(text.as_bytes())).await,
+            false => self.send(0x81, text.as_bytes()).await,
+        }
+    }
+}
+
+/// A message compressed as a client compresses it: raw deflate, sync
+/// flush, tail left off.
+fn deflate(data: &[u8]) -> Vec<u8> {
+    let mut c = Compress::new(flate2::Compression::default(), false);
+    let mut out = Vec::with_capacity(data.len() + 64);
+    c.compress_vec(data, &mut out, FlushCompress::Sync)
+        .expect("compress");
+    assert!(out.ends_with(&TAIL));
+    out.truncate(out.len() - TAIL.len());
+    out
+}
+
+fn inflate(data: &[u8]) -> Vec<u8> {
+    let mut d = Decompress::new(false);
+    let mut input = data.to_vec();
+    input.extend_from_slice(&TAIL);
+    let mut out = Vec::with_capacity(1 << 20);
+    d.decompress_vec(&input, &mut out, FlushDecompress::Sync)
+        .expect("inflate");
+    out
+}
+
+/// A JSON event of about `size` bytes, as apps publish them.
+fn event(n: usize, size: usize) -> String {
+    let lines: Vec<String> = (0..size / 60)
+        .map(|i| format!("step {i} of job {n}: compiled module_{i}.rs"))
+        .collect();
+    json!({"type": "log", "job": n, "lines": lines}).to_string()
+}
+
+async fn crier(compression: Compression) -> Instance {
+    let mut config = test_config(None);
+    config.publish.api_keys = vec![API_KEY.into()];
+    config.limits.max_message_bytes = 4096;
+    config.ws.compression = compression;
+    Instance::start(config).await
+}
+
+async fn subscribed(raw: &mut Raw, compressed: bool) {
+    assert_eq!(raw.message().await.json()["type"], "welcome");
+    raw.send_json(
+        json!({"type": "subscribe", "channel": "public:logs", "id": 1}),
+        compressed,
+    )
+    .await;
+    let reply = raw.message().await.json();
+    assert_eq!(reply["type"], "subscribed", "{reply}");
+}
+
+#[tokio::test]
+async fn a_client_that_offers_deflate_gets_each_large_event_compressed_and_intact() {
+    let crier = crier(Compression::Auto).await;
+    let mut raw = Raw::connect(&crier.addr, "/ws", Some(OFFER)).await;
+    assert_eq!(
+        raw.extensions.as_deref(),
+        Some("permessage-deflate; server_no_context_takeover; client_no_context_takeover")
+    );
+    // The client compresses its own messages too.
+    subscribed(&mut raw, true).await;
+    let (large, small) = (event(1, 1000), json!({"type": "tick"}).to_string());
+    for data in [&large, &small] {
+        let status = crier.publish_api("public:logs", data, Some(API_KEY)).await;
+        assert_eq!(status, 200);
+    }
+    let first = raw.message().await;
+    assert!(first.compressed(), "a 1 KB event is compressed");
+    assert!(
+        first.payload.len() * 2 < first.text().len(),
+        "{} bytes for {}",
+        first.payload.len(),
+        first.text().len()
+    );
+    let envelope = first.json();
+    assert_eq!(
+        envelope["data"],
+        serde_json::from_str::<Value>(&large).expect("json")
+    );
+    let second = raw.message().await;
+    assert!(
+        !second.compressed(),
+        "under ws.compression_min_bytes: plain"
+    );
+    assert_eq!(second.json()["data"]["type"], "tick");
+}
+
+#[tokio::test]
+async fn a_client_that_offers_nothing_or_a_server_with_compression_off_gets_plain_frames() {
+    for (compression, offer) in [(Compression::Auto, None), (Compression::Off, Some(OFFER))] {
+        let crier = crier(compression).await;
+        let mut raw = Raw::connect(&crier.addr, "/ws", offer).await;
+        assert_eq!(raw.extensions, None, "{compression:?}, {offer:?}");
+        subscribed(&mut raw, false).await;
+        let large = event(2, 1000);
+        assert_eq!(
+            crier
+                .publish_api("public:logs", &large, Some(API_KEY))
+                .await,
+            200
+        );
+        let frame = raw.message().await;
+        assert!(!frame.compressed());
+        assert_eq!(frame.json()["data"]["job"], 2);
+    }
+}
+
+#[tokio::test]
+async fn the_pusher_protocol_compresses_too() {
+    let redis = common::redis::RedisServer::start().await;
+    let crier = Instance::start(common::pusher::pusher_config(&redis)).await;
+    let path = format!("/app/{}?protocol=7", common::pusher::KEY);
+    let mut raw = Raw::connect(&crier.addr, &path, Some(OFFER)).await;
+    assert!(raw.extensions.is_some());
+    let hello = raw.message().await.json();
+    assert_eq!(hello["event"], "pusher:connection_established", "{hello}");
+    raw.send_json(
+        json!({"event": "pusher:subscribe", "data": {"channel": "orders"}}),
+        true,
+    )
+    .await;
+    let ok = raw.message().await.json();
+    assert_eq!(
+        ok["event"], "pusher_internal:subscription_succeeded",
+        "{ok}"
+    );
+    let large = event(3, 1000);
+    redis.publish("orders", &large).await;
+    let frame = raw.message().await;
+    assert!(frame.compressed());
+    let received = frame.json();
+    assert_eq!(received["channel"], "orders");
+    let data: Value = serde_json::from_str(received["data"].as_str().expect("data")).expect("json");
+    assert_eq!(data["job"], 3);
+}
+
+/// Every kind of bad compressed input closes the connection with its code
+/// and a reason, and none is inflated past `limits.max_message_bytes`.
+#[tokio::test]
+async fn bad_compressed_input_is_closed_with_its_code() {
+    let crier = crier(Compression::Auto).await;
+    // A bomb: about 1 KB that inflates to 1 MiB, past the 4 KiB limit
+    // (src/transport/deflate.rs shows it is inflated no further than that).
+    let bomb = deflate(&vec![b' '; 1 << 20]);
+    assert!(bomb.len() < 4096, "{}", bomb.len());
+    // What is sent (with or without offering deflate, the frame's first
+    // byte and payload), and the close it must get.
+    type Case = (
+        &'static str,
+        Option<&'static str>,
+        u8,
+        Vec<u8>,
+        u16,
+        &'static str,
+    );
+    let cases: [Case; 4] = [
+        ("a bomb", Some(OFFER), 0xC1, bomb, 1009, "message too large"),
+        (
+            "not deflate",
+            Some(OFFER),
+            0xC1,
+            vec![0xff, 0xfe, 0xfd, 0x00, 0x13, 0x37],
+            1007,
+            "malformed compressed message",
+        ),
+        (
+            "RSV1 without deflate",
+            None,
+            0xC1,
+            deflate(b"{\"type\":\"ping\"}"),
+            1002,
+            "reserved bits set without an extension",
+        ),
+        (
+            "RSV1 on a ping",
+            Some(OFFER),
+            0xC9,
+            Vec::new(),
+            1002,
+            "RSV1 is only for the first frame of a data message",
+        ),
+    ];
+    for (what, offer, b0, payload, code, reason) in cases {
+        let mut raw = Raw::connect(&crier.addr, "/ws", offer).await;
+        assert_eq!(raw.message().await.json()["type"], "welcome");
+        raw.send(b0, &payload).await;
+        let mut frame = raw.message().await;
+        if code == 1009 {
+            // crier's protocol says why before it closes.
+            assert_eq!(frame.json()["code"], "too_large", "{what}");
+            frame = raw.message().await;
+        }
+        assert_eq!(frame.close(), (code, reason.to_owned()), "{what}");
+    }
+    // The server still serves compressed clients.
+    let mut fine = Raw::connect(&crier.addr, "/ws", Some(OFFER)).await;
+    subscribed(&mut fine, true).await;
+}
