@@ -50,6 +50,12 @@ struct Args {
     history: bool,
     /// Serve the clients with the floor program instead of crier.
     floor: bool,
+    /// WebSocket clients written out by hand that count the bytes they
+    /// read: `Some(true)` offering permessage-deflate, `Some(false)` not.
+    deflate: Option<bool>,
+    /// Payloads are realistic JSON (order records, different each time)
+    /// of about `payload` bytes, instead of a padded one.
+    payload_json: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -71,6 +77,8 @@ fn parse_args() -> Args {
         memory: false,
         history: false,
         floor: false,
+        deflate: None,
+        payload_json: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -95,6 +103,14 @@ fn parse_args() -> Args {
             "--memory" => a.memory = true,
             "--history" => a.history = true,
             "--floor" => a.floor = true,
+            "--payload-json" => a.payload_json = true,
+            "--deflate" => {
+                a.deflate = match value().as_str() {
+                    "on" => Some(true),
+                    "off" => Some(false),
+                    _ => usage("--deflate on|off"),
+                }
+            }
             _ => usage(&format!("unknown flag {flag}")),
         }
     }
@@ -113,7 +129,8 @@ fn parse_args() -> Args {
 fn usage(why: &str) -> ! {
     eprintln!(
         "bench: {why}\nusage: bench [--clients N] [--channels N] [--messages N] [--rate PER_SEC_PER_CHANNEL] \
-         [--payload BYTES] [--transport ws|sse|pusher] [--history] [--memory] [--floor]"
+         [--payload BYTES] [--payload-json] [--transport ws|sse|pusher] [--deflate on|off] \
+         [--history] [--memory] [--floor]"
     );
     std::process::exit(2)
 }
@@ -400,6 +417,189 @@ async fn pusher_client(
     }
 }
 
+/// A WebSocket client written out by hand, for `--deflate`: it offers
+/// permessage-deflate (tungstenite cannot), inflates what arrives
+/// compressed, times each event, and counts the bytes it read.
+#[allow(clippy::too_many_arguments)]
+async fn ws_raw_client(
+    addr: String,
+    path: String,
+    subscribe: Option<String>,
+    offer: bool,
+    hist: Arc<Histogram>,
+    received: Arc<AtomicU64>,
+    wire_bytes: Arc<AtomicU64>,
+) {
+    let mut s = TcpStream::connect(&addr).await.expect("ws connect");
+    let extension = match offer {
+        true => "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
+        false => "",
+    };
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{extension}\r\n"
+    );
+    s.write_all(request.as_bytes()).await.expect("ws request");
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut pending: Vec<u8> = Vec::new();
+    let mut head_done = false;
+    let mut subscribed = subscribe.is_none();
+    loop {
+        let n = match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&buf[..n]);
+        if !head_done {
+            let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&pending[..end]).to_lowercase();
+            assert_eq!(
+                head.contains("permessage-deflate"),
+                offer,
+                "negotiation: {head}"
+            );
+            pending.drain(..end + 4);
+            head_done = true;
+        }
+        if subscribed {
+            wire_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        let mut start = 0;
+        while let Some((b0, payload, len)) = raw_frame(&pending[start..]) {
+            start += len;
+            let text = if b0 & 0x40 != 0 {
+                inflate_raw(payload)
+            } else {
+                payload.to_vec()
+            };
+            if !subscribed {
+                let text = String::from_utf8_lossy(&text);
+                if text.contains("pusher:connection_established") {
+                    let message = subscribe.as_deref().unwrap_or_default();
+                    s.write_all(&masked_text(message.as_bytes()))
+                        .await
+                        .expect("subscribe");
+                } else if text.contains("subscription_succeeded") || text.contains("\"subscribed\"")
+                {
+                    subscribed = true;
+                }
+                continue;
+            }
+            if let Some(t) = sent_at(&text) {
+                hist.record(now_micros().saturating_sub(t));
+                received.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        pending.drain(..start);
+    }
+}
+
+/// One complete server frame at the start of `buf`: its first byte, its
+/// payload and its whole length.
+fn raw_frame(buf: &[u8]) -> Option<(u8, &[u8], usize)> {
+    let (len, head) = match *buf.get(1)? & 0x7f {
+        126 => (
+            usize::from(u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?])),
+            4,
+        ),
+        127 => {
+            let mut n = [0u8; 8];
+            n.copy_from_slice(buf.get(2..10)?);
+            (u64::from_be_bytes(n) as usize, 10)
+        }
+        n => (usize::from(n), 2),
+    };
+    let payload = buf.get(head..head + len)?;
+    Some((buf[0], payload, head + len))
+}
+
+/// A compressed message's text (a fresh inflater: no context takeover).
+fn inflate_raw(payload: &[u8]) -> Vec<u8> {
+    let mut d = flate2::Decompress::new(false);
+    let mut input = payload.to_vec();
+    input.extend_from_slice(&[0, 0, 0xff, 0xff]);
+    let mut out = Vec::with_capacity(payload.len() * 8 + 64);
+    loop {
+        let before = d.total_in() as usize;
+        d.decompress_vec(&input[before..], &mut out, flate2::FlushDecompress::Sync)
+            .expect("inflate");
+        if d.total_in() as usize == input.len() && out.len() < out.capacity() {
+            return out;
+        }
+        out.reserve(out.capacity());
+    }
+}
+
+/// `text` as a masked client text frame.
+fn masked_text(text: &[u8]) -> Vec<u8> {
+    let mask = [1u8, 2, 3, 4];
+    let mut frame = vec![0x81];
+    if text.len() < 126 {
+        frame.push(0x80 | text.len() as u8);
+    } else {
+        frame.push(0x80 | 126);
+        frame.extend_from_slice(&(text.len() as u16).to_be_bytes());
+    }
+    frame.extend_from_slice(&mask);
+    frame.extend(text.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// A realistic JSON event of about `size` bytes, different each time: an
+/// order record, as an app publishes on a status change.
+fn json_event(t: u64, n: usize, channel: usize, size: usize) -> String {
+    const NAMES: [&str; 8] = [
+        "Ada", "Grace", "Alan", "Edsger", "Barbara", "Ken", "Radia", "Linus",
+    ];
+    const ITEMS: [&str; 6] = [
+        "Espresso beans 1kg",
+        "Burr grinder",
+        "Milk jug 600ml",
+        "Paper filters (100)",
+        "Tamper 58mm",
+        "Cleaning tablets",
+    ];
+    const STATUS: [&str; 5] = ["paid", "packed", "shipped", "out_for_delivery", "delivered"];
+    let mut x = (n as u64 + 1)
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(channel as u64 * 1442695040888963407);
+    let mut next = move |m: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % m
+    };
+    let mut items = Vec::new();
+    let mut text = String::new();
+    while text.len() + 220 < size || items.is_empty() {
+        let item = ITEMS[next(6) as usize];
+        items.push(format!(
+            r#"{{"sku":"SKU-{:05}","name":"{item}","qty":{},"unit_price":{}.{:02},"warehouse":"eu-west-{}"}}"#,
+            next(100000),
+            1 + next(4),
+            5 + next(200),
+            next(100),
+            1 + next(3)
+        ));
+        text = items.join(",");
+    }
+    let name = NAMES[next(8) as usize];
+    format!(
+        r#"{{"t":{t},"n":{n},"type":"order.updated","order":{{"id":"ord_{:016x}","status":"{}","customer":{{"name":"{name}","email":"{}@example.com","tier":"{}"}},"items":[{text}],"currency":"EUR","total":{}.{:02},"updated_at":"2026-12-07T{:02}:{:02}:{:02}Z"}}}}"#,
+        next(u64::MAX),
+        STATUS[next(5) as usize],
+        name.to_lowercase(),
+        ["standard", "gold", "platinum"][next(3) as usize],
+        20 + next(900),
+        next(100),
+        next(24),
+        next(60),
+        next(60),
+    )
+}
+
 async fn sse_client(addr: String, channel: String, hist: Arc<Histogram>, received: Arc<AtomicU64>) {
     let mut s = TcpStream::connect(&addr).await.expect("sse connect");
     let req = format!(
@@ -449,6 +649,7 @@ async fn main() {
 
     let hist = Arc::new(Histogram::new());
     let received = Arc::new(AtomicU64::new(0));
+    let wire_bytes = Arc::new(AtomicU64::new(0));
     let connecting = Arc::new(Semaphore::new(256));
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(args.clients);
@@ -460,12 +661,25 @@ async fn main() {
         let (addr, hist, received) = (crier.addr.clone(), hist.clone(), received.clone());
         let channel = format!("bench.{}", i % args.channels);
         let transport = args.transport;
+        let (deflate, wire_bytes) = (args.deflate, wire_bytes.clone());
         tasks.push(tokio::spawn(async move {
             drop(permit);
-            match transport {
-                Transport::Ws => ws_client(addr, channel, hist, received).await,
-                Transport::Sse => sse_client(addr, channel, hist, received).await,
-                Transport::Pusher => pusher_client(addr, channel, hist, received).await,
+            match (transport, deflate) {
+                (Transport::Ws, Some(offer)) => {
+                    let path = format!("/ws?channel={channel}");
+                    ws_raw_client(addr, path, None, offer, hist, received, wire_bytes).await
+                }
+                (Transport::Pusher, Some(offer)) => {
+                    let path = "/app/bench?protocol=7&client=bench&version=1".to_owned();
+                    let subscribe = format!(
+                        r#"{{"event":"pusher:subscribe","data":{{"channel":"{channel}"}}}}"#
+                    );
+                    let subscribe = Some(subscribe);
+                    ws_raw_client(addr, path, subscribe, offer, hist, received, wire_bytes).await
+                }
+                (Transport::Ws, None) => ws_client(addr, channel, hist, received).await,
+                (Transport::Sse, _) => sse_client(addr, channel, hist, received).await,
+                (Transport::Pusher, None) => pusher_client(addr, channel, hist, received).await,
             }
         }));
     }
@@ -502,7 +716,10 @@ async fn main() {
                 // channels there are.
                 let mut pipe = redis::pipe();
                 for c in 0..args.channels {
-                    let payload = format!(r#"{{"t":{},"n":{n},"pad":"{pad}"}}"#, now_micros());
+                    let payload = match args.payload_json {
+                        true => json_event(now_micros(), n, c, args.payload),
+                        false => format!(r#"{{"t":{},"n":{n},"pad":"{pad}"}}"#, now_micros()),
+                    };
                     // With history: what apps call; without: a plain PUBLISH.
                     if args.history {
                         pipe.cmd("FCALL").arg("crier_publish").arg(1);
@@ -529,9 +746,10 @@ async fn main() {
 
     println!("## crier bench");
     println!(
-        "server={} transport={:?} clients={} channels={} messages/channel={} rate/channel={}/s payload={}B history={}",
+        "server={} transport={:?} clients={} channels={} messages/channel={} rate/channel={}/s payload={}B{} history={}",
         if args.floor { "floor (crier's figures below are the floor program's)" } else { "crier" },
-        args.transport, args.clients, args.channels, args.messages, args.rate, args.payload, args.history
+        args.transport, args.clients, args.channels, args.messages, args.rate, args.payload,
+        if args.payload_json { " (JSON)" } else { "" }, args.history
     );
     println!("| figure | value |");
     println!("|---|---|");
@@ -550,6 +768,18 @@ async fn main() {
         rss_peak / 1048576.0
     );
     println!("| deliveries expected / received | {expected} / {got} |");
+    if args.deflate.is_some() {
+        let bytes = wire_bytes.load(Ordering::Relaxed) as f64;
+        println!(
+            "| bytes on the wire per delivery (WebSocket frames, deflate {}) | {:.0} |",
+            if args.deflate == Some(true) {
+                "on"
+            } else {
+                "off"
+            },
+            bytes / got.max(1) as f64
+        );
+    }
     println!("| slow-client disconnects | {slow} |");
     println!("| publish phase | {publish_secs:.2} s |");
     println!(

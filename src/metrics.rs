@@ -79,6 +79,14 @@ pub struct Inner {
     /// Who holds this deployment's Redis function library: 1 on the
     /// current state (`own`, `newer`, `conflict`, `unchecked`, `error`).
     pub redis_library: IntGaugeVec,
+    /// WebSocket connections that negotiated permessage-deflate.
+    pub ws_compressed_connections: IntGauge,
+    /// Publications compressed: once each per wire protocol, shared by
+    /// every connection that negotiated compression.
+    pub ws_compressed_frames: IntCounter,
+    /// Bytes of the publications compressed, by `stage`: `before` and
+    /// `after` compression.
+    pub ws_compression_bytes: IntCounterVec,
 }
 
 impl std::ops::Deref for Metrics {
@@ -205,6 +213,23 @@ impl Metrics {
                 &["state"],
             )
             .expect("metric"),
+            ws_compressed_connections: gauge(
+                "crier_ws_compressed_connections",
+                "WebSocket connections that negotiated permessage-deflate.",
+            ),
+            ws_compressed_frames: counter(
+                "crier_ws_compressed_frames_total",
+                "Publications compressed, once per wire protocol for every connection that \
+                 negotiated permessage-deflate.",
+            ),
+            ws_compression_bytes: IntCounterVec::new(
+                Opts::new(
+                    "crier_ws_compression_bytes_total",
+                    "Bytes of the publications compressed, before and after compression.",
+                ),
+                &["stage"],
+            )
+            .expect("metric"),
             registry,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
@@ -227,6 +252,9 @@ impl Metrics {
             Box::new(inner.jwks_keys.clone()),
             Box::new(inner.webhook_calls.clone()),
             Box::new(inner.redis_library.clone()),
+            Box::new(inner.ws_compressed_connections.clone()),
+            Box::new(inner.ws_compressed_frames.clone()),
+            Box::new(inner.ws_compression_bytes.clone()),
         ];
         for c in collectors {
             inner.registry.register(c).expect("register metric");

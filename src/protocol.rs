@@ -64,30 +64,32 @@ pub enum Encoding {
 /// How crier compresses a WebSocket message (`ws.compression_level`,
 /// `ws.compression_min_bytes`), for a connection that negotiated
 /// permessage-deflate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone)]
 pub(crate) struct Deflate {
     /// zlib's level, 1 (fastest) to 9 (smallest).
     pub(crate) level: u32,
     /// Messages shorter than this go uncompressed.
     pub(crate) min_bytes: usize,
+    /// Where the compression is counted.
+    pub(crate) metrics: crate::metrics::Metrics,
 }
 
 /// How one connection's publications become bytes: its wire protocol's
 /// encoding, made once per publication and shared by every connection
 /// that encodes alike (see [`Publication::on_wire`]).
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub(crate) enum Encoder {
     /// The protocol's bytes, as every such connection gets them.
     Plain(fn(&Publication) -> Bytes),
     /// Compressed as `Deflate` says: a WebSocket that negotiated
     /// permessage-deflate.
-    Deflated(fn(&Publication, Deflate) -> Bytes, Deflate),
+    Deflated(fn(&Publication, &Deflate) -> Bytes, Deflate),
 }
 
 impl Encoder {
     /// `p` as this connection writes it.
     pub(crate) fn encode(&self, p: &Publication) -> Bytes {
-        match *self {
+        match self {
             Encoder::Plain(encode) => encode(p),
             Encoder::Deflated(encode, deflate) => encode(p, deflate),
         }

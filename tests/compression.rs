@@ -372,3 +372,46 @@ async fn bad_compressed_input_is_closed_with_its_code() {
     let mut fine = Raw::connect(&crier.addr, "/ws", Some(OFFER)).await;
     subscribed(&mut fine, true).await;
 }
+
+/// Acceptance 3's mechanism: one publication to several clients that
+/// negotiated compression is compressed once, and each gets the same bytes.
+#[tokio::test]
+async fn a_publication_is_compressed_once_for_all_its_clients() {
+    let crier = crier(Compression::Auto).await;
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        let mut raw = Raw::connect(&crier.addr, "/ws", Some(OFFER)).await;
+        subscribed(&mut raw, false).await;
+        clients.push(raw);
+    }
+    let plain = Raw::connect(&crier.addr, "/ws", None).await;
+    assert_eq!(crier.metric("crier_ws_compressed_connections").await, 3.0);
+    let large = event(4, 2000);
+    assert_eq!(
+        crier
+            .publish_api("public:logs", &large, Some(API_KEY))
+            .await,
+        200
+    );
+    let mut payloads = Vec::new();
+    for raw in &mut clients {
+        let frame = raw.message().await;
+        assert!(frame.compressed());
+        assert_eq!(frame.json()["data"]["job"], 4);
+        payloads.push(frame.payload);
+    }
+    assert!(payloads.windows(2).all(|w| w[0] == w[1]), "the same bytes");
+    assert_eq!(crier.metric("crier_ws_compressed_frames_total").await, 1.0);
+    let before = crier
+        .metric("crier_ws_compression_bytes_total{stage=\"before\"}")
+        .await;
+    let after = crier
+        .metric("crier_ws_compression_bytes_total{stage=\"after\"}")
+        .await;
+    assert!(after * 3.0 < before, "{after} of {before}");
+    drop((clients, plain));
+    common::eventually("the gauge follows the connections", WAIT, || async {
+        crier.metric("crier_ws_compressed_connections").await == 0.0
+    })
+    .await;
+}

@@ -88,7 +88,7 @@ thread_local! {
 /// frame a client that negotiated permessage-deflate gets: the payload
 /// compressed on its own, RSV1 set; or `plain` itself when the payload is
 /// under `deflate.min_bytes` or does not shrink.
-pub(crate) fn frame(plain: &Bytes, deflate: Deflate) -> Bytes {
+pub(crate) fn frame(plain: &Bytes, deflate: &Deflate) -> Bytes {
     let Some((opcode, payload)) = payload_of(plain) else {
         return plain.clone();
     };
@@ -101,6 +101,13 @@ pub(crate) fn frame(plain: &Bytes, deflate: Deflate) -> Bytes {
     }
     let mut out = Vec::with_capacity(compressed.len() + 10);
     super::rfc6455::encode_rsv1(&mut out, opcode, &compressed);
+    let metrics = &deflate.metrics;
+    metrics.ws_compressed_frames.inc();
+    let bytes = &metrics.ws_compression_bytes;
+    bytes
+        .with_label_values(&["before"])
+        .inc_by(plain.len() as u64);
+    bytes.with_label_values(&["after"]).inc_by(out.len() as u64);
     Bytes::from(out)
 }
 
@@ -264,8 +271,9 @@ mod tests {
         let settings = Deflate {
             level: 6,
             min_bytes: 64,
+            metrics: crate::metrics::Metrics::new(),
         };
-        let deflated = frame(&plain, settings);
+        let deflated = frame(&plain, &settings);
         assert_eq!(deflated[0], 0xC1, "FIN, RSV1, text");
         assert!(
             deflated.len() * 3 < plain.len(),
@@ -277,10 +285,16 @@ mod tests {
         assert_eq!(inflate(payload, 1 << 20).as_deref(), Ok(json.as_bytes()));
         // The same publication compresses to the same bytes each time: no
         // context is carried from one message to the next.
-        assert_eq!(frame(&plain, settings), deflated);
+        assert_eq!(frame(&plain, &settings), deflated);
+        assert_eq!(settings.metrics.ws_compressed_frames.get(), 2);
 
         let short = text_frame(br#"{"type":"tick"}"#);
-        assert_eq!(frame(&short, settings), short, "under min_bytes: plain");
+        assert_eq!(frame(&short, &settings), short, "under min_bytes: plain");
+        assert_eq!(
+            settings.metrics.ws_compressed_frames.get(),
+            2,
+            "not counted"
+        );
     }
 
     /// A compressed frame's payload (RSV1 set, which `payload_of` refuses).

@@ -236,7 +236,7 @@ impl WebSocket {
         &mut self,
         session: &mut Session,
         first: Arc<Publication>,
-        encoder: Encoder,
+        encoder: &Encoder,
     ) -> Result<(), Gone> {
         self.link.out.push(encoder.encode(&first));
         for _ in 1..WRITE_BATCH {
@@ -403,7 +403,7 @@ impl Conn {
                     // Each frame is encoded once per publication, shared by
                     // every recipient (the bytes direct writes send too).
                     Event::Deliver(first) => {
-                        self.socket.deliver(&mut self.session, first, self.encoder).await?;
+                        self.socket.deliver(&mut self.session, first, &self.encoder).await?;
                     }
                     Event::Expiring { in_secs } => {
                         if let Some(text) = protocol.expiring(in_secs) {
@@ -487,11 +487,12 @@ where
     let ws = &app.config.ws;
     let offers = req.headers().get_all(header::SEC_WEBSOCKET_EXTENSIONS);
     let offered = ws.compression == Compression::Auto && deflate::accepts(offers.iter());
-    let deflate = offered.then_some(Deflate {
+    let deflate = offered.then(|| Deflate {
         level: ws.compression_level,
         min_bytes: ws.compression_min_bytes,
+        metrics: app.metrics.clone(),
     });
-    let extension = deflate.map(|_| deflate::ACCEPTED);
+    let extension = deflate.as_ref().map(|_| deflate::ACCEPTED);
     let task_app = Arc::clone(app);
     upgrade(
         app,
@@ -520,7 +521,7 @@ fn plain<P: Protocol>(p: &Publication) -> Bytes {
 
 /// A publication as protocol `P`'s compressed frame: made once per
 /// publication where the protocol keeps it (see [`Protocol::DEFLATED`]).
-fn deflated<P: Protocol>(p: &Publication, settings: Deflate) -> Bytes {
+fn deflated<P: Protocol>(p: &Publication, settings: &Deflate) -> Bytes {
     match P::DEFLATED {
         Some(slot) => p.on_wire(slot, |p| deflate::frame(&P::frame(p), settings)),
         None => deflate::frame(&P::frame(p), settings),
@@ -545,12 +546,15 @@ async fn serve<P: Protocol>(
         replay_bytes: P::replay_bytes,
         peer,
     };
+    let compressed = deflate.is_some();
+    // Counted while the connection lasts, however it ends.
+    let _counted = compressed.then(|| Counted::new(&app.metrics.ws_compressed_connections));
     let encoder = match deflate {
         Some(settings) => Encoder::Deflated(deflated::<P>, settings),
         None => Encoder::Plain(plain::<P>),
     };
     let session = Session::open(app, admission, wire);
-    session.attach(socket.link.outlet(), encoder);
+    session.attach(socket.link.outlet(), encoder.clone());
     let span = session.span();
     let mut conn = Conn {
         session,
@@ -558,7 +562,7 @@ async fn serve<P: Protocol>(
         encoder,
         span,
     };
-    tracing::debug!(parent: &conn.span, compressed = deflate.is_some(), "websocket opened");
+    tracing::debug!(parent: &conn.span, compressed, "websocket opened");
     if let Ok(end) = conn.run(&mut protocol).await {
         log_end(&conn.span, &end);
         let (message, (code, reason)) = protocol.ending(&end);
@@ -591,5 +595,21 @@ fn log_end(span: &tracing::Span, end: &End) {
         }
         End::Flooding => tracing::info!("command rate exceeded persistently, closing"),
         End::Reconnect { .. } => {}
+    }
+}
+
+/// One more on a gauge while it lives.
+struct Counted(prometheus::IntGauge);
+
+impl Counted {
+    fn new(gauge: &prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
