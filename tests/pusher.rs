@@ -48,6 +48,37 @@ async fn pusher_js_hears_sdk_triggers_and_redis_publishes() {
     crier.shutdown().await;
 }
 
+/// Issue 23, acceptance 1: pusher-js in Node, speaking through the `ws`
+/// library (which offers permessage-deflate, as browsers do), negotiates
+/// compression with crier and hears every event intact, small and large,
+/// and its own messages (the subscribe, client events) compressed by `ws`
+/// are understood.
+#[tokio::test]
+async fn pusher_js_over_ws_negotiates_compression_and_hears_every_event() {
+    let redis = RedisServer::start().await;
+    let crier = Instance::start(pusher_config(&redis)).await;
+    let port = port(&crier.addr);
+    let mut d = Driver::start_over_ws().await;
+    d.connect("a", port, "u1").await;
+    assert_eq!(d.subscribe("a", "orders").await["type"], "subscribed");
+    assert_eq!(crier.metric("crier_ws_compressed_connections").await, 1.0);
+
+    let lines: Vec<String> = (0..40)
+        .map(|i| format!("line {i}: shipped parcel {i} to warehouse {}", i % 3))
+        .collect();
+    let large = json!({"type": "order.log", "id": 8, "lines": lines});
+    redis.publish("orders", &large.to_string()).await;
+    let got = d.wait(d.event("a", "orders", "order.log")).await;
+    assert_eq!(got["data"], large);
+    redis
+        .publish("orders", r#"{"type":"order.shipped","id":9}"#)
+        .await;
+    let got = d.wait(d.event("a", "orders", "order.shipped")).await;
+    assert_eq!(got["data"], json!({"type": "order.shipped", "id": 9}));
+    assert!(crier.metric("crier_ws_compressed_frames_total").await >= 1.0);
+    crier.shutdown().await;
+}
+
 #[tokio::test]
 async fn private_channels_need_the_apps_signature_and_crier_rules_still_apply() {
     let redis = RedisServer::start().await;

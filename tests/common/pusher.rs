@@ -100,6 +100,17 @@ impl Driver {
     /// A driver for another app: its clients connect with `key`, its
     /// auth endpoint and SDK sign with `secret`, its SDK calls `id`.
     pub async fn start_as(id: &str, key: &str, secret: &str) -> Driver {
+        Self::start_with(id, key, secret, false).await
+    }
+
+    /// A driver whose pusher-js clients speak through the `ws` library,
+    /// which offers permessage-deflate (pusher-js's own Node WebSocket
+    /// offers no extension).
+    pub async fn start_over_ws() -> Driver {
+        Self::start_with(APP_ID, KEY, SECRET, true).await
+    }
+
+    async fn start_with(id: &str, key: &str, secret: &str, over_ws: bool) -> Driver {
         assert!(
             repo("tests/pusher/node_modules/pusher-js/package.json").exists(),
             "run `npm ci --prefix tests/pusher` (node and npm needed)"
@@ -107,6 +118,7 @@ impl Driver {
         let mut child = Command::new("node")
             .arg(repo("tests/pusher/driver.mjs"))
             .envs([("APP_ID", id), ("APP_KEY", key), ("APP_SECRET", secret)])
+            .env("PUSHER_WEBSOCKET", if over_ws { "ws" } else { "" })
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

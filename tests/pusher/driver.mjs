@@ -17,8 +17,16 @@ import http from 'node:http';
 import readline from 'node:readline';
 import Pusher from 'pusher-js';
 import PusherServer from 'pusher';
+import WebSocket from 'ws';
 
 const [appId, key, secret] = [process.env.APP_ID, process.env.APP_KEY, process.env.APP_SECRET];
+if (process.env.PUSHER_WEBSOCKET === 'ws') {
+  // pusher-js in Node speaks through its bundled faye-websocket, which
+  // offers no extension; the `ws` library offers permessage-deflate, as
+  // browsers do. pusher-js itself is unmodified: only its runtime's
+  // WebSocket constructor is swapped.
+  Pusher.Runtime.getWebSocketAPI = () => WebSocket;
+}
 const out = (line) => process.stdout.write(JSON.stringify(line) + '\n');
 const clients = new Map();
 const users = new Map(); // socket_id -> user, for presence channel_data
