@@ -52,6 +52,16 @@ pub fn with_pusher(config: &mut Config) {
     }];
     config.presence.heartbeat = Duration::from_millis(300);
     config.presence.ttl = Duration::from_secs(1);
+    if compressing() {
+        // Every frame that shrinks goes compressed, not only large ones.
+        config.ws.compression_min_bytes = 0;
+    }
+}
+
+/// Whether this run's pusher-js clients compress (scripts/test's second
+/// run of the Pusher suite sets `CRIER_TEST_PUSHER_WEBSOCKET=ws`).
+pub fn compressing() -> bool {
+    std::env::var("CRIER_TEST_PUSHER_WEBSOCKET").as_deref() == Ok("ws")
 }
 
 /// The same configuration as a file, for a crier child process.
@@ -110,7 +120,10 @@ impl Driver {
         Self::start_with(APP_ID, KEY, SECRET, true).await
     }
 
+    /// `over_ws`, or the whole suite's choice (`CRIER_TEST_PUSHER_WEBSOCKET=ws`,
+    /// which scripts/test sets for a second run): clients that compress.
     async fn start_with(id: &str, key: &str, secret: &str, over_ws: bool) -> Driver {
+        let over_ws = over_ws || compressing();
         assert!(
             repo("tests/pusher/node_modules/pusher-js/package.json").exists(),
             "run `npm ci --prefix tests/pusher` (node and npm needed)"
