@@ -81,6 +81,8 @@ pub struct Inner {
     pub redis_library: IntGaugeVec,
     /// WebSocket connections that negotiated permessage-deflate.
     pub ws_compressed_connections: IntGauge,
+    /// SSE streams sent with `Content-Encoding: deflate`.
+    pub sse_compressed_connections: IntGauge,
     /// Publications compressed: once each per wire protocol, shared by
     /// every connection that negotiated compression.
     pub ws_compressed_frames: IntCounter,
@@ -217,6 +219,10 @@ impl Metrics {
                 "crier_ws_compressed_connections",
                 "WebSocket connections that negotiated permessage-deflate.",
             ),
+            sse_compressed_connections: gauge(
+                "crier_sse_compressed_connections",
+                "SSE streams sent compressed (Content-Encoding: deflate).",
+            ),
             ws_compressed_frames: counter(
                 "crier_ws_compressed_frames_total",
                 "Publications compressed, once per wire protocol for every connection that \
@@ -253,6 +259,7 @@ impl Metrics {
             Box::new(inner.webhook_calls.clone()),
             Box::new(inner.redis_library.clone()),
             Box::new(inner.ws_compressed_connections.clone()),
+            Box::new(inner.sse_compressed_connections.clone()),
             Box::new(inner.ws_compressed_frames.clone()),
             Box::new(inner.ws_compression_bytes.clone()),
         ];

@@ -43,7 +43,7 @@ pub struct Publication {
     single_cursor: std::sync::OnceLock<Bytes>,
     /// The whole bytes each wire protocol writes, for direct writes:
     /// encoded once, on first use, and shared (see [`Encoding`]).
-    wire: [std::sync::OnceLock<Bytes>; 5],
+    wire: [std::sync::OnceLock<Bytes>; 9],
 }
 
 /// A wire protocol's complete encoding of a publication, cached on it.
@@ -59,6 +59,16 @@ pub enum Encoding {
     WsDeflated = 3,
     /// [`Encoding::Pusher`], compressed (permessage-deflate).
     PusherDeflated = 4,
+    /// An SSE event as deflate blocks, for a compressed stream.
+    SseDeflated = 5,
+    /// [`Encoding::SseDeflated`] as one HTTP/1.1 chunk.
+    SseDeflatedChunk = 6,
+    /// An SSE event with the `id:` line of a stream whose only history
+    /// channel is its own, as deflate blocks.
+    SseDeflatedSingle = 7,
+    /// An SSE event without its final blank line (a stream's own `id:`
+    /// line follows), as deflate blocks.
+    SseDeflatedOpen = 8,
 }
 
 /// How crier compresses a WebSocket message (`ws.compression_level`,

@@ -624,3 +624,89 @@ setInterval(() => fetch("/results", {{ method: "POST", body: JSON.stringify(stat
     assert_eq!(report["wsJobs"], intact, "{report}");
     assert_eq!(report["pusherJobs"], intact, "{report}");
 }
+
+/// Issue 23, SSE: Chromium's `EventSource` asks for `deflate` (its
+/// `Accept-Encoding`), gets a compressed stream while `sse.compression` is
+/// `auto`, and decodes every event, cursor included.
+#[tokio::test]
+async fn chromium_reads_a_compressed_event_stream() {
+    if !installed("chromium") {
+        eprintln!(
+            "\n*** SKIPPED chromium_reads_a_compressed_event_stream: \
+             `chromium` is not installed (bash .ci/run installs it) ***\n"
+        );
+        return;
+    }
+    const KEY: &str = "test-api-key-0123456789";
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let page_port = listener.local_addr().expect("addr").port();
+    let mut config = common::crier::test_config(None);
+    config.publish.api_keys = vec![KEY.into()];
+    config.sse.compression = crier::config::Compression::Auto;
+    let mut history = common::crier::rule("hist:*", crier::config::Subscribe::Anyone);
+    history.history = Some(crier::config::HistoryRule {
+        size: 100,
+        ttl: Duration::from_secs(600),
+    });
+    config.channels.push(history);
+    config.allowed_origins = vec![format!("http://127.0.0.1:{page_port}")];
+    let crier = common::crier::Instance::start(config).await;
+    let page = format!(
+        r#"<!doctype html><html><body><script>
+const state = {{ open: false, jobs: [], ids: [], errors: 0 }};
+const es = new EventSource("http://{crier}/sse?channel=hist:c&channel=public:d");
+es.onopen = () => {{ state.open = true; }};
+es.onerror = () => {{ state.errors += 1; }};
+es.addEventListener("log", (e) => {{
+  const m = JSON.parse(e.data);
+  state.jobs.push([m.channel, m.data.job, m.data.lines.length]);
+  state.ids.push(e.lastEventId);
+}});
+setInterval(() => fetch("/results", {{ method: "POST", body: JSON.stringify(state) }}), 100);
+</script></body></html>"#,
+        crier = crier.addr,
+    );
+    let (port, mut results) = test_server_on(page, listener).await;
+    let profile = tempfile::tempdir().expect("profile");
+    let _chromium =
+        common::browser::chromium(&format!("http://127.0.0.1:{port}/page"), profile.path());
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        results.wait_for(|v| v["open"] == true),
+    )
+    .await
+    .expect("the stream opened")
+    .expect("results");
+    assert_eq!(
+        crier.metric("crier_sse_compressed_connections").await,
+        1.0,
+        "Chromium's stream is compressed"
+    );
+    let lines: Vec<String> = (0..20)
+        .map(|i| format!("step {i}: compiled module_{i}.rs in {i}ms"))
+        .collect();
+    for (job, channel) in [(1, "hist:c"), (2, "public:d"), (3, "hist:c")] {
+        let data = serde_json::json!({"type": "log", "job": job, "lines": lines}).to_string();
+        assert_eq!(crier.publish_api(channel, &data, Some(KEY)).await, 200);
+    }
+    let report = tokio::time::timeout(
+        Duration::from_secs(30),
+        results.wait_for(|v| v["jobs"].as_array().is_some_and(|j| j.len() == 3)),
+    )
+    .await
+    .expect("every event arrived")
+    .expect("results")
+    .clone();
+    assert_eq!(
+        report["jobs"],
+        serde_json::json!([["hist:c", 1, 20], ["public:d", 2, 20], ["hist:c", 3, 20]]),
+        "{report}"
+    );
+    assert_eq!(report["errors"], 0, "{report}");
+    let ids = report["ids"].as_array().expect("ids");
+    assert!(
+        ids.iter()
+            .all(|id| id.as_str().is_some_and(|s| !s.is_empty())),
+        "{report}"
+    );
+}

@@ -415,3 +415,63 @@ async fn a_publication_is_compressed_once_for_all_its_clients() {
     })
     .await;
 }
+
+/// SSE: a stream whose request accepts `deflate` is one raw deflate stream
+/// (`Content-Encoding: deflate`); every event arrives intact with its
+/// cursor, the stream's own `id:` lines with several channels too, a
+/// resume replays from the cursor, and a drain ends the stream cleanly.
+#[tokio::test]
+async fn an_sse_stream_that_accepts_deflate_is_compressed_and_resumes() {
+    let mut config = test_config(None);
+    config.publish.api_keys = vec![API_KEY.into()];
+    config.sse.compression = Compression::Auto;
+    let mut history = common::crier::rule("hist:*", crier::config::Subscribe::Anyone);
+    history.history = Some(crier::config::HistoryRule {
+        size: 100,
+        ttl: std::time::Duration::from_secs(600),
+    });
+    config.channels.push(history);
+    let crier = Instance::start(config).await;
+    let accept = [("accept-encoding", "gzip, deflate")];
+
+    // Without asking: plain, as before.
+    let plain = common::sse::connect(&crier.sse_url(&["hist:a"]), &[]).await;
+    assert_eq!(plain.headers.get("content-encoding"), None);
+    drop(plain);
+
+    let url = crier.sse_url(&["hist:a", "hist:b"]);
+    let response = common::sse::connect(&url, &accept).await;
+    assert_eq!(response.headers["content-encoding"], "deflate");
+    let vary: Vec<_> = response.headers.get_all("vary").iter().collect();
+    assert!(vary.iter().any(|v| *v == "accept-encoding"), "{vary:?}");
+    let mut events = response.into_events();
+    let opening = events.next_event(WAIT).await.expect("the opening block");
+    assert!(opening.id.is_some(), "{opening:?}");
+    let large = event(5, 2000);
+    let small = json!({"type": "tick", "n": 1}).to_string();
+    for (channel, data) in [("hist:a", &large), ("hist:b", &small), ("hist:a", &small)] {
+        assert_eq!(crier.publish_api(channel, data, Some(API_KEY)).await, 200);
+    }
+    let first = events.next_message(WAIT).await.expect("an event");
+    assert_eq!(first.json()["data"]["job"], 5);
+    let second = events.next_message(WAIT).await.expect("an event");
+    assert_eq!(second.json()["data"]["type"], "tick");
+    let cursor = second.id.clone().expect("a cursor");
+    drop(events);
+
+    // Back with the cursor: the one event after it, compressed again.
+    let headers = [
+        ("accept-encoding", "deflate"),
+        ("last-event-id", cursor.as_str()),
+    ];
+    let mut resumed = common::sse::connect(&url, &headers).await.into_events();
+    let replayed = resumed.next_message(WAIT).await.expect("the replay");
+    assert_eq!(replayed.json()["channel"], "hist:a");
+    assert_eq!(replayed.json()["data"]["n"], 1);
+    // A drain ends the stream with its notice, and the deflate stream ends
+    // cleanly (a final block), not cut.
+    crier.shutdown().await;
+    let rest = resumed.expect_end(WAIT).await;
+    assert!(rest.iter().any(|e| e.retry.is_some()), "{rest:?}");
+    assert_eq!(resumed.error(), None);
+}

@@ -103,6 +103,10 @@ pub struct SseConfig {
     /// response; WebSocket connections use `ws.write_timeout`.)
     #[serde(with = "humantime_serde")]
     pub write_timeout: Duration,
+    /// `Content-Encoding: deflate` for a stream whose request accepts it:
+    /// each event compressed once for every such stream (`auto`), or
+    /// never (`off`). Compressed at `ws.compression_level`.
+    pub compression: Compression,
 }
 
 impl Default for SseConfig {
@@ -111,6 +115,7 @@ impl Default for SseConfig {
             heartbeat: Duration::from_secs(15),
             retry: Duration::from_secs(3),
             write_timeout: Duration::from_secs(10),
+            compression: Compression::Off,
         }
     }
 }

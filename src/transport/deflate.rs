@@ -135,6 +135,44 @@ fn payload_of(frame: &[u8]) -> Option<(u8, &[u8])> {
 
 /// `payload` as one message's deflate data, without the sync flush's tail.
 fn compress(payload: &[u8], level: u32) -> Vec<u8> {
+    let mut out = compress_sync(payload, level);
+    out.truncate(out.len().saturating_sub(TAIL.len()));
+    out
+}
+
+/// A final, empty stored block: the end of a deflate stream.
+pub(crate) const END: [u8; 5] = [0x01, 0x00, 0x00, 0xff, 0xff];
+
+/// `data` as deflate blocks that continue any deflate stream at a byte
+/// boundary, whatever came before: compressed on their own (no reference
+/// to earlier bytes, a sync flush at the end), or stored when that is not
+/// smaller. What an SSE stream compressed as a whole sends for an event,
+/// made once per publication and shared.
+pub(crate) fn blocks(data: &[u8], level: u32) -> Vec<u8> {
+    let compressed = compress_sync(data, level);
+    if compressed.len() < data.len() + 5 {
+        return compressed;
+    }
+    let mut out = Vec::with_capacity(data.len() + 5);
+    stored(&mut out, data);
+    out
+}
+
+/// Appends `data` as stored (uncompressed) deflate blocks: a connection's
+/// own bytes in a compressed stream, at no compression cost.
+pub(crate) fn stored(out: &mut Vec<u8>, data: &[u8]) {
+    for piece in data.chunks(usize::from(u16::MAX)) {
+        let len = piece.len() as u16;
+        out.push(0x00);
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(!len).to_le_bytes());
+        out.extend_from_slice(piece);
+    }
+}
+
+/// `payload` compressed with the sync flush's tail (byte-aligned, not
+/// final).
+fn compress_sync(payload: &[u8], level: u32) -> Vec<u8> {
     COMPRESSOR.with(|cell| {
         let mut cell = cell.borrow_mut();
         let compressor = match &mut *cell {
@@ -160,12 +198,15 @@ fn compress(payload: &[u8], level: u32) -> Vec<u8> {
                 Ok(_) if finished => break,
                 Ok(_) => out.reserve(out.capacity().max(64)),
                 // A compressor fed valid arguments does not fail; if it did,
-                // the message goes uncompressed-sized (never smaller), and
+                // the message goes as stored blocks (never smaller), and
                 // `frame` sends it plain.
-                Err(_) => return payload.to_vec(),
+                Err(_) => {
+                    let mut stored_form = Vec::new();
+                    stored(&mut stored_form, payload);
+                    return stored_form;
+                }
             }
         }
-        out.truncate(out.len() - TAIL.len());
         out
     })
 }

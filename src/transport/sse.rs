@@ -22,15 +22,18 @@ use http::{header, HeaderValue, Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 
 use crate::app::{App, ConnInfo};
+use crate::config::Compression;
 use crate::history::Cursor;
 use crate::http::{rejected, Body, StreamQuery};
 use crate::link::{Gone, HandoffBody, Link, Out};
 use crate::metrics::Transport;
 use crate::origin::add_cors;
-use crate::protocol::{Encoder, Encoding, Publication};
+use crate::protocol::{Deflate, Encoder, Encoding, Publication};
 use crate::refusal::Refusal;
 use crate::session::Request as Subscription;
 use crate::session::{admit, Event, Session, Start, Wire};
+use crate::transport::deflate;
+use crate::transport::websocket::Counted;
 
 /// Answers a `/sse` request: an error status, or an endless event stream.
 pub(crate) async fn handle<B>(app: Arc<App>, req: Request<B>, info: ConnInfo) -> Response<Body> {
@@ -103,11 +106,22 @@ async fn open<B>(
         session.tracker().cursor().encode()
     );
     let chunked = req.version() >= Version::HTTP_11;
+    let sse = &app.config.sse;
+    let deflate =
+        (sse.compression == Compression::Auto && accepts_deflate(req.headers())).then(|| Deflate {
+            level: app.config.ws.compression_level,
+            min_bytes: 0,
+            metrics: app.metrics.clone(),
+        });
+    let compressed = deflate.is_some();
+    // Counted while the stream lasts, however it ends.
+    let counted = compressed.then(|| Counted::new(&app.metrics.sse_compressed_connections));
     let live = Live {
         session,
         opening: Some(opening),
         chunked,
         done: false,
+        deflate,
     };
     // hyper writes the head, then the stream leaves hyper (see
     // `crate::link`): the body only signals that the head is out.
@@ -119,7 +133,7 @@ async fn open<B>(
     info.handoff.offer(Box::new(move |stream| {
         let link = Link::new(stream, stall, slow);
         task_app.process.tasks.spawn(async move {
-            let _slot = slot;
+            let (_slot, _counted) = (slot, counted);
             live.run(link).await
         });
     }));
@@ -133,7 +147,18 @@ async fn open<B>(
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    if compressed {
+        headers.insert(
+            header::CONTENT_ENCODING,
+            HeaderValue::from_static("deflate"),
+        );
+    }
     add_cors(headers, &origin);
+    // What a cache between crier and the client must tell apart (a stream
+    // is not cached, but a proxy may still key on it).
+    if sse.compression == Compression::Auto {
+        headers.append(header::VARY, HeaderValue::from_static("accept-encoding"));
+    }
     Ok(response)
 }
 
@@ -166,6 +191,11 @@ struct Live {
     chunked: bool,
     /// No more events: end once what is buffered is sent.
     done: bool,
+    /// The stream is compressed (`Content-Encoding: deflate`): one raw
+    /// deflate stream, each event's blocks made once per publication and
+    /// shared, the stream's own bytes (its opening, `id:` lines with
+    /// several channels, notices) as stored blocks.
+    deflate: Option<Deflate>,
 }
 
 impl Live {
@@ -173,12 +203,17 @@ impl Live {
     /// falls behind.
     async fn run(mut self, mut link: Link) {
         let span = self.session.span();
-        let encode = if self.chunked { chunk } else { plain };
-        self.session.attach(link.outlet(), Encoder::Plain(encode));
+        let encoder = match (&self.deflate, self.chunked) {
+            (None, true) => Encoder::Plain(chunk),
+            (None, false) => Encoder::Plain(plain),
+            (Some(d), true) => Encoder::Deflated(deflated_chunk, d.clone()),
+            (Some(d), false) => Encoder::Deflated(deflated, d.clone()),
+        };
+        self.session.attach(link.outlet(), encoder);
         loop {
             self.open_chunk(&mut link.out);
             if let Some(opening) = self.opening.take() {
-                link.out.extend_from_slice(opening.as_bytes());
+                self.own(&mut link.out, opening.as_bytes());
             } else {
                 let more = tokio::select! {
                     biased;
@@ -188,6 +223,9 @@ impl Live {
                 if !more {
                     return;
                 }
+            }
+            if self.done && self.deflate.is_some() {
+                link.out.extend_from_slice(&deflate::END);
             }
             let start = self.close_chunk(&mut link.out);
             if self.done && self.chunked {
@@ -252,16 +290,16 @@ impl Live {
                     self.emit(out, &p);
                 }
             }
-            Event::Expiring { in_secs } => out.extend_from_slice(&notice::expiring(in_secs)),
+            Event::Expiring { in_secs } => self.own(out, &notice::expiring(in_secs)),
             Event::Expired => {
                 tracing::info!(parent: span, "credential ended, closing stream");
                 self.done = true;
-                out.extend_from_slice(&notice::EXPIRED);
+                self.own(out, &notice::EXPIRED);
             }
             Event::Reconnect { after_ms } => {
                 tracing::debug!(parent: span, after_ms, "draining: client told to reconnect");
                 self.done = true;
-                out.extend_from_slice(&notice::retry(after_ms));
+                self.own(out, &notice::retry(after_ms));
             }
             Event::Slow => {
                 tracing::info!(parent: span, "client too slow: queue full, ending stream");
@@ -269,7 +307,7 @@ impl Live {
             }
             // SSE clients never talk, so never idle: keep proxies from
             // timing the stream out.
-            Event::Heartbeat | Event::Idle => out.extend_from_slice(&notice::HEARTBEAT),
+            Event::Heartbeat | Event::Idle => self.own(out, &notice::HEARTBEAT),
             Event::Flush => {}
         }
         true
@@ -279,18 +317,68 @@ impl Live {
     /// event bytes plus this stream's own `id:` cursor line. The shared
     /// bytes are queued by reference, not copied (see [`crate::link`]).
     fn emit(&self, out: &mut Out, p: &Publication) {
+        let tracker = self.session.tracker();
+        if let Some(d) = &self.deflate {
+            let level = d.level;
+            match p.id {
+                None => out.push(deflated(p, d)),
+                Some(_) if tracker.is_only(&p.channel) => {
+                    out.push(p.on_wire(Encoding::SseDeflatedSingle, |p| {
+                        let mut event = p.sse_open().to_vec();
+                        event.extend_from_slice(&p.single_cursor_line());
+                        Bytes::from(deflate::blocks(&event, level))
+                    }));
+                }
+                Some(_) => {
+                    out.push(p.on_wire(Encoding::SseDeflatedOpen, |p| {
+                        Bytes::from(deflate::blocks(&p.sse_open(), level))
+                    }));
+                    let line = format!("id: {}\n\n", tracker.cursor().encode());
+                    self.own(out, line.as_bytes());
+                }
+            }
+            return;
+        }
         if p.id.is_none() {
             out.push(p.sse.clone());
             return;
         }
         out.push(p.sse_open());
-        let tracker = self.session.tracker();
         if tracker.is_only(&p.channel) {
             out.push(p.single_cursor_line());
         } else {
             out.extend_from_slice(format!("id: {}\n\n", tracker.cursor().encode()).as_bytes());
         }
     }
+
+    /// Appends the stream's own bytes: as they are, or as stored deflate
+    /// blocks in a compressed stream.
+    fn own(&self, out: &mut Out, bytes: &[u8]) {
+        match self.deflate {
+            Some(_) => deflate::stored(out.own(), bytes),
+            None => out.extend_from_slice(bytes),
+        }
+    }
+}
+
+/// Whether the request's `Accept-Encoding` takes `deflate` (not with
+/// `q=0`).
+fn accepts_deflate(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| {
+            let mut parts = coding.split(';').map(str::trim);
+            let name = parts.next().unwrap_or_default();
+            let refused = parts.any(|p| {
+                p.strip_prefix("q=")
+                    .and_then(|q| q.trim().parse::<f32>().ok())
+                    .is_some_and(|q| q <= 0.0)
+            });
+            name.eq_ignore_ascii_case("deflate") && !refused
+        })
 }
 
 /// The cursor a reconnecting browser sends back: `Last-Event-ID`, or
@@ -316,6 +404,26 @@ fn chunk(p: &Publication) -> Bytes {
 /// A publication on a stream without chunks (HTTP/1.0), for direct writes.
 fn plain(p: &Publication) -> Bytes {
     p.sse.clone()
+}
+
+/// A publication as deflate blocks, for a compressed stream: made once
+/// per publication, shared by every compressed stream.
+fn deflated(p: &Publication, d: &Deflate) -> Bytes {
+    p.on_wire(Encoding::SseDeflated, |p| {
+        Bytes::from(deflate::blocks(&p.sse, d.level))
+    })
+}
+
+/// [`deflated`] as one HTTP/1.1 chunk, for direct writes.
+fn deflated_chunk(p: &Publication, d: &Deflate) -> Bytes {
+    p.on_wire(Encoding::SseDeflatedChunk, |p| {
+        let blocks = deflated(p, d);
+        let mut chunk = Vec::with_capacity(blocks.len() + 12);
+        chunk.extend_from_slice(format!("{:x}\r\n", blocks.len()).as_bytes());
+        chunk.extend_from_slice(&blocks);
+        chunk.extend_from_slice(b"\r\n");
+        Bytes::from(chunk)
+    })
 }
 
 /// The SSE blocks crier sends besides publications.

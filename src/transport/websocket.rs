@@ -599,10 +599,10 @@ fn log_end(span: &tracing::Span, end: &End) {
 }
 
 /// One more on a gauge while it lives.
-struct Counted(prometheus::IntGauge);
+pub(crate) struct Counted(prometheus::IntGauge);
 
 impl Counted {
-    fn new(gauge: &prometheus::IntGauge) -> Self {
+    pub(crate) fn new(gauge: &prometheus::IntGauge) -> Self {
         gauge.inc();
         Self(gauge.clone())
     }

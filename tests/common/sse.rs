@@ -55,9 +55,16 @@ impl SseResponse {
         super::read_whole(&self.url, response, self.conn).await.1
     }
 
-    /// The body as a stream of events (for a 200 answer).
+    /// The body as a stream of events (for a 200 answer), inflated as a
+    /// browser inflates it when the response says `Content-Encoding:
+    /// deflate`.
     pub fn into_events(self) -> SseStream {
+        let deflated = self
+            .headers
+            .get(http::header::CONTENT_ENCODING)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"deflate"));
         SseStream {
+            inflater: deflated.then(|| flate2::Decompress::new(false)),
             url: self.url,
             body: self.body,
             _conn: self.conn,
@@ -82,6 +89,8 @@ pub struct SseStream {
     ended: bool,
     /// Why the body ended abnormally (e.g. the server was killed), if it did.
     error: Option<String>,
+    /// The body is a raw deflate stream (`Content-Encoding: deflate`).
+    inflater: Option<flate2::Decompress>,
 }
 
 impl SseStream {
@@ -159,7 +168,13 @@ impl SseStream {
                 }
                 Ok(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
-                        self.parser.feed(&data, &mut self.queue);
+                        match &mut self.inflater {
+                            Some(inflater) => {
+                                let text = inflate(inflater, &data);
+                                self.parser.feed(&text, &mut self.queue);
+                            }
+                            None => self.parser.feed(&data, &mut self.queue),
+                        }
                     }
                 }
             }
@@ -277,6 +292,23 @@ impl Parser {
 
 fn strip_one_space(s: &str) -> &str {
     s.strip_prefix(' ').unwrap_or(s)
+}
+
+/// What `data`, the next piece of a raw deflate stream, inflates to.
+fn inflate(inflater: &mut flate2::Decompress, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() * 8 + 64);
+    let mut input = data;
+    loop {
+        let before = inflater.total_in();
+        inflater
+            .decompress_vec(input, &mut out, flate2::FlushDecompress::Sync)
+            .expect("the stream is deflate data");
+        input = &input[(inflater.total_in() - before) as usize..];
+        if input.is_empty() && out.len() < out.capacity() {
+            return out;
+        }
+        out.reserve(out.capacity().max(64));
+    }
 }
 
 #[cfg(test)]
