@@ -255,6 +255,10 @@ async fn start_crier(redis: Option<u16>, args: &Args) -> Crier {
     if let Some(port) = redis {
         text.push_str(&format!("[redis]\nurl = \"redis://127.0.0.1:{port}\"\n"));
     }
+    if args.deflate.is_some() && args.transport == Transport::Sse {
+        // Streams are compressed only for clients that ask (`--deflate on`).
+        text.push_str("[sse]\ncompression = \"auto\"\n");
+    }
     std::fs::write(&config, text).expect("write config");
     let bin = std::env::var("BENCH_CRIER_BIN").unwrap_or_else(|_| "target/release/crier".into());
     let mut command = Command::new(&bin);
@@ -632,6 +636,93 @@ async fn sse_client(addr: String, channel: String, hist: Arc<Histogram>, receive
     }
 }
 
+/// An SSE client for `--deflate on|off`: asks for `Accept-Encoding:
+/// deflate` or not, reads the chunked body (inflating it when compressed),
+/// times each event and counts the bytes it read.
+async fn sse_counting_client(
+    addr: String,
+    channel: String,
+    ask: bool,
+    hist: Arc<Histogram>,
+    received: Arc<AtomicU64>,
+    wire_bytes: Arc<AtomicU64>,
+) {
+    let mut s = TcpStream::connect(&addr).await.expect("sse connect");
+    let encoding = if ask { "Accept-Encoding: deflate\r\n" } else { "" };
+    let req = format!(
+        "GET /sse?channel={channel} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n{encoding}\r\n"
+    );
+    s.write_all(req.as_bytes()).await.expect("sse request");
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut raw: Vec<u8> = Vec::new();
+    let mut text: Vec<u8> = Vec::new();
+    let mut inflater: Option<flate2::Decompress> = None;
+    let mut head_done = false;
+    loop {
+        let n = match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        raw.extend_from_slice(&buf[..n]);
+        if !head_done {
+            let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&raw[..end]).to_lowercase();
+            let compressed = head.contains("content-encoding: deflate");
+            assert_eq!(compressed, ask, "compression: {head}");
+            inflater = compressed.then(|| flate2::Decompress::new(false));
+            raw.drain(..end + 4);
+            head_done = true;
+        } else {
+            wire_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        // Whole chunks: `size\r\n data \r\n`.
+        let mut at = 0;
+        while let Some(line) = raw[at..].windows(2).position(|w| w == b"\r\n") {
+            let size = std::str::from_utf8(&raw[at..at + line])
+                .ok()
+                .and_then(|s| usize::from_str_radix(s.trim(), 16).ok())
+                .expect("a chunk size");
+            let data = at + line + 2;
+            if raw.len() < data + size + 2 {
+                break;
+            }
+            let chunk = &raw[data..data + size];
+            match &mut inflater {
+                Some(d) => inflate_into(d, chunk, &mut text),
+                None => text.extend_from_slice(chunk),
+            }
+            at = data + size + 2;
+        }
+        raw.drain(..at);
+        let mut start = 0;
+        while let Some(end) = text[start..].windows(2).position(|w| w == b"\n\n") {
+            if let Some(t) = sent_at(&text[start..start + end]) {
+                hist.record(now_micros().saturating_sub(t));
+                received.fetch_add(1, Ordering::Relaxed);
+            }
+            start += end + 2;
+        }
+        text.drain(..start);
+    }
+}
+
+/// Appends what `data`, the next piece of a raw deflate stream, inflates to.
+fn inflate_into(d: &mut flate2::Decompress, data: &[u8], out: &mut Vec<u8>) {
+    let mut input = data;
+    loop {
+        out.reserve(input.len() * 4 + 256);
+        let before = d.total_in();
+        d.decompress_vec(input, out, flate2::FlushDecompress::Sync)
+            .expect("inflate");
+        input = &input[(d.total_in() - before) as usize..];
+        if input.is_empty() && out.len() < out.capacity() {
+            return;
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let mut argv = std::env::args().skip(1);
@@ -681,7 +772,10 @@ async fn main() {
                     ws_raw_client(addr, path, subscribe, offer, hist, received, wire_bytes).await
                 }
                 (Transport::Ws, None) => ws_client(addr, channel, hist, received).await,
-                (Transport::Sse, _) => sse_client(addr, channel, hist, received).await,
+                (Transport::Sse, None) => sse_client(addr, channel, hist, received).await,
+                (Transport::Sse, Some(ask)) => {
+                    sse_counting_client(addr, channel, ask, hist, received, wire_bytes).await
+                }
                 (Transport::Pusher, None) => pusher_client(addr, channel, hist, received).await,
             }
         }));
