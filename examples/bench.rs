@@ -868,7 +868,7 @@ async fn main() {
     if args.deflate.is_some() {
         let bytes = wire_bytes.load(Ordering::Relaxed) as f64;
         println!(
-            "| bytes on the wire per delivery (WebSocket frames, deflate {}) | {:.0} |",
+            "| bytes on the wire per delivery (deflate {}) | {:.0} |",
             if args.deflate == Some(true) {
                 "on"
             } else {
