@@ -648,7 +648,11 @@ async fn sse_counting_client(
     wire_bytes: Arc<AtomicU64>,
 ) {
     let mut s = TcpStream::connect(&addr).await.expect("sse connect");
-    let encoding = if ask { "Accept-Encoding: deflate\r\n" } else { "" };
+    let encoding = if ask {
+        "Accept-Encoding: deflate\r\n"
+    } else {
+        ""
+    };
     let req = format!(
         "GET /sse?channel={channel} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n{encoding}\r\n"
     );
