@@ -319,13 +319,21 @@ impl Command {
     /// What the command asks, or why it is refused (its `id` taken out
     /// first, for the reply).
     fn op(self) -> Result<Op, Refusal> {
+        let Command {
+            kind,
+            channel,
+            events,
+            token,
+            since,
+            ..
+        } = self;
         let missing = |what: &str| Refusal::BadRequest(format!("missing {what}"));
-        let channel = || self.channel.clone().ok_or_else(|| missing("channel"));
-        match self.kind.as_deref() {
+        let channel = || channel.ok_or_else(|| missing("channel"));
+        match kind.as_deref() {
             Some("subscribe") => Ok(Op::Subscribe {
                 channel: channel()?,
-                events: self.events.clone(),
-                since: self.since.clone(),
+                events,
+                since,
             }),
             Some("unsubscribe") => Ok(Op::Unsubscribe {
                 channel: channel()?,
@@ -334,12 +342,9 @@ impl Command {
                 channel: channel()?,
             }),
             Some("ping") => Ok(Op::Ping),
-            Some("auth") => match &self.token {
-                Some(token) => Ok(Op::Auth {
-                    token: token.clone(),
-                }),
-                None => Err(missing("token")),
-            },
+            Some("auth") => token
+                .map(|token| Op::Auth { token })
+                .ok_or_else(|| missing("token")),
             Some(other) => Err(Refusal::BadRequest(format!(
                 "unknown message type `{other}`"
             ))),
