@@ -310,3 +310,19 @@ impl Default for Metrics {
         Self::new()
     }
 }
+
+/// One more on a gauge while it lives.
+pub(crate) struct Counted(IntGauge);
+
+impl Counted {
+    pub(crate) fn new(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

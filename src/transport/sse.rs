@@ -26,6 +26,7 @@ use crate::config::Compression;
 use crate::history::Cursor;
 use crate::http::{rejected, Body, StreamQuery};
 use crate::link::{Gone, HandoffBody, Link, Out};
+use crate::metrics::Counted;
 use crate::metrics::Transport;
 use crate::origin::add_cors;
 use crate::protocol::{Deflate, Encoder, Encoding, Publication};
@@ -33,7 +34,6 @@ use crate::refusal::Refusal;
 use crate::session::Request as Subscription;
 use crate::session::{admit, Event, Session, Start, Wire};
 use crate::transport::deflate;
-use crate::transport::websocket::Counted;
 
 /// Answers a `/sse` request: an error status, or an endless event stream.
 pub(crate) async fn handle<B>(app: Arc<App>, req: Request<B>, info: ConnInfo) -> Response<Body> {

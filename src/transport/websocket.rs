@@ -548,7 +548,8 @@ async fn serve<P: Protocol>(
     };
     let compressed = deflate.is_some();
     // Counted while the connection lasts, however it ends.
-    let _counted = compressed.then(|| Counted::new(&app.metrics.ws_compressed_connections));
+    let _counted =
+        compressed.then(|| crate::metrics::Counted::new(&app.metrics.ws_compressed_connections));
     let encoder = match deflate {
         Some(settings) => Encoder::Deflated(deflated::<P>, settings),
         None => Encoder::Plain(plain::<P>),
@@ -595,21 +596,5 @@ fn log_end(span: &tracing::Span, end: &End) {
         }
         End::Flooding => tracing::info!("command rate exceeded persistently, closing"),
         End::Reconnect { .. } => {}
-    }
-}
-
-/// One more on a gauge while it lives.
-pub(crate) struct Counted(prometheus::IntGauge);
-
-impl Counted {
-    pub(crate) fn new(gauge: &prometheus::IntGauge) -> Self {
-        gauge.inc();
-        Self(gauge.clone())
-    }
-}
-
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.0.dec();
     }
 }
