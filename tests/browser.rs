@@ -643,12 +643,9 @@ async fn chromium_reads_a_compressed_event_stream() {
     let mut config = common::crier::test_config(None);
     config.publish.api_keys = vec![KEY.into()];
     config.sse.compression = crier::config::Compression::Auto;
-    let mut history = common::crier::rule("hist:*", crier::config::Subscribe::Anyone);
-    history.history = Some(crier::config::HistoryRule {
-        size: 100,
-        ttl: Duration::from_secs(600),
-    });
-    config.channels.push(history);
+    config
+        .channels
+        .push(common::crier::history_rule("hist:*", 100));
     config.allowed_origins = vec![format!("http://127.0.0.1:{page_port}")];
     let crier = common::crier::Instance::start(config).await;
     let page = format!(

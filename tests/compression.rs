@@ -10,7 +10,7 @@ mod common;
 
 use common::crier::{test_config, Instance, WAIT};
 use crier::config::Compression;
-use flate2::{Compress, Decompress, FlushCompress, FlushDecompress};
+use flate2::{Compress, Decompress, FlushCompress};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -188,14 +188,10 @@ fn deflate(data: &[u8]) -> Vec<u8> {
     out
 }
 
+/// One compressed message, with the tail its sender left off.
 fn inflate(data: &[u8]) -> Vec<u8> {
-    let mut d = Decompress::new(false);
-    let mut input = data.to_vec();
-    input.extend_from_slice(&TAIL);
-    let mut out = Vec::with_capacity(1 << 20);
-    d.decompress_vec(&input, &mut out, FlushDecompress::Sync)
-        .expect("inflate");
-    out
+    let message = [data, &TAIL[..]].concat();
+    common::sse::inflate(&mut Decompress::new(false), &message)
 }
 
 /// A JSON event of about `size` bytes, as apps publish them.
@@ -425,12 +421,9 @@ async fn an_sse_stream_that_accepts_deflate_is_compressed_and_resumes() {
     let mut config = test_config(None);
     config.publish.api_keys = vec![API_KEY.into()];
     config.sse.compression = Compression::Auto;
-    let mut history = common::crier::rule("hist:*", crier::config::Subscribe::Anyone);
-    history.history = Some(crier::config::HistoryRule {
-        size: 100,
-        ttl: std::time::Duration::from_secs(600),
-    });
-    config.channels.push(history);
+    config
+        .channels
+        .push(common::crier::history_rule("hist:*", 100));
     let crier = Instance::start(config).await;
     let accept = [("accept-encoding", "gzip, deflate")];
 

@@ -461,12 +461,9 @@ async fn cache_channels_send_their_last_event_or_a_cache_miss() {
 async fn a_cache_channel_keeping_one_message_sends_it() {
     let redis = RedisServer::start().await;
     let mut config = pusher_config(&redis);
-    let mut one = common::crier::rule("cache-one", Subscribe::Anyone);
-    one.history = Some(crier::config::HistoryRule {
-        size: 1,
-        ttl: std::time::Duration::from_secs(600),
-    });
-    config.channels.insert(0, one);
+    config
+        .channels
+        .insert(0, common::crier::history_rule("cache-one", 1));
     let crier = Instance::start(config).await;
     for v in 1..=101 {
         let event = format!(r#"{{"type":"rate","v":{v}}}"#);

@@ -47,6 +47,18 @@ pub fn rule(pattern: &str, subscribe: Subscribe) -> ChannelRule {
     }
 }
 
+/// A rule: `pattern`, open to anyone, keeping `size` messages for ten
+/// minutes.
+pub fn history_rule(pattern: &str, size: u64) -> ChannelRule {
+    ChannelRule {
+        history: Some(crier::config::HistoryRule {
+            size,
+            ttl: Duration::from_secs(600),
+        }),
+        ..rule(pattern, Subscribe::Anyone)
+    }
+}
+
 /// `crier check-config` on `toml` (written in `dir`) must exit 64 and
 /// name `field`.
 pub async fn check_config_refuses(dir: &std::path::Path, toml: &str, field: &str) {

@@ -295,7 +295,7 @@ fn strip_one_space(s: &str) -> &str {
 }
 
 /// What `data`, the next piece of a raw deflate stream, inflates to.
-fn inflate(inflater: &mut flate2::Decompress, data: &[u8]) -> Vec<u8> {
+pub fn inflate(inflater: &mut flate2::Decompress, data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len() * 8 + 64);
     let mut input = data;
     loop {
