@@ -37,6 +37,8 @@ use tokio::sync::Semaphore;
 
 #[path = "bench/floor.rs"]
 mod floor;
+#[path = "bench/payload.rs"]
+mod payload;
 
 #[derive(Debug, Clone)]
 struct Args {
@@ -53,9 +55,15 @@ struct Args {
     /// WebSocket clients written out by hand that count the bytes they
     /// read: `Some(true)` offering permessage-deflate, `Some(false)` not.
     deflate: Option<bool>,
-    /// Payloads are realistic JSON (order records, different each time)
-    /// of about `payload` bytes, instead of a padded one.
-    payload_json: bool,
+    /// `--deflate sampled`: the clients offer permessage-deflate, but only
+    /// one in 100 inflates (and times) what arrives; the others count
+    /// compressed frames as they come. The benchmark's clients share the
+    /// cores with crier, and 10,000 inflating clients slow crier's writes
+    /// (and change their batching); sampling shows crier's own cost.
+    sampled: bool,
+    /// Payloads are realistic JSON events (`bench/payload.rs`), different
+    /// each time, of about `payload` bytes, instead of a padded one.
+    payload_json: Option<payload::Kind>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -78,7 +86,8 @@ fn parse_args() -> Args {
         history: false,
         floor: false,
         deflate: None,
-        payload_json: false,
+        sampled: false,
+        payload_json: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -103,12 +112,22 @@ fn parse_args() -> Args {
             "--memory" => a.memory = true,
             "--history" => a.history = true,
             "--floor" => a.floor = true,
-            "--payload-json" => a.payload_json = true,
+            "--payload-json" => a.payload_json = a.payload_json.or(Some(payload::Kind::Mix)),
+            "--json-kind" => {
+                a.payload_json = Some(
+                    payload::Kind::parse(&value())
+                        .unwrap_or_else(|| usage("--json-kind mix|order|log|status")),
+                )
+            }
             "--deflate" => {
                 a.deflate = match value().as_str() {
                     "on" => Some(true),
                     "off" => Some(false),
-                    _ => usage("--deflate on|off"),
+                    "sampled" => {
+                        a.sampled = true;
+                        Some(true)
+                    }
+                    _ => usage("--deflate on|off|sampled"),
                 }
             }
             _ => usage(&format!("unknown flag {flag}")),
@@ -129,7 +148,7 @@ fn parse_args() -> Args {
 fn usage(why: &str) -> ! {
     eprintln!(
         "bench: {why}\nusage: bench [--clients N] [--channels N] [--messages N] [--rate PER_SEC_PER_CHANNEL] \
-         [--payload BYTES] [--payload-json] [--transport ws|sse|pusher] [--deflate on|off] \
+         [--payload BYTES] [--payload-json] [--json-kind mix|order|log|status] [--transport ws|sse|pusher] [--deflate on|off|sampled] \
          [--history] [--memory] [--floor]"
     );
     std::process::exit(2)
@@ -423,13 +442,15 @@ async fn pusher_client(
 
 /// A WebSocket client written out by hand, for `--deflate`: it offers
 /// permessage-deflate (tungstenite cannot), inflates what arrives
-/// compressed, times each event, and counts the bytes it read.
+/// compressed (or, unless `inflate`, counts it without reading it), times
+/// each event, and counts the bytes it read.
 #[allow(clippy::too_many_arguments)]
 async fn ws_raw_client(
     addr: String,
     path: String,
     subscribe: Option<String>,
     offer: bool,
+    inflate: bool,
     hist: Arc<Histogram>,
     received: Arc<AtomicU64>,
     wire_bytes: Arc<AtomicU64>,
@@ -475,7 +496,12 @@ async fn ws_raw_client(
         while let Some((b0, payload, len)) = raw_frame(&pending[start..]) {
             start += len;
             let text = match b0 & 0x40 != 0 {
-                true => inflate_raw(&mut inflater, payload),
+                true if inflate || !subscribed => inflate_raw(&mut inflater, payload),
+                true => {
+                    // Sampled: a compressed event, counted unread.
+                    received.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 false => payload.to_vec(),
             };
             if !subscribed {
@@ -552,59 +578,6 @@ fn masked_text(text: &[u8]) -> Vec<u8> {
     frame.extend_from_slice(&mask);
     frame.extend(text.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
     frame
-}
-
-/// A realistic JSON event of about `size` bytes, different each time: an
-/// order record, as an app publishes on a status change.
-fn json_event(t: u64, n: usize, channel: usize, size: usize) -> String {
-    const NAMES: [&str; 8] = [
-        "Ada", "Grace", "Alan", "Edsger", "Barbara", "Ken", "Radia", "Linus",
-    ];
-    const ITEMS: [&str; 6] = [
-        "Espresso beans 1kg",
-        "Burr grinder",
-        "Milk jug 600ml",
-        "Paper filters (100)",
-        "Tamper 58mm",
-        "Cleaning tablets",
-    ];
-    const STATUS: [&str; 5] = ["paid", "packed", "shipped", "out_for_delivery", "delivered"];
-    let mut x = (n as u64 + 1)
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(channel as u64 * 1442695040888963407);
-    let mut next = move |m: u64| {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x % m
-    };
-    let mut items = Vec::new();
-    let mut text = String::new();
-    while text.len() + 220 < size || items.is_empty() {
-        let item = ITEMS[next(6) as usize];
-        items.push(format!(
-            r#"{{"sku":"SKU-{:05}","name":"{item}","qty":{},"unit_price":{}.{:02},"warehouse":"eu-west-{}"}}"#,
-            next(100000),
-            1 + next(4),
-            5 + next(200),
-            next(100),
-            1 + next(3)
-        ));
-        text = items.join(",");
-    }
-    let name = NAMES[next(8) as usize];
-    format!(
-        r#"{{"t":{t},"n":{n},"type":"order.updated","order":{{"id":"ord_{:016x}","status":"{}","customer":{{"name":"{name}","email":"{}@example.com","tier":"{}"}},"items":[{text}],"currency":"EUR","total":{}.{:02},"updated_at":"2026-12-07T{:02}:{:02}:{:02}Z"}}}}"#,
-        next(u64::MAX),
-        STATUS[next(5) as usize],
-        name.to_lowercase(),
-        ["standard", "gold", "platinum"][next(3) as usize],
-        20 + next(900),
-        next(100),
-        next(24),
-        next(60),
-        next(60),
-    )
 }
 
 async fn sse_client(addr: String, channel: String, hist: Arc<Histogram>, received: Arc<AtomicU64>) {
@@ -760,12 +733,14 @@ async fn main() {
         let channel = format!("bench.{}", i % args.channels);
         let transport = args.transport;
         let (deflate, wire_bytes) = (args.deflate, wire_bytes.clone());
+        let inflate = !args.sampled || i % 100 == 0;
         tasks.push(tokio::spawn(async move {
             drop(permit);
             match (transport, deflate) {
                 (Transport::Ws, Some(offer)) => {
                     let path = format!("/ws?channel={channel}");
-                    ws_raw_client(addr, path, None, offer, hist, received, wire_bytes).await
+                    ws_raw_client(addr, path, None, offer, inflate, hist, received, wire_bytes)
+                        .await
                 }
                 (Transport::Pusher, Some(offer)) => {
                     let path = "/app/bench?protocol=7&client=bench&version=1".to_owned();
@@ -773,7 +748,8 @@ async fn main() {
                         r#"{{"event":"pusher:subscribe","data":{{"channel":"{channel}"}}}}"#
                     );
                     let subscribe = Some(subscribe);
-                    ws_raw_client(addr, path, subscribe, offer, hist, received, wire_bytes).await
+                    let (h, r, w) = (hist, received, wire_bytes);
+                    ws_raw_client(addr, path, subscribe, offer, inflate, h, r, w).await
                 }
                 (Transport::Ws, None) => ws_client(addr, channel, hist, received).await,
                 (Transport::Sse, None) => sse_client(addr, channel, hist, received).await,
@@ -818,8 +794,8 @@ async fn main() {
                 let mut pipe = redis::pipe();
                 for c in 0..args.channels {
                     let payload = match args.payload_json {
-                        true => json_event(now_micros(), n, c, args.payload),
-                        false => format!(r#"{{"t":{},"n":{n},"pad":"{pad}"}}"#, now_micros()),
+                        Some(kind) => payload::event(kind, now_micros(), n, c, args.payload),
+                        None => format!(r#"{{"t":{},"n":{n},"pad":"{pad}"}}"#, now_micros()),
                     };
                     // With history: what apps call; without: a plain PUBLISH.
                     if args.history {
@@ -850,7 +826,7 @@ async fn main() {
         "server={} transport={:?} clients={} channels={} messages/channel={} rate/channel={}/s payload={}B{} history={}",
         if args.floor { "floor (crier's figures below are the floor program's)" } else { "crier" },
         args.transport, args.clients, args.channels, args.messages, args.rate, args.payload,
-        if args.payload_json { " (JSON)" } else { "" }, args.history
+        args.payload_json.map(|k| format!(" (JSON: {k:?})")).unwrap_or_default(), args.history
     );
     println!("| figure | value |");
     println!("|---|---|");

@@ -134,7 +134,17 @@ async fn client_that_stops_reading_is_disconnected_and_others_get_everything() {
 
     // 64 KiB messages until both stalled clients have been cut off: socket
     // buffers fill first, then the 8-message queue.
-    let filler = "x".repeat(64 * 1024);
+    // Letters that do not compress, so that a compressing client's socket
+    // fills as fast as a plain one's (CRIER_TEST_WS_DEFLATE=1).
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let filler: String = (0..64 * 1024)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect();
     let mut sent = 0u64;
     while crier.metric("crier_slow_client_disconnects_total").await < 2.0 {
         assert!(sent < 4_000, "stalled clients were never disconnected");

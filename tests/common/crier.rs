@@ -122,7 +122,11 @@ impl Instance {
         Self::serving(config, listener, crier::serve)
     }
 
-    fn serving(config: Config, listener: TcpListener, serve: Serve) -> Instance {
+    fn serving(mut config: Config, listener: TcpListener, serve: Serve) -> Instance {
+        if super::inflating::enabled() {
+            // The compressing run: every message compressed, however small.
+            config.ws.compression_min_bytes = 0;
+        }
         super::panics::watch();
         let panics_before = super::panics::count();
         let running = serve(config, listener).expect("crier starts");
@@ -305,6 +309,9 @@ impl Process {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        if super::inflating::enabled() {
+            cmd.env("CRIER_WS__COMPRESSION_MIN_BYTES", "0");
+        }
         for (k, v) in envs {
             cmd.env(k, v);
         }

@@ -3,6 +3,7 @@
 // Each test binary uses a different subset of these helpers.
 #![allow(dead_code)]
 
+pub mod inflating;
 pub mod panics;
 pub mod pki;
 pub mod redis;

@@ -19,6 +19,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long `subscribe` waits for its reply.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The path of a `ws://` or `wss://` URL.
+fn request_path(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    rest.find('/').map_or("/", |at| &rest[at..])
+}
+
 /// A connected WebSocket client.
 pub struct WsClient {
     inner: WebSocketStream<MaybeTlsStream<TcpStream>>,
@@ -57,8 +63,17 @@ impl WsClient {
     /// `Origin`...). A refused upgrade is `Err(Error::Http(response))`, whose
     /// status and body tests can assert on. A connect or handshake taking
     /// longer than 10 s is an `Error::Io` of kind `TimedOut`.
+    ///
+    /// With `CRIER_TEST_WS_DEFLATE=1` the connection negotiates
+    /// permessage-deflate through [`super::inflating`], and an upgrade to
+    /// crier's `/ws` that did not negotiate it panics.
     pub async fn try_connect(url: &str, headers: &[(&str, &str)]) -> Result<WsClient, Error> {
-        let mut request = url.into_client_request()?;
+        let compressing = super::inflating::enabled();
+        let target = match compressing {
+            true => super::inflating::relay(url).await,
+            false => url.to_string(),
+        };
+        let mut request = target.as_str().into_client_request()?;
         for (name, value) in headers {
             let name = HeaderName::from_bytes(name.as_bytes())
                 .unwrap_or_else(|e| panic!("bad header name {name:?}: {e}"));
@@ -74,6 +89,14 @@ impl WsClient {
                     format!("WebSocket connect to {url} timed out after {CONNECT_TIMEOUT:?}"),
                 ))
             })??;
+        let crier_ws = request_path(url).starts_with("/ws");
+        if compressing && crier_ws {
+            let extensions = response.headers().get("sec-websocket-extensions");
+            assert!(
+                extensions.is_some_and(|e| e.as_bytes().starts_with(b"permessage-deflate")),
+                "CRIER_TEST_WS_DEFLATE=1, but {url} did not negotiate permessage-deflate: {extensions:?}"
+            );
+        }
         Ok(WsClient { inner, response })
     }
 
