@@ -470,6 +470,7 @@ async fn ws_raw_client(
     let mut head_done = false;
     let mut subscribed = subscribe.is_none();
     let mut inflater = flate2::Decompress::new(false);
+    let mut own = false;
     loop {
         let n = match s.read(&mut buf).await {
             Ok(0) | Err(_) => return,
@@ -486,6 +487,9 @@ async fn ws_raw_client(
                 offer,
                 "negotiation: {head}"
             );
+            // Without it, crier may refer to earlier messages: the
+            // inflater keeps its window, as a browser's does.
+            own = head.contains("server_no_context_takeover");
             pending.drain(..end + 4);
             head_done = true;
         }
@@ -496,7 +500,7 @@ async fn ws_raw_client(
         while let Some((b0, payload, len)) = raw_frame(&pending[start..]) {
             start += len;
             let text = match b0 & 0x40 != 0 {
-                true if inflate || !subscribed => inflate_raw(&mut inflater, payload),
+                true if inflate || !subscribed => inflate_raw(&mut inflater, payload, own),
                 true => {
                     // Sampled: a compressed event, counted unread.
                     received.fetch_add(1, Ordering::Relaxed);
@@ -545,20 +549,23 @@ fn raw_frame(buf: &[u8]) -> Option<(u8, &[u8], usize)> {
     Some((buf[0], payload, head + len))
 }
 
-/// A compressed message's text. The inflater is the client's own, reset
-/// per message (no context takeover): making one per message would cost
-/// the benchmark's clients, which share the cores with crier, more than
-/// the inflating.
-fn inflate_raw(d: &mut flate2::Decompress, payload: &[u8]) -> Vec<u8> {
-    d.reset(false);
+/// A compressed message's text. The inflater is the client's own, kept
+/// across messages, or reset for each when crier compresses each on its
+/// `own` (making one per message would cost the benchmark's clients, which
+/// share the cores with crier, more than the inflating).
+fn inflate_raw(d: &mut flate2::Decompress, payload: &[u8], own: bool) -> Vec<u8> {
+    if own {
+        d.reset(false);
+    }
     let mut input = payload.to_vec();
     input.extend_from_slice(&[0, 0, 0xff, 0xff]);
     let mut out = Vec::with_capacity(payload.len() * 8 + 64);
+    let start = d.total_in();
     loop {
-        let before = d.total_in() as usize;
-        d.decompress_vec(&input[before..], &mut out, flate2::FlushDecompress::Sync)
+        let used = (d.total_in() - start) as usize;
+        d.decompress_vec(&input[used..], &mut out, flate2::FlushDecompress::Sync)
             .expect("inflate");
-        if d.total_in() as usize == input.len() && out.len() < out.capacity() {
+        if (d.total_in() - start) as usize == input.len() && out.len() < out.capacity() {
             return out;
         }
         out.reserve(out.capacity());

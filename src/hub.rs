@@ -26,7 +26,7 @@ use crate::broker::{ChannelStart, Control, Fanout};
 use crate::history::StreamId;
 use crate::metrics::Metrics;
 use crate::policy::Rule;
-use crate::protocol::{wanted, Filter, Publication};
+use crate::protocol::{wanted, Chain, ChainSpec, Filter, Publication};
 use crate::refusal::Refusal;
 
 /// Where the hub puts one listener's publications: a connection's queue.
@@ -36,6 +36,12 @@ pub(crate) trait Sink: Send + Sync {
     /// queue refuses it (and marks its connection slow, which then
     /// closes); the hub carries on.
     fn offer(&self, publication: &Arc<Publication>, direct: bool) -> bool;
+
+    /// The chain its connection may follow on each channel it listens to
+    /// (see [`crate::protocol::Chain`]), if any.
+    fn chain(&self) -> Option<ChainSpec> {
+        None
+    }
 }
 
 /// A listener of one channel, with its optional event-type filter.
@@ -45,6 +51,8 @@ struct Listener {
     id: u64,
     sink: Arc<dyn Sink>,
     events: Option<Filter>,
+    /// The key of the channel's chain this listener counts in.
+    chain: Option<u8>,
 }
 
 struct Channel {
@@ -55,8 +63,24 @@ struct Channel {
     /// When the last listener left; swept after the linger.
     idle_since: Option<Instant>,
     ready: watch::Receiver<bool>,
+    /// The channel's chains, one per kind its listeners may follow.
+    chains: Vec<ChannelChain>,
 }
 
+/// A channel's chain of one kind (a compression context its listeners
+/// share), and how many listeners may follow it. It exists only while at
+/// least [`CHAIN_FOLLOWERS`] may, and while the process holds fewer than
+/// `ws.compression_contexts`: each holds a compressor's memory (about
+/// 300 KiB).
+struct ChannelChain {
+    spec: ChainSpec,
+    followers: usize,
+    chain: Option<Box<dyn Chain>>,
+}
+
+/// A channel gets a chain once this many of its listeners may follow it:
+/// one listener alone saves too little for a compressor's memory.
+const CHAIN_FOLLOWERS: usize = 2;
 type Shard = RwLock<HashMap<String, Channel>>;
 
 /// Direct writes (see [`Sink::offer`]) go only to channels with at most
@@ -99,6 +123,10 @@ pub(crate) struct Hub {
     subscribe_timeout: Duration,
     metrics: Metrics,
     direct: Mutex<DirectBudget>,
+    /// How many chains the process may hold (`ws.compression_contexts`),
+    /// and how many it does.
+    chains_max: usize,
+    chains: std::sync::atomic::AtomicUsize,
 }
 
 impl Hub {
@@ -107,6 +135,7 @@ impl Hub {
         control: mpsc::UnboundedSender<Control>,
         linger: Duration,
         subscribe_timeout: Duration,
+        chains_max: usize,
         metrics: Metrics,
     ) -> Self {
         let shards = (0..64).map(|_| RwLock::new(HashMap::new())).collect();
@@ -121,6 +150,8 @@ impl Hub {
                 window: Instant::now(),
                 used: Duration::ZERO,
             }),
+            chains_max,
+            chains: Default::default(),
         }
     }
 
@@ -161,17 +192,23 @@ impl Hub {
                     rule: Arc::clone(rule),
                     idle_since: None,
                     ready: rx,
+                    chains: Vec::new(),
                 }
             });
-            let listener = Listener {
+            let mut listener = Listener {
                 id,
                 sink: Arc::clone(sink),
                 events,
+                chain: None,
             };
             let previous = match entry.listeners.iter().position(|l| l.id == id) {
-                Some(i) => Some(std::mem::replace(&mut entry.listeners[i], listener)),
+                Some(i) => {
+                    listener.chain = entry.listeners[i].chain;
+                    Some(std::mem::replace(&mut entry.listeners[i], listener))
+                }
                 None => {
                     self.metrics.subscriptions.inc();
+                    listener.chain = sink.chain().map(|spec| self.follow(entry, spec));
                     entry.listeners.push(listener);
                     None
                 }
@@ -210,15 +247,76 @@ impl Hub {
     pub(crate) fn unsubscribe(&self, channel: &str, id: u64) {
         let mut shard = write(self.shard(channel));
         if let Some(entry) = shard.get_mut(channel) {
-            let before = entry.listeners.len();
-            entry.listeners.retain(|l| l.id != id);
-            if entry.listeners.len() < before {
+            if let Some(at) = entry.listeners.iter().position(|l| l.id == id) {
+                let gone = entry.listeners.remove(at);
                 self.metrics.subscriptions.dec();
+                if let Some(key) = gone.chain {
+                    self.unfollow(entry, key);
+                }
             }
             if entry.listeners.is_empty() && entry.idle_since.is_none() {
                 entry.idle_since = Some(Instant::now());
             }
         }
+    }
+
+    /// Counts a listener that may follow `spec`'s chain on `entry`, making
+    /// the chain when it has enough followers and the process has room.
+    /// Returns the chain's key.
+    fn follow(&self, entry: &mut Channel, spec: ChainSpec) -> u8 {
+        let key = spec.key;
+        let at = match entry.chains.iter().position(|c| c.spec.key == key) {
+            Some(at) => at,
+            None => {
+                entry.chains.push(ChannelChain {
+                    spec,
+                    followers: 0,
+                    chain: None,
+                });
+                entry.chains.len() - 1
+            }
+        };
+        let c = &mut entry.chains[at];
+        c.followers += 1;
+        match &c.chain {
+            Some(chain) => chain.joined(),
+            None if c.followers >= CHAIN_FOLLOWERS && self.take_chain_room() => {
+                c.chain = Some((c.spec.make)(&c.spec));
+            }
+            None => {}
+        }
+        key
+    }
+
+    /// A follower of `entry`'s chain `key` left; the chain goes (and its
+    /// memory with it) when too few remain.
+    fn unfollow(&self, entry: &mut Channel, key: u8) {
+        let Some(at) = entry.chains.iter().position(|c| c.spec.key == key) else {
+            return;
+        };
+        let c = &mut entry.chains[at];
+        c.followers -= 1;
+        if c.followers < CHAIN_FOLLOWERS && c.chain.take().is_some() {
+            self.chains
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            self.metrics.ws_compression_contexts.dec();
+        }
+        if c.followers == 0 {
+            entry.chains.swap_remove(at);
+        }
+    }
+
+    /// Whether the process may hold one more chain (and counts it).
+    fn take_chain_room(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let taken = self
+            .chains
+            .fetch_update(Relaxed, Relaxed, |n| (n < self.chains_max).then_some(n + 1))
+            .is_ok();
+        if taken {
+            self.metrics.ws_compression_contexts.inc();
+        }
+        taken
     }
 
     /// The channels this process's clients listen to, sorted.
@@ -279,7 +377,13 @@ impl Hub {
             let Some(entry) = shard.get(channel) else {
                 return 0;
             };
-            let publication = Arc::new(make(&entry.rule));
+            let mut publication = make(&entry.rule);
+            // Links are made here, in the channel's order, before anyone
+            // can write the publication.
+            for chain in entry.chains.iter().filter_map(|c| c.chain.as_ref()) {
+                publication.chained.extend(chain.next(&publication));
+            }
+            let publication = Arc::new(publication);
             let direct =
                 entry.listeners.len() <= DIRECT_FANOUT && self.direct_budget().allows(started);
             if !direct {
@@ -404,7 +508,7 @@ mod tests {
     /// broker does.
     fn hub(linger: Duration) -> (Arc<Hub>, mpsc::UnboundedReceiver<Control>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let hub = Hub::new(tx, linger, Duration::from_secs(1), Metrics::new());
+        let hub = Hub::new(tx, linger, Duration::from_secs(1), 0, Metrics::new());
         (Arc::new(hub), rx)
     }
 
@@ -589,6 +693,7 @@ mod tests {
             tx,
             Duration::ZERO,
             Duration::from_millis(50),
+            0,
             Metrics::new(),
         ));
         let (got, sink) = recorder(10);
@@ -630,6 +735,7 @@ mod tests {
             tx,
             Duration::ZERO,
             Duration::from_millis(50),
+            0,
             Metrics::new(),
         ));
         let (_got, sink) = recorder(10);

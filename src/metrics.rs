@@ -81,6 +81,8 @@ pub struct Inner {
     pub redis_library: IntGaugeVec,
     /// WebSocket connections that negotiated permessage-deflate.
     pub ws_compressed_connections: IntGauge,
+    /// Channels holding a compression context their listeners share.
+    pub ws_compression_contexts: IntGauge,
     /// SSE streams sent with `Content-Encoding: deflate`.
     pub sse_compressed_connections: IntGauge,
     /// Publications compressed: once each per wire protocol, shared by
@@ -219,6 +221,11 @@ impl Metrics {
                 "crier_ws_compressed_connections",
                 "WebSocket connections that negotiated permessage-deflate.",
             ),
+            ws_compression_contexts: gauge(
+                "crier_ws_compression_contexts",
+                "Channels holding a compression context their WebSocket listeners share \
+                 (ws.compression_contexts at most).",
+            ),
             sse_compressed_connections: gauge(
                 "crier_sse_compressed_connections",
                 "SSE streams sent compressed (Content-Encoding: deflate).",
@@ -259,6 +266,7 @@ impl Metrics {
             Box::new(inner.webhook_calls.clone()),
             Box::new(inner.redis_library.clone()),
             Box::new(inner.ws_compressed_connections.clone()),
+            Box::new(inner.ws_compression_contexts.clone()),
             Box::new(inner.sse_compressed_connections.clone()),
             Box::new(inner.ws_compressed_frames.clone()),
             Box::new(inner.ws_compression_bytes.clone()),

@@ -44,6 +44,9 @@ pub struct Publication {
     /// The whole bytes each wire protocol writes, for direct writes:
     /// encoded once, on first use, and shared (see [`Encoding`]).
     wire: [std::sync::OnceLock<Bytes>; 9],
+    /// Its bytes in each of its channel's chains (see [`Chain`]), made by
+    /// the hub before anyone receives it; usually none.
+    pub(crate) chained: Vec<Chained>,
 }
 
 /// A wire protocol's complete encoding of a publication, cached on it.
@@ -92,19 +95,130 @@ pub(crate) enum Encoder {
     /// The protocol's bytes, as every such connection gets them.
     Plain(fn(&Publication) -> Bytes),
     /// Compressed as `Deflate` says: a WebSocket that negotiated
-    /// permessage-deflate.
-    Deflated(fn(&Publication, &Deflate) -> Bytes, Deflate),
+    /// permessage-deflate; with a [`Follower`] when it may take its
+    /// channels' chains (it let crier keep a compression context).
+    Deflated(
+        fn(&Publication, &Deflate) -> Bytes,
+        Deflate,
+        Option<Follower>,
+    ),
 }
 
 impl Encoder {
-    /// `p` as this connection writes it.
+    /// `p` as this connection writes it. A connection following a chain
+    /// takes the chain's bytes when they are the next of the chain it
+    /// follows, or the first of a new epoch; any other bytes that break
+    /// chains (a message compressed on its own) stop it following.
+    ///
+    /// The caller writes what this returns, in the order it was made, or
+    /// never: a publication encoded again (a direct write refused, then
+    /// queued) finds the follower past it and gets bytes of its own.
     pub(crate) fn encode(&self, p: &Publication) -> Bytes {
         match self {
             Encoder::Plain(encode) => encode(p),
-            Encoder::Deflated(encode, deflate) => encode(p, deflate),
+            Encoder::Deflated(encode, deflate, None) => encode(p, deflate),
+            Encoder::Deflated(encode, deflate, Some(follower)) => {
+                if let Some(link) = p.chained.iter().find(|c| c.key == follower.spec.key) {
+                    if link.seq == 0 || follower.at() == (link.epoch, link.seq) {
+                        follower.set(link.epoch, link.seq + 1);
+                        return link.bytes.clone();
+                    }
+                }
+                let bytes = encode(p, deflate);
+                if (follower.spec.breaks)(&bytes) {
+                    follower.set(0, 0);
+                }
+                bytes
+            }
+        }
+    }
+
+    /// The chain this connection may follow, if any.
+    pub(crate) fn chain(&self) -> Option<&ChainSpec> {
+        match self {
+            Encoder::Deflated(_, _, Some(follower)) => Some(&follower.spec),
+            _ => None,
         }
     }
 }
+
+/// A publication's bytes in one of its channel's chains: made with state
+/// carried from the channel's earlier publications (a compression context
+/// its listeners share, see `transport/deflate.rs`), so a listener may
+/// write them only if it wrote every earlier link of the same epoch.
+#[derive(Debug, Clone)]
+pub(crate) struct Chained {
+    /// Which kind of chain (a protocol's compressed frames).
+    pub(crate) key: u8,
+    /// The epoch: a chain starts afresh (no state) at each, and its
+    /// number is unique in the process.
+    pub(crate) epoch: u64,
+    /// The link's place in its epoch, from 0.
+    pub(crate) seq: u32,
+    pub(crate) bytes: Bytes,
+}
+
+/// A channel's chain of one kind: the hub calls it for each publication
+/// of the channel, in order, while the channel has listeners following it.
+pub(crate) trait Chain: Send + Sync {
+    /// `p`'s link, or `None` when `p` is not chained (then everyone gets
+    /// bytes that leave the chain alone).
+    fn next(&self, p: &Publication) -> Option<Chained>;
+    /// A listener arrived: it can follow from the next epoch on, which
+    /// starts soon.
+    fn joined(&self);
+}
+
+/// How to make a connection's kind of chain, for the hub to keep one per
+/// channel and key.
+#[derive(Clone)]
+pub(crate) struct ChainSpec {
+    pub(crate) key: u8,
+    /// A new chain (no state yet).
+    pub(crate) make: fn(&ChainSpec) -> Box<dyn Chain>,
+    /// The protocol's plain bytes of a publication, which the chain
+    /// transforms.
+    pub(crate) plain: fn(&Publication) -> Bytes,
+    pub(crate) deflate: Deflate,
+    /// Whether bytes made outside the chain disturb it for the client
+    /// (a message compressed on its own enters the client's window).
+    pub(crate) breaks: fn(&Bytes) -> bool,
+}
+
+/// Where a connection is in the chain it follows: the epoch (0: none)
+/// and the next link it can take, in one word, shared by the
+/// connection's direct and queued writes.
+#[derive(Clone)]
+pub(crate) struct Follower {
+    pub(crate) spec: ChainSpec,
+    at: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// A link's place is below 2^24 (a chain starts a new epoch before).
+const SEQ_BITS: u32 = 24;
+
+impl Follower {
+    pub(crate) fn new(spec: ChainSpec) -> Self {
+        Self {
+            spec,
+            at: Default::default(),
+        }
+    }
+
+    fn at(&self) -> (u64, u32) {
+        let word = self.at.load(std::sync::atomic::Ordering::Relaxed);
+        (word >> SEQ_BITS, (word & ((1 << SEQ_BITS) - 1)) as u32)
+    }
+
+    fn set(&self, epoch: u64, seq: u32) {
+        let word = (epoch << SEQ_BITS) | u64::from(seq);
+        self.at.store(word, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Links of a chain's epoch, at most: then a new epoch starts, so a
+/// follower's place always fits its word.
+pub(crate) const EPOCH_LINKS: u32 = 1 << 20;
 
 /// What a publication tells the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -396,6 +510,7 @@ impl Publication {
             sse,
             single_cursor: std::sync::OnceLock::new(),
             wire: Default::default(),
+            chained: Vec::new(),
         }
     }
 

@@ -190,6 +190,7 @@ fn assemble(
         control_tx,
         config.redis.linger,
         config.redis.subscribe_timeout,
+        config.ws.compression_contexts,
         metrics.clone(),
     ));
     let broker = Broker::start(

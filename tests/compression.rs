@@ -27,12 +27,18 @@ struct Raw {
     buf: Vec<u8>,
     /// The response's `Sec-WebSocket-Extensions`, if any.
     extensions: Option<String>,
+    /// The client's inflater, as a browser keeps it: its window holds
+    /// every compressed message before, unless the server said
+    /// `server_no_context_takeover` (then it starts afresh each message).
+    inflater: Decompress,
 }
 
-/// One frame from the server: its first byte and payload.
+/// One frame from the server: its first byte and payload, and its text
+/// (inflated if compressed).
 struct Frame {
     b0: u8,
     payload: Vec<u8>,
+    plain: Vec<u8>,
 }
 
 impl Frame {
@@ -40,14 +46,9 @@ impl Frame {
         self.b0 & 0x40 != 0
     }
 
-    /// The message's text, inflated if compressed.
+    /// The message's text.
     fn text(&self) -> String {
-        let bytes = if self.compressed() {
-            inflate(&self.payload)
-        } else {
-            self.payload.clone()
-        };
-        String::from_utf8(bytes).expect("UTF-8")
+        String::from_utf8(self.plain.clone()).expect("UTF-8")
     }
 
     fn json(&self) -> Value {
@@ -80,6 +81,7 @@ impl Raw {
             stream,
             buf: Vec::new(),
             extensions: None,
+            inflater: Decompress::new(false),
         };
         let end = loop {
             if let Some(end) = raw.buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -125,16 +127,30 @@ impl Raw {
                     n => (usize::from(n), 2),
                 };
                 if head > 0 && self.buf.len() >= head + len {
-                    let frame = Frame {
-                        b0: self.buf[0],
-                        payload: self.buf[head..head + len].to_vec(),
-                    };
+                    let (b0, payload) = (self.buf[0], self.buf[head..head + len].to_vec());
                     self.buf.drain(..head + len);
-                    return frame;
+                    let plain = match b0 & 0x40 != 0 {
+                        true => self.inflate(&payload),
+                        false => payload.clone(),
+                    };
+                    return Frame { b0, payload, plain };
                 }
             }
             self.fill().await;
         }
+    }
+
+    /// One compressed message, with the tail its sender left off.
+    fn inflate(&mut self, data: &[u8]) -> Vec<u8> {
+        let own = self
+            .extensions
+            .as_deref()
+            .is_some_and(|e| e.contains("server_no_context_takeover"));
+        if own {
+            self.inflater.reset(false);
+        }
+        let message = [data, &TAIL[..]].concat();
+        common::sse::inflate(&mut self.inflater, &message)
     }
 
     /// The next frame that is not a ping.
@@ -188,12 +204,6 @@ fn deflate(data: &[u8]) -> Vec<u8> {
     out
 }
 
-/// One compressed message, with the tail its sender left off.
-fn inflate(data: &[u8]) -> Vec<u8> {
-    let message = [data, &TAIL[..]].concat();
-    common::sse::inflate(&mut Decompress::new(false), &message)
-}
-
 /// A JSON event of about `size` bytes, as apps publish them.
 fn event(n: usize, size: usize) -> String {
     let lines: Vec<String> = (0..size / 60)
@@ -227,7 +237,8 @@ async fn a_client_that_offers_deflate_gets_each_large_event_compressed_and_intac
     let mut raw = Raw::connect(&crier.addr, "/ws", Some(OFFER)).await;
     assert_eq!(
         raw.extensions.as_deref(),
-        Some("permessage-deflate; server_no_context_takeover; client_no_context_takeover")
+        Some("permessage-deflate; client_no_context_takeover"),
+        "crier may refer to earlier messages; the client may not"
     );
     // The client compresses its own messages too.
     subscribed(&mut raw, true).await;
@@ -408,6 +419,141 @@ async fn a_publication_is_compressed_once_for_all_its_clients() {
     drop((clients, plain));
     common::eventually("the gauge follows the connections", WAIT, || async {
         crier.metric("crier_ws_compressed_connections").await == 0.0
+    })
+    .await;
+}
+
+/// An order record of about 1 KB, different each time, as a shop
+/// publishes on a status change.
+fn order(n: usize) -> String {
+    const NAMES: [&str; 3] = ["Espresso beans 1kg", "Burr grinder", "Milk jug 600ml"];
+    const STATUS: [&str; 4] = ["paid", "packed", "shipped", "delivered"];
+    let items: Vec<Value> = (0..6)
+        .map(|i| {
+            json!({
+                "sku": format!("SKU-{:04}", (n * 7 + i * 13) % 40),
+                "name": NAMES[(n + i) % 3],
+                "qty": 1 + (n + i) % 4,
+                "unit_price": 5.0 + ((n * 31 + i * 17) % 200) as f64 / 4.0,
+                "warehouse": format!("eu-west-{}", 1 + (n + i) % 3),
+            })
+        })
+        .collect();
+    json!({"type": "order.updated", "order": {
+        "id": format!("ord_{:08x}", n.wrapping_mul(2654435761) % (1 << 32)),
+        "status": STATUS[n % 4],
+        "customer": {"name": "Ada", "email": "ada@example.com"},
+        "items": items,
+        "currency": "EUR",
+    }})
+    .to_string()
+}
+
+/// Publishes order `n` to `public:logs` and returns it.
+async fn publish_order(crier: &Instance, n: usize) -> String {
+    let data = order(n);
+    assert_eq!(
+        crier.publish_api("public:logs", &data, Some(API_KEY)).await,
+        200
+    );
+    data
+}
+
+/// The next message of `raw`, checked against `data`: its bytes.
+async fn expect_order(raw: &mut Raw, data: &str) -> Vec<u8> {
+    let frame = raw.message().await;
+    assert!(frame.compressed());
+    let envelope = frame.json();
+    assert_eq!(
+        envelope["data"],
+        serde_json::from_str::<Value>(data).expect("json"),
+        "intact"
+    );
+    frame.payload
+}
+
+/// Acceptance 2's mechanism: a channel with several compressing listeners
+/// keeps one compression context they share, so each event is compressed
+/// once against the ones before; every listener (one that joins late, one
+/// that also listens elsewhere, one that asked for
+/// `server_no_context_takeover`) reads every event intact with its own
+/// inflater, and the shared frames are far smaller than frames compressed
+/// on their own.
+#[tokio::test]
+async fn listeners_of_a_busy_channel_share_one_compression_context() {
+    let crier = crier(Compression::Auto).await;
+    let mut a = Raw::connect(&crier.addr, "/ws", Some(OFFER)).await;
+    let mut b = Raw::connect(&crier.addr, "/ws", Some(OFFER)).await;
+    let own_offer = "permessage-deflate; server_no_context_takeover";
+    let mut own = Raw::connect(&crier.addr, "/ws", Some(own_offer)).await;
+    assert_eq!(
+        own.extensions.as_deref(),
+        Some("permessage-deflate; server_no_context_takeover; client_no_context_takeover")
+    );
+    for raw in [&mut a, &mut b, &mut own] {
+        subscribed(raw, false).await;
+    }
+    assert_eq!(crier.metric("crier_ws_compression_contexts").await, 1.0);
+
+    let (mut shared, mut alone) = (0, 0);
+    for n in 0..30 {
+        let data = publish_order(&crier, n).await;
+        let from_a = expect_order(&mut a, &data).await;
+        assert_eq!(expect_order(&mut b, &data).await, from_a, "the same bytes");
+        let from_own = expect_order(&mut own, &data).await;
+        if n >= 10 {
+            shared += from_a.len();
+            alone += from_own.len();
+        }
+    }
+    assert!(
+        shared * 2 < alone,
+        "shared context: {shared} B; each on its own: {alone} B"
+    );
+
+    // A late listener reads on its own until the context starts a new
+    // epoch, then shares it; the others read on throughout.
+    let mut late = Raw::connect(&crier.addr, "/ws", Some(OFFER)).await;
+    subscribed(&mut late, false).await;
+    let mut shared_later = false;
+    for n in 30..60 {
+        let data = publish_order(&crier, n).await;
+        let from_a = expect_order(&mut a, &data).await;
+        assert_eq!(expect_order(&mut b, &data).await, from_a);
+        shared_later |= expect_order(&mut late, &data).await == from_a;
+        expect_order(&mut own, &data).await;
+    }
+    assert!(shared_later, "the late listener joined the shared context");
+
+    // A listener that also gets another channel's compressed events
+    // leaves the context (their bytes entered its window) and reads on.
+    a.send_json(
+        json!({"type": "subscribe", "channel": "public:other", "id": 2}),
+        false,
+    )
+    .await;
+    assert_eq!(a.message().await.json()["type"], "subscribed");
+    for n in 60..70 {
+        let other = order(1000 + n);
+        assert_eq!(
+            crier
+                .publish_api("public:other", &other, Some(API_KEY))
+                .await,
+            200
+        );
+        let data = publish_order(&crier, n).await;
+        assert_eq!(
+            a.message().await.json()["data"]["order"]["id"],
+            serde_json::from_str::<Value>(&other).expect("json")["order"]["id"]
+        );
+        expect_order(&mut a, &data).await;
+        expect_order(&mut b, &data).await;
+        expect_order(&mut late, &data).await;
+        expect_order(&mut own, &data).await;
+    }
+    drop((a, b, late, own));
+    common::eventually("the context goes with its listeners", WAIT, || async {
+        crier.metric("crier_ws_compression_contexts").await == 0.0
     })
     .await;
 }

@@ -35,6 +35,11 @@ pub struct WsConfig {
     /// zlib's level, 1 (fastest) to 9 (smallest). Paid once per
     /// publication, not per client.
     pub compression_level: u32,
+    /// Channels that may each keep a compression context its listeners
+    /// share (about 300 KiB each), so that each message is compressed
+    /// against the channel's earlier ones: several times smaller for a
+    /// stream of similar JSON events. 0: every message on its own.
+    pub compression_contexts: usize,
 }
 
 /// Whether WebSocket connections compress (`ws.compression`).
@@ -57,6 +62,7 @@ impl Default for WsConfig {
             compression: Compression::Auto,
             compression_min_bytes: 256,
             compression_level: 6,
+            compression_contexts: 64,
         }
     }
 }

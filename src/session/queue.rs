@@ -225,6 +225,10 @@ fn take_all(queue: &mut VecDeque<Arc<Publication>>, batch: &mut VecDeque<Arc<Pub
 }
 
 impl Sink for Mailbox {
+    fn chain(&self) -> Option<crate::protocol::ChainSpec> {
+        self.straight.get()?.encoder.chain().cloned()
+    }
+
     fn offer(&self, publication: &Arc<Publication>, direct: bool) -> bool {
         let excluded = self.me.is_some_and(|me| publication.exclude == Some(me));
         if self.is_slow() || excluded {

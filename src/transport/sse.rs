@@ -206,8 +206,8 @@ impl Live {
         let encoder = match (&self.deflate, self.chunked) {
             (None, true) => Encoder::Plain(chunk),
             (None, false) => Encoder::Plain(plain),
-            (Some(d), true) => Encoder::Deflated(deflated_chunk, d.clone()),
-            (Some(d), false) => Encoder::Deflated(deflated, d.clone()),
+            (Some(d), true) => Encoder::Deflated(deflated_chunk, d.clone(), None),
+            (Some(d), false) => Encoder::Deflated(deflated, d.clone(), None),
         };
         self.session.attach(link.outlet(), encoder);
         loop {

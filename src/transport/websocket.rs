@@ -30,7 +30,7 @@ use crate::http::{full, rejected, Body};
 pub use crate::link::Gone;
 use crate::link::Link;
 use crate::metrics::Transport;
-use crate::protocol::{Deflate, Encoder, Encoding, Publication};
+use crate::protocol::{ChainSpec, Deflate, Encoder, Encoding, Follower, Publication};
 use crate::refusal::Refusal;
 use crate::session::{Admission, Event, Session, Verdict, Wire};
 use crate::stall::StallGuard;
@@ -486,13 +486,19 @@ where
 {
     let ws = &app.config.ws;
     let offers = req.headers().get_all(header::SEC_WEBSOCKET_EXTENSIONS);
-    let offered = ws.compression == Compression::Auto && deflate::accepts(offers.iter());
-    let deflate = offered.then(|| Deflate {
-        level: ws.compression_level,
-        min_bytes: ws.compression_min_bytes,
-        metrics: app.metrics.clone(),
+    let agreed = match ws.compression {
+        Compression::Auto => deflate::accepts(offers.iter()),
+        Compression::Off => None,
+    };
+    let deflate = agreed.map(|agreed| {
+        let settings = Deflate {
+            level: ws.compression_level,
+            min_bytes: ws.compression_min_bytes,
+            metrics: app.metrics.clone(),
+        };
+        (settings, agreed)
     });
-    let extension = deflate.as_ref().map(|_| deflate::ACCEPTED);
+    let extension = agreed.map(deflate::Agreed::answer);
     let task_app = Arc::clone(app);
     upgrade(
         app,
@@ -519,6 +525,24 @@ fn plain<P: Protocol>(p: &Publication) -> Bytes {
     P::frame(p)
 }
 
+/// How a connection of protocol `P` that `agreed` on compression encodes
+/// publications: compressed on their own, and, when the client keeps its
+/// window and the protocol keeps its compressed frames on publications,
+/// chained where its channels have a context (see `deflate.rs`).
+fn deflated_encoder<P: Protocol>(settings: Deflate, agreed: deflate::Agreed) -> Encoder {
+    let follower = match (agreed, P::DEFLATED) {
+        (deflate::Agreed::Chained, Some(slot)) => Some(Follower::new(ChainSpec {
+            key: slot as u8,
+            make: deflate::ChannelContext::make,
+            plain: plain::<P>,
+            deflate: settings.clone(),
+            breaks: deflate::is_compressed,
+        })),
+        _ => None,
+    };
+    Encoder::Deflated(deflated::<P>, settings, follower)
+}
+
 /// A publication as protocol `P`'s compressed frame: made once per
 /// publication where the protocol keeps it (see [`Protocol::DEFLATED`]).
 fn deflated<P: Protocol>(p: &Publication, settings: &Deflate) -> Bytes {
@@ -535,7 +559,7 @@ async fn serve<P: Protocol>(
     peer: SocketAddr,
     admission: Admission,
     mut protocol: P,
-    deflate: Option<Deflate>,
+    deflate: Option<(Deflate, deflate::Agreed)>,
 ) {
     let ws = &app.config.ws;
     let wire = Wire {
@@ -551,7 +575,7 @@ async fn serve<P: Protocol>(
     let _counted =
         compressed.then(|| crate::metrics::Counted::new(&app.metrics.ws_compressed_connections));
     let encoder = match deflate {
-        Some(settings) => Encoder::Deflated(deflated::<P>, settings),
+        Some((settings, agreed)) => deflated_encoder::<P>(settings, agreed),
         None => Encoder::Plain(plain::<P>),
     };
     let session = Session::open(app, admission, wire);

@@ -80,6 +80,9 @@ async fn run(mut client: TcpStream, mut server: TcpStream, upstream: &str) {
     // and `WsClient` asserts on it that crier accepted.
     let head = String::from_utf8_lossy(&response).to_ascii_lowercase();
     let deflated = head.contains("permessage-deflate");
+    // Without `server_no_context_takeover`, crier may refer to earlier
+    // messages: one inflater for the connection, as a browser keeps.
+    let own = head.contains("server_no_context_takeover");
     if client.write_all(&response).await.is_err() {
         return;
     }
@@ -101,6 +104,7 @@ async fn run(mut client: TcpStream, mut server: TcpStream, upstream: &str) {
             from: &mut server_read,
         };
         let mut message: Option<(u8, Vec<u8>)> = None;
+        let mut inflater = flate2::Decompress::new(false);
         while let Some(frame) = frames.next().await {
             let out = match frame.opcode {
                 // Control frames are never compressed: through as they are.
@@ -108,13 +112,13 @@ async fn run(mut client: TcpStream, mut server: TcpStream, upstream: &str) {
                 // The first frame of a compressed message (RSV1).
                 op if op != 0 && frame.rsv1 && deflated => {
                     message = Some((op, frame.payload));
-                    frame.fin.then(|| finish(&mut message))
+                    frame.fin.then(|| finish(&mut message, &mut inflater, own))
                 }
                 0 if message.is_some() => {
                     if let Some((_, data)) = message.as_mut() {
                         data.extend_from_slice(&frame.payload);
                     }
-                    frame.fin.then(|| finish(&mut message))
+                    frame.fin.then(|| finish(&mut message, &mut inflater, own))
                 }
                 _ => Some(frame.raw),
             };
@@ -156,13 +160,20 @@ fn offer_deflate(head: &[u8], upstream: &str) -> Vec<u8> {
     out.into_bytes()
 }
 
-/// The compressed message gathered so far, inflated into one frame.
-fn finish(message: &mut Option<(u8, Vec<u8>)>) -> Vec<u8> {
+/// The compressed message gathered so far, inflated into one frame by the
+/// connection's `inflater` (afresh if the server compresses each message
+/// on its `own`).
+fn finish(
+    message: &mut Option<(u8, Vec<u8>)>,
+    inflater: &mut flate2::Decompress,
+    own: bool,
+) -> Vec<u8> {
     let (opcode, mut data) = message.take().expect("a message in progress");
     data.extend_from_slice(&[0, 0, 0xff, 0xff]);
-    // Each message on its own: crier answers `server_no_context_takeover`.
-    let mut inflater = flate2::Decompress::new(false);
-    let plain = super::sse::inflate(&mut inflater, &data);
+    if own {
+        inflater.reset(false);
+    }
+    let plain = super::sse::inflate(inflater, &data);
     encode(opcode, &plain)
 }
 
