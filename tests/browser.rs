@@ -537,9 +537,14 @@ async fn reserved_event_types_reach_sse_listeners_under_app_names() {
 /// Issue 23, acceptance 1: Chromium negotiates permessage-deflate with
 /// crier on `/ws` and on the Pusher endpoint (`WebSocket.extensions` is
 /// not empty), sends its own messages compressed, and receives every event
-/// intact.
+/// intact: three sockets on each endpoint, so each channel's listeners
+/// share a compression context (their frames refer to earlier ones, which
+/// Chromium's inflater keeps), the third opening mid-stream (it reads
+/// frames compressed on their own until the context's next epoch).
 #[tokio::test]
 async fn chromium_negotiates_compression_on_both_websocket_endpoints() {
+    const JOBS: usize = 30;
+    const LATE: usize = 5;
     if !installed("chromium") {
         eprintln!(
             "\n*** SKIPPED chromium_negotiates_compression_on_both_websocket_endpoints: \
@@ -557,30 +562,37 @@ async fn chromium_negotiates_compression_on_both_websocket_endpoints() {
     let crier = common::crier::Instance::start(config).await;
     let page = format!(
         r#"<!doctype html><html><body><script>
-const state = {{ ws: null, pusher: null, wsReady: false, pusherReady: false, wsJobs: [], pusherJobs: [] }};
-const a = new WebSocket("ws://{crier}/ws");
-a.onopen = () => {{
-  state.ws = a.extensions;
-  a.send(JSON.stringify({{ type: "subscribe", channel: "public:big", id: 1 }}));
-}};
-a.onmessage = (e) => {{
-  const m = JSON.parse(e.data);
-  if (m.type === "subscribed") state.wsReady = true;
-  if (m.type === "message") state.wsJobs.push([m.data.job, m.data.lines.length]);
-}};
-const b = new WebSocket("ws://{crier}/app/{app_key}?protocol=7");
-b.onopen = () => {{ state.pusher = b.extensions; }};
-b.onmessage = (e) => {{
-  const m = JSON.parse(e.data);
-  if (m.event === "pusher:connection_established")
-    b.send(JSON.stringify({{ event: "pusher:subscribe", data: {{ channel: "orders" }} }}));
-  if (m.event === "pusher_internal:subscription_succeeded") state.pusherReady = true;
-  if (m.event === "log") {{ const d = JSON.parse(m.data); state.pusherJobs.push([d.job, d.lines.length]); }}
-}};
+const state = {{ ws: null, pusher: null, wsReady: 0, pusherReady: 0, wsJobs: [[], [], []], pusherJobs: [[], [], []] }};
+function open(i) {{
+  const a = new WebSocket("ws://{crier}/ws");
+  a.onopen = () => {{
+    state.ws = a.extensions;
+    a.send(JSON.stringify({{ type: "subscribe", channel: "public:big", id: 1 }}));
+  }};
+  a.onmessage = (e) => {{
+    const m = JSON.parse(e.data);
+    if (m.type === "subscribed") state.wsReady += 1;
+    if (m.type === "message") state.wsJobs[i].push([m.data.job, m.data.lines.length]);
+    if (m.type === "message" && i === 0 && m.data.job === LATE) open(2);
+  }};
+  const b = new WebSocket("ws://{crier}/app/{app_key}?protocol=7");
+  b.onopen = () => {{ state.pusher = b.extensions; }};
+  b.onmessage = (e) => {{
+    const m = JSON.parse(e.data);
+    if (m.event === "pusher:connection_established")
+      b.send(JSON.stringify({{ event: "pusher:subscribe", data: {{ channel: "orders" }} }}));
+    if (m.event === "pusher_internal:subscription_succeeded") state.pusherReady += 1;
+    if (m.event === "log") {{ const d = JSON.parse(m.data); state.pusherJobs[i].push([d.job, d.lines.length]); }}
+  }};
+}}
+const LATE = {late};
+open(0);
+open(1);
 setInterval(() => fetch("/results", {{ method: "POST", body: JSON.stringify(state) }}), 100);
 </script></body></html>"#,
         crier = crier.addr,
         app_key = common::pusher::KEY,
+        late = LATE,
     );
     let (port, mut results) = test_server_on(page, listener).await;
     let profile = tempfile::tempdir().expect("profile");
@@ -588,25 +600,50 @@ setInterval(() => fetch("/results", {{ method: "POST", body: JSON.stringify(stat
         common::browser::chromium(&format!("http://127.0.0.1:{port}/page"), profile.path());
     tokio::time::timeout(
         Duration::from_secs(30),
-        results.wait_for(|v| v["wsReady"] == true && v["pusherReady"] == true),
+        results.wait_for(|v| v["wsReady"] == 2 && v["pusherReady"] == 2),
     )
     .await
-    .expect("both sockets subscribed")
+    .expect("every socket subscribed")
     .expect("results");
-    let lines: Vec<String> = (0..20)
-        .map(|i| format!("step {i}: compiled module_{i}.rs in {i}ms"))
-        .collect();
-    for job in 1..=3 {
-        let data = serde_json::json!({"type": "log", "job": job, "lines": lines}).to_string();
-        for channel in ["public:big", "orders"] {
-            assert_eq!(crier.publish_api(channel, &data, Some(KEY)).await, 200);
+    assert_eq!(
+        crier.metric("crier_ws_compression_contexts").await,
+        2.0,
+        "one shared context per channel"
+    );
+    let publish = |job: usize| {
+        let crier = &crier;
+        async move {
+            let lines: Vec<String> = (0..20)
+                .map(|i| format!("step {i}: compiled module_{i}.rs in {}ms", i * job))
+                .collect();
+            let data = serde_json::json!({"type": "log", "job": job, "lines": lines}).to_string();
+            for channel in ["public:big", "orders"] {
+                assert_eq!(crier.publish_api(channel, &data, Some(KEY)).await, 200);
+            }
         }
+    };
+    for job in 1..=LATE {
+        publish(job).await;
+    }
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        results.wait_for(|v| v["wsReady"] == 3 && v["pusherReady"] == 3),
+    )
+    .await
+    .expect("the late sockets subscribed")
+    .expect("results");
+    for job in LATE + 1..=JOBS {
+        publish(job).await;
     }
     let report = tokio::time::timeout(
         Duration::from_secs(30),
         results.wait_for(|v| {
-            v["wsJobs"].as_array().is_some_and(|j| j.len() == 3)
-                && v["pusherJobs"].as_array().is_some_and(|j| j.len() == 3)
+            ["wsJobs", "pusherJobs"].iter().all(|jobs| {
+                (0..3).all(|i| {
+                    let expected = if i == 2 { JOBS - LATE } else { JOBS };
+                    v[jobs][i].as_array().is_some_and(|j| j.len() == expected)
+                })
+            })
         }),
     )
     .await
@@ -620,7 +657,9 @@ setInterval(() => fetch("/results", {{ method: "POST", body: JSON.stringify(stat
             "{socket}: {report}"
         );
     }
-    let intact = serde_json::json!([[1, 20], [2, 20], [3, 20]]);
+    let all: Vec<(usize, usize)> = (1..=JOBS).map(|job| (job, 20)).collect();
+    let late: Vec<(usize, usize)> = (LATE + 1..=JOBS).map(|job| (job, 20)).collect();
+    let intact = serde_json::json!([all, all, late]);
     assert_eq!(report["wsJobs"], intact, "{report}");
     assert_eq!(report["pusherJobs"], intact, "{report}");
 }
