@@ -49,6 +49,9 @@ pub(crate) struct Delivery {
     pub(crate) policy: Arc<Policy>,
     /// The presence this instance holds (see [`crate::presence`]).
     pub(crate) presence: crate::presence::Presence,
+    /// What this instance holds, for lifecycle events (`[events]`), if
+    /// they are on (see [`crate::events`]).
+    pub(crate) ledger: Option<Arc<crate::events::Ledger>>,
 }
 
 /// Who may connect, and what connections may hold.
@@ -107,6 +110,7 @@ impl App {
         origins: Origins,
         metrics: Metrics,
     ) -> Self {
+        let ledger = hub.ledger().cloned();
         let lifecycle = Lifecycle::new(config.shutdown.drain);
         let instance = crate::protocol::SocketId::new_instance();
         let limits = ConnectionLimits::new(&config.limits);
@@ -122,7 +126,8 @@ impl App {
                 hub,
                 broker,
                 policy,
-                presence: crate::presence::Presence::new(instance),
+                presence: crate::presence::Presence::new(instance, ledger.clone()),
+                ledger,
             },
             gate: Gate {
                 auth,

@@ -324,7 +324,113 @@ local function crier_presence_members(keys, args)
   return {count, listed}
 end
 
+-- Lifecycle events (crier's src/events.rs): fleet-wide counts of what
+-- each instance holds, by kind: 'c' a channel's listeners, 'm' a presence
+-- member (channel NUL user), 'u' a signed-in user's connections. A
+-- subject's first unit anywhere starts it (channel_occupied, member_added,
+-- user_online); its last ends it, announced after a delay unless it came
+-- back meanwhile (a page reload is neither a leave nor a join). Each
+-- transition is appended once to the events stream, in order.
+-- KEYS: 1 held    HASH '<instance>|<kind>|<subject>' -> that instance's count
+--       2 index   ZSET the same, all at score 0 (by instance)
+--       3 alive   ZSET instance -> when its share expires (ms), unless it beats
+--       4 totals  HASH '<kind>|<subject>' -> count anywhere
+--       5 ending  ZSET '<kind>|<subject>' -> when its end is announced (ms)
+--       6 stream  the events stream
+local STARTS = {c = 'channel_occupied', m = 'member_added', u = 'user_online'}
+local ENDS = {c = 'channel_vacated', m = 'member_removed', u = 'user_offline'}
+
+local function event_out(keys, maxlen, key, ends, now)
+  local kind, subject = string.sub(key, 1, 1), string.sub(key, 3)
+  local fields = {'name', (ends and ENDS or STARTS)[kind]}
+  if kind == 'c' then
+    table.insert(fields, 'channel'); table.insert(fields, subject)
+  elseif kind == 'm' then
+    local nul = string.find(subject, '\0', 1, true)
+    table.insert(fields, 'channel'); table.insert(fields, string.sub(subject, 1, nul - 1))
+    table.insert(fields, 'user_id'); table.insert(fields, string.sub(subject, nul + 1))
+  else
+    table.insert(fields, 'user_id'); table.insert(fields, subject)
+  end
+  table.insert(fields, 'time_ms'); table.insert(fields, tostring(now))
+  redis.call('XADD', keys[6], 'MAXLEN', '~', maxlen, '*', unpack(fields))
+end
+
+-- Changes `instance`'s count of `key` ('<kind>|<subject>') by `delta`.
+local function event_adjust(keys, instance, key, delta, now, delay, maxlen)
+  local entry = instance .. '|' .. key
+  local had = tonumber(redis.call('HGET', keys[1], entry) or '0')
+  local count = had + delta
+  if count < 0 then delta, count = -had, 0 end
+  if delta == 0 then return end
+  if count == 0 then
+    redis.call('HDEL', keys[1], entry)
+    redis.call('ZREM', keys[2], entry)
+  else
+    redis.call('HSET', keys[1], entry, count)
+    redis.call('ZADD', keys[2], 0, entry)
+  end
+  local total = redis.call('HINCRBY', keys[4], key, delta)
+  if total <= 0 then
+    redis.call('HDEL', keys[4], key)
+    if total - delta > 0 then redis.call('ZADD', keys[5], now + delay, key) end
+  elseif total - delta <= 0 then
+    -- Back before its end was announced: nothing happened.
+    if redis.call('ZREM', keys[5], key) == 0 then event_out(keys, maxlen, key, false, now) end
+  end
+end
+
+local function event_entries(keys, instance)
+  return redis.call('ZRANGEBYLEX', keys[2], '[' .. instance .. '|', '[' .. instance .. '|\255')
+end
+
+-- ARGV: instance, ttl (ms), delay (ms), maxlen, mode, then key, n pairs.
+-- mode 'change': n is a change of the instance's count; 'sync' (its
+-- beat): n is its whole count, and keys it does not name are zero. Every
+-- call removes the share of instances that stopped beating and announces
+-- the ends that are due. Returns the ends still waiting.
+local function crier_events(keys, args)
+  local instance, ttl, delay, maxlen = args[1], tonumber(args[2]), tonumber(args[3]), args[4]
+  local now = now_ms()
+  local dead = redis.call('ZRANGEBYSCORE', keys[3], '-inf', now, 'LIMIT', 0, 16)
+  for _, gone in ipairs(dead) do
+    if gone ~= instance then
+      for _, entry in ipairs(event_entries(keys, gone)) do
+        event_adjust(keys, gone, string.sub(entry, #gone + 2), -1e15, now, delay, maxlen)
+      end
+    end
+    redis.call('ZREM', keys[3], gone)
+  end
+  if args[5] == 'sync' then
+    local want = {}
+    for i = 6, #args, 2 do want[args[i]] = tonumber(args[i + 1]) end
+    for _, entry in ipairs(event_entries(keys, instance)) do
+      local key = string.sub(entry, #instance + 2)
+      if want[key] == nil then event_adjust(keys, instance, key, -1e15, now, delay, maxlen) end
+    end
+    for key, n in pairs(want) do
+      local had = tonumber(redis.call('HGET', keys[1], instance .. '|' .. key) or '0')
+      event_adjust(keys, instance, key, n - had, now, delay, maxlen)
+    end
+  else
+    for i = 6, #args, 2 do
+      event_adjust(keys, instance, args[i], tonumber(args[i + 1]), now, delay, maxlen)
+    end
+  end
+  if #event_entries(keys, instance) > 0 then
+    redis.call('ZADD', keys[3], now + ttl, instance)
+  else
+    redis.call('ZREM', keys[3], instance)
+  end
+  for _, key in ipairs(redis.call('ZRANGEBYSCORE', keys[5], '-inf', now, 'LIMIT', 0, 1000)) do
+    redis.call('ZREM', keys[5], key)
+    event_out(keys, maxlen, key, true, now)
+  end
+  return redis.call('ZCARD', keys[5])
+end
+
 redis.register_function('crier_publish@SUFFIX@', crier_publish)
+redis.register_function('crier_events@SUFFIX@', crier_events)
 redis.register_function{function_name = 'crier_position@SUFFIX@', callback = crier_position, flags = {'no-writes'}}
 redis.register_function{function_name = 'crier_since@SUFFIX@', callback = crier_since, flags = {'no-writes'}}
 redis.register_function('crier_presence_join@SUFFIX@', crier_presence_join)

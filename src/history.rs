@@ -203,6 +203,20 @@ pub(crate) fn presence_keys(prefix: &str, channel: &str) -> [String; 5] {
     [":c", ":x", ":a", ":u", ":i"].map(|part| format!("{base}{part}"))
 }
 
+/// The keys of the lifecycle events (see `crier.lua`, `crier_events`):
+/// held, index, alive, totals, ending, and the stream itself
+/// (`<prefix><stream>`), all in the stream's hash slot.
+pub(crate) fn events_keys(prefix: &str, stream: &str) -> [String; 6] {
+    let stream = format!("{prefix}{stream}");
+    let base = match has_hash_tag(&stream) {
+        true => stream.clone(),
+        false => format!("{{{stream}}}"),
+    };
+    let [held, index, alive, totals, ending] =
+        [":held", ":index", ":alive", ":totals", ":ending"].map(|part| format!("{base}{part}"));
+    [held, index, alive, totals, ending, stream]
+}
+
 /// Where crier before 0.2 kept a channel's history. Still read (never
 /// written) on a single Redis node, so no message stored there before an
 /// upgrade is lost to a client resuming across it.

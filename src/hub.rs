@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{ChannelStart, Control, Fanout};
+use crate::events::Ledger;
 use crate::history::StreamId;
 use crate::metrics::Metrics;
 use crate::policy::Rule;
@@ -127,6 +128,9 @@ pub(crate) struct Hub {
     /// and how many it does.
     chains_max: usize,
     chains: std::sync::atomic::AtomicUsize,
+    /// Where listeners coming and going are counted for lifecycle events
+    /// (`[events]`), if they are on.
+    ledger: Option<Arc<Ledger>>,
 }
 
 impl Hub {
@@ -136,6 +140,7 @@ impl Hub {
         linger: Duration,
         subscribe_timeout: Duration,
         chains_max: usize,
+        ledger: Option<Arc<Ledger>>,
         metrics: Metrics,
     ) -> Self {
         let shards = (0..64).map(|_| RwLock::new(HashMap::new())).collect();
@@ -152,6 +157,7 @@ impl Hub {
             }),
             chains_max,
             chains: Default::default(),
+            ledger,
         }
     }
 
@@ -210,6 +216,9 @@ impl Hub {
                     self.metrics.subscriptions.inc();
                     listener.chain = sink.chain().map(|spec| self.follow(entry, spec));
                     entry.listeners.push(listener);
+                    if let Some(ledger) = &self.ledger {
+                        ledger.channel(channel, 1);
+                    }
                     None
                 }
             };
@@ -250,6 +259,9 @@ impl Hub {
             if let Some(at) = entry.listeners.iter().position(|l| l.id == id) {
                 let gone = entry.listeners.remove(at);
                 self.metrics.subscriptions.dec();
+                if let Some(ledger) = &self.ledger {
+                    ledger.channel(channel, -1);
+                }
                 if let Some(key) = gone.chain {
                     self.unfollow(entry, key);
                 }
@@ -258,6 +270,11 @@ impl Hub {
                 entry.idle_since = Some(Instant::now());
             }
         }
+    }
+
+    /// Where listeners are counted for lifecycle events, if they are on.
+    pub(crate) fn ledger(&self) -> Option<&Arc<Ledger>> {
+        self.ledger.as_ref()
     }
 
     /// Counts a listener that may follow `spec`'s chain on `entry`, making
@@ -508,7 +525,7 @@ mod tests {
     /// broker does.
     fn hub(linger: Duration) -> (Arc<Hub>, mpsc::UnboundedReceiver<Control>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let hub = Hub::new(tx, linger, Duration::from_secs(1), 0, Metrics::new());
+        let hub = Hub::new(tx, linger, Duration::from_secs(1), 0, None, Metrics::new());
         (Arc::new(hub), rx)
     }
 
@@ -694,6 +711,7 @@ mod tests {
             Duration::ZERO,
             Duration::from_millis(50),
             0,
+            None,
             Metrics::new(),
         ));
         let (got, sink) = recorder(10);
@@ -736,6 +754,7 @@ mod tests {
             Duration::ZERO,
             Duration::from_millis(50),
             0,
+            None,
             Metrics::new(),
         ));
         let (_got, sink) = recorder(10);

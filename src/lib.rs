@@ -21,6 +21,7 @@ pub(crate) mod auth;
 pub(crate) mod broker;
 pub mod cli;
 pub mod config;
+pub(crate) mod events;
 pub mod fdlimit;
 pub(crate) mod history;
 pub(crate) mod http;

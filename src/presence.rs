@@ -21,13 +21,14 @@
 //! snapshot a join overtook.
 
 use std::hash::{BuildHasher, RandomState};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, Held, Members, Rosters};
 use crate::config::PresenceConfig;
+use crate::events::Ledger;
 use crate::protocol::SocketId;
 use crate::refusal::Refusal;
 
@@ -45,13 +46,17 @@ pub(crate) struct Presence {
     /// This instance's id in the store (the instance part of its socket
     /// ids).
     instance: u32,
+    /// Where members' connections are counted for lifecycle events, if
+    /// they are on.
+    ledger: Option<Arc<Ledger>>,
 }
 
 impl Presence {
     /// The presence of the crier instance `instance`.
-    pub(crate) fn new(instance: u32) -> Self {
+    pub(crate) fn new(instance: u32, ledger: Option<Arc<Ledger>>) -> Self {
         Self {
             instance,
+            ledger,
             held: Mutex::default(),
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             hasher: RandomState::new(),
@@ -79,6 +84,9 @@ impl Presence {
             .or_insert((0, String::new()));
         entry.0 += 1;
         info.clone_into(&mut entry.1);
+        if let Some(ledger) = &self.ledger {
+            ledger.member(channel, user, 1);
+        }
     }
 
     /// Counts one connection of `user` less here.
@@ -89,6 +97,9 @@ impl Presence {
                 entry.0 = entry.0.saturating_sub(1);
                 if entry.0 == 0 {
                     users.remove(user);
+                }
+                if let Some(ledger) = &self.ledger {
+                    ledger.member(channel, user, -1);
                 }
             }
         }

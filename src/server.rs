@@ -186,11 +186,17 @@ fn assemble(
         origins,
     } = parts;
     let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let ledger = config
+        .events
+        .stream
+        .is_some()
+        .then(|| Arc::new(crate::events::Ledger::default()));
     let hub = Arc::new(Hub::new(
         control_tx,
         config.redis.linger,
         config.redis.subscribe_timeout,
         config.ws.compression_contexts,
+        ledger.clone(),
         metrics.clone(),
     ));
     let broker = Broker::start(
@@ -285,6 +291,28 @@ fn launch(
         )
         .await
     });
+    if let (Some(ledger), Some(name)) = (&app.delivery.ledger, &app.config.events.stream) {
+        let stream = crate::broker::events::Stream {
+            name: name.clone(),
+            max_len: app.config.events.max_len,
+            delay: app.config.events.delay,
+            ttl: app.config.presence.ttl,
+        };
+        let (ledger, events_app) = (Arc::clone(ledger), Arc::clone(&app));
+        let stop_events = stop_background.clone();
+        background.spawn(async move {
+            let app = &events_app;
+            crate::events::run(
+                ledger,
+                &app.delivery.broker,
+                stream,
+                app.process.instance,
+                app.config.presence.heartbeat,
+                stop_events,
+            )
+            .await
+        });
+    }
     let sigterm = CancellationToken::new();
     let done = tokio::spawn(run(
         app,

@@ -29,6 +29,7 @@ use crate::protocol::Publication;
 use crate::redis_client as client;
 mod cluster;
 mod command;
+pub(crate) mod events;
 mod failure;
 mod library;
 mod memory;

@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 mod auth;
 mod channels;
+mod events;
 mod limits;
 mod pusher;
 mod redis;
@@ -36,6 +37,7 @@ mod transports;
 
 pub use self::auth::{AuthConfig, JwtConfig, SessionConfig, Signing, WebhookConfig, WebhookMethod};
 pub use self::channels::{ChannelRule, HistoryRule, Subscribe};
+pub use self::events::EventsConfig;
 pub use self::limits::LimitsConfig;
 pub use self::pusher::{PresenceConfig, PusherApp, PusherConfig};
 pub use self::redis::{ClusterConfig, RedisConfig, RedisTlsConfig, SentinelConfig};
@@ -98,6 +100,9 @@ pub struct Config {
     pub pusher: PusherConfig,
     /// Fleet-wide presence.
     pub presence: PresenceConfig,
+    /// Lifecycle events: channels occupied and vacated, members added and
+    /// removed, users online and offline, in a Redis stream.
+    pub events: EventsConfig,
 }
 
 /// How logs are written.
@@ -164,6 +169,7 @@ impl Default for Config {
             event_field: DEFAULT_EVENT_FIELD.into(),
             pusher: PusherConfig::default(),
             presence: PresenceConfig::default(),
+            events: EventsConfig::default(),
         }
     }
 }
@@ -299,8 +305,8 @@ impl Config {
     /// built (`server::check` for `crier check-config`); config imports no
     /// other crier module.
     ///
-    /// Each section checks its own values; none of today's checks spans
-    /// two sections. The first problem found is the one reported.
+    /// Each section checks its own values; one check spans two (an events
+    /// stream needs Redis). The first problem found is the one reported.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.redis.validate()?;
         if let Err(e) = check_pointer(&self.event_field) {
@@ -315,6 +321,16 @@ impl Config {
         self.sse.validate()?;
         self.auth.validate()?;
         self.presence.validate()?;
+        self.events.validate()?;
+        let redis = self.redis.url.is_some()
+            || self.redis.sentinel.is_some()
+            || self.redis.cluster.is_some();
+        if self.events.stream.is_some() && !redis {
+            return bad(
+                "events.stream",
+                "needs Redis (redis.url, redis.sentinel or redis.cluster): the memory broker keeps no stream",
+            );
+        }
         self.pusher.validate()
     }
 

@@ -273,6 +273,9 @@ pub struct Session {
     admitted_rules: Vec<(String, Arc<Rule>)>,
     delivered: IntCounter,
     span: tracing::Span,
+    /// The user this connection counts for in lifecycle events
+    /// (`user_online` / `user_offline`), once signed in.
+    online: Option<String>,
 }
 
 impl Session {
@@ -321,7 +324,27 @@ impl Session {
             admitted_rules: admission.rules,
             delivered: app.metrics.delivered(wire.transport).clone(),
             span,
+            online: None,
             app,
+        }
+        .counting_user()
+    }
+
+    /// Counts the connection for its user in lifecycle events, once it
+    /// has one (a connection keeps one user: another is refused).
+    fn counting_user(mut self) -> Self {
+        self.count_user();
+        self
+    }
+
+    fn count_user(&mut self) {
+        if let (None, Some(ledger), Some(user)) = (
+            &self.online,
+            &self.app.delivery.ledger,
+            &self.watch.principal().user,
+        ) {
+            ledger.user(user, 1);
+            self.online = Some(user.clone());
         }
     }
 
@@ -646,6 +669,7 @@ impl Session {
         });
         let user = principal.user.clone();
         self.watch.replace(principal);
+        self.count_user();
         let revoked = self.revoke_ungranted();
         Ok(Authenticated {
             user,
@@ -683,6 +707,9 @@ async fn leave(drain: &mut Drain) {
 
 impl Drop for Session {
     fn drop(&mut self) {
+        if let (Some(user), Some(ledger)) = (&self.online, &self.app.delivery.ledger) {
+            ledger.user(user, -1);
+        }
         self.app.process.lifecycle.detach(self.subs.id());
     }
 }

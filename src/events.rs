@@ -1,0 +1,150 @@
+//! Lifecycle events, exact across the fleet: a channel occupied (its first
+//! listener anywhere) and vacated (its last one gone), a presence member
+//! added and removed, a signed-in user online and offline.
+//!
+//! No instance decides them alone. Each keeps a [`Ledger`] of what it
+//! holds — listeners per channel, connections per presence member and per
+//! user — and reports it to Redis: every change within moments, and its
+//! whole ledger every `presence.heartbeat` (which heals a change that
+//! failed to reach Redis). Redis sums the fleet's counts and appends each
+//! transition, once, to the events stream (`crier_events` in
+//! `crier.lua`). An end waits `events.delay` for a return (a page reload
+//! is neither a leave nor a join); an instance that stops reporting (it
+//! was killed, or lost Redis) loses its share after `presence.ttl`, so
+//! its channels are vacated too.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::events::{Report, Stream};
+use crate::broker::Broker;
+
+/// How long changes gather before they are reported together: a burst
+/// of connections costs one call.
+const GATHER: Duration = Duration::from_millis(50);
+/// How often an instance reports even without changes, so that ends whose
+/// delay has passed are announced on time.
+const TICK: Duration = Duration::from_secs(1);
+
+/// What this process holds, by `<kind>|<subject>` key (see `crier.lua`),
+/// and the changes not yet reported.
+#[derive(Default)]
+pub(crate) struct Ledger {
+    state: Mutex<State>,
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    held: HashMap<String, u64>,
+    changes: HashMap<String, i64>,
+}
+
+impl Ledger {
+    /// A listener of `channel` came (`1`) or went (`-1`).
+    pub(crate) fn channel(&self, channel: &str, delta: i64) {
+        self.add(format!("c|{channel}"), delta);
+    }
+
+    /// A connection of presence member `user` in `channel` came or went.
+    pub(crate) fn member(&self, channel: &str, user: &str, delta: i64) {
+        self.add(format!("m|{channel}\0{user}"), delta);
+    }
+
+    /// A connection signed in as `user` came or went.
+    pub(crate) fn user(&self, user: &str, delta: i64) {
+        self.add(format!("u|{user}"), delta);
+    }
+
+    fn add(&self, key: String, delta: i64) {
+        {
+            let mut state = self.state();
+            let held = state.held.entry(key.clone()).or_default();
+            *held = held.saturating_add_signed(delta);
+            if *held == 0 {
+                state.held.remove(&key);
+            }
+            let change = state.changes.entry(key.clone()).or_default();
+            *change += delta;
+            if *change == 0 {
+                state.changes.remove(&key);
+            }
+        }
+        self.changed.notify_one();
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The changes since the last call.
+    fn take_changes(&self) -> Vec<(String, i64)> {
+        std::mem::take(&mut self.state().changes)
+            .into_iter()
+            .collect()
+    }
+
+    /// Everything held, for a beat. Changes not yet reported are in it.
+    fn whole(&self) -> Vec<(String, i64)> {
+        let mut state = self.state();
+        state.changes.clear();
+        state
+            .held
+            .iter()
+            .map(|(key, n)| (key.clone(), i64::try_from(*n).unwrap_or(i64::MAX)))
+            .collect()
+    }
+}
+
+/// Reports `ledger` for `instance` until `stop`, then once more (the
+/// connections closed by the drain). A failed report is logged once
+/// until one succeeds; the next beat tells Redis the whole truth again.
+pub(crate) async fn run(
+    ledger: Arc<Ledger>,
+    broker: &Broker,
+    stream: Stream,
+    instance: u32,
+    beat: Duration,
+    stop: CancellationToken,
+) {
+    let mut beats = tokio::time::interval(beat);
+    let mut ticks = tokio::time::interval(TICK);
+    for timer in [&mut beats, &mut ticks] {
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    }
+    let mut failing = false;
+    loop {
+        let report = tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = beats.tick() => Report::Sync,
+            _ = ticks.tick() => Report::Change,
+            _ = ledger.changed.notified() => {
+                tokio::time::sleep(GATHER).await;
+                Report::Change
+            }
+        };
+        let counts = match report {
+            Report::Sync => ledger.whole(),
+            Report::Change => ledger.take_changes(),
+        };
+        let result = broker.events(&stream, instance, report, &counts).await;
+        match (result, failing) {
+            (Ok(_), true) => {
+                tracing::info!("lifecycle events: reporting to Redis again");
+                failing = false;
+            }
+            (Err(e), false) => {
+                tracing::warn!(error = %e, "lifecycle events: cannot report to Redis; the next beat tells it everything");
+                failing = true;
+            }
+            _ => {}
+        }
+    }
+    let _ = broker
+        .events(&stream, instance, Report::Sync, &ledger.whole())
+        .await;
+}

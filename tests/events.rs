@@ -1,0 +1,257 @@
+//! Issue 24: lifecycle events exact across the fleet, read from the Redis
+//! stream as an app reads them. Real Redis, real crier instances (in
+//! process, and a crier binary that is killed), real WebSocket clients.
+
+#![allow(clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::crier::{test_config, Instance, Process};
+use common::redis::RedisServer;
+use common::ws::WsClient;
+use crier::config::Config;
+
+const STREAM: &str = "crier:events";
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A config with lifecycle events on, ends announced after `delay`, and
+/// a quick presence beat (so a killed instance's share ends soon).
+fn events_config(redis: &RedisServer, delay: Duration) -> Config {
+    let mut config = test_config(Some(redis.url()));
+    config.events.stream = Some(STREAM.into());
+    config.events.delay = delay;
+    config.presence.heartbeat = Duration::from_millis(300);
+    config.presence.ttl = Duration::from_secs(1);
+    config
+}
+
+/// One entry of the events stream: its fields.
+type Event = BTreeMap<String, String>;
+
+/// Every entry of the stream, oldest first.
+async fn events(redis: &RedisServer) -> Vec<Event> {
+    let entries: Vec<(String, Vec<String>)> = redis_cmd(redis, &["XRANGE", STREAM, "-", "+"]).await;
+    entries
+        .into_iter()
+        .map(|(_, fields)| {
+            fields
+                .chunks_exact(2)
+                .map(|pair| (pair[0].clone(), pair[1].clone()))
+                .collect()
+        })
+        .collect()
+}
+
+/// One Redis command's answer.
+async fn redis_cmd<T: redis::FromRedisValue>(redis: &RedisServer, args: &[&str]) -> T {
+    let client = redis::Client::open(redis.url()).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query_async(&mut conn).await.expect("command")
+}
+
+/// Each channel's event names, in stream order.
+fn by_channel(events: &[Event]) -> BTreeMap<String, Vec<String>> {
+    let mut channels: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for e in events {
+        if let Some(channel) = e.get("channel") {
+            if e["name"].starts_with("channel_") {
+                channels
+                    .entry(channel.clone())
+                    .or_default()
+                    .push(e["name"].clone());
+            }
+        }
+    }
+    channels
+}
+
+/// Whether `names` alternate occupied, vacated, …, ending vacated.
+fn alternates(names: &[String]) -> bool {
+    !names.is_empty()
+        && names.len() % 2 == 0
+        && names.iter().enumerate().all(|(i, name)| {
+            name == if i % 2 == 0 {
+                "channel_occupied"
+            } else {
+                "channel_vacated"
+            }
+        })
+}
+
+/// Issue 24, acceptance 2 (channels): three instances, clients joining
+/// and leaving channels at random on all of them, then everyone leaving:
+/// each channel's events alternate occupied / vacated, from occupied to
+/// vacated, never twice in a row, though three instances saw each
+/// channel come and go.
+#[tokio::test]
+async fn three_instances_announce_each_channel_occupied_and_vacated_once_per_change() {
+    let redis = RedisServer::start().await;
+    let delay = Duration::from_millis(200);
+    let mut instances = Vec::new();
+    for _ in 0..3 {
+        instances.push(Instance::start(events_config(&redis, delay)).await);
+    }
+    let channels: Vec<String> = (0..20).map(|i| format!("public:room-{i}")).collect();
+    let clients = 200;
+    let churn = Duration::from_secs(30);
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let url = instances[c % 3].ws("/ws");
+        let channels = channels.clone();
+        tasks.push(tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + churn;
+            let mut x = (c as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let mut next = move |m: u64| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x % m
+            };
+            while tokio::time::Instant::now() < deadline {
+                let mut ws = WsClient::connect(&url).await;
+                let channel = &channels[next(channels.len() as u64) as usize];
+                let reply = ws.subscribe(channel, 1).await;
+                assert_eq!(reply["type"], "subscribed", "{reply}");
+                // Stay up to half a second, away up to 4 s: a channel
+                // holds about one client on average, so it empties and
+                // fills again often, sometimes within the delay.
+                tokio::time::sleep(Duration::from_millis(next(500))).await;
+                ws.close().await;
+                drop(ws);
+                tokio::time::sleep(Duration::from_millis(next(4000))).await;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("client");
+    }
+    // Everyone left: every channel that was occupied ends vacated.
+    common::eventually("every channel vacated", Duration::from_secs(20), || async {
+        let seen = by_channel(&events(&redis).await);
+        !seen.is_empty()
+            && seen
+                .values()
+                .all(|names| names.last().is_some_and(|n| n == "channel_vacated"))
+    })
+    .await;
+    let seen = by_channel(&events(&redis).await);
+    for (channel, names) in &seen {
+        assert!(alternates(names), "{channel}: {names:?}");
+    }
+    let changes: usize = seen.values().map(Vec::len).sum();
+    assert!(
+        changes > 10 * channels.len(),
+        "channels emptied and filled again many times: {changes} events"
+    );
+    assert_eq!(
+        seen.len(),
+        channels.len(),
+        "every channel was occupied: {seen:?}"
+    );
+}
+
+/// Issue 24, acceptance 3: the only listener of a channel is on an
+/// instance that is SIGKILLed; another instance, still beating, removes
+/// the dead one's share, and `channel_vacated` arrives once, within the
+/// presence TTL plus a beat plus the delay.
+#[tokio::test]
+async fn a_killed_instance_s_channels_are_vacated_exactly_once() {
+    let redis = RedisServer::start().await;
+    let delay = Duration::from_millis(200);
+    let survivor = Instance::start(events_config(&redis, delay)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("crier.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[redis]\nurl = \"{}\"\n[[channels]]\npattern = \"public:*\"\nsubscribe = \"anyone\"\n\
+             [events]\nstream = \"{STREAM}\"\ndelay = \"200ms\"\n\
+             [presence]\nheartbeat = \"300ms\"\nttl = \"1s\"\n",
+            redis.url()
+        ),
+    )
+    .expect("write config");
+    let mut doomed = Process::start(&["--config", config.to_str().expect("path")], &[]).await;
+
+    // A listener on the survivor keeps it beating; the doomed instance
+    // holds the only listener of `public:lonely`.
+    let mut keeper = WsClient::connect(&survivor.ws("/ws")).await;
+    assert_eq!(
+        keeper.subscribe("public:busy", 1).await["type"],
+        "subscribed"
+    );
+    let mut lonely = WsClient::connect(&format!("ws://{}/ws", doomed.addr)).await;
+    assert_eq!(
+        lonely.subscribe("public:lonely", 1).await["type"],
+        "subscribed"
+    );
+    common::eventually("public:lonely occupied", WAIT, || async {
+        by_channel(&events(&redis).await).get("public:lonely")
+            == Some(&vec!["channel_occupied".to_string()])
+    })
+    .await;
+
+    doomed.child.start_kill().expect("SIGKILL");
+    doomed.child.wait().await.expect("reaped");
+    drop(lonely);
+    // TTL 1 s + a beat 0.3 s + delay 0.2 s, with room for a slow machine.
+    common::eventually("public:lonely vacated", WAIT, || async {
+        by_channel(&events(&redis).await).get("public:lonely")
+            == Some(&vec![
+                "channel_occupied".to_string(),
+                "channel_vacated".to_string(),
+            ])
+    })
+    .await;
+    // And only once: once the dead instance's share is gone from Redis
+    // and no end waits, nothing is left to announce.
+    common::eventually("the dead instance's share removed", WAIT, || async {
+        let alive: u64 = redis_cmd(&redis, &["ZCARD", "{crier:events}:alive"]).await;
+        let ending: u64 = redis_cmd(&redis, &["ZCARD", "{crier:events}:ending"]).await;
+        alive == 1 && ending == 0
+    })
+    .await;
+    let lonely_events = by_channel(&events(&redis).await)["public:lonely"].clone();
+    assert_eq!(lonely_events, ["channel_occupied", "channel_vacated"]);
+    assert_eq!(
+        by_channel(&events(&redis).await)["public:busy"],
+        ["channel_occupied"],
+        "the survivor's channel stays occupied"
+    );
+}
+
+/// A stream without Redis, a stream name that is no key, or a length of 0
+/// stops the start, naming the field.
+#[tokio::test]
+async fn events_settings_that_cannot_work_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    common::crier::check_config_refuses(
+        dir.path(),
+        "[events]\nstream = \"crier:events\"\n",
+        "events.stream: needs Redis",
+    )
+    .await;
+    let redis = "[redis]\nurl = \"redis://127.0.0.1:1\"\n";
+    common::crier::check_config_refuses(
+        dir.path(),
+        &format!("{redis}[events]\nstream = \"crier events\"\n"),
+        "events.stream",
+    )
+    .await;
+    common::crier::check_config_refuses(
+        dir.path(),
+        &format!("{redis}[events]\nstream = \"crier:events\"\nmax_len = 0\n"),
+        "events.max_len",
+    )
+    .await;
+}
