@@ -340,9 +340,14 @@ end
 local STARTS = {c = 'channel_occupied', m = 'member_added', u = 'user_online'}
 local ENDS = {c = 'channel_vacated', m = 'member_removed', u = 'user_offline'}
 
+-- The names appended by this call, for the caller's metrics.
+local appended = {}
+
 local function event_out(keys, maxlen, key, ends, now)
   local kind, subject = string.sub(key, 1, 1), string.sub(key, 3)
-  local fields = {'name', (ends and ENDS or STARTS)[kind]}
+  local name = (ends and ENDS or STARTS)[kind]
+  table.insert(appended, name)
+  local fields = {'name', name}
   if kind == 'c' then
     table.insert(fields, 'channel'); table.insert(fields, subject)
   elseif kind == 'm' then
@@ -388,8 +393,9 @@ end
 -- mode 'change': n is a change of the instance's count; 'sync' (its
 -- beat): n is its whole count, and keys it does not name are zero. Every
 -- call removes the share of instances that stopped beating and announces
--- the ends that are due. Returns the ends still waiting.
+-- the ends that are due. Returns the names of the events it appended.
 local function crier_events(keys, args)
+  appended = {}
   local instance, ttl, delay, maxlen = args[1], tonumber(args[2]), tonumber(args[3]), args[4]
   local now = now_ms()
   local dead = redis.call('ZRANGEBYSCORE', keys[3], '-inf', now, 'LIMIT', 0, 16)
@@ -426,7 +432,7 @@ local function crier_events(keys, args)
     redis.call('ZREM', keys[5], key)
     event_out(keys, maxlen, key, true, now)
   end
-  return redis.call('ZCARD', keys[5])
+  return appended
 end
 
 redis.register_function('crier_publish@SUFFIX@', crier_publish)

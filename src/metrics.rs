@@ -83,6 +83,17 @@ pub struct Inner {
     pub ws_compressed_connections: IntGauge,
     /// Channels holding a compression context their listeners share.
     pub ws_compression_contexts: IntGauge,
+    /// Lifecycle events appended to the events stream by this instance's
+    /// reports, by name (summed over the fleet: each event once).
+    pub events: IntCounterVec,
+    /// Lifecycle webhook calls, by result (`ok`, `refused`: not 2xx,
+    /// `error`: no answer).
+    pub event_webhook_calls: IntCounterVec,
+    /// Lifecycle events waiting to be sent to a webhook.
+    pub event_webhook_queue: IntGauge,
+    /// Lifecycle events a webhook never got, by reason (`overflow`: its
+    /// queue was full; `expired`: retried for `events.webhook_retry_for`).
+    pub event_webhook_dropped: IntCounterVec,
     /// SSE streams sent with `Content-Encoding: deflate`.
     pub sse_compressed_connections: IntGauge,
     /// Publications compressed: once each per wire protocol, shared by
@@ -226,6 +237,36 @@ impl Metrics {
                 "Channels holding a compression context their WebSocket listeners share \
                  (ws.compression_contexts at most).",
             ),
+            events: IntCounterVec::new(
+                Opts::new(
+                    "crier_events_total",
+                    "Lifecycle events appended to the events stream by this instance's reports, by \
+                     name; summed over the fleet, each event counts once.",
+                ),
+                &["name"],
+            )
+            .expect("metric"),
+            event_webhook_calls: IntCounterVec::new(
+                Opts::new(
+                    "crier_event_webhook_calls_total",
+                    "Lifecycle webhook calls, by result: ok, refused (not 2xx), error (no answer).",
+                ),
+                &["result"],
+            )
+            .expect("metric"),
+            event_webhook_queue: gauge(
+                "crier_event_webhook_queue",
+                "Lifecycle events waiting to be sent to a webhook.",
+            ),
+            event_webhook_dropped: IntCounterVec::new(
+                Opts::new(
+                    "crier_event_webhook_dropped_total",
+                    "Lifecycle events a webhook never got (they stay in the stream), by reason: \
+                     overflow (its queue was full), expired (retried for events.webhook_retry_for).",
+                ),
+                &["reason"],
+            )
+            .expect("metric"),
             sse_compressed_connections: gauge(
                 "crier_sse_compressed_connections",
                 "SSE streams sent compressed (Content-Encoding: deflate).",
@@ -267,6 +308,10 @@ impl Metrics {
             Box::new(inner.redis_library.clone()),
             Box::new(inner.ws_compressed_connections.clone()),
             Box::new(inner.ws_compression_contexts.clone()),
+            Box::new(inner.events.clone()),
+            Box::new(inner.event_webhook_calls.clone()),
+            Box::new(inner.event_webhook_queue.clone()),
+            Box::new(inner.event_webhook_dropped.clone()),
             Box::new(inner.sse_compressed_connections.clone()),
             Box::new(inner.ws_compressed_frames.clone()),
             Box::new(inner.ws_compression_bytes.clone()),

@@ -298,6 +298,18 @@ fn launch(
             delay: app.config.events.delay,
             ttl: app.config.presence.ttl,
         };
+        let webhooks = crate::events::webhooks::Webhooks::new(&app.config, app.metrics.clone())
+            .map_err(|e| anyhow::anyhow!("events.webhook_ca_file: {e}"))?;
+        if let Some(webhooks) = webhooks {
+            let (hooks_app, stream, stop) =
+                (Arc::clone(&app), stream.clone(), stop_background.clone());
+            background.spawn(async move {
+                let consumer = format!("{:08x}", hooks_app.process.instance);
+                Arc::new(webhooks)
+                    .run(&hooks_app.delivery.broker, &stream, consumer, stop)
+                    .await
+            });
+        }
         let (ledger, events_app) = (Arc::clone(ledger), Arc::clone(&app));
         let stop_events = stop_background.clone();
         background.spawn(async move {
@@ -305,6 +317,7 @@ fn launch(
             crate::events::run(
                 ledger,
                 &app.delivery.broker,
+                &app.metrics,
                 stream,
                 app.process.instance,
                 app.config.presence.heartbeat,

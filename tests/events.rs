@@ -10,9 +10,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use common::crier::{test_config, Instance, Process};
+use common::pusher::{Driver, WebhookReceiver};
 use common::redis::RedisServer;
 use common::ws::WsClient;
-use crier::config::Config;
+use crier::config::{Config, PusherWebhook};
 
 const STREAM: &str = "crier:events";
 const WAIT: Duration = Duration::from_secs(10);
@@ -254,4 +255,80 @@ async fn events_settings_that_cannot_work_are_refused() {
         "events.max_len",
     )
     .await;
+}
+
+/// Issue 24, acceptance 1: a Pusher app's webhooks, checked by the
+/// unmodified `pusher` Node SDK (`pusher.webhook({headers, rawBody})
+/// .isValid()`) as the app's handler checks them: every request is valid
+/// under the app's secret and invalid under another; a pusher-js client
+/// subscribing and leaving produces channel_occupied, member_added, then
+/// member_removed and channel_vacated, with the app's channel names.
+#[tokio::test]
+async fn pusher_webhooks_are_valid_for_the_pusher_sdk() {
+    let redis = RedisServer::start().await;
+    let receiver = WebhookReceiver::start(0, 200).await;
+    let mut config = common::pusher::pusher_config(&redis);
+    config.events.stream = Some(STREAM.into());
+    config.events.delay = Duration::from_millis(200);
+    config.pusher.apps[0].webhooks = vec![PusherWebhook {
+        url: receiver.url(),
+        event_types: Vec::new(),
+        filter: Default::default(),
+        headers: Default::default(),
+    }];
+    let crier = Instance::start(config).await;
+    let mut driver = Driver::start().await;
+    let port = common::pusher::port(&crier.addr);
+    driver.connect("a", port, "ada").await;
+    driver.subscribe("a", "orders").await;
+    driver.subscribe("a", "presence-room").await;
+    let names = |receiver: &WebhookReceiver| -> Vec<String> {
+        receiver
+            .events()
+            .iter()
+            .map(|e| {
+                format!(
+                    "{} {} {}",
+                    e["name"].as_str().unwrap_or("?"),
+                    e["channel"].as_str().unwrap_or("?"),
+                    e["user_id"].as_str().unwrap_or("-")
+                )
+            })
+            .collect()
+    };
+    common::eventually("occupied and added", WAIT, || async {
+        names(&receiver).len() >= 3
+    })
+    .await;
+    let mut first = names(&receiver);
+    first.sort();
+    assert_eq!(
+        first,
+        [
+            "channel_occupied orders -",
+            "channel_occupied presence-room -",
+            "member_added presence-room ada",
+        ]
+    );
+    driver
+        .send(serde_json::json!({"op": "disconnect", "client": "a"}))
+        .await;
+    common::eventually("vacated and removed", WAIT, || async {
+        names(&receiver).len() >= 6
+    })
+    .await;
+    let mut then = names(&receiver)[3..].to_vec();
+    then.sort();
+    assert_eq!(
+        then,
+        [
+            "channel_vacated orders -",
+            "channel_vacated presence-room -",
+            "member_removed presence-room ada",
+        ]
+    );
+    let calls = crier
+        .metric("crier_event_webhook_calls_total{result=\"ok\"}")
+        .await;
+    assert!(calls >= 2.0, "{calls} calls");
 }

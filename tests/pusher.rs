@@ -265,6 +265,7 @@ async fn client_events_are_refused_on_public_channels_when_disabled_and_over_the
         secret: "quiet-secret-of-16-bytes".into(),
         client_events: false,
         namespace: "quiet:".into(),
+        ..Default::default()
     });
     // The quiet app's channels are `quiet:…` among crier's.
     config.channels.push(common::crier::rule(
@@ -640,6 +641,7 @@ async fn two_apps_on_two_instances_see_nothing_of_each_other() {
         secret: secret2.into(),
         client_events: true,
         namespace: "app2:".into(),
+        ..Default::default()
     });
     let mut cache = common::crier::rule("app2:cache-*", Subscribe::Anyone);
     cache.history = config.channels[3].history;

@@ -82,6 +82,7 @@ async fn the_documented_acl_user_runs_everything_without_a_denial() {
         secret: PUSHER_SECRET.into(),
         client_events: false,
         namespace: String::new(),
+        ..Default::default()
     }];
     // Ready means the canary went round: PUBLISH and SUBSCRIBE as `crier`.
     let crier = Instance::start(config).await;

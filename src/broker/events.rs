@@ -35,7 +35,7 @@ pub(crate) struct Stream {
 
 impl Broker {
     /// Reports `instance`'s counts (`key` is `<kind>|<subject>`, see
-    /// `crier.lua`). Returns how many ends wait for their delay. The
+    /// `crier.lua`). Returns the names of the events it appended. The
     /// memory broker keeps no stream (configuration refuses one without
     /// Redis): nothing to report there.
     pub(crate) async fn events(
@@ -44,9 +44,9 @@ impl Broker {
         instance: u32,
         report: Report,
         counts: &[(String, i64)],
-    ) -> Result<u64, BrokerError> {
+    ) -> Result<Vec<String>, BrokerError> {
         let Broker::Redis(b) = self else {
-            return Ok(0);
+            return Ok(Vec::new());
         };
         let head = [
             instance.to_string(),
@@ -67,5 +67,135 @@ impl Broker {
         }
         let keys = history::events_keys(b.redis.prefix(), &stream.name);
         b.redis.fcall("crier_events", &keys, &args).await
+    }
+}
+
+/// One entry of the events stream: its id and fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Entry {
+    pub(crate) id: String,
+    pub(crate) fields: Vec<(String, String)>,
+}
+
+impl Entry {
+    /// The value of `field`, if the entry has it.
+    pub(crate) fn get(&self, field: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(name, _)| name == field)
+            .map(|(_, value)| value.as_str())
+    }
+}
+
+/// Entries as Redis lists them: `[id, [field, value, …]]` each.
+type RawEntries = Vec<(String, Vec<String>)>;
+
+fn entries(raw: RawEntries) -> Vec<Entry> {
+    raw.into_iter()
+        .map(|(id, flat)| Entry {
+            id,
+            fields: flat
+                .chunks_exact(2)
+                .map(|pair| (pair[0].clone(), pair[1].clone()))
+                .collect(),
+        })
+        .collect()
+}
+
+impl Broker {
+    /// The events stream's key, and the command connection to it.
+    fn events_stream<'a>(
+        &'a self,
+        stream: &Stream,
+    ) -> Result<(&'a super::command::Redis, String), BrokerError> {
+        match self {
+            Broker::Redis(b) => {
+                let [.., key] = history::events_keys(b.redis.prefix(), &stream.name);
+                Ok((&b.redis, key))
+            }
+            Broker::Memory(_) => Err(BrokerError::Protocol("lifecycle events need Redis".into())),
+        }
+    }
+
+    /// Makes the consumer group `group`, reading from the stream's end,
+    /// unless it exists.
+    pub(crate) async fn events_group(
+        &self,
+        stream: &Stream,
+        group: &str,
+    ) -> Result<(), BrokerError> {
+        let (redis, key) = self.events_stream(stream)?;
+        let mut cmd = redis::cmd("XGROUP");
+        cmd.arg("CREATE")
+            .arg(&key)
+            .arg(group)
+            .arg("$")
+            .arg("MKSTREAM");
+        match redis.query::<()>(cmd).await {
+            Err(BrokerError::Redis(e)) if e.code() == Some("BUSYGROUP") => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Up to `count` entries no consumer of `group` has had yet, now
+    /// `consumer`'s.
+    pub(crate) async fn events_read(
+        &self,
+        stream: &Stream,
+        group: &str,
+        consumer: &str,
+        count: usize,
+    ) -> Result<Vec<Entry>, BrokerError> {
+        let (redis, key) = self.events_stream(stream)?;
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP").arg(group).arg(consumer);
+        cmd.arg("COUNT")
+            .arg(count)
+            .arg("STREAMS")
+            .arg(&key)
+            .arg(">");
+        let read: Option<Vec<(String, RawEntries)>> = redis.query(cmd).await?;
+        Ok(read
+            .into_iter()
+            .flatten()
+            .flat_map(|(_, raw)| entries(raw))
+            .collect())
+    }
+
+    /// Up to `count` entries another consumer of `group` took and left
+    /// unacknowledged for longer than `idle` (it died), now `consumer`'s.
+    pub(crate) async fn events_claim(
+        &self,
+        stream: &Stream,
+        group: &str,
+        consumer: &str,
+        idle: Duration,
+        count: usize,
+    ) -> Result<Vec<Entry>, BrokerError> {
+        let (redis, key) = self.events_stream(stream)?;
+        let mut cmd = redis::cmd("XAUTOCLAIM");
+        cmd.arg(&key).arg(group).arg(consumer);
+        cmd.arg(idle.as_millis() as u64)
+            .arg("0")
+            .arg("COUNT")
+            .arg(count);
+        let (_, raw, _): (String, RawEntries, Vec<String>) = redis.query(cmd).await?;
+        Ok(entries(raw))
+    }
+
+    /// Marks `ids` done for `group`.
+    pub(crate) async fn events_ack(
+        &self,
+        stream: &Stream,
+        group: &str,
+        ids: &[String],
+    ) -> Result<(), BrokerError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let (redis, key) = self.events_stream(stream)?;
+        let mut cmd = redis::cmd("XACK");
+        cmd.arg(&key).arg(group).arg(ids);
+        redis.query::<u64>(cmd).await.map(drop)
     }
 }

@@ -37,9 +37,11 @@ mod transports;
 
 pub use self::auth::{AuthConfig, JwtConfig, SessionConfig, Signing, WebhookConfig, WebhookMethod};
 pub use self::channels::{ChannelRule, HistoryRule, Subscribe};
-pub use self::events::EventsConfig;
+pub use self::events::{EventWebhook, EventsConfig, EVENT_NAMES};
 pub use self::limits::LimitsConfig;
-pub use self::pusher::{PresenceConfig, PusherApp, PusherConfig};
+pub use self::pusher::{
+    PresenceConfig, PusherApp, PusherConfig, PusherWebhook, WebhookFilter, PUSHER_WEBHOOK_EVENTS,
+};
 pub use self::redis::{ClusterConfig, RedisConfig, RedisTlsConfig, SentinelConfig};
 pub use self::transports::{Compression, SseConfig, WsConfig};
 
@@ -103,6 +105,10 @@ pub struct Config {
     /// Lifecycle events: channels occupied and vacated, members added and
     /// removed, users online and offline, in a Redis stream.
     pub events: EventsConfig,
+    /// crier's own webhooks for lifecycle events (Pusher apps have theirs
+    /// in `[[pusher.apps]]`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<EventWebhook>,
 }
 
 /// How logs are written.
@@ -170,6 +176,7 @@ impl Default for Config {
             pusher: PusherConfig::default(),
             presence: PresenceConfig::default(),
             events: EventsConfig::default(),
+            webhooks: Vec::new(),
         }
     }
 }
@@ -331,7 +338,21 @@ impl Config {
                 "needs Redis (redis.url, redis.sentinel or redis.cluster): the memory broker keeps no stream",
             );
         }
-        self.pusher.validate()
+        events::check_webhooks(&self.webhooks)?;
+        self.pusher.validate()?;
+        if self.has_webhooks() && self.events.stream.is_none() {
+            return bad(
+                "events.stream",
+                "must be set for webhooks ([[webhooks]], pusher.apps[].webhooks): they are sent from it, e.g. stream = \"crier:events\"",
+            );
+        }
+        Ok(())
+    }
+
+    /// Whether any lifecycle webhook is configured (crier's own, or a
+    /// Pusher app's).
+    pub fn has_webhooks(&self) -> bool {
+        !self.webhooks.is_empty() || self.pusher.apps.iter().any(|a| !a.webhooks.is_empty())
     }
 
     /// Settings that load but are almost certainly not what the operator
@@ -415,6 +436,13 @@ impl Config {
         }
         for app in &mut shown.pusher.apps {
             app.secret = REDACTED.into();
+            for hook in &mut app.webhooks {
+                hook.url = redact_url(&hook.url);
+            }
+        }
+        for hook in &mut shown.webhooks {
+            hook.secret = REDACTED.into();
+            hook.url = redact_url(&hook.url);
         }
         if let Some(hook) = &mut shown.auth.webhook {
             hook.url = redact_url(&hook.url);

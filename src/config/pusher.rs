@@ -29,7 +29,7 @@ pub struct PusherConfig {
 }
 
 /// `[[pusher.apps]]`: one Pusher app.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PusherApp {
     /// The app id: the `/apps/{id}/…` HTTP API path.
@@ -53,7 +53,50 @@ pub struct PusherApp {
     /// channels, nor crier's own channels with a `:` in their name.
     #[serde(default)]
     pub namespace: String,
+    /// Where the app's lifecycle events are sent, as Pusher sends them
+    /// (needs `events.stream`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<PusherWebhook>,
 }
+
+/// One of a Pusher app's webhooks: Pusher's events of the app's channels,
+/// batched and signed with the app's secret.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PusherWebhook {
+    /// `http://` or `https://`.
+    pub url: String,
+    /// Which events: `channel_occupied`, `channel_vacated`,
+    /// `member_added`, `member_removed`. Empty: all of them.
+    #[serde(default)]
+    pub event_types: Vec<String>,
+    /// Which channels, by the app's own names.
+    #[serde(default)]
+    pub filter: WebhookFilter,
+    /// Extra request headers.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+/// Pusher's webhook filter: the channels whose names start and end so.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookFilter {
+    /// Only channels whose (app) name starts with this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel_name_starts_with: Option<String>,
+    /// Only channels whose (app) name ends with this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel_name_ends_with: Option<String>,
+}
+
+/// The events a Pusher webhook can carry.
+pub const PUSHER_WEBHOOK_EVENTS: [&str; 4] = [
+    "channel_occupied",
+    "channel_vacated",
+    "member_added",
+    "member_removed",
+];
 
 impl Default for PusherConfig {
     fn default() -> Self {
@@ -101,6 +144,22 @@ impl PusherConfig {
                         app.id
                     ),
                 );
+            }
+            for (w, hook) in app.webhooks.iter().enumerate() {
+                let field = |name: &str| format!("pusher.apps[{i}].webhooks[{w}].{name}");
+                super::events::check_url(&field("url"), &hook.url)?;
+                for name in &hook.event_types {
+                    if !PUSHER_WEBHOOK_EVENTS.contains(&name.as_str()) {
+                        return bad(
+                            &field("event_types"),
+                            format!(
+                                "{name:?} is not one of {}",
+                                PUSHER_WEBHOOK_EVENTS.join(", ")
+                            ),
+                        );
+                    }
+                }
+                super::events::check_headers(&field("headers"), &hook.headers)?;
             }
             if !seen.insert(("namespace", ns.clone())) {
                 let why = match ns.is_empty() {

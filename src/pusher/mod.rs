@@ -142,6 +142,7 @@ mod tests {
             secret: "s".repeat(16),
             client_events: false,
             namespace: namespace.into(),
+            ..Default::default()
         };
         let (plain, second) = (app(""), app("app2:"));
         assert_eq!(crier_channel(&plain, "private-a"), "private-a");

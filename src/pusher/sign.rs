@@ -159,6 +159,7 @@ mod tests {
             secret: secret.into(),
             client_events: false,
             namespace: String::new(),
+            ..Default::default()
         }
     }
 

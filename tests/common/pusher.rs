@@ -49,6 +49,7 @@ pub fn with_pusher(config: &mut Config) {
         secret: SECRET.into(),
         client_events: true,
         namespace: String::new(),
+        ..Default::default()
     }];
     config.presence.heartbeat = Duration::from_millis(300);
     config.presence.ttl = Duration::from_secs(1);
@@ -98,8 +99,51 @@ ttl = "1s"
 pub struct Driver {
     child: Child,
     stdin: ChildStdin,
+    lines: Lines,
+}
+
+/// The JSON lines a child prints, collected as they come, to wait on.
+pub struct Lines {
     seen: Arc<Mutex<Vec<Value>>>,
     notify: Arc<tokio::sync::Notify>,
+}
+
+impl Lines {
+    /// Collects `stdout`'s lines (one that is not JSON as `{"raw": …}`).
+    pub fn collect(stdout: tokio::process::ChildStdout) -> Lines {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let notify = Arc::new(tokio::sync::Notify::new());
+        let (sink, wake) = (seen.clone(), notify.clone());
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let v: Value = serde_json::from_str(&line).unwrap_or(json!({"raw": line}));
+                sink.lock().expect("lock").push(v);
+                wake.notify_waiters();
+            }
+        });
+        Lines { seen, notify }
+    }
+
+    /// The first line matching `f`, waiting for it.
+    pub async fn wait(&self, f: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let notified = self.notify.notified();
+            if let Some(v) = self.seen.lock().expect("lock").iter().find(|v| f(v)) {
+                return v.clone();
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                let seen = self.seen.lock().expect("lock").clone();
+                panic!("never saw what the test waits for; saw: {seen:#?}");
+            }
+        }
+    }
+
+    /// Every line so far.
+    pub fn all(&self) -> Vec<Value> {
+        self.seen.lock().expect("lock").clone()
+    }
 }
 
 impl Driver {
@@ -140,22 +184,11 @@ impl Driver {
             .expect("node runs tests/pusher/driver.mjs");
         let stdin = child.stdin.take().expect("stdin");
         let stdout = child.stdout.take().expect("stdout");
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let notify = Arc::new(tokio::sync::Notify::new());
-        let (sink, wake) = (seen.clone(), notify.clone());
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                let v: Value = serde_json::from_str(&line).unwrap_or(json!({"raw": line}));
-                sink.lock().expect("lock").push(v);
-                wake.notify_waiters();
-            }
-        });
+        let lines = Lines::collect(stdout);
         let driver = Driver {
             child,
             stdin,
-            seen,
-            notify,
+            lines,
         };
         driver.wait(|v| v["type"] == "ready").await;
         driver
@@ -171,27 +204,12 @@ impl Driver {
 
     /// The first line matching `f`, waiting for it.
     pub async fn wait(&self, f: impl Fn(&Value) -> bool) -> Value {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let notified = self.notify.notified();
-            if let Some(v) = self.seen.lock().expect("lock").iter().find(|v| f(v)) {
-                return v.clone();
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                let seen = self.seen.lock().expect("lock").clone();
-                panic!("the driver never reported what the test waits for; it saw: {seen:#?}");
-            }
-        }
+        self.lines.wait(f).await
     }
 
     /// How many lines seen so far match `f`.
     pub fn count(&self, f: impl Fn(&Value) -> bool) -> usize {
-        self.seen
-            .lock()
-            .expect("lock")
-            .iter()
-            .filter(|v| f(v))
-            .count()
+        self.lines.all().iter().filter(|v| f(v)).count()
     }
 
     pub async fn connect(&mut self, client: &str, port: u16, user: &str) -> String {
@@ -278,4 +296,55 @@ pub fn hmac_hex(secret: &str, text: &str) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// tests/pusher/webhooks.mjs: a Pusher app's webhook endpoint, checking
+/// every request with the unmodified `pusher` SDK; a JSON line each.
+pub struct WebhookReceiver {
+    child: Child,
+    pub lines: Lines,
+    pub port: u16,
+}
+
+impl WebhookReceiver {
+    /// Listens on `port` (0: any free one), answering `status`.
+    pub async fn start(port: u16, status: u16) -> WebhookReceiver {
+        let mut child = Command::new("node")
+            .arg(repo("tests/pusher/webhooks.mjs"))
+            .envs([("APP_ID", APP_ID), ("KEY", KEY), ("SECRET", SECRET)])
+            .env("PORT", port.to_string())
+            .env("STATUS", status.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node runs tests/pusher/webhooks.mjs");
+        let lines = Lines::collect(child.stdout.take().expect("stdout"));
+        let port = lines.wait(|v| v["port"].is_u64()).await["port"]
+            .as_u64()
+            .expect("port") as u16;
+        WebhookReceiver { child, lines, port }
+    }
+
+    /// `http://127.0.0.1:PORT/pusher`
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/pusher", self.port)
+    }
+
+    /// Every event received so far, in order, each checked: the request
+    /// was valid under the app's secret and invalid under another.
+    pub fn events(&self) -> Vec<Value> {
+        let mut events = Vec::new();
+        for line in self.lines.all().iter().filter(|v| v.get("valid").is_some()) {
+            assert_eq!(line["valid"], true, "pusher.webhook().isValid(): {line}");
+            assert_eq!(line["invalidWithWrongSecret"], true, "{line}");
+            events.extend(line["events"].as_array().cloned().unwrap_or_default());
+        }
+        events
+    }
+
+    /// Stops it (the port is free again).
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
 }

@@ -20,6 +20,8 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+pub(crate) mod webhooks;
+
 use crate::broker::events::{Report, Stream};
 use crate::broker::Broker;
 
@@ -106,6 +108,7 @@ impl Ledger {
 pub(crate) async fn run(
     ledger: Arc<Ledger>,
     broker: &Broker,
+    metrics: &crate::metrics::Metrics,
     stream: Stream,
     instance: u32,
     beat: Duration,
@@ -132,6 +135,11 @@ pub(crate) async fn run(
             Report::Change => ledger.take_changes(),
         };
         let result = broker.events(&stream, instance, report, &counts).await;
+        if let Ok(names) = &result {
+            for name in names {
+                metrics.events.with_label_values(&[name]).inc();
+            }
+        }
         match (result, failing) {
             (Ok(_), true) => {
                 tracing::info!("lifecycle events: reporting to Redis again");
