@@ -314,13 +314,17 @@ fn launch(
         let stop_events = stop_background.clone();
         background.spawn(async move {
             let app = &events_app;
+            let reporting = crate::events::Reporting {
+                stream,
+                instance: app.process.instance,
+                beat: app.config.presence.heartbeat,
+                webhooks: app.config.has_webhooks(),
+            };
             crate::events::run(
                 ledger,
                 &app.delivery.broker,
                 &app.metrics,
-                stream,
-                app.process.instance,
-                app.config.presence.heartbeat,
+                reporting,
                 stop_events,
             )
             .await

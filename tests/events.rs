@@ -266,7 +266,7 @@ async fn events_settings_that_cannot_work_are_refused() {
 #[tokio::test]
 async fn pusher_webhooks_are_valid_for_the_pusher_sdk() {
     let redis = RedisServer::start().await;
-    let receiver = WebhookReceiver::start(0, 200).await;
+    let receiver = WebhookReceiver::start(200).await;
     let mut config = common::pusher::pusher_config(&redis);
     config.events.stream = Some(STREAM.into());
     config.events.delay = Duration::from_millis(200);
@@ -331,4 +331,148 @@ async fn pusher_webhooks_are_valid_for_the_pusher_sdk() {
         .metric("crier_event_webhook_calls_total{result=\"ok\"}")
         .await;
     assert!(calls >= 2.0, "{calls} calls");
+}
+
+/// Subscribes a Pusher-protocol client to `channel` (public) and returns
+/// it; dropping it vacates the channel.
+async fn pusher_listener(crier: &Instance, channel: &str) -> WsClient {
+    let url = crier.ws(&format!("/app/{}?protocol=7", common::pusher::KEY));
+    let mut ws = WsClient::connect(&url).await;
+    assert_eq!(
+        ws.recv_json(WAIT).await["event"],
+        "pusher:connection_established"
+    );
+    ws.send_json(serde_json::json!({"event": "pusher:subscribe", "data": {"channel": channel}}))
+        .await;
+    let ok = ws.recv_json(WAIT).await;
+    assert_eq!(
+        ok["event"], "pusher_internal:subscription_succeeded",
+        "{ok}"
+    );
+    ws
+}
+
+/// A crier whose Pusher app sends its webhooks to `url`, retrying for
+/// `retry_for`.
+async fn crier_with_webhook(redis: &RedisServer, url: &str, retry_for: Duration) -> Instance {
+    let mut config = common::pusher::pusher_config(redis);
+    let open = common::crier::rule("orders-*", crier::config::Subscribe::Anyone);
+    config.channels.insert(0, open);
+    config.events.stream = Some(STREAM.into());
+    config.events.delay = Duration::from_millis(100);
+    config.events.webhook_retry_for = retry_for;
+    config.events.webhook_timeout = Duration::from_secs(5);
+    config.pusher.apps[0].webhooks = vec![PusherWebhook {
+        url: url.into(),
+        event_types: vec!["channel_occupied".into(), "channel_vacated".into()],
+        filter: Default::default(),
+        headers: Default::default(),
+    }];
+    Instance::start(config).await
+}
+
+/// Issue 24, acceptance 4: the receiver is down for 20 s while channels
+/// come and go; when it is back, every event arrives, in order, within
+/// the retry bound. A receiver down for longer than the bound loses them
+/// (counted), and they are still in the stream.
+#[tokio::test]
+async fn a_webhook_down_for_a_while_gets_every_event_when_it_returns() {
+    let redis = RedisServer::start().await;
+    // Down: the app behind it answers 503.
+    let mut receiver = WebhookReceiver::start(503).await;
+    let crier = crier_with_webhook(&redis, &receiver.url(), Duration::from_secs(120)).await;
+    let down = tokio::time::Instant::now();
+    for round in 0..3 {
+        let channel = format!("orders-{round}");
+        let ws = pusher_listener(&crier, &channel).await;
+        drop(ws);
+        common::eventually("the vacated event is in the stream", WAIT, || async {
+            by_channel(&events(&redis).await)
+                .get(&channel)
+                .map(Vec::len)
+                == Some(2)
+        })
+        .await;
+    }
+    common::eventually("calls refused while it is down", WAIT, || async {
+        crier
+            .metric("crier_event_webhook_calls_total{result=\"refused\"}")
+            .await
+            >= 1.0
+    })
+    .await;
+    // The outage lasts 20 s.
+    tokio::time::sleep_until(down + Duration::from_secs(20)).await;
+    receiver.answer(200).await;
+    // At least once: a call that timed out may arrive twice; each event
+    // once, in order, is what the app sees after dropping repeats.
+    let delivered = |receiver: &WebhookReceiver| {
+        let mut names: Vec<String> = Vec::new();
+        for e in receiver.events() {
+            let name = format!(
+                "{} {}",
+                e["name"].as_str().unwrap_or("?"),
+                e["channel"].as_str().unwrap_or("?")
+            );
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+        names
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while delivered(&receiver).len() < 6 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not every event delivered within 30 s: {:?}; calls {} ok, {} refused, {} error",
+            receiver.lines.all(),
+            crier
+                .metric("crier_event_webhook_calls_total{result=\"ok\"}")
+                .await,
+            crier
+                .metric("crier_event_webhook_calls_total{result=\"refused\"}")
+                .await,
+            crier
+                .metric("crier_event_webhook_calls_total{result=\"error\"}")
+                .await,
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        delivered(&receiver),
+        [
+            "channel_occupied orders-0",
+            "channel_vacated orders-0",
+            "channel_occupied orders-1",
+            "channel_vacated orders-1",
+            "channel_occupied orders-2",
+            "channel_vacated orders-2",
+        ],
+        "in order"
+    );
+    assert_eq!(
+        crier
+            .metric("crier_event_webhook_dropped_total{reason=\"expired\"}")
+            .await,
+        0.0
+    );
+    crier.shutdown().await;
+
+    // Down for longer than the bound: dropped, counted, still in the stream.
+    receiver.answer(503).await;
+    let short = crier_with_webhook(&redis, &receiver.url(), Duration::from_secs(1)).await;
+    let ws = pusher_listener(&short, "orders-late").await;
+    drop(ws);
+    common::eventually("the events given up", WAIT, || async {
+        short
+            .metric("crier_event_webhook_dropped_total{reason=\"expired\"}")
+            .await
+            >= 1.0
+    })
+    .await;
+    assert_eq!(
+        by_channel(&events(&redis).await)["orders-late"],
+        ["channel_occupied", "channel_vacated"],
+        "still in the stream"
+    );
 }

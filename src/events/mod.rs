@@ -43,7 +43,10 @@ pub(crate) struct Ledger {
 #[derive(Default)]
 struct State {
     held: HashMap<String, u64>,
-    changes: HashMap<String, i64>,
+    /// Per key, the units that came and those that went since the last
+    /// report: kept apart, so that a listener who came and went between
+    /// two reports still occupies and vacates its channel.
+    changes: HashMap<String, (i64, i64)>,
 }
 
 impl Ledger {
@@ -70,10 +73,10 @@ impl Ledger {
             if *held == 0 {
                 state.held.remove(&key);
             }
-            let change = state.changes.entry(key.clone()).or_default();
-            *change += delta;
-            if *change == 0 {
-                state.changes.remove(&key);
+            let (came, went) = state.changes.entry(key).or_default();
+            match delta > 0 {
+                true => *came += delta,
+                false => *went += delta,
             }
         }
         self.changed.notify_one();
@@ -83,11 +86,22 @@ impl Ledger {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The changes since the last call.
+    /// The changes since the last call: every arrival first, then every
+    /// departure (so no count dips to zero that did not).
     fn take_changes(&self) -> Vec<(String, i64)> {
-        std::mem::take(&mut self.state().changes)
-            .into_iter()
-            .collect()
+        let changes = std::mem::take(&mut self.state().changes);
+        let mut report: Vec<(String, i64)> = Vec::with_capacity(changes.len() * 2);
+        let mut went = Vec::new();
+        for (key, (up, down)) in changes {
+            if down != 0 {
+                went.push((key.clone(), down));
+            }
+            if up != 0 {
+                report.push((key, up));
+            }
+        }
+        report.extend(went);
+        report
     }
 
     /// Everything held, for a beat. Changes not yet reported are in it.
@@ -102,18 +116,39 @@ impl Ledger {
     }
 }
 
-/// Reports `ledger` for `instance` until `stop`, then once more (the
+/// How an instance reports its ledger.
+pub(crate) struct Reporting {
+    /// Where Redis keeps the counts and appends the events.
+    pub(crate) stream: Stream,
+    /// The instance, fleet-wide.
+    pub(crate) instance: u32,
+    /// How often it reports its whole ledger (`presence.heartbeat`).
+    pub(crate) beat: Duration,
+    /// Whether webhooks read the stream (see [`run`]).
+    pub(crate) webhooks: bool,
+}
+
+/// Reports `ledger` as `reporting` says until `stop`, then once more (the
 /// connections closed by the drain). A failed report is logged once
 /// until one succeeds; the next beat tells Redis the whole truth again.
+///
+/// With webhooks, the first report waits until their consumer group
+/// exists: it reads from the stream's end as it was made, so an event
+/// appended before would never reach them.
 pub(crate) async fn run(
     ledger: Arc<Ledger>,
     broker: &Broker,
     metrics: &crate::metrics::Metrics,
-    stream: Stream,
-    instance: u32,
-    beat: Duration,
+    reporting: Reporting,
     stop: CancellationToken,
 ) {
+    let Reporting {
+        stream,
+        instance,
+        beat,
+        webhooks,
+    } = reporting;
+    let mut grouped = !webhooks;
     let mut beats = tokio::time::interval(beat);
     let mut ticks = tokio::time::interval(TICK);
     for timer in [&mut beats, &mut ticks] {
@@ -130,6 +165,13 @@ pub(crate) async fn run(
                 Report::Change
             }
         };
+        if !grouped {
+            match broker.events_group(&stream, webhooks::GROUP).await {
+                Ok(()) => grouped = true,
+                // Redis is not there yet: nothing could be reported either.
+                Err(_) => continue,
+            }
+        }
         let counts = match report {
             Report::Sync => ledger.whole(),
             Report::Change => ledger.take_changes(),

@@ -32,7 +32,7 @@ use crate::config::{Config, EventWebhook, PusherApp, PusherWebhook};
 use crate::metrics::Metrics;
 
 /// The consumer group the instances read the stream as.
-const GROUP: &str = "crier-webhooks";
+pub(crate) const GROUP: &str = "crier-webhooks";
 /// How often the stream is read for new entries.
 const READ_EVERY: Duration = Duration::from_millis(200);
 /// Entries read at once.

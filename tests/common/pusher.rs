@@ -302,28 +302,44 @@ pub fn hmac_hex(secret: &str, text: &str) -> String {
 /// every request with the unmodified `pusher` SDK; a JSON line each.
 pub struct WebhookReceiver {
     child: Child,
+    stdin: ChildStdin,
     pub lines: Lines,
     pub port: u16,
 }
 
 impl WebhookReceiver {
-    /// Listens on `port` (0: any free one), answering `status`.
-    pub async fn start(port: u16, status: u16) -> WebhookReceiver {
+    /// Listens on a free port, answering `status`.
+    pub async fn start(status: u16) -> WebhookReceiver {
         let mut child = Command::new("node")
             .arg(repo("tests/pusher/webhooks.mjs"))
             .envs([("APP_ID", APP_ID), ("KEY", KEY), ("SECRET", SECRET)])
-            .env("PORT", port.to_string())
             .env("STATUS", status.to_string())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()
             .expect("node runs tests/pusher/webhooks.mjs");
         let lines = Lines::collect(child.stdout.take().expect("stdout"));
+        let stdin = child.stdin.take().expect("stdin");
         let port = lines.wait(|v| v["port"].is_u64()).await["port"]
             .as_u64()
             .expect("port") as u16;
-        WebhookReceiver { child, lines, port }
+        WebhookReceiver {
+            child,
+            stdin,
+            lines,
+            port,
+        }
+    }
+
+    /// Answers `status` from now on (503: the app is down).
+    pub async fn answer(&mut self, status: u16) {
+        self.stdin
+            .write_all(format!("{status}\n").as_bytes())
+            .await
+            .expect("receiver stdin");
+        self.lines.wait(|v| v["status"] == status).await;
     }
 
     /// `http://127.0.0.1:PORT/pusher`
@@ -331,11 +347,17 @@ impl WebhookReceiver {
         format!("http://127.0.0.1:{}/pusher", self.port)
     }
 
-    /// Every event received so far, in order, each checked: the request
-    /// was valid under the app's secret and invalid under another.
+    /// Every event received and accepted (2xx) so far, in order, each
+    /// checked: the request was valid under the app's secret and invalid
+    /// under another.
     pub fn events(&self) -> Vec<Value> {
         let mut events = Vec::new();
-        for line in self.lines.all().iter().filter(|v| v.get("valid").is_some()) {
+        let answered = |v: &Value| {
+            v["answered"]
+                .as_u64()
+                .is_some_and(|s| (200..300).contains(&s))
+        };
+        for line in self.lines.all().iter().filter(|v| answered(v)) {
             assert_eq!(line["valid"], true, "pusher.webhook().isValid(): {line}");
             assert_eq!(line["invalidWithWrongSecret"], true, "{line}");
             events.extend(line["events"].as_array().cloned().unwrap_or_default());

@@ -3,12 +3,18 @@
 // `pusher.webhook({ headers, rawBody }).isValid()` under the app's secret
 // (and, to show the check can fail, under a wrong one). Prints one JSON
 // line per request, after one with the port it listens on. Answers with
-// STATUS (200 unless set). Driven by tests/events.rs.
+// STATUS (200 unless set), or with the status last written to its stdin
+// (503: the app is down). Driven by tests/events.rs.
 import http from 'node:http';
+import readline from 'node:readline';
 import Pusher from 'pusher';
 
 const { APP_ID: appId, KEY: key, SECRET: secret } = process.env;
-const status = Number(process.env.STATUS || 200);
+let status = Number(process.env.STATUS || 200);
+readline.createInterface({ input: process.stdin }).on('line', (line) => {
+  status = Number(line.trim());
+  console.log(JSON.stringify({ status }));
+});
 const right = new Pusher({ appId, key, secret });
 const wrong = new Pusher({ appId, key, secret: 'not-the-app-secret-at-all' });
 
@@ -21,6 +27,7 @@ const server = http.createServer((req, res) => {
     const valid = webhook.isValid();
     const invalidWithWrongSecret = !wrong.webhook({ headers: req.headers, rawBody }).isValid();
     console.log(JSON.stringify({
+      answered: status,
       valid,
       invalidWithWrongSecret,
       events: valid ? webhook.getEvents() : JSON.parse(rawBody).events,
