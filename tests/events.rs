@@ -476,3 +476,125 @@ async fn a_webhook_down_for_a_while_gets_every_event_when_it_returns() {
         "still in the stream"
     );
 }
+
+/// A channel with one listener for a moment; returns once the stream has
+/// its vacated event.
+async fn come_and_go(crier: &Instance, redis: &RedisServer, channel: &str) {
+    let mut ws = WsClient::connect(&crier.ws("/ws")).await;
+    assert_eq!(ws.subscribe(channel, 1).await["type"], "subscribed");
+    ws.close().await;
+    drop(ws);
+    common::eventually("vacated", WAIT, || async {
+        by_channel(&events(redis).await).get(channel).map(Vec::len) == Some(2)
+    })
+    .await;
+}
+
+/// Runs a recipe of docs/integration.md as worker `w1` of group `app`.
+fn start_consumer(
+    command: &[&str],
+    redis: &RedisServer,
+) -> (tokio::process::Child, common::pusher::Lines) {
+    let mut child = tokio::process::Command::new(command[0])
+        .args(&command[1..])
+        .current_dir(common::repo("."))
+        .envs([
+            ("REDIS_URL", redis.url().as_str()),
+            ("STREAM", STREAM),
+            ("GROUP", "app"),
+            ("CONSUMER", "w1"),
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("run {command:?}: {e}"));
+    let lines = common::pusher::Lines::collect(child.stdout.take().expect("stdout"));
+    (child, lines)
+}
+
+/// Issue 24, acceptance 5: the documented consumer, restarted, sees each
+/// event once: what happened before it first ran, then (after a restart)
+/// only what happened while it was down.
+async fn a_consumer_group_sees_each_event_once_across_a_restart(command: &[&str]) {
+    let redis = RedisServer::start().await;
+    let crier = Instance::start(events_config(&redis, Duration::from_millis(100))).await;
+    come_and_go(&crier, &redis, "public:before").await;
+
+    let names = |lines: &common::pusher::Lines| -> Vec<String> {
+        lines
+            .all()
+            .iter()
+            .filter_map(|e| {
+                Some(format!(
+                    "{} {}",
+                    e["name"].as_str()?,
+                    e["channel"].as_str()?
+                ))
+            })
+            .collect()
+    };
+    let (mut reader, lines) = start_consumer(command, &redis);
+    lines.wait(|e| e["name"] == "channel_vacated").await;
+    // Handled and acknowledged: nothing pending for the group.
+    common::eventually("acknowledged", WAIT, || async {
+        let pending: Vec<redis::Value> = redis_cmd(&redis, &["XPENDING", STREAM, "app"]).await;
+        pending.first() == Some(&redis::Value::Int(0))
+    })
+    .await;
+    reader.kill().await.expect("stop the reader");
+    assert_eq!(
+        names(&lines),
+        [
+            "channel_occupied public:before",
+            "channel_vacated public:before"
+        ]
+    );
+
+    come_and_go(&crier, &redis, "public:while-down").await;
+    let (_reader, lines) = start_consumer(command, &redis);
+    lines.wait(|e| e["name"] == "channel_vacated").await;
+    come_and_go(&crier, &redis, "public:after").await;
+    lines
+        .wait(|e| e["name"] == "channel_vacated" && e["channel"] == "public:after")
+        .await;
+    assert_eq!(
+        names(&lines),
+        [
+            "channel_occupied public:while-down",
+            "channel_vacated public:while-down",
+            "channel_occupied public:after",
+            "channel_vacated public:after",
+        ],
+        "each event once per group"
+    );
+}
+
+#[tokio::test]
+async fn the_python_consumer_sees_each_event_once_across_a_restart() {
+    common::check_runs(
+        "python3",
+        &["-c", "import redis"],
+        "python3 with the `redis` package is needed: pip install -r examples/integration/requirements.txt",
+    );
+    a_consumer_group_sees_each_event_once_across_a_restart(&[
+        "python3",
+        "examples/integration/events.py",
+    ])
+    .await;
+}
+
+#[tokio::test]
+async fn the_node_consumer_sees_each_event_once_across_a_restart() {
+    common::check_runs(
+        "node",
+        &["-e", "1"],
+        "node is needed to run examples/integration/events.mjs",
+    );
+    a_consumer_group_sees_each_event_once_across_a_restart(&[
+        "node",
+        "examples/integration/events.mjs",
+    ])
+    .await;
+}

@@ -47,6 +47,8 @@ const SHOWN: &[&str] = &[
     "examples/integration/publish.php",
     "examples/integration/browser/sse.js",
     "examples/integration/browser/ws.js",
+    "examples/integration/events.py",
+    "examples/integration/events.mjs",
 ];
 
 fn read(path: &str) -> String {
