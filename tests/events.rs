@@ -598,3 +598,236 @@ async fn the_node_consumer_sees_each_event_once_across_a_restart() {
     ])
     .await;
 }
+
+const JWT_SECRET: &str = "a-jwt-secret-of-at-least-32-bytes!!";
+const HOOK_SECRET: &str = "crier-webhook-secret-0123456789";
+
+fn token(user: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
+        + 3600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"sub": user, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .expect("sign")
+}
+
+/// A webhook endpoint for crier's own webhooks: each request's
+/// `X-Crier-Signature` checked against the body, its events collected.
+struct CrierReceiver {
+    url: String,
+    events: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+impl CrierReceiver {
+    async fn start() -> CrierReceiver {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}/events", listener.local_addr().expect("addr"));
+        let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = events.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let sink = sink.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 8192];
+                    loop {
+                        let Ok(n) = socket.read(&mut chunk).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                            continue;
+                        };
+                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        if buf.len() < end + 4 + length {
+                            continue;
+                        }
+                        let body =
+                            String::from_utf8_lossy(&buf[end + 4..end + 4 + length]).into_owned();
+                        let signature = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("x-crier-signature:"))
+                            .map(|v| v.trim().to_owned())
+                            .unwrap_or_default();
+                        assert_eq!(
+                            signature,
+                            common::pusher::hmac_hex(HOOK_SECRET, &body),
+                            "signed: {body}"
+                        );
+                        let parsed: serde_json::Value =
+                            serde_json::from_str(&body).expect("JSON body");
+                        assert!(parsed["time_ms"].is_u64(), "{parsed}");
+                        sink.lock()
+                            .expect("lock")
+                            .extend(parsed["events"].as_array().cloned().unwrap_or_default());
+                        let _ = socket
+                            .write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+                            .await;
+                        return;
+                    }
+                });
+            }
+        });
+        CrierReceiver { url, events }
+    }
+
+    fn events(&self) -> Vec<serde_json::Value> {
+        self.events.lock().expect("lock").clone()
+    }
+}
+
+/// Issue 24, acceptance 2 (members and users): three instances, signed-in
+/// users with several connections each joining and leaving presence rooms
+/// at random, then everyone leaving: every (room, user) pairs
+/// member_added / member_removed, every user pairs user_online /
+/// user_offline, in the stream and in crier's own (signed) webhook alike.
+#[tokio::test]
+async fn members_and_users_pair_up_across_three_instances() {
+    let redis = RedisServer::start().await;
+    let receiver = CrierReceiver::start().await;
+    let mut instances = Vec::new();
+    for _ in 0..3 {
+        let mut config = events_config(&redis, Duration::from_millis(200));
+        let mut room = common::crier::rule("room:*", crier::config::Subscribe::Anyone);
+        room.presence = true;
+        config.channels.insert(0, room);
+        config.auth.jwt = Some(crier::config::JwtConfig {
+            algorithms: vec!["HS256".into()],
+            secret: Some(JWT_SECRET.into()),
+            ..Default::default()
+        });
+        config.webhooks = vec![crier::config::EventWebhook {
+            url: receiver.url.clone(),
+            secret: HOOK_SECRET.into(),
+            events: Vec::new(),
+            channels: "room:*".into(),
+            headers: Default::default(),
+        }];
+        instances.push(Instance::start(config).await);
+    }
+    let mut tasks = Vec::new();
+    for c in 0..30usize {
+        let url = instances[c % 3].ws("/ws");
+        let user = format!("u{}", c % 10);
+        tasks.push(tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            let mut x = (c as u64 + 7).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let mut next = move |m: u64| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x % m
+            };
+            while tokio::time::Instant::now() < deadline {
+                let bearer = format!("Bearer {}", token(&user));
+                let mut ws = WsClient::try_connect(&url, &[("authorization", bearer.as_str())])
+                    .await
+                    .expect("connect");
+                let room = format!("room:{}", next(4));
+                assert_eq!(ws.subscribe(&room, 1).await["type"], "subscribed");
+                tokio::time::sleep(Duration::from_millis(next(600))).await;
+                ws.close().await;
+                drop(ws);
+                tokio::time::sleep(Duration::from_millis(next(1500))).await;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("client");
+    }
+    common::eventually("everyone gone", Duration::from_secs(20), || async {
+        let all = events(&redis).await;
+        let (mut open_members, mut open_users) = (0i64, 0i64);
+        for e in &all {
+            match e["name"].as_str() {
+                "member_added" => open_members += 1,
+                "member_removed" => open_members -= 1,
+                "user_online" => open_users += 1,
+                "user_offline" => open_users -= 1,
+                _ => {}
+            }
+        }
+        !all.is_empty() && open_members == 0 && open_users == 0
+    })
+    .await;
+    let check = |events: Vec<Event>, source: &str| {
+        let mut members: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut users: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for e in events {
+            let name = e["name"].clone();
+            let user = e.get("user_id").cloned().unwrap_or_default();
+            match name.as_str() {
+                "member_added" | "member_removed" => members
+                    .entry(format!("{} {user}", e["channel"]))
+                    .or_default()
+                    .push(name),
+                "user_online" | "user_offline" => users.entry(user).or_default().push(name),
+                _ => {}
+            }
+        }
+        for (who, names) in &members {
+            let paired = names.len() % 2 == 0
+                && names.iter().enumerate().all(|(i, n)| {
+                    n == if i % 2 == 0 {
+                        "member_added"
+                    } else {
+                        "member_removed"
+                    }
+                });
+            assert!(paired, "{source}: {who}: {names:?}");
+        }
+        for (who, names) in &users {
+            let paired = names.len() % 2 == 0
+                && names.iter().enumerate().all(|(i, n)| {
+                    n == if i % 2 == 0 {
+                        "user_online"
+                    } else {
+                        "user_offline"
+                    }
+                });
+            assert!(paired, "{source}: {who}: {names:?}");
+        }
+        (members.len(), users.len())
+    };
+    let (members, users) = check(events(&redis).await, "stream");
+    assert_eq!(users, 10, "every user came online");
+    assert!(members >= 20, "most (room, user) pairs met: {members}");
+    // crier's own webhook got them too, each request signed (checked as it
+    // arrived), and they pair up the same way.
+    common::eventually("the webhook caught up", WAIT, || async {
+        let stream: Vec<Event> = events(&redis).await;
+        receiver.events().len() >= stream.len()
+    })
+    .await;
+    let hooked: Vec<Event> = receiver
+        .events()
+        .into_iter()
+        .map(|e| {
+            e.as_object()
+                .map(|o| {
+                    o.iter()
+                        .filter(|(k, _)| k.as_str() != "time_ms")
+                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+        .collect();
+    check(hooked, "webhook");
+}
