@@ -61,6 +61,13 @@ struct Args {
     /// cores with crier, and 10,000 inflating clients slow crier's writes
     /// (and change their batching); sampling shows crier's own cost.
     sampled: bool,
+    /// `--events`: lifecycle events on, with crier's own webhook pointing at
+    /// a receiver in this process that answers each call after 2 s (the
+    /// port of that receiver).
+    events: Option<u16>,
+    /// `--churn`: listeners coming and going while the benchmark publishes
+    /// (see [`churn`]), with `--events` or without, to compare.
+    churn: bool,
     /// Payloads are realistic JSON events (`bench/payload.rs`), different
     /// each time, of about `payload` bytes, instead of a padded one.
     payload_json: Option<payload::Kind>,
@@ -87,6 +94,8 @@ fn parse_args() -> Args {
         floor: false,
         deflate: None,
         sampled: false,
+        events: None,
+        churn: false,
         payload_json: None,
     };
     let mut it = std::env::args().skip(1);
@@ -113,6 +122,8 @@ fn parse_args() -> Args {
             "--history" => a.history = true,
             "--floor" => a.floor = true,
             "--payload-json" => a.payload_json = a.payload_json.or(Some(payload::Kind::Mix)),
+            "--events" => a.events = Some(0),
+            "--churn" => a.churn = true,
             "--json-kind" => {
                 a.payload_json = Some(
                     payload::Kind::parse(&value())
@@ -149,7 +160,7 @@ fn usage(why: &str) -> ! {
     eprintln!(
         "bench: {why}\nusage: bench [--clients N] [--channels N] [--messages N] [--rate PER_SEC_PER_CHANNEL] \
          [--payload BYTES] [--payload-json] [--json-kind mix|order|log|status] [--transport ws|sse|pusher] [--deflate on|off|sampled] \
-         [--history] [--memory] [--floor]"
+         [--history] [--memory] [--floor] [--events] [--churn]"
     );
     std::process::exit(2)
 }
@@ -277,6 +288,13 @@ async fn start_crier(redis: Option<u16>, args: &Args) -> Crier {
     if args.deflate.is_some() && args.transport == Transport::Sse {
         // Streams are compressed only for clients that ask (`--deflate on`).
         text.push_str("[sse]\ncompression = \"auto\"\n");
+    }
+    if let Some(port) = args.events {
+        text.push_str(&format!(
+            "[events]\nstream = \"bench:events\"\ndelay = \"1s\"\n\
+             [[webhooks]]\nurl = \"http://127.0.0.1:{port}/events\"\n\
+             secret = \"bench-webhook-secret-0123456789\"\n"
+        ));
     }
     std::fs::write(&config, text).expect("write config");
     let bin = std::env::var("BENCH_CRIER_BIN").unwrap_or_else(|_| "target/release/crier".into());
@@ -587,6 +605,59 @@ fn masked_text(text: &[u8]) -> Vec<u8> {
     frame
 }
 
+/// A webhook receiver that answers every call after 2 s, as a slow app
+/// does, counting the calls; returns its port.
+/// `--churn`: ten listeners a second come to a channel of their own
+/// and go after 100 ms, so lifecycle events (occupied, then vacated) flow
+/// while the benchmark publishes; until `stop`.
+async fn churn(addr: String, stop: Arc<std::sync::atomic::AtomicBool>) {
+    let mut n = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    while !stop.load(Ordering::Relaxed) {
+        tick.tick().await;
+        n += 1;
+        let addr = addr.clone();
+        tokio::spawn(async move {
+            let Ok(mut s) = TcpStream::connect(&addr).await else {
+                return;
+            };
+            let request = format!(
+                "GET /ws?channel=bench.churn.{} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
+                 Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                 Sec-WebSocket-Version: 13\r\n\r\n",
+                n % 50
+            );
+            let _ = s.write_all(request.as_bytes()).await;
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        });
+    }
+}
+
+async fn slow_receiver(calls: Arc<AtomicU64>) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the webhook receiver");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let calls = Arc::clone(&calls);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                // One request per connection (crier sends one per call).
+                let _ = socket.read(&mut buf).await;
+                calls.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let _ = socket
+                    .write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    port
+}
+
 async fn sse_client(addr: String, channel: String, hist: Arc<Histogram>, received: Arc<AtomicU64>) {
     let mut s = TcpStream::connect(&addr).await.expect("sse connect");
     let req = format!(
@@ -715,8 +786,12 @@ async fn main() {
         floor::serve(port.unwrap_or_else(|| usage("--serve-floor REDIS_PORT"))).await;
         return;
     }
-    let args = parse_args();
+    let mut args = parse_args();
     let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let webhook_calls = Arc::new(AtomicU64::new(0));
+    if args.events.is_some() {
+        args.events = Some(slow_receiver(Arc::clone(&webhook_calls)).await);
+    }
     let redis = if args.memory {
         None
     } else {
@@ -778,6 +853,10 @@ async fn main() {
 
     // Publish: every channel gets `messages`, `rate` per second each.
     let pad = "x".repeat(args.payload.saturating_sub(40));
+    let stop_churn = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if args.churn {
+        tokio::spawn(churn(crier.addr.clone(), Arc::clone(&stop_churn)));
+    }
     let publish_start = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
     let expected = (args.messages * args.clients) as u64;
@@ -823,6 +902,7 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let total_secs = publish_start.elapsed().as_secs_f64();
+    stop_churn.store(true, Ordering::Relaxed);
     let got = received.load(Ordering::Relaxed);
     let cpu = crier.cpu_seconds() - cpu_before;
     let rss_peak = crier.metric("process_resident_memory_bytes").await;
@@ -865,6 +945,12 @@ async fn main() {
         );
     }
     println!("| slow-client disconnects | {slow} |");
+    if args.events.is_some() {
+        println!(
+            "| webhook calls received (each answered after 2 s) | {} |",
+            webhook_calls.load(Ordering::Relaxed)
+        );
+    }
     println!("| publish phase | {publish_secs:.2} s |");
     println!(
         "| deliveries per second (until last) | {:.0} |",
