@@ -831,3 +831,53 @@ async fn members_and_users_pair_up_across_three_instances() {
         .collect();
     check(hooked, "webhook");
 }
+
+/// Pusher's `client_event` and `cache_miss` webhooks, when the app's
+/// webhook lists them: each client event (with its event name, data,
+/// sender's socket id and, on a presence channel, user id) and each cache
+/// miss, once, valid for the `pusher` SDK.
+#[tokio::test]
+async fn pusher_client_event_and_cache_miss_webhooks() {
+    let redis = RedisServer::start().await;
+    let receiver = WebhookReceiver::start(200).await;
+    let mut config = common::pusher::pusher_config(&redis);
+    config.events.stream = Some(STREAM.into());
+    config.pusher.apps[0].webhooks = vec![PusherWebhook {
+        url: receiver.url(),
+        event_types: vec!["client_event".into(), "cache_miss".into()],
+        filter: Default::default(),
+        headers: Default::default(),
+    }];
+    let crier = Instance::start(config).await;
+    let mut driver = Driver::start().await;
+    let port = common::pusher::port(&crier.addr);
+    let socket = driver.connect("a", port, "ada").await;
+    driver.connect("b", port, "bob").await;
+    driver.subscribe("a", "presence-room").await;
+    driver.subscribe("b", "presence-room").await;
+    driver.subscribe("b", "cache-prices").await;
+    driver
+        .send(serde_json::json!({"op": "client_event", "client": "a", "channel": "presence-room", "event": "client-typing", "data": {"n": 1}}))
+        .await;
+    common::eventually("both webhooks", WAIT, || async {
+        receiver.events().len() >= 2
+    })
+    .await;
+    let mut events = receiver.events();
+    events.sort_by_key(|e| e["name"].as_str().unwrap_or_default().to_owned());
+    assert_eq!(
+        events,
+        [
+            serde_json::json!({"name": "cache_miss", "channel": "cache-prices"}),
+            serde_json::json!({
+                "name": "client_event",
+                "channel": "presence-room",
+                "event": "client-typing",
+                "data": "{\"n\":1}",
+                "socket_id": socket,
+                "user_id": "ada",
+            }),
+        ],
+        "only the listed events: no occupied, no member_added"
+    );
+}

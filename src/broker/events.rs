@@ -183,6 +183,26 @@ impl Broker {
         Ok(entries(raw))
     }
 
+    /// Appends one event that happened once, on this instance (a Pusher
+    /// client event, a cache miss): no fleet-wide count decides it.
+    pub(crate) async fn events_append(
+        &self,
+        stream: &Stream,
+        fields: &[(&str, &str)],
+    ) -> Result<(), BrokerError> {
+        let (redis, key) = self.events_stream(stream)?;
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(&key)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(stream.max_len)
+            .arg("*");
+        for (name, value) in fields {
+            cmd.arg(*name).arg(*value);
+        }
+        redis.query::<String>(cmd).await.map(drop)
+    }
+
     /// Marks `ids` done for `group`.
     pub(crate) async fn events_ack(
         &self,

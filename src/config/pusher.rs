@@ -67,7 +67,9 @@ pub struct PusherWebhook {
     /// `http://` or `https://`.
     pub url: String,
     /// Which events: `channel_occupied`, `channel_vacated`,
-    /// `member_added`, `member_removed`. Empty: all of them.
+    /// `member_added`, `member_removed`, `client_event`, `cache_miss`.
+    /// Empty: the first four (the last two only when listed, as Pusher
+    /// has them: each client event and cache miss is a stream entry).
     #[serde(default)]
     pub event_types: Vec<String>,
     /// Which channels, by the app's own names.
@@ -90,13 +92,26 @@ pub struct WebhookFilter {
     pub channel_name_ends_with: Option<String>,
 }
 
-/// The events a Pusher webhook can carry.
-pub const PUSHER_WEBHOOK_EVENTS: [&str; 4] = [
+/// The events a Pusher webhook can carry; the first four unless it lists
+/// some.
+pub const PUSHER_WEBHOOK_EVENTS: [&str; 6] = [
     "channel_occupied",
     "channel_vacated",
     "member_added",
     "member_removed",
+    "client_event",
+    "cache_miss",
 ];
+
+impl PusherApp {
+    /// Whether one of the app's webhooks lists `event` (`client_event`,
+    /// `cache_miss`: recorded only then).
+    pub fn webhooks_list(&self, event: &str) -> bool {
+        self.webhooks
+            .iter()
+            .any(|hook| hook.event_types.iter().any(|t| t == event))
+    }
+}
 
 impl Default for PusherConfig {
     fn default() -> Self {

@@ -364,8 +364,10 @@ impl Target {
         let user = entry.get("user_id");
         match &self.kind {
             Kind::Pusher { app, hook } => {
-                let listed =
-                    hook.event_types.is_empty() || hook.event_types.iter().any(|t| t == name);
+                let listed = match hook.event_types.is_empty() {
+                    true => crate::config::PUSHER_WEBHOOK_EVENTS[..4].contains(&name),
+                    false => hook.event_types.iter().any(|t| t == name),
+                };
                 let pusher = crate::config::PUSHER_WEBHOOK_EVENTS.contains(&name);
                 // The app's own name for the channel: other apps' channels
                 // and crier's are not its business.
@@ -383,8 +385,10 @@ impl Target {
                     return None;
                 }
                 let mut event = json!({"name": name, "channel": channel});
-                if let Some(user) = user {
-                    event["user_id"] = user.into();
+                for field in ["user_id", "event", "data", "socket_id"] {
+                    if let Some(value) = entry.get(field) {
+                        event[field] = value.into();
+                    }
                 }
                 Some(event)
             }

@@ -336,6 +336,11 @@ impl Pusher {
         send_event(conn, succeeded, Some(&channel), &data).await?;
         if cache && subscribed.last_event != Some(true) {
             send_event(conn, "pusher:cache_miss", Some(&channel), "{}").await?;
+            if self.app.webhooks_list("cache_miss") {
+                let channel = pusher::crier_channel(&self.app, &channel);
+                let fields = vec![("name", "cache_miss".into()), ("channel", channel)];
+                record(conn.app(), fields);
+            }
         }
         Ok(())
     }
@@ -378,6 +383,19 @@ impl Pusher {
         if let Err(e) = app.delivery.broker.publish_live(&channel, &payload).await {
             tracing::warn!(error = %e, "client event not published");
             return error(conn, None, "the broker is unavailable, try again later").await;
+        }
+        if self.app.webhooks_list("client_event") {
+            let mut fields = vec![
+                ("name", "client_event".to_owned()),
+                ("channel", channel.clone()),
+                ("event", event.to_owned()),
+                ("data", data.to_string()),
+                ("socket_id", conn.session.socket_id().to_string()),
+            ];
+            if let Some(user) = conn.session.member(&channel) {
+                fields.push(("user_id", user.to_owned()));
+            }
+            record(&app, fields);
         }
         Ok(())
     }
@@ -489,4 +507,26 @@ fn frame(p: &Publication) -> Bytes {
         text.push(b'}');
         text_frame(&text)
     })
+}
+
+/// Appends an event that happened once, here (a Pusher client event or
+/// cache miss), to the stream, without making the connection wait. Does
+/// nothing without a stream.
+fn record(app: &Arc<crate::app::App>, fields: Vec<(&'static str, String)>) {
+    let Some(name) = app.config.events.stream.clone() else {
+        return;
+    };
+    let stream = crate::broker::events::Stream {
+        name,
+        max_len: app.config.events.max_len,
+        delay: app.config.events.delay,
+        ttl: app.config.presence.ttl,
+    };
+    let app = Arc::clone(app);
+    tokio::spawn(async move {
+        let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        if let Err(e) = app.delivery.broker.events_append(&stream, &fields).await {
+            tracing::warn!(error = %e, "lifecycle events: an event could not be recorded");
+        }
+    });
 }
