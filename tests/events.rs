@@ -161,10 +161,12 @@ async fn three_instances_announce_each_channel_occupied_and_vacated_once_per_cha
     );
 }
 
-/// Issue 24, acceptance 3: the only listener of a channel is on an
+/// Issue 24, acceptance 3: the only listener of a channel (and only
+/// member of a presence room, and its user's only connection) is on an
 /// instance that is SIGKILLed; another instance, still beating, removes
-/// the dead one's share, and `channel_vacated` arrives once, within the
-/// presence TTL plus a beat plus the delay.
+/// the dead one's share, and `channel_vacated`, `member_removed` and
+/// `user_offline` arrive once each, within the presence TTL plus a beat
+/// plus the delay.
 #[tokio::test]
 async fn a_killed_instance_s_channels_are_vacated_exactly_once() {
     let redis = RedisServer::start().await;
@@ -176,6 +178,8 @@ async fn a_killed_instance_s_channels_are_vacated_exactly_once() {
         &config,
         format!(
             "[redis]\nurl = \"{}\"\n[[channels]]\npattern = \"public:*\"\nsubscribe = \"anyone\"\n\
+             [[channels]]\npattern = \"room:*\"\nsubscribe = \"anyone\"\npresence = true\n\
+             [auth.jwt]\nalgorithms = [\"HS256\"]\nsecret = \"{JWT_SECRET}\"\n\
              [events]\nstream = \"{STREAM}\"\ndelay = \"200ms\"\n\
              [presence]\nheartbeat = \"300ms\"\nttl = \"1s\"\n",
             redis.url()
@@ -185,33 +189,57 @@ async fn a_killed_instance_s_channels_are_vacated_exactly_once() {
     let mut doomed = Process::start(&["--config", config.to_str().expect("path")], &[]).await;
 
     // A listener on the survivor keeps it beating; the doomed instance
-    // holds the only listener of `public:lonely`.
+    // holds the only listener of `public:lonely` and the only member of
+    // `room:lonely`, user `solo`'s only connection.
     let mut keeper = WsClient::connect(&survivor.ws("/ws")).await;
     assert_eq!(
         keeper.subscribe("public:busy", 1).await["type"],
         "subscribed"
     );
-    let mut lonely = WsClient::connect(&format!("ws://{}/ws", doomed.addr)).await;
-    assert_eq!(
-        lonely.subscribe("public:lonely", 1).await["type"],
-        "subscribed"
-    );
-    common::eventually("public:lonely occupied", WAIT, || async {
-        by_channel(&events(&redis).await).get("public:lonely")
-            == Some(&vec!["channel_occupied".to_string()])
+    let bearer = format!("Bearer {}", token("solo"));
+    let url = format!("ws://{}/ws", doomed.addr);
+    let mut lonely = WsClient::try_connect(&url, &[("authorization", bearer.as_str())])
+        .await
+        .expect("connect");
+    for (channel, id) in [("public:lonely", 1), ("room:lonely", 2)] {
+        assert_eq!(lonely.subscribe(channel, id).await["type"], "subscribed");
+    }
+    let theirs = |all: Vec<Event>| -> Vec<String> {
+        let mut names: Vec<String> = all
+            .iter()
+            .filter(|e| e.get("channel").is_none_or(|c| c != "public:busy"))
+            .map(|e| {
+                let who = e
+                    .get("channel")
+                    .or(e.get("user_id"))
+                    .cloned()
+                    .unwrap_or_default();
+                format!("{} {who}", e["name"])
+            })
+            .collect();
+        names.sort();
+        names
+    };
+    common::eventually("the lonely listener's arrival", WAIT, || async {
+        theirs(events(&redis).await).len() == 4
     })
     .await;
+    assert_eq!(
+        theirs(events(&redis).await),
+        [
+            "channel_occupied public:lonely",
+            "channel_occupied room:lonely",
+            "member_added room:lonely",
+            "user_online solo",
+        ]
+    );
 
     doomed.child.start_kill().expect("SIGKILL");
     doomed.child.wait().await.expect("reaped");
     drop(lonely);
     // TTL 1 s + a beat 0.3 s + delay 0.2 s, with room for a slow machine.
-    common::eventually("public:lonely vacated", WAIT, || async {
-        by_channel(&events(&redis).await).get("public:lonely")
-            == Some(&vec![
-                "channel_occupied".to_string(),
-                "channel_vacated".to_string(),
-            ])
+    common::eventually("everything the dead instance held ended", WAIT, || async {
+        theirs(events(&redis).await).len() >= 8
     })
     .await;
     // And only once: once the dead instance's share is gone from Redis
@@ -222,8 +250,19 @@ async fn a_killed_instance_s_channels_are_vacated_exactly_once() {
         alive == 1 && ending == 0
     })
     .await;
-    let lonely_events = by_channel(&events(&redis).await)["public:lonely"].clone();
-    assert_eq!(lonely_events, ["channel_occupied", "channel_vacated"]);
+    assert_eq!(
+        theirs(events(&redis).await),
+        [
+            "channel_occupied public:lonely",
+            "channel_occupied room:lonely",
+            "channel_vacated public:lonely",
+            "channel_vacated room:lonely",
+            "member_added room:lonely",
+            "member_removed room:lonely",
+            "user_offline solo",
+            "user_online solo",
+        ]
+    );
     assert_eq!(
         by_channel(&events(&redis).await)["public:busy"],
         ["channel_occupied"],
