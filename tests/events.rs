@@ -93,14 +93,23 @@ fn alternates(names: &[String]) -> bool {
 /// and leaving channels at random on all of them, then everyone leaving:
 /// each channel's events alternate occupied / vacated, from occupied to
 /// vacated, never twice in a row, though three instances saw each
-/// channel come and go.
+/// channel come and go; in the stream and in the webhook alike.
 #[tokio::test]
 async fn three_instances_announce_each_channel_occupied_and_vacated_once_per_change() {
     let redis = RedisServer::start().await;
+    let receiver = CrierReceiver::start().await;
     let delay = Duration::from_millis(200);
     let mut instances = Vec::new();
     for _ in 0..3 {
-        instances.push(Instance::start(events_config(&redis, delay)).await);
+        let mut config = events_config(&redis, delay);
+        config.webhooks = vec![crier::config::EventWebhook {
+            url: receiver.url.clone(),
+            secret: HOOK_SECRET.into(),
+            events: vec!["channel_occupied".into(), "channel_vacated".into()],
+            channels: "public:room-*".into(),
+            headers: Default::default(),
+        }];
+        instances.push(Instance::start(config).await);
     }
     let channels: Vec<String> = (0..20).map(|i| format!("public:room-{i}")).collect();
     let clients = 200;
@@ -154,6 +163,20 @@ async fn three_instances_announce_each_channel_occupied_and_vacated_once_per_cha
         changes > 10 * channels.len(),
         "channels emptied and filled again many times: {changes} events"
     );
+    // The webhook, sent by whichever instance read each event, got the
+    // same: each channel alternating, once per change.
+    common::eventually("the webhook caught up", WAIT, || async {
+        receiver.events().len() >= changes
+    })
+    .await;
+    let mut hooked: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for e in receiver.events() {
+        hooked
+            .entry(e["channel"].as_str().unwrap_or_default().to_owned())
+            .or_default()
+            .push(e["name"].as_str().unwrap_or_default().to_owned());
+    }
+    assert_eq!(hooked, seen, "the webhook saw what the stream holds");
     assert_eq!(
         seen.len(),
         channels.len(),
