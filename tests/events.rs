@@ -18,6 +18,53 @@ use crier::config::{Config, PusherWebhook};
 const STREAM: &str = "crier:events";
 const WAIT: Duration = Duration::from_secs(10);
 
+/// How a churning client comes and goes.
+#[derive(Clone, Copy)]
+struct Visits {
+    /// Stays up to this long.
+    stay_ms: u64,
+    /// Is away up to this long.
+    away_ms: u64,
+    /// Comes and goes for this long.
+    for_: Duration,
+}
+
+/// A client (signed in as `user`, if any) that visits one of `channels`
+/// after another at random (seeded), as `visits` says.
+async fn visit(
+    url: String,
+    user: Option<String>,
+    channels: Vec<String>,
+    seed: u64,
+    visits: Visits,
+) {
+    let deadline = tokio::time::Instant::now() + visits.for_;
+    let mut x = (seed + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut next = move |m: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % m
+    };
+    while tokio::time::Instant::now() < deadline {
+        let bearer = user.as_deref().map(|u| format!("Bearer {}", token(u)));
+        let headers: Vec<(&str, &str)> = bearer
+            .as_deref()
+            .map(|b| vec![("authorization", b)])
+            .unwrap_or_default();
+        let mut ws = WsClient::try_connect(&url, &headers)
+            .await
+            .expect("connect");
+        let channel = &channels[next(channels.len() as u64) as usize];
+        let reply = ws.subscribe(channel, 1).await;
+        assert_eq!(reply["type"], "subscribed", "{reply}");
+        tokio::time::sleep(Duration::from_millis(next(visits.stay_ms))).await;
+        ws.close().await;
+        drop(ws);
+        tokio::time::sleep(Duration::from_millis(next(visits.away_ms))).await;
+    }
+}
+
 /// A config with lifecycle events on, ends announced after `delay`, and
 /// a quick presence beat (so a killed instance's share ends soon).
 fn events_config(redis: &RedisServer, delay: Duration) -> Config {
@@ -112,35 +159,19 @@ async fn three_instances_announce_each_channel_occupied_and_vacated_once_per_cha
         instances.push(Instance::start(config).await);
     }
     let channels: Vec<String> = (0..20).map(|i| format!("public:room-{i}")).collect();
-    let clients = 200;
-    let churn = Duration::from_secs(30);
+    // Stay up to half a second, away up to 4 s: a channel holds about one
+    // client on average, so it empties and fills again often, sometimes
+    // within the delay.
+    let visits = Visits {
+        stay_ms: 500,
+        away_ms: 4000,
+        for_: Duration::from_secs(30),
+    };
     let mut tasks = Vec::new();
-    for c in 0..clients {
+    for c in 0..200usize {
         let url = instances[c % 3].ws("/ws");
         let channels = channels.clone();
-        tasks.push(tokio::spawn(async move {
-            let deadline = tokio::time::Instant::now() + churn;
-            let mut x = (c as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            let mut next = move |m: u64| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x % m
-            };
-            while tokio::time::Instant::now() < deadline {
-                let mut ws = WsClient::connect(&url).await;
-                let channel = &channels[next(channels.len() as u64) as usize];
-                let reply = ws.subscribe(channel, 1).await;
-                assert_eq!(reply["type"], "subscribed", "{reply}");
-                // Stay up to half a second, away up to 4 s: a channel
-                // holds about one client on average, so it empties and
-                // fills again often, sometimes within the delay.
-                tokio::time::sleep(Duration::from_millis(next(500))).await;
-                ws.close().await;
-                drop(ws);
-                tokio::time::sleep(Duration::from_millis(next(4000))).await;
-            }
-        }));
+        tasks.push(tokio::spawn(visit(url, None, channels, c as u64, visits)));
     }
     for task in tasks {
         task.await.expect("client");
@@ -783,32 +814,23 @@ async fn members_and_users_pair_up_across_three_instances() {
         }];
         instances.push(Instance::start(config).await);
     }
+    let rooms: Vec<String> = (0..4).map(|i| format!("room:{i}")).collect();
+    let visits = Visits {
+        stay_ms: 600,
+        away_ms: 1500,
+        for_: Duration::from_secs(10),
+    };
     let mut tasks = Vec::new();
     for c in 0..30usize {
         let url = instances[c % 3].ws("/ws");
         let user = format!("u{}", c % 10);
-        tasks.push(tokio::spawn(async move {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            let mut x = (c as u64 + 7).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            let mut next = move |m: u64| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x % m
-            };
-            while tokio::time::Instant::now() < deadline {
-                let bearer = format!("Bearer {}", token(&user));
-                let mut ws = WsClient::try_connect(&url, &[("authorization", bearer.as_str())])
-                    .await
-                    .expect("connect");
-                let room = format!("room:{}", next(4));
-                assert_eq!(ws.subscribe(&room, 1).await["type"], "subscribed");
-                tokio::time::sleep(Duration::from_millis(next(600))).await;
-                ws.close().await;
-                drop(ws);
-                tokio::time::sleep(Duration::from_millis(next(1500))).await;
-            }
-        }));
+        tasks.push(tokio::spawn(visit(
+            url,
+            Some(user),
+            rooms.clone(),
+            c as u64 + 7,
+            visits,
+        )));
     }
     for task in tasks {
         task.await.expect("client");
