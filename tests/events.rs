@@ -718,66 +718,91 @@ struct CrierReceiver {
 
 impl CrierReceiver {
     async fn start() -> CrierReceiver {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        Self::serving(None).await
+    }
+
+    /// Over TLS, presenting a certificate for 127.0.0.1 signed by `ca`.
+    async fn start_tls(ca: &common::pki::Ca) -> CrierReceiver {
+        Self::serving(Some(ca.leaf(&["127.0.0.1"]).acceptor())).await
+    }
+
+    async fn serving(tls: Option<tokio_rustls::TlsAcceptor>) -> CrierReceiver {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let url = format!("http://{}/events", listener.local_addr().expect("addr"));
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{}/events", listener.local_addr().expect("addr"));
         let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let sink = events.clone();
         tokio::spawn(async move {
-            while let Ok((mut socket, _)) = listener.accept().await {
-                let sink = sink.clone();
+            while let Ok((socket, _)) = listener.accept().await {
+                let (sink, tls) = (sink.clone(), tls.clone());
                 tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    let mut chunk = [0u8; 8192];
-                    loop {
-                        let Ok(n) = socket.read(&mut chunk).await else {
-                            return;
-                        };
-                        if n == 0 {
-                            return;
+                    match tls {
+                        Some(tls) => {
+                            if let Ok(socket) = tls.accept(socket).await {
+                                Self::answer(socket, sink).await;
+                            }
                         }
-                        buf.extend_from_slice(&chunk[..n]);
-                        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                            continue;
-                        };
-                        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                        let length: usize = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .and_then(|v| v.trim().parse().ok())
-                            .unwrap_or(0);
-                        if buf.len() < end + 4 + length {
-                            continue;
-                        }
-                        let body =
-                            String::from_utf8_lossy(&buf[end + 4..end + 4 + length]).into_owned();
-                        let signature = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("x-crier-signature:"))
-                            .map(|v| v.trim().to_owned())
-                            .unwrap_or_default();
-                        assert_eq!(
-                            signature,
-                            common::pusher::hmac_hex(HOOK_SECRET, &body),
-                            "signed: {body}"
-                        );
-                        let parsed: serde_json::Value =
-                            serde_json::from_str(&body).expect("JSON body");
-                        assert!(parsed["time_ms"].is_u64(), "{parsed}");
-                        sink.lock()
-                            .expect("lock")
-                            .extend(parsed["events"].as_array().cloned().unwrap_or_default());
-                        let _ = socket
-                            .write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
-                            .await;
-                        return;
+                        None => Self::answer(socket, sink).await,
                     }
                 });
             }
         });
         CrierReceiver { url, events }
+    }
+
+    /// Reads one request, checks its signature, keeps its events and
+    /// answers 204.
+    async fn answer<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+        mut socket: S,
+        sink: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 8192];
+        loop {
+            let Ok(n) = socket.read(&mut chunk).await else {
+                return;
+            };
+            if n == 0 {
+                return;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if buf.len() < end + 4 + length {
+                continue;
+            }
+            let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + length]).into_owned();
+            let signature = head
+                .lines()
+                .find_map(|l| l.strip_prefix("x-crier-signature:"))
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_default();
+            assert_eq!(
+                signature,
+                common::pusher::hmac_hex(HOOK_SECRET, &body),
+                "signed: {body}"
+            );
+            let parsed: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+            assert!(parsed["time_ms"].is_u64(), "{parsed}");
+            sink.lock()
+                .expect("lock")
+                .extend(parsed["events"].as_array().cloned().unwrap_or_default());
+            let _ = socket
+                .write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+                .await;
+            let _ = socket.shutdown().await;
+            return;
+        }
     }
 
     fn events(&self) -> Vec<serde_json::Value> {
@@ -964,4 +989,52 @@ async fn pusher_client_event_and_cache_miss_webhooks() {
         ],
         "only the listed events: no occupied, no member_added"
     );
+}
+
+/// Webhooks over HTTPS trust `events.webhook_ca_file` (beside the
+/// system's CAs); a receiver whose CA is not trusted gets nothing, and the
+/// failed calls are counted as errors.
+#[tokio::test]
+async fn https_webhooks_trust_the_configured_ca() {
+    let redis = RedisServer::start().await;
+    let ca = common::pki::Ca::new("webhook test CA");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_file = common::pki::write(dir.path(), "ca.pem", &ca.pem());
+    let receiver = CrierReceiver::start_tls(&ca).await;
+    let config = |trusted: bool| {
+        let mut config = events_config(&redis, Duration::from_millis(100));
+        config.events.webhook_ca_file = trusted.then(|| ca_file.clone());
+        config.webhooks = vec![crier::config::EventWebhook {
+            url: receiver.url.clone(),
+            secret: HOOK_SECRET.into(),
+            events: Vec::new(),
+            channels: "*".into(),
+            headers: Default::default(),
+        }];
+        config
+    };
+    let untrusting = Instance::start(config(false)).await;
+    come_and_go(&untrusting, &redis, "public:first").await;
+    common::eventually("calls fail: unknown CA", WAIT, || async {
+        untrusting
+            .metric("crier_event_webhook_calls_total{result=\"error\"}")
+            .await
+            >= 1.0
+    })
+    .await;
+    assert!(
+        receiver.events().is_empty(),
+        "nothing over an untrusted TLS"
+    );
+    untrusting.shutdown().await;
+
+    let trusting = Instance::start(config(true)).await;
+    come_and_go(&trusting, &redis, "public:second").await;
+    common::eventually("delivered over HTTPS", WAIT, || async {
+        receiver
+            .events()
+            .iter()
+            .any(|e| e["name"] == "channel_vacated" && e["channel"] == "public:second")
+    })
+    .await;
 }
