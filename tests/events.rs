@@ -324,8 +324,9 @@ async fn a_killed_instance_s_channels_are_vacated_exactly_once() {
     );
 }
 
-/// A stream without Redis, a stream name that is no key, or a length of 0
-/// stops the start, naming the field.
+/// A stream without Redis, a stream name that is no key, a length of 0,
+/// webhooks without a stream, a webhook URL that is not http(s), a short
+/// secret or an unknown event stops the start, naming the field.
 #[tokio::test]
 async fn events_settings_that_cannot_work_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -346,6 +347,41 @@ async fn events_settings_that_cannot_work_are_refused() {
         dir.path(),
         &format!("{redis}[events]\nstream = \"crier:events\"\nmax_len = 0\n"),
         "events.max_len",
+    )
+    .await;
+    let hook = |body: &str| format!("[[webhooks]]\n{body}\n");
+    let good = "url = \"https://app.example.com/hook\"\nsecret = \"a-secret-of-sixteen-plus\"";
+    common::crier::check_config_refuses(
+        dir.path(),
+        &format!("{redis}{}", hook(good)),
+        "events.stream: must be set for webhooks",
+    )
+    .await;
+    let events = "[events]\nstream = \"crier:events\"\n";
+    for (body, field) in [
+        (
+            "url = \"ftp://x\"\nsecret = \"a-secret-of-sixteen-plus\"",
+            "webhooks[0].url",
+        ),
+        (
+            "url = \"https://x.example\"\nsecret = \"short\"",
+            "webhooks[0].secret",
+        ),
+        (
+            &format!("{good}\nevents = [\"channel_opened\"]"),
+            "webhooks[0].events",
+        ),
+    ] {
+        let toml = format!("{redis}{events}{}", hook(body));
+        common::crier::check_config_refuses(dir.path(), &toml, field).await;
+    }
+    let pusher =
+        "[[pusher.apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"a-secret-of-sixteen-plus\"\n\
+                  webhooks = [{ url = \"https://x.example\", event_types = [\"user_online\"] }]\n";
+    common::crier::check_config_refuses(
+        dir.path(),
+        &format!("{redis}{events}{pusher}"),
+        "pusher.apps[0].webhooks[0].event_types",
     )
     .await;
 }

@@ -644,3 +644,59 @@ async fn presence_and_pusher_events_work_on_every_shard() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// Issue 24 on a Redis Cluster: the lifecycle counts and the events
+/// stream share one hash slot, so `crier_events` runs on one shard, and
+/// two instances' listeners on channels of every shard give each channel
+/// one occupied and one vacated.
+#[tokio::test]
+async fn lifecycle_events_are_exact_on_a_cluster() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let mut config = cluster_config(&cluster);
+        config.events.stream = Some("crier:events".into());
+        config.events.delay = Duration::from_millis(100);
+        config.presence.heartbeat = Duration::from_millis(300);
+        config.presence.ttl = Duration::from_secs(1);
+        instances.push(Instance::start(config).await);
+    }
+    let channels = one_per_shard(&cluster, "public:life").await;
+    for channel in &channels {
+        // Both instances hold a listener; both leave.
+        let mut a = WsClient::connect(&instances[0].ws("/ws")).await;
+        let mut b = WsClient::connect(&instances[1].ws("/ws")).await;
+        for ws in [&mut a, &mut b] {
+            assert_eq!(ws.subscribe(channel, 1).await["type"], "subscribed");
+        }
+        a.close().await;
+        b.close().await;
+    }
+    let names = || async {
+        let text = cluster.app(&["XRANGE", "crier:events", "-", "+"]).await;
+        let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        channels
+            .iter()
+            .map(|c| {
+                // Each entry is listed as: id, name, NAME, channel, CHANNEL, time_ms, T.
+                let mut seen = Vec::new();
+                for (i, line) in lines.iter().enumerate() {
+                    if line == c && i >= 3 && lines[i - 1] == "channel" {
+                        seen.push(lines[i - 2].clone());
+                    }
+                }
+                seen
+            })
+            .collect::<Vec<_>>()
+    };
+    common::eventually("every channel vacated", WAIT, || async {
+        names()
+            .await
+            .iter()
+            .all(|seen| seen.last().is_some_and(|n| n == "channel_vacated"))
+    })
+    .await;
+    for seen in names().await {
+        assert_eq!(seen, ["channel_occupied", "channel_vacated"]);
+    }
+}
