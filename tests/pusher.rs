@@ -948,3 +948,108 @@ async fn a_batch_with_a_bad_event_publishes_nothing() {
     );
     crier.shutdown().await;
 }
+
+/// Issue 25: `private-encrypted-` channels, end to end with the
+/// unmodified libraries. The `pusher` SDK (with the app's master key)
+/// encrypts what it triggers and its authorization hands each subscriber
+/// the channel's key; crier checks the signature as for a private channel
+/// and relays the ciphertext untouched, so pusher-js decrypts the event
+/// on two instances. A client event there is refused, as Pusher refuses
+/// it, and a subscription without a valid signature too.
+#[tokio::test]
+async fn encrypted_channels_are_relayed_end_to_end() {
+    let redis = RedisServer::start().await;
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let mut config = pusher_config(&redis);
+        let rule = common::crier::rule("private-encrypted-*", Subscribe::Claim);
+        config.channels.insert(0, rule);
+        instances.push(Instance::start(config).await);
+    }
+    let (pa, pb) = (port(&instances[0].addr), port(&instances[1].addr));
+    let room = "private-encrypted-room";
+    let mut d = Driver::start().await;
+    d.connect("c1", pa, "u1").await;
+    d.connect("c2", pb, "u2").await;
+    for client in ["c1", "c2"] {
+        let subscribed = d.subscribe(client, room).await;
+        assert_eq!(subscribed["type"], "subscribed", "{subscribed}");
+    }
+    d.trigger(
+        "secret",
+        json!({"port": pa, "channels": [room], "event": "note", "data": {"text": "for your eyes only"}}),
+    )
+    .await;
+    for client in ["c1", "c2"] {
+        let seen = d.wait(d.event(client, room, "note")).await;
+        assert_eq!(
+            seen["data"],
+            json!({"text": "for your eyes only"}),
+            "{seen}"
+        );
+    }
+
+    // What crier relayed is ciphertext: a socket that does not decrypt (a
+    // raw Pusher-protocol client with a valid signature) gets the SDK's
+    // nonce and ciphertext.
+    let socket = {
+        let url = instances[1].ws(&format!("/app/{KEY}?protocol=7"));
+        let mut raw = WsClient::connect(&url).await;
+        let hello = raw.recv_json(WAIT).await;
+        let data: Value =
+            serde_json::from_str(hello["data"].as_str().expect("data")).expect("json");
+        let socket_id = data["socket_id"].as_str().expect("socket id").to_owned();
+        let auth = format!(
+            "{KEY}:{}",
+            common::pusher::hmac_hex(SECRET, &format!("{socket_id}:{room}"))
+        );
+        raw.send_json(
+            json!({"event": "pusher:subscribe", "data": {"channel": room, "auth": auth}}),
+        )
+        .await;
+        let ok = raw.recv_json(WAIT).await;
+        assert_eq!(
+            ok["event"], "pusher_internal:subscription_succeeded",
+            "{ok}"
+        );
+        raw
+    };
+    let mut raw = socket;
+    d.trigger(
+        "again",
+        json!({"port": pb, "channels": [room], "event": "note", "data": {"text": "again"}}),
+    )
+    .await;
+    let relayed = raw.recv_json(WAIT).await;
+    assert_eq!(relayed["event"], "note", "{relayed}");
+    let sealed: Value =
+        serde_json::from_str(relayed["data"].as_str().expect("a string")).expect("json");
+    assert!(
+        sealed["nonce"].is_string() && sealed["ciphertext"].is_string(),
+        "{sealed}"
+    );
+    assert!(
+        !relayed.to_string().contains("again"),
+        "no plaintext: {relayed}"
+    );
+
+    // A client event on an encrypted channel: refused.
+    raw.send_json(json!({"event": "client-peek", "channel": room, "data": {}}))
+        .await;
+    let refused = raw.recv_json(WAIT).await;
+    assert_eq!(refused["event"], "pusher:error", "{refused}");
+    assert!(
+        refused.to_string().contains("encrypted"),
+        "says why: {refused}"
+    );
+
+    // Without a valid signature: refused as on a private channel.
+    let url = instances[0].ws(&format!("/app/{KEY}?protocol=7"));
+    let mut forger = WsClient::connect(&url).await;
+    forger.recv_json(WAIT).await;
+    forger
+        .send_json(json!({"event": "pusher:subscribe", "data": {"channel": room, "auth": format!("{KEY}:{}", "0".repeat(64))}}))
+        .await;
+    let denied = forger.recv_json(WAIT).await;
+    assert_eq!(denied["event"], "pusher:subscription_error", "{denied}");
+}

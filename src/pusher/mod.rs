@@ -92,8 +92,11 @@ pub(crate) enum ChannelKind {
     Public,
     Private,
     Presence,
-    /// `private-encrypted-`: end-to-end encrypted by the clients, which
-    /// crier does not support (it would need the app's master key).
+    /// `private-encrypted-`: end-to-end encrypted. The app's server SDK
+    /// encrypts each event before `POST /events`, and its auth endpoint
+    /// hands the client the channel's key: crier checks the signature as
+    /// for a private channel and relays the ciphertext untouched. Client
+    /// events are refused, as Pusher refuses them.
     Encrypted,
 }
 

@@ -265,10 +265,6 @@ impl Pusher {
             return send(conn, refuse("SubscriptionError", &reason, 400)).await;
         }
         let kind = ChannelKind::of(&channel);
-        if kind == ChannelKind::Encrypted {
-            let reason = "encrypted channels are not supported by crier";
-            return send(conn, refuse("UnsupportedError", reason, 400)).await;
-        }
         let channel_data = match kind {
             ChannelKind::Presence => request.channel_data.as_deref(),
             _ => None,
@@ -362,6 +358,10 @@ impl Pusher {
         }
         if !kind.signed() {
             let reason = "client events are only allowed on private and presence channels";
+            return error(conn, None, reason).await;
+        }
+        if kind == ChannelKind::Encrypted {
+            let reason = "client events are not allowed on encrypted channels";
             return error(conn, None, reason).await;
         }
         if !self.app.client_events {

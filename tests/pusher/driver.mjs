@@ -30,7 +30,13 @@ if (process.env.PUSHER_WEBSOCKET === 'ws') {
 const out = (line) => process.stdout.write(JSON.stringify(line) + '\n');
 const clients = new Map();
 const users = new Map(); // socket_id -> user, for presence channel_data
-const server = (port) => new PusherServer({ appId, key, secret, host: '127.0.0.1', port: String(port), useTLS: false });
+// The app's master key for `private-encrypted-` channels: the SDK
+// encrypts what it triggers there and hands subscribers their channel's
+// key in the authorization; crier only relays.
+const encryptionMasterKeyBase64 = Buffer.from('secret-key-of-32-bytes-for-tests').toString('base64');
+const server = (port) => new PusherServer({
+  appId, key, secret, host: '127.0.0.1', port: String(port), useTLS: false, encryptionMasterKeyBase64,
+});
 let forge = false;
 
 // The app's auth endpoint, as a Laravel or Express app would have it.
