@@ -1025,6 +1025,15 @@ async fn pusher_client_event_and_cache_miss_webhooks() {
         ],
         "only the listed events: no occupied, no member_added"
     );
+    // In the stream, like every entry, with when it happened.
+    let recorded = events(&redis).await;
+    for name in ["client_event", "cache_miss"] {
+        let entry = recorded
+            .iter()
+            .find(|e| e["name"] == name)
+            .expect("in the stream");
+        assert!(entry["time_ms"].parse::<u64>().is_ok(), "{entry:?}");
+    }
 }
 
 /// Webhooks over HTTPS trust `events.webhook_ca_file` (beside the

@@ -13,14 +13,14 @@
 //! was killed, or lost Redis) loses its share after `presence.ttl`, so
 //! its channels are vacated too.
 
+pub(crate) mod webhooks;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-
-pub(crate) mod webhooks;
 
 use crate::broker::events::{Report, Stream};
 use crate::broker::Broker;

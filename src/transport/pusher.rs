@@ -512,10 +512,15 @@ fn frame(p: &Publication) -> Bytes {
 /// Appends an event that happened once, here (a Pusher client event or
 /// cache miss), to the stream, without making the connection wait. Does
 /// nothing without a stream.
-fn record(app: &Arc<crate::app::App>, fields: Vec<(&'static str, String)>) {
+fn record(app: &Arc<crate::app::App>, mut fields: Vec<(&'static str, String)>) {
     let Some(name) = app.config.events.stream.clone() else {
         return;
     };
+    // As every entry: when it happened.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    fields.push(("time_ms", now.to_string()));
     let stream = crate::broker::events::Stream {
         name,
         max_len: app.config.events.max_len,
