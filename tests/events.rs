@@ -1026,7 +1026,7 @@ async fn pusher_client_event_and_cache_miss_webhooks() {
         "only the listed events: no occupied, no member_added"
     );
     // In the stream, like every entry, with when it happened.
-    let recorded = events(&redis).await;
+    let recorded = crate::events(&redis).await;
     for name in ["client_event", "cache_miss"] {
         let entry = recorded
             .iter()
