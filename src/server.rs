@@ -291,13 +291,8 @@ fn launch(
         )
         .await
     });
-    if let (Some(ledger), Some(name)) = (&app.delivery.ledger, &app.config.events.stream) {
-        let stream = crate::broker::events::Stream {
-            name: name.clone(),
-            max_len: app.config.events.max_len,
-            delay: app.config.events.delay,
-            ttl: app.config.presence.ttl,
-        };
+    let stream = crate::broker::events::Stream::of(&app.config);
+    if let (Some(ledger), Some(stream)) = (&app.delivery.ledger, stream) {
         let webhooks = crate::events::webhooks::Webhooks::new(&app.config, app.metrics.clone())
             .map_err(|e| anyhow::anyhow!("events.webhook_ca_file: {e}"))?;
         if let Some(webhooks) = webhooks {

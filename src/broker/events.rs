@@ -33,6 +33,19 @@ pub(crate) struct Stream {
     pub(crate) ttl: Duration,
 }
 
+impl Stream {
+    /// The events stream `config` names (`[events]`), if any.
+    pub(crate) fn of(config: &crate::config::Config) -> Option<Stream> {
+        let events = &config.events;
+        Some(Stream {
+            name: events.stream.clone()?,
+            max_len: events.max_len,
+            delay: events.delay,
+            ttl: config.presence.ttl,
+        })
+    }
+}
+
 impl Broker {
     /// Reports `instance`'s counts (`key` is `<kind>|<subject>`, see
     /// `crier.lua`). Returns the names of the events it appended. The

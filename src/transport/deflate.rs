@@ -226,10 +226,11 @@ impl Chain for ChannelContext {
         }
         // Sent compressed even if it did not shrink: what the context
         // took in must reach the followers' inflaters too.
-        let Some(compressed) = deflate_into(&mut state.compressor, payload) else {
+        let Some(mut compressed) = sync_flush(&mut state.compressor, payload) else {
             state.epoch = 0;
             return None;
         };
+        compressed.truncate(compressed.len() - TAIL.len());
         let link = Chained {
             key: self.spec.key,
             epoch: state.epoch,
@@ -245,10 +246,11 @@ impl Chain for ChannelContext {
     }
 }
 
-/// `payload` through `compressor`, ending with a sync flush whose tail is
-/// left off; `None` if the compressor fails, which it does not on valid
-/// arguments (the context then starts a new epoch at the next message).
-fn deflate_into(compressor: &mut Compress, payload: &[u8]) -> Option<Vec<u8>> {
+/// `payload` through `compressor` (on its own after a reset, or after
+/// what it took before), ending with a sync flush: byte-aligned, not
+/// final, with the flush's tail. `None` if the compressor fails, which it
+/// does not on valid arguments.
+fn sync_flush(compressor: &mut Compress, payload: &[u8]) -> Option<Vec<u8>> {
     let mut out = Vec::with_capacity(payload.len() / 2 + 64);
     let mut input = payload;
     loop {
@@ -258,7 +260,6 @@ fn deflate_into(compressor: &mut Compress, payload: &[u8]) -> Option<Vec<u8>> {
             .ok()?;
         input = &input[(compressor.total_in() - before) as usize..];
         if input.is_empty() && out.ends_with(&TAIL) {
-            out.truncate(out.len() - TAIL.len());
             return Some(out);
         }
         out.reserve(out.capacity().max(64));
@@ -340,28 +341,14 @@ fn compress_sync(payload: &[u8], level: u32) -> Vec<u8> {
                     .1
             }
         };
-        let mut out = Vec::with_capacity(payload.len() / 2 + 64);
-        let mut input = payload;
-        loop {
-            let before = compressor.total_in();
-            let status = compressor.compress_vec(input, &mut out, FlushCompress::Sync);
-            let taken = (compressor.total_in() - before) as usize;
-            input = &input[taken..];
-            let finished = input.is_empty() && out.ends_with(&TAIL);
-            match status {
-                Ok(_) if finished => break,
-                Ok(_) => out.reserve(out.capacity().max(64)),
-                // A compressor fed valid arguments does not fail; if it did,
-                // the message goes as stored blocks (never smaller), and
-                // `frame` sends it plain.
-                Err(_) => {
-                    let mut stored_form = Vec::new();
-                    stored(&mut stored_form, payload);
-                    return stored_form;
-                }
-            }
-        }
-        out
+        // A compressor fed valid arguments does not fail; if it did, the
+        // message goes as stored blocks (never smaller), and `frame` sends
+        // it plain.
+        sync_flush(compressor, payload).unwrap_or_else(|| {
+            let mut stored_form = Vec::new();
+            stored(&mut stored_form, payload);
+            stored_form
+        })
     })
 }
 

@@ -513,7 +513,7 @@ fn frame(p: &Publication) -> Bytes {
 /// cache miss), to the stream, without making the connection wait. Does
 /// nothing without a stream.
 fn record(app: &Arc<crate::app::App>, mut fields: Vec<(&'static str, String)>) {
-    let Some(name) = app.config.events.stream.clone() else {
+    let Some(stream) = crate::broker::events::Stream::of(&app.config) else {
         return;
     };
     // As every entry: when it happened.
@@ -521,12 +521,6 @@ fn record(app: &Arc<crate::app::App>, mut fields: Vec<(&'static str, String)>) {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
     fields.push(("time_ms", now.to_string()));
-    let stream = crate::broker::events::Stream {
-        name,
-        max_len: app.config.events.max_len,
-        delay: app.config.events.delay,
-        ttl: app.config.presence.ttl,
-    };
     let app = Arc::clone(app);
     tokio::spawn(async move {
         let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
