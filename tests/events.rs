@@ -149,13 +149,11 @@ async fn three_instances_announce_each_channel_occupied_and_vacated_once_per_cha
     let mut instances = Vec::new();
     for _ in 0..3 {
         let mut config = events_config(&redis, delay);
-        config.webhooks = vec![crier::config::EventWebhook {
-            url: receiver.url.clone(),
-            secret: HOOK_SECRET.into(),
-            events: vec!["channel_occupied".into(), "channel_vacated".into()],
-            channels: "public:room-*".into(),
-            headers: Default::default(),
-        }];
+        config.webhooks = vec![crier_webhook(
+            &receiver.url,
+            &["channel_occupied", "channel_vacated"],
+            "public:room-*",
+        )];
         instances.push(Instance::start(config).await);
     }
     let channels: Vec<String> = (0..20).map(|i| format!("public:room-{i}")).collect();
@@ -745,6 +743,18 @@ fn token(user: &str) -> String {
     .expect("sign")
 }
 
+/// crier's own webhook to `url`, signed with [`HOOK_SECRET`], for
+/// `events` (none: all) of `channels`.
+fn crier_webhook(url: &str, events: &[&str], channels: &str) -> crier::config::EventWebhook {
+    crier::config::EventWebhook {
+        url: url.into(),
+        secret: HOOK_SECRET.into(),
+        events: events.iter().map(|e| e.to_string()).collect(),
+        channels: channels.into(),
+        headers: Default::default(),
+    }
+}
+
 /// A webhook endpoint for crier's own webhooks: each request's
 /// `X-Crier-Signature` checked against the body, its events collected.
 struct CrierReceiver {
@@ -866,13 +876,7 @@ async fn members_and_users_pair_up_across_three_instances() {
             secret: Some(JWT_SECRET.into()),
             ..Default::default()
         });
-        config.webhooks = vec![crier::config::EventWebhook {
-            url: receiver.url.clone(),
-            secret: HOOK_SECRET.into(),
-            events: Vec::new(),
-            channels: "room:*".into(),
-            headers: Default::default(),
-        }];
+        config.webhooks = vec![crier_webhook(&receiver.url, &[], "room:*")];
         instances.push(Instance::start(config).await);
     }
     let rooms: Vec<String> = (0..4).map(|i| format!("room:{i}")).collect();
@@ -1049,13 +1053,7 @@ async fn https_webhooks_trust_the_configured_ca() {
     let config = |trusted: bool| {
         let mut config = events_config(&redis, Duration::from_millis(100));
         config.events.webhook_ca_file = trusted.then(|| ca_file.clone());
-        config.webhooks = vec![crier::config::EventWebhook {
-            url: receiver.url.clone(),
-            secret: HOOK_SECRET.into(),
-            events: Vec::new(),
-            channels: "*".into(),
-            headers: Default::default(),
-        }];
+        config.webhooks = vec![crier_webhook(&receiver.url, &[], "*")];
         config
     };
     let untrusting = Instance::start(config(false)).await;
