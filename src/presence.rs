@@ -49,6 +49,11 @@ pub(crate) struct Presence {
     /// Where members' connections are counted for lifecycle events, if
     /// they are on.
     ledger: Option<Arc<Ledger>>,
+    /// Channels listened to here for their members' comings and goings
+    /// with no member here (watchlists), and how many listen: each beat
+    /// reads them, which removes the members of instances that stopped
+    /// beating, so that their watchers hear them leave.
+    watched: Mutex<std::collections::HashMap<String, usize>>,
 }
 
 impl Presence {
@@ -57,6 +62,7 @@ impl Presence {
         Self {
             instance,
             ledger,
+            watched: Mutex::default(),
             held: Mutex::default(),
             stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
             hasher: RandomState::new(),
@@ -72,6 +78,26 @@ impl Presence {
     /// The lock ordering `channel`'s writes.
     fn stripe(&self, channel: &str) -> &tokio::sync::Mutex<()> {
         &self.stripes[self.hasher.hash_one(channel) as usize % self.stripes.len()]
+    }
+
+    fn watched(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, usize>> {
+        self.watched.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One more connection here watches `channel` (see `watched`).
+    pub(crate) fn watch(&self, channel: &str) {
+        *self.watched().entry(channel.to_owned()).or_insert(0) += 1;
+    }
+
+    /// One connection less watches `channel`.
+    pub(crate) fn unwatch(&self, channel: &str) {
+        let mut watched = self.watched();
+        if let Some(count) = watched.get_mut(channel) {
+            *count -= 1;
+            if *count == 0 {
+                watched.remove(channel);
+            }
+        }
     }
 
     /// Counts one more connection of `user` here.
@@ -189,6 +215,21 @@ impl Presence {
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, %channel, "presence: beat failed"),
+            }
+        }
+        // Watched channels without a member here: a read sweeps them.
+        let watched: Vec<String> = {
+            let held = self.held();
+            let watched = self.watched();
+            watched
+                .keys()
+                .filter(|c| !held.contains_key(*c))
+                .cloned()
+                .collect()
+        };
+        for channel in watched {
+            if let Err(e) = broker.presence_members(&channel, 0).await {
+                tracing::warn!(error = %e, %channel, "presence: watched channel not read");
             }
         }
     }

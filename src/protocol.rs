@@ -232,6 +232,10 @@ pub(crate) enum Kind {
     Join,
     /// A user's last connection to a presence channel left.
     Leave,
+    /// End the connections of the user whose channel this is (Pusher's
+    /// `terminate_connections`): never written to a client, never
+    /// directly (see [`TERMINATE`]).
+    Terminate,
 }
 
 /// A connection, fleet-wide: Pusher's `socket_id`, `<instance>.<conn>`.
@@ -366,6 +370,10 @@ impl Head<'_> {
 /// The presence events' names (Pusher's).
 pub(crate) const MEMBER_ADDED: &str = "pusher_internal:member_added";
 pub(crate) const MEMBER_REMOVED: &str = "pusher_internal:member_removed";
+/// The event of an envelope that ends every connection signed in as the
+/// user whose channel carries it ([`Kind::Terminate`]). On any other
+/// channel, connections ignore it.
+pub(crate) const TERMINATE: &str = "crier:terminate";
 
 impl Publication {
     /// Builds the envelope for `payload` published on `channel`.
@@ -426,6 +434,7 @@ impl Publication {
         let kind = match meta.event.as_str() {
             MEMBER_ADDED => Kind::Join,
             MEMBER_REMOVED => Kind::Leave,
+            TERMINATE => Kind::Terminate,
             _ => Kind::Message,
         };
         let raw = data.get();
@@ -470,7 +479,9 @@ impl Publication {
         match self.kind {
             Kind::Join => MEMBER_ADDED,
             Kind::Leave => MEMBER_REMOVED,
-            Kind::Message | Kind::Gap => self.event.as_deref().unwrap_or("message"),
+            Kind::Message | Kind::Gap | Kind::Terminate => {
+                self.event.as_deref().unwrap_or("message")
+            }
         }
     }
 

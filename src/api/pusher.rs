@@ -7,7 +7,13 @@
 //! - `POST /apps/{id}/batch_events`: up to 100 such events;
 //! - `GET /apps/{id}/channels[?filter_by_prefix=…&info=user_count]`;
 //! - `GET /apps/{id}/channels/{name}[?info=user_count]`;
-//! - `GET /apps/{id}/channels/{name}/users` (presence channels).
+//! - `GET /apps/{id}/channels/{name}/users` (presence channels);
+//! - `POST /apps/{id}/users/{user}/terminate_connections`: every
+//!   connection signed in as the user, on every instance, closed with
+//!   4009 (a termination published on the user's channel).
+//!
+//! Events may go to a signed-in user's `#server-to-user-{id}` channel
+//! (the SDKs' `sendToUser`).
 //!
 //! Events are published through crier's normal path (Redis or the memory
 //! broker, history where a rule keeps it), so every instance delivers
@@ -30,9 +36,9 @@ use serde_json::{json, Map, Value};
 use crate::app::App;
 use crate::config::PusherApp;
 use crate::http::{json, status_of, Body};
-use crate::protocol::{envelope, SocketId};
+use crate::protocol::{envelope, SocketId, TERMINATE};
 use crate::pusher::sign::{self, Unsigned};
-use crate::pusher::{app_channel, crier_channel, valid_name};
+use crate::pusher::{app_channel, crier_channel, user_of_channel, valid_name, USER_CHANNEL};
 use crate::refusal::Refusal;
 
 /// Channels one event may go to (Pusher's limit).
@@ -197,6 +203,20 @@ async fn answer(app: &App, req: Request<Incoming>) -> Result<Value, Refusal> {
                 .collect();
             Ok(json!({"users": users}))
         }
+        (&Method::POST, ["users", user, "terminate_connections"]) => {
+            crate::pusher::valid_user_id(user).map_err(bad)?;
+            let channel = crier_channel(&pusher_app, &format!("{USER_CHANNEL}{user}"));
+            let payload = envelope(TERMINATE, None, None, "{}");
+            app.delivery
+                .broker
+                .publish_live(&channel, &payload)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "pusher termination not published");
+                    Refusal::Unavailable
+                })?;
+            Ok(json!({}))
+        }
         _ => Err(Refusal::NotFound),
     }
 }
@@ -238,9 +258,13 @@ impl Event {
         if t.name.starts_with("pusher:") || t.name.starts_with("pusher_internal:") {
             return Err("event names starting with `pusher` are reserved".into());
         }
+        // An app's channels, or a signed-in user's (`sendToUser`).
         let channels = names
             .iter()
-            .map(|name| named(pusher_app, name))
+            .map(|name| match user_of_channel(name) {
+                Some(_) => Ok(crier_channel(pusher_app, name)),
+                None => named(pusher_app, name),
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let exclude = match t.socket_id.as_deref() {
             None => None,

@@ -26,6 +26,10 @@ pub struct PusherConfig {
     /// `client-*` events a connection may send per second (Pusher's limit
     /// is 10); more get `pusher:error` 4301.
     pub client_events_per_second: u32,
+    /// Users one signed-in connection may watch (its `user_data`'s
+    /// `watchlist`; Pusher's limit is 100): a longer list refuses the
+    /// sign-in.
+    pub max_watchlist: usize,
 }
 
 /// `[[pusher.apps]]`: one Pusher app.
@@ -57,6 +61,15 @@ pub struct PusherApp {
     /// (needs `events.stream`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub webhooks: Vec<PusherWebhook>,
+    /// Close a connection that has not signed in (`pusher:signin`) this
+    /// long after it opened, with 4009 (Pusher's "authorized
+    /// connections"). None: signing in is optional.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub user_authentication_timeout: Option<Duration>,
 }
 
 /// One of a Pusher app's webhooks: Pusher's events of the app's channels,
@@ -119,6 +132,7 @@ impl Default for PusherConfig {
             apps: Vec::new(),
             activity_timeout: Duration::from_secs(120),
             client_events_per_second: 10,
+            max_watchlist: 100,
         }
     }
 }
@@ -134,9 +148,14 @@ impl PusherConfig {
                 "must be greater than 0 (turn client events off per app with client_events = false)",
             );
         }
+        positive(&[("pusher.max_watchlist", self.max_watchlist)])?;
         let mut seen = HashSet::new();
         for (i, app) in self.apps.iter().enumerate() {
             let field = |name: &str| format!("pusher.apps[{i}].{name}");
+            if app.user_authentication_timeout == Some(Duration::ZERO) {
+                let why = "must be greater than 0 (leave it out to make signing in optional)";
+                return bad(&field("user_authentication_timeout"), why);
+            }
             for (name, value) in [("id", &app.id), ("key", &app.key), ("secret", &app.secret)] {
                 if value.is_empty() || value.chars().any(|c| c.is_whitespace() || c == '/') {
                     return bad(&field(name), "must be non-empty, without spaces or `/`");

@@ -65,6 +65,38 @@ pub(crate) fn valid_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// The channel where an app reaches every connection signed in as one
+/// user (`sendToUser`): `#server-to-user-{id}`.
+pub(crate) const USER_CHANNEL: &str = "#server-to-user-";
+/// The presence channel whose member is a user while any connection of
+/// theirs is signed in anywhere (`#online-{id}`, crier's own: no Pusher
+/// client can name it); whoever watches the user listens there.
+pub(crate) const ONLINE_CHANNEL: &str = "#online-";
+/// Longest signed-in user id: its `#server-to-user-` channel is a Pusher
+/// channel name.
+const MAX_USER_ID: usize = MAX_NAME - USER_CHANNEL.len();
+
+/// Whether `id` can be a signed-in user's: 1 to 148 of the characters of
+/// a channel name, so that `#server-to-user-{id}` is one.
+pub(crate) fn valid_user_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_USER_ID {
+        return Err(format!("a user id of 1 to {MAX_USER_ID} bytes"));
+    }
+    valid_name(id).map_err(|why| why.replace("channel name", "user id"))
+}
+
+/// The user whose `#server-to-user-{id}` channel `name` is, if it is one.
+pub(crate) fn user_of_channel(name: &str) -> Option<&str> {
+    name.strip_prefix(USER_CHANNEL)
+        .filter(|id| valid_user_id(id).is_ok())
+}
+
+/// The user whose online channel (crier's name) `channel` is, if it is
+/// one.
+pub(crate) fn user_online(channel: &str) -> Option<&str> {
+    local_name(channel).strip_prefix(ONLINE_CHANNEL)
+}
+
 /// An app's channel among crier's: `<namespace><name>` (see
 /// [`PusherApp::namespace`]).
 pub(crate) fn crier_channel(app: &PusherApp, name: &str) -> String {
@@ -162,6 +194,20 @@ mod tests {
         for bad in ["", "user:alice", "a b", "é", "#server-to-user-1"] {
             assert!(valid_name(bad).is_err(), "{bad}");
         }
+        // A signed-in user's channel, by its Pusher name; the online
+        // channel, by crier's.
+        assert_eq!(user_of_channel("#server-to-user-u@1"), Some("u@1"));
+        for bad in [
+            "#server-to-user-",
+            "#server-to-user-a:b",
+            "server-to-user-1",
+        ] {
+            assert_eq!(user_of_channel(bad), None, "{bad}");
+        }
+        assert!(valid_user_id(&"u".repeat(148)).is_ok());
+        assert!(valid_user_id(&"u".repeat(149)).is_err());
+        assert_eq!(user_online("app2:#online-u1"), Some("u1"));
+        assert_eq!(user_online("app2:presence-x"), None);
         assert!(valid_name(&"a".repeat(165)).is_err());
     }
 }

@@ -67,6 +67,30 @@ pub(crate) fn verify_channel_auth(
     }
 }
 
+/// The `auth` a sign-in as `user_data` must bring: what the Pusher
+/// server SDKs' `authenticateUser` returns,
+/// `key:HMAC-SHA256(secret, "socket_id::user::user_data")`.
+pub(crate) fn user_auth(app: &PusherApp, socket_id: &str, user_data: &str) -> String {
+    let text = format!("{socket_id}::user::{user_data}");
+    format!("{}:{}", app.key, hmac_hex(&app.secret, &text))
+}
+
+/// Checks a sign-in's `auth` against the app's secret: a signature made
+/// for another connection (another `socket_id`) or other user data fails.
+pub(crate) fn verify_user_auth(
+    app: &PusherApp,
+    socket_id: &str,
+    user_data: &str,
+    auth: &str,
+) -> Result<(), &'static str> {
+    let expected = user_auth(app, socket_id, user_data);
+    if matches_a_secret(auth.as_bytes(), [&expected]) {
+        Ok(())
+    } else {
+        Err("invalid signature")
+    }
+}
+
 /// Why an HTTP API request is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Unsigned {
@@ -160,6 +184,34 @@ mod tests {
             client_events: false,
             namespace: String::new(),
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_sign_in_is_bound_to_its_connection_and_its_user_data() {
+        let app = app("278d425bdf160c739803", "7ad3773142a6692b25b8");
+        let data = r#"{"id":"12345"}"#;
+        let auth = user_auth(&app, "1234.1234", data);
+        // What the SDKs sign: `socket_id::user::user_data`.
+        let text = format!("1234.1234::user::{data}");
+        assert_eq!(
+            auth,
+            format!(
+                "278d425bdf160c739803:{}",
+                hmac_hex("7ad3773142a6692b25b8", &text)
+            )
+        );
+        assert!(verify_user_auth(&app, "1234.1234", data, &auth).is_ok());
+        for (socket, data, auth) in [
+            ("1234.1235", data, auth.as_str()),
+            ("1234.1234", r#"{"id":"1"}"#, auth.as_str()),
+            ("1234.1234", data, "278d425bdf160c739803:00"),
+            ("1234.1234", data, ""),
+        ] {
+            assert!(
+                verify_user_auth(&app, socket, data, auth).is_err(),
+                "{socket} {data} {auth}"
+            );
         }
     }
 

@@ -3,6 +3,7 @@
 //! the connection ends.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::app::App;
 use crate::broker::Members;
@@ -14,6 +15,8 @@ pub(super) struct Member {
     app: Arc<App>,
     channel: String,
     user: String,
+    /// How long after the drop the member leaves.
+    linger: Duration,
 }
 
 impl Member {
@@ -36,8 +39,16 @@ impl Member {
             app: Arc::clone(app),
             channel: channel.to_owned(),
             user: user.to_owned(),
+            linger: Duration::ZERO,
         };
         Ok((member, members))
+    }
+
+    /// The member leaves `linger` after it is dropped: a quick return
+    /// (here or on another instance) is never seen leaving.
+    pub(super) fn lingering(mut self, linger: Duration) -> Self {
+        self.linger = linger;
+        self
     }
 
     pub(super) fn channel(&self) -> &str {
@@ -49,12 +60,46 @@ impl Member {
     }
 }
 
+/// A connection listening to a presence channel it is no member of (a
+/// watchlist): while any does, this instance's beat reads the channel
+/// (see [`crate::presence::Presence::watch`]). Dropping it stops.
+pub(super) struct Watching {
+    app: Arc<App>,
+    channel: String,
+}
+
+impl Watching {
+    pub(super) fn new(app: &Arc<App>, channel: &str) -> Self {
+        app.delivery.presence.watch(channel);
+        Self {
+            app: Arc::clone(app),
+            channel: channel.to_owned(),
+        }
+    }
+}
+
+impl Watching {
+    pub(super) fn channel(&self) -> &str {
+        &self.channel
+    }
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        self.app.delivery.presence.unwatch(&self.channel);
+    }
+}
+
 impl Drop for Member {
     fn drop(&mut self) {
         let app = Arc::clone(&self.app);
         let channel = std::mem::take(&mut self.channel);
         let user = std::mem::take(&mut self.user);
+        let linger = self.linger;
         self.app.process.tasks.spawn(async move {
+            if !linger.is_zero() {
+                tokio::time::sleep(linger).await;
+            }
             app.delivery
                 .presence
                 .leave(&app.delivery.broker, &channel, &user)

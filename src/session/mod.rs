@@ -50,7 +50,7 @@ pub(crate) use queue::ConnId;
 pub(crate) use rate::{Commands, Verdict};
 pub(crate) use resume::Tracker;
 
-use member::Member;
+use member::{Member, Watching};
 use queue::{Mail, Mailbox};
 use resume::Budget;
 use subscriptions::Subscriptions;
@@ -84,6 +84,12 @@ pub(crate) enum Event {
     Flush,
     /// The client sent nothing for the idle timeout: close.
     Idle,
+    /// The app ended every connection of the user this one signed in as
+    /// (Pusher's `terminate_connections`): close.
+    Terminated,
+    /// The connection had to sign in by now and did not (Pusher's
+    /// `user_authentication_timeout`): close.
+    NotSignedIn,
 }
 
 /// How a wire protocol runs its sessions.
@@ -167,6 +173,14 @@ pub enum Grant {
     /// authorization): it grants the channel as a token's channels claim
     /// would, so `claim` rules admit it.
     Signature,
+    /// The connection's sign-in ([`Session::sign_in`]): the channels that
+    /// come with being a signed-in user (Pusher's `#server-to-user-{id}`,
+    /// the online channels of a watchlist), which the protocol names. No
+    /// rule is needed; the channel's settings are those of the first rule
+    /// that fits it, and it does not count against
+    /// `limits.max_subscriptions_per_connection` (the protocol bounds
+    /// them).
+    SignIn,
 }
 
 /// A subscriber's part in a presence channel.
@@ -232,6 +246,19 @@ struct Talk {
     commands: Commands,
 }
 
+/// A signed-in connection ([`Session::sign_in`]): out of line, since most
+/// connections never sign in.
+struct SignedIn {
+    user: String,
+    /// The user's channel: a termination published there ends the
+    /// connection.
+    channel: String,
+    /// The channels subscribed with [`Grant::SignIn`].
+    granted: Vec<String>,
+    /// The presence channels watched ([`Session::watch_presence`]).
+    watching: Vec<Watching>,
+}
+
 /// Where a connection is in a drain.
 enum Drain {
     /// Waiting for the drain to begin (the clock rings the mailbox).
@@ -276,6 +303,13 @@ pub struct Session {
     /// The user this connection counts for in lifecycle events
     /// (`user_online` / `user_offline`), once signed in.
     online: Option<String>,
+    /// Who the connection signed in as, through its protocol.
+    signed_in: Option<Box<SignedIn>>,
+    /// When the connection must have signed in by (boxed: only some
+    /// apps ask it).
+    sign_in_by: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A termination for its signed-in user arrived.
+    terminated: bool,
 }
 
 impl Session {
@@ -325,6 +359,9 @@ impl Session {
             delivered: app.metrics.delivered(wire.transport).clone(),
             span,
             online: None,
+            signed_in: None,
+            sign_in_by: None,
+            terminated: false,
             app,
         }
         .counting_user()
@@ -396,9 +433,16 @@ impl Session {
             if let Some(p) = self.try_next() {
                 return Event::Deliver(p);
             }
+            if self.terminated {
+                return Event::Terminated;
+            }
             let leaving = matches!(self.drain, Drain::Leaving { .. });
+            let waiting_sign_in = self.sign_in_by.is_some();
             tokio::select! {
                 biased;
+                () = sign_in_deadline(&mut self.sign_in_by), if waiting_sign_in => {
+                    return Event::NotSignedIn;
+                }
                 event = self.watch.next() => return match event {
                     AuthEvent::Expiring { in_secs } => Event::Expiring { in_secs },
                     AuthEvent::Expired => Event::Expired,
@@ -435,6 +479,9 @@ impl Session {
     /// The next publication to deliver if one is ready now: for writing a
     /// batch after [`Event::Deliver`] with one write.
     pub(crate) fn try_next(&mut self) -> Option<Arc<Publication>> {
+        if self.terminated {
+            return None;
+        }
         if let Some(p) = self.next_replayed() {
             return Some(p);
         }
@@ -482,8 +529,17 @@ impl Session {
         }
     }
 
-    /// Whether `p` is new for this connection; counts it as delivered.
+    /// Whether `p` is new for this connection; counts it as delivered. A
+    /// termination is never delivered: on the signed-in user's channel it
+    /// ends the connection, elsewhere it is nothing.
     fn accept(&mut self, p: &Publication) -> bool {
+        if p.kind == Kind::Terminate {
+            self.terminated |= self
+                .signed_in
+                .as_ref()
+                .is_some_and(|s| s.channel == p.channel);
+            return false;
+        }
         let new = self.tracker.accept(p);
         if new && p.kind == Kind::Message {
             self.delivered.inc();
@@ -526,7 +582,11 @@ impl Session {
         self.mailbox.hold();
         let rule = self.resolve(channel, grant)?;
         let limit = self.app.config.limits.max_subscriptions_per_connection;
-        if !self.subs.contains(channel) && self.subs.channels().len() >= limit {
+        let granted = self.signed_in.as_ref().map_or(0, |s| s.granted.len());
+        if grant != Grant::SignIn
+            && !self.subs.contains(channel)
+            && self.subs.channels().len() - granted >= limit
+        {
             return Err(Refusal::TooManySubscriptions { limit });
         }
         // The replay state lives out of line only while there is a replay
@@ -556,6 +616,11 @@ impl Session {
             self.replay = Some(Box::new(Replay { queue, budget }));
         }
         let opened = opened?;
+        if let (Grant::SignIn, Some(signed_in)) = (grant, &mut self.signed_in) {
+            if !signed_in.granted.iter().any(|c| c == channel) {
+                signed_in.granted.push(channel.to_owned());
+            }
+        }
         let members = match self.presence(channel, &rule, presence).await {
             Ok(members) => members,
             Err(refusal) => {
@@ -586,7 +651,97 @@ impl Session {
                 who.grants.push(channel.to_owned());
                 admit::resolve(&self.app, channel, &who)
             }
+            Grant::SignIn => match &self.signed_in {
+                Some(_) => Ok(self.app.delivery.policy.rule_of(channel)),
+                None => Err(Refusal::Unauthorized("sign in first")),
+            },
         }
+    }
+
+    /// Signs the connection in as `user`, as its protocol verified (a
+    /// Pusher `pusher:signin` the app signed), and subscribes it to
+    /// `channel`, the user's own: the app reaches every connection of the
+    /// user there, and a termination published there
+    /// ([`crate::protocol::TERMINATE`]) ends each of them. A connection
+    /// stays with one user: signing in again as the same user changes
+    /// nothing, as another is refused.
+    pub(crate) async fn sign_in(&mut self, user: &str, channel: String) -> Result<(), Refusal> {
+        if let Some(signed_in) = &self.signed_in {
+            if signed_in.user == user {
+                return Ok(());
+            }
+            self.app.gate.auth.count(Failure::UserMismatch);
+            return Err(Refusal::Unauthorized(Failure::UserMismatch.reason()));
+        }
+        self.signed_in = Some(Box::new(SignedIn {
+            user: user.to_owned(),
+            channel: channel.clone(),
+            granted: Vec::new(),
+            watching: Vec::new(),
+        }));
+        let subscribed = self
+            .subscribe(Request {
+                grant: Grant::SignIn,
+                ..Request::new(channel)
+            })
+            .await;
+        if let Err(refusal) = subscribed {
+            self.signed_in = None;
+            return Err(refusal);
+        }
+        self.sign_in_by = None;
+        self.span.record("user", user);
+        Ok(())
+    }
+
+    /// Who the connection signed in as ([`Session::sign_in`]).
+    pub(crate) fn signed_in(&self) -> Option<&str> {
+        self.signed_in.as_ref().map(|s| s.user.as_str())
+    }
+
+    /// Closes the connection ([`Event::NotSignedIn`]) if it has not signed
+    /// in within `within`.
+    pub(crate) fn must_sign_in(&mut self, within: Duration) {
+        if self.signed_in.is_none() {
+            self.sign_in_by = Some(Box::pin(tokio::time::sleep(within)));
+        }
+    }
+
+    /// Listens to the presence channel `channel` without being a member,
+    /// for its members' comings and goings (a watchlist: the channel's
+    /// publications are its joins and leaves), and reads its members now.
+    /// This instance sweeps the channel on each beat while any connection
+    /// watches it, so that a member whose instance died is seen leaving.
+    pub(crate) async fn watch_presence(&mut self, channel: &str) -> Result<Members, Refusal> {
+        self.subscribe(Request {
+            grant: Grant::SignIn,
+            ..Request::new(channel)
+        })
+        .await?;
+        if let Some(signed_in) = &mut self.signed_in {
+            if !signed_in.watching.iter().any(|w| w.channel() == channel) {
+                signed_in.watching.push(Watching::new(&self.app, channel));
+            }
+        }
+        self.app.members(channel).await
+    }
+
+    /// Makes the signed-in user present in the presence channel
+    /// `channel` without listening to it (Pusher's watchlists: whoever
+    /// watches the user listens there). When the connection ends, the
+    /// user leaves `linger` later, so a quick reconnect, here or on
+    /// another instance, is never seen as leaving.
+    pub(crate) async fn present(&mut self, channel: &str, linger: Duration) -> Result<(), Refusal> {
+        let Some(user) = self.signed_in().map(str::to_owned) else {
+            return Err(Refusal::Unauthorized("sign in first"));
+        };
+        if self.members.iter().any(|m| m.channel() == channel) {
+            return Ok(());
+        }
+        let socket = self.socket_id();
+        let (member, _) = Member::join(&self.app, channel, &user, "null", socket).await?;
+        self.members.push(member.lingering(linger));
+        Ok(())
     }
 
     /// Joins the presence channel `channel`, or reads its members, as
@@ -635,6 +790,9 @@ impl Session {
     /// Ends the subscription to `channel`, if there is one (and its
     /// membership).
     pub fn unsubscribe(&mut self, channel: &str) {
+        if let Some(signed_in) = &mut self.signed_in {
+            signed_in.granted.retain(|c| c != channel);
+        }
         self.members.retain(|m| m.channel() != channel);
         self.subs.remove(channel);
         self.tracker.forget(channel);
@@ -694,6 +852,14 @@ impl Session {
             self.unsubscribe(channel);
         }
         revoked
+    }
+}
+
+/// Resolves when the connection had to have signed in by.
+async fn sign_in_deadline(by: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match by {
+        Some(at) => at.await,
+        None => std::future::pending().await,
     }
 }
 

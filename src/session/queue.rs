@@ -234,6 +234,8 @@ impl Sink for Mailbox {
         if self.is_slow() || excluded {
             return false;
         }
+        // A termination is the task's to act on: it always queues.
+        let direct = direct && publication.kind != Kind::Terminate;
         if let (true, None, Some(s)) = (direct, publication.id, self.straight.get()) {
             // Straight to the socket only behind nothing queued. The write
             // holds no lock of the mailbox: a hub thread preempted mid-write

@@ -168,6 +168,9 @@ impl Protocol for Pusher {
     }
 
     async fn open(&mut self, conn: &mut Conn) -> Result<(), Gone> {
+        if let Some(within) = self.app.user_authentication_timeout {
+            conn.session.must_sign_in(within);
+        }
         let established = json!({
             "socket_id": conn.session.socket_id().to_string(),
             "activity_timeout": conn.app().config.pusher.activity_timeout.as_secs(),
@@ -208,6 +211,12 @@ impl Protocol for Pusher {
             End::TooLong { .. } => (CloseCode::TOO_BIG, "message too large"),
             End::Broken(code, reason) => (*code, *reason),
             End::Flooding => (code::UNAUTHORIZED, "rate limit exceeded"),
+            End::Terminated => (code::UNAUTHORIZED, "the app ended this user's connections"),
+            End::NotSignedIn => (
+                code::UNAUTHORIZED,
+                "not signed in within the app's user_authentication_timeout",
+            ),
+            End::Refused(refusal) => return closing(terms(refusal).close, refusal.reason()),
         };
         closing(code, reason.into())
     }
@@ -237,7 +246,9 @@ impl Pusher {
                 Err(e) => error(conn, None, &format!("bad pusher:subscribe: {e}")).await,
             },
             "pusher:unsubscribe" => {
-                if let Some(channel) = data.get("channel").and_then(Value::as_str) {
+                // The signed-in user's channel stays with the sign-in.
+                let channel = data.get("channel").and_then(Value::as_str);
+                if let Some(channel) = channel.filter(|c| !c.starts_with('#')) {
                     let channel = pusher::crier_channel(&self.app, channel);
                     conn.session.unsubscribe(&channel);
                 }
@@ -246,9 +257,7 @@ impl Pusher {
             event if event.starts_with("client-") => {
                 self.client_event(conn, event, message.channel, data).await
             }
-            "pusher:signin" => {
-                error(conn, None, "user authentication (signin) is not supported").await
-            }
+            "pusher:signin" => self.sign_in(conn, data).await,
             other => error(conn, None, &format!("unsupported event `{other}`")).await,
         }
     }
@@ -261,6 +270,17 @@ impl Pusher {
         let refuse = |kind: &'static str, reason: &str, status: u16| {
             subscription_error(&channel, kind, reason, status)
         };
+        if channel.starts_with('#') {
+            // `#server-to-user-{id}`: subscribed at sign-in, and only
+            // the user's own.
+            let signed_in = conn.session.signed_in();
+            if signed_in.is_some() && pusher::user_of_channel(&channel) == signed_in {
+                let succeeded = "pusher_internal:subscription_succeeded";
+                return send_event(conn, succeeded, Some(&channel), "{}").await;
+            }
+            let reason = "only the user signed in on this connection may subscribe to its channel";
+            return send(conn, refuse("AuthError", reason, 403)).await;
+        }
         if let Err(reason) = pusher::valid_name(&channel) {
             return send(conn, refuse("SubscriptionError", &reason, 400)).await;
         }
@@ -341,6 +361,69 @@ impl Pusher {
         Ok(())
     }
 
+    /// `pusher:signin`: the app's signature of the user data for this
+    /// connection, checked; the user's channel subscribed (and its
+    /// terminations heard), the user made present for its watchers, and
+    /// the users it watches followed. A bad sign-in closes the connection
+    /// with 4009, as Pusher does.
+    async fn sign_in(&mut self, conn: &mut Conn, data: Value) -> Result<(), Gone> {
+        let socket = conn.session.socket_id().to_string();
+        let checked = serde_json::from_value::<SignIn>(data)
+            .map_err(|e| format!("bad pusher:signin: {e}"))
+            .and_then(|request| {
+                sign::verify_user_auth(&self.app, &socket, &request.user_data, &request.auth)
+                    .map_err(|why| {
+                        conn.app()
+                            .gate
+                            .auth
+                            .count(crate::auth::Failure::BadSignature);
+                        format!("sign-in refused: {why}")
+                    })?;
+                let max = conn.app().config.pusher.max_watchlist;
+                UserData::checked(&request.user_data, max)
+            });
+        let user = match checked {
+            Ok(user) => user,
+            Err(reason) => {
+                tracing::info!(%reason, "pusher sign-in refused");
+                conn.end(End::Refused(Refusal::BadRequest(reason)));
+                return Ok(());
+            }
+        };
+        let own = pusher::crier_channel(&self.app, &format!("{}{}", pusher::USER_CHANNEL, user.id));
+        let online =
+            |id: &str| pusher::crier_channel(&self.app, &format!("{}{id}", pusher::ONLINE_CHANNEL));
+        let signed = async {
+            conn.session.sign_in(&user.id, own).await?;
+            conn.session
+                .present(&online(&user.id), WATCHLIST_LINGER)
+                .await?;
+            let mut online_now = Vec::new();
+            for watched in &user.watchlist {
+                let members = conn.session.watch_presence(&online(watched)).await?;
+                if members.count > 0 {
+                    online_now.push(watched.as_str());
+                }
+            }
+            Ok::<_, Refusal>(online_now)
+        };
+        let online_now = match signed.await {
+            Ok(online_now) => online_now,
+            Err(refusal) => {
+                tracing::info!(reason = %refusal.reason(), "pusher sign-in refused");
+                conn.end(End::Refused(refusal));
+                return Ok(());
+            }
+        };
+        let success = json!({"user_data": user.data}).to_string();
+        send_event(conn, "pusher:signin_success", None, &success).await?;
+        if !online_now.is_empty() {
+            let text = watchlist_event(&[("online", &online_now)]);
+            send(conn, text).await?;
+        }
+        Ok(())
+    }
+
     async fn client_event(
         &mut self,
         conn: &mut Conn,
@@ -399,6 +482,76 @@ impl Pusher {
         }
         Ok(())
     }
+}
+
+/// How long a signed-in user stays online for their watchers after their
+/// last connection closed: a reconnect within it (a page reload, a
+/// drain's move to another instance) is never seen as going offline.
+const WATCHLIST_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// `pusher:signin`'s data, as pusher-js sends what the app's user
+/// authentication endpoint returned.
+#[derive(Deserialize)]
+struct SignIn {
+    auth: String,
+    user_data: String,
+}
+
+/// The signed `user_data`, checked.
+struct UserData {
+    /// As signed: `pusher:signin_success` hands it back.
+    data: String,
+    id: String,
+    watchlist: Vec<String>,
+}
+
+impl UserData {
+    /// `data` read: an `id` that can name the user's channel, and a
+    /// `watchlist` of at most `max` such ids.
+    fn checked(data: &str, max: usize) -> Result<Self, String> {
+        #[derive(Deserialize)]
+        struct Fields {
+            id: Value,
+            #[serde(default)]
+            watchlist: Vec<Value>,
+        }
+        let fields: Fields = serde_json::from_str(data)
+            .map_err(|e| format!("user_data must be a JSON object with an id: {e}"))?;
+        let id_of = |v: Value| match v {
+            Value::String(id) => pusher::valid_user_id(&id).map(|()| id),
+            _ => Err("a user id must be a string".to_owned()),
+        };
+        let id = id_of(fields.id).map_err(|why| format!("user_data's id: {why}"))?;
+        if fields.watchlist.len() > max {
+            return Err(format!("a watchlist of at most {max} users"));
+        }
+        let mut watchlist = Vec::with_capacity(fields.watchlist.len());
+        for watched in fields.watchlist {
+            let watched = id_of(watched).map_err(|why| format!("user_data's watchlist: {why}"))?;
+            if !watchlist.contains(&watched) {
+                watchlist.push(watched);
+            }
+        }
+        Ok(Self {
+            data: data.to_owned(),
+            id,
+            watchlist,
+        })
+    }
+}
+
+/// `pusher_internal:watchlist_events`, as pusher-js reads it: each
+/// `(name, user ids)` one event.
+fn watchlist_event(events: &[(&str, &[&str])]) -> String {
+    let events: Vec<Value> = events
+        .iter()
+        .map(|(name, ids)| json!({"name": name, "user_ids": ids}))
+        .collect();
+    event_text(
+        "pusher_internal:watchlist_events",
+        None,
+        &json!({ "events": events }).to_string(),
+    )
 }
 
 /// `pusher:subscription_error` for `channel`.
@@ -485,7 +638,16 @@ fn presence_data(members: &crate::broker::Members) -> String {
 /// A `gap` has no Pusher form: nothing is written.
 fn frame(p: &Publication) -> Bytes {
     p.on_wire(Encoding::Pusher, |p| {
-        if p.kind == Kind::Gap {
+        if let Some(user) = pusher::user_online(&p.channel) {
+            // A watched user's first connection, or last, anywhere.
+            let name = match p.kind {
+                Kind::Join => "online",
+                Kind::Leave => "offline",
+                _ => return Bytes::new(),
+            };
+            return text_frame(watchlist_event(&[(name, &[user])]).as_bytes());
+        }
+        if matches!(p.kind, Kind::Gap | Kind::Terminate) {
             return Bytes::new();
         }
         let data = p.data();

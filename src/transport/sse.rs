@@ -291,7 +291,8 @@ impl Live {
                 }
             }
             Event::Expiring { in_secs } => self.own(out, &notice::expiring(in_secs)),
-            Event::Expired => {
+            // An SSE stream never signs in: these end it as a credential.
+            Event::Expired | Event::Terminated | Event::NotSignedIn => {
                 tracing::info!(parent: span, "credential ended, closing stream");
                 self.done = true;
                 self.own(out, &notice::EXPIRED);

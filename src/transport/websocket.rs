@@ -364,6 +364,13 @@ pub enum End {
     Broken(CloseCode, &'static str),
     /// The client kept sending faster than the command rate.
     Flooding,
+    /// The app ended every connection of the user this one signed in as.
+    Terminated,
+    /// The connection had to sign in within a time and did not.
+    NotSignedIn,
+    /// The protocol refused what the client sent and ends the connection
+    /// ([`Conn::end`]): a sign-in with a bad signature.
+    Refused(Refusal),
 }
 
 /// An open WebSocket connection, as its protocol sees it: the session and
@@ -378,12 +385,21 @@ pub struct Conn {
     /// The connection's span: rare paths run in it, the delivery path
     /// does not pay for entering it.
     span: tracing::Span,
+    /// How the connection ends, once its protocol decided it must
+    /// ([`Conn::end`]).
+    ending: Option<End>,
 }
 
 impl Conn {
     /// The shared state the connection runs in.
     pub(crate) fn app(&self) -> &Arc<App> {
         self.session.app()
+    }
+
+    /// Ends the connection once the message being handled is done, as
+    /// `end` says (the protocol's [`Protocol::ending`] for it).
+    pub(crate) fn end(&mut self, end: End) {
+        self.ending.get_or_insert(end);
     }
 
     /// Writes `text` as a text frame, with whatever is buffered.
@@ -422,6 +438,8 @@ impl Conn {
                         None => self.socket.ping().await?,
                     },
                     Event::Idle => return Ok(End::Idle),
+                    Event::Terminated => return Ok(End::Terminated),
+                    Event::NotSignedIn => return Ok(End::NotSignedIn),
                 },
                 read = self.socket.read() => {
                     read?;
@@ -465,6 +483,9 @@ impl Conn {
                     let refusal = Refusal::BadRequest("binary frames are not supported".into());
                     self.send(&protocol.refusal(&refusal)).await?;
                 }
+            }
+            if let Some(end) = self.ending.take() {
+                return Ok(Some(end));
             }
         }
     }
@@ -586,6 +607,7 @@ async fn serve<P: Protocol>(
         socket,
         encoder,
         span,
+        ending: None,
     };
     tracing::debug!(parent: &conn.span, compressed, "websocket opened");
     if let Ok(end) = conn.run(&mut protocol).await {
@@ -619,6 +641,9 @@ fn log_end(span: &tracing::Span, end: &End) {
             tracing::info!(code = code.0, reason, "websocket protocol error, closing");
         }
         End::Flooding => tracing::info!("command rate exceeded persistently, closing"),
+        End::Terminated => tracing::info!("the app ended the user's connections, closing"),
+        End::NotSignedIn => tracing::info!("not signed in in time, closing"),
+        End::Refused(refusal) => tracing::info!(reason = %refusal.reason(), "refused, closing"),
         End::Reconnect { .. } => {}
     }
 }

@@ -141,6 +141,13 @@ impl Protocol for Ws {
             }
             End::Broken(code, reason) => (None, (*code, (*reason).into())),
             End::Flooding => (None, (CloseCode::POLICY, "rate limit exceeded".into())),
+            // crier's own protocol has no sign-in of its own: its user
+            // ends like a credential.
+            End::Terminated | End::NotSignedIn => (None, (code::EXPIRED, "signed out".into())),
+            End::Refused(refusal) => (
+                Some(self.refusal(refusal)),
+                (CloseCode::POLICY, refusal.reason()),
+            ),
         }
     }
 }

@@ -121,17 +121,36 @@ impl Lines {
                 sink.lock().expect("lock").push(v);
                 wake.notify_waiters();
             }
+            // Said in what a failed wait prints: the child is gone (its
+            // stderr, inherited, says why).
+            sink.lock()
+                .expect("lock")
+                .push(json!({"type": "stdout_closed"}));
+            wake.notify_waiters();
         });
         Lines { seen, notify }
     }
 
     /// The first line matching `f`, waiting for it.
     pub async fn wait(&self, f: impl Fn(&Value) -> bool) -> Value {
+        self.wait_nth(f, 1).await
+    }
+
+    /// The `n`th line matching `f` (from 1), waiting for it.
+    pub async fn wait_nth(&self, f: impl Fn(&Value) -> bool, n: usize) -> Value {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             let notified = self.notify.notified();
-            if let Some(v) = self.seen.lock().expect("lock").iter().find(|v| f(v)) {
-                return v.clone();
+            let nth = self
+                .seen
+                .lock()
+                .expect("lock")
+                .iter()
+                .filter(|v| f(v))
+                .nth(n - 1)
+                .cloned();
+            if let Some(v) = nth {
+                return v;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 let seen = self.seen.lock().expect("lock").clone();
@@ -207,6 +226,11 @@ impl Driver {
         self.lines.wait(f).await
     }
 
+    /// The `n`th line matching `f` (from 1), waiting for it.
+    pub async fn wait_nth(&self, f: impl Fn(&Value) -> bool, n: usize) -> Value {
+        self.lines.wait_nth(f, n).await
+    }
+
     /// How many lines seen so far match `f`.
     pub fn count(&self, f: impl Fn(&Value) -> bool) -> usize {
         self.lines.all().iter().filter(|v| f(v)).count()
@@ -219,6 +243,34 @@ impl Driver {
             .wait(|v| v["client"] == client && v["state"] == "connected")
             .await;
         state["socket_id"].as_str().expect("socket id").to_owned()
+    }
+
+    /// Connects `client` as `user` and signs it in (`pusher.signin()`,
+    /// through the app's user authentication endpoint), watching
+    /// `watchlist`: its `signed_in` line.
+    pub async fn sign_in(
+        &mut self,
+        client: &str,
+        port: u16,
+        user: &str,
+        watchlist: &[&str],
+    ) -> Value {
+        self.send(
+            json!({"op": "connect", "client": client, "port": port, "user": user,
+            "signin": true, "watchlist": watchlist}),
+        )
+        .await;
+        self.wait(|v| v["client"] == client && v["type"] == "signed_in")
+            .await
+    }
+
+    /// `sendToUser` (`op` `send_to_user`) or `terminateUserConnections`
+    /// (`terminate`) through the server SDK: its `sent` line.
+    pub async fn user_api(&mut self, tag: &str, command: Value) -> Value {
+        let mut command = command;
+        command["tag"] = json!(tag);
+        self.send(command).await;
+        self.wait(|v| v["type"] == "sent" && v["tag"] == tag).await
     }
 
     pub async fn subscribe(&mut self, client: &str, channel: &str) -> Value {

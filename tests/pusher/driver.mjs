@@ -5,13 +5,16 @@
 // on a free port (printed first: {"type":"ready","auth_port":…}).
 //
 // Commands:
-//   {"op":"connect","client":"a","port":…,"key":…,"user":"u1"?}
+//   {"op":"connect","client":"a","port":…,"key":…,"user":"u1"?,
+//    "signin"?:true,"watchlist"?:["u2"]}   (signs in as `user` once connected)
 //   {"op":"subscribe","client":"a","channel":…,"bind"?:["client-x"]}
 //   {"op":"unsubscribe","client":"a","channel":…}
 //   {"op":"client_event","client":"a","channel":…,"event":"client-x","data":{…}}
 //   {"op":"trigger","port":…,"channels":[…],"event":…,"data":…,"socket_id"?:…,"info"?:…,
 //    "batch"?:[…],"secret"?:…,"clock_offset_ms"?:…}
 //   {"op":"get","port":…,"path":…,"params":{…}}
+//   {"op":"send_to_user","tag":…,"port":…,"user":…,"event":…,"data":…}
+//   {"op":"terminate","tag":…,"port":…,"user":…}
 //   {"op":"disconnect","client":"a"}
 import http from 'node:http';
 import readline from 'node:readline';
@@ -30,6 +33,7 @@ if (process.env.PUSHER_WEBSOCKET === 'ws') {
 const out = (line) => process.stdout.write(JSON.stringify(line) + '\n');
 const clients = new Map();
 const users = new Map(); // socket_id -> user, for presence channel_data
+const watchlists = new Map(); // socket_id -> watchlist, for user authentication
 // The app's master key for `private-encrypted-` channels: the SDK
 // encrypts what it triggers there and hands subscribers their channel's
 // key in the authorization; crier only relays.
@@ -46,6 +50,14 @@ const auth = http.createServer((req, res) => {
   req.on('end', () => {
     const params = new URLSearchParams(body);
     const socketId = params.get('socket_id');
+    if (req.url.startsWith('/pusher/user-auth')) {
+      // User authentication (`pusher.signin()`), by the SDK's authenticateUser.
+      const user = { id: users.get(socketId) || 'anonymous' };
+      const watchlist = watchlists.get(socketId);
+      if (watchlist && watchlist.length) user.watchlist = watchlist;
+      res.writeHead(200, { 'content-type': 'application/json' });
+      return res.end(JSON.stringify(server(0).authenticateUser(socketId, user)));
+    }
     const channel = params.get('channel_name');
     const sdk = server(0);
     let answer;
@@ -69,18 +81,33 @@ function connect(cmd) {
     wsHost: '127.0.0.1', wsPort: cmd.port, forceTLS: false, enabledTransports: ['ws'],
     disableStats: true, cluster: 'local',
     channelAuthorization: { endpoint: `http://127.0.0.1:${auth.address().port}/broadcasting/auth`, transport: 'ajax' },
+    userAuthentication: { endpoint: `http://127.0.0.1:${auth.address().port}/pusher/user-auth`, transport: 'ajax' },
   });
   const name = cmd.client;
   clients.set(name, { client, user: cmd.user });
   client.connection.bind('state_change', ({ current }) => {
-    if (current === 'connected') users.set(client.connection.socket_id, cmd.user);
+    if (current === 'connected') {
+      users.set(client.connection.socket_id, cmd.user);
+      watchlists.set(client.connection.socket_id, cmd.watchlist);
+    }
     out({ client: name, type: 'state', state: current, socket_id: client.connection.socket_id });
   });
-  client.connection.bind('error', (e) => out({ client: name, type: 'error', error: e && (e.data || e.error || e.type) }));
+  // A `pusher:error` carries data ({code, message}); a transport's error
+  // (a socket reset) only a type and a socket object, not JSON.
+  client.connection.bind('error', (e) => out({ client: name, type: 'error', error: e && (e.data || { type: e.type, message: String(e.error && e.error.message || e.error) }) }));
   client.bind_global((event, data) => {
     if (event.startsWith('pusher:') && event !== 'pusher:error') return;
     out({ client: name, type: 'global', event, data });
   });
+  client.connection.bind('message', (m) => {
+    if (m.event === 'pusher:signin_success') out({ client: name, type: 'signed_in', user_data: JSON.parse(m.data.user_data) });
+  });
+  // What reaches the signed-in user (`sendToUser`) and its watchlist.
+  client.user.bind_global((event, data) => out({ client: name, type: 'user_event', event, data }));
+  for (const change of ['online', 'offline']) {
+    client.user.watchlist.bind(change, (e) => out({ client: name, type: 'watchlist', name: change, user_ids: e.user_ids }));
+  }
+  if (cmd.signin) client.signin();
 }
 
 function subscribe(cmd) {
@@ -137,6 +164,18 @@ async function run(cmd) {
         return out({ type: 'got', tag: cmd.tag, status: res.status, body: await res.json() });
       } catch (e) {
         return out({ type: 'got', tag: cmd.tag, status: e.status, body: e.body });
+      }
+    }
+    case 'send_to_user':
+    case 'terminate': {
+      const sdk = server(cmd.port);
+      try {
+        const res = cmd.op === 'terminate'
+          ? await sdk.terminateUserConnections(cmd.user)
+          : await sdk.sendToUser(cmd.user, cmd.event, cmd.data);
+        return out({ type: 'sent', tag: cmd.tag, status: res.status, body: await res.json() });
+      } catch (e) {
+        return out({ type: 'sent', tag: cmd.tag, status: e.status, body: e.body });
       }
     }
     default: return out({ type: 'bad_command', cmd });
