@@ -167,6 +167,23 @@ async fn serve_app(listener: TcpListener) -> App {
                                     _ => (StatusCode::FORBIDDEN, "text/plain", Bytes::new()),
                                 }
                             }
+                            // The app's user authentication (pusher.signin()):
+                            // what the SDKs' authenticateUser answers.
+                            "/pusher/user-auth" if csrf.as_deref() == Some(CSRF) => {
+                                let fields = form(&body);
+                                let socket_id =
+                                    fields.get("socket_id").cloned().unwrap_or_default();
+                                let user_data = r#"{"id":"7"}"#;
+                                let hex =
+                                    hmac_hex(SECRET, &format!("{socket_id}::user::{user_data}"));
+                                let answer =
+                                    json!({"auth": format!("{KEY}:{hex}"), "user_data": user_data});
+                                (
+                                    StatusCode::OK,
+                                    "application/json",
+                                    Bytes::from(answer.to_string()),
+                                )
+                            }
                             other => match files.get(other) {
                                 Some((content_type, bytes)) => {
                                     (StatusCode::OK, *content_type, bytes.clone())
@@ -303,6 +320,48 @@ async fn laravel_echo_in_chromium_joins_presence_and_hears_a_listen_event() {
         .wait(|v| v["client"] == "c8" && v["type"] == "event" && v["event"] == "order.shipped")
         .await;
     assert_eq!(c8["data"], json!({"id": 42}), "{c8}");
+
+    // Issue 25: the page signed its user (7) in; so does a Node client as
+    // 7. The app's sendToUser reaches both, and not user 8's client.
+    let signed = page_state(&mut results, "pusher:signin_success", |v| {
+        !v["signed_in"].is_null()
+    })
+    .await;
+    assert_eq!(
+        signed["signed_in"],
+        json!({"id": "7"}),
+        "the page: {signed:#}"
+    );
+    d.sign_in("n7", crier_port, "7", &[]).await;
+    d.sign_in("n8", crier_port, "8", &[]).await;
+    let sent = d
+        .user_api(
+            "note",
+            json!({"op": "send_to_user", "port": crier_port, "user": "7", "event": "note", "data": {"hi": 7}}),
+        )
+        .await;
+    assert_eq!(sent["status"], 200, "{sent}");
+    let heard = page_state(&mut results, "pusher.user.bind('note')", |v| {
+        v["notes"].as_array().is_some_and(|n| !n.is_empty())
+    })
+    .await;
+    assert_eq!(heard["notes"], json!([{"hi": 7}]), "the page: {heard:#}");
+    let node = d
+        .wait(|v| v["client"] == "n7" && v["type"] == "user_event" && v["event"] == "note")
+        .await;
+    assert_eq!(node["data"], json!({"hi": 7}), "{node}");
+    d.user_api(
+        "marker",
+        json!({"op": "send_to_user", "port": crier_port, "user": "8", "event": "marker", "data": {}}),
+    )
+    .await;
+    d.wait(|v| v["client"] == "n8" && v["type"] == "user_event" && v["event"] == "marker")
+        .await;
+    assert_eq!(
+        d.count(|v| v["client"] == "n8" && v["event"] == "note"),
+        0,
+        "user 8 heard user 7's note"
+    );
 
     // Nothing else on the page: no error, nobody left, connected throughout.
     assert_eq!(heard["errors"], json!([]), "the page: {heard:#}");
