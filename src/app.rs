@@ -156,6 +156,26 @@ impl App {
     ) -> Result<crate::broker::Members, crate::refusal::Refusal> {
         crate::presence::members(&self.delivery.broker, &self.config.presence, channel).await
     }
+
+    /// How many listeners each of `channels` has across the fleet (Pusher's
+    /// subscription count), as the instances' lifecycle reports left it:
+    /// needs `events.stream` (refused as unavailable without).
+    pub(crate) async fn listeners(
+        &self,
+        channels: &[String],
+    ) -> Result<Vec<u64>, crate::refusal::Refusal> {
+        let stream = crate::broker::events::Stream::of(&self.config)
+            .ok_or(crate::refusal::Refusal::Unavailable)?;
+        let keys: Vec<String> = channels.iter().map(|c| format!("c|{c}")).collect();
+        self.delivery
+            .broker
+            .events_totals(&stream, &keys)
+            .await
+            .map_err(|e| {
+                tracing::warn!(error = %e, "subscription counts: cannot read them");
+                crate::refusal::Refusal::Unavailable
+            })
+    }
 }
 
 /// Facts about the TCP connection a request arrived on.

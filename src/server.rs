@@ -325,6 +325,11 @@ fn launch(
             .await
         });
     }
+    let (counts_app, stop_counts) = (Arc::clone(&app), stop_background.clone());
+    background.spawn(crate::transport::pusher::subscription_counts(
+        counts_app,
+        stop_counts,
+    ));
     let sigterm = CancellationToken::new();
     let done = tokio::spawn(run(
         app,

@@ -1,8 +1,9 @@
-//! Pusher's user features, spoken to the ecosystem's real, unmodified
+//! Pusher's user features and subscription counts, spoken to the ecosystem's real, unmodified
 //! libraries (pusher-js in Node, the `pusher` server SDK) and to raw
 //! sockets for what a library never sends: user sign-in (`pusher:signin`),
 //! the user's own channel (`sendToUser`), `terminateUserConnections`, apps
-//! that require signing in, and watchlists. Two instances share a real
+//! that require signing in, watchlists, and fleet-wide subscription
+//! counts. Two instances share a real
 //! Redis in every test: each feature is fleet-wide.
 //!
 //! Needs node and `npm ci --prefix tests/pusher` (done by `.ci/run`).
@@ -396,4 +397,99 @@ async fn watchlists_follow_users_across_instances_and_a_killed_one() {
     assert_eq!(d.count(changes("w", "online", "u2")), 2);
     drop(b);
     a.shutdown().await;
+}
+
+/// Issue 25, acceptance 5: `pusher_internal:subscription_count` reports
+/// the fleet-wide count on both instances after joins and leaves, and
+/// `info=subscription_count` (a channel, the listing, a trigger) agrees.
+#[tokio::test]
+async fn subscription_counts_are_fleet_wide_and_the_api_agrees() {
+    let redis = RedisServer::start().await;
+    let config = || {
+        let mut config = pusher_config(&redis);
+        config.events.stream = Some("crier:events".into());
+        config.pusher.apps[0].subscription_count = true;
+        config
+    };
+    let (a, b) = (
+        Instance::start(config()).await,
+        Instance::start(config()).await,
+    );
+    let (pa, pb) = (port(&a.addr), port(&b.addr));
+    let mut d = Driver::start().await;
+    let counted = |client: &'static str, n: u64| {
+        move |v: &Value| {
+            v["type"] == "subscription_count" && v["client"] == client && v["count"] == n
+        }
+    };
+    d.connect("c1", pa, "u1").await;
+    d.subscribe("c1", "orders").await;
+    d.wait(counted("c1", 1)).await;
+    d.connect("c2", pb, "u2").await;
+    d.subscribe("c2", "orders").await;
+    d.connect("c3", pb, "u3").await;
+    d.subscribe("c3", "orders").await;
+    for client in ["c1", "c2", "c3"] {
+        d.wait(counted(client, 3)).await;
+    }
+    let info = json!({"info": "subscription_count"});
+    let one = d.get("one", pa, "/channels/orders", info.clone()).await;
+    assert_eq!(one["body"]["subscription_count"], 3, "{one}");
+    let all = d.get("all", pb, "/channels", info.clone()).await;
+    assert_eq!(
+        all["body"]["channels"]["orders"]["subscription_count"], 3,
+        "{all}"
+    );
+    let sent = d
+        .trigger(
+            "t",
+            json!({"port": pa, "channels": ["orders"], "event": "x", "data": {}, "info": "subscription_count"}),
+        )
+        .await;
+    assert_eq!(
+        sent["body"]["channels"]["orders"]["subscription_count"], 3,
+        "{sent}"
+    );
+
+    // Two leave on b: a's subscriber hears 1.
+    d.send(json!({"op": "unsubscribe", "client": "c2", "channel": "orders"}))
+        .await;
+    d.send(json!({"op": "disconnect", "client": "c3"})).await;
+    // The second 1 c1 hears (the first was when it was alone).
+    d.wait_nth(counted("c1", 1), 2).await;
+    let one = d.get("after", pb, "/channels/orders", info).await;
+    assert_eq!(one["body"]["subscription_count"], 1, "{one}");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// `info=subscription_count` is refused (400) for an app without
+/// `subscription_count`, as on Pusher; the setting without `events.stream`
+/// is refused at start, naming the field.
+#[tokio::test]
+async fn subscription_counts_need_the_app_setting_and_an_events_stream() {
+    let redis = RedisServer::start().await;
+    let crier = Instance::start(pusher_config(&redis)).await;
+    let mut d = Driver::start().await;
+    let refused = d
+        .get(
+            "off",
+            port(&crier.addr),
+            "/channels/orders",
+            json!({"info": "subscription_count"}),
+        )
+        .await;
+    assert_eq!(refused["status"], 400, "{refused}");
+    crier.shutdown().await;
+
+    let mut config = pusher_config(&redis);
+    config.pusher.apps[0].subscription_count = true;
+    let error = config.validate().expect_err("refused");
+    assert!(
+        error
+            .to_string()
+            .contains("pusher.apps[0].subscription_count")
+            && error.to_string().contains("events.stream"),
+        "{error}"
+    );
 }

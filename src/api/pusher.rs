@@ -118,6 +118,7 @@ async fn answer(app: &App, req: Request<Incoming>) -> Result<Value, Refusal> {
             .map(|(_, v)| v.as_str())
     };
     let wants_users = param("info").is_some_and(|i| i.split(',').any(|x| x == "user_count"));
+    let wants_counts = asks_counts(&pusher_app, param("info")).map_err(bad)?;
     match (&method, what.split('/').collect::<Vec<_>>().as_slice()) {
         (&Method::POST, ["events"]) => {
             let trigger: Trigger = serde_json::from_slice(&body)
@@ -154,18 +155,25 @@ async fn answer(app: &App, req: Request<Incoming>) -> Result<Value, Refusal> {
                 let why = "info=user_count needs filter_by_prefix=presence-";
                 return Err(bad(why));
             }
+            let listed: Vec<String> = occupied(app)
+                .await?
+                .into_iter()
+                .filter(|c| app_channel(&pusher_app, c).is_some_and(|n| n.starts_with(prefix)))
+                .collect();
+            let counts = match wants_counts {
+                true => app.listeners(&listed).await?,
+                false => Vec::new(),
+            };
             let mut channels = Map::new();
-            for channel in occupied(app).await? {
-                let Some(name) = app_channel(&pusher_app, &channel) else {
-                    continue;
-                };
-                if !name.starts_with(prefix) {
-                    continue;
-                }
+            for (i, channel) in listed.iter().enumerate() {
                 let mut info = json!({});
                 if wants_users {
-                    info["user_count"] = json!(user_count(app, &channel).await?);
+                    info["user_count"] = json!(user_count(app, channel).await?);
                 }
+                if let Some(count) = counts.get(i) {
+                    info["subscription_count"] = json!(count);
+                }
+                let name = app_channel(&pusher_app, channel).unwrap_or(channel);
                 channels.insert(name.to_owned(), info);
             }
             Ok(json!({"channels": channels}))
@@ -184,6 +192,10 @@ async fn answer(app: &App, req: Request<Incoming>) -> Result<Value, Refusal> {
                     return Err(bad("user_count is only for presence channels"));
                 }
                 info["user_count"] = json!(count);
+            }
+            if wants_counts {
+                let counts = app.listeners(std::slice::from_ref(&channel)).await?;
+                info["subscription_count"] = json!(counts.first().copied().unwrap_or(0));
             }
             Ok(info)
         }
@@ -221,6 +233,17 @@ async fn answer(app: &App, req: Request<Incoming>) -> Result<Value, Refusal> {
     }
 }
 
+/// Whether `info` asks for `subscription_count`, which only an app with
+/// `subscription_count = true` answers (as on Pusher, where it is an app
+/// setting).
+fn asks_counts(pusher_app: &PusherApp, info: Option<&str>) -> Result<bool, &'static str> {
+    let asked = info.is_some_and(|i| i.split(',').any(|x| x == "subscription_count"));
+    match asked && !pusher_app.subscription_count {
+        true => Err("info=subscription_count needs the app's subscription_count = true"),
+        false => Ok(asked),
+    }
+}
+
 /// A request the API cannot take (400); `why` says what is wrong.
 fn bad(why: impl Into<String>) -> Refusal {
     Refusal::BadRequest(why.into())
@@ -239,6 +262,7 @@ struct Event {
     channels: Vec<String>,
     payload: Vec<u8>,
     wants_users: bool,
+    wants_counts: bool,
 }
 
 impl Event {
@@ -280,6 +304,7 @@ impl Event {
                 .info
                 .as_deref()
                 .is_some_and(|i| i.split(',').any(|x| x == "user_count")),
+            wants_counts: asks_counts(pusher_app, t.info.as_deref())?,
         })
     }
 
@@ -297,15 +322,25 @@ impl Event {
                 })?;
         }
         app.metrics.api_publications.inc();
-        if !self.wants_users {
+        if !self.wants_users && !self.wants_counts {
             return Ok(json!({}));
         }
+        let counts = match self.wants_counts {
+            true => app.listeners(&self.channels).await?,
+            false => Vec::new(),
+        };
         let mut info = Map::new();
-        for channel in &self.channels {
+        for (i, channel) in self.channels.iter().enumerate() {
             let name = crate::pusher::local_name(channel);
-            if name.starts_with("presence-") {
-                let count = user_count(app, channel).await?;
-                info.insert(name.to_owned(), json!({"user_count": count}));
+            let mut about = Map::new();
+            if self.wants_users && name.starts_with("presence-") {
+                about.insert("user_count".into(), json!(user_count(app, channel).await?));
+            }
+            if let Some(count) = counts.get(i) {
+                about.insert("subscription_count".into(), json!(count));
+            }
+            if !about.is_empty() {
+                info.insert(name.to_owned(), Value::Object(about));
             }
         }
         Ok(json!({"channels": info}))

@@ -196,6 +196,27 @@ impl Broker {
         Ok(entries(raw))
     }
 
+    /// The fleet's count of each of `keys` (`<kind>|<subject>`, see
+    /// `crier.lua`: `c|<channel>` is a channel's listeners on every
+    /// instance), as the last reports left it; 0 for none.
+    pub(crate) async fn events_totals(
+        &self,
+        stream: &Stream,
+        keys: &[String],
+    ) -> Result<Vec<u64>, BrokerError> {
+        let Broker::Redis(b) = self else {
+            return Err(BrokerError::Protocol("lifecycle events need Redis".into()));
+        };
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let [_, _, _, totals, ..] = history::events_keys(b.redis.prefix(), &stream.name);
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(&totals).arg(keys);
+        let counts: Vec<Option<u64>> = b.redis.query(cmd).await?;
+        Ok(counts.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
     /// Appends one event that happened once, on this instance (a Pusher
     /// client event, a cache miss): no fleet-wide count decides it.
     pub(crate) async fn events_append(

@@ -340,6 +340,13 @@ impl Config {
         }
         events::check_webhooks(&self.webhooks)?;
         self.pusher.validate()?;
+        let counted = self.pusher.apps.iter().position(|a| a.subscription_count);
+        if let (Some(i), None) = (counted, &self.events.stream) {
+            return bad(
+                &format!("pusher.apps[{i}].subscription_count"),
+                "needs events.stream: the fleet's listener counts are kept with the lifecycle events, e.g. [events] stream = \"crier:events\"",
+            );
+        }
         if self.has_webhooks() && self.events.stream.is_none() {
             return bad(
                 "events.stream",

@@ -70,6 +70,12 @@ pub struct PusherApp {
         skip_serializing_if = "Option::is_none"
     )]
     pub user_authentication_timeout: Option<Duration>,
+    /// Whether the app's subscribers get `pusher_internal:subscription_count`
+    /// (the channel's listeners across the fleet, when it changed, at most
+    /// once a second) and the HTTP API answers `info=subscription_count`.
+    /// Needs `events.stream`: the fleet's counts are kept there.
+    #[serde(default)]
+    pub subscription_count: bool,
 }
 
 /// One of a Pusher app's webhooks: Pusher's events of the app's channels,

@@ -671,6 +671,74 @@ fn frame(p: &Publication) -> Bytes {
     })
 }
 
+/// How often an instance tells its subscribers their channels' fleet-wide
+/// subscription counts, when they changed.
+const SUBSCRIPTION_COUNT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The event carrying a channel's subscription count.
+const SUBSCRIPTION_COUNT: &str = "pusher_internal:subscription_count";
+
+/// Until `stop`, every second: the fleet-wide subscription count of each
+/// channel with listeners here, of an app with `subscription_count`, read
+/// from the lifecycle counts in one call, and sent to this instance's
+/// listeners of each channel whose count changed since it last did
+/// (`pusher_internal:subscription_count`, which pusher-js hands to
+/// `pusher:subscription_count`). Each instance tells its own listeners:
+/// nothing goes through Redis but the read.
+pub(crate) async fn subscription_counts(app: Arc<App>, stop: tokio_util::sync::CancellationToken) {
+    let apps: Vec<&PusherApp> = app
+        .config
+        .pusher
+        .apps
+        .iter()
+        .filter(|a| a.subscription_count)
+        .collect();
+    if apps.is_empty() {
+        return;
+    }
+    let mut told: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    let mut every = tokio::time::interval(SUBSCRIPTION_COUNT_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let channels: Vec<String> = app
+            .delivery
+            .hub
+            .channels()
+            .into_iter()
+            .filter(|c| apps.iter().any(|a| pusher::app_channel(a, c).is_some()))
+            .collect();
+        let here: std::collections::HashSet<&String> = channels.iter().collect();
+        told.retain(|c, _| here.contains(c));
+        let counts = match app.listeners(&channels).await {
+            Ok(counts) => {
+                failing = false;
+                counts
+            }
+            Err(_) if failing => continue,
+            Err(_) => {
+                tracing::warn!("subscription counts: not read, trying again each second");
+                failing = true;
+                continue;
+            }
+        };
+        for (channel, count) in channels.iter().zip(counts) {
+            // 0: this instance's listeners are not reported yet.
+            if count == 0 || told.get(channel) == Some(&count) {
+                continue;
+            }
+            told.insert(channel.clone(), count);
+            let data = json!({ "subscription_count": count }).to_string();
+            let payload = envelope(SUBSCRIPTION_COUNT, None, None, &data);
+            app.delivery.hub.publish(channel, None, &payload);
+        }
+    }
+}
+
 /// Appends an event that happened once, here (a Pusher client event or
 /// cache miss), to the stream, without making the connection wait. Does
 /// nothing without a stream.

@@ -125,6 +125,7 @@ function subscribe(cmd) {
     channel.bind(name, (data, meta) => out({ client: cmd.client, type: 'bound', channel: cmd.channel, event: name, data, user_id: meta && meta.user_id }));
   }
   channel.bind('pusher:cache_miss', () => out({ client: cmd.client, type: 'cache_miss', channel: cmd.channel }));
+  channel.bind('pusher:subscription_count', (d) => out({ client: cmd.client, type: 'subscription_count', channel: cmd.channel, count: d.subscription_count }));
   channel.bind_global((event, data, meta) => {
     if (event.startsWith('pusher:')) return;
     out({ client: cmd.client, type: 'event', channel: cmd.channel, event, data, user_id: meta && meta.user_id });
