@@ -10,13 +10,12 @@
 
 mod common;
 
-use common::crier::{Instance, Process, WAIT};
-use common::pusher::{port, pusher_config, pusher_toml, Driver, KEY, SECRET};
+use common::crier::{Instance, WAIT};
+use common::pusher::{port, pusher_config, pusher_process, Driver, KEY, SECRET};
 use common::redis::RedisServer;
 use common::ws::WsClient;
 use crier::config::{PusherApp, Subscribe};
 use serde_json::{json, Value};
-use tokio::process::Command;
 
 #[tokio::test]
 async fn pusher_js_hears_sdk_triggers_and_redis_publishes() {
@@ -136,10 +135,7 @@ async fn private_channels_need_the_apps_signature_and_crier_rules_still_apply() 
 async fn presence_is_right_across_instances_and_a_killed_one_is_forgotten() {
     let redis = RedisServer::start().await;
     let a = Instance::start(pusher_config(&redis)).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let file = dir.path().join("crier.toml");
-    std::fs::write(&file, pusher_toml(&redis)).expect("write config");
-    let mut b = Process::start(&["--config", file.to_str().expect("path")], &[]).await;
+    let (mut b, _dir) = pusher_process(&redis).await;
     let (pa, pb) = (port(&a.addr), port(&b.addr));
     let room = "presence-room";
     let mut d = Driver::start().await;
@@ -208,14 +204,7 @@ async fn presence_is_right_across_instances_and_a_killed_one_is_forgotten() {
     );
 
     // b is killed (c2 on it): u2 is removed within ttl + heartbeat.
-    let pid = b.child.id().expect("running");
-    let killed = Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .await
-        .expect("kill");
-    assert!(killed.success());
-    let _ = b.child.wait().await;
+    b.sigkill().await;
     let removed = d
         .wait(|v| v["client"] == "c1" && v["type"] == "member_removed" && v["user"] == "u2")
         .await;

@@ -15,12 +15,11 @@ mod common;
 
 use std::time::Duration;
 
-use common::crier::{Instance, Process, WAIT};
-use common::pusher::{hmac_hex, port, pusher_config, pusher_toml, Driver, KEY, SECRET};
+use common::crier::{Instance, WAIT};
+use common::pusher::{hmac_hex, port, pusher_config, pusher_process, Driver, KEY, SECRET};
 use common::redis::RedisServer;
 use common::ws::WsClient;
 use serde_json::{json, Value};
-use tokio::process::Command;
 
 /// Two instances of the Pusher test app on one Redis.
 async fn two_instances(redis: &RedisServer) -> (Instance, Instance) {
@@ -340,10 +339,7 @@ async fn terminate_closes_the_users_connections_on_every_instance() {
 async fn watchlists_follow_users_across_instances_and_a_killed_one() {
     let redis = RedisServer::start().await;
     let a = Instance::start(pusher_config(&redis)).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let file = dir.path().join("crier.toml");
-    std::fs::write(&file, pusher_toml(&redis)).expect("write config");
-    let mut b = Process::start(&["--config", file.to_str().expect("path")], &[]).await;
+    let (mut b, _dir) = pusher_process(&redis).await;
     let (pa, pb) = (port(&a.addr), port(&b.addr));
     let mut d = Driver::start().await;
     let changes = |client: &'static str, name: &'static str, user: &'static str| {
@@ -382,14 +378,7 @@ async fn watchlists_follow_users_across_instances_and_a_killed_one() {
     // u2 on b again, then b is killed: offline once b's members expire.
     d.sign_in("u2c", pb, "u2", &[]).await;
     d.wait_nth(changes("w", "online", "u2"), 2).await;
-    let pid = b.child.id().expect("running");
-    let killed = Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .await
-        .expect("kill");
-    assert!(killed.success());
-    let _ = b.child.wait().await;
+    b.sigkill().await;
     d.wait_nth(changes("w", "offline", "u2"), 2).await;
     // u3 stayed online through its reload: its one `online` was the first.
     assert_eq!(d.count(changes("w", "offline", "u3")), 0, "u3 flickered");

@@ -360,9 +360,20 @@ impl Process {
 
     /// Sends SIGTERM with the real `kill` command, to this child only.
     pub async fn sigterm(&self) {
+        self.signal("-TERM").await;
+    }
+
+    /// Sends SIGKILL with the real `kill` command, to this child only, and
+    /// waits until it is gone.
+    pub async fn sigkill(&mut self) {
+        self.signal("-KILL").await;
+        let _ = self.child.wait().await;
+    }
+
+    async fn signal(&self, signal: &str) {
         let pid = self.child.id().expect("running");
         let status = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args([signal, &pid.to_string()])
             .status()
             .await
             .expect("run kill");

@@ -94,6 +94,18 @@ ttl = "1s"
     )
 }
 
+/// A crier child process (one a test can SIGKILL) serving [`pusher_toml`],
+/// and the directory its configuration file is in (keep it while the
+/// process runs).
+pub async fn pusher_process(redis: &RedisServer) -> (super::crier::Process, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("crier.toml");
+    std::fs::write(&file, pusher_toml(redis)).expect("write config");
+    let process =
+        super::crier::Process::start(&["--config", file.to_str().expect("path")], &[]).await;
+    (process, dir)
+}
+
 /// tests/pusher/driver.mjs: pusher-js clients and the server SDK in one
 /// Node process, a JSON line per command and per thing seen.
 pub struct Driver {
