@@ -367,8 +367,10 @@ async fn run(
     let _ = accepting.await;
     app.process.tasks.close();
     // Every connection leaves by itself within the drain window; the margin
-    // covers the last writes.
-    let deadline = shutdown.drain + Duration::from_secs(1);
+    // covers the last writes, and a signed-in Pusher user's linger before
+    // it is offline for its watchers.
+    let deadline =
+        shutdown.drain + Duration::from_secs(1) + crate::transport::pusher::WATCHLIST_LINGER;
     if tokio::time::timeout(deadline, app.process.tasks.wait())
         .await
         .is_err()

@@ -487,7 +487,7 @@ impl Pusher {
 /// How long a signed-in user stays online for their watchers after their
 /// last connection closed: a reconnect within it (a page reload, a
 /// drain's move to another instance) is never seen as going offline.
-const WATCHLIST_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+pub(crate) const WATCHLIST_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// `pusher:signin`'s data, as pusher-js sends what the app's user
 /// authentication endpoint returned.
