@@ -35,6 +35,8 @@ use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::sync::Semaphore;
 
+#[path = "bench/api.rs"]
+mod api;
 #[path = "bench/floor.rs"]
 mod floor;
 #[path = "bench/payload.rs"]
@@ -71,6 +73,10 @@ struct Args {
     /// Payloads are realistic JSON events (`bench/payload.rs`), different
     /// each time, of about `payload` bytes, instead of a padded one.
     payload_json: Option<payload::Kind>,
+    /// `--api SECONDS`: measure the HTTP publish APIs instead (`bench/api.rs`).
+    api: Option<u64>,
+    /// `--api-clients N`: keep-alive clients for `--api` (32).
+    api_clients: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -97,6 +103,8 @@ fn parse_args() -> Args {
         events: None,
         churn: false,
         payload_json: None,
+        api: None,
+        api_clients: 32,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -124,6 +132,10 @@ fn parse_args() -> Args {
             "--payload-json" => a.payload_json = a.payload_json.or(Some(payload::Kind::Mix)),
             "--events" => a.events = Some(0),
             "--churn" => a.churn = true,
+            "--api" => a.api = Some(value().parse().unwrap_or_else(|_| usage("--api SECONDS"))),
+            "--api-clients" => {
+                a.api_clients = value().parse().unwrap_or_else(|_| usage("--api-clients N"))
+            }
             "--json-kind" => {
                 a.payload_json = Some(
                     payload::Kind::parse(&value())
@@ -154,6 +166,62 @@ fn parse_args() -> Args {
         usage("--floor serves plain PUBLISH from Redis: not with --history or --memory");
     }
     a
+}
+
+/// `--api`: both publish APIs, one after the other, on the same crier.
+async fn api_bench(mut crier: Crier, redis: Option<Redis>, args: &Args, each: Duration) {
+    let body = |n: usize| {
+        let data = payload::event(
+            payload::Kind::Mix,
+            now_micros(),
+            n,
+            0,
+            args.payload.max(1024),
+        );
+        (
+            serde_json::json!({"name": "bench", "channels": ["bench.0"], "data": data}).to_string(),
+            serde_json::json!({"channel": "bench.0", "data": serde_json::from_str::<serde_json::Value>(&data).unwrap_or_default()}).to_string(),
+        )
+    };
+    let addr = crier.addr.clone();
+    println!("## crier bench: HTTP publish APIs, no subscriber");
+    println!(
+        "clients={} (keep-alive) seconds={} payload≈{}B",
+        args.api_clients,
+        each.as_secs(),
+        args.payload.max(1024)
+    );
+    println!("| API | requests/s | failed | crier CPU per request |");
+    println!("|---|---|---|---|");
+    for which in ["pusher", "publish"] {
+        let cpu_before = crier.cpu_seconds();
+        let counter = AtomicU64::new(0);
+        let request = || {
+            let (pusher, plain) = body(counter.fetch_add(1, Ordering::Relaxed) as usize);
+            match which {
+                "pusher" => api::pusher_request(&addr, "bench", "bench-secret-0123456789", &pusher),
+                _ => api::publish_request(&addr, "bench-key-0123456789", &plain),
+            }
+        };
+        let figures = api::hammer(&addr, request, args.api_clients, each).await;
+        let cpu = crier.cpu_seconds() - cpu_before;
+        let name = match which {
+            "pusher" => "POST /apps/{id}/events (signed)",
+            _ => "POST /api/publish",
+        };
+        println!(
+            "| {name} | {:.0} | {} | {:.1} µs |",
+            figures.requests as f64 / figures.secs,
+            figures.failed,
+            cpu * 1e6 / figures.requests.max(1) as f64
+        );
+    }
+    let _ = crier.child.start_kill();
+    let _ = crier.child.wait().await;
+    if let Some(mut r) = redis {
+        let _ = r.child.start_kill();
+        let _ = r.child.wait().await;
+    }
 }
 
 fn usage(why: &str) -> ! {
@@ -798,6 +866,9 @@ async fn main() {
         Some(start_redis().await)
     };
     let crier = start_crier(redis.as_ref().map(|r| r.port), &args).await;
+    if let Some(secs) = args.api {
+        return api_bench(crier, redis, &args, Duration::from_secs(secs)).await;
+    }
     let rss_idle = crier.metric("process_resident_memory_bytes").await;
 
     let hist = Arc::new(Histogram::new());
