@@ -20,9 +20,9 @@
 //! bytes every other client shares, not a private copy of its backlog
 //! (issue 20: 400 stalled clients held about 1 MiB each).
 //!
-//! Nothing here allocates while a connection is idle: the write buffer
-//! shrinks back after a burst, and a read buffer exists only while a
-//! client's frame is incomplete.
+//! Nothing here is held while a connection is idle: the write buffer is
+//! freed once written, a read buffer exists only while a client's frame
+//! is incomplete, and the timer of a full socket only while it is full.
 
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
@@ -36,8 +36,9 @@ use prometheus::IntCounter;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-/// A write buffer grown past this by a burst is freed once written.
-const KEEP_WRITE_BUFFER: usize = 4 * 1024;
+/// What a write buffer starts with when a wake-up first writes to it:
+/// room for a batch of small events without growing it step by step.
+const WRITE_BUFFER: usize = 512;
 /// What one read takes from the socket at most.
 const READ_CHUNK: usize = 4 * 1024;
 /// Shared bytes up to this size are copied into the write buffer: for so
@@ -101,38 +102,59 @@ impl Link {
 
     /// Writes `own` with `shared` in their places (see [`Out`]),
     /// leaving out the first `start` bytes.
+    ///
+    /// The future an idle connection's task carries is sized by its
+    /// largest await: nothing big lives across one here. The slices are
+    /// made afresh for each call ([`Link::write_now`]), and the timer and
+    /// readiness future of a full socket are boxed, since only a socket
+    /// that is full needs them.
     async fn write_all(
         &self,
         own: &[u8],
         shared: &[(usize, Bytes)],
         start: usize,
     ) -> Result<(), Gone> {
-        let stream = &self.socket.0.stream;
         let total = own.len() + shared.iter().map(|(_, b)| b.len()).sum::<usize>();
         let mut written = start;
         while written < total {
-            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-            let n = slices_from(own, shared, written, &mut slices);
-            match stream.try_write_vectored(&slices[..n]) {
-                Ok(0) => return Err(Gone),
-                Ok(n) => written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    // A timer only while the socket is full.
-                    match tokio::time::timeout(self.stall, stream.writable()).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) => return Err(Gone),
-                        Err(_) => {
-                            self.slow.inc();
-                            tracing::info!("client stopped reading: connection closed");
-                            return Err(Gone);
-                        }
-                    }
+            if self.write_now(own, shared, &mut written)? {
+                continue;
+            }
+            // A timer only while the socket is full.
+            let stream = &self.socket.0.stream;
+            match Box::pin(tokio::time::timeout(self.stall, stream.writable())).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Gone),
+                Err(_) => {
+                    self.slow.inc();
+                    tracing::info!("client stopped reading: connection closed");
+                    return Err(Gone);
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return Err(Gone),
             }
         }
         Ok(())
+    }
+
+    /// One vectored write from byte `written` on; `false` when the socket
+    /// is full.
+    fn write_now(
+        &self,
+        own: &[u8],
+        shared: &[(usize, Bytes)],
+        written: &mut usize,
+    ) -> Result<bool, Gone> {
+        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+        let n = slices_from(own, shared, *written, &mut slices);
+        match self.socket.0.stream.try_write_vectored(&slices[..n]) {
+            Ok(0) => Err(Gone),
+            Ok(n) => {
+                *written += n;
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(true),
+            Err(_) => Err(Gone),
+        }
     }
 
     /// Ends our side of the connection after what was written (a FIN, so
@@ -158,14 +180,14 @@ pub(crate) struct Out {
 impl Out {
     /// Appends a copy of `bytes`.
     pub(crate) fn extend_from_slice(&mut self, bytes: &[u8]) {
-        self.own.extend_from_slice(bytes);
+        self.own().extend_from_slice(bytes);
     }
 
     /// Appends `bytes` by reference (a small one is copied): a
     /// publication's encoding, shared with every recipient.
     pub(crate) fn push(&mut self, bytes: Bytes) {
         if bytes.len() < COPY_BELOW {
-            self.own.extend_from_slice(&bytes);
+            self.own().extend_from_slice(&bytes);
         } else {
             self.shared.push((self.own.len(), bytes));
         }
@@ -173,6 +195,9 @@ impl Out {
 
     /// The connection's own bytes, to append to (or to fill room kept in).
     pub(crate) fn own(&mut self) -> &mut Vec<u8> {
+        if self.own.capacity() == 0 {
+            self.own.reserve(WRITE_BUFFER);
+        }
         &mut self.own
     }
 
@@ -181,18 +206,12 @@ impl Out {
         self.own.len() + self.shared.iter().map(|(_, b)| b.len()).sum::<usize>()
     }
 
-    /// Empties it; a buffer grown by a burst is freed.
+    /// Empties it and frees its buffers: a connection holds no write
+    /// buffer between wake-ups (an allocation per wake-up costs far less
+    /// than its write, and most connections are idle most of the time).
     pub(crate) fn clear(&mut self) {
-        if self.own.capacity() > KEEP_WRITE_BUFFER {
-            self.own = Vec::new();
-        } else {
-            self.own.clear();
-        }
-        if self.shared.capacity() > MAX_SLICES {
-            self.shared = Vec::new();
-        } else {
-            self.shared.clear();
-        }
+        self.own = Vec::new();
+        self.shared = Vec::new();
     }
 }
 

@@ -7,12 +7,15 @@
 //! then carries its [`Principal`] and a [`Watch`] that tells the transport
 //! when the credential is about to end, has ended, or was revoked.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, Uri};
 use serde_json::{Map, Value};
-use tokio::time::{Instant, Interval};
+use tokio::time::{Instant, Interval, Sleep};
 
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -334,19 +337,28 @@ pub(crate) enum AuthEvent {
 
 /// Follows one connection's credential: its expiry, and for session logins
 /// a periodic re-read of the session (so a logout ends the connection).
+///
+/// Polled by hand ([`Watch::poll_next`]) rather than an `async fn`: an
+/// idle connection's task carries the future it waits in, and an
+/// `async fn` would reserve room for both of its timers in every
+/// connection. Here the one timer is boxed, and exists only for a
+/// credential that expires.
 pub(crate) struct Watch {
     auth: Arc<Authenticator>,
     principal: Principal,
+    /// When the credential ends, on the monotonic clock.
+    deadline: Option<Instant>,
     notified: bool,
+    /// The timer of the next notice or of the end, once polled.
+    clock: Option<Pin<Box<Sleep>>>,
     recheck: Option<Interval>,
-    /// A session re-read in flight. Kept here, not in the future returned
-    /// by [`Watch::next`]: transports poll `next` inside `select!`, and on a
-    /// busy channel a delivery would otherwise cancel every re-read.
+    /// A session re-read in flight. Kept here, not in a future: transports
+    /// poll the watch inside `select!`, and on a busy channel a delivery
+    /// would otherwise cancel every re-read.
     reading: Option<SessionRead>,
 }
 
-type SessionRead =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Principal, Failure>> + Send>>;
+type SessionRead = Pin<Box<dyn Future<Output = Result<Principal, Failure>> + Send>>;
 
 impl Watch {
     /// Starts watching `principal`.
@@ -354,7 +366,9 @@ impl Watch {
         let mut watch = Self {
             auth,
             principal: Principal::default(),
+            deadline: None,
             notified: false,
+            clock: None,
             recheck: None,
             reading: None,
         };
@@ -379,6 +393,7 @@ impl Watch {
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             interval
         });
+        self.deadline = principal.expires_at.map(instant_at);
         self.principal = principal;
         self.notified = false;
         self.reading = None;
@@ -386,32 +401,51 @@ impl Watch {
 
     /// Resolves at the next thing the connection must act on; pending
     /// forever for an anonymous or never-expiring credential.
+    #[cfg(test)]
     pub(crate) async fn next(&mut self) -> AuthEvent {
-        if self.principal.expires_at.is_none() && self.recheck.is_none() {
-            return std::future::pending().await;
-        }
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// [`Watch::next`] as a poll. Cancel-safe: a re-read in flight is kept
+    /// here, and a notice is marked sent only when it is returned.
+    pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<AuthEvent> {
         loop {
-            let deadline = self.principal.expires_at.map(instant_at);
-            let notice = deadline
-                .filter(|_| !self.notified)
-                .map(|d| d.checked_sub(self.auth.expiring_notice).unwrap_or(d));
-            tokio::select! {
-                _ = sleep_until(notice), if notice.is_some() => {
-                    self.notified = true;
-                    let left = deadline.map_or(0, |d| d.saturating_duration_since(Instant::now()).as_secs());
-                    return AuthEvent::Expiring { in_secs: left };
-                }
-                _ = sleep_until(deadline), if deadline.is_some() => return AuthEvent::Expired,
-                _ = tick(&mut self.recheck), if self.recheck.is_some() && self.reading.is_none() => {
-                    self.reading = self.start_read();
-                }
-                read = poll_read(&mut self.reading), if self.reading.is_some() => {
+            if let Some(read) = self.reading.as_mut() {
+                if let Poll::Ready(read) = read.as_mut().poll(cx) {
                     self.reading = None;
-                    if let Some(event) = self.judge(read) {
-                        return event;
+                    match self.judge(read) {
+                        Some(event) => return Poll::Ready(event),
+                        None => continue,
                     }
                 }
+            } else if let Some(recheck) = self.recheck.as_mut() {
+                if recheck.poll_tick(cx).is_ready() {
+                    self.reading = self.start_read();
+                    continue;
+                }
             }
+            let Some(deadline) = self.deadline else {
+                return Poll::Pending;
+            };
+            let notice = (!self.notified).then(|| {
+                deadline
+                    .checked_sub(self.auth.expiring_notice)
+                    .unwrap_or(deadline)
+            });
+            let at = notice.unwrap_or(deadline);
+            let clock = self
+                .clock
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+            if clock.deadline() != at {
+                clock.as_mut().reset(at);
+            }
+            ready!(clock.as_mut().poll(cx));
+            if notice.is_none() {
+                return Poll::Ready(AuthEvent::Expired);
+            }
+            self.notified = true;
+            let left = deadline.saturating_duration_since(Instant::now()).as_secs();
+            return Poll::Ready(AuthEvent::Expiring { in_secs: left });
         }
     }
 
@@ -437,6 +471,7 @@ impl Watch {
             Ok(fresh) if fresh.user == self.principal.user => {
                 if fresh.expires_at != self.principal.expires_at {
                     self.principal.expires_at = fresh.expires_at;
+                    self.deadline = fresh.expires_at.map(instant_at);
                     self.notified = false;
                 }
                 None
@@ -444,13 +479,6 @@ impl Watch {
             Err(failure) if failure.is_outage() => None,
             Ok(_) | Err(_) => Some(AuthEvent::Expired),
         }
-    }
-}
-
-async fn poll_read(reading: &mut Option<SessionRead>) -> Result<Principal, Failure> {
-    match reading {
-        Some(read) => read.as_mut().await,
-        None => std::future::pending().await,
     }
 }
 
@@ -464,21 +492,5 @@ fn instant_at(t: SystemTime) -> Instant {
             .checked_add(ahead)
             .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30)),
         Err(_) => now,
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
-
-async fn tick(interval: &mut Option<Interval>) {
-    match interval {
-        Some(i) => {
-            i.tick().await;
-        }
-        None => std::future::pending().await,
     }
 }

@@ -443,7 +443,7 @@ impl Session {
                 () = sign_in_deadline(&mut self.sign_in_by), if waiting_sign_in => {
                     return Event::NotSignedIn;
                 }
-                event = self.watch.next() => return match event {
+                event = poll_fn(|cx| self.watch.poll_next(cx)) => return match event {
                     AuthEvent::Expiring { in_secs } => Event::Expiring { in_secs },
                     AuthEvent::Expired => Event::Expired,
                 },

@@ -23,6 +23,7 @@ use http_body_util::BodyExt;
 
 use crate::app::{App, ConnInfo};
 use crate::config::Compression;
+use crate::fdlimit::Slot;
 use crate::history::Cursor;
 use crate::http::{rejected, Body, StreamQuery};
 use crate::link::{Gone, HandoffBody, Link, Out};
@@ -114,28 +115,24 @@ async fn open<B>(
             metrics: app.metrics.clone(),
         });
     let compressed = deflate.is_some();
-    // Counted while the stream lasts, however it ends.
-    let counted = compressed.then(|| Counted::new(&app.metrics.sse_compressed_connections));
     let live = Live {
         session,
         opening: Some(opening),
         chunked,
         done: false,
         deflate,
+        // The socket's descriptor slot goes where the socket goes.
+        _slot: info.slot.clone(),
+        _counted: compressed.then(|| Counted::new(&app.metrics.sse_compressed_connections)),
     };
     // hyper writes the head, then the stream leaves hyper (see
     // `crate::link`): the body only signals that the head is out.
     let stall = app.config.sse.write_timeout;
     let slow = app.metrics.slow_client_disconnects.clone();
     let task_app = Arc::clone(&app);
-    // The socket's descriptor slot goes where the socket goes.
-    let slot = info.slot.clone();
     info.handoff.offer(Box::new(move |stream| {
         let link = Link::new(stream, stall, slow);
-        task_app.process.tasks.spawn(async move {
-            let (_slot, _counted) = (slot, counted);
-            live.run(link).await
-        });
+        task_app.process.tasks.spawn(live.run(link));
     }));
     let body = HandoffBody(Arc::clone(&info.handoff)).boxed_unsync();
     let mut response = Response::new(body);
@@ -196,54 +193,65 @@ struct Live {
     /// shared, the stream's own bytes (its opening, `id:` lines with
     /// several channels, notices) as stored blocks.
     deflate: Option<Deflate>,
+    /// Held while the stream lasts: its descriptor slot, and its place in
+    /// the count of compressed streams.
+    _slot: Slot,
+    _counted: Option<Counted>,
 }
 
 impl Live {
     /// Serves the stream on `link` until it ends, the client leaves or
     /// falls behind.
-    async fn run(mut self, mut link: Link) {
-        let span = self.session.span();
-        let encoder = match (&self.deflate, self.chunked) {
-            (None, true) => Encoder::Plain(chunk),
-            (None, false) => Encoder::Plain(plain),
-            (Some(d), true) => Encoder::Deflated(deflated_chunk, d.clone(), None),
-            (Some(d), false) => Encoder::Deflated(deflated, d.clone(), None),
-        };
-        self.session.attach(link.outlet(), encoder);
-        loop {
-            self.open_chunk(&mut link.out);
-            if let Some(opening) = self.opening.take() {
-                self.own(&mut link.out, opening.as_bytes());
-            } else {
-                let more = tokio::select! {
+    ///
+    /// The stream's task is this future, and an idle stream's memory is
+    /// mostly its size: it is an `async` block over `self` and `link` in
+    /// place (an `async fn` keeps a second copy of its arguments), every
+    /// await inside is small, and rare paths box what they need.
+    fn run(mut self, mut link: Link) -> impl std::future::Future<Output = ()> + Send {
+        async move {
+            let span = self.session.span();
+            let encoder = match (&self.deflate, self.chunked) {
+                (None, true) => Encoder::Plain(chunk),
+                (None, false) => Encoder::Plain(plain),
+                (Some(d), true) => Encoder::Deflated(deflated_chunk, d.clone(), None),
+                (Some(d), false) => Encoder::Deflated(deflated, d.clone(), None),
+            };
+            self.session.attach(link.outlet(), encoder);
+            loop {
+                self.open_chunk(&mut link.out);
+                if let Some(opening) = self.opening.take() {
+                    self.own(&mut link.out, opening.as_bytes());
+                } else {
+                    let more = tokio::select! {
+                        biased;
+                        more = self.next_batch(&mut link.out, &span) => more,
+                        () = link.socket.closed() => false,
+                    };
+                    if !more {
+                        return;
+                    }
+                }
+                if self.done && self.deflate.is_some() {
+                    link.out.extend_from_slice(&deflate::END);
+                }
+                let start = self.close_chunk(&mut link.out);
+                if self.done && self.chunked {
+                    link.out.extend_from_slice(b"0\r\n\r\n");
+                }
+                // A client that stopped reading is cut off as soon as its
+                // queue overflows, or when the write stalls for too long.
+                let written = tokio::select! {
                     biased;
-                    more = self.next_batch(&mut link.out, &span) => more,
-                    () = link.socket.closed() => false,
+                    written = link.flush_from(start) => written,
+                    () = self.session.slowed() => Err(Gone),
                 };
-                if !more {
+                if written.is_err() {
                     return;
                 }
-            }
-            if self.done && self.deflate.is_some() {
-                link.out.extend_from_slice(&deflate::END);
-            }
-            let start = self.close_chunk(&mut link.out);
-            if self.done && self.chunked {
-                link.out.extend_from_slice(b"0\r\n\r\n");
-            }
-            // A client that stopped reading is cut off as soon as its
-            // queue overflows, or when the write stalls for too long.
-            let written = tokio::select! {
-                biased;
-                written = link.flush_from(start) => written,
-                () = self.session.slowed() => Err(Gone),
-            };
-            if written.is_err() {
-                return;
-            }
-            if self.done {
-                link.finish();
-                return;
+                if self.done {
+                    link.finish();
+                    return;
+                }
             }
         }
     }

@@ -29,7 +29,7 @@ use crate::fdlimit::Slot;
 use crate::http::{full, rejected, Body};
 pub use crate::link::Gone;
 use crate::link::Link;
-use crate::metrics::Transport;
+use crate::metrics::{Counted, Transport};
 use crate::protocol::{ChainSpec, Deflate, Encoder, Encoding, Follower, Publication};
 use crate::refusal::Refusal;
 use crate::session::{Admission, Event, Session, Verdict, Wire};
@@ -46,7 +46,8 @@ const CLOSE_LINGER: Duration = Duration::from_secs(1);
 
 /// Answers a WebSocket handshake with 101 (accepting `extension`, if
 /// any) and runs `serve` on the socket (with what the client sent right
-/// behind its handshake) once hyper lets it go; or answers why not.
+/// behind its handshake, and its descriptor slot) once hyper lets it go;
+/// or answers why not.
 fn upgrade<B, F, Fut>(
     app: &Arc<App>,
     mut req: Request<B>,
@@ -56,7 +57,7 @@ fn upgrade<B, F, Fut>(
 ) -> Response<Body>
 where
     B: Send + 'static,
-    F: FnOnce(TcpStream, Vec<u8>) -> Fut + Send + 'static,
+    F: FnOnce(TcpStream, Vec<u8>, Slot) -> Fut + Send + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let accept = match accept_key(&req) {
@@ -69,8 +70,6 @@ where
     let upgrade = hyper::upgrade::on(&mut req);
     let handshake = app.config.ws.handshake_timeout;
     app.process.tasks.spawn(async move {
-        // The socket's descriptor slot goes where the socket goes.
-        let _slot = slot;
         let upgraded = match tokio::time::timeout(handshake, upgrade).await {
             Ok(Ok(upgraded)) => upgraded,
             Ok(Err(e)) => return tracing::debug!(error = %e, "websocket upgrade failed"),
@@ -84,7 +83,8 @@ where
                 // read buffer, which must not live as long as the socket.
                 let early = parts.read_buf.to_vec();
                 drop(parts.read_buf);
-                serve(stream, early).await;
+                // The socket's descriptor slot goes where the socket goes.
+                serve(stream, early, slot).await;
             }
             Err(_) => tracing::warn!("websocket upgrade: not a TCP connection"),
         }
@@ -388,9 +388,74 @@ pub struct Conn {
     /// How the connection ends, once its protocol decided it must
     /// ([`Conn::end`]).
     ending: Option<End>,
+    /// Held while the connection lasts: its descriptor slot, and its
+    /// place in the count of compressed connections.
+    _slot: Slot,
+    _counted: Option<Counted>,
 }
 
 impl Conn {
+    /// The connection of protocol `P` on an upgraded socket: its session
+    /// opened, not yet greeted.
+    fn open<P: Protocol>(
+        app: Arc<App>,
+        socket: WebSocket,
+        peer: SocketAddr,
+        admission: Admission,
+        deflate: Option<(Deflate, deflate::Agreed)>,
+        slot: Slot,
+    ) -> Self {
+        let ws = &app.config.ws;
+        let wire = Wire {
+            transport: P::TRANSPORT,
+            heartbeat: ws.ping_interval,
+            idle_timeout: Some(ws.idle_timeout),
+            replay_overhead: 0,
+            replay_bytes: P::replay_bytes,
+            peer,
+        };
+        let counted = deflate
+            .is_some()
+            .then(|| Counted::new(&app.metrics.ws_compressed_connections));
+        let encoder = match deflate {
+            Some((settings, agreed)) => deflated_encoder::<P>(settings, agreed),
+            None => Encoder::Plain(plain::<P>),
+        };
+        let session = Session::open(app, admission, wire);
+        session.attach(socket.link.outlet(), encoder.clone());
+        let span = session.span();
+        Self {
+            session,
+            socket,
+            encoder,
+            span,
+            ending: None,
+            _slot: slot,
+            _counted: counted,
+        }
+    }
+
+    /// Serves the connection with `protocol` until it closes.
+    ///
+    /// This future is the connection's task, and an idle connection's
+    /// memory is mostly its size: an `async` block over `self` in place
+    /// (an `async fn` keeps a second copy of its arguments), whose
+    /// long-lived await ([`Conn::run`]) holds only small futures; the rare
+    /// paths (a message, the close) box theirs.
+    fn serve<P: Protocol>(mut self, mut protocol: P) -> impl Future<Output = ()> + Send {
+        async move {
+            let compressed = self._counted.is_some();
+            tracing::debug!(parent: &self.span, compressed, "websocket opened");
+            if let Ok(end) = self.run(&mut protocol).await {
+                log_end(&self.span, &end);
+                let (message, (code, reason)) = protocol.ending(&end);
+                tracing::debug!(parent: &self.span, code = code.0, %reason, "closing websocket");
+                Box::pin(finish(&mut self.socket, message, code, &reason)).await;
+            }
+            tracing::debug!(parent: &self.span, "websocket closed");
+        }
+    }
+
     /// The shared state the connection runs in.
     pub(crate) fn app(&self) -> &Arc<App> {
         self.session.app()
@@ -526,13 +591,19 @@ where
         req,
         info.slot,
         extension,
-        move |stream, early| async move {
+        move |stream, early, slot| async move {
             let mut socket = WebSocket::open(&task_app, stream, early, deflate.is_some());
             match admitted {
                 Ok((admission, protocol)) => {
-                    serve(task_app, socket, info.peer, admission, protocol, deflate).await;
+                    let conn =
+                        Conn::open::<P>(task_app, socket, info.peer, admission, deflate, slot);
+                    // The connection's own task, which carries nothing of
+                    // the upgrade's.
+                    let tasks = conn.app().process.tasks.clone();
+                    tasks.spawn(conn.serve(protocol));
                 }
                 Err((message, (code, reason))) => {
+                    let _slot = slot;
                     tracing::info!(code = code.0, %reason, "websocket connection refused");
                     finish(&mut socket, message, code, &reason).await;
                 }
@@ -571,52 +642,6 @@ fn deflated<P: Protocol>(p: &Publication, settings: &Deflate) -> Bytes {
         Some(slot) => p.on_wire(slot, |p| deflate::frame(&P::frame(p), settings)),
         None => deflate::frame(&P::frame(p), settings),
     }
-}
-
-/// Serves one connection of protocol `P` until it closes.
-async fn serve<P: Protocol>(
-    app: Arc<App>,
-    socket: WebSocket,
-    peer: SocketAddr,
-    admission: Admission,
-    mut protocol: P,
-    deflate: Option<(Deflate, deflate::Agreed)>,
-) {
-    let ws = &app.config.ws;
-    let wire = Wire {
-        transport: P::TRANSPORT,
-        heartbeat: ws.ping_interval,
-        idle_timeout: Some(ws.idle_timeout),
-        replay_overhead: 0,
-        replay_bytes: P::replay_bytes,
-        peer,
-    };
-    let compressed = deflate.is_some();
-    // Counted while the connection lasts, however it ends.
-    let _counted =
-        compressed.then(|| crate::metrics::Counted::new(&app.metrics.ws_compressed_connections));
-    let encoder = match deflate {
-        Some((settings, agreed)) => deflated_encoder::<P>(settings, agreed),
-        None => Encoder::Plain(plain::<P>),
-    };
-    let session = Session::open(app, admission, wire);
-    session.attach(socket.link.outlet(), encoder.clone());
-    let span = session.span();
-    let mut conn = Conn {
-        session,
-        socket,
-        encoder,
-        span,
-        ending: None,
-    };
-    tracing::debug!(parent: &conn.span, compressed, "websocket opened");
-    if let Ok(end) = conn.run(&mut protocol).await {
-        log_end(&conn.span, &end);
-        let (message, (code, reason)) = protocol.ending(&end);
-        tracing::debug!(parent: &conn.span, code = code.0, %reason, "closing websocket");
-        finish(&mut conn.socket, message, code, &reason).await;
-    }
-    tracing::debug!(parent: &conn.span, "websocket closed");
 }
 
 /// Sends `message`, if any, then the close frame.
