@@ -224,6 +224,40 @@ async fn api_bench(mut crier: Crier, redis: Option<Redis>, args: &Args, each: Du
     }
 }
 
+/// The kernel's memory for TCP sockets now, in bytes: the slab objects a
+/// connected socket holds (its `TCP` sock, socket inode, file, dentry,
+/// epoll entries) from `/proc/slabinfo`, and the buffer pages of
+/// `/proc/net/sockstat`. System-wide: read it when nothing else moves.
+/// `None` where slabinfo cannot be read (it needs root).
+fn kernel_socket_bytes() -> Option<f64> {
+    const SLABS: [&str; 6] = [
+        "TCP",
+        "sock_inode_cache",
+        "filp",
+        "dentry",
+        "epitem",
+        "eppoll_entry",
+    ];
+    let slabinfo = std::fs::read_to_string("/proc/slabinfo").ok()?;
+    let mut bytes = 0.0;
+    for line in slabinfo.lines() {
+        let mut fields = line.split_whitespace();
+        if fields.next().is_some_and(|name| SLABS.contains(&name)) {
+            let active: f64 = fields.next()?.parse().ok()?;
+            let _total = fields.next()?;
+            let size: f64 = fields.next()?.parse().ok()?;
+            bytes += active * size;
+        }
+    }
+    let sockstat = std::fs::read_to_string("/proc/net/sockstat").ok()?;
+    let pages: f64 = sockstat
+        .lines()
+        .find(|l| l.starts_with("TCP:"))
+        .and_then(|l| l.split_whitespace().skip_while(|w| *w != "mem").nth(1))
+        .and_then(|p| p.parse().ok())?;
+    Some(bytes + pages * 4096.0)
+}
+
 fn usage(why: &str) -> ! {
     eprintln!(
         "bench: {why}\nusage: bench [--clients N] [--channels N] [--messages N] [--rate PER_SEC_PER_CHANNEL] \
@@ -870,6 +904,7 @@ async fn main() {
         return api_bench(crier, redis, &args, Duration::from_secs(secs)).await;
     }
     let rss_idle = crier.metric("process_resident_memory_bytes").await;
+    let kernel_idle = kernel_socket_bytes();
 
     let hist = Arc::new(Histogram::new());
     let received = Arc::new(AtomicU64::new(0));
@@ -920,6 +955,7 @@ async fn main() {
     }
     let connect_secs = started.elapsed().as_secs_f64();
     let rss_connected = crier.metric("process_resident_memory_bytes").await;
+    let kernel_connected = kernel_socket_bytes();
     let cpu_before = crier.cpu_seconds();
 
     // Publish: every channel gets `messages`, `rate` per second each.
@@ -998,6 +1034,17 @@ async fn main() {
         "| memory per connection | {:.1} KiB |",
         (rss_connected - rss_idle) / args.clients as f64 / 1024.0
     );
+    if let (Some(idle), Some(connected)) = (kernel_idle, kernel_connected) {
+        // Both ends of every connection are sockets of this machine: the
+        // server's share is taken as half.
+        let kernel = (connected - idle) / 2.0 / args.clients as f64 / 1024.0;
+        let rss = (rss_connected - rss_idle) / args.clients as f64 / 1024.0;
+        println!("| kernel socket memory per connection (half of both ends) | {kernel:.1} KiB |");
+        println!(
+            "| crier RSS + kernel per connection | {:.1} KiB |",
+            rss + kernel
+        );
+    }
     println!(
         "| crier RSS after the run | {:.1} MiB |",
         rss_peak / 1048576.0

@@ -399,15 +399,10 @@ impl Watch {
         self.reading = None;
     }
 
-    /// Resolves at the next thing the connection must act on; pending
-    /// forever for an anonymous or never-expiring credential.
-    #[cfg(test)]
-    pub(crate) async fn next(&mut self) -> AuthEvent {
-        std::future::poll_fn(|cx| self.poll_next(cx)).await
-    }
-
-    /// [`Watch::next`] as a poll. Cancel-safe: a re-read in flight is kept
-    /// here, and a notice is marked sent only when it is returned.
+    /// Ready at the next thing the connection must act on; pending
+    /// forever for an anonymous or never-expiring credential. Cancel-safe:
+    /// a re-read in flight is kept here, and a notice is marked sent only
+    /// when it is returned.
     pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<AuthEvent> {
         loop {
             if let Some(read) = self.reading.as_mut() {

@@ -207,6 +207,10 @@ impl Live {
     /// mostly its size: it is an `async` block over `self` and `link` in
     /// place (an `async fn` keeps a second copy of its arguments), every
     /// await inside is small, and rare paths box what they need.
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn would keep a second copy of its arguments"
+    )]
     fn run(mut self, mut link: Link) -> impl std::future::Future<Output = ()> + Send {
         async move {
             let span = self.session.span();

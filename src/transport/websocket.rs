@@ -442,6 +442,10 @@ impl Conn {
     /// (an `async fn` keeps a second copy of its arguments), whose
     /// long-lived await ([`Conn::run`]) holds only small futures; the rare
     /// paths (a message, the close) box theirs.
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn would keep a second copy of its arguments"
+    )]
     fn serve<P: Protocol>(mut self, mut protocol: P) -> impl Future<Output = ()> + Send {
         async move {
             let compressed = self._counted.is_some();
