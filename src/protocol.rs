@@ -94,17 +94,37 @@ pub(crate) struct Deflate {
 pub(crate) enum Encoder {
     /// The protocol's bytes, as every such connection gets them.
     Plain(fn(&Publication) -> Bytes),
-    /// Compressed as `Deflate` says: a WebSocket that negotiated
-    /// permessage-deflate; with a [`Follower`] when it may take its
-    /// channels' chains (it let crier keep a compression context).
-    Deflated(
-        fn(&Publication, &Deflate) -> Bytes,
-        Deflate,
-        Option<Follower>,
-    ),
+    /// Compressed: a WebSocket that negotiated permessage-deflate, or a
+    /// compressed SSE stream. Out of line (shared by the connection's
+    /// task and its mailbox), so the many connections that compress
+    /// nothing carry one word for it.
+    Deflated(std::sync::Arc<Compressed>),
+}
+
+/// How a compressing connection encodes: see [`Encoder::Deflated`].
+pub(crate) struct Compressed {
+    encode: fn(&Publication, &Deflate) -> Bytes,
+    deflate: Deflate,
+    /// When the connection may take its channels' chains (it let crier
+    /// keep a compression context).
+    follower: Option<Follower>,
 }
 
 impl Encoder {
+    /// Compressed with `deflate` by `encode`, following chains with
+    /// `follower`, if any.
+    pub(crate) fn deflated(
+        encode: fn(&Publication, &Deflate) -> Bytes,
+        deflate: Deflate,
+        follower: Option<Follower>,
+    ) -> Self {
+        Encoder::Deflated(std::sync::Arc::new(Compressed {
+            encode,
+            deflate,
+            follower,
+        }))
+    }
+
     /// `p` as this connection writes it. A connection following a chain
     /// takes the chain's bytes when they are the next of the chain it
     /// follows, or the first of a new epoch; any other bytes that break
@@ -114,17 +134,20 @@ impl Encoder {
     /// never: a publication encoded again (a direct write refused, then
     /// queued) finds the follower past it and gets bytes of its own.
     pub(crate) fn encode(&self, p: &Publication) -> Bytes {
-        match self {
-            Encoder::Plain(encode) => encode(p),
-            Encoder::Deflated(encode, deflate, None) => encode(p, deflate),
-            Encoder::Deflated(encode, deflate, Some(follower)) => {
+        let c = match self {
+            Encoder::Plain(encode) => return encode(p),
+            Encoder::Deflated(c) => c,
+        };
+        match &c.follower {
+            None => (c.encode)(p, &c.deflate),
+            Some(follower) => {
                 if let Some(link) = p.chained.iter().find(|c| c.key == follower.spec.key) {
                     if link.seq == 0 || follower.at() == (link.epoch, link.seq) {
                         follower.set(link.epoch, link.seq + 1);
                         return link.bytes.clone();
                     }
                 }
-                let bytes = encode(p, deflate);
+                let bytes = (c.encode)(p, &c.deflate);
                 if (follower.spec.breaks)(&bytes) {
                     follower.set(0, 0);
                 }
@@ -136,8 +159,8 @@ impl Encoder {
     /// The chain this connection may follow, if any.
     pub(crate) fn chain(&self) -> Option<&ChainSpec> {
         match self {
-            Encoder::Deflated(_, _, Some(follower)) => Some(&follower.spec),
-            _ => None,
+            Encoder::Deflated(c) => c.follower.as_ref().map(|f| &f.spec),
+            Encoder::Plain(_) => None,
         }
     }
 }

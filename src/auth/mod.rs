@@ -341,16 +341,21 @@ pub(crate) enum AuthEvent {
 /// Polled by hand ([`Watch::poll_next`]) rather than an `async fn`: an
 /// idle connection's task carries the future it waits in, and an
 /// `async fn` would reserve room for both of its timers in every
-/// connection. Here the one timer is boxed, and exists only for a
-/// credential that expires.
+/// connection. Here the clocks are out of line, and exist only for a
+/// credential that expires or is re-read.
 pub(crate) struct Watch {
     auth: Arc<Authenticator>,
     principal: Principal,
+    clocks: Option<Box<Clocks>>,
+}
+
+/// The clocks of a credential that expires or whose session is re-read.
+struct Clocks {
     /// When the credential ends, on the monotonic clock.
     deadline: Option<Instant>,
     notified: bool,
     /// The timer of the next notice or of the end, once polled.
-    clock: Option<Pin<Box<Sleep>>>,
+    timer: Option<Pin<Box<Sleep>>>,
     recheck: Option<Interval>,
     /// A session re-read in flight. Kept here, not in a future: transports
     /// poll the watch inside `select!`, and on a busy channel a delivery
@@ -366,11 +371,7 @@ impl Watch {
         let mut watch = Self {
             auth,
             principal: Principal::default(),
-            deadline: None,
-            notified: false,
-            clock: None,
-            recheck: None,
-            reading: None,
+            clocks: None,
         };
         watch.replace(principal);
         watch
@@ -388,15 +389,22 @@ impl Watch {
             (Some(SessionRef::Webhook(_)), _, Some(hook)) => Some(hook.recheck()),
             _ => None,
         };
-        self.recheck = every.map(|every| {
+        let recheck = every.map(|every| {
             let mut interval = tokio::time::interval_at(Instant::now() + every, every);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             interval
         });
-        self.deadline = principal.expires_at.map(instant_at);
+        let deadline = principal.expires_at.map(instant_at);
+        self.clocks = (deadline.is_some() || recheck.is_some()).then(|| {
+            Box::new(Clocks {
+                deadline,
+                notified: false,
+                timer: None,
+                recheck,
+                reading: None,
+            })
+        });
         self.principal = principal;
-        self.notified = false;
-        self.reading = None;
     }
 
     /// Ready at the next thing the connection must act on; pending
@@ -405,57 +413,46 @@ impl Watch {
     /// when it is returned.
     pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<AuthEvent> {
         loop {
-            if let Some(read) = self.reading.as_mut() {
+            let Some(clocks) = self.clocks.as_deref_mut() else {
+                return Poll::Pending;
+            };
+            if let Some(read) = clocks.reading.as_mut() {
                 if let Poll::Ready(read) = read.as_mut().poll(cx) {
-                    self.reading = None;
+                    clocks.reading = None;
                     match self.judge(read) {
                         Some(event) => return Poll::Ready(event),
                         None => continue,
                     }
                 }
-            } else if let Some(recheck) = self.recheck.as_mut() {
+            } else if let Some(recheck) = clocks.recheck.as_mut() {
                 if recheck.poll_tick(cx).is_ready() {
-                    self.reading = self.start_read();
+                    clocks.reading = start_read(&self.auth, &self.principal);
                     continue;
                 }
             }
-            let Some(deadline) = self.deadline else {
+            let Some(deadline) = clocks.deadline else {
                 return Poll::Pending;
             };
-            let notice = (!self.notified).then(|| {
+            let notice = (!clocks.notified).then(|| {
                 deadline
                     .checked_sub(self.auth.expiring_notice)
                     .unwrap_or(deadline)
             });
             let at = notice.unwrap_or(deadline);
-            let clock = self
-                .clock
+            let timer = clocks
+                .timer
                 .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
-            if clock.deadline() != at {
-                clock.as_mut().reset(at);
+            if timer.deadline() != at {
+                timer.as_mut().reset(at);
             }
-            ready!(clock.as_mut().poll(cx));
+            ready!(timer.as_mut().poll(cx));
             if notice.is_none() {
                 return Poll::Ready(AuthEvent::Expired);
             }
-            self.notified = true;
+            clocks.notified = true;
             let left = deadline.saturating_duration_since(Instant::now()).as_secs();
             return Poll::Ready(AuthEvent::Expiring { in_secs: left });
         }
-    }
-
-    fn start_read(&self) -> Option<SessionRead> {
-        let session = self.principal.session.clone()?;
-        let auth = Arc::clone(&self.auth);
-        Some(Box::pin(async move {
-            match (session, &auth.session, &auth.webhook) {
-                (SessionRef::Store(id), Some(store), _) => store.load(&id).await,
-                (SessionRef::Webhook(credential), _, Some(hook)) => {
-                    hook.recheck_now(credential).await
-                }
-                _ => Err(Failure::NotAccepted),
-            }
-        }))
     }
 
     /// A re-read session: gone or logged out ends the connection; an
@@ -466,8 +463,10 @@ impl Watch {
             Ok(fresh) if fresh.user == self.principal.user => {
                 if fresh.expires_at != self.principal.expires_at {
                     self.principal.expires_at = fresh.expires_at;
-                    self.deadline = fresh.expires_at.map(instant_at);
-                    self.notified = false;
+                    if let Some(clocks) = self.clocks.as_deref_mut() {
+                        clocks.deadline = fresh.expires_at.map(instant_at);
+                        clocks.notified = false;
+                    }
                 }
                 None
             }
@@ -475,6 +474,19 @@ impl Watch {
             Ok(_) | Err(_) => Some(AuthEvent::Expired),
         }
     }
+}
+
+/// A re-read of `principal`'s session, if it has one.
+fn start_read(auth: &Arc<Authenticator>, principal: &Principal) -> Option<SessionRead> {
+    let session = principal.session.clone()?;
+    let auth = Arc::clone(auth);
+    Some(Box::pin(async move {
+        match (session, &auth.session, &auth.webhook) {
+            (SessionRef::Store(id), Some(store), _) => store.load(&id).await,
+            (SessionRef::Webhook(credential), _, Some(hook)) => hook.recheck_now(credential).await,
+            _ => Err(Failure::NotAccepted),
+        }
+    }))
 }
 
 /// The monotonic deadline of wall-clock time `t`. Credential times are

@@ -640,7 +640,12 @@ impl Session {
     /// one walk of the rules (none for a channel its admission resolved).
     fn resolve(&mut self, channel: &str, grant: Grant) -> Result<Arc<Rule>, Refusal> {
         if let Some(i) = self.admitted_rules.iter().position(|(c, _)| c == channel) {
-            return Ok(self.admitted_rules.swap_remove(i).1);
+            let rule = self.admitted_rules.swap_remove(i).1;
+            if self.admitted_rules.is_empty() {
+                // Every named channel is subscribed: free the list.
+                self.admitted_rules = Vec::new();
+            }
+            return Ok(rule);
         }
         match grant {
             Grant::Credential => admit::resolve(&self.app, channel, self.watch.principal()),

@@ -9,7 +9,6 @@
 //! whose id is not newer than what this connection already delivered. Any
 //! instance can do this: the position travels with the client.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -23,10 +22,12 @@ use crate::policy::Rule;
 use crate::protocol::{wanted, Filter, Kind, Publication};
 use crate::refusal::Refusal;
 
-/// What this connection has delivered, per history channel.
+/// What this connection has delivered, per history channel: a list, not
+/// a map (a connection has few channels, and an empty list is half the
+/// size of an empty map in every connection).
 #[derive(Debug, Default)]
 pub(crate) struct Tracker {
-    last: HashMap<String, StreamId>,
+    last: Vec<(String, StreamId)>,
 }
 
 impl Tracker {
@@ -36,14 +37,14 @@ impl Tracker {
         let (Kind::Message, Some(id)) = (p.kind, p.id) else {
             return true;
         };
-        match self.last.get_mut(&p.channel) {
-            Some(last) if *last >= id => false,
-            Some(last) => {
+        match self.last.iter_mut().find(|(c, _)| *c == p.channel) {
+            Some((_, last)) if *last >= id => false,
+            Some((_, last)) => {
                 *last = id;
                 true
             }
             None => {
-                self.last.insert(p.channel.clone(), id);
+                self.last.push((p.channel.clone(), id));
                 true
             }
         }
@@ -57,12 +58,20 @@ impl Tracker {
     /// Whether `channel` is the only history channel of this connection
     /// (its cursor is then the publication's own).
     pub(crate) fn is_only(&self, channel: &str) -> bool {
-        self.last.len() == 1 && self.last.contains_key(channel)
+        self.last.len() == 1 && self.last[0].0 == channel
+    }
+
+    /// Sets the position in `channel`.
+    fn set(&mut self, channel: &str, id: StreamId) {
+        match self.last.iter_mut().find(|(c, _)| c == channel) {
+            Some((_, last)) => *last = id,
+            None => self.last.push((channel.to_owned(), id)),
+        }
     }
 
     /// Forgets a channel (unsubscribed).
     pub(super) fn forget(&mut self, channel: &str) {
-        self.last.remove(channel);
+        self.last.retain(|(c, _)| c != channel);
     }
 }
 
@@ -234,7 +243,7 @@ pub(super) async fn open(
         Some(false) => newest,
         _ => from,
     };
-    tracker.last.insert(channel.to_owned(), position);
+    tracker.set(channel, position);
 
     // Delivered through the connection's tracker like live messages, so
     // the position advances as each one is actually sent.
@@ -289,7 +298,7 @@ fn replayed(
 /// A `gap` for `channel`, this connection resuming after `newest`.
 fn gap_at(app: &App, tracker: &mut Tracker, channel: &str, newest: StreamId) -> Opened {
     app.metrics.gaps.inc();
-    tracker.last.insert(channel.to_owned(), newest);
+    tracker.set(channel, newest);
     Opened {
         replay: vec![Arc::new(Publication::gap(channel))],
         recovered: Some(false),

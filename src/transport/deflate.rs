@@ -574,7 +574,7 @@ mod tests {
     fn a_follower_takes_links_in_order_and_leaves_on_anything_else() {
         let spec = spec(64);
         let chain = (spec.make)(&spec);
-        let encoder = Encoder::Deflated(
+        let encoder = Encoder::deflated(
             |p, d| frame(&text_frame(p.frame.as_bytes()), d),
             spec.deflate.clone(),
             Some(Follower::new(spec.clone())),

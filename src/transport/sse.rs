@@ -217,8 +217,8 @@ impl Live {
             let encoder = match (&self.deflate, self.chunked) {
                 (None, true) => Encoder::Plain(chunk),
                 (None, false) => Encoder::Plain(plain),
-                (Some(d), true) => Encoder::Deflated(deflated_chunk, d.clone(), None),
-                (Some(d), false) => Encoder::Deflated(deflated, d.clone(), None),
+                (Some(d), true) => Encoder::deflated(deflated_chunk, d.clone(), None),
+                (Some(d), false) => Encoder::deflated(deflated, d.clone(), None),
             };
             self.session.attach(link.outlet(), encoder);
             loop {

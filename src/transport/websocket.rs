@@ -636,7 +636,7 @@ fn deflated_encoder<P: Protocol>(settings: Deflate, agreed: deflate::Agreed) -> 
         })),
         _ => None,
     };
-    Encoder::Deflated(deflated::<P>, settings, follower)
+    Encoder::deflated(deflated::<P>, settings, follower)
 }
 
 /// A publication as protocol `P`'s compressed frame: made once per
