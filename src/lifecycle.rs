@@ -37,11 +37,14 @@ pub(crate) trait Bell: Send + Sync {
     fn ring(&self, signal: Signal);
 }
 
-/// One connection on the clock.
+/// One connection on the clock: kept small (one per connection), with
+/// its times in milliseconds of the clock's own epoch.
 struct Entry {
     bell: Weak<dyn Bell>,
-    every: Duration,
-    due: Instant,
+    /// When its heartbeat is next due.
+    due_ms: u64,
+    /// Its heartbeat period (at most 49 days).
+    every_ms: u32,
     drained: bool,
 }
 
@@ -52,6 +55,8 @@ pub(crate) struct Lifecycle {
     window: Duration,
     /// Every open connection, by id.
     clock: Mutex<HashMap<u64, Entry>>,
+    /// What the entries' times count from.
+    epoch: Instant,
 }
 
 impl std::fmt::Debug for Lifecycle {
@@ -71,6 +76,7 @@ impl Lifecycle {
             drain: CancellationToken::new(),
             window,
             clock: Mutex::new(HashMap::new()),
+            epoch: Instant::now(),
         }
     }
 
@@ -87,10 +93,11 @@ impl Lifecycle {
         let draining = {
             let mut clock = self.clock();
             let draining = self.drain.is_cancelled();
+            let every_ms = u32::try_from(every.as_millis()).unwrap_or(u32::MAX);
             let entry = Entry {
                 bell: bell.clone(),
-                every,
-                due: Instant::now() + every,
+                due_ms: self.now_ms() + u64::from(every_ms),
+                every_ms,
                 drained: draining,
             };
             clock.insert(id, entry);
@@ -99,6 +106,11 @@ impl Lifecycle {
         if let (true, Some(bell)) = (draining, bell.upgrade()) {
             bell.ring(Signal::Drain);
         }
+    }
+
+    /// Milliseconds since the clock's epoch.
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Takes connection `id` off the clock.
@@ -123,14 +135,14 @@ impl Lifecycle {
 
     /// Rings what is due. The bells ring outside the lock.
     fn sweep(&self) {
-        let now = Instant::now();
+        let now = self.now_ms();
         let draining = self.drain.is_cancelled();
         let mut due = Vec::new();
         for entry in self.clock().values_mut() {
             let drain = draining && !std::mem::replace(&mut entry.drained, true);
-            let beat = entry.due <= now;
+            let beat = entry.due_ms <= now;
             if beat {
-                entry.due = now + entry.every;
+                entry.due_ms = now + u64::from(entry.every_ms);
             }
             if drain || beat {
                 if let Some(bell) = entry.bell.upgrade() {

@@ -25,7 +25,9 @@
 //! is incomplete, and the timer of a full socket only while it is full.
 
 use std::future::poll_fn;
+use std::future::Future;
 use std::io::{self, IoSlice};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll, Waker};
@@ -62,6 +64,9 @@ pub(crate) struct Link {
     stall: Duration,
     /// `crier_slow_client_disconnects_total`.
     slow: IntCounter,
+    /// The timer of a write that makes no progress, while the socket is
+    /// full.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl Link {
@@ -72,6 +77,7 @@ impl Link {
             out: Out::default(),
             stall,
             slow,
+            stalled: None,
         }
     }
 
@@ -92,47 +98,72 @@ impl Link {
     /// Direct writes stop first, and what one of them left unwritten goes
     /// out before the buffer.
     pub(crate) async fn flush_from(&mut self, start: usize) -> Result<(), Gone> {
-        if let Some(unwritten) = self.socket.0.close().await {
-            self.write_all(&[], &[(0, unwritten)], 0).await?;
-        }
-        let written = self.write_all(&self.out.own, &self.out.shared, start).await;
+        let unwritten = self.socket.0.close().await;
+        let written = match unwritten {
+            Some(rest) => {
+                let mut at = 0;
+                let rest = [(0, rest)];
+                poll_fn(|cx| self.poll_write(cx, &[], &rest, &mut at)).await
+            }
+            None => Ok(()),
+        };
+        let written = match written {
+            Ok(()) => {
+                let mut at = start;
+                let out = std::mem::take(&mut self.out);
+                poll_fn(|cx| self.poll_write(cx, &out.own, &out.shared, &mut at)).await
+            }
+            Err(gone) => Err(gone),
+        };
         self.out.clear();
+        self.stalled = None;
         written
     }
 
-    /// Writes `own` with `shared` in their places (see [`Out`]),
-    /// leaving out the first `start` bytes.
+    /// Writes `own` with `shared` in their places (see [`Out`]) from byte
+    /// `at` on, moving `at` as it goes.
     ///
-    /// The future an idle connection's task carries is sized by its
-    /// largest await: nothing big lives across one here. The slices are
-    /// made afresh for each call ([`Link::write_now`]), and the timer and
-    /// readiness future of a full socket are boxed, since only a socket
-    /// that is full needs them.
-    async fn write_all(
-        &self,
+    /// A poll, not an `async fn`: the future an idle connection's task
+    /// carries is sized by its largest await, and this is every
+    /// connection's. The slices are made afresh for each write
+    /// ([`Link::write_now`]), and the timer of a full socket is boxed and
+    /// exists only while it is full; any progress starts it again.
+    fn poll_write(
+        &mut self,
+        cx: &mut Context<'_>,
         own: &[u8],
         shared: &[(usize, Bytes)],
-        start: usize,
-    ) -> Result<(), Gone> {
+        at: &mut usize,
+    ) -> Poll<Result<(), Gone>> {
         let total = own.len() + shared.iter().map(|(_, b)| b.len()).sum::<usize>();
-        let mut written = start;
-        while written < total {
-            if self.write_now(own, shared, &mut written)? {
+        let mut progressed = false;
+        loop {
+            if *at >= total {
+                return Poll::Ready(Ok(()));
+            }
+            if self.write_now(own, shared, at)? {
+                progressed = true;
                 continue;
             }
-            // A timer only while the socket is full.
-            let stream = &self.socket.0.stream;
-            match Box::pin(tokio::time::timeout(self.stall, stream.writable())).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Err(Gone),
-                Err(_) => {
-                    self.slow.inc();
-                    tracing::info!("client stopped reading: connection closed");
-                    return Err(Gone);
-                }
+            match self.socket.0.stream.poll_write_ready(cx) {
+                Poll::Ready(Ok(())) => continue,
+                Poll::Ready(Err(_)) => return Poll::Ready(Err(Gone)),
+                Poll::Pending => {}
             }
+            let deadline = tokio::time::Instant::now() + self.stall;
+            let timer = self
+                .stalled
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if progressed {
+                timer.as_mut().reset(deadline);
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                self.slow.inc();
+                tracing::info!("client stopped reading: connection closed");
+                return Poll::Ready(Err(Gone));
+            }
+            return Poll::Pending;
         }
-        Ok(())
     }
 
     /// One vectored write from byte `written` on; `false` when the socket
@@ -453,13 +484,23 @@ impl Socket {
         }
     }
 
-    /// Resolves when the client closes its side (or the socket fails).
+    /// Ready when the client closes its side (or the socket fails).
     /// Anything it sends meanwhile is read and dropped: for streams whose
-    /// clients only listen. Cancel-safe.
-    pub(crate) async fn closed(&self) {
-        let mut dropped = Vec::new();
-        while let Ok(1..) = self.read(&mut dropped).await {
-            dropped.clear();
+    /// clients only listen. What it drops goes through a buffer on the
+    /// stack, so a waiting stream holds none.
+    pub(crate) fn poll_closed(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut dropped = [0u8; 512];
+        loop {
+            if ready!(self.0.stream.poll_read_ready(cx)).is_err() {
+                return Poll::Ready(());
+            }
+            match self.0.stream.try_read(&mut dropped) {
+                Ok(0) => return Poll::Ready(()),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Poll::Ready(()),
+            }
         }
     }
 }

@@ -17,10 +17,11 @@
 //!   idle clock, and its command rate ([`rate`]).
 
 use std::collections::VecDeque;
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
+use std::task::{ready, Poll};
 use std::time::{Duration, SystemTime};
 
 use prometheus::IntCounter;
@@ -426,52 +427,63 @@ impl Session {
     /// Resolves at the next thing the connection must do. Cancel-safe:
     /// call it inside `select!` next to the protocol's own reads.
     pub(crate) async fn next(&mut self) -> Event {
+        poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    /// [`Session::next`] as a poll. Written by hand, not as a `select!`:
+    /// an idle connection's task waits in this, and its size is every
+    /// connection's (the timers it polls are boxed, and exist only while
+    /// they run). In order: the queue's overflow, what is ready to
+    /// deliver, a termination, the sign-in deadline, the credential, the
+    /// connection's moment in a drain, then the mailbox.
+    pub(crate) fn poll_next(&mut self, cx: &mut std::task::Context<'_>) -> Poll<Event> {
         loop {
             if self.mailbox.is_slow() {
-                return Event::Slow;
+                return Poll::Ready(Event::Slow);
             }
             if let Some(p) = self.try_next() {
-                return Event::Deliver(p);
+                return Poll::Ready(Event::Deliver(p));
             }
             if self.terminated {
-                return Event::Terminated;
+                return Poll::Ready(Event::Terminated);
             }
-            let leaving = matches!(self.drain, Drain::Leaving { .. });
-            let waiting_sign_in = self.sign_in_by.is_some();
-            tokio::select! {
-                biased;
-                () = sign_in_deadline(&mut self.sign_in_by), if waiting_sign_in => {
-                    return Event::NotSignedIn;
+            if let Some(by) = self.sign_in_by.as_mut() {
+                if by.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::NotSignedIn);
                 }
-                event = poll_fn(|cx| self.watch.poll_next(cx)) => return match event {
+            }
+            if let Poll::Ready(event) = self.watch.poll_next(cx) {
+                return Poll::Ready(match event {
                     AuthEvent::Expiring { in_secs } => Event::Expiring { in_secs },
                     AuthEvent::Expired => Event::Expired,
-                },
-                _ = leave(&mut self.drain), if leaving => {
-                    if let Drain::Leaving { retry_ms, .. } = self.drain {
-                        self.drain = Drain::Done;
-                        return Event::Reconnect { after_ms: retry_ms };
+                });
+            }
+            if let Drain::Leaving { at, retry_ms } = &mut self.drain {
+                if at.as_mut().poll(cx).is_ready() {
+                    let after_ms = *retry_ms;
+                    self.drain = Drain::Done;
+                    return Poll::Ready(Event::Reconnect { after_ms });
+                }
+            }
+            let mail = ready!(self.mailbox.poll_next(cx, &mut self.batch));
+            match mail {
+                Mail::Slow => return Poll::Ready(Event::Slow),
+                Mail::Drain => {
+                    if matches!(self.drain, Drain::Waiting) {
+                        let (wait, retry_ms) = self.app.process.lifecycle.my_turn();
+                        let at = Box::pin(tokio::time::sleep(wait));
+                        self.drain = Drain::Leaving { at, retry_ms };
                     }
                 }
-                mail = poll_fn(|cx| self.mailbox.poll_next(cx, &mut self.batch)) => match mail {
-                    Mail::Slow => return Event::Slow,
-                    Mail::Drain => {
-                        if matches!(self.drain, Drain::Waiting) {
-                            let (wait, retry_ms) = self.app.process.lifecycle.my_turn();
-                            let at = Box::pin(tokio::time::sleep(wait));
-                            self.drain = Drain::Leaving { at, retry_ms };
-                        }
-                    }
-                    Mail::Publications => {}
-                    Mail::Unwritten => return Event::Flush,
-                    Mail::Heartbeat => {
-                        let idle = self
-                            .talk
-                            .as_ref()
-                            .is_some_and(|t| t.last_heard.elapsed() >= t.idle_timeout);
-                        return if idle { Event::Idle } else { Event::Heartbeat };
-                    }
-                },
+                Mail::Publications => {}
+                Mail::Unwritten => return Poll::Ready(Event::Flush),
+                Mail::Heartbeat => {
+                    let idle = self
+                        .talk
+                        .as_ref()
+                        .is_some_and(|t| t.last_heard.elapsed() >= t.idle_timeout);
+                    return Poll::Ready(if idle { Event::Idle } else { Event::Heartbeat });
+                }
             }
         }
     }
@@ -857,22 +869,6 @@ impl Session {
             self.unsubscribe(channel);
         }
         revoked
-    }
-}
-
-/// Resolves when the connection had to have signed in by.
-async fn sign_in_deadline(by: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
-    match by {
-        Some(at) => at.await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Resolves at the connection's moment to leave, once the drain began.
-async fn leave(drain: &mut Drain) {
-    match drain {
-        Drain::Leaving { at, .. } => at.await,
-        Drain::Waiting | Drain::Done => std::future::pending().await,
     }
 }
 

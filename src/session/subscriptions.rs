@@ -58,6 +58,9 @@ impl Subscriptions {
             .subscribe(channel, self.id, &self.sink, events, start, rule)
             .await?;
         if !self.contains(channel) {
+            // Room for this one only: most connections have one or two
+            // channels, and a list grown by doubling holds room for four.
+            self.channels.reserve_exact(1);
             self.channels.push(channel.to_owned());
         }
         Ok(())

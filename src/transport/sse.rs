@@ -15,7 +15,9 @@
 //! starts with a cursor (`id:`) and every history event carries one, so a
 //! reconnecting `EventSource` resumes where it was, on any instance.
 
+use std::future::poll_fn;
 use std::sync::Arc;
+use std::task::Poll;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response, StatusCode, Version};
@@ -98,26 +100,20 @@ async fn open<B>(
     let span = session.span();
     span.in_scope(|| tracing::debug!(channels = ?query.channels, resumed = cursor.is_some(), "sse stream opened"));
 
-    // The first block: the reconnect delay and the starting cursor, so even
-    // a client that sees no message resumes right (and one whose channels
-    // keep no history learns, on its return, that it missed something).
-    let opening = format!(
-        "retry: {}\nid: {}\n\n",
-        app.config.sse.retry.as_millis(),
-        session.tracker().cursor().encode()
-    );
     let chunked = req.version() >= Version::HTTP_11;
     let sse = &app.config.sse;
     let deflate =
-        (sse.compression == Compression::Auto && accepts_deflate(req.headers())).then(|| Deflate {
-            level: app.config.ws.compression_level,
-            min_bytes: 0,
-            metrics: app.metrics.clone(),
+        (sse.compression == Compression::Auto && accepts_deflate(req.headers())).then(|| {
+            Box::new(Deflate {
+                level: app.config.ws.compression_level,
+                min_bytes: 0,
+                metrics: app.metrics.clone(),
+            })
         });
     let compressed = deflate.is_some();
     let live = Live {
         session,
-        opening: Some(opening),
+        opened: false,
         chunked,
         done: false,
         deflate,
@@ -180,8 +176,11 @@ const CHUNK_HEAD: usize = 10;
 /// A live stream; dropping it (client gone, stream ended) ends the session.
 struct Live {
     session: Session,
-    /// The first block, written before any event.
-    opening: Option<String>,
+    /// The first block is written: the reconnect delay and the starting
+    /// cursor, so even a client that sees no message resumes right (and
+    /// one whose channels keep no history learns, on its return, that it
+    /// missed something).
+    opened: bool,
     /// The head said `Transfer-Encoding: chunked` (an HTTP/1.1 request):
     /// each write is one chunk. (HTTP/1.0: the body ends with the
     /// connection.)
@@ -192,7 +191,7 @@ struct Live {
     /// deflate stream, each event's blocks made once per publication and
     /// shared, the stream's own bytes (its opening, `id:` lines with
     /// several channels, notices) as stored blocks.
-    deflate: Option<Deflate>,
+    deflate: Option<Box<Deflate>>,
     /// Held while the stream lasts: its descriptor slot, and its place in
     /// the count of compressed streams.
     _slot: Slot,
@@ -213,27 +212,31 @@ impl Live {
     )]
     fn run(mut self, mut link: Link) -> impl std::future::Future<Output = ()> + Send {
         async move {
-            let span = self.session.span();
             let encoder = match (&self.deflate, self.chunked) {
                 (None, true) => Encoder::Plain(chunk),
                 (None, false) => Encoder::Plain(plain),
-                (Some(d), true) => Encoder::deflated(deflated_chunk, d.clone(), None),
-                (Some(d), false) => Encoder::deflated(deflated, d.clone(), None),
+                (Some(d), true) => Encoder::deflated(deflated_chunk, (**d).clone(), None),
+                (Some(d), false) => Encoder::deflated(deflated, (**d).clone(), None),
             };
             self.session.attach(link.outlet(), encoder);
             loop {
                 self.open_chunk(&mut link.out);
-                if let Some(opening) = self.opening.take() {
-                    self.own(&mut link.out, opening.as_bytes());
-                } else {
-                    let more = tokio::select! {
-                        biased;
-                        more = self.next_batch(&mut link.out, &span) => more,
-                        () = link.socket.closed() => false,
+                if self.opened {
+                    // The session's next event, unless the client leaves.
+                    let next = poll_fn(|cx| {
+                        if let Poll::Ready(event) = self.session.poll_next(cx) {
+                            return Poll::Ready(Some(event));
+                        }
+                        link.socket.poll_closed(cx).map(|()| None)
+                    });
+                    let Some(event) = next.await else {
+                        return;
                     };
-                    if !more {
+                    if !self.batch(&mut link.out, event) {
                         return;
                     }
+                } else {
+                    self.opening(&mut link.out);
                 }
                 if self.done && self.deflate.is_some() {
                     link.out.extend_from_slice(&deflate::END);
@@ -288,11 +291,22 @@ impl Live {
         at
     }
 
-    /// Waits for the session's next event and appends it, with every
-    /// publication already queued behind it (up to a batch). `false`: the
-    /// stream ends now, without a last word (the client is too slow).
-    async fn next_batch(&mut self, out: &mut Out, span: &tracing::Span) -> bool {
-        match self.session.next().await {
+    /// The first block (see [`Live::opened`]).
+    fn opening(&mut self, out: &mut Out) {
+        let opening = format!(
+            "retry: {}\nid: {}\n\n",
+            self.session.app().config.sse.retry.as_millis(),
+            self.session.tracker().cursor().encode()
+        );
+        self.own(out, opening.as_bytes());
+        self.opened = true;
+    }
+
+    /// Appends the session's `event`, with every publication already
+    /// queued behind it (up to a batch). `false`: the stream ends now,
+    /// without a last word (the client is too slow).
+    fn batch(&mut self, out: &mut Out, event: Event) -> bool {
+        match event {
             Event::Deliver(p) => {
                 self.emit(out, &p);
                 for _ in 1..WRITE_BATCH {
@@ -305,17 +319,17 @@ impl Live {
             Event::Expiring { in_secs } => self.own(out, &notice::expiring(in_secs)),
             // An SSE stream never signs in: these end it as a credential.
             Event::Expired | Event::Terminated | Event::NotSignedIn => {
-                tracing::info!(parent: span, "credential ended, closing stream");
+                tracing::info!(parent: &self.session.span(), "credential ended, closing stream");
                 self.done = true;
                 self.own(out, &notice::EXPIRED);
             }
             Event::Reconnect { after_ms } => {
-                tracing::debug!(parent: span, after_ms, "draining: client told to reconnect");
+                tracing::debug!(parent: &self.session.span(), after_ms, "draining: client told to reconnect");
                 self.done = true;
                 self.own(out, &notice::retry(after_ms));
             }
             Event::Slow => {
-                tracing::info!(parent: span, "client too slow: queue full, ending stream");
+                tracing::info!(parent: &self.session.span(), "client too slow: queue full, ending stream");
                 return false;
             }
             // SSE clients never talk, so never idle: keep proxies from
