@@ -110,8 +110,12 @@ impl Link {
         let written = match written {
             Ok(()) => {
                 let mut at = start;
-                let out = std::mem::take(&mut self.out);
-                poll_fn(|cx| self.poll_write(cx, &out.own, &out.shared, &mut at)).await
+                match std::mem::take(&mut self.out).0 {
+                    Some(out) => {
+                        poll_fn(|cx| self.poll_write(cx, &out.own, &out.shared, &mut at)).await
+                    }
+                    None => Ok(()),
+                }
             }
             Err(gone) => Err(gone),
         };
@@ -199,9 +203,14 @@ impl Link {
 
 /// What a connection's next flush writes: its own bytes (frame heads,
 /// replies, control frames), and publications' shared bytes in between,
-/// held by reference.
+/// held by reference. Both lists live out of line, and only between the
+/// first byte a wake-up buffers and the flush: an idle connection carries
+/// one empty word for them.
 #[derive(Default)]
-pub(crate) struct Out {
+pub(crate) struct Out(Option<Box<Bufs>>);
+
+#[derive(Default)]
+struct Bufs {
     own: Vec<u8>,
     /// Each shared piece with where it goes: after the first `at` bytes
     /// of `own` (and the shared pieces before it).
@@ -209,6 +218,15 @@ pub(crate) struct Out {
 }
 
 impl Out {
+    fn bufs(&mut self) -> &mut Bufs {
+        self.0.get_or_insert_with(|| {
+            Box::new(Bufs {
+                own: Vec::with_capacity(WRITE_BUFFER),
+                shared: Vec::new(),
+            })
+        })
+    }
+
     /// Appends a copy of `bytes`.
     pub(crate) fn extend_from_slice(&mut self, bytes: &[u8]) {
         self.own().extend_from_slice(bytes);
@@ -217,32 +235,31 @@ impl Out {
     /// Appends `bytes` by reference (a small one is copied): a
     /// publication's encoding, shared with every recipient.
     pub(crate) fn push(&mut self, bytes: Bytes) {
+        let bufs = self.bufs();
         if bytes.len() < COPY_BELOW {
-            self.own().extend_from_slice(&bytes);
+            bufs.own.extend_from_slice(&bytes);
         } else {
-            self.shared.push((self.own.len(), bytes));
+            bufs.shared.push((bufs.own.len(), bytes));
         }
     }
 
     /// The connection's own bytes, to append to (or to fill room kept in).
     pub(crate) fn own(&mut self) -> &mut Vec<u8> {
-        if self.own.capacity() == 0 {
-            self.own.reserve(WRITE_BUFFER);
-        }
-        &mut self.own
+        &mut self.bufs().own
     }
 
     /// How many bytes the next flush writes.
     pub(crate) fn len(&self) -> usize {
-        self.own.len() + self.shared.iter().map(|(_, b)| b.len()).sum::<usize>()
+        self.0.as_ref().map_or(0, |b| {
+            b.own.len() + b.shared.iter().map(|(_, b)| b.len()).sum::<usize>()
+        })
     }
 
     /// Empties it and frees its buffers: a connection holds no write
     /// buffer between wake-ups (an allocation per wake-up costs far less
     /// than its write, and most connections are idle most of the time).
     pub(crate) fn clear(&mut self) {
-        self.own = Vec::new();
-        self.shared = Vec::new();
+        self.0 = None;
     }
 }
 
@@ -468,7 +485,11 @@ impl Socket {
     /// one reader slot, so a task that polls it on every wake-up pays no
     /// registration per poll (a `readable()` future would join and leave a
     /// waiter list each time).
-    fn poll_read(&self, cx: &mut Context<'_>, buf: &mut Vec<u8>) -> Poll<io::Result<usize>> {
+    pub(crate) fn poll_read(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut Vec<u8>,
+    ) -> Poll<io::Result<usize>> {
         loop {
             ready!(self.0.stream.poll_read_ready(cx))?;
             buf.reserve(READ_CHUNK);

@@ -2,7 +2,7 @@
 //!
 //! A wire protocol (crier's WebSocket, SSE, …) only frames: it turns client
 //! frames into calls on a [`Session`] and the [`Event`]s that
-//! [`Session::next`] yields into bytes. Everything else about a connection
+//! [`Session::poll_next`] yields into bytes. Everything else about a connection
 //! lives here, once:
 //!
 //! - [`admit`]: origin, credentials, the channels a request names, and the
@@ -56,7 +56,7 @@ use queue::{Mail, Mailbox};
 use resume::Budget;
 use subscriptions::Subscriptions;
 
-/// What the connection must do next; see [`Session::next`].
+/// What the connection must do next; see [`Session::poll_next`].
 #[derive(Debug)]
 pub(crate) enum Event {
     /// Write this publication (a message, or a `gap` notice). It is new for
@@ -213,7 +213,7 @@ pub struct Subscribed {
     /// Where the connection starts in a history channel.
     pub position: Option<StreamId>,
     /// For [`Start::LastEvent`]: whether the channel had a last event (it
-    /// comes out of [`Session::next`] first).
+    /// comes out of [`Session::poll_next`] first).
     pub last_event: Option<bool>,
     /// A presence channel's members, when joined or read.
     pub members: Option<Members>,
@@ -229,6 +229,9 @@ pub(crate) struct Authenticated {
     /// Channels the new credential no longer grants: unsubscribed.
     pub(crate) revoked: Vec<String>,
 }
+
+/// The channels a request named, with their rules.
+type Resolved = Vec<(String, Arc<Rule>)>;
 
 /// What a connection replays before it goes live, while it has any: kept
 /// out of line, since most connections never replay.
@@ -269,7 +272,7 @@ enum Drain {
     /// reconnecting.
     Leaving {
         at: Pin<Box<tokio::time::Sleep>>,
-        retry_ms: u64,
+        retry_ms: u32,
     },
     /// Told to reconnect.
     Done,
@@ -294,11 +297,21 @@ pub struct Session {
     /// For protocols where clients talk: out of line, so a stream that
     /// only listens (SSE) does not carry it.
     talk: Option<Box<Talk>>,
-    /// The presence channels joined.
-    members: Vec<Member>,
+    /// The presence channels joined (out of line: most connections join
+    /// none).
+    #[allow(
+        clippy::box_collection,
+        reason = "one word in every session instead of three; the box exists only with members"
+    )]
+    members: Option<Box<Vec<Member>>>,
     /// The channels the connection's request named, resolved when it was
     /// admitted: their subscribes do not walk the rules again.
-    admitted_rules: Vec<(String, Arc<Rule>)>,
+    /// Out of line, and gone once they are all subscribed.
+    #[allow(
+        clippy::box_collection,
+        reason = "one word in every session instead of three; the box exists only until subscribed"
+    )]
+    admitted_rules: Option<Box<Resolved>>,
     delivered: IntCounter,
     span: tracing::Span,
     /// The user this connection counts for in lifecycle events
@@ -355,8 +368,8 @@ impl Session {
                     commands: Commands::new(limits.commands_per_second, limits.command_burst),
                 })
             }),
-            members: Vec::new(),
-            admitted_rules: admission.rules,
+            members: None,
+            admitted_rules: (!admission.rules.is_empty()).then(|| Box::new(admission.rules)),
             delivered: app.metrics.delivered(wire.transport).clone(),
             span,
             online: None,
@@ -384,6 +397,15 @@ impl Session {
             ledger.user(user, 1);
             self.online = Some(user.clone());
         }
+    }
+
+    /// The presence channels joined.
+    fn members(&self) -> &[Member] {
+        self.members.as_deref().map_or(&[], Vec::as_slice)
+    }
+
+    fn members_mut(&mut self) -> &mut Vec<Member> {
+        self.members.get_or_insert_with(Box::default)
     }
 
     /// The connection's id within this process.
@@ -424,13 +446,16 @@ impl Session {
         &self.tracker
     }
 
-    /// Resolves at the next thing the connection must do. Cancel-safe:
-    /// call it inside `select!` next to the protocol's own reads.
+    /// Resolves at the next thing the connection must do (the tests'
+    /// way to wait for [`Session::poll_next`]).
+    #[cfg(test)]
     pub(crate) async fn next(&mut self) -> Event {
         poll_fn(|cx| self.poll_next(cx)).await
     }
 
-    /// [`Session::next`] as a poll. Written by hand, not as a `select!`:
+    /// Ready at the next thing the connection must do. Cancel-safe: a
+    /// protocol polls it next to its own reads. Written by hand, not as a
+    /// `select!`:
     /// an idle connection's task waits in this, and its size is every
     /// connection's (the timers it polls are boxed, and exist only while
     /// they run). In order: the queue's overflow, what is ready to
@@ -460,7 +485,7 @@ impl Session {
             }
             if let Drain::Leaving { at, retry_ms } = &mut self.drain {
                 if at.as_mut().poll(cx).is_ready() {
-                    let after_ms = *retry_ms;
+                    let after_ms = u64::from(*retry_ms);
                     self.drain = Drain::Done;
                     return Poll::Ready(Event::Reconnect { after_ms });
                 }
@@ -471,6 +496,7 @@ impl Session {
                 Mail::Drain => {
                     if matches!(self.drain, Drain::Waiting) {
                         let (wait, retry_ms) = self.app.process.lifecycle.my_turn();
+                        let retry_ms = u32::try_from(retry_ms).unwrap_or(u32::MAX);
                         let at = Box::pin(tokio::time::sleep(wait));
                         self.drain = Drain::Leaving { at, retry_ms };
                     }
@@ -578,7 +604,7 @@ impl Session {
     /// Subscribes as `request` says: the channel rules decide (walked once,
     /// here), the channel starts where the request asks, and a presence
     /// channel is joined (or its members read) as the request asks. What
-    /// the client missed comes out of [`Session::next`] before anything
+    /// the client missed comes out of [`Session::poll_next`] before anything
     /// live; nothing of the channel reaches the client before the answer
     /// the protocol sends to this.
     pub async fn subscribe(&mut self, request: Request) -> Result<Subscribed, Refusal> {
@@ -651,13 +677,15 @@ impl Session {
     /// May the connection hear `channel`, and what do the rules say of it:
     /// one walk of the rules (none for a channel its admission resolved).
     fn resolve(&mut self, channel: &str, grant: Grant) -> Result<Arc<Rule>, Refusal> {
-        if let Some(i) = self.admitted_rules.iter().position(|(c, _)| c == channel) {
-            let rule = self.admitted_rules.swap_remove(i).1;
-            if self.admitted_rules.is_empty() {
-                // Every named channel is subscribed: free the list.
-                self.admitted_rules = Vec::new();
+        if let Some(rules) = self.admitted_rules.as_mut() {
+            if let Some(i) = rules.iter().position(|(c, _)| c == channel) {
+                let rule = rules.swap_remove(i).1;
+                if rules.is_empty() {
+                    // Every named channel is subscribed: free the list.
+                    self.admitted_rules = None;
+                }
+                return Ok(rule);
             }
-            return Ok(rule);
         }
         match grant {
             Grant::Credential => admit::resolve(&self.app, channel, self.watch.principal()),
@@ -752,12 +780,12 @@ impl Session {
         let Some(user) = self.signed_in().map(str::to_owned) else {
             return Err(Refusal::Unauthorized("sign in first"));
         };
-        if self.members.iter().any(|m| m.channel() == channel) {
+        if self.members().iter().any(|m| m.channel() == channel) {
             return Ok(());
         }
         let socket = self.socket_id();
         let (member, _) = Member::join(&self.app, channel, &user, "null", socket).await?;
-        self.members.push(member.lingering(linger));
+        self.members_mut().push(member.lingering(linger));
         Ok(())
     }
 
@@ -785,7 +813,7 @@ impl Session {
 
     /// The user this connection joined the presence channel `channel` as.
     pub(crate) fn member(&self, channel: &str) -> Option<&str> {
-        self.members
+        self.members()
             .iter()
             .find(|m| m.channel() == channel)
             .map(Member::user)
@@ -795,12 +823,12 @@ impl Session {
     /// with `info` (JSON), and reads its members. Joining again answers
     /// the members and counts nothing twice.
     async fn join(&mut self, channel: &str, user: &str, info: &str) -> Result<Members, Refusal> {
-        if self.members.iter().any(|m| m.channel() == channel) {
+        if self.members().iter().any(|m| m.channel() == channel) {
             return self.app.members(channel).await;
         }
         let socket = self.socket_id();
         let (member, members) = Member::join(&self.app, channel, user, info, socket).await?;
-        self.members.push(member);
+        self.members_mut().push(member);
         Ok(members)
     }
 
@@ -810,7 +838,12 @@ impl Session {
         if let Some(signed_in) = &mut self.signed_in {
             signed_in.granted.retain(|c| c != channel);
         }
-        self.members.retain(|m| m.channel() != channel);
+        if let Some(members) = self.members.as_mut() {
+            members.retain(|m| m.channel() != channel);
+            if members.is_empty() {
+                self.members = None;
+            }
+        }
         self.subs.remove(channel);
         self.tracker.forget(channel);
     }

@@ -104,10 +104,14 @@ async fn open<B>(
     let sse = &app.config.sse;
     let deflate =
         (sse.compression == Compression::Auto && accepts_deflate(req.headers())).then(|| {
-            Box::new(Deflate {
-                level: app.config.ws.compression_level,
-                min_bytes: 0,
-                metrics: app.metrics.clone(),
+            Box::new(Compressing {
+                deflate: Deflate {
+                    level: app.config.ws.compression_level,
+                    min_bytes: 0,
+                    metrics: app.metrics.clone(),
+                },
+                // Counted while the stream lasts, however it ends.
+                _counted: Counted::new(&app.metrics.sse_compressed_connections),
             })
         });
     let compressed = deflate.is_some();
@@ -119,7 +123,6 @@ async fn open<B>(
         deflate,
         // The socket's descriptor slot goes where the socket goes.
         _slot: info.slot.clone(),
-        _counted: compressed.then(|| Counted::new(&app.metrics.sse_compressed_connections)),
     };
     // hyper writes the head, then the stream leaves hyper (see
     // `crate::link`): the body only signals that the head is out.
@@ -191,11 +194,16 @@ struct Live {
     /// deflate stream, each event's blocks made once per publication and
     /// shared, the stream's own bytes (its opening, `id:` lines with
     /// several channels, notices) as stored blocks.
-    deflate: Option<Box<Deflate>>,
-    /// Held while the stream lasts: its descriptor slot, and its place in
-    /// the count of compressed streams.
+    deflate: Option<Box<Compressing>>,
+    /// Held while the stream lasts: its descriptor slot.
     _slot: Slot,
-    _counted: Option<Counted>,
+}
+
+/// A compressed stream's settings, and its place in the count of
+/// compressed streams.
+struct Compressing {
+    deflate: Deflate,
+    _counted: Counted,
 }
 
 impl Live {
@@ -215,8 +223,8 @@ impl Live {
             let encoder = match (&self.deflate, self.chunked) {
                 (None, true) => Encoder::Plain(chunk),
                 (None, false) => Encoder::Plain(plain),
-                (Some(d), true) => Encoder::deflated(deflated_chunk, (**d).clone(), None),
-                (Some(d), false) => Encoder::deflated(deflated, (**d).clone(), None),
+                (Some(c), true) => Encoder::deflated(deflated_chunk, c.deflate.clone(), None),
+                (Some(c), false) => Encoder::deflated(deflated, c.deflate.clone(), None),
             };
             self.session.attach(link.outlet(), encoder);
             loop {
@@ -345,7 +353,7 @@ impl Live {
     /// bytes are queued by reference, not copied (see [`crate::link`]).
     fn emit(&self, out: &mut Out, p: &Publication) {
         let tracker = self.session.tracker();
-        if let Some(d) = &self.deflate {
+        if let Some(d) = self.deflate.as_ref().map(|c| &c.deflate) {
             let level = d.level;
             match p.id {
                 None => out.push(deflated(p, d)),

@@ -10,8 +10,9 @@
 //! is refused or must go. Adding one is one file (docs/architecture.md).
 
 use std::borrow::Cow;
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use std::net::SocketAddr;
@@ -170,10 +171,10 @@ impl WebSocket {
     }
 
     /// Reads what the socket has; `Gone` once the client has gone.
-    async fn read(&mut self) -> Result<(), Gone> {
-        match self.link.socket.read(&mut self.reader.buf).await {
-            Ok(n) if n > 0 => Ok(()),
-            _ => Err(Gone),
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Gone>> {
+        match ready!(self.link.socket.poll_read(cx, &mut self.reader.buf)) {
+            Ok(n) if n > 0 => Poll::Ready(Ok(())),
+            _ => Poll::Ready(Err(Gone)),
         }
     }
 
@@ -228,16 +229,11 @@ impl WebSocket {
         self.link.flush().await
     }
 
-    /// Writes `first` and whatever else the session has ready (up to a
-    /// batch), each as `encoder` makes it once per publication, with one
+    /// Buffers `first` and whatever else the session has ready (up to a
+    /// batch), each as `encoder` makes it once per publication, for one
     /// write. The frames are queued by reference, not copied: a client
     /// that stops reading holds the bytes every recipient shares.
-    async fn deliver(
-        &mut self,
-        session: &mut Session,
-        first: Arc<Publication>,
-        encoder: &Encoder,
-    ) -> Result<(), Gone> {
+    fn batch(&mut self, session: &mut Session, first: Arc<Publication>, encoder: &Encoder) {
         self.link.out.push(encoder.encode(&first));
         for _ in 1..WRITE_BATCH {
             let Some(p) = session.try_next() else {
@@ -245,13 +241,6 @@ impl WebSocket {
             };
             self.link.out.push(encoder.encode(&p));
         }
-        self.link.flush().await
-    }
-
-    /// Sends a ping frame.
-    async fn ping(&mut self) -> Result<(), Gone> {
-        rfc6455::encode(self.link.out.own(), rfc6455::PING, b"");
-        self.link.flush().await
     }
 
     /// Sends the close frame, and lets the client complete the closing
@@ -382,12 +371,9 @@ pub struct Conn {
     /// How publications become frames on this connection (compressed, if
     /// it negotiated permessage-deflate).
     encoder: Encoder,
-    /// The connection's span: rare paths run in it, the delivery path
-    /// does not pay for entering it.
-    span: tracing::Span,
     /// How the connection ends, once its protocol decided it must
-    /// ([`Conn::end`]).
-    ending: Option<End>,
+    /// ([`Conn::end`]); boxed, as most connections never get one.
+    ending: Option<Box<End>>,
     /// Held while the connection lasts: its descriptor slot, and its
     /// place in the count of compressed connections.
     _slot: Slot,
@@ -423,12 +409,10 @@ impl Conn {
         };
         let session = Session::open(app, admission, wire);
         session.attach(socket.link.outlet(), encoder.clone());
-        let span = session.span();
         Self {
             session,
             socket,
             encoder,
-            span,
             ending: None,
             _slot: slot,
             _counted: counted,
@@ -449,14 +433,15 @@ impl Conn {
     fn serve<P: Protocol>(mut self, mut protocol: P) -> impl Future<Output = ()> + Send {
         async move {
             let compressed = self._counted.is_some();
-            tracing::debug!(parent: &self.span, compressed, "websocket opened");
+            tracing::debug!(parent: &self.session.span(), compressed, "websocket opened");
             if let Ok(end) = self.run(&mut protocol).await {
-                log_end(&self.span, &end);
+                let span = self.session.span();
+                log_end(&span, &end);
                 let (message, (code, reason)) = protocol.ending(&end);
-                tracing::debug!(parent: &self.span, code = code.0, %reason, "closing websocket");
+                tracing::debug!(parent: &span, code = code.0, %reason, "closing websocket");
                 Box::pin(finish(&mut self.socket, message, code, &reason)).await;
             }
-            tracing::debug!(parent: &self.span, "websocket closed");
+            tracing::debug!(parent: &self.session.span(), "websocket closed");
         }
     }
 
@@ -468,7 +453,7 @@ impl Conn {
     /// Ends the connection once the message being handled is done, as
     /// `end` says (the protocol's [`Protocol::ending`] for it).
     pub(crate) fn end(&mut self, end: End) {
-        self.ending.get_or_insert(end);
+        self.ending.get_or_insert_with(|| Box::new(end));
     }
 
     /// Writes `text` as a text frame, with whatever is buffered.
@@ -479,50 +464,67 @@ impl Conn {
     /// The connection's loop: returns how it ends, or `Gone` when the
     /// socket is already unusable.
     async fn run<P: Protocol>(&mut self, protocol: &mut P) -> Result<End, Gone> {
-        let span = self.span.clone();
+        let span = self.session.span();
         Box::pin(protocol.open(self).instrument(span)).await?;
         loop {
-            tokio::select! {
-                biased;
-                event = self.session.next() => match event {
-                    // Each frame is encoded once per publication, shared by
-                    // every recipient (the bytes direct writes send too).
-                    Event::Deliver(first) => {
-                        self.socket.deliver(&mut self.session, first, &self.encoder).await?;
+            // The next event, unless the client sent something first. What
+            // an event writes is buffered, then flushed once below: the one
+            // write this loop awaits, so the task carries room for one.
+            let next = poll_fn(|cx| {
+                if let Poll::Ready(event) = self.session.poll_next(cx) {
+                    return Poll::Ready(Ok(Some(event)));
+                }
+                self.socket.poll_read(cx).map(|read| read.map(|()| None))
+            });
+            match next.await? {
+                Some(event) => {
+                    if let Some(end) = self.buffer(protocol, event) {
+                        return Ok(end);
                     }
-                    Event::Expiring { in_secs } => {
-                        if let Some(text) = protocol.expiring(in_secs) {
-                            self.send(&text).await?;
-                        }
-                    }
-                    Event::Expired => return Ok(End::Expired),
-                    Event::Reconnect { after_ms } => return Ok(End::Reconnect { after_ms }),
-                    Event::Slow => return Ok(End::Slow),
-                    // A client whose queue overflowed still gets this
-                    // write, then the close saying why, unless it makes no
-                    // progress for the write timeout.
-                    Event::Flush => self.socket.link.flush().await?,
-                    Event::Heartbeat => match protocol.heartbeat() {
-                        Some(text) => self.send(&text).await?,
-                        None => self.socket.ping().await?,
-                    },
-                    Event::Idle => return Ok(End::Idle),
-                    Event::Terminated => return Ok(End::Terminated),
-                    Event::NotSignedIn => return Ok(End::NotSignedIn),
-                },
-                read = self.socket.read() => {
-                    read?;
+                    self.socket.link.flush().await?;
+                }
+                None => {
                     self.session.heard();
                     // Boxed: a message's path (a subscribe reads Redis) is
                     // deep and rare, and the connection's long-lived task
                     // should not reserve room for it between messages.
-                    let span = self.span.clone();
+                    let span = self.session.span();
                     if let Some(end) = Box::pin(self.messages(protocol).instrument(span)).await? {
                         return Ok(end);
                     }
                 }
             }
         }
+    }
+
+    /// Buffers what the session's `event` writes; returns how the
+    /// connection ends when it must.
+    fn buffer<P: Protocol>(&mut self, protocol: &P, event: Event) -> Option<End> {
+        match event {
+            // Each frame is encoded once per publication, shared by every
+            // recipient (the bytes direct writes send too).
+            Event::Deliver(first) => self.socket.batch(&mut self.session, first, &self.encoder),
+            Event::Expiring { in_secs } => {
+                if let Some(text) = protocol.expiring(in_secs) {
+                    self.socket.push(&text);
+                }
+            }
+            Event::Expired => return Some(End::Expired),
+            Event::Reconnect { after_ms } => return Some(End::Reconnect { after_ms }),
+            Event::Slow => return Some(End::Slow),
+            // A client whose queue overflowed still gets this write, then
+            // the close saying why, unless it makes no progress for the
+            // write timeout.
+            Event::Flush => {}
+            Event::Heartbeat => match protocol.heartbeat() {
+                Some(text) => self.socket.push(&text),
+                None => rfc6455::encode(self.socket.link.out.own(), rfc6455::PING, b""),
+            },
+            Event::Idle => return Some(End::Idle),
+            Event::Terminated => return Some(End::Terminated),
+            Event::NotSignedIn => return Some(End::NotSignedIn),
+        }
+        None
     }
 
     /// Handles every complete message the client sent; returns how the
@@ -554,7 +556,7 @@ impl Conn {
                 }
             }
             if let Some(end) = self.ending.take() {
-                return Ok(Some(end));
+                return Ok(Some(*end));
             }
         }
     }
