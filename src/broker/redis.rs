@@ -44,6 +44,8 @@ use crate::config::{Config, RedisConfig};
 
 /// Channels subscribed per SUBSCRIBE command when resubscribing in bulk.
 const RESUBSCRIBE_BATCH: usize = 512;
+/// Subscribes asked by the hub that go in one `SUBSCRIBE`, at most.
+const SUBSCRIBE_BATCH: usize = 512;
 
 /// Starts the supervisor of one Redis node, or of the primary the
 /// sentinels name.
@@ -314,17 +316,7 @@ impl NodeSupervisor {
                 }
                 request = self.duty.control.recv() => {
                     let Some(request) = request else { return Ended::Stopped };
-                    let result = match request {
-                        Control::Subscribe { channel, ready, start } => {
-                            self.subscribe(&mut sink, &channel, ready, start).await
-                        }
-                        Control::Unsubscribe { channel } => {
-                            self.duty.relay.forget(&channel);
-                            let key = self.duty.relay.key(&channel);
-                            self.bounded(sink.unsubscribe(&key)).await
-                        }
-                    };
-                    if let Err(e) = result {
+                    if let Err(e) = self.control(&mut sink, request).await {
                         return Ended::Lost(e);
                     }
                 }
@@ -332,20 +324,58 @@ impl NodeSupervisor {
         }
     }
 
+    /// Carries out `first` and every request already waiting behind it,
+    /// in order: consecutive subscribes go as one `SUBSCRIBE` (one round
+    /// trip), so a burst of them (the clients of a drained instance
+    /// arriving, each with channels of its own) does not queue behind one
+    /// round trip each until the hub's wait for them times out.
+    async fn control(&mut self, sink: &mut PubSubSink, first: Control) -> Result<(), String> {
+        let mut subscribes = Vec::new();
+        let mut next = Some(first);
+        while let Some(request) = next.take() {
+            match request {
+                Control::Subscribe {
+                    channel,
+                    ready,
+                    start,
+                } => subscribes.push((channel, ready, start)),
+                Control::Unsubscribe { channel } => {
+                    // In order: what was asked before it goes first.
+                    self.subscribe(sink, std::mem::take(&mut subscribes))
+                        .await?;
+                    self.duty.relay.forget(&channel);
+                    let key = self.duty.relay.key(&channel);
+                    self.bounded(sink.unsubscribe(&key)).await?;
+                }
+            }
+            if subscribes.len() < SUBSCRIBE_BATCH {
+                next = self.duty.control.try_recv().ok();
+            }
+        }
+        self.subscribe(sink, subscribes).await
+    }
+
+    /// Subscribes `channels` with one command.
     async fn subscribe(
         &mut self,
         sink: &mut PubSubSink,
-        channel: &str,
-        ready: watch::Sender<bool>,
-        start: ChannelStart,
+        channels: Vec<(String, watch::Sender<bool>, ChannelStart)>,
     ) -> Result<(), String> {
-        let key = self.duty.relay.key(channel);
-        let done = self.bounded(sink.subscribe(&key)).await;
-        if done.is_ok() {
-            ready.send_replace(true);
+        if channels.is_empty() {
+            return Ok(());
         }
-        // Outage recovery of this channel starts where the subscriber read.
-        self.duty.relay.want(channel.to_owned(), ready, start);
+        let keys: Vec<String> = channels
+            .iter()
+            .map(|(channel, _, _)| self.duty.relay.key(channel))
+            .collect();
+        let done = self.bounded(sink.subscribe(&keys)).await;
+        for (channel, ready, start) in channels {
+            if done.is_ok() {
+                ready.send_replace(true);
+            }
+            // Outage recovery of this channel starts where the subscriber read.
+            self.duty.relay.want(channel, ready, start);
+        }
         done
     }
 
