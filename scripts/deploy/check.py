@@ -530,9 +530,9 @@ def cmd_deployments(args: argparse.Namespace) -> None:
 
 
 # The sizing rule (docs/deployment.md, "Sizing"): a budget per connection
-# (crier's RSS, about 5 KiB per idle WebSocket and 3.5 KiB per idle SSE
-# connection, docs/performance.md; the kernel's socket buffers, 2-4 KiB per
-# idle TCP socket; headroom for messages in flight) and for the process
+# (crier's RSS, about 2.5-3 KiB per idle connection, docs/performance.md;
+# the kernel's socket memory, about 3.5 KiB per idle TCP socket; headroom
+# for messages in flight) and for the process
 # itself (about 8 MiB idle, the rest for messages in flight). Step k keeps
 # every document on these figures.
 KIB_PER_CONNECTION = 16
@@ -885,11 +885,12 @@ def cmd_render_chart_output(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- (k) one memory-per-connection figure family
 
 # The one figure family, stated everywhere memory per connection is: crier's
-# measured RSS per idle connection (docs/performance.md, issue 12: 5 KiB per
-# WebSocket, 3.5 KiB per SSE connection), the kernel's socket memory that
-# RSS does not show (2-4 KiB per idle TCP socket), and the sizing budget
-# KIB_PER_CONNECTION (with PROCESS_MIB for the process: see check_memory).
-MEMORY_FIGURES = {"5", "3.5", "2–4", str(KIB_PER_CONNECTION)}
+# measured RSS per idle connection (docs/performance.md, issue 26: 2.5–3 KiB,
+# WebSocket or SSE), the kernel's socket memory that RSS does not show
+# (about 3.5 KiB per idle TCP socket), the two together (about 6 KiB), and
+# the sizing budget KIB_PER_CONNECTION (with PROCESS_MIB for the process:
+# see check_memory).
+MEMORY_FIGURES = {"2.5–3", "3.5", "6", str(KIB_PER_CONNECTION)}
 MEMORY_FILES = ["README.md", "docs/*.md", "deploy/**/*", "helm/crier/**/*"]
 # docs/performance.md's dated sections record what earlier builds measured:
 # history, not sizing. Their headings carry the date or say so.
