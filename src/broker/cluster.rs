@@ -74,8 +74,6 @@ async fn slot_map(redis: &Redis) -> Option<SlotMap> {
 /// Slot-map reads after a move during which moved channels are subscribed
 /// again (see `on_slot_map`).
 const SETTLE_ROUNDS: u8 = 3;
-/// Subscribes asked by the hub that are sent together, at most.
-const SUBSCRIBE_BATCH: usize = 512;
 
 /// The primaries of a slot map.
 fn primaries(map: &SlotMap) -> Vec<&str> {
@@ -243,7 +241,17 @@ impl ClusterSupervisor {
                 }
                 request = self.duty.control.recv() => {
                     let Some(request) = request else { return };
-                    self.control(&mut conn, request).await;
+                    match request {
+                        Control::Subscribe { channel, ready, start } => {
+                            self.subscribe(&mut conn, channel, ready, start).await;
+                        }
+                        Control::Unsubscribe { channel } => {
+                            self.duty.relay.forget(&channel);
+                            let key = self.duty.relay.key(&channel);
+                            let _ = conn.sunsubscribe(&key).await;
+                            let _ = conn.unsubscribe(&key).await;
+                        }
+                    }
                 }
                 _ = tick.tick() => {
                     let overdue: Vec<String> = self
@@ -289,67 +297,25 @@ impl ClusterSupervisor {
         }
     }
 
-    /// Carries out `first` and every request already waiting behind it,
-    /// in order: consecutive subscribes are sent at once, not one round
-    /// trip after another (see the single-Redis broker's `control`).
-    async fn control(
-        &mut self,
-        conn: &mut redis::cluster_async::ClusterConnection,
-        first: Control,
-    ) {
-        let mut subscribes = Vec::new();
-        let mut next = Some(first);
-        while let Some(request) = next.take() {
-            match request {
-                Control::Subscribe {
-                    channel,
-                    ready,
-                    start,
-                } => subscribes.push((channel, ready, start)),
-                Control::Unsubscribe { channel } => {
-                    // In order: what was asked before it goes first.
-                    self.subscribe(conn, std::mem::take(&mut subscribes)).await;
-                    self.duty.relay.forget(&channel);
-                    let key = self.duty.relay.key(&channel);
-                    let _ = conn.sunsubscribe(&key).await;
-                    let _ = conn.unsubscribe(&key).await;
-                }
-            }
-            if subscribes.len() < SUBSCRIBE_BATCH {
-                next = self.duty.control.try_recv().ok();
-            }
-        }
-        self.subscribe(conn, subscribes).await;
-    }
-
-    /// Subscribes `channels` (each to its shard, and plainly), all at
-    /// once on the multiplexed connection.
     async fn subscribe(
         &mut self,
         conn: &mut redis::cluster_async::ClusterConnection,
-        channels: Vec<(String, watch::Sender<bool>, ChannelStart)>,
+        channel: String,
+        ready: watch::Sender<bool>,
+        start: ChannelStart,
     ) {
-        let sends = channels.iter().map(|(channel, _, _)| {
-            let key = self.duty.relay.key(channel);
-            let mut conn = conn.clone();
-            async move {
-                let sharded = conn.ssubscribe(&key).await;
-                let plain = conn.subscribe(&key).await;
-                sharded.and(plain)
+        let key = self.duty.relay.key(&channel);
+        let sharded = conn.ssubscribe(&key).await;
+        let plain = conn.subscribe(&key).await;
+        match (sharded, plain) {
+            (Ok(()), Ok(())) => {
+                ready.send_replace(true);
             }
-        });
-        let done = futures_util::future::join_all(sends).await;
-        for ((channel, ready, start), done) in channels.into_iter().zip(done) {
-            match done {
-                Ok(()) => {
-                    ready.send_replace(true);
-                }
-                Err(e) => {
-                    tracing::warn!(%channel, error = %e, "cluster subscribe failed");
-                }
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(%channel, error = %e, "cluster subscribe failed");
             }
-            self.duty.relay.want(channel, ready, start);
         }
+        self.duty.relay.want(channel, ready, start);
     }
 
     async fn on_push(
