@@ -39,6 +39,8 @@ use tokio::sync::Semaphore;
 mod api;
 #[path = "bench/floor.rs"]
 mod floor;
+#[path = "bench/http.rs"]
+mod http;
 #[path = "bench/payload.rs"]
 mod payload;
 
@@ -478,22 +480,7 @@ impl Crier {
 
     /// A minimal HTTP/1.0 GET: status and body.
     async fn get(&self, path: &str) -> (u16, String) {
-        let Ok(mut s) = TcpStream::connect(&self.addr).await else {
-            return (0, String::new());
-        };
-        let req = format!("GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", self.addr);
-        if s.write_all(req.as_bytes()).await.is_err() {
-            return (0, String::new());
-        }
-        let mut buf = Vec::new();
-        let _ = s.read_to_end(&mut buf).await;
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (status, body)
+        http::get(&self.addr, path).await
     }
 
     async fn metric(&self, name: &str) -> f64 {

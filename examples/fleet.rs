@@ -75,6 +75,8 @@ use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 #[path = "fleet/hist.rs"]
 mod hist;
+#[path = "bench/http.rs"]
+mod http;
 #[path = "fleet/procs.rs"]
 mod procs;
 #[path = "fleet/publish.rs"]

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
@@ -371,22 +371,7 @@ impl Crier {
 
     /// A minimal HTTP/1.0 GET: status and body.
     pub async fn get(&self, path: &str) -> (u16, String) {
-        let Ok(mut s) = TcpStream::connect(self.addr).await else {
-            return (0, String::new());
-        };
-        let req = format!("GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", self.addr);
-        if s.write_all(req.as_bytes()).await.is_err() {
-            return (0, String::new());
-        }
-        let mut buf = Vec::new();
-        let _ = s.read_to_end(&mut buf).await;
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (status, body)
+        crate::http::get(self.addr, path).await
     }
 
     /// Metrics by their full name (labels included, as exposed), from
