@@ -32,6 +32,19 @@ use super::{BrokerError, ChannelStart, Control};
 use crate::config::{Config, RedisConfig};
 use crate::history;
 
+/// What the canaries' task learns, for the supervisor.
+enum Check {
+    /// The slot map, read with the canaries.
+    Map(SlotMap),
+    /// The shard of `canary` took canary `seq` and reached `receivers`
+    /// subscribers ([`Canary::published`]).
+    Published {
+        canary: String,
+        seq: u64,
+        receivers: i64,
+    },
+}
+
 /// Which primary serves each slot range: `(first, last, address)`, from
 /// `CLUSTER SLOTS`.
 type SlotMap = Vec<(u16, u16, String)>;
@@ -137,14 +150,14 @@ pub(super) fn spawn(
     tasks: &TaskTracker,
 ) -> Result<(), BrokerError> {
     let (push_tx, pushes) = mpsc::unbounded_channel::<PushInfo>();
-    let (maps_tx, maps) = mpsc::unbounded_channel::<SlotMap>();
+    let (checks_tx, checks) = mpsc::unbounded_channel::<Check>();
     let client = client(config, Some(push_tx))?;
     let supervisor = ClusterSupervisor {
         duty,
         client,
         pushes,
-        maps_tx,
-        maps,
+        checks_tx,
+        checks,
         topology: None,
         settling: Vec::new(),
         settle_rounds: 0,
@@ -161,9 +174,9 @@ struct ClusterSupervisor {
     duty: Supervision,
     client: redis::cluster::ClusterClient,
     pushes: mpsc::UnboundedReceiver<PushInfo>,
-    /// Slot maps read with the canaries, for this task to compare.
-    maps_tx: mpsc::UnboundedSender<SlotMap>,
-    maps: mpsc::UnboundedReceiver<SlotMap>,
+    /// Slot maps and canaries taken, from the canaries' task.
+    checks_tx: mpsc::UnboundedSender<Check>,
+    checks: mpsc::UnboundedReceiver<Check>,
     topology: Option<SlotMap>,
     /// Channels whose slot moved, subscribed again for `settle_rounds` more
     /// slot-map reads.
@@ -230,11 +243,17 @@ impl ClusterSupervisor {
         loop {
             tokio::select! {
                 _ = self.duty.stop.cancelled() => return,
-                map = self.maps.recv() => {
-                    if let Some(map) = map {
-                        self.on_slot_map(map, &mut conn).await;
+                check = self.checks.recv() => match check {
+                    Some(Check::Map(map)) => self.on_slot_map(map, &mut conn).await,
+                    Some(Check::Published { canary, seq, receivers }) => {
+                        let heard = self.canaries.get_mut(&canary).map(|c| c.published(seq, receivers));
+                        if heard == Some(false) {
+                            tracing::warn!(%canary, "a shard no longer holds this instance's subscriptions: subscribing its channels again");
+                            self.repair_shard(&canary, &conn);
+                        }
                     }
-                }
+                    None => {}
+                },
                 push = self.pushes.recv() => {
                     let Some(push) = push else { return };
                     self.on_push(push, &mut conn).await;
@@ -265,31 +284,33 @@ impl ClusterSupervisor {
                         self.duty.health.set(false, &self.duty.metrics);
                     }
                     for canary in overdue {
-                        self.repair_shard(&canary, &mut conn).await;
+                        self.repair_shard(&canary, &conn);
                     }
                     let mut publish = Vec::new();
                     for (name, canary) in &mut self.canaries {
                         if let Some(seq) = canary.next() {
-                            let mut cmd = redis::cmd("SPUBLISH");
-                            cmd.arg(name).arg(seq.to_string());
-                            publish.push(cmd);
+                            publish.push((name.clone(), seq));
                         }
                     }
                     let redis = self.duty.redis.clone();
-                    let maps = self.maps_tx.clone();
+                    let checks = self.checks_tx.clone();
                     let metrics = self.duty.metrics.clone();
                     if !self.duty.redis.library_ok.load(std::sync::atomic::Ordering::Acquire) && self.duty.health.is_up() {
                         self.duty.health.set(false, &self.duty.metrics);
                     }
                     tokio::spawn(async move {
                         if let Some(map) = slot_map(&redis).await {
-                            let _ = maps.send(map);
+                            let _ = checks.send(Check::Map(map));
                         }
                         // Also repairs a library lost on the canary's shard,
                         // and finds another configuration's.
                         let _ = redis.check_library(&metrics).await;
-                        for cmd in publish {
-                            let _ = redis.query::<i64>(cmd).await;
+                        for (canary, seq) in publish {
+                            let mut cmd = redis::cmd("SPUBLISH");
+                            cmd.arg(&canary).arg(seq.to_string());
+                            if let Ok(receivers) = redis.query::<i64>(cmd).await {
+                                let _ = checks.send(Check::Published { canary, seq, receivers });
+                            }
                         }
                     });
                 }
@@ -494,16 +515,20 @@ impl ClusterSupervisor {
         }
     }
 
-    /// A shard's canary is not coming back: its node may have dropped its
-    /// sharded subscriptions (a slot handed over, a subscription that
-    /// reached the old owner just before it let go). Subscribe that shard's
-    /// channels and its canary again, and recover them — at most once per
-    /// canary interval, and only when the shard answers.
-    async fn repair_shard(
-        &mut self,
-        canary: &str,
-        conn: &mut redis::cluster_async::ClusterConnection,
-    ) {
+    /// A shard's canary is not coming back, or its shard says it reached no
+    /// subscriber: its node may have dropped its sharded subscriptions (a
+    /// slot handed over, a subscription that reached the old owner just
+    /// before it let go, a connection the node closed). Subscribe that
+    /// shard's canary and channels again, and recover each channel once its
+    /// subscription is confirmed (see `on_push`) — at most once per canary
+    /// interval.
+    ///
+    /// The subscribes run beside this task, not in it: a shard holds
+    /// thousands of channels (every user's own), and one round trip each
+    /// in this task would hold up every message and canary behind them,
+    /// which made canaries late again and the repair start over, for as
+    /// long as the load lasted (a rolling restart on a Cluster).
+    fn repair_shard(&mut self, canary: &str, conn: &redis::cluster_async::ClusterConnection) {
         let now = tokio::time::Instant::now();
         if self
             .repaired
@@ -513,39 +538,44 @@ impl ClusterSupervisor {
             return;
         }
         self.repaired.insert(canary.to_owned(), now);
-        // One quick attempt each: a shard that is down is not waited for
-        // here (the relay of the others goes on); the next interval retries.
-        let limit = self.duty.canary_interval.min(self.duty.connect_timeout);
-        let once = |conn: &mut redis::cluster_async::ClusterConnection, key: String| {
-            let mut conn = conn.clone();
-            async move {
-                matches!(
-                    tokio::time::timeout(limit, conn.ssubscribe(&key)).await,
-                    Ok(Ok(()))
-                )
-            }
-        };
-        if !once(conn, canary.to_owned()).await {
-            return;
-        }
         let Some(map) = &self.topology else { return };
         let shard = owner(map, history::slot(canary)).map(str::to_owned);
         let mut keys = self.duty.relay.keys();
         keys.retain(|key| owner(map, history::slot(key)).map(str::to_owned) == shard);
+        for key in &keys {
+            if let Some(channel) = self.duty.relay.by_key(key) {
+                channel.pending = true;
+            }
+        }
         if !keys.is_empty() {
             tracing::info!(
                 channels = keys.len(),
                 "a shard's canary is late: subscribing its channels again and recovering"
             );
         }
-        for key in keys {
-            if let Some(channel) = self.duty.relay.by_key(&key) {
-                channel.pending = true;
+        // One quick attempt each: a shard that is down is not waited for
+        // (its channels stay pending); the next interval retries.
+        let limit = self.duty.canary_interval.min(self.duty.connect_timeout);
+        let mut conn = conn.clone();
+        let canary = canary.to_owned();
+        let stop = self.duty.stop.clone();
+        tokio::spawn(async move {
+            let mut once = async |key: &str| {
+                matches!(
+                    tokio::time::timeout(limit, conn.ssubscribe(key)).await,
+                    Ok(Ok(()))
+                )
+            };
+            if !once(&canary).await {
+                return;
             }
-            if once(conn, key.clone()).await {
-                self.recover(&key, true).await;
+            for key in keys {
+                if stop.is_cancelled() {
+                    return;
+                }
+                once(&key).await;
             }
-        }
+        });
     }
 
     /// `SSUBSCRIBE` again, retrying while the cluster settles (the slot map

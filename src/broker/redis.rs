@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use redis::aio::{PubSubSink, PubSubStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
@@ -251,6 +251,8 @@ impl NodeSupervisor {
     /// the connection is lost or the process stops.
     async fn serve(&mut self, mut sink: PubSubSink, mut stream: PubSubStream) -> Ended {
         let mut canary = Canary::new(self.duty.canary_interval);
+        // Canaries Redis took, and how many subscribers each reached.
+        let (taken_tx, mut taken) = mpsc::unbounded_channel::<(u64, i64)>();
         let mut tick = tokio::time::interval(self.duty.canary_interval / 2);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -272,6 +274,11 @@ impl NodeSupervisor {
                     }
                     self.duty.relay.message(msg.get_channel_name(), msg.get_payload_bytes()).await;
                 }
+                Some((seq, receivers)) = taken.recv() => {
+                    if !canary.published(seq, receivers) {
+                        return Ended::Lost("the canary reached no subscriber: this connection's subscriptions are gone".into());
+                    }
+                }
                 _ = tick.tick() => {
                     if canary.overdue() && self.duty.health.is_up() {
                         tracing::warn!("canary not received back: connected but not receiving, not ready");
@@ -292,6 +299,7 @@ impl NodeSupervisor {
                         let (target, config) = (self.target.clone(), self.config.clone());
                         let current = self.address.clone();
                         let timeout = self.duty.connect_timeout;
+                        let taken = taken_tx.clone();
                         let mut cmd = redis::cmd("PUBLISH");
                         cmd.arg(&self.duty.canary).arg(seq.to_string());
                         // Never wait on it here: a stalled Redis must not
@@ -310,7 +318,9 @@ impl NodeSupervisor {
                                 }
                             }
                             let _ = redis.check_library(&metrics).await;
-                            redis.query::<i64>(cmd).await
+                            if let Ok(receivers) = redis.query::<i64>(cmd).await {
+                                let _ = taken.send((seq, receivers));
+                            }
                         });
                     }
                 }

@@ -114,6 +114,24 @@ impl Canary {
             .is_some_and(|(_, sent)| sent.elapsed() > self.interval)
     }
 
+    /// Redis took canary `seq` and says how many subscribers it reached.
+    /// For the one awaited, the clock starts again now: a Redis busy with
+    /// other commands (the history reads of thousands of resuming clients
+    /// queue before it on the shared connection) is slow, not failing, and
+    /// only what pub/sub does after Redis took the canary tells whether it
+    /// delivers. Later canaries do not move the clock, so a connection that
+    /// publishes but never receives still turns overdue. Returns false when
+    /// no subscriber was reached: this connection's subscription on that
+    /// server is gone, whatever the clock says.
+    pub(super) fn published(&mut self, seq: u64, receivers: i64) -> bool {
+        if let Some((waiting, _)) = self.waiting {
+            if waiting == seq {
+                self.waiting = Some((seq, Instant::now()));
+            }
+        }
+        receivers > 0
+    }
+
     /// A canary came back: record the lag of the one awaited.
     pub(super) fn answered(&mut self, payload: &[u8], metrics: &Metrics) {
         let seq: Option<u64> = std::str::from_utf8(payload)
@@ -162,6 +180,28 @@ mod tests {
         canary.answered(b"2", &metrics);
         assert!(!canary.overdue() && !canary.lost());
         canary.answered(b"garbage", &metrics);
+    }
+
+    #[tokio::test]
+    async fn the_canary_clock_starts_when_redis_takes_the_one_awaited() {
+        let metrics = Metrics::new();
+        let mut canary = Canary::new(Duration::from_millis(30));
+        assert_eq!(canary.next(), Some(1));
+        // Redis took it only after a while (busy with other commands).
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert!(canary.overdue(), "not yet taken");
+        assert!(canary.published(1, 1), "a subscriber was reached");
+        assert!(!canary.overdue(), "the clock starts when Redis took it");
+        // Taken but never received: overdue again, and later canaries
+        // taken by Redis do not hide it.
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        assert!(canary.overdue());
+        assert_eq!(canary.next(), Some(2));
+        assert!(canary.published(2, 1));
+        assert!(canary.overdue(), "only the awaited one moves the clock");
+        assert!(!canary.published(3, 0), "no subscriber reached");
+        canary.answered(b"2", &metrics);
+        assert!(!canary.overdue());
     }
 
     #[test]
