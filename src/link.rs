@@ -124,6 +124,52 @@ impl Link {
         written
     }
 
+    /// [`Link::flush_from`] without waiting, when it need not wait: no
+    /// direct write is in progress or left bytes behind, and the socket
+    /// takes everything now. `Ok(None)`: written; `Ok(Some(at))`: the byte
+    /// `flush_from` goes on from (the socket is full, or a direct write is
+    /// in the way). Direct writes stop first, as in `flush_from`.
+    ///
+    /// Why: the future of a flush that waits is the largest thing a
+    /// stream's task would otherwise reserve room for, in every idle
+    /// connection. With this, the caller awaits (and boxes) a flush only
+    /// when the socket is full, which a client that keeps up rarely makes
+    /// it.
+    pub(crate) fn flush_now(&mut self, start: usize) -> Result<Option<usize>, Gone> {
+        if self.socket.0.hold_idle() {
+            return Ok(Some(start));
+        }
+        let mut at = start;
+        let done = match self.out.0.as_deref() {
+            None => Ok(true),
+            Some(out) => {
+                let total = out.own.len() + out.shared.iter().map(|(_, b)| b.len()).sum::<usize>();
+                loop {
+                    if at >= total {
+                        break Ok(true);
+                    }
+                    match self.write_now(&out.own, &out.shared, &mut at) {
+                        Ok(true) => continue,
+                        Ok(false) => break Ok(false),
+                        Err(gone) => break Err(gone),
+                    }
+                }
+            }
+        };
+        match done {
+            Ok(false) => Ok(Some(at)),
+            Ok(true) => {
+                self.out.clear();
+                self.stalled = None;
+                Ok(None)
+            }
+            Err(gone) => {
+                self.out.clear();
+                Err(gone)
+            }
+        }
+    }
+
     /// Writes `own` with `shared` in their places (see [`Out`]) from byte
     /// `at` on, moving `at` as it goes.
     ///
@@ -436,6 +482,17 @@ impl Outlet {
     /// No new direct write starts until the next [`Outlet::open`].
     pub(crate) fn hold(&self) {
         self.state.fetch_and(!OPEN, Ordering::AcqRel);
+    }
+
+    /// Stops direct writes, as [`Outlet::hold`]; `true` when one is still
+    /// in progress or left bytes for the task (the caller must then go
+    /// through [`Outlet::close`]).
+    fn hold_idle(&self) -> bool {
+        // The state before: a write that began before this saw `OPEN`
+        // and set `WRITING`; one that ended before it stored its rest
+        // under the lock first.
+        let before = self.state.fetch_and(!OPEN, Ordering::AcqRel);
+        before & WRITING != 0 || self.rest().unwritten.is_some()
     }
 
     /// Whether a direct write left bytes for the task.

@@ -255,10 +255,24 @@ impl Live {
                 }
                 // A client that stopped reading is cut off as soon as its
                 // queue overflows, or when the write stalls for too long.
-                let written = tokio::select! {
-                    biased;
-                    written = link.flush_from(start) => written,
-                    () = self.session.slowed() => Err(Gone),
+                // Written at once when the socket takes it all; the wait
+                // for a full socket is boxed, as it is rare and its future
+                // is larger than all else this task holds.
+                let written = match link.flush_now(start) {
+                    Ok(None) => Ok(()),
+                    Err(gone) => Err(gone),
+                    Ok(Some(at)) => {
+                        // `&mut`: the session is `Send`, not `Sync`.
+                        let (session, link) = (&mut self.session, &mut link);
+                        Box::pin(async move {
+                            tokio::select! {
+                                biased;
+                                written = link.flush_from(at) => written,
+                                () = session.slowed() => Err(Gone),
+                            }
+                        })
+                        .await
+                    }
                 };
                 if written.is_err() {
                     return;

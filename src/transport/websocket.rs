@@ -468,8 +468,7 @@ impl Conn {
         Box::pin(protocol.open(self).instrument(span)).await?;
         loop {
             // The next event, unless the client sent something first. What
-            // an event writes is buffered, then flushed once below: the one
-            // write this loop awaits, so the task carries room for one.
+            // an event writes is buffered, then flushed once below.
             let next = poll_fn(|cx| {
                 if let Poll::Ready(event) = self.session.poll_next(cx) {
                     return Poll::Ready(Ok(Some(event)));
@@ -481,7 +480,11 @@ impl Conn {
                     if let Some(end) = self.buffer(protocol, event) {
                         return Ok(end);
                     }
-                    self.socket.link.flush().await?;
+                    // At once when the socket takes it all; the wait for
+                    // a full one is rare, and boxed (see `Link::flush_now`).
+                    if let Some(at) = self.socket.link.flush_now(0)? {
+                        Box::pin(self.socket.link.flush_from(at)).await?;
+                    }
                 }
                 None => {
                     self.session.heard();
