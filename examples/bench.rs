@@ -426,7 +426,12 @@ async fn start_crier(redis: Option<u16>, args: &Args) -> Crier {
         ]);
     }
     let mut child = command
-        .env("RUST_LOG", "warn,crier::server=info")
+        // `BENCH_RUST_LOG=info`: crier's default level, where each
+        // connection's log context costs what it does in production.
+        .env(
+            "RUST_LOG",
+            std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "warn,crier::server=info".into()),
+        )
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()

@@ -313,7 +313,9 @@ pub struct Session {
     )]
     admitted_rules: Option<Box<Resolved>>,
     delivered: IntCounter,
-    span: tracing::Span,
+    /// For its log lines (see [`Session::span`]).
+    peer: SocketAddr,
+    transport: Transport,
     /// The user this connection counts for in lifecycle events
     /// (`user_online` / `user_offline`), once signed in.
     online: Option<String>,
@@ -339,17 +341,6 @@ impl Session {
         let mailbox = Arc::new(Mailbox::new(limits.queue_size, counter, Some(me)));
         let bell = Arc::downgrade(&mailbox) as Weak<dyn Bell>;
         app.process.lifecycle.attach(id, bell, wire.heartbeat);
-        let span = tracing::info_span!(
-            "conn",
-            conn.id = id,
-            client.addr = %wire.peer,
-            transport = wire.transport.as_str(),
-            // Recorded once known: now, or after an `auth` message.
-            user = tracing::field::Empty,
-        );
-        if let Some(user) = &admission.principal.user {
-            span.record("user", user.as_str());
-        }
         Self {
             subs: Subscriptions::new(Arc::clone(&app.delivery.hub), id, Arc::clone(&mailbox) as _),
             mailbox,
@@ -371,7 +362,8 @@ impl Session {
             members: None,
             admitted_rules: (!admission.rules.is_empty()).then(|| Box::new(admission.rules)),
             delivered: app.metrics.delivered(wire.transport).clone(),
-            span,
+            peer: wire.peer,
+            transport: wire.transport,
             online: None,
             signed_in: None,
             sign_in_by: None,
@@ -436,9 +428,19 @@ impl Session {
         self.watch.principal().user.as_deref()
     }
 
-    /// The connection's tracing span: wire protocols run inside it.
+    /// The connection's tracing span, made when asked: for a log line, or
+    /// around the handling of a client's messages. A span kept for the
+    /// connection's whole life would keep the subscriber's record of it
+    /// (at the default `info` level, its formatted fields in
+    /// tracing-subscriber's registry) in every idle connection.
     pub(crate) fn span(&self) -> tracing::Span {
-        self.span.clone()
+        tracing::info_span!(
+            "conn",
+            conn.id = self.id(),
+            client.addr = %self.peer,
+            transport = self.transport.as_str(),
+            user = self.signed_in().or(self.user()),
+        )
     }
 
     /// The connection's position in each history channel (SSE's cursor).
@@ -735,7 +737,6 @@ impl Session {
             return Err(refusal);
         }
         self.sign_in_by = None;
-        self.span.record("user", user);
         Ok(())
     }
 
@@ -869,7 +870,6 @@ impl Session {
         }
         if let Some(user) = &principal.user {
             self.app.gate.limits.admit_user(&mut self.admitted, user)?;
-            self.span.record("user", user.as_str());
         }
         let expires_in = principal.expires_at.map(|t| {
             t.duration_since(SystemTime::now())
