@@ -24,7 +24,6 @@ use std::sync::{Arc, Weak};
 use std::task::{ready, Poll};
 use std::time::{Duration, SystemTime};
 
-use prometheus::IntCounter;
 use tokio::time::Instant;
 
 use crate::app::App;
@@ -290,7 +289,7 @@ pub struct Session {
     tracker: Tracker,
     replay: Option<Box<Replay>>,
     /// What each replayed message costs on the wire (see [`Wire`]).
-    replay_overhead: usize,
+    replay_overhead: u32,
     replay_bytes: fn(&Publication) -> usize,
     admitted: Admitted,
     drain: Drain,
@@ -312,13 +311,12 @@ pub struct Session {
         reason = "one word in every session instead of three; the box exists only until subscribed"
     )]
     admitted_rules: Option<Box<Resolved>>,
-    delivered: IntCounter,
-    /// For its log lines (see [`Session::span`]).
+    /// For its log lines (see [`Session::span`]), and its metrics.
     peer: SocketAddr,
     transport: Transport,
     /// The user this connection counts for in lifecycle events
     /// (`user_online` / `user_offline`), once signed in.
-    online: Option<String>,
+    online: Option<Box<str>>,
     /// Who the connection signed in as, through its protocol.
     signed_in: Option<Box<SignedIn>>,
     /// When the connection must have signed in by (boxed: only some
@@ -348,7 +346,7 @@ impl Session {
             watch: Watch::new(Arc::clone(&app.gate.auth), admission.principal),
             tracker: Tracker::default(),
             replay: None,
-            replay_overhead: wire.replay_overhead,
+            replay_overhead: u32::try_from(wire.replay_overhead).unwrap_or(u32::MAX),
             replay_bytes: wire.replay_bytes,
             admitted: admission.admitted,
             drain: Drain::Waiting,
@@ -361,7 +359,6 @@ impl Session {
             }),
             members: None,
             admitted_rules: (!admission.rules.is_empty()).then(|| Box::new(admission.rules)),
-            delivered: app.metrics.delivered(wire.transport).clone(),
             peer: wire.peer,
             transport: wire.transport,
             online: None,
@@ -387,7 +384,7 @@ impl Session {
             &self.watch.principal().user,
         ) {
             ledger.user(user, 1);
-            self.online = Some(user.clone());
+            self.online = Some(user.as_str().into());
         }
     }
 
@@ -543,7 +540,8 @@ impl Session {
     /// task waits with nothing to write, the hub may write publications
     /// to it directly, as `encoder` makes them (see [`crate::link::Outlet`]).
     pub(crate) fn attach(&self, outlet: Arc<Outlet>, encoder: Encoder) {
-        self.mailbox.attach(outlet, encoder, self.delivered.clone());
+        let delivered = self.app.metrics.delivered(self.transport).clone();
+        self.mailbox.attach(outlet, encoder, delivered);
     }
 
     /// Resolves once the connection's queue overflowed: a writer blocked
@@ -582,7 +580,7 @@ impl Session {
         }
         let new = self.tracker.accept(p);
         if new && p.kind == Kind::Message {
-            self.delivered.inc();
+            self.app.metrics.delivered(self.transport).inc();
         }
         new
     }
@@ -635,7 +633,7 @@ impl Session {
             Some(replay) => (replay.queue, replay.budget),
             None => (
                 VecDeque::new(),
-                Budget::new(&self.app, self.replay_bytes, self.replay_overhead),
+                Budget::new(&self.app, self.replay_bytes, self.replay_overhead as usize),
             ),
         };
         let mut opened = resume::open(

@@ -435,14 +435,23 @@ impl Conn {
             let compressed = self._counted.is_some();
             tracing::debug!(parent: &self.session.span(), compressed, "websocket opened");
             if let Ok(end) = self.run(&mut protocol).await {
-                let span = self.session.span();
-                log_end(&span, &end);
-                let (message, (code, reason)) = protocol.ending(&end);
-                tracing::debug!(parent: &span, code = code.0, %reason, "closing websocket");
-                Box::pin(finish(&mut self.socket, message, code, &reason)).await;
+                // Boxed: the close is once per connection, and its state
+                // would otherwise be room every idle connection's task
+                // reserves.
+                Box::pin(self.close_as(&mut protocol, end)).await;
             }
             tracing::debug!(parent: &self.session.span(), "websocket closed");
         }
+    }
+
+    /// Ends the connection as `end` says: the protocol's last word, then
+    /// the close handshake.
+    async fn close_as<P: Protocol>(&mut self, protocol: &mut P, end: End) {
+        let span = self.session.span();
+        log_end(&span, &end);
+        let (message, (code, reason)) = protocol.ending(&end);
+        tracing::debug!(parent: &span, code = code.0, %reason, "closing websocket");
+        finish(&mut self.socket, message, code, &reason).await;
     }
 
     /// The shared state the connection runs in.
