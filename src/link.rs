@@ -144,19 +144,7 @@ impl Link {
         let mut at = start;
         let done = match self.out.0.as_deref() {
             None => Ok(true),
-            Some(out) => {
-                let total = out.own.len() + out.shared.iter().map(|(_, b)| b.len()).sum::<usize>();
-                loop {
-                    if at >= total {
-                        break Ok(true);
-                    }
-                    match self.write_now(&out.own, &out.shared, &mut at) {
-                        Ok(true) => continue,
-                        Ok(false) => break Ok(false),
-                        Err(gone) => break Err(gone),
-                    }
-                }
-            }
+            Some(out) => self.write_ready(&out.own, &out.shared, &mut at),
         };
         match done {
             Ok(false) => Ok(Some(at)),
@@ -187,16 +175,13 @@ impl Link {
         shared: &[(usize, Bytes)],
         at: &mut usize,
     ) -> Poll<Result<(), Gone>> {
-        let total = own.len() + shared.iter().map(|(_, b)| b.len()).sum::<usize>();
         let mut progressed = false;
         loop {
-            if *at >= total {
+            let before = *at;
+            if self.write_ready(own, shared, at)? {
                 return Poll::Ready(Ok(()));
             }
-            if self.write_now(own, shared, at)? {
-                progressed = true;
-                continue;
-            }
+            progressed |= *at > before;
             match self.socket.0.stream.poll_write_ready(cx) {
                 Poll::Ready(Ok(())) => continue,
                 Poll::Ready(Err(_)) => return Poll::Ready(Err(Gone)),
@@ -217,6 +202,24 @@ impl Link {
             }
             return Poll::Pending;
         }
+    }
+
+    /// Writes from byte `at` on as long as the socket takes it, moving
+    /// `at`; `true` once everything is written, `false` when the socket is
+    /// full first.
+    fn write_ready(
+        &self,
+        own: &[u8],
+        shared: &[(usize, Bytes)],
+        at: &mut usize,
+    ) -> Result<bool, Gone> {
+        let total = bytes_in(own, shared);
+        while *at < total {
+            if !self.write_now(own, shared, at)? {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// One vectored write from byte `written` on; `false` when the socket
@@ -299,9 +302,7 @@ impl Out {
 
     /// How many bytes the next flush writes.
     pub(crate) fn len(&self) -> usize {
-        self.0.as_ref().map_or(0, |b| {
-            b.own.len() + b.shared.iter().map(|(_, b)| b.len()).sum::<usize>()
-        })
+        self.0.as_ref().map_or(0, |b| bytes_in(&b.own, &b.shared))
     }
 
     /// Empties it and frees its buffers: a connection holds no write
@@ -310,6 +311,11 @@ impl Out {
     pub(crate) fn clear(&mut self) {
         self.0 = None;
     }
+}
+
+/// How many bytes `own` and `shared` make together (see [`Out`]).
+fn bytes_in(own: &[u8], shared: &[(usize, Bytes)]) -> usize {
+    own.len() + shared.iter().map(|(_, b)| b.len()).sum::<usize>()
 }
 
 /// Fills `slices` with `own` and `shared` in order (see [`Out`])

@@ -246,11 +246,7 @@ impl ClusterSupervisor {
                 check = self.checks.recv() => match check {
                     Some(Check::Map(map)) => self.on_slot_map(map, &mut conn).await,
                     Some(Check::Published { canary, seq, receivers }) => {
-                        let heard = self.canaries.get_mut(&canary).map(|c| c.published(seq, receivers));
-                        if heard == Some(false) {
-                            tracing::warn!(%canary, "a shard no longer holds this instance's subscriptions: subscribing its channels again");
-                            self.repair_shard(&canary, &conn);
-                        }
+                        self.on_canary_taken(&canary, seq, receivers, &conn);
                     }
                     None => {}
                 },
@@ -512,6 +508,25 @@ impl ClusterSupervisor {
                 }
                 Err(e) => tracing::warn!(canary = %name, error = %e, "cannot subscribe a canary"),
             }
+        }
+    }
+
+    /// A shard took a canary: its clock starts now, and a canary that
+    /// reached no subscriber means the shard dropped the subscriptions.
+    fn on_canary_taken(
+        &mut self,
+        canary: &str,
+        seq: u64,
+        receivers: i64,
+        conn: &redis::cluster_async::ClusterConnection,
+    ) {
+        let heard = self
+            .canaries
+            .get_mut(canary)
+            .map(|c| c.published(seq, receivers));
+        if heard == Some(false) {
+            tracing::warn!(%canary, "a shard no longer holds this instance's subscriptions: subscribing its channels again");
+            self.repair_shard(canary, conn);
         }
     }
 

@@ -42,9 +42,8 @@ use super::target::Target;
 use super::{BrokerError, ChannelStart, Control};
 use crate::config::{Config, RedisConfig};
 
-/// Channels subscribed per SUBSCRIBE command when resubscribing in bulk.
-const RESUBSCRIBE_BATCH: usize = 512;
-/// Subscribes asked by the hub that go in one `SUBSCRIBE`, at most.
+/// Channels in one `SUBSCRIBE`, at most: resubscribing in bulk, or the
+/// hub's subscribes that were waiting together.
 const SUBSCRIBE_BATCH: usize = 512;
 
 /// Starts the supervisor of one Redis node, or of the primary the
@@ -233,7 +232,7 @@ impl NodeSupervisor {
     async fn resubscribe_all(&mut self, sink: &mut PubSubSink) -> Result<(), String> {
         let mut names = self.duty.relay.keys();
         names.push(self.duty.canary.clone());
-        for batch in names.chunks(RESUBSCRIBE_BATCH) {
+        for batch in names.chunks(SUBSCRIBE_BATCH) {
             self.bounded(sink.subscribe(batch)).await?;
         }
         Ok(())
