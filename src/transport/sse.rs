@@ -228,9 +228,10 @@ impl Live {
             };
             self.session.attach(link.outlet(), encoder);
             loop {
-                self.open_chunk(&mut link.out);
                 if self.opened {
                     // The session's next event, unless the client leaves.
+                    // Nothing is buffered while it waits: the chunk's room
+                    // is kept once there is something to put in it.
                     let next = poll_fn(|cx| {
                         if let Poll::Ready(event) = self.session.poll_next(cx) {
                             return Poll::Ready(Some(event));
@@ -240,10 +241,12 @@ impl Live {
                     let Some(event) = next.await else {
                         return;
                     };
+                    self.open_chunk(&mut link.out);
                     if !self.batch(&mut link.out, event) {
                         return;
                     }
                 } else {
+                    self.open_chunk(&mut link.out);
                     self.opening(&mut link.out);
                 }
                 if self.done && self.deflate.is_some() {
