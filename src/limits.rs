@@ -98,7 +98,9 @@ impl ConnectionLimits {
             });
         }
         *count += 1;
-        admitted.keys.push(key);
+        let mut keys = std::mem::take(&mut admitted.keys).into_vec();
+        keys.push(key);
+        admitted.keys = keys.into_boxed_slice();
         Ok(())
     }
 }
@@ -108,7 +110,10 @@ impl ConnectionLimits {
 pub(crate) struct Admitted {
     _permit: OwnedSemaphorePermit,
     gauge: IntGauge,
-    keys: Vec<LimitKey>,
+    /// A slice, not a list: it is set at admission (and grows at most
+    /// once, at a sign-in), and a list's spare word is in every idle
+    /// connection's task.
+    keys: Box<[LimitKey]>,
     counts: Arc<Mutex<HashMap<LimitKey, usize>>>,
 }
 

@@ -45,6 +45,15 @@ pub struct Principal {
 }
 
 impl Principal {
+    /// Nothing known: no user, claims, grants, expiry or session.
+    fn is_anonymous(&self) -> bool {
+        self.user.is_none()
+            && self.claims.is_empty()
+            && self.grants.is_empty()
+            && self.expires_at.is_none()
+            && self.session.is_none()
+    }
+
     /// The value of `{claim.NAME}`: a string or a number claim.
     pub fn claim(&self, name: &str) -> Option<String> {
         match self.claims.get(name)? {
@@ -345,7 +354,10 @@ pub(crate) enum AuthEvent {
 /// credential that expires or is re-read.
 pub(crate) struct Watch {
     auth: Arc<Authenticator>,
-    principal: Principal,
+    /// Out of line, and none for an anonymous connection: a principal is
+    /// five collections wide, and every idle connection's task would
+    /// carry them (112 bytes, most often empty).
+    principal: Option<Box<Principal>>,
     clocks: Option<Box<Clocks>>,
 }
 
@@ -370,7 +382,7 @@ impl Watch {
     pub(crate) fn new(auth: Arc<Authenticator>, principal: Principal) -> Self {
         let mut watch = Self {
             auth,
-            principal: Principal::default(),
+            principal: None,
             clocks: None,
         };
         watch.replace(principal);
@@ -379,7 +391,7 @@ impl Watch {
 
     /// The current principal.
     pub(crate) fn principal(&self) -> &Principal {
-        &self.principal
+        or_anonymous(self.principal.as_deref())
     }
 
     /// A fresh credential (WebSocket `auth`): the clock starts again.
@@ -404,7 +416,7 @@ impl Watch {
                 reading: None,
             })
         });
-        self.principal = principal;
+        self.principal = (!principal.is_anonymous()).then(|| Box::new(principal));
     }
 
     /// Ready at the next thing the connection must act on; pending
@@ -426,7 +438,8 @@ impl Watch {
                 }
             } else if let Some(recheck) = clocks.recheck.as_mut() {
                 if recheck.poll_tick(cx).is_ready() {
-                    clocks.reading = start_read(&self.auth, &self.principal);
+                    clocks.reading =
+                        start_read(&self.auth, or_anonymous(self.principal.as_deref()));
                     continue;
                 }
             }
@@ -460,9 +473,9 @@ impl Watch {
     /// again).
     fn judge(&mut self, read: Result<Principal, Failure>) -> Option<AuthEvent> {
         match read {
-            Ok(fresh) if fresh.user == self.principal.user => {
-                if fresh.expires_at != self.principal.expires_at {
-                    self.principal.expires_at = fresh.expires_at;
+            Ok(fresh) if fresh.user == self.principal().user => {
+                if fresh.expires_at != self.principal().expires_at {
+                    self.principal.get_or_insert_with(Box::default).expires_at = fresh.expires_at;
                     if let Some(clocks) = self.clocks.as_deref_mut() {
                         clocks.deadline = fresh.expires_at.map(instant_at);
                         clocks.notified = false;
@@ -474,6 +487,12 @@ impl Watch {
             Ok(_) | Err(_) => Some(AuthEvent::Expired),
         }
     }
+}
+
+/// `principal`, or the anonymous one.
+fn or_anonymous(principal: Option<&Principal>) -> &Principal {
+    static ANONYMOUS: std::sync::LazyLock<Principal> = std::sync::LazyLock::new(Principal::default);
+    principal.unwrap_or(&ANONYMOUS)
 }
 
 /// A re-read of `principal`'s session, if it has one.

@@ -30,6 +30,7 @@ use crate::app::App;
 use crate::auth::{AuthEvent, Failure, Principal, Watch};
 use crate::broker::Members;
 use crate::history::StreamId;
+use crate::hub::Sink;
 use crate::lifecycle::Bell;
 use crate::limits::Admitted;
 use crate::link::Outlet;
@@ -340,7 +341,7 @@ impl Session {
         let bell = Arc::downgrade(&mailbox) as Weak<dyn Bell>;
         app.process.lifecycle.attach(id, bell, wire.heartbeat);
         Self {
-            subs: Subscriptions::new(Arc::clone(&app.delivery.hub), id, Arc::clone(&mailbox) as _),
+            subs: Subscriptions::new(id),
             mailbox,
             batch: VecDeque::new(),
             watch: Watch::new(Arc::clone(&app.gate.auth), admission.principal),
@@ -636,9 +637,11 @@ impl Session {
                 Budget::new(&self.app, self.replay_bytes, self.replay_overhead as usize),
             ),
         };
+        let sink: Arc<dyn Sink> = Arc::clone(&self.mailbox) as _;
         let mut opened = resume::open(
             &self.app,
             &mut self.subs,
+            &sink,
             &mut self.tracker,
             &mut budget,
             channel,
@@ -843,7 +846,7 @@ impl Session {
                 self.members = None;
             }
         }
-        self.subs.remove(channel);
+        self.subs.remove(&self.app.delivery.hub, channel);
         self.tracker.forget(channel);
     }
 
@@ -909,5 +912,7 @@ impl Drop for Session {
             ledger.user(user, -1);
         }
         self.app.process.lifecycle.detach(self.subs.id());
+        // Nothing of the connection is left in the hub.
+        self.subs.clear(&self.app.delivery.hub);
     }
 }

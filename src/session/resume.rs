@@ -18,6 +18,7 @@ use super::Start;
 use crate::app::App;
 use crate::broker::ChannelStart;
 use crate::history::{Cursor, StreamId};
+use crate::hub::Sink;
 use crate::policy::Rule;
 use crate::protocol::{wanted, Filter, Kind, Publication};
 use crate::refusal::Refusal;
@@ -157,6 +158,7 @@ pub(super) struct Opened {
 pub(super) async fn open(
     app: &App,
     subs: &mut Subscriptions,
+    sink: &Arc<dyn Sink>,
     tracker: &mut Tracker,
     budget: &mut Budget,
     channel: &str,
@@ -165,7 +167,8 @@ pub(super) async fn open(
     start: Start,
 ) -> Result<Opened, Refusal> {
     let Some(history) = rule.history else {
-        subs.add(channel, events, ChannelStart::default(), rule)
+        let hub = &app.delivery.hub;
+        subs.add(hub, sink, channel, events, ChannelStart::default(), rule)
             .await?;
         // A client that had a position, or is coming back, missed what was
         // published meanwhile; `since=oldest` asks for history, and a
@@ -198,7 +201,8 @@ pub(super) async fn open(
         history: true,
         position: Some(newest),
     };
-    subs.add(channel, events.clone(), channel_start, rule)
+    let hub = &app.delivery.hub;
+    subs.add(hub, sink, channel, events.clone(), channel_start, rule)
         .await?;
     // `since=oldest` (`StreamId::ZERO`): every message still in history.
     // What trimming removed before it is not a loss to this client.
@@ -229,7 +233,7 @@ pub(super) async fn open(
         Ok(recovery) => recovery,
         Err(_) => {
             if !existed {
-                subs.remove(channel);
+                subs.remove(&app.delivery.hub, channel);
             }
             return Err(Refusal::Unavailable);
         }

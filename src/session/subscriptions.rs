@@ -1,6 +1,11 @@
-//! The channels one connection listens to. Dropping the set unsubscribes
-//! them all, so a connection that ends in any way leaves nothing behind in
-//! the hub.
+//! The channels one connection listens to. The session that owns the set
+//! ends them all ([`Subscriptions::clear`]) when it is dropped, so a
+//! connection that ends in any way leaves nothing behind in the hub.
+//!
+//! The hub and the connection's queue are the session's, passed in where
+//! needed rather than kept here: this set is in every idle connection's
+//! task, and two more pointers to what the session already holds would
+//! be three words of it.
 
 use std::sync::Arc;
 
@@ -13,19 +18,15 @@ use crate::refusal::Refusal;
 
 /// See the module documentation.
 pub(super) struct Subscriptions {
-    hub: Arc<Hub>,
     id: ConnId,
-    sink: Arc<dyn Sink>,
     channels: Vec<String>,
 }
 
 impl Subscriptions {
-    /// No subscriptions yet for connection `id`, whose queue is `sink`.
-    pub(super) fn new(hub: Arc<Hub>, id: ConnId, sink: Arc<dyn Sink>) -> Self {
+    /// No subscriptions yet for connection `id`.
+    pub(super) fn new(id: ConnId) -> Self {
         Self {
-            hub,
             id,
-            sink,
             channels: Vec::new(),
         }
     }
@@ -45,17 +46,20 @@ impl Subscriptions {
         &self.channels
     }
 
-    /// Subscribes `channel` (see [`Hub::subscribe`]). On error a channel
-    /// this connection already had stays subscribed.
+    /// Subscribes `channel` in `hub`, delivering to `sink` (see
+    /// [`Hub::subscribe`]). On error a channel this connection already had
+    /// stays subscribed.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn add(
         &mut self,
+        hub: &Hub,
+        sink: &Arc<dyn Sink>,
         channel: &str,
         events: Option<Filter>,
         start: ChannelStart,
         rule: &Arc<Rule>,
     ) -> Result<(), Refusal> {
-        self.hub
-            .subscribe(channel, self.id, &self.sink, events, start, rule)
+        hub.subscribe(channel, self.id, sink, events, start, rule)
             .await?;
         if !self.contains(channel) {
             // Room for this one only: most connections have one or two
@@ -66,21 +70,21 @@ impl Subscriptions {
         Ok(())
     }
 
-    /// Unsubscribes `channel`; returns whether it was subscribed.
-    pub(super) fn remove(&mut self, channel: &str) -> bool {
+    /// Unsubscribes `channel` from `hub`; returns whether it was
+    /// subscribed.
+    pub(super) fn remove(&mut self, hub: &Hub, channel: &str) -> bool {
         let Some(pos) = self.channels.iter().position(|c| c == channel) else {
             return false;
         };
         self.channels.swap_remove(pos);
-        self.hub.unsubscribe(channel, self.id);
+        hub.unsubscribe(channel, self.id);
         true
     }
-}
 
-impl Drop for Subscriptions {
-    fn drop(&mut self) {
-        for channel in &self.channels {
-            self.hub.unsubscribe(channel, self.id);
+    /// Unsubscribes every channel from `hub`.
+    pub(super) fn clear(&mut self, hub: &Hub) {
+        for channel in self.channels.drain(..) {
+            hub.unsubscribe(&channel, self.id);
         }
     }
 }
