@@ -7,6 +7,14 @@ use crier::cli::{Cli, Command};
 use crier::config::{Config, ConfigError, LogFormat, EX_CONFIG};
 use tracing_subscriber::EnvFilter;
 
+/// jemalloc (the `jemalloc` feature, on by default): an idle connection's
+/// few small allocations sit in its size classes without a per-allocation
+/// header, and the buffers a burst of connections frees are reused or
+/// returned, where glibc's arenas kept them (docs/performance.md).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse_args();
     if let Some(Command::Completions { shell, .. }) = cli.command {
