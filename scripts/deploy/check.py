@@ -885,12 +885,12 @@ def cmd_render_chart_output(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- (k) one memory-per-connection figure family
 
 # The one figure family, stated everywhere memory per connection is: crier's
-# measured RSS per idle connection (docs/performance.md, issue 26: 2.5–3 KiB,
+# measured RSS per idle connection (docs/performance.md, issue 26: 1.5–2 KiB,
 # WebSocket or SSE), the kernel's socket memory that RSS does not show
-# (about 3.5 KiB per idle TCP socket), the two together (about 6 KiB), and
+# (about 3.5 KiB per idle TCP socket), the two together (about 5.5 KiB), and
 # the sizing budget KIB_PER_CONNECTION (with PROCESS_MIB for the process:
 # see check_memory).
-MEMORY_FIGURES = {"2.5–3", "3.5", "6", str(KIB_PER_CONNECTION)}
+MEMORY_FIGURES = {"1.5–2", "3.5", "5.5", str(KIB_PER_CONNECTION)}
 MEMORY_FILES = ["README.md", "docs/*.md", "deploy/**/*", "helm/crier/**/*"]
 # docs/performance.md's dated sections record what earlier builds measured:
 # history, not sizing. Their headings carry the date or say so.
