@@ -15,6 +15,11 @@
 //! message relayed, or with a `gap`. Recovering before the resubscription
 //! would lose what comes in between.
 //!
+//! The hub's subscribes and unsubscribes run in a task beside the
+//! supervisor ([`subscriber`]), taken together as they queue up, so that
+//! a burst of them (a rolling restart's reconnecting clients) never holds
+//! up the messages and the canaries' answers this task relays.
+//!
 //! This file is the Cluster's supervisor: its connection, subscriptions,
 //! slot map and per-shard canaries. The relay to the hub (shared with the
 //! one-node supervisor) is `broker::relay`; commands, `broker::command`.
@@ -28,7 +33,7 @@ use tokio_util::task::TaskTracker;
 
 use super::command::Redis;
 use super::supervision::{backoff, Canary, Supervision};
-use super::{BrokerError, ChannelStart, Control};
+use super::{BrokerError, Control};
 use crate::config::{Config, RedisConfig};
 use crate::history;
 
@@ -238,6 +243,9 @@ impl ClusterSupervisor {
     }
 
     async fn serve(&mut self, mut conn: redis::cluster_async::ClusterConnection) {
+        // Ends once `asks` is dropped, with this connection.
+        let (asks, queue) = mpsc::unbounded_channel();
+        tokio::spawn(subscriber(conn.clone(), queue));
         let mut tick = tokio::time::interval(self.duty.canary_interval / 2);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -258,13 +266,14 @@ impl ClusterSupervisor {
                     let Some(request) = request else { return };
                     match request {
                         Control::Subscribe { channel, ready, start } => {
-                            self.subscribe(&mut conn, channel, ready, start).await;
+                            let key = self.duty.relay.key(&channel);
+                            self.duty.relay.want(channel, ready.clone(), start);
+                            let _ = asks.send(Ask::Subscribe { key, ready });
                         }
                         Control::Unsubscribe { channel } => {
                             self.duty.relay.forget(&channel);
                             let key = self.duty.relay.key(&channel);
-                            let _ = conn.sunsubscribe(&key).await;
-                            let _ = conn.unsubscribe(&key).await;
+                            let _ = asks.send(Ask::Unsubscribe { key });
                         }
                     }
                 }
@@ -312,27 +321,6 @@ impl ClusterSupervisor {
                 }
             }
         }
-    }
-
-    async fn subscribe(
-        &mut self,
-        conn: &mut redis::cluster_async::ClusterConnection,
-        channel: String,
-        ready: watch::Sender<bool>,
-        start: ChannelStart,
-    ) {
-        let key = self.duty.relay.key(&channel);
-        let sharded = conn.ssubscribe(&key).await;
-        let plain = conn.subscribe(&key).await;
-        match (sharded, plain) {
-            (Ok(()), Ok(())) => {
-                ready.send_replace(true);
-            }
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::warn!(%channel, error = %e, "cluster subscribe failed");
-            }
-        }
-        self.duty.relay.want(channel, ready, start);
     }
 
     async fn on_push(
@@ -611,6 +599,74 @@ impl ClusterSupervisor {
                 }
             }
         }
+    }
+}
+
+/// A subscribe or unsubscribe the hub asked for, by the channel's Redis
+/// name.
+enum Ask {
+    Subscribe {
+        key: String,
+        /// Set once both subscriptions are confirmed.
+        ready: watch::Sender<bool>,
+    },
+    Unsubscribe {
+        key: String,
+    },
+}
+
+/// Asks taken together at most.
+const ASK_BATCH: usize = 512;
+
+/// Runs the hub's subscribes and unsubscribes on `conn`, beside the
+/// supervisor, in the order they were asked: whatever is queued goes out
+/// together (the connection pipelines them, one round trip for the lot
+/// rather than one each), a channel asked for more than once in a lot only
+/// as its last ask, and the next lot once this one is answered.
+///
+/// Why beside: the supervisor also takes the canaries' answers. With each
+/// channel's `SSUBSCRIBE` and `SUBSCRIBE` awaited in it, one after
+/// another, the 19,000 clients a draining instance sends to another in a
+/// rolling restart (a channel of their own each) put some 38,000 round
+/// trips ahead of the canaries, so the instance turned not ready and
+/// refused them, for as long as they kept coming back (issue 26's fleet).
+async fn subscriber(
+    conn: redis::cluster_async::ClusterConnection,
+    mut asks: mpsc::UnboundedReceiver<Ask>,
+) {
+    let mut lot = Vec::with_capacity(ASK_BATCH);
+    while asks.recv_many(&mut lot, ASK_BATCH).await > 0 {
+        let mut last: HashMap<String, Ask> = HashMap::with_capacity(lot.len());
+        for ask in lot.drain(..) {
+            let key = match &ask {
+                Ask::Subscribe { key, .. } | Ask::Unsubscribe { key } => key.clone(),
+            };
+            last.insert(key, ask);
+        }
+        let runs = last.into_values().map(|ask| {
+            let mut conn = conn.clone();
+            async move {
+                match ask {
+                    Ask::Subscribe { key, ready } => {
+                        let sharded = conn.ssubscribe(&key).await;
+                        let plain = conn.subscribe(&key).await;
+                        match (sharded, plain) {
+                            (Ok(()), Ok(())) => {
+                                ready.send_replace(true);
+                            }
+                            (Err(e), _) | (_, Err(e)) => {
+                                tracing::warn!(channel = %key, error = %e, "cluster subscribe failed");
+                            }
+                        }
+                    }
+                    Ask::Unsubscribe { key } => {
+                        let _ = conn.sunsubscribe(&key).await;
+                        let _ = conn.unsubscribe(&key).await;
+                    }
+                }
+            }
+        });
+        futures_util::future::join_all(runs).await;
     }
 }
 
