@@ -247,9 +247,21 @@ impl Redis {
     /// Checks (and where this configuration should, loads) the library
     /// ([`library::reconcile`]), says what changed since the last check
     /// (log line, `crier_redis_library{state}`), and keeps
-    /// [`Self::library_ok`]. Returns what it found.
+    /// [`Self::library_ok`]. Returns what it found. A check Redis did not
+    /// answer (a timeout, a broken connection) changes nothing.
     pub(super) async fn check_library(&self, metrics: &Metrics) -> Result<Holder, BrokerError> {
         let found = library::reconcile(self, &self.library, self.stale).await;
+        if let Err(BrokerError::Redis(e)) = &found {
+            if classify(e) == RedisFailure::Transient {
+                // No answer in time, or the connection broke: that says
+                // nothing of the library, so what the last answer said
+                // stands. (A busy Cluster during a rolling restart timed
+                // this out and turned instances not ready, refusing their
+                // clients; a Redis that is gone is the connection's
+                // health to report, not the library's.)
+                return found;
+            }
+        }
         let now = found
             .as_ref()
             .map(Clone::clone)
